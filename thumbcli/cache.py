@@ -1,0 +1,116 @@
+"""The served cache layout: pure functions from source or URL to cache path."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import quote, unquote_to_bytes
+
+from thumbcli.errors import CannotRunError
+from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, FORMATS, SUFFIX_BY_FORMAT, Format
+
+#: Version of the on-disk layout; thumbnails live under `v<LAYOUT_VERSION>/`.
+LAYOUT_VERSION = 1
+LAYOUT_DIR = f"v{LAYOUT_VERSION}"
+MANIFEST_NAME = "thumbcli-cache.json"
+#: Thumbcli's private files (state database, lock) live here, never served.
+PRIVATE_DIR = ".thumbcli"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedThumb:
+    """Where the thumbnail for one URL lives and what it is."""
+
+    path: Path
+    preset: str
+    source_relpath: str
+    content_type: str
+
+
+def preset_dir(cache_root: Path, preset: str) -> Path:
+    """The folder holding every thumbnail of one preset."""
+    return cache_root / LAYOUT_DIR / preset
+
+
+def cache_path(cache_root: Path, preset: str, source_relpath: str, fmt: Format) -> Path:
+    """The cache file for a source path relative to its root (`a/b.jpg` -> `v1/P/a/b.jpg.webp`)."""
+    return preset_dir(cache_root, preset) / f"{source_relpath}.{SUFFIX_BY_FORMAT[fmt]}"
+
+
+def url_path_for(preset: str, source_relpath: str) -> str:
+    """The URL path that serves one thumbnail; inverse of `split_url_path`."""
+    return "/" + quote(preset, safe="") + "/" + quote(os.fsencode(source_relpath), safe="/")
+
+
+def split_url_path(raw_path: bytes | str) -> tuple[str, str] | None:
+    """Split a request path into (preset, source relpath), or None if it is not a safe cache URL.
+
+    Percent escapes are decoded to bytes first, so `%2e%2e`, `%2f` and overlong
+    UTF-8 are judged as the bytes the file system would see; any `.`/`..`/empty
+    segment, backslash or NUL makes the path invalid.
+    """
+    if isinstance(raw_path, str):
+        raw_path = raw_path.encode("latin-1", "replace")
+    raw_path = raw_path.split(b"?", 1)[0].split(b"#", 1)[0]
+    if not raw_path.startswith(b"/"):
+        return None
+    decoded = unquote_to_bytes(raw_path[1:])
+    if b"\x00" in decoded or b"\\" in decoded:
+        return None
+    segments = decoded.split(b"/")
+    if len(segments) < 2 or any(seg in (b"", b".", b"..") for seg in segments):
+        return None
+    preset = segments[0]
+    if preset.startswith(b".") or not preset.isascii():
+        return None
+    return preset.decode("ascii"), os.fsdecode(b"/".join(segments[1:]))
+
+
+def is_within(root: Path, path: Path) -> bool:
+    """True if `path`, with every symlink resolved, is inside `root` (also resolved)."""
+    real_root = os.path.realpath(root)
+    real_path = os.path.realpath(path)
+    return os.path.commonpath([real_root, real_path]) == real_root
+
+
+def resolve_url(cache_root: Path, raw_path: bytes | str, presets: Mapping[str, Format]) -> CachedThumb | None:
+    """Map a request path to its cache file, or None when no thumbnail can live there.
+
+    This is a pure string function: the caller still checks that the file is a
+    regular file whose resolved path stays inside the cache (`is_within`).
+    """
+    parts = split_url_path(raw_path)
+    if parts is None:
+        return None
+    preset, relpath = parts
+    fmt = presets.get(preset)
+    if fmt is None:
+        return None
+    return CachedThumb(
+        path=cache_path(cache_root, preset, relpath, fmt),
+        preset=preset,
+        source_relpath=relpath,
+        content_type=CONTENT_TYPE_BY_FORMAT[fmt],
+    )
+
+
+def read_manifest(cache_root: Path) -> dict[str, Format]:
+    """The presets a cache holds, name -> output format, from its manifest file."""
+    manifest = cache_root / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CannotRunError(f"{manifest}: cannot read cache manifest: {exc}") from exc
+    if not isinstance(data, dict) or data.get("layout") != LAYOUT_VERSION:
+        raise CannotRunError(f"{manifest}: not a layout {LAYOUT_VERSION} thumbcli cache")
+    presets: dict[str, Format] = {}
+    for name, entry in dict(data.get("presets", {})).items():
+        fmt = entry.get("format") if isinstance(entry, dict) else None
+        if fmt in FORMATS:
+            presets[str(name)] = fmt
+    return presets

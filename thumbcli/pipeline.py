@@ -1,0 +1,316 @@
+"""The three-stage pipeline: loader threads -> resample workers -> writer threads, joined by bounded queues."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from thumbcli import resample
+from thumbcli.discover import SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
+from thumbcli.errors import FileRejected
+from thumbcli.resample import Thumbnail
+from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
+from thumbcli.writers import CollisionError, Target
+
+log = logging.getLogger(__name__)
+
+Status = Literal["made", "skipped", "failed"]
+StopReason = Literal["interrupted", "max-time", "max-files"]
+
+_DONE = None  # queue sentinel: no more work for this stage
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """What happened to one source file."""
+
+    path: str
+    status: Status
+    reason: str = ""
+    thumbnails: int = 0
+
+    def describe(self) -> str:
+        """One line naming the file and, for a failure, the reason."""
+        text = display_path(self.path)
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counts and timings of one run."""
+
+    found: int = 0
+    made: int = 0
+    thumbnails: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+    stopped: StopReason | None = None
+    failures: list[FileResult] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """Source images decoded per second of wall time."""
+        return self.made / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Loaded:
+    source: SourceFile
+    specs: tuple[ThumbSpec, ...]
+    data: bytes = b""
+    made: list[tuple[ThumbSpec, Thumbnail]] = field(default_factory=list)
+
+
+class Pipeline:
+    """Walks sources and pushes each stale image through load -> resample -> write.
+
+    Memory is bounded by the queue depths and the largest image: each stage
+    blocks on a full queue, so a slow writer stalls the workers, which stall
+    the loaders, which stall the walk.
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[str],
+        target: Target,
+        run: RunOptions,
+        walk: WalkOptions,
+        *,
+        excluded_dirs: Iterable[str] = (),
+        on_found: Callable[[int], None] | None = None,
+        on_result: Callable[[FileResult], None] | None = None,
+    ) -> None:
+        self._sources = list(sources)
+        self._target = target
+        self._run = run
+        self._walk = walk
+        self._excluded_dirs = list(excluded_dirs)
+        self._on_found = on_found
+        self._on_result = on_result
+        self._stop = threading.Event()
+        self._stop_reason: StopReason | None = None
+        self._stats = RunStats()
+        self._stats_lock = threading.Lock()
+        self._crash: BaseException | None = None
+        depth = run.queue_depth
+        self._load_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
+        self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
+        self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
+        #: Sources read so far; with `written`, lets a test observe the backpressure.
+        self.loaded = 0
+        self.written = 0
+
+    def stop(self, reason: StopReason = "interrupted") -> None:
+        """Take no new files; in-flight work finishes. Safe from a signal handler."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stop.set()
+
+    # -- reporting ---------------------------------------------------------
+
+    def _report(self, result: FileResult) -> None:
+        with self._stats_lock:
+            stats = self._stats
+            if result.status == "made":
+                stats.made += 1
+                stats.thumbnails += result.thumbnails
+            elif result.status == "skipped":
+                stats.skipped += 1
+            else:
+                stats.failed += 1
+                stats.failures.append(result)
+            if self._on_result is not None:
+                self._on_result(result)
+
+    def _found(self, count: int = 1) -> None:
+        with self._stats_lock:
+            self._stats.found += count
+            if self._on_found is not None:
+                self._on_found(count)
+
+    # -- stages ------------------------------------------------------------
+
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:  # a bug: stop everything and re-raise in run()
+                self._crash = exc
+                self._stop.set()
+                self._drain_all()
+
+        return run
+
+    def _drain_all(self) -> None:
+        for q in (self._load_queue, self._resample_queue, self._write_queue):
+            try:
+                while True:
+                    q.get_nowait()
+            except queue.Empty:
+                pass
+
+    def _walker(self) -> None:
+        is_image_name = image_name_predicate(resample.IMAGE_SUFFIXES)
+        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
+        queued = 0
+        max_files = self._run.max_files
+
+        def enqueue(source: SourceFile, specs: tuple[ThumbSpec, ...]) -> bool:
+            nonlocal queued
+            if max_files is not None and queued >= max_files:
+                self.stop("max-files")
+                return False
+            queued += 1
+            self._put(self._load_queue, _Loaded(source, specs))
+            return True
+
+        for item in walk_sources(self._sources, self._walk, is_image_name, self._excluded_dirs):
+            if self._stop.is_set():
+                break
+            self._found()
+            if isinstance(item, WalkProblem):
+                self._report(FileResult(item.path, "failed", item.reason))
+                continue
+            try:
+                plan = self._target.plan(item, self._run.force)
+            except CollisionError as exc:
+                self._report(FileResult(item.path, "failed", str(exc)))
+                continue
+            if plan.freshness == "fresh":
+                self._report(FileResult(item.path, "skipped"))
+            elif plan.freshness == "stale":
+                # Missing thumbnails first: budgeted runs converge on full coverage.
+                stale.append((item, plan.specs))
+            elif not enqueue(item, plan.specs):
+                break
+        for source, specs in stale:
+            if self._stop.is_set() or not enqueue(source, specs):
+                break
+
+    def _put(self, q: queue.Queue[_Loaded | None], item: _Loaded | None) -> None:
+        # A timeout loop instead of a plain blocking put, so a crash elsewhere cannot wedge us.
+        while True:
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self._crash is not None:
+                    return
+
+    def _loader(self) -> None:
+        while (job := self._load_queue.get()) is not _DONE:
+            if self._stop.is_set() and self._stop_reason != "max-files":
+                continue
+            try:
+                job.data, job.source = self._read(job.source)
+            except (OSError, FileRejected) as exc:
+                self._report(FileResult(job.source.path, "failed", _reason(exc)))
+                continue
+            with self._stats_lock:
+                self.loaded += 1
+                self._stats.bytes_read += len(job.data)
+            self._put(self._resample_queue, job)
+
+    def _read(self, source: SourceFile) -> tuple[bytes, SourceFile]:
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        if not self._walk.follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        fd = os.open(source.path, flags)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileRejected("not a regular file")
+            limit = self._run.limits.max_file_size
+            if st.st_size > limit:
+                raise FileRejected(f"file is {st.st_size} bytes, over the --max-file-size limit of {limit}")
+            chunks = []
+            remaining = limit + 1
+            while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
+                chunks.append(chunk)
+                remaining -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) > limit:
+                raise FileRejected(f"file grew past the --max-file-size limit of {limit} while being read")
+        finally:
+            os.close(fd)
+        if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):
+            # Record what was actually read, not what the walk saw.
+            source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
+        return data, source
+
+    def _worker(self) -> None:
+        limits = self._run.limits
+        while (job := self._resample_queue.get()) is not _DONE:
+            if self._stop.is_set() and self._stop_reason != "max-files":
+                continue
+            try:
+                thumbnails = resample.make_thumbnails(job.data, job.specs, limits)
+            except FileRejected as exc:
+                self._report(FileResult(job.source.path, "failed", str(exc)))
+                continue
+            job.data = b""
+            job.made = list(zip(job.specs, thumbnails, strict=True))
+            self._put(self._write_queue, job)
+
+    def _writer(self) -> None:
+        while (job := self._write_queue.get()) is not _DONE:
+            try:
+                self._target.write(job.source, job.made)
+            except OSError as exc:
+                self._report(FileResult(job.source.path, "failed", f"cannot write thumbnail: {_reason(exc)}"))
+                continue
+            with self._stats_lock:
+                self.written += 1
+            self._report(FileResult(job.source.path, "made", thumbnails=len(job.made)))
+
+    # -- orchestration -----------------------------------------------------
+
+    def run(self) -> RunStats:
+        """Run to completion (or until stopped) and return the counts."""
+        resample.configure_libvips()
+        started = time.monotonic()
+        options = self._run
+
+        def start(body: Callable[[], None], count: int, name: str) -> list[threading.Thread]:
+            threads = [
+                threading.Thread(target=self._guard(body), name=f"{name}-{i}", daemon=True) for i in range(count)
+            ]
+            for thread in threads:
+                thread.start()
+            return threads
+
+        stages = [
+            (start(self._walker, 1, "walker"), self._load_queue, options.loaders),
+            (start(self._loader, options.loaders, "loader"), self._resample_queue, options.workers),
+            (start(self._worker, options.workers, "resample"), self._write_queue, options.writers),
+            (start(self._writer, options.writers, "writer"), None, 0),
+        ]
+        for threads, next_queue, consumers in stages:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.2)
+                    if options.max_seconds is not None and time.monotonic() - started > options.max_seconds:
+                        self.stop("max-time")
+            if next_queue is not None:
+                for _ in range(consumers):
+                    self._put(next_queue, _DONE)
+        self._stats.seconds = time.monotonic() - started
+        self._stats.stopped = self._stop_reason
+        if self._crash is not None:
+            raise self._crash
+        return self._stats
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc)

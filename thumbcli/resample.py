@@ -1,0 +1,214 @@
+"""The only `import pyvips`: encoded image bytes plus specs in, encoded thumbnails out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from thumbcli.errors import FileRejected
+from thumbcli.spec import Limits, ThumbSpec
+
+os.environ.setdefault("VIPS_WARNING", "0")
+import pyvips  # noqa: E402  (VIPS_WARNING must be set before libvips starts)
+
+log = logging.getLogger(__name__)
+
+#: Suffixes of the formats the pyvips-binary wheel decodes (and that we trust).
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".svg",
+        ".svgz",
+        ".jxl",
+    }
+)
+_FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+# Refuse truncated files instead of thumbnailing their grey remainder. (The
+# thumbnail operations ignore a fail_on keyword; the loader option string works.)
+_LOAD_OPTIONS = "fail_on=truncated"
+# No edge of a box can exceed this; used for the free edge of `200x` / `x200`.
+_UNBOUNDED = 10_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Thumbnail:
+    """One encoded thumbnail."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+def configure_libvips() -> None:
+    """One libvips thread per worker, no operation cache, untrusted loaders blocked."""
+    pyvips.concurrency_set(1)
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.block_untrusted_set(True)
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format the first bytes announce, or None if they announce none we load."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
+        return "heif"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "jxl"
+    if head.startswith(b"\x1f\x8b"):
+        return "svgz"
+    text = head[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<?xml", b"<svg", b"<!--", b"<!doctype svg")) and b"<svg" in text:
+        return "svg"
+    return None
+
+
+def _describe_head(head: bytes) -> str:
+    if not head:
+        return "file is empty"
+    sample = head[:16]
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in sample):
+        return f"content is not an image (starts with text {sample.decode('ascii')!r})"
+    return f"content is not a supported image (starts with bytes {sample.hex(' ')})"
+
+
+def _error_line(exc: pyvips.Error) -> str:
+    """The most useful single line of a libvips error message."""
+    detail = str(getattr(exc, "detail", "") or exc.message or exc)
+    lines = []
+    for line in detail.splitlines():
+        line = line.strip()
+        if line and not line.startswith("unable to call") and line not in lines:
+            lines.append(line)
+    return "; ".join(lines)[:300] or "libvips could not decode the image"
+
+
+def _upright_size(header: pyvips.Image) -> tuple[int, int]:
+    width, height = header.width, header.height
+    if header.get_typeof("orientation") and header.get("orientation") in (5, 6, 7, 8):
+        return height, width
+    return width, height
+
+
+def _scale_for(spec: ThumbSpec, width: int, height: int) -> float:
+    """The factor that turns an upright width x height into what `spec` asks for."""
+    scales = []
+    if spec.box.width is not None:
+        scales.append(spec.box.width / width)
+    if spec.box.height is not None:
+        scales.append(spec.box.height / height)
+    scale = max(scales) if spec.fit != "inside" else min(scales)
+    return scale if spec.upscale else min(scale, 1.0)
+
+
+def _thumbnail_args(spec: ThumbSpec) -> tuple[int, dict[str, Any]]:
+    width = spec.box.width or _UNBOUNDED
+    kwargs: dict[str, Any] = {
+        "height": spec.box.height or _UNBOUNDED,
+        "size": "both" if spec.upscale else "down",
+    }
+    if spec.fit == "cover":
+        kwargs["crop"] = "centre"
+    elif spec.fit == "smart":
+        kwargs["crop"] = "attention"
+    return width, kwargs
+
+
+def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
+    if image.interpretation == "rgb16":
+        image = image.colourspace("srgb")
+    elif image.interpretation == "grey16":
+        image = image.colourspace("b-w")
+    elif image.interpretation not in ("srgb", "b-w"):
+        image = image.colourspace("srgb")
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    if spec.format == "jpeg" and image.hasalpha():
+        # JPEG has no alpha channel: composite transparent areas onto white.
+        image = image.flatten(background=[255] * (image.bands - 1))
+    return image
+
+
+def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
+    keep = "all" if spec.keep_metadata else "none"
+    quality = spec.effective_quality
+    if spec.format == "jpeg":
+        return bytes(image.jpegsave_buffer(Q=quality, keep=keep, optimize_coding=True))
+    if spec.format == "webp":
+        return bytes(image.webpsave_buffer(Q=quality, keep=keep))
+    if spec.format == "avif":
+        return bytes(image.heifsave_buffer(Q=quality, keep=keep, compression="av1", effort=2))
+    return bytes(image.pngsave_buffer(keep=keep, compression=6))
+
+
+def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
+    """Decode `data` once (with shrink-on-load) and make one thumbnail per spec, in order.
+
+    Raises FileRejected with a one-line reason for anything that is not a
+    decodable image within `limits`; never returns partial results.
+    """
+    if sniff_format(data[:1024]) is None:
+        raise FileRejected(_describe_head(data[:16]))
+    try:
+        return _make_thumbnails(data, specs, limits)
+    except pyvips.Error as exc:
+        raise FileRejected(_error_line(exc)) from None
+
+
+def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
+    # The header alone is parsed here; no pixel is decoded before the size check.
+    header = pyvips.Image.new_from_buffer(data, _LOAD_OPTIONS, access="sequential")
+    pixels = header.width * header.height
+    if pixels > limits.max_pixels:
+        raise FileRejected(
+            f"image is {header.width}x{header.height} ({pixels / 1e6:.0f} megapixels), "
+            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
+        )
+    if len(specs) == 1:
+        width, kwargs = _thumbnail_args(specs[0])
+        image = pyvips.Image.thumbnail_buffer(data, width, option_string=_LOAD_OPTIONS, **kwargs)
+        return [_finish(image, specs[0])]
+
+    # Several sizes: decode once to the largest scale any of them needs, keep
+    # that upright image in memory, and cut every thumbnail from it.
+    upright_w, upright_h = _upright_size(header)
+    scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
+    base_w = max(1, math.ceil(upright_w * scale))
+    base_h = max(1, math.ceil(upright_h * scale))
+    base = pyvips.Image.thumbnail_buffer(
+        data, base_w, height=base_h, size="both" if scale > 1 else "down", option_string=_LOAD_OPTIONS
+    ).copy_memory()
+    thumbnails = []
+    for spec in specs:
+        width, kwargs = _thumbnail_args(spec)
+        if not spec.upscale:
+            kwargs["size"] = "both" if scale > 1 else "down"
+        thumbnails.append(_finish(pyvips.Image.thumbnail_image(base, width, **kwargs), spec))
+    return thumbnails
+
+
+def _finish(image: pyvips.Image, spec: ThumbSpec) -> Thumbnail:
+    image = _to_8bit_srgb(image, spec)
+    return Thumbnail(_encode(image, spec), image.width, image.height)

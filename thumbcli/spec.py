@@ -1,0 +1,168 @@
+"""What to make and how to run: frozen, validated option objects."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from thumbcli.errors import SpecError
+
+Fit = Literal["inside", "cover", "smart"]
+Format = Literal["jpeg", "webp", "avif", "png"]
+
+FITS: tuple[Fit, ...] = get_args(Fit)
+FORMATS: tuple[Format, ...] = get_args(Format)
+
+#: Bumped whenever the same settings would produce different pixels or bytes,
+#: so that every existing thumbnail is seen as stale.
+OUTPUT_VERSION = 1
+
+SUFFIX_BY_FORMAT: dict[Format, str] = {"jpeg": "jpg", "webp": "webp", "avif": "avif", "png": "png"}
+CONTENT_TYPE_BY_FORMAT: dict[Format, str] = {
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "png": "image/png",
+}
+DEFAULT_QUALITY: dict[Format, int] = {"jpeg": 80, "webp": 80, "avif": 50, "png": 100}
+
+_BOX_RE = re.compile(r"^(?:(\d+)|(\d+)?x(\d+)?)$")
+MAX_EDGE = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class SizeBox:
+    """A bounding box; an edge of None is unconstrained (`200x`, `x200`)."""
+
+    width: int | None
+    height: int | None
+
+    def __post_init__(self) -> None:
+        if self.width is None and self.height is None:
+            raise SpecError("a size needs a width, a height or both")
+        for edge in (self.width, self.height):
+            if edge is not None and not 1 <= edge <= MAX_EDGE:
+                raise SpecError(f"size edges must be between 1 and {MAX_EDGE}, not {edge}")
+
+    @classmethod
+    def parse(cls, text: str) -> SizeBox:
+        """Parse `256`, `320x240`, `200x` or `x200`."""
+        match = _BOX_RE.match(text.strip().lower())
+        if not match:
+            raise SpecError(f"invalid size {text!r}: use 256, 320x240, 200x or x200")
+        square, width, height = match.groups()
+        if square is not None:
+            return cls(int(square), int(square))
+        return cls(int(width) if width else None, int(height) if height else None)
+
+    @property
+    def label(self) -> str:
+        """The canonical text form, also used as a folder name."""
+        if self.width == self.height:
+            return str(self.width)
+        return f"{self.width or ''}x{self.height or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class ThumbSpec:
+    """One thumbnail to make from each source: box, fit, format and encoding."""
+
+    box: SizeBox
+    fit: Fit = "inside"
+    format: Format = "jpeg"
+    quality: int | None = None
+    upscale: bool = False
+    keep_metadata: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise SpecError(f"invalid fit {self.fit!r}: choose from {', '.join(FITS)}")
+        if self.format not in FORMATS:
+            raise SpecError(f"invalid format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise SpecError(f"quality must be between 1 and 100, not {self.quality}")
+        if self.fit != "inside" and (self.box.width is None or self.box.height is None):
+            raise SpecError(f"--fit {self.fit} needs a box with both edges, not {self.box.label}")
+        if not self.name:
+            object.__setattr__(self, "name", self.box.label)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise SpecError(f"invalid name {self.name!r}: use letters, digits, '_', '-', '.'")
+
+    @property
+    def effective_quality(self) -> int:
+        """The quality the encoder is given."""
+        return self.quality if self.quality is not None else DEFAULT_QUALITY[self.format]
+
+    @property
+    def suffix(self) -> str:
+        """File name suffix of outputs, without the dot."""
+        return SUFFIX_BY_FORMAT[self.format]
+
+    @property
+    def digest(self) -> str:
+        """A stable digest of every field that affects the output bytes."""
+        fields = (
+            OUTPUT_VERSION,
+            self.box.width,
+            self.box.height,
+            self.fit,
+            self.format,
+            self.effective_quality,
+            self.upscale,
+            self.keep_metadata,
+        )
+        return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Hostile-input limits applied before and during decoding."""
+
+    max_file_size: int = 256 * 1024 * 1024
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_file_size < 1 or self.max_pixels < 1:
+            raise SpecError("limits must be positive")
+
+
+def default_workers() -> int:
+    """One resample worker per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run the pipeline: thread counts, queue depths, limits and policies."""
+
+    loaders: int = 2
+    workers: int = field(default_factory=default_workers)
+    writers: int = 1
+    queue_depth: int = 0
+    limits: Limits = field(default_factory=Limits)
+    force: bool = False
+    max_files: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        for label, count in (("loaders", self.loaders), ("workers", self.workers), ("writers", self.writers)):
+            if not 1 <= count <= 256:
+                raise SpecError(f"--{label} must be between 1 and 256, not {count}")
+        if self.queue_depth < 0:
+            raise SpecError("queue depth must not be negative")
+        if self.queue_depth == 0:
+            object.__setattr__(self, "queue_depth", 2 * self.workers)
+
+
+@dataclass(frozen=True, slots=True)
+class WalkOptions:
+    """Which files under the sources are jobs."""
+
+    hidden: bool = False
+    follow_symlinks: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()

@@ -1,0 +1,344 @@
+"""Where thumbnails go: an output tree or a served cache; every write atomic, freshness recorded."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import string
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from thumbcli import cache
+from thumbcli.discover import SourceFile, display_path
+from thumbcli.errors import CannotRunError, LockedError, SpecError
+from thumbcli.resample import Thumbnail
+from thumbcli.spec import ThumbSpec
+
+log = logging.getLogger(__name__)
+
+Freshness = Literal["fresh", "missing", "stale"]
+
+#: Folder of thumbcli's own bookkeeping inside an output tree or cache.
+PRIVATE_DIR = cache.PRIVATE_DIR
+DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
+TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
+_TEMP_PREFIX = ".thumbcli-tmp-"
+
+_in_flight_lock = threading.Lock()
+_in_flight: set[str] = set()
+
+
+def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777) -> None:
+    """Write `data` to `path` so that readers see the whole file or nothing.
+
+    A temporary file in the same folder is renamed over the final name; the
+    permission modes are filtered by the umask like any created file.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=dir_mode, exist_ok=True)
+    temp = os.path.join(directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    with _in_flight_lock:
+        _in_flight.add(temp)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(temp)
+
+
+def remove_temporary_files() -> None:
+    """Unlink the temporary files of writes still in progress (for an abrupt exit)."""
+    with _in_flight_lock:
+        temps = list(_in_flight)
+    for temp in temps:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for the names `write_atomically` uses before the rename."""
+    return name.startswith(_TEMP_PREFIX)
+
+
+class RunLock:
+    """An exclusive `flock` on a file, so two runs never work on one output at once."""
+
+    def __init__(self, path: Path, *, wait: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self._fd)
+            raise LockedError(f"{path} is locked by another thumbcli run (pid {holder})") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock."""
+        os.close(self._fd)
+
+
+class StateStore:
+    """What each thumbnail was made from (source mtime_ns, size, settings digest), in SQLite.
+
+    Loaded whole at start so that planning costs no I/O per file; new rows are
+    committed in batches, so a killed run loses at most a second of records
+    (whose thumbnails are then simply made again).
+    """
+
+    _FLUSH_SECONDS = 1.0
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS thumbs (out BLOB PRIMARY KEY, mtime_ns INTEGER, size INTEGER, digest TEXT)"
+        )
+        self._rows: dict[bytes, tuple[int, int, str]] = {
+            out: (mtime_ns, size, digest) for out, mtime_ns, size, digest in self._db.execute("SELECT * FROM thumbs")
+        }
+        self._lock = threading.Lock()
+        self._pending: list[tuple[bytes, int, int, str]] = []
+        self._last_flush = time.monotonic()
+
+    def get(self, out: bytes) -> tuple[int, int, str] | None:
+        """The recorded origin of the output at relative path `out`."""
+        return self._rows.get(out)
+
+    def items(self) -> Iterable[tuple[bytes, tuple[int, int, str]]]:
+        """Every recorded output and its origin."""
+        return list(self._rows.items())
+
+    def record(self, out: bytes, mtime_ns: int, size: int, digest: str) -> None:
+        """Remember that `out` was made from a source with this mtime and size, with these settings."""
+        with self._lock:
+            self._rows[out] = (mtime_ns, size, digest)
+            self._pending.append((out, mtime_ns, size, digest))
+            if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
+                self._flush_locked()
+
+    def forget(self, outs: Iterable[bytes]) -> None:
+        """Drop the records of removed outputs."""
+        with self._lock:
+            self._flush_locked()
+            keys = [(out,) for out in outs]
+            for (out,) in keys:
+                self._rows.pop(out, None)
+            self._db.executemany("DELETE FROM thumbs WHERE out = ?", keys)
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", self._pending)
+            self._pending.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is pending and close the database."""
+        with self._lock:
+            self._flush_locked()
+            self._db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Which thumbnails of one source must be made, and why."""
+
+    freshness: Freshness
+    specs: tuple[ThumbSpec, ...]
+
+
+class Target(Protocol):
+    """A destination the pipeline plans against and writes to."""
+
+    specs: tuple[ThumbSpec, ...]
+
+    def plan(self, source: SourceFile, force: bool) -> Plan: ...
+
+    def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_name_template(template: str) -> None:
+    """Raise SpecError unless `template` only uses known fields and yields a relative path."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise SpecError(f"invalid --name template {template!r}: {exc}") from None
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise SpecError(f"unknown field(s) in --name template: {', '.join(sorted(unknown))}")
+    if "ext" not in fields and "." not in template:
+        raise SpecError("--name template needs an extension, e.g. {ext}")
+    if template.startswith("/"):
+        raise SpecError("--name template must be a relative path")
+
+
+class OutputTree:
+    """Thumbnails in a plain tree: by default OUT/<size>/<source relpath>.<ext>.
+
+    The source's full name (suffix included) is kept, so `a.jpg` and `a.png`
+    never collide. Freshness records live in OUT/.thumbcli/state.sqlite.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        name_template: str = DEFAULT_NAME_TEMPLATE,
+        wait_for_lock: bool = False,
+        check_collisions: bool = False,
+    ) -> None:
+        check_name_template(name_template)
+        self.root = root
+        self.specs = specs
+        self._template = name_template
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock)
+            self._state = StateStore(root / PRIVATE_DIR / "state.sqlite")
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
+        self._listings: dict[str, frozenset[str]] = {}
+        self._claims: dict[str, str] | None = {} if check_collisions or name_template != DEFAULT_NAME_TEMPLATE else None
+        self._claims_lock = threading.Lock()
+
+    def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
+        """The output's path relative to the root, from the name template."""
+        reldir, _, name = source.relpath.rpartition("/")
+        stem, dot, suffix = name.rpartition(".")
+        if not dot:
+            stem, suffix = name, ""
+        return self._template.format(
+            size=spec.name,
+            relpath=source.relpath,
+            reldir=reldir or ".",
+            name=name,
+            stem=stem,
+            suffix=suffix,
+            ext=spec.suffix,
+            root=os.path.basename(source.root.rstrip("/")) or "root",
+        )
+
+    def _exists(self, relative: str) -> bool:
+        directory, _, name = relative.rpartition("/")
+        names = self._listings.get(directory)
+        if names is None:
+            if len(self._listings) > 256:
+                self._listings.clear()
+            try:
+                names = frozenset(os.listdir(self.root / directory))
+            except OSError:
+                names = frozenset()
+            self._listings[directory] = names
+        return name in names
+
+    def plan(self, source: SourceFile, force: bool) -> Plan:
+        """Decide from the walk's stat and the records alone which specs need making."""
+        needed: list[ThumbSpec] = []
+        freshness: Freshness = "fresh"
+        for spec in self.specs:
+            relative = self.relative_output(source, spec)
+            self._claim(relative, source)
+            record = self._state.get(os.fsencode(relative))
+            if record is None or not self._exists(relative):
+                freshness = "missing"
+            elif force or record != (source.mtime_ns, source.size, spec.digest):
+                freshness = "stale" if freshness == "fresh" else freshness
+            else:
+                continue
+            needed.append(spec)
+        return Plan(freshness, tuple(needed))
+
+    def _claim(self, relative: str, source: SourceFile) -> None:
+        if self._claims is None:
+            return
+        with self._claims_lock:
+            owner = self._claims.setdefault(relative, source.path)
+        if owner != source.path:
+            raise CollisionError(f"output name {display_path(relative)} is already used by {display_path(owner)}")
+
+    def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+        """Write each thumbnail atomically, then record what it was made from."""
+        for spec, thumbnail in made:
+            relative = self.relative_output(source, spec)
+            write_atomically(str(self.root / relative), thumbnail.data)
+            self._state.record(os.fsencode(relative), source.mtime_ns, source.size, spec.digest)
+
+    def close(self) -> None:
+        """Commit the records and release the lock."""
+        self._state.close()
+        self._lock.release()
+
+
+class CollisionError(OSError):
+    """Two sources map to one output name."""
+
+
+class CacheDirectory(OutputTree):
+    """The served cache: CACHE/v1/<preset>/<source relpath>.<ext>, plus a manifest of presets.
+
+    The layout is `thumbcli.cache`'s; `thumbcli serve` and nginx map URLs with it.
+    """
+
+    def __init__(self, root: Path, specs: tuple[ThumbSpec, ...], *, wait_for_lock: bool = False) -> None:
+        super().__init__(
+            root,
+            specs,
+            name_template=f"{cache.LAYOUT_DIR}/{{size}}/{{relpath}}.{{ext}}",
+            wait_for_lock=wait_for_lock,
+            check_collisions=True,
+        )
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        manifest_path = self.root / cache.MANIFEST_NAME
+        presets: dict[str, dict[str, object]] = {}
+        try:
+            old = json.loads(manifest_path.read_bytes())
+            if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
+                presets.update(old.get("presets", {}))
+        except (OSError, ValueError):
+            pass
+        for spec in self.specs:
+            presets[spec.name] = {
+                "format": spec.format,
+                "size": spec.box.label,
+                "fit": spec.fit,
+                "quality": spec.effective_quality,
+                "digest": spec.digest,
+            }
+        document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
+        write_atomically(str(manifest_path), json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
