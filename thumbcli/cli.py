@@ -25,7 +25,7 @@ log = logging.getLogger("thumbcli")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-class ByteSize(click.ParamType):
+class ByteSize(click.ParamType[int, Any]):
     """A byte count with an optional K/M/G suffix (binary units)."""
 
     name = "bytes"
@@ -39,7 +39,7 @@ class ByteSize(click.ParamType):
         return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
-class Megapixels(click.ParamType):
+class Megapixels(click.ParamType[int, Any]):
     """A pixel count given in megapixels (`100` = 100 million pixels)."""
 
     name = "megapixels"
@@ -54,7 +54,7 @@ class Megapixels(click.ParamType):
         return pixels
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float, Any]):
     """A duration such as 90, 90s, 15m or 2h, in seconds."""
 
     name = "duration"
@@ -118,7 +118,7 @@ def main() -> None:
     "--name",
     "name_template",
     metavar="TEMPLATE",
-    help="Output path template; fields {size} {relpath} {reldir} {name} {stem} {suffix} {ext} {root}.  [default: {size}/{relpath}.{ext}]",
+    help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
 )
 @click.option("--hidden", is_flag=True, help="Include hidden files and folders.")
 @click.option(
@@ -318,3 +318,77 @@ def _install_signal_handlers(handler: Any) -> dict[int, SignalHandler]:
         new = handler[signum] if isinstance(handler, dict) else handler
         previous[signum] = signal.signal(signum, new)
     return previous
+
+
+@main.command()
+@click.argument("cache_root", metavar="CACHE", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "-p", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free port)."
+)
+@click.option(
+    "-j", "--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Processes sharing the port."
+)
+@click.option("--admin-port", type=click.IntRange(0, 65535), help="Serve /healthz and /metrics here only.")
+@click.option("--access-log", metavar="PATH", help="Combined-format access log; '-' for stderr.  [default: off]")
+@click.option("--cache-control", default="public, max-age=86400", show_default=True, help="Cache-Control header.")
+@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True, help="Per worker.")
+@click.option(
+    "--header-timeout", type=Duration(), default="10", show_default=True, help="Seconds to send a request head."
+)
+@click.option("--idle-timeout", type=Duration(), default="15", show_default=True, help="Keep-alive idle seconds.")
+@click.option(
+    "--send-timeout", type=Duration(), default="30", show_default=True, help="Drop a response stalled this long."
+)
+@click.option("--grace-period", type=Duration(), default="10", show_default=True, help="Drain time on SIGTERM.")
+@click.option("--no-sendfile", is_flag=True, help="Send bodies with plain writes instead of sendfile(2).")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+def serve(
+    cache_root: Path,
+    host: str,
+    port: int,
+    workers: int,
+    admin_port: int | None,
+    access_log: str | None,
+    cache_control: str,
+    max_connections: int,
+    header_timeout: float,
+    idle_timeout: float,
+    send_timeout: float,
+    grace_period: float,
+    no_sendfile: bool,
+    debug: bool,
+) -> None:
+    """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
+    from thumbcli.serve import ServeOptions
+    from thumbcli.serve import serve as run_server
+
+    _configure_logging(debug)
+
+    def ready(bound_host: str, bound_port: int) -> None:
+        click.echo(f"serving {cache_root} on http://{bound_host}:{bound_port}/", err=True)
+
+    try:
+        options = ServeOptions(
+            cache_root=cache_root,
+            host=host,
+            port=port,
+            workers=workers,
+            admin_port=admin_port,
+            access_log=access_log,
+            cache_control=cache_control,
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+            send_timeout=send_timeout,
+            grace_period=grace_period,
+            use_sendfile=not no_sendfile,
+        )
+        code = run_server(options, ready=ready)
+    except SpecError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except CannotRunError as exc:
+        _fail(str(exc), ExitCode.CANNOT_RUN)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
+    sys.exit(code)

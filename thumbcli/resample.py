@@ -12,7 +12,7 @@ from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, ThumbSpec
 
 os.environ.setdefault("VIPS_WARNING", "0")
-import pyvips  # noqa: E402  (VIPS_WARNING must be set before libvips starts)
+import pyvips
 
 log = logging.getLogger(__name__)
 

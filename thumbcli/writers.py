@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -57,10 +58,8 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
             os.close(fd)
         os.replace(temp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise
     finally:
         with _in_flight_lock:
@@ -72,10 +71,8 @@ def remove_temporary_files() -> None:
     with _in_flight_lock:
         temps = list(_in_flight)
     for temp in temps:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
 
 
 def is_temporary_name(name: str) -> bool:
