@@ -256,6 +256,7 @@ class Pipeline:
                 thumbnails = resample.make_thumbnails(job.data, job.specs, limits)
             except FileRejected as exc:
                 self._report(FileResult(job.source.path, "failed", str(exc)))
+                self._target.record_failure(job.source, str(exc))
                 continue
             job.data = b""
             job.made = list(zip(job.specs, thumbnails, strict=True))

@@ -51,6 +51,10 @@ class Thumbnail:
     data: bytes
     width: int
     height: int
+    #: The upright size and the format of the image it was made from.
+    source_width: int
+    source_height: int
+    source_format: str
 
 
 def configure_libvips() -> None:
@@ -148,6 +152,11 @@ def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
     if spec.format == "jpeg" and image.hasalpha():
         # JPEG has no alpha channel: composite transparent areas onto white.
         image = image.flatten(background=[255] * (image.bands - 1))
+    if spec.rgba:
+        if image.bands < 3:
+            image = image.colourspace("srgb")
+        if not image.hasalpha():
+            image = image.bandjoin(255)
     return image
 
 
@@ -169,15 +178,18 @@ def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -
     Raises FileRejected with a one-line reason for anything that is not a
     decodable image within `limits`; never returns partial results.
     """
-    if sniff_format(data[:1024]) is None:
+    source_format = sniff_format(data[:1024])
+    if source_format is None:
         raise FileRejected(_describe_head(data[:16]))
     try:
-        return _make_thumbnails(data, specs, limits)
+        return _make_thumbnails(data, specs, limits, source_format)
     except pyvips.Error as exc:
         raise FileRejected(_error_line(exc)) from None
 
 
-def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
+def _make_thumbnails(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+) -> list[Thumbnail]:
     # The header alone is parsed here; no pixel is decoded before the size check.
     header = pyvips.Image.new_from_buffer(data, _LOAD_OPTIONS, access="sequential")
     pixels = header.width * header.height
@@ -186,14 +198,15 @@ def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) 
             f"image is {header.width}x{header.height} ({pixels / 1e6:.0f} megapixels), "
             f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
         )
+    upright_w, upright_h = _upright_size(header)
+    origin = (upright_w, upright_h, source_format)
     if len(specs) == 1:
         width, kwargs = _thumbnail_args(specs[0])
         image = pyvips.Image.thumbnail_buffer(data, width, option_string=_LOAD_OPTIONS, **kwargs)
-        return [_finish(image, specs[0])]
+        return [_finish(image, specs[0], origin)]
 
     # Several sizes: decode once to the largest scale any of them needs, keep
     # that upright image in memory, and cut every thumbnail from it.
-    upright_w, upright_h = _upright_size(header)
     scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
     base_w = max(1, math.ceil(upright_w * scale))
     base_h = max(1, math.ceil(upright_h * scale))
@@ -205,10 +218,10 @@ def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) 
         width, kwargs = _thumbnail_args(spec)
         if not spec.upscale:
             kwargs["size"] = "both" if scale > 1 else "down"
-        thumbnails.append(_finish(pyvips.Image.thumbnail_image(base, width, **kwargs), spec))
+        thumbnails.append(_finish(pyvips.Image.thumbnail_image(base, width, **kwargs), spec, origin))
     return thumbnails
 
 
-def _finish(image: pyvips.Image, spec: ThumbSpec) -> Thumbnail:
+def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:
     image = _to_8bit_srgb(image, spec)
-    return Thumbnail(_encode(image, spec), image.width, image.height)
+    return Thumbnail(_encode(image, spec), image.width, image.height, *origin)

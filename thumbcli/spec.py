@@ -77,6 +77,8 @@ class ThumbSpec:
     upscale: bool = False
     keep_metadata: bool = False
     name: str = ""
+    #: Always write an alpha band (the freedesktop.org cache wants RGBA PNGs).
+    rgba: bool = False
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -114,6 +116,7 @@ class ThumbSpec:
             self.effective_quality,
             self.upscale,
             self.keep_metadata,
+            self.rgba,
         )
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 

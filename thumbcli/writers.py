@@ -181,6 +181,8 @@ class Target(Protocol):
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None: ...
 
+    def record_failure(self, source: SourceFile, reason: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -293,6 +295,9 @@ class OutputTree:
             relative = self.relative_output(source, spec)
             write_atomically(str(self.root / relative), thumbnail.data)
             self._state.record(os.fsencode(relative), source.mtime_ns, source.size, spec.digest)
+
+    def record_failure(self, source: SourceFile, reason: str) -> None:
+        """Failures are not remembered here: the next run tries the file again."""
 
     def close(self) -> None:
         """Commit the records and release the lock."""
