@@ -9,9 +9,10 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -19,6 +20,10 @@ from thumbcli import __version__
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.writers import DEFAULT_NAME_TEMPLATE
+
+if TYPE_CHECKING:
+    from thumbcli.writers import Target
 
 log = logging.getLogger("thumbcli")
 
@@ -78,14 +83,50 @@ def _configure_logging(debug: bool) -> None:
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": "THUMBCLI"}
+)
+@click.option(
+    "--config",
+    "config_path",
+    metavar="FILE",
+    envvar="THUMBCLI_CONFIG",
+    help="Config file.  [default: ./thumbcli.toml, then $XDG_CONFIG_HOME/thumbcli/thumbcli.toml]",
+)
 @click.version_option(__version__, prog_name="thumbcli")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
+    from thumbcli.config import Config, find_config, load_config
+
+    path = find_config(config_path)
+    try:
+        config = load_config(path) if path is not None else Config()
+        if config.path is not None:
+            check_config_options(config, main)
+    except SpecError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    ctx.obj = config
+    ctx.default_map = config.defaults
+
+
+def check_config_options(config: Any, group: click.Group) -> None:
+    """Refuse option names in the config that no command has (a typo must not pass silently)."""
+    from thumbcli.config import ConfigError, line_of
+
+    for command_name, values in config.defaults.items():
+        command = group.commands.get(command_name)
+        known = {param.name for param in command.params} if command else set()
+        for key in values:
+            if key not in known:
+                line = line_of(config.path.read_text(encoding="utf-8"), command_name, key.replace("_", "-"))
+                line = line or line_of(config.path.read_text(encoding="utf-8"), command_name, key)
+                where = f"{config.path}:{line}" if line else str(config.path)
+                raise ConfigError(f"{where}: {command_name}.{key}: not an option of `thumbcli {command_name}`")
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("sources", nargs=-1, type=click.Path(path_type=str))
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
 )
@@ -95,6 +136,14 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Write into a served cache folder (see `thumbcli serve`).",
 )
+@click.option(
+    "--freedesktop",
+    "flavours",
+    multiple=True,
+    type=click.Choice(["normal", "large", "x-large", "xx-large"]),
+    help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
+)
+@click.option("-p", "--preset", "presets", multiple=True, metavar="NAME", help="A preset from the config; repeatable.")
 @click.option(
     "-s",
     "--size",
@@ -127,6 +176,7 @@ def main() -> None:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
 @click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
 @click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be made and estimate its disk space.")
 @click.option("--loaders", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads reading files.")
 @click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]")
 @click.option(
@@ -145,15 +195,21 @@ def main() -> None:
 @click.option("--wait", is_flag=True, help="Wait for another run on the same output to finish instead of exiting.")
 @click.option("--json", "json_summary", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write Prometheus textfile metrics here (node_exporter textfile collector).",
+)
+@click.option(
     "--fail-log", type=click.Path(dir_okay=False, path_type=Path), help="Append failed files and reasons to this file."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary; failures are still printed.")
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
-def generate(**kwargs: Any) -> None:
+@click.pass_obj
+def generate(config: Any, /, **kwargs: Any) -> None:
     """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
     _configure_logging(kwargs["debug"])
     try:
-        code = _generate(**kwargs)
+        code = _generate(config, GenerateArgs(**kwargs))
     except SpecError as exc:
         raise click.UsageError(str(exc)) from exc
     except LockedError as exc:
@@ -163,81 +219,118 @@ def generate(**kwargs: Any) -> None:
     sys.exit(code)
 
 
+@dataclass(frozen=True, slots=True)
+class GenerateArgs:
+    """The parsed command line of `generate`, before it becomes spec objects."""
+
+    sources: tuple[str, ...]
+    output: Path | None
+    cache_dir: Path | None
+    flavours: tuple[str, ...]
+    presets: tuple[str, ...]
+    sizes: tuple[str, ...]
+    fit: Any
+    fmt: Any
+    quality: int | None
+    upscale: bool
+    keep_metadata: bool
+    name_template: str | None
+    hidden: bool
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    follow_symlinks: bool
+    force: bool
+    dry_run: bool
+    loaders: int
+    workers: int | None
+    writers: int
+    max_file_size: int
+    max_pixels: int
+    max_files: int | None
+    max_time: float | None
+    wait: bool
+    json_summary: bool
+    metrics_file: Path | None
+    fail_log: Path | None
+    quiet: bool
+    debug: bool
+
+
 def _fail(message: str, code: ExitCode) -> NoReturn:
     click.echo(f"thumbcli: error: {message}", err=True)
     sys.exit(code)
 
 
-def _generate(
-    sources: tuple[str, ...],
-    output: Path | None,
-    cache_dir: Path | None,
-    sizes: tuple[str, ...],
-    fit: Any,
-    fmt: Any,
-    quality: int | None,
-    upscale: bool,
-    keep_metadata: bool,
-    name_template: str | None,
-    hidden: bool,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    follow_symlinks: bool,
-    force: bool,
-    loaders: int,
-    workers: int | None,
-    writers: int,
-    max_file_size: int,
-    max_pixels: int,
-    max_files: int | None,
-    max_time: float | None,
-    wait: bool,
-    json_summary: bool,
-    fail_log: Path | None,
-    quiet: bool,
-    debug: bool,
-) -> int:
+def _specs(config: Any, args: GenerateArgs) -> tuple[ThumbSpec, ...]:
+    if args.presets:
+        unknown = [name for name in args.presets if name not in config.presets]
+        if unknown:
+            known = ", ".join(sorted(config.presets)) or "none"
+            raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {known})")
+        if args.sizes:
+            raise SpecError("give --preset or --size, not both")
+        return tuple(config.presets[name] for name in args.presets)
+    if args.cache_dir is not None and config.presets and not args.sizes:
+        return tuple(config.presets.values())
+    boxes = [SizeBox.parse(text) for text in (args.sizes or ("256",))]
+    specs = (
+        ThumbSpec(
+            box,
+            fit=args.fit,
+            format=args.fmt,
+            quality=args.quality,
+            upscale=args.upscale,
+            keep_metadata=args.keep_metadata,
+        )
+        for box in boxes
+    )
+    return tuple(dict.fromkeys(specs))
+
+
+def _generate(config: Any, args: GenerateArgs) -> int:
     # Imported here so that `thumbcli --help` and completion never load libvips.
     from thumbcli.pipeline import FileResult, Pipeline
     from thumbcli.progress import ProgressBar
     from thumbcli.writers import CacheDirectory, OutputTree, remove_temporary_files
 
-    if (output is None) == (cache_dir is None):
-        raise SpecError("give exactly one of -o/--output DIR or --cache DIR")
-    boxes = [SizeBox.parse(text) for text in (sizes or ("256",))]
-    specs = tuple(
-        dict.fromkeys(
-            ThumbSpec(box, fit=fit, format=fmt, quality=quality, upscale=upscale, keep_metadata=keep_metadata)
-            for box in boxes
-        )
-    )
+    if not args.sources:
+        raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+    destinations = [args.output is not None, args.cache_dir is not None, bool(args.flavours)]
+    if sum(destinations) != 1:
+        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
     run_options = RunOptions(
-        loaders=loaders,
-        writers=writers,
-        limits=Limits(max_file_size=max_file_size, max_pixels=max_pixels),
-        force=force,
-        max_files=max_files,
-        max_seconds=max_time,
-        **({"workers": workers} if workers else {}),
+        loaders=args.loaders,
+        writers=args.writers,
+        limits=Limits(max_file_size=args.max_file_size, max_pixels=args.max_pixels),
+        force=args.force,
+        max_files=args.max_files,
+        max_seconds=args.max_time,
+        **({"workers": args.workers} if args.workers else {}),
     )
-    walk_options = WalkOptions(hidden=hidden, follow_symlinks=follow_symlinks, include=include, exclude=exclude)
-    target: OutputTree
-    if cache_dir is not None:
-        if name_template:
-            raise SpecError("--name does not apply to --cache: the cache layout is fixed")
-        target = CacheDirectory(cache_dir, specs, wait_for_lock=wait)
+    walk_options = WalkOptions(
+        hidden=args.hidden, follow_symlinks=args.follow_symlinks, include=args.include, exclude=args.exclude
+    )
+    if args.name_template and args.output is None:
+        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
+    target: Target
+    if args.flavours:
+        from thumbcli.freedesktop import FreedesktopCache, default_thumbnail_root
+
+        target = FreedesktopCache(default_thumbnail_root(), tuple(args.flavours), wait_for_lock=args.wait)
+    elif args.cache_dir is not None:
+        target = CacheDirectory(args.cache_dir, _specs(config, args), wait_for_lock=args.wait)
     else:
-        assert output is not None
+        assert args.output is not None
         target = OutputTree(
-            output,
-            specs,
-            name_template=name_template or "{size}/{relpath}.{ext}",
-            wait_for_lock=wait,
-            check_collisions=len(sources) > 1,
+            args.output,
+            _specs(config, args),
+            name_template=args.name_template or DEFAULT_NAME_TEMPLATE,
+            wait_for_lock=args.wait,
+            check_collisions=len(args.sources) > 1,
         )
 
-    fail_log_file = fail_log.open("a", encoding="utf-8", errors="backslashreplace") if fail_log else None
-    progress = ProgressBar(enabled=not quiet)
+    fail_log_file = args.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if args.fail_log else None
+    progress = ProgressBar(enabled=not args.quiet)
 
     def on_result(result: FileResult) -> None:
         if result.status == "failed":
@@ -248,11 +341,12 @@ def _generate(
         progress.finished(result.status)
 
     pipeline = Pipeline(
-        sources,
+        args.sources,
         target,
         run_options,
         walk_options,
         excluded_dirs=[str(target.root)],
+        dry_run=args.dry_run,
         on_found=progress.found,
         on_result=on_result,
     )
@@ -270,6 +364,7 @@ def _generate(
     previous = _install_signal_handlers(on_signal)
     try:
         stats = pipeline.run()
+        estimate = _estimate_bytes(target, stats.planned_by_spec) if args.dry_run else None
     finally:
         _install_signal_handlers(previous)
         progress.close()
@@ -277,7 +372,8 @@ def _generate(
         if fail_log_file is not None:
             fail_log_file.close()
 
-    summary = {
+    code = _exit_code(stats.stopped, stats.failed)
+    summary: dict[str, Any] = {
         "found": stats.found,
         "made": stats.made,
         "thumbnails": stats.thumbnails,
@@ -287,25 +383,153 @@ def _generate(
         "images_per_second": round(stats.images_per_second, 2),
         "bytes_read": stats.bytes_read,
         "stopped": stats.stopped,
+        "exit_code": int(code),
         "output": str(target.root),
         "failures": [{"path": display_path(r.path), "reason": r.reason} for r in stats.failures],
     }
-    if json_summary:
+    if args.dry_run:
+        summary.update(planned=stats.planned, planned_thumbnails=stats.planned_by_spec, estimated_bytes=estimate)
+    if args.json_summary:
         click.echo(json.dumps(summary))
-    if not quiet and (sys.stderr.isatty() or stats.failed):
+    if args.metrics_file is not None:
+        from thumbcli.metrics import write_run_metrics
+
+        write_run_metrics(args.metrics_file, summary, succeeded=code == ExitCode.OK)
+    if args.dry_run and not args.json_summary:
+        click.echo(
+            f"would make {sum(stats.planned_by_spec.values())} thumbnails of {stats.planned} files "
+            f"(about {_human_bytes(estimate or 0)}); {stats.skipped} files up to date, {stats.failed} failed"
+        )
+    elif not args.quiet and (sys.stderr.isatty() or stats.failed):
         cut = f", stopped early ({stats.stopped})" if stats.stopped else ""
         click.echo(
             f"thumbcli: made {stats.made}, skipped {stats.skipped}, failed {stats.failed} "
             f"in {stats.seconds:.1f} s ({stats.images_per_second:.1f} images/s){cut}",
             err=True,
         )
-    if stats.stopped == "interrupted":
+    return code
+
+
+def _exit_code(stopped: str | None, failed: int) -> ExitCode:
+    if stopped == "interrupted":
         return ExitCode.INTERRUPTED
-    if stats.failed:
+    if failed:
         return ExitCode.SOME_FAILED
-    if stats.stopped is not None:
+    if stopped is not None:
         return ExitCode.CUT_SHORT
     return ExitCode.OK
+
+
+# Rough bytes per thumbnail pixel, for dry-run estimates before any thumbnail of a spec exists.
+_BYTES_PER_PIXEL = {"jpeg": 0.3, "webp": 0.2, "avif": 0.12, "png": 2.0}
+
+
+def _estimate_bytes(target: Any, planned_by_spec: dict[str, int]) -> int:
+    total = 0
+    for spec in target.specs:
+        count = planned_by_spec.get(spec.name, 0)
+        typical = target.typical_size(spec) if hasattr(target, "typical_size") else None
+        if typical is None:
+            area = (spec.box.width or spec.box.height or 0) * (spec.box.height or spec.box.width or 0)
+            typical = int(area * 0.75 * _BYTES_PER_PIXEL[spec.format])
+        total += count * typical
+    return total
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+@main.command()
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The served cache to prune.",
+)
+@click.option("--freedesktop", is_flag=True, help="Prune the desktop thumbnail cache instead.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, with sizes; remove nothing.")
+@click.option("--wait", is_flag=True, help="Wait for a running generate on the same cache.")
+@click.option("--json", "json_summary", is_flag=True, help="Print what was removed as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_obj
+def prune(
+    config: Any, cache_dir: Path | None, freedesktop: bool, dry_run: bool, wait: bool, json_summary: bool, quiet: bool
+) -> None:
+    """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
+    from thumbcli.writers import CacheDirectory
+
+    if (cache_dir is None) == (not freedesktop):
+        raise click.UsageError("give exactly one of --cache DIR or --freedesktop")
+    removals: list[tuple[Path, int, str]] = []
+    try:
+        if freedesktop:
+            from thumbcli.freedesktop import default_thumbnail_root, prune_freedesktop
+
+            pruned = prune_freedesktop(default_thumbnail_root(), dry_run=dry_run)
+            removals = [(path, size, "source gone or changed") for path, size in pruned]
+        else:
+            assert cache_dir is not None
+            current = {name: spec.digest for name, spec in config.presets.items()} if config.presets else None
+            target = CacheDirectory(cache_dir, (), wait_for_lock=wait)
+            try:
+                removals = [(r.path, r.bytes, r.reason) for r in target.prune(current, dry_run=dry_run)]
+            finally:
+                target.close()
+    except LockedError as exc:
+        _fail(str(exc), ExitCode.LOCKED)
+    except CannotRunError as exc:
+        _fail(str(exc), ExitCode.CANNOT_RUN)
+    total = sum(size for _, size, _ in removals)
+    verb = "would remove" if dry_run else "removed"
+    if json_summary:
+        items = [{"path": display_path(p), "bytes": size, "reason": why} for p, size, why in removals]
+        click.echo(json.dumps({"dry_run": dry_run, "files": len(removals), "bytes": total, "removed": items}))
+    elif not quiet:
+        if dry_run:
+            for path, size, why in removals:
+                click.echo(f"{display_path(path)}\t{size}\t{why}")
+        if dry_run or sys.stderr.isatty():
+            click.echo(f"thumbcli: {verb} {len(removals)} files, {_human_bytes(total)}", err=True)
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective configuration and where each value comes from."""
+    config = ctx.obj
+    click.echo(f"# config file: {config.path or '(none found)'}")
+    for name, spec in config.presets.items():
+        click.echo(
+            f"preset {name}: size={spec.box.label} fit={spec.fit} format={spec.format} "
+            f"quality={spec.effective_quality} upscale={spec.upscale}  # from {config.path}"
+        )
+    for command_name in ("generate", "prune", "serve"):
+        command = main.commands[command_name]
+        for param in command.params:
+            if param.name is None:
+                continue
+            value, origin = _effective(param, command_name, config)
+            if value in (None, (), False, _UNSET):
+                continue
+            click.echo(f"{command_name}.{param.name} = {value!r}  # {origin}")
+
+
+_UNSET = getattr(click.core, "UNSET", None)
+
+
+def _effective(param: click.Parameter, command_name: str, config: Any) -> tuple[Any, str]:
+    envvar = f"THUMBCLI_{command_name.upper()}_{(param.name or '').upper()}"
+    if isinstance(param, click.Option) and envvar in os.environ:
+        return os.environ[envvar], f"environment {envvar}"
+    section = config.defaults.get(command_name, {})
+    if param.name in section:
+        return section[param.name], f"config {config.path}"
+    return param.default, "default"
 
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None

@@ -21,7 +21,7 @@ from thumbcli.writers import CollisionError, Target
 
 log = logging.getLogger(__name__)
 
-Status = Literal["made", "skipped", "failed"]
+Status = Literal["made", "skipped", "failed", "planned"]
 StopReason = Literal["interrupted", "max-time", "max-files"]
 
 _DONE = None  # queue sentinel: no more work for this stage
@@ -55,6 +55,9 @@ class RunStats:
     bytes_read: int = 0
     stopped: StopReason | None = None
     failures: list[FileResult] = field(default_factory=list)
+    #: With a dry run: files that would be made, and thumbnails per spec name.
+    planned: int = 0
+    planned_by_spec: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -86,6 +89,7 @@ class Pipeline:
         walk: WalkOptions,
         *,
         excluded_dirs: Iterable[str] = (),
+        dry_run: bool = False,
         on_found: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
     ) -> None:
@@ -94,6 +98,7 @@ class Pipeline:
         self._run = run
         self._walk = walk
         self._excluded_dirs = list(excluded_dirs)
+        self._dry_run = dry_run
         self._on_found = on_found
         self._on_result = on_result
         self._stop = threading.Event()
@@ -125,6 +130,8 @@ class Pipeline:
                 stats.thumbnails += result.thumbnails
             elif result.status == "skipped":
                 stats.skipped += 1
+            elif result.status == "planned":
+                stats.planned += 1
             else:
                 stats.failed += 1
                 stats.failures.append(result)
@@ -187,6 +194,12 @@ class Pipeline:
                 continue
             if plan.freshness == "fresh":
                 self._report(FileResult(item.path, "skipped"))
+            elif self._dry_run:
+                with self._stats_lock:
+                    for spec in plan.specs:
+                        by_spec = self._stats.planned_by_spec
+                        by_spec[spec.name] = by_spec.get(spec.name, 0) + 1
+                self._report(FileResult(item.path, "planned", thumbnails=len(plan.specs)))
             elif plan.freshness == "stale":
                 # Missing thumbnails first: budgeted runs converge on full coverage.
                 stale.append((item, plan.specs))

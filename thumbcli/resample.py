@@ -127,17 +127,24 @@ def _scale_for(spec: ThumbSpec, width: int, height: int) -> float:
     return scale if spec.upscale else min(scale, 1.0)
 
 
-def _thumbnail_args(spec: ThumbSpec) -> tuple[int, dict[str, Any]]:
-    width = spec.box.width or _UNBOUNDED
+def _thumbnail_args(spec: ThumbSpec, width: int, height: int) -> tuple[int, dict[str, Any]]:
+    """Arguments of `thumbnail` for an upright `width` x `height` source."""
+    if spec.fit == "inside":
+        # The exact output size, from the source size: libvips would round from
+        # its shrunk-on-load (or shared base) image, so one decode for several
+        # sizes would give other dimensions (off by one) than one decode per size.
+        scale = _scale_for(spec, width, height)
+        return _round_edge(width * scale), {"height": _round_edge(height * scale), "size": "force"}
     kwargs: dict[str, Any] = {
         "height": spec.box.height or _UNBOUNDED,
         "size": "both" if spec.upscale else "down",
+        "crop": "centre" if spec.fit == "cover" else "attention",
     }
-    if spec.fit == "cover":
-        kwargs["crop"] = "centre"
-    elif spec.fit == "smart":
-        kwargs["crop"] = "attention"
-    return width, kwargs
+    return spec.box.width or _UNBOUNDED, kwargs
+
+
+def _round_edge(length: float) -> int:
+    return max(1, math.floor(length + 0.5))
 
 
 def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
@@ -187,9 +194,7 @@ def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -
         raise FileRejected(_error_line(exc)) from None
 
 
-def _make_thumbnails(
-    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
-) -> list[Thumbnail]:
+def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str) -> list[Thumbnail]:
     # The header alone is parsed here; no pixel is decoded before the size check.
     header = pyvips.Image.new_from_buffer(data, _LOAD_OPTIONS, access="sequential")
     pixels = header.width * header.height
@@ -201,7 +206,7 @@ def _make_thumbnails(
     upright_w, upright_h = _upright_size(header)
     origin = (upright_w, upright_h, source_format)
     if len(specs) == 1:
-        width, kwargs = _thumbnail_args(specs[0])
+        width, kwargs = _thumbnail_args(specs[0], upright_w, upright_h)
         image = pyvips.Image.thumbnail_buffer(data, width, option_string=_LOAD_OPTIONS, **kwargs)
         return [_finish(image, specs[0], origin)]
 
@@ -215,8 +220,8 @@ def _make_thumbnails(
     ).copy_memory()
     thumbnails = []
     for spec in specs:
-        width, kwargs = _thumbnail_args(spec)
-        if not spec.upscale:
+        width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+        if not spec.upscale and spec.fit != "inside":
             kwargs["size"] = "both" if scale > 1 else "down"
         thumbnails.append(_finish(pyvips.Image.thumbnail_image(base, width, **kwargs), spec, origin))
     return thumbnails

@@ -15,13 +15,15 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from thumbcli import cache
 from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import CannotRunError, LockedError, SpecError
-from thumbcli.resample import Thumbnail
 from thumbcli.spec import ThumbSpec
+
+if TYPE_CHECKING:
+    from thumbcli.resample import Thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,19 @@ class RunLock:
         os.close(self._fd)
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What one thumbnail was made from."""
+
+    source: bytes
+    mtime_ns: int
+    size: int
+    preset: str
+    digest: str
+
+
 class StateStore:
-    """What each thumbnail was made from (source mtime_ns, size, settings digest), in SQLite.
+    """What each thumbnail was made from (source path, mtime_ns, size, settings digest), in SQLite.
 
     Loaded whole at start so that planning costs no I/O per file; new rows are
     committed in batches, so a killed run loses at most a second of records
@@ -109,35 +122,39 @@ class StateStore:
     """
 
     _FLUSH_SECONDS = 1.0
+    _SCHEMA = 1
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
+            # An older layout: forget it; outputs without records are simply made again.
+            self._db.execute("DROP TABLE IF EXISTS thumbs")
+            self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS thumbs (out BLOB PRIMARY KEY, mtime_ns INTEGER, size INTEGER, digest TEXT)"
+            "CREATE TABLE IF NOT EXISTS thumbs"
+            " (out BLOB PRIMARY KEY, source BLOB, mtime_ns INTEGER, size INTEGER, preset TEXT, digest TEXT)"
         )
-        self._rows: dict[bytes, tuple[int, int, str]] = {
-            out: (mtime_ns, size, digest) for out, mtime_ns, size, digest in self._db.execute("SELECT * FROM thumbs")
-        }
+        self._rows: dict[bytes, Origin] = {row[0]: Origin(*row[1:]) for row in self._db.execute("SELECT * FROM thumbs")}
         self._lock = threading.Lock()
-        self._pending: list[tuple[bytes, int, int, str]] = []
+        self._pending: list[tuple[bytes, bytes, int, int, str, str]] = []
         self._last_flush = time.monotonic()
 
-    def get(self, out: bytes) -> tuple[int, int, str] | None:
+    def get(self, out: bytes) -> Origin | None:
         """The recorded origin of the output at relative path `out`."""
         return self._rows.get(out)
 
-    def items(self) -> Iterable[tuple[bytes, tuple[int, int, str]]]:
+    def items(self) -> list[tuple[bytes, Origin]]:
         """Every recorded output and its origin."""
         return list(self._rows.items())
 
-    def record(self, out: bytes, mtime_ns: int, size: int, digest: str) -> None:
-        """Remember that `out` was made from a source with this mtime and size, with these settings."""
+    def record(self, out: bytes, origin: Origin) -> None:
+        """Remember what the output at relative path `out` was made from."""
         with self._lock:
-            self._rows[out] = (mtime_ns, size, digest)
-            self._pending.append((out, mtime_ns, size, digest))
+            self._rows[out] = origin
+            self._pending.append((out, origin.source, origin.mtime_ns, origin.size, origin.preset, origin.digest))
             if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
                 self._flush_locked()
 
@@ -153,7 +170,7 @@ class StateStore:
     def _flush_locked(self) -> None:
         if self._pending:
             with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?)", self._pending)
+                self._db.executemany("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?, ?, ?)", self._pending)
             self._pending.clear()
         self._last_flush = time.monotonic()
 
@@ -175,6 +192,7 @@ class Plan:
 class Target(Protocol):
     """A destination the pipeline plans against and writes to."""
 
+    root: Path
     specs: tuple[ThumbSpec, ...]
 
     def plan(self, source: SourceFile, force: bool) -> Plan: ...
@@ -274,7 +292,7 @@ class OutputTree:
             record = self._state.get(os.fsencode(relative))
             if record is None or not self._exists(relative):
                 freshness = "missing"
-            elif force or record != (source.mtime_ns, source.size, spec.digest):
+            elif force or (record.mtime_ns, record.size, record.digest) != (source.mtime_ns, source.size, spec.digest):
                 freshness = "stale" if freshness == "fresh" else freshness
             else:
                 continue
@@ -294,10 +312,26 @@ class OutputTree:
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
             write_atomically(str(self.root / relative), thumbnail.data)
-            self._state.record(os.fsencode(relative), source.mtime_ns, source.size, spec.digest)
+            origin = Origin(
+                os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
+            )
+            self._state.record(os.fsencode(relative), origin)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Failures are not remembered here: the next run tries the file again."""
+
+    def typical_size(self, spec: ThumbSpec) -> int | None:
+        """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
+        sizes = []
+        for out, origin in self._state.items():
+            if origin.digest == spec.digest:
+                try:
+                    sizes.append(os.stat(self.root / os.fsdecode(out)).st_size)
+                except OSError:
+                    continue
+                if len(sizes) >= 100:
+                    break
+        return sum(sizes) // len(sizes) if sizes else None
 
     def close(self) -> None:
         """Commit the records and release the lock."""
@@ -323,17 +357,19 @@ class CacheDirectory(OutputTree):
             wait_for_lock=wait_for_lock,
             check_collisions=True,
         )
-        self._write_manifest()
+        self._write_manifest(self._manifest_presets())
 
-    def _write_manifest(self) -> None:
-        manifest_path = self.root / cache.MANIFEST_NAME
-        presets: dict[str, dict[str, object]] = {}
+    def _manifest_presets(self) -> dict[str, dict[str, object]]:
         try:
-            old = json.loads(manifest_path.read_bytes())
-            if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
-                presets.update(old.get("presets", {}))
+            old = json.loads((self.root / cache.MANIFEST_NAME).read_bytes())
         except (OSError, ValueError):
-            pass
+            return {}
+        if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
+            return dict(old.get("presets", {}))
+        return {}
+
+    def _write_manifest(self, presets: dict[str, dict[str, object]]) -> None:
+        manifest_path = self.root / cache.MANIFEST_NAME
         for spec in self.specs:
             presets[spec.name] = {
                 "format": spec.format,
@@ -344,3 +380,55 @@ class CacheDirectory(OutputTree):
             }
         document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
         write_atomically(str(manifest_path), json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
+
+    def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
+        """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
+
+        `current` maps preset name -> settings digest (from the config); None
+        means the presets recorded in the manifest are all still wanted.
+        """
+        manifest = self._manifest_presets()
+        if current is None:
+            current = {name: str(entry.get("digest")) for name, entry in manifest.items() if isinstance(entry, dict)}
+        removals: list[Removal] = []
+        for out, origin in self._state.items():
+            if origin.preset not in current:
+                reason = f"preset {origin.preset} is no longer configured"
+            elif origin.digest != current[origin.preset]:
+                reason = f"preset {origin.preset} settings changed"
+            elif not os.path.lexists(origin.source):
+                reason = "source is gone"
+            else:
+                continue
+            path = self.root / os.fsdecode(out)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
+            removals.append(Removal(path, size, reason))
+        if dry_run:
+            return removals
+        for removal in removals:
+            with contextlib.suppress(FileNotFoundError):
+                removal.path.unlink()
+        self._state.forget(os.fsencode(removal.path.relative_to(self.root)) for removal in removals)
+        for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
+            while directory != self.root and directory.is_relative_to(self.root):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                directory = directory.parent
+        kept = {name: entry for name, entry in manifest.items() if name in current}
+        if kept != manifest:
+            self._write_manifest(kept)
+        return removals
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A thumbnail that prune removes (or, in a dry run, would remove)."""
+
+    path: Path
+    bytes: int
+    reason: str

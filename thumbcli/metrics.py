@@ -1,0 +1,57 @@
+"""Run metrics as a Prometheus node_exporter textfile, written atomically."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from thumbcli.writers import write_atomically
+
+_LAST_SUCCESS = "thumbcli_last_success_timestamp_seconds"
+
+
+def _previous_success(path: Path) -> float | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = re.search(rf"^{_LAST_SUCCESS}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def write_run_metrics(path: Path, summary: dict[str, Any], *, succeeded: bool, now: float | None = None) -> None:
+    """Write the metrics of one run; the last-success time carries over from earlier runs when this one failed."""
+    now = time.time() if now is None else now
+    last_success = now if succeeded else _previous_success(path)
+    lines = [
+        "# HELP thumbcli_last_run_files Source files handled by the last run, by outcome.",
+        "# TYPE thumbcli_last_run_files gauge",
+    ]
+    for outcome in ("made", "skipped", "failed"):
+        lines.append(f'thumbcli_last_run_files{{outcome="{outcome}"}} {summary[outcome]}')
+    lines += [
+        "# HELP thumbcli_last_run_thumbnails Thumbnails written by the last run.",
+        "# TYPE thumbcli_last_run_thumbnails gauge",
+        f"thumbcli_last_run_thumbnails {summary['thumbnails']}",
+        "# HELP thumbcli_last_run_seconds Wall time of the last run.",
+        "# TYPE thumbcli_last_run_seconds gauge",
+        f"thumbcli_last_run_seconds {summary['seconds']}",
+        "# HELP thumbcli_last_run_cut_short 1 if the last run stopped early (budget or signal).",
+        "# TYPE thumbcli_last_run_cut_short gauge",
+        f"thumbcli_last_run_cut_short {1 if summary['stopped'] else 0}",
+        "# HELP thumbcli_last_run_exit_code Exit code of the last run.",
+        "# TYPE thumbcli_last_run_exit_code gauge",
+        f"thumbcli_last_run_exit_code {summary['exit_code']}",
+        "# HELP thumbcli_last_run_timestamp_seconds When the last run finished.",
+        "# TYPE thumbcli_last_run_timestamp_seconds gauge",
+        f"thumbcli_last_run_timestamp_seconds {now:.3f}",
+    ]
+    if last_success is not None:
+        lines += [
+            "# HELP thumbcli_last_success_timestamp_seconds When a run last finished with nothing failed.",
+            "# TYPE thumbcli_last_success_timestamp_seconds gauge",
+            f"{_LAST_SUCCESS} {last_success:.3f}",
+        ]
+    write_atomically(str(path), ("\n".join(lines) + "\n").encode())
