@@ -1,0 +1,234 @@
+"""Cron safety: the run lock, budgets that converge, silence, metrics, dry runs, prune, the documented jobs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_photo, output_files, run_cli
+
+from thumbcli.errors import ExitCode
+from thumbcli.metrics import write_run_metrics
+from thumbcli.writers import RunLock
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def photos(folder: Path, count: int, *, start: int = 0) -> list[Path]:
+    return [make_photo(folder / f"p{index:03d}.jpg", 320, 240, seed=index) for index in range(start, start + count)]
+
+
+def test_second_run_on_a_locked_cache_names_the_holder_and_exits_locked(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 2)
+    cache = tmp_path / "cache"
+    lock = RunLock(cache / ".thumbcli" / "lock", wait=False)
+    try:
+        run = run_cli("generate", tmp_path / "src", "--cache", cache)
+    finally:
+        lock.release()
+    assert run.rc == ExitCode.LOCKED
+    assert f"locked by another thumbcli run (pid {os.getpid()})" in run.stderr
+    assert run_cli("generate", tmp_path / "src", "--cache", cache).rc == 0
+
+
+def test_wait_queues_behind_the_lock_holder(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 2)
+    cache = tmp_path / "cache"
+    lock = RunLock(cache / ".thumbcli" / "lock", wait=False)
+    threading.Timer(1.0, lock.release).start()
+    started = time.monotonic()
+    run = run_cli("generate", tmp_path / "src", "--cache", cache, "--wait", "--json")
+    assert run.rc == 0 and run.summary["made"] == 2
+    assert time.monotonic() - started >= 0.9
+
+
+def test_two_concurrent_runs_on_one_cache_never_both_work(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 12)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--cache", str(cache), "-j", "1"]
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = sorted(proc.wait(timeout=120) for proc in procs)
+    for proc in procs:
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert codes in ([0, 0], [0, ExitCode.LOCKED])
+    waited = [subprocess.Popen([*argv, "--wait", "--json"], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in waited:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        assert '"made": 0' in out
+    assert len(output_files(cache / "v1")) == 12
+
+
+def test_budgeted_runs_converge_and_make_missing_before_stale(tmp_path: Path) -> None:
+    sources = photos(tmp_path / "src", 6)
+    out = tmp_path / "out"
+    for _ in range(2):
+        run = run_cli("generate", tmp_path / "src", "-o", out, "--max-files", "2", "--json", "-j", "1")
+        assert run.rc == ExitCode.CUT_SHORT, run.stderr
+        assert run.summary["stopped"] == "max-files" and run.summary["made"] == 2
+    last = run_cli("generate", tmp_path / "src", "-o", out, "--max-files", "2", "--json", "-j", "1")
+    assert last.rc == 0 and last.summary["made"] == 2 and last.summary["stopped"] is None
+    final = run_cli("generate", tmp_path / "src", "-o", out, "--max-files", "2", "--json")
+    assert final.rc == 0 and final.summary["skipped"] == 6
+
+    # Two stale sources and two missing ones: a budget of two makes the missing ones.
+    for source in sources[:2]:
+        os.utime(source, ns=(1, 1))
+    photos(tmp_path / "src", 2, start=50)
+    run = run_cli("generate", tmp_path / "src", "-o", out, "--max-files", "2", "--json", "-j", "1")
+    assert run.summary["made"] == 2
+    assert (out / "256" / "p050.jpg.jpg").exists() and (out / "256" / "p051.jpg.jpg").exists()
+    rest = run_cli("generate", tmp_path / "src", "-o", out, "--json")
+    assert rest.rc == 0 and rest.summary["made"] == 2
+
+
+def test_max_time_ends_the_run_gracefully_and_the_next_run_finishes(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 16)
+    out = tmp_path / "out"
+    run = run_cli(
+        "generate", tmp_path / "src", "-o", out, "--max-time", "0.01", "-j", "1", "--format", "avif", "--json"
+    )
+    assert run.rc == ExitCode.CUT_SHORT, run.stderr
+    assert run.summary["stopped"] == "max-time" and run.summary["made"] < 16
+    assert not [p for p in out.rglob("*") if p.name.startswith(".thumbcli-tmp-")]
+    rest = run_cli("generate", tmp_path / "src", "-o", out, "--format", "avif", "--json")
+    assert rest.rc == 0 and rest.summary["made"] + run.summary["made"] == 16
+
+
+def test_success_off_a_terminal_prints_nothing_and_failure_prints_lines(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 2)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out")
+    assert (run.rc, run.stdout, run.stderr) == (0, "", "")
+    (tmp_path / "src" / "bad.jpg").write_text("not a jpeg")
+    failed = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out")
+    assert failed.rc == ExitCode.SOME_FAILED
+    assert failed.stdout == ""
+    assert failed.failure_lines == [
+        f"failed: {tmp_path / 'src' / 'bad.jpg'}: content is not an image (starts with text 'not a jpeg')"
+    ]
+
+
+def test_metrics_file_is_a_prometheus_textfile_that_keeps_the_last_success(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 2)
+    metrics = tmp_path / "thumbcli.prom"
+    assert run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--metrics-file", metrics).rc == 0
+    text = metrics.read_text()
+    assert 'thumbcli_last_run_files{outcome="made"} 2' in text
+    assert "# TYPE thumbcli_last_run_seconds gauge" in text
+    success = re.search(r"^thumbcli_last_success_timestamp_seconds (\S+)$", text, re.MULTILINE)
+    assert success and abs(float(success.group(1)) - time.time()) < 60
+    summary = {"made": 0, "skipped": 2, "failed": 1, "thumbnails": 0, "seconds": 0.1, "stopped": None, "exit_code": 1}
+    write_run_metrics(metrics, summary, succeeded=False, now=success and float(success.group(1)) + 100)
+    later = metrics.read_text()
+    assert f"thumbcli_last_success_timestamp_seconds {success.group(1)}" in later
+    assert "thumbcli_last_run_exit_code 1" in later
+    for line in later.splitlines():
+        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{outcome="[a-z]+"\})? -?[0-9.]+', line), line
+
+
+def test_dry_run_counts_and_estimates_without_writing(tmp_path: Path) -> None:
+    photos(tmp_path / "src", 3)
+    out = tmp_path / "out"
+    run = run_cli("generate", tmp_path / "src", "-o", out, "-s", "64", "-s", "128", "--dry-run", "--json")
+    assert run.rc == 0
+    assert run.summary["planned"] == 3 and run.summary["planned_thumbnails"] == {"64": 3, "128": 3}
+    assert run.summary["estimated_bytes"] > 0
+    assert output_files(out) == []
+    text = run_cli("generate", tmp_path / "src", "-o", out, "--dry-run")
+    assert text.stdout.startswith("would make 3 thumbnails of 3 files (about ")
+
+
+def test_prune_removes_gone_sources_removed_presets_and_changed_settings(tmp_path: Path) -> None:
+    sources = photos(tmp_path / "src" / "sub", 3)
+    cache = tmp_path / "cache"
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(f'cache = "{cache}"\n[presets.a]\nsize = "64"\n[presets.b]\nsize = "32"\n')
+    assert run_cli("--config", config, "generate", tmp_path / "src").rc == 0
+    assert len(output_files(cache / "v1")) == 6
+
+    sources[0].unlink()
+    config.write_text(f'cache = "{cache}"\n[presets.a]\nsize = "64"\nquality = 40\n')
+    listed = run_cli("--config", config, "prune", "--dry-run")
+    assert listed.rc == 0
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    reasons = sorted(row[2] for row in rows)
+    assert reasons == ["preset a settings changed"] * 3 + ["preset b is no longer configured"] * 3
+    assert all(int(row[1]) > 0 for row in rows)
+    assert len(output_files(cache / "v1")) == 6
+
+    config.write_text(f'cache = "{cache}"\n[presets.a]\nsize = "64"\n')
+    run = run_cli("--config", config, "prune", "--json")
+    assert run.rc == 0
+    assert sorted(item["reason"] for item in run.summary["removed"]) == ["preset b is no longer configured"] * 3 + [
+        "source is gone"
+    ]
+    assert not (cache / "v1" / "b").exists()
+    assert sorted(p.name for p in output_files(cache / "v1")) == ["p001.jpg.jpg", "p002.jpg.jpg"]
+    assert '"b"' not in (cache / "thumbcli-cache.json").read_text()
+    again = run_cli("--config", config, "generate", tmp_path / "src", "--json")
+    assert again.summary["made"] == 0 and again.summary["skipped"] == 2
+
+
+def _readme_block(marker: str) -> str:
+    text = README.read_text()
+    return text.split(f"<!-- {marker} -->\n```", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+
+
+def _warm_setup(tmp_path: Path) -> tuple[Path, Path]:
+    photos(tmp_path / "photos", 3)
+    cache = tmp_path / "cache"
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(f'cache = "{cache}"\nsources = ["{tmp_path / "photos"}"]\n[presets.small]\nsize = "64"\n')
+    return cache, config
+
+
+def test_the_documented_crontab_line_runs(tmp_path: Path) -> None:
+    cache, config = _warm_setup(tmp_path)
+    line = _readme_block("crontab").strip()
+    command = line.split(None, 5)[5]
+    bindir = Path(sys.executable).parent
+    (tmp_path / "home" / ".config" / "thumbcli").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "thumbcli" / "thumbcli.toml").write_text(config.read_text())
+    (tmp_path / "home" / ".local" / "state").mkdir(parents=True)
+    # cron runs the line with sh, from $HOME, with a minimal environment.
+    env = {"HOME": str(tmp_path / "home"), "PATH": f"{bindir}:/usr/bin:/bin", "SHELL": "/bin/sh"}
+    run = subprocess.run(["/bin/sh", "-c", command], env=env, cwd=env["HOME"], capture_output=True, text=True)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    assert len(output_files(cache / "v1")) == 3
+    assert "thumbcli_last_success_timestamp_seconds" in (tmp_path / "home/.local/state/thumbcli.prom").read_text()
+
+
+def test_the_documented_systemd_service_runs(tmp_path: Path) -> None:
+    cache, config = _warm_setup(tmp_path)
+    service = _readme_block("systemd-service")
+    settings = dict(re.findall(r"^(\w+)=(.*)$", service, re.MULTILINE))
+    timer = _readme_block("systemd-timer")
+    assert "OnCalendar=" in timer and "WantedBy=timers.target" in timer
+    assert settings["Type"] == "oneshot"
+    key, value = settings["Environment"].split("=", 1)
+    assert (key, value) == ("THUMBCLI_CONFIG", "/etc/thumbcli.toml")
+    argv = shlex.split(settings["ExecStart"])
+    assert argv[0] == "/usr/local/bin/thumbcli"
+    argv[0] = str(Path(sys.executable).parent / "thumbcli")
+    workdir = tmp_path / "var-lib-thumbcli"
+    workdir.mkdir()
+    assert settings["WorkingDirectory"] == "/var/lib/thumbcli"
+    env = {"THUMBCLI_CONFIG": str(config), "PATH": "/usr/bin:/bin", "STATE_DIRECTORY": str(workdir)}
+    run = subprocess.run(argv, env=env, cwd=workdir, capture_output=True, text=True)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    assert len(output_files(cache / "v1")) == 3
+    assert (workdir / "thumbcli.prom").is_file()
+
+
+@pytest.mark.parametrize("budget", ["--max-files", "--max-time"])
+def test_budget_flags_are_refused_when_malformed(tmp_path: Path, budget: str) -> None:
+    run = run_cli("generate", tmp_path, "-o", tmp_path / "out", budget, "soon")
+    assert run.rc == ExitCode.USAGE
