@@ -1,0 +1,74 @@
+"""The README, --help and the shell completions stay in step with the commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.shell_completion import ShellComplete
+
+from thumbcli.cli import main
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_has_help_and_a_readme_section(name: str) -> None:
+    command = main.commands[name]
+    assert command.help and command.help.strip()
+    assert f"`thumbcli {name}" in README
+    for param in command.params:
+        if param.param_type_name == "option":
+            assert getattr(param, "help", None), f"{name} {param.opts} has no help"
+
+
+def test_readme_quick_start_has_exactly_the_two_make_commands_and_ci_runs_the_test_one() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = quick_start.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["make demo", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
+
+
+def test_every_exit_code_is_documented() -> None:
+    from thumbcli.errors import ExitCode
+
+    for code in ExitCode:
+        assert f"| {code.value} | `{code.name}` |" in README
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shipped_completion_scripts_are_current(shell: str) -> None:
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from thumbcli.cli import main; main(prog_name='thumbcli')"],
+        env={**os.environ, "_THUMBCLI_COMPLETE": f"{shell}_source"},
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    assert fresh.strip(), "click printed no completion script"
+    shipped = (ROOT / "completions" / f"thumbcli.{shell}").read_text()
+    assert shipped == fresh, f"completions/thumbcli.{shell} is stale: run `make completions`"
+
+
+def _complete(args: list[str], incomplete: str) -> list[str]:
+    completion = ShellComplete(main, {}, "thumbcli", "_THUMBCLI_COMPLETE")
+    return [item.value for item in completion.get_completions(args, incomplete)]
+
+
+def test_completion_offers_commands_options_and_choices() -> None:
+    assert {"generate", "serve", "prune", "config"} <= set(_complete([], ""))
+    assert "--follow-symlinks" in _complete(["generate"], "--fol")
+    assert _complete(["generate", "--fit"], "") == ["inside", "cover", "smart"]
+    assert _complete(["generate", "--format"], "w") == ["webp"]
+    assert _complete(["generate", "--freedesktop"], "x") == ["x-large", "xx-large"]
+
+
+def test_help_does_not_load_libvips() -> None:
+    code = "import sys; from thumbcli.cli import main; assert 'pyvips' not in sys.modules, 'pyvips loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
