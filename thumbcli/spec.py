@@ -79,6 +79,8 @@ class ThumbSpec:
     name: str = ""
     #: Always write an alpha band (the freedesktop.org cache wants RGBA PNGs).
     rgba: bool = False
+    #: Computed once: planning compares it for every source on every run.
+    digest: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -93,6 +95,7 @@ class ThumbSpec:
             object.__setattr__(self, "name", self.box.label)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise SpecError(f"invalid name {self.name!r}: use letters, digits, '_', '-', '.'")
+        object.__setattr__(self, "digest", self._settings_digest())
 
     @property
     def effective_quality(self) -> int:
@@ -104,8 +107,7 @@ class ThumbSpec:
         """File name suffix of outputs, without the dot."""
         return SUFFIX_BY_FORMAT[self.format]
 
-    @property
-    def digest(self) -> str:
+    def _settings_digest(self) -> str:
         """A stable digest of every field that affects the output bytes."""
         fields = (
             OUTPUT_VERSION,

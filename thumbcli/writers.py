@@ -137,35 +137,45 @@ class StateStore:
             "CREATE TABLE IF NOT EXISTS thumbs"
             " (out BLOB PRIMARY KEY, source BLOB, mtime_ns INTEGER, size INTEGER, preset TEXT, digest TEXT)"
         )
-        self._rows: dict[bytes, Origin] = {row[0]: Origin(*row[1:]) for row in self._db.execute("SELECT * FROM thumbs")}
+        # Only what planning compares is kept in memory, as plain tuples keyed by str:
+        # this load is most of the cost of a no-change run.
+        self._rows: dict[str, tuple[int, int, str]] = {
+            os.fsdecode(out): (mtime_ns, size, digest)
+            for out, mtime_ns, size, digest in self._db.execute("SELECT out, mtime_ns, size, digest FROM thumbs")
+        }
         self._lock = threading.Lock()
         self._pending: list[tuple[bytes, bytes, int, int, str, str]] = []
         self._last_flush = time.monotonic()
 
-    def get(self, out: bytes) -> Origin | None:
-        """The recorded origin of the output at relative path `out`."""
+    def get(self, out: str) -> tuple[int, int, str] | None:
+        """(source mtime_ns, source size, settings digest) of the output at relative path `out`."""
         return self._rows.get(out)
 
-    def items(self) -> list[tuple[bytes, Origin]]:
-        """Every recorded output and its origin."""
-        return list(self._rows.items())
+    def origins(self) -> list[tuple[str, Origin]]:
+        """Every recorded output with everything known of its origin."""
+        with self._lock:
+            self._flush_locked()
+            rows = self._db.execute("SELECT out, source, mtime_ns, size, preset, digest FROM thumbs").fetchall()
+        return [(os.fsdecode(row[0]), Origin(*row[1:])) for row in rows]
 
-    def record(self, out: bytes, origin: Origin) -> None:
+    def record(self, out: str, origin: Origin) -> None:
         """Remember what the output at relative path `out` was made from."""
         with self._lock:
-            self._rows[out] = origin
-            self._pending.append((out, origin.source, origin.mtime_ns, origin.size, origin.preset, origin.digest))
+            self._rows[out] = (origin.mtime_ns, origin.size, origin.digest)
+            self._pending.append(
+                (os.fsencode(out), origin.source, origin.mtime_ns, origin.size, origin.preset, origin.digest)
+            )
             if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
                 self._flush_locked()
 
-    def forget(self, outs: Iterable[bytes]) -> None:
+    def forget(self, outs: Iterable[str]) -> None:
         """Drop the records of removed outputs."""
         with self._lock:
             self._flush_locked()
-            keys = [(out,) for out in outs]
-            for (out,) in keys:
+            outs = list(outs)
+            for out in outs:
                 self._rows.pop(out, None)
-            self._db.executemany("DELETE FROM thumbs WHERE out = ?", keys)
+            self._db.executemany("DELETE FROM thumbs WHERE out = ?", [(os.fsencode(out),) for out in outs])
 
     def _flush_locked(self) -> None:
         if self._pending:
@@ -187,6 +197,9 @@ class Plan:
 
     freshness: Freshness
     specs: tuple[ThumbSpec, ...]
+
+
+_FRESH = Plan("fresh", ())
 
 
 class Target(Protocol):
@@ -249,11 +262,20 @@ class OutputTree:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
         self._listings: dict[str, frozenset[str]] = {}
+        # The default layouts need no str.format per file: it shows in no-change runs.
+        self._fixed_prefix: str | None = None
+        if (
+            name_template.endswith("{size}/{relpath}.{ext}")
+            and "{" not in name_template[: -len("{size}/{relpath}.{ext}")]
+        ):
+            self._fixed_prefix = name_template[: -len("{size}/{relpath}.{ext}")]
         self._claims: dict[str, str] | None = {} if check_collisions or name_template != DEFAULT_NAME_TEMPLATE else None
         self._claims_lock = threading.Lock()
 
     def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
         """The output's path relative to the root, from the name template."""
+        if self._fixed_prefix is not None:
+            return f"{self._fixed_prefix}{spec.name}/{source.relpath}.{spec.suffix}"
         reldir, _, name = source.relpath.rpartition("/")
         stem, dot, suffix = name.rpartition(".")
         if not dot:
@@ -286,22 +308,23 @@ class OutputTree:
         """Decide from the walk's stat and the records alone which specs need making."""
         needed: list[ThumbSpec] = []
         freshness: Freshness = "fresh"
+        current = (source.mtime_ns, source.size)
         for spec in self.specs:
             relative = self.relative_output(source, spec)
-            self._claim(relative, source)
-            record = self._state.get(os.fsencode(relative))
+            if self._claims is not None:
+                self._claim(relative, source)
+            record = self._state.get(relative)
             if record is None or not self._exists(relative):
                 freshness = "missing"
-            elif force or (record.mtime_ns, record.size, record.digest) != (source.mtime_ns, source.size, spec.digest):
+            elif force or record[:2] != current or record[2] != spec.digest:
                 freshness = "stale" if freshness == "fresh" else freshness
             else:
                 continue
             needed.append(spec)
-        return Plan(freshness, tuple(needed))
+        return Plan(freshness, tuple(needed)) if needed else _FRESH
 
     def _claim(self, relative: str, source: SourceFile) -> None:
-        if self._claims is None:
-            return
+        assert self._claims is not None
         with self._claims_lock:
             owner = self._claims.setdefault(relative, source.path)
         if owner != source.path:
@@ -315,7 +338,7 @@ class OutputTree:
             origin = Origin(
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
-            self._state.record(os.fsencode(relative), origin)
+            self._state.record(relative, origin)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Failures are not remembered here: the next run tries the file again."""
@@ -323,10 +346,10 @@ class OutputTree:
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
         sizes = []
-        for out, origin in self._state.items():
+        for out, origin in self._state.origins():
             if origin.digest == spec.digest:
                 try:
-                    sizes.append(os.stat(self.root / os.fsdecode(out)).st_size)
+                    sizes.append(os.stat(self.root / out).st_size)
                 except OSError:
                     continue
                 if len(sizes) >= 100:
@@ -391,7 +414,7 @@ class CacheDirectory(OutputTree):
         if current is None:
             current = {name: str(entry.get("digest")) for name, entry in manifest.items() if isinstance(entry, dict)}
         removals: list[Removal] = []
-        for out, origin in self._state.items():
+        for out, origin in self._state.origins():
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
             elif origin.digest != current[origin.preset]:
@@ -400,7 +423,7 @@ class CacheDirectory(OutputTree):
                 reason = "source is gone"
             else:
                 continue
-            path = self.root / os.fsdecode(out)
+            path = self.root / out
             try:
                 size = path.stat().st_size
             except OSError:
@@ -411,7 +434,7 @@ class CacheDirectory(OutputTree):
         for removal in removals:
             with contextlib.suppress(FileNotFoundError):
                 removal.path.unlink()
-        self._state.forget(os.fsencode(removal.path.relative_to(self.root)) for removal in removals)
+        self._state.forget(str(removal.path.relative_to(self.root)) for removal in removals)
         for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
             while directory != self.root and directory.is_relative_to(self.root):
                 try:
