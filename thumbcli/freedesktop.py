@@ -1,0 +1,466 @@
+"""The freedesktop.org thumbnail cache that file managers read (the Thumbnail Managing Standard).
+
+Layout: ROOT/{normal,large,x-large,xx-large}/<md5 of the file URI>.png, each an
+8-bit RGBA PNG carrying `Thumb::URI` and `Thumb::MTime` in tEXt chunks; a
+thumbnail is valid while both equal the source's URI and current whole-second
+mtime. Files that cannot be thumbnailed get a marker in ROOT/fail/thumbcli-<version>/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import logging
+import os
+import shutil
+import stat
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote_to_bytes
+
+import thumbcli
+from thumbcli.discover import SourceFile, display_path
+from thumbcli.errors import CannotRunError, SpecError
+from thumbcli.resample import Thumbnail
+from thumbcli.spec import SizeBox, ThumbSpec
+from thumbcli.writers import Freshness, Plan, RunLock, is_temporary_name, write_atomically
+
+log = logging.getLogger(__name__)
+
+#: Folder name -> the square box its thumbnails must fit.
+FLAVOURS: dict[str, int] = {"normal": 128, "large": 256, "x-large": 512, "xx-large": 1024}
+FAIL_DIR = "fail"
+#: Prefix of thumbcli's folder under fail/; the version follows.
+FAIL_PREFIX = "thumbcli-"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_KINDS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+# Larger text chunks are skipped unread: no thumbnail needs them to be judged.
+_MAX_TEXT_CHUNK = 64 * 1024
+_NS = 1_000_000_000
+
+# What GLib's g_filename_to_uri leaves unescaped in a path (its UNSAFE_PATH
+# table): unreserved characters, '/', and the sub-delims it allows. Note that
+# GLib escapes ';', so this does too: the MD5 must match GNOME's and KDE's.
+_PATH_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/!$&'()*+,=:@")
+_ESCAPES = tuple(chr(b) if b in _PATH_SAFE else f"%{b:02X}" for b in range(256))
+
+_MIMETYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "tiff": "image/tiff",
+    "heif": "image/heif",
+    "svg": "image/svg+xml",
+    "svgz": "image/svg+xml-compressed",
+    "jxl": "image/jxl",
+}
+
+# Where desktops mount removable drives: a missing source below an absent
+# mount is an unplugged drive, not a deleted file, and its thumbnails stay.
+_REMOVABLE_ROOTS = ("/media/", "/run/media/", "/mnt/")
+
+
+def default_thumbnail_root() -> Path:
+    """$XDG_CACHE_HOME/thumbnails, or ~/.cache/thumbnails when it is unset, blank or relative."""
+    cache_home = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
+    return base / "thumbnails"
+
+
+def file_uri(path: str | bytes) -> str:
+    """The canonical file:// URI of `path`, made absolute first, escaped byte by byte like GLib."""
+    raw = os.fsencode(os.path.abspath(path))
+    return "file://" + "".join(_ESCAPES[b] for b in raw)
+
+
+def uri_to_path(uri: str) -> bytes | None:
+    """The local path of a file:// URI (as bytes), or None for any other or a malformed URI."""
+    if not uri.startswith("file://") or "#" in uri:
+        return None
+    host, slash, rest = uri[len("file://") :].partition("/")
+    if not slash or host not in ("", "localhost"):
+        return None
+    path = unquote_to_bytes("/" + rest)
+    return None if b"\0" in path else path
+
+
+def thumbnail_name(uri: str) -> str:
+    """The file name of a URI's thumbnail: lowercase hex MD5 of the URI, plus .png."""
+    return hashlib.md5(uri.encode("utf-8"), usedforsecurity=False).hexdigest() + ".png"
+
+
+def mimetype_for(thumbnail: Thumbnail, path: str) -> str:
+    """The MIME type of the source a thumbnail was made from."""
+    if thumbnail.source_format == "heif" and path.lower().endswith(".avif"):
+        return "image/avif"
+    return _MIMETYPES.get(thumbnail.source_format, "application/octet-stream")
+
+
+# -- PNG text chunks -------------------------------------------------------
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _text_chunk(key: str, value: str) -> bytes:
+    keyword = key.encode("latin-1")
+    if not 1 <= len(keyword) <= 79 or b"\0" in keyword:
+        raise ValueError(f"invalid PNG text keyword {key!r}")
+    try:
+        return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        # Uncompressed iTXt, no language tag: the only way to store non-Latin-1 text.
+        return _chunk(b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8"))
+
+
+def add_png_text(png: bytes, text: dict[str, str]) -> bytes:
+    """`png` with a text chunk per entry inserted right after IHDR, where readers find them first."""
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG starting with IHDR")
+    (length,) = struct.unpack(">I", png[8:12])
+    end = 8 + 12 + length
+    return png[:end] + b"".join(_text_chunk(k, v) for k, v in text.items()) + png[end:]
+
+
+def read_png_text(source: str | bytes | os.PathLike[str]) -> dict[str, str]:
+    """The text entries of a PNG (file path or the bytes themselves) stored before its image data.
+
+    Only the chunks before IDAT are read, so judging a thumbnail costs one open
+    and one small read. Anything that is not a PNG yields an empty dict; the
+    first value of a repeated keyword wins.
+    """
+    if isinstance(source, bytes):
+        return _read_text_chunks(io.BytesIO(source))
+    with open(source, "rb") as stream:
+        return _read_text_chunks(stream)
+
+
+def _read_text_chunks(stream: BinaryIO) -> dict[str, str]:
+    if stream.read(8) != PNG_SIGNATURE:
+        return {}
+    text: dict[str, str] = {}
+    while len(header := stream.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", header)
+        if kind in (b"IDAT", b"IEND") or length > 0x7FFFFFFF:
+            break
+        if kind not in _TEXT_KINDS or length > _MAX_TEXT_CHUNK:
+            stream.seek(length + 4, io.SEEK_CUR)
+            continue
+        body = stream.read(length)
+        crc = stream.read(4)
+        if len(body) < length or len(crc) < 4:
+            break
+        if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body):
+            continue
+        entry = _decode_text(kind, body)
+        if entry is not None:
+            text.setdefault(*entry)
+    return text
+
+
+def _decode_text(kind: bytes, body: bytes) -> tuple[str, str] | None:
+    keyword, sep, rest = body.partition(b"\0")
+    if not sep or not keyword:
+        return None
+    try:
+        if kind == b"tEXt":
+            return keyword.decode("latin-1"), rest.decode("latin-1")
+        if kind == b"zTXt":
+            return keyword.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
+        compressed, _method = rest[:2]
+        _language, _, rest = rest[2:].partition(b"\0")
+        _translated, _, value = rest.partition(b"\0")
+        return keyword.decode("latin-1"), (_inflate(value) if compressed else value).decode("utf-8")
+    except (ValueError, zlib.error):
+        return None
+
+
+def _inflate(data: bytes) -> bytes:
+    return zlib.decompressobj().decompress(data, _MAX_TEXT_CHUNK)
+
+
+def _blank_png(text: dict[str, str]) -> bytes:
+    """A 1x1 transparent RGBA PNG carrying `text`: the body of a fail marker."""
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 5)
+    png = PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return add_png_text(png, text)
+
+
+def _parse_mtime(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _judge(path: Path, uri: str, mtime: int) -> Freshness:
+    """Whether the thumbnail or marker at `path` is valid for a source at `uri` with `mtime` seconds."""
+    try:
+        text = read_png_text(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "stale"
+    if text.get("Thumb::URI") == uri and _parse_mtime(text.get("Thumb::MTime")) == mtime:
+        return "fresh"
+    return "stale"
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) and make it owner-only, as the standard asks."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    try:
+        if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
+            path.chmod(DIR_MODE)
+    except PermissionError:
+        log.warning("%s: cannot make the folder private (not its owner)", display_path(path))
+
+
+def lock_path(root: Path) -> Path:
+    """The run lock of a thumbnail root: beside it, in $XDG_CACHE_HOME/thumbcli/."""
+    return root.parent / "thumbcli" / "freedesktop.lock"
+
+
+# -- the cache as a pipeline target ---------------------------------------
+
+
+class FreedesktopCache:
+    """The freedesktop.org thumbnail cache as a pipeline target, one spec per flavour folder."""
+
+    def __init__(
+        self,
+        root: Path,
+        flavours: tuple[str, ...],
+        *,
+        wait_for_lock: bool = False,
+        version: str | None = None,
+    ) -> None:
+        unknown = [flavour for flavour in flavours if flavour not in FLAVOURS]
+        if unknown or not flavours:
+            raise SpecError(
+                f"unknown thumbnail size {', '.join(unknown) or '(none)'}: choose from {', '.join(FLAVOURS)}"
+            )
+        self.root = root
+        self.flavours = tuple(dict.fromkeys(flavours))
+        self.specs = tuple(
+            ThumbSpec(SizeBox(FLAVOURS[f], FLAVOURS[f]), fit="inside", format="png", rgba=True, name=f)
+            for f in self.flavours
+        )
+        self.version = version if version is not None else thumbcli.__version__
+        self.fail_dir = root / FAIL_DIR / f"{FAIL_PREFIX}{self.version}"
+        self._software = f"thumbcli {self.version}"
+        self._root_prefix = os.path.join(os.path.abspath(root), "")
+        try:
+            _private_dir(root)
+            for flavour in self.flavours:
+                _private_dir(root / flavour)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            self._lock = RunLock(lock_path(root), wait=wait_for_lock)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
+        try:
+            failed = {name for name in os.listdir(self.fail_dir) if name.endswith(".png")}
+        except OSError:
+            failed = set()
+        self._failed = failed
+        self._failed_lock = threading.Lock()
+        self._closed = False
+
+    def _contains(self, path: str) -> bool:
+        return path.startswith(self._root_prefix)
+
+    def plan(self, source: SourceFile, force: bool) -> Plan:
+        """Judge each flavour's thumbnail by its Thumb::URI and Thumb::MTime; honour fail markers."""
+        path = os.path.abspath(source.path)
+        if self._contains(path):
+            # Never a thumbnail of a thumbnail, even when named on the command line.
+            return Plan("fresh", ())
+        uri = file_uri(path)
+        name = thumbnail_name(uri)
+        mtime = source.mtime_ns // _NS
+        freshness: Freshness = "fresh"
+        needed: list[ThumbSpec] = []
+        for spec in self.specs:
+            state = _judge(self.root / spec.name / name, uri, mtime)
+            if state == "fresh" and not force:
+                continue
+            needed.append(spec)
+            if state == "missing":
+                freshness = "missing"
+            elif freshness == "fresh":
+                freshness = "stale"
+        if needed and not force and name in self._failed and _judge(self.fail_dir / name, uri, mtime) == "fresh":
+            return Plan("fresh", ())
+        return Plan(freshness, tuple(needed))
+
+    def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+        """Write each thumbnail with its Thumb:: text atomically (0600), then drop any fail marker."""
+        path = os.path.abspath(source.path)
+        uri = file_uri(path)
+        name = thumbnail_name(uri)
+        for spec, thumbnail in made:
+            text = {
+                "Thumb::URI": uri,
+                "Thumb::MTime": str(source.mtime_ns // _NS),
+                "Thumb::Size": str(source.size),
+                "Thumb::Mimetype": mimetype_for(thumbnail, path),
+                "Thumb::Image::Width": str(thumbnail.source_width),
+                "Thumb::Image::Height": str(thumbnail.source_height),
+                "Software": self._software,
+            }
+            data = add_png_text(thumbnail.data, text)
+            write_atomically(str(self.root / spec.name / name), data, mode=FILE_MODE, dir_mode=DIR_MODE)
+        with self._failed_lock:
+            had_marker = name in self._failed
+            self._failed.discard(name)
+        if had_marker:
+            with contextlib.suppress(FileNotFoundError):
+                (self.fail_dir / name).unlink()
+
+    def record_failure(self, source: SourceFile, reason: str) -> None:
+        """Leave a fail marker so that neither thumbcli nor file managers retry an unchanged file."""
+        uri = file_uri(source.path)
+        name = thumbnail_name(uri)
+        marker = _blank_png(
+            {"Thumb::URI": uri, "Thumb::MTime": str(source.mtime_ns // _NS), "Software": self._software}
+        )
+        try:
+            _private_dir(self.fail_dir.parent)
+            _private_dir(self.fail_dir)
+            write_atomically(str(self.fail_dir / name), marker, mode=FILE_MODE, dir_mode=DIR_MODE)
+        except OSError as exc:
+            # Losing a marker only means the file is tried again next run.
+            log.warning("%s: cannot record the failure: %s", display_path(source.path), exc.strerror or exc)
+            return
+        with self._failed_lock:
+            self._failed.add(name)
+
+    def close(self) -> None:
+        """Release the run lock."""
+        if not self._closed:
+            self._closed = True
+            self._lock.release()
+
+
+# -- pruning ---------------------------------------------------------------
+
+
+def prune_freedesktop(
+    root: Path, *, dry_run: bool, wait_for_lock: bool = False, version: str | None = None
+) -> list[tuple[Path, int]]:
+    """Remove (or, with `dry_run`, only list) what no longer serves: returns (path, bytes), sorted.
+
+    That is: thumbnails and thumbcli fail markers whose Thumb::URI names a local
+    file that no longer exists or whose mtime no longer equals Thumb::MTime;
+    fail/thumbcli-* folders of other thumbcli versions; leftover temporary files.
+    Other tools' entries without a local file:// URI, and their fail folders,
+    are left alone.
+    """
+    current = f"{FAIL_PREFIX}{version if version is not None else thumbcli.__version__}"
+    if not root.is_dir():
+        return []
+    try:
+        lock = RunLock(lock_path(root), wait=wait_for_lock)
+    except OSError as exc:
+        raise CannotRunError(f"{display_path(root)}: cannot lock the thumbnail folder: {exc.strerror or exc}") from exc
+    try:
+        found: list[tuple[Path, int]] = []
+        folders = [root / flavour for flavour in FLAVOURS]
+        fail_root = root / FAIL_DIR
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(fail_root):
+                if not entry.name.startswith(FAIL_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                    continue
+                if entry.name == current:
+                    folders.append(Path(entry.path))
+                else:
+                    found.append((Path(entry.path), _tree_size(entry.path)))
+        for folder in folders:
+            found.extend(_prunable_in(folder))
+        found.sort()
+        if not dry_run:
+            for path, _size in found:
+                _remove(path)
+        return found
+    finally:
+        lock.release()
+
+
+def _prunable_in(folder: Path) -> list[tuple[Path, int]]:
+    found: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            size = entry.stat(follow_symlinks=False).st_size
+            if is_temporary_name(entry.name) or (entry.name.endswith(".png") and _orphaned(entry.path)):
+                found.append((Path(entry.path), size))
+        except OSError:
+            continue
+    return found
+
+
+def _orphaned(thumbnail: str) -> bool:
+    """True if the thumbnail's source is a local file that is gone or has changed since."""
+    text = read_png_text(thumbnail)
+    source = uri_to_path(text.get("Thumb::URI", ""))
+    mtime = _parse_mtime(text.get("Thumb::MTime"))
+    if source is None or mtime is None:
+        return False
+    try:
+        st = os.stat(source)
+    except (FileNotFoundError, NotADirectoryError):
+        return not _on_absent_removable_drive(os.fsdecode(source))
+    except OSError:
+        return False  # unreadable is not gone
+    return st.st_mtime_ns // _NS != mtime
+
+
+def _on_absent_removable_drive(path: str) -> bool:
+    for prefix in _REMOVABLE_ROOTS:
+        if path.startswith(prefix):
+            ancestor = os.path.dirname(path)
+            while len(ancestor) >= len(prefix):
+                if os.path.ismount(ancestor):
+                    return False
+                ancestor = os.path.dirname(ancestor)
+            return True
+    return False
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: cannot remove: %s", display_path(path), exc.strerror or exc)
