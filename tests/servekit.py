@@ -1,0 +1,249 @@
+"""Test kit for `thumbcli serve`: caches on disk, a real server process, raw HTTP clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+READY_LINE = re.compile(r"serving .* on http://(?P<host>[^/]+):(?P<port>\d+)/")
+START_SECONDS = 20.0
+STOP_SECONDS = 20.0
+
+#: ServeOptions fields that `thumbcli serve` has a flag for, and the flag.
+CLI_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "workers": "--workers",
+    "admin_port": "--admin-port",
+    "access_log": "--access-log",
+    "cache_control": "--cache-control",
+    "max_connections": "--max-connections",
+    "header_timeout": "--header-timeout",
+    "idle_timeout": "--idle-timeout",
+    "send_timeout": "--send-timeout",
+    "grace_period": "--grace-period",
+}
+
+
+def cli_has_serve() -> bool:
+    """Whether `python -m thumbcli serve` exists yet."""
+    try:
+        from thumbcli import cli
+    except ImportError:
+        return False
+    return hasattr(cli, "serve")
+
+
+def write_manifest(cache_root: Path, presets: dict[str, str]) -> None:
+    """Write the cache manifest atomically, as `thumbcli generate --cache` does."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    manifest = {"layout": 1, "presets": {name: {"format": fmt} for name, fmt in presets.items()}}
+    temporary = cache_root / "thumbcli-cache.json.tmp"
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, cache_root / "thumbcli-cache.json")
+
+
+def put_thumb(cache_root: Path, preset: str, cache_relpath: str, data: bytes) -> Path:
+    """Write one thumbnail file under `v1/<preset>/`, given its on-disk relative path."""
+    path = cache_root / "v1" / preset / cache_relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@dataclass
+class ServerProcess:
+    """A running `thumbcli serve` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    stderr_lines: list[str] = field(default_factory=list)
+
+    def connect(self, timeout: float = 5.0, rcvbuf: int | None = None) -> socket.socket:
+        """A raw client socket to the server."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the server and wait for its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@contextlib.contextmanager
+def running_server(cache_root: Path, env: dict[str, str] | None = None, **options: Any) -> Iterator[ServerProcess]:
+    """Run a server on 127.0.0.1 (port 0 unless given) until the block ends.
+
+    Uses `python -m thumbcli serve` when every option has a flag, else the library directly.
+    """
+    options.setdefault("host", "127.0.0.1")
+    options.setdefault("port", 0)
+    use_sendfile = options.pop("use_sendfile", True)
+    if cli_has_serve() and set(options) <= set(CLI_FLAGS):
+        command = [sys.executable, "-m", "thumbcli", "serve", str(cache_root)]
+        for name, value in options.items():
+            if value is not None:
+                command += [CLI_FLAGS[name], str(value)]
+        if not use_sendfile:
+            command.append("--no-sendfile")
+    else:
+        library_options = dict(options, cache_root=str(cache_root), use_sendfile=use_sendfile)
+        script = (
+            "import json, sys\n"
+            "from pathlib import Path\n"
+            "from thumbcli.serve import ServeOptions, serve\n"
+            "o = json.loads(sys.argv[1]); o['cache_root'] = Path(o['cache_root'])\n"
+            "def ready(host, port):\n"
+            "    print(f'serving {o[\"cache_root\"]} on http://{host}:{port}/', file=sys.stderr, flush=True)\n"
+            "sys.exit(serve(ServeOptions(**o), ready=ready))\n"
+        )
+        command = [sys.executable, "-c", script, json.dumps(library_options)]
+    child_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    child_env.pop("THUMBCLI_NO_SENDFILE", None)
+    child_env.update(env or {})
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env, cwd=REPO_ROOT)
+    assert process.stderr is not None
+    lines: list[str] = []
+    found = threading.Event()
+    address: dict[str, str] = {}
+
+    def drain(stream: BinaryIO) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace")
+            lines.append(line)
+            match = READY_LINE.search(line)
+            if match and not found.is_set():
+                address.update(match.groupdict())
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=drain, args=(process.stderr,), daemon=True)
+    reader.start()
+    try:
+        if not found.wait(START_SECONDS) or not address:
+            raise RuntimeError("server did not start:\n" + "".join(lines))
+        server = ServerProcess(process, address["host"], int(address["port"]), lines)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(5)
+        process.stderr.close()
+
+
+@dataclass
+class RawResponse:
+    """One HTTP response as read off the wire."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    head: bytes
+
+
+def read_response(reader: BinaryIO, method: str = "GET") -> RawResponse:
+    """Read one response from a buffered socket file; EOFError if the server closed first."""
+    status_line = reader.readline(65536)
+    if not status_line:
+        raise EOFError("connection closed before a response")
+    head = [status_line]
+    headers: dict[str, str] = {}
+    while True:
+        line = reader.readline(65536)
+        if not line:
+            raise EOFError("connection closed inside a response head")
+        head.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    status = int(status_line.split()[1])
+    length = 0 if method == "HEAD" or status == 304 else int(headers.get("content-length", "0"))
+    body = reader.read(length) if length else b""
+    return RawResponse(status, headers, body, b"".join(head))
+
+
+def exchange(server: ServerProcess, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, half-close, and return everything the server sends until it closes."""
+    with server.connect(timeout) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def get(server: ServerProcess, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> RawResponse:
+    """One request on a fresh connection."""
+    with server.connect() as sock, sock.makefile("rb") as reader:
+        lines = [f"{method} {path} HTTP/1.1", "Host: test", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return read_response(reader, method)
+
+
+def metrics(server: ServerProcess, port: int | None = None) -> dict[str, float]:
+    """The server's Prometheus metrics as {series: value}."""
+    with socket.create_connection((server.host, port or server.port), timeout=5) as sock, sock.makefile("rb") as rd:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        response = read_response(rd)
+    assert response.status == 200, response
+    values = {}
+    for line in response.body.decode().splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            values[series] = float(value)
+    return values
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes; return its last truth."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
