@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -95,9 +94,8 @@ def main() -> int:
         if label.startswith("thumbcli"):
             summary = json.loads(output)
             assert summary["made"] == 0, summary
-            print(
-                f"  thumbcli rerun: skipped {summary['skipped']}, made {summary['made']}, read {summary['bytes_read']} B"
-            )
+            skipped, made, read = summary["skipped"], summary["made"], summary["bytes_read"]
+            print(f"  thumbcli rerun: skipped {skipped}, made {made}, read {read} B")
     reference = results[0][1]
     print(f"\nmedian of {args.repeat} runs; ratio = time / find's time (lower is better)")
     print(f"{'':32} {'seconds':>8} {'ratio':>7}")
