@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyvips
 import pytest
+import pyvips
 
 #: The shared real-world corpus beside the checkout; absent in a fresh clone.
 CORPUS = Path(__file__).parents[1].parent / "shared" / "corpus"
@@ -51,7 +51,8 @@ def draw_photo(width: int = 600, height: int = 400, *, seed: int = 0) -> pyvips.
 def save(image: pyvips.Image, path: Path, **options: Any) -> Path:
     """Write `image` to `path` (format from the suffix) and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.write_to_file(str(path), **options)
+    # Through a buffer: libvips would read `[...]` in a file name as save options.
+    path.write_bytes(image.write_to_buffer(path.suffix.split("[")[0], **options))
     return path
 
 
@@ -103,6 +104,7 @@ def make_png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Pa
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 4096)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
@@ -111,7 +113,9 @@ def make_png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Pa
 
 def load(path: Path | str) -> pyvips.Image:
     """Open an output with libvips and decode every pixel (raises on a partial file)."""
-    image = pyvips.Image.new_from_file(str(path), fail_on="truncated")
+    # Through a buffer: a file name may hold `[...]` or bytes that are not UTF-8.
+    with open(path, "rb") as file:
+        image = pyvips.Image.new_from_buffer(file.read(), "", fail_on="truncated")
     image.avg()
     return image
 
@@ -128,9 +132,7 @@ def mean_abs_difference(a: pyvips.Image, b: pyvips.Image) -> float:
 def output_files(root: Path) -> list[Path]:
     """Every thumbnail under an output tree (thumbcli's private folder excluded), sorted."""
     return sorted(
-        path
-        for path in root.rglob("*")
-        if path.is_file() and ".thumbcli" not in path.relative_to(root).parts[:1]
+        path for path in root.rglob("*") if path.is_file() and ".thumbcli" not in path.relative_to(root).parts[:1]
     )
 
 
@@ -165,6 +167,10 @@ def cli_command(*args: str | os.PathLike[str] | bytes, as_nobody: bool = False) 
 def run_cli(*args: str | os.PathLike[str] | bytes, timeout: float = 60, as_nobody: bool = False) -> CliRun:
     """Run `thumbcli ARGS` as a real subprocess and return its exit code and output."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8"}
+    if as_nobody:
+        # What a login as nobody would have: no root home to look for configuration in.
+        env = {key: value for key, value in env.items() if not key.startswith("XDG_")}
+        env["HOME"] = "/nonexistent"
     proc = subprocess.run(
         cli_command(*args, as_nobody=as_nobody),
         capture_output=True,

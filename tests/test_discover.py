@@ -18,7 +18,9 @@ def touch(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
-def walk(root: Path, options: WalkOptions | None = None, excluded: tuple[str, ...] = ()) -> list[SourceFile | WalkProblem]:
+def walk(
+    root: Path, options: WalkOptions | None = None, excluded: tuple[str, ...] = ()
+) -> list[SourceFile | WalkProblem]:
     return list(walk_sources([str(root)], options or WalkOptions(), IS_IMAGE, excluded))
 
 
@@ -97,3 +99,11 @@ def test_walk_yields_undecodable_names_and_display_path_escapes_them(tmp_path: P
     assert isinstance(item, SourceFile) and os.fsencode(item.relpath) == b"caf\xe9.jpg"
     assert display_path(item.path).endswith("caf\\xe9.jpg")
     assert display_path("a\nb.jpg") == "a\\nb.jpg"
+
+
+def test_walk_follows_a_symlink_named_on_the_command_line_to_a_loadable_path(tmp_path: Path) -> None:
+    real = touch(tmp_path / "real" / "photo.jpg")
+    (tmp_path / "link.jpg").symlink_to(real)
+    (item,) = walk_sources([str(tmp_path / "link.jpg")], WalkOptions(), IS_IMAGE)
+    assert isinstance(item, SourceFile)
+    assert item.relpath == "link.jpg" and not os.path.islink(item.path) and os.path.samefile(item.path, real)

@@ -10,7 +10,12 @@ from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec
 
 @pytest.mark.parametrize(
     ("text", "width", "height", "label"),
-    [("256", 256, 256, "256"), ("320x240", 320, 240, "320x240"), ("200x", 200, None, "200x"), ("x200", None, 200, "x200")],
+    [
+        ("256", 256, 256, "256"),
+        ("320x240", 320, 240, "320x240"),
+        ("200x", 200, None, "200x"),
+        ("x200", None, 200, "x200"),
+    ],
 )
 def test_size_box_parses_every_documented_form(text: str, width: int | None, height: int | None, label: str) -> None:
     box = SizeBox.parse(text)

@@ -71,6 +71,7 @@ def _walk_one(
     except OSError as exc:
         yield WalkProblem(source, f"cannot read: {exc.strerror or exc}")
         return
+    path = source
     if stat.S_ISLNK(st.st_mode):
         # A symlink named on the command line is followed: the user asked for it.
         try:
@@ -78,9 +79,12 @@ def _walk_one(
         except OSError as exc:
             yield WalkProblem(source, f"broken symlink: {exc.strerror or exc}")
             return
+        # The job names the target, since the loader refuses a final symlink without -L;
+        # the output is still named after the link.
+        path = os.path.realpath(source)
     if stat.S_ISREG(st.st_mode):
         root = os.path.dirname(source) or "."
-        yield SourceFile(source, root, os.path.basename(source), st.st_size, st.st_mtime_ns)
+        yield SourceFile(path, root, os.path.basename(source), st.st_size, st.st_mtime_ns)
         return
     if not stat.S_ISDIR(st.st_mode):
         yield WalkProblem(source, "not a regular file or directory")

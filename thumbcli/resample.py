@@ -17,6 +17,8 @@ import pyvips
 log = logging.getLogger(__name__)
 
 #: Suffixes of the formats the pyvips-binary wheel decodes (and that we trust).
+#: Not SVG: libvips marks svgload untrusted, and `configure_libvips` blocks untrusted
+#: loaders, so every SVG would fail on every run ("buffer is not in a known format").
 IMAGE_SUFFIXES = frozenset(
     {
         ".jpg",
@@ -31,8 +33,6 @@ IMAGE_SUFFIXES = frozenset(
         ".avif",
         ".heic",
         ".heif",
-        ".svg",
-        ".svgz",
         ".jxl",
     }
 )
