@@ -1,0 +1,180 @@
+"""The threaded pipeline, driven directly with a real output tree."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import load, make_photo, output_files
+
+from thumbcli.discover import SourceFile
+from thumbcli.pipeline import FileResult, Pipeline
+from thumbcli.resample import Thumbnail
+from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.writers import OutputTree, Plan
+
+SPECS = (ThumbSpec(SizeBox.parse("64")),)
+
+
+class WrappedTarget:
+    """An OutputTree with hooks around plan() and write(), for timing-sensitive tests."""
+
+    def __init__(self, inner: OutputTree) -> None:
+        self.inner = inner
+        self.specs = inner.specs
+
+    def plan(self, source: SourceFile, force: bool) -> Plan:
+        return self.inner.plan(source, force)
+
+    def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+        self.inner.write(source, made)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def make_sources(folder: Path, count: int) -> list[Path]:
+    return [make_photo(folder / f"img{i:03d}.jpg", 120, 80, seed=i, Q=70) for i in range(count)]
+
+
+def run_pipeline(src: Path, target: WrappedTarget | OutputTree, run: RunOptions) -> tuple[Pipeline, list[FileResult]]:
+    results: list[FileResult] = []
+    pipeline = Pipeline([str(src)], target, run, WalkOptions(), on_result=results.append)
+    try:
+        pipeline.run()
+    finally:
+        target.close()
+    return pipeline, results
+
+
+def test_pipeline_memory_is_bounded_by_queues_when_the_writer_is_slow(tmp_path: Path) -> None:
+    make_sources(tmp_path / "src", 40)
+    run = RunOptions(loaders=2, workers=2, writers=1, queue_depth=2)
+    # Read but not yet written: held by a loader, queued for or held by a worker, queued for or held by a writer.
+    bound = run.loaders + run.queue_depth + run.workers + run.queue_depth + run.writers
+    in_flight: list[int] = []
+
+    class SlowTarget(WrappedTarget):
+        def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            time.sleep(0.02)
+            in_flight.append(pipeline.loaded - pipeline.written)
+            super().write(source, made)
+
+    results: list[FileResult] = []
+    target = SlowTarget(OutputTree(tmp_path / "out", SPECS))
+    pipeline = Pipeline([str(tmp_path / "src")], target, run, WalkOptions(), on_result=results.append)
+    try:
+        stats = pipeline.run()
+    finally:
+        target.close()
+    assert stats.made == 40 and pipeline.written == 40
+    assert len(in_flight) == 40
+    assert max(in_flight) <= bound, in_flight
+    # The slow writer did hold work back: the queues filled up.
+    assert max(in_flight) >= run.queue_depth
+
+
+def test_pipeline_reports_a_source_deleted_between_walk_and_load(tmp_path: Path) -> None:
+    sources = make_sources(tmp_path / "src", 3)
+    doomed = sources[1]
+
+    class DeletingTarget(WrappedTarget):
+        def plan(self, source: SourceFile, force: bool) -> Plan:
+            if source.path == str(doomed):
+                doomed.unlink()
+            return super().plan(source, force)
+
+    _, results = run_pipeline(tmp_path / "src", DeletingTarget(OutputTree(tmp_path / "out", SPECS)), RunOptions())
+    by_path = {result.path: result for result in results}
+    assert by_path[str(doomed)].status == "failed"
+    assert "no such file" in by_path[str(doomed)].describe().lower()
+    assert "\n" not in by_path[str(doomed)].describe()
+    assert sorted(r.status for r in results) == ["failed", "made", "made"]
+
+
+def test_pipeline_records_what_was_read_when_a_source_changes_after_the_walk(tmp_path: Path) -> None:
+    (source,) = make_sources(tmp_path / "src", 1)
+
+    class RewritingTarget(WrappedTarget):
+        def plan(self, src: SourceFile, force: bool) -> Plan:
+            make_photo(source, 100, 50, Q=70)
+            return super().plan(src, force)
+
+    run_pipeline(tmp_path / "src", RewritingTarget(OutputTree(tmp_path / "out", SPECS)), RunOptions())
+    (thumb,) = output_files(tmp_path / "out")
+    assert (load(thumb).width, load(thumb).height) == (64, 32)
+    # The record matches the file as it now is: a rerun skips it.
+    _, results = run_pipeline(tmp_path / "src", OutputTree(tmp_path / "out", SPECS), RunOptions())
+    assert [r.status for r in results] == ["skipped"]
+
+
+def test_pipeline_stop_finishes_files_in_flight_and_takes_no_more(tmp_path: Path) -> None:
+    make_sources(tmp_path / "src", 30)
+    first_write = threading.Event()
+
+    class StoppingTarget(WrappedTarget):
+        def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            super().write(source, made)
+            if not first_write.is_set():
+                first_write.set()
+                pipeline.stop()
+
+    target = StoppingTarget(OutputTree(tmp_path / "out", SPECS))
+    pipeline = Pipeline([str(tmp_path / "src")], target, RunOptions(workers=1, queue_depth=1), WalkOptions())
+    try:
+        stats = pipeline.run()
+    finally:
+        target.close()
+    assert stats.stopped == "interrupted"
+    assert 1 <= stats.made < 30
+    assert len(output_files(tmp_path / "out")) == stats.made
+    for path in output_files(tmp_path / "out"):
+        load(path)
+
+
+def test_pipeline_reraises_a_bug_in_the_target_instead_of_hanging(tmp_path: Path) -> None:
+    make_sources(tmp_path / "src", 30)
+
+    class BuggyTarget(WrappedTarget):
+        def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            raise ZeroDivisionError("a bug")
+
+    outcome: list[BaseException | None] = []
+
+    def body() -> None:
+        try:
+            run_pipeline(tmp_path / "src", BuggyTarget(OutputTree(tmp_path / "out", SPECS)), RunOptions(queue_depth=1))
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "pipeline hung after a crash"
+    assert len(outcome) == 1 and isinstance(outcome[0], ZeroDivisionError)
+
+
+@pytest.mark.parametrize("max_files", [1, 5])
+def test_pipeline_max_files_stops_after_that_many_and_the_next_run_goes_on(tmp_path: Path, max_files: int) -> None:
+    make_sources(tmp_path / "src", 7)
+    made = 0
+    for _ in range(10):
+        pipeline = Pipeline(
+            [str(tmp_path / "src")],
+            target := OutputTree(tmp_path / "out", SPECS),
+            RunOptions(max_files=max_files),
+            WalkOptions(),
+        )
+        try:
+            stats = pipeline.run()
+        finally:
+            target.close()
+        assert stats.made <= max_files
+        made += stats.made
+        if stats.stopped is None:
+            break
+    assert made == 7 and len(output_files(tmp_path / "out")) == 7
