@@ -1,6 +1,6 @@
 """Draw photo-like JPEGs with pyvips, for the demo and the benchmarks.
 
-    python bench/photos.py DIR [--count N] [--size 4000x3000]
+python bench/photos.py DIR [--count N] [--size 4000x3000]
 """
 
 from __future__ import annotations

@@ -498,10 +498,6 @@ def test_generate_stops_cleanly_on_sigint_and_a_rerun_completes(many_sources: Pa
     assert len(assert_whole_outputs(out)) == MANY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py _generate prints the human summary only when stderr is a tty or files failed, not when interrupted",
-)
 def test_generate_prints_its_summary_line_when_interrupted(many_sources: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = start_slow_run(many_sources, out)

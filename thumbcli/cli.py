@@ -400,7 +400,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
             f"would make {sum(stats.planned_by_spec.values())} thumbnails of {stats.planned} files "
             f"(about {_human_bytes(estimate or 0)}); {stats.skipped} files up to date, {stats.failed} failed"
         )
-    elif not args.quiet and (sys.stderr.isatty() or stats.failed):
+    elif not args.quiet and (sys.stderr.isatty() or stats.failed or stats.stopped == "interrupted"):
         cut = f", stopped early ({stats.stopped})" if stats.stopped else ""
         click.echo(
             f"thumbcli: made {stats.made}, skipped {stats.skipped}, failed {stats.failed} "

@@ -35,12 +35,14 @@ def find_config(explicit: str | None) -> Path | None:
     """The config file to read: --config / $THUMBCLI_CONFIG, ./thumbcli.toml, then the XDG config folder."""
     if explicit:
         return Path(explicit)
-    local = Path(CONFIG_NAME)
-    if local.is_file():
-        return local
     xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    candidate = Path(xdg) / "thumbcli" / CONFIG_NAME
-    return candidate if candidate.is_file() else None
+    for candidate in (Path(CONFIG_NAME), Path(xdg) / "thumbcli" / CONFIG_NAME):
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # an unreadable home folder is the same as no config there
+            continue
+    return None
 
 
 def line_of(text: str, table: str | None, key: str) -> int | None:
