@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, load, mean_abs_difference, needs_corpus, output_files, run_cli
 
-from thumbcli.discover import image_name_predicate
-from thumbcli.resample import IMAGE_SUFFIXES
+from thumbcli.discover import IMAGE_SUFFIXES, image_name_predicate
 
 pytestmark = needs_corpus
 

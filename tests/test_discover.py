@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from thumbcli.discover import SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
-from thumbcli.resample import IMAGE_SUFFIXES
+from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
 from thumbcli.spec import WalkOptions
 
 IS_IMAGE = image_name_predicate(IMAGE_SUFFIXES)

@@ -318,7 +318,9 @@ def _generate(config: Any, args: GenerateArgs) -> int:
 
         target = FreedesktopCache(default_thumbnail_root(), tuple(args.flavours), wait_for_lock=args.wait)
     elif args.cache_dir is not None:
-        target = CacheDirectory(args.cache_dir, _specs(config, args), wait_for_lock=args.wait)
+        target = CacheDirectory(
+            args.cache_dir, _specs(config, args), wait_for_lock=args.wait, check_collisions=len(args.sources) > 1
+        )
     else:
         assert args.output is not None
         target = OutputTree(
@@ -326,7 +328,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
             _specs(config, args),
             name_template=args.name_template or DEFAULT_NAME_TEMPLATE,
             wait_for_lock=args.wait,
-            check_collisions=len(args.sources) > 1,
+            check_collisions=len(args.sources) > 1 or args.name_template is not None,
         )
 
     fail_log_file = args.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if args.fail_log else None
@@ -335,7 +337,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
     def on_result(result: FileResult) -> None:
         if result.status == "failed":
             line = f"failed: {result.describe()}"
-            progress.write_line(line)
+            _echo_err(progress, line)
             if fail_log_file is not None:
                 fail_log_file.write(line + "\n")
         progress.finished(result.status)
@@ -359,7 +361,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
             remove_temporary_files()
             os._exit(ExitCode.INTERRUPTED)
         pipeline.stop("interrupted")
-        progress.write_line("thumbcli: stopping: finishing files in flight (signal again to abort)")
+        _echo_err(progress, "thumbcli: stopping: finishing files in flight (signal again to abort)")
 
     previous = _install_signal_handlers(on_signal)
     try:
@@ -408,6 +410,11 @@ def _generate(config: Any, args: GenerateArgs) -> int:
             err=True,
         )
     return code
+
+
+def _echo_err(progress: Any, line: str) -> None:
+    if not progress.write_line(line):
+        click.echo(line, err=True)
 
 
 def _exit_code(stopped: str | None, failed: int) -> ExitCode:

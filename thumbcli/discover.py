@@ -14,6 +14,27 @@ from thumbcli.spec import WalkOptions
 
 log = logging.getLogger(__name__)
 
+#: Suffixes of the formats the pyvips-binary wheel decodes (and that we trust).
+#: Not SVG: libvips marks svgload untrusted, and `resample.configure_libvips` blocks untrusted
+#: loaders, so every SVG would fail on every run ("buffer is not in a known format").
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".jxl",
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:

@@ -20,15 +20,17 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 import thumbcli
 from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
-from thumbcli.resample import Thumbnail
 from thumbcli.spec import SizeBox, ThumbSpec
 from thumbcli.writers import Freshness, Plan, RunLock, is_temporary_name, write_atomically
+
+if TYPE_CHECKING:
+    from thumbcli.resample import Thumbnail
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -10,14 +11,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal
 
-from thumbcli import resample
-from thumbcli.discover import SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
+from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
 from thumbcli.errors import FileRejected
-from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
 from thumbcli.writers import CollisionError, Target
+
+if TYPE_CHECKING:
+    from thumbcli.resample import Thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ class Pipeline:
                 pass
 
     def _walker(self) -> None:
-        is_image_name = image_name_predicate(resample.IMAGE_SUFFIXES)
+        is_image_name = image_name_predicate(IMAGE_SUFFIXES)
         stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
         queued = 0
         max_files = self._run.max_files
@@ -261,8 +264,13 @@ class Pipeline:
         return data, source
 
     def _worker(self) -> None:
+        # libvips is loaded by the first worker that gets an image, so that a run
+        # with nothing to make (the nightly no-change case) never pays for it.
+        resample: ModuleType | None = None
         limits = self._run.limits
         while (job := self._resample_queue.get()) is not _DONE:
+            if resample is None:
+                resample = _load_resample()
             if self._stop.is_set() and self._stop_reason != "max-files":
                 continue
             try:
@@ -290,7 +298,6 @@ class Pipeline:
 
     def run(self) -> RunStats:
         """Run to completion (or until stopped) and return the counts."""
-        resample.configure_libvips()
         started = time.monotonic()
         options = self._run
 
@@ -322,6 +329,15 @@ class Pipeline:
         if self._crash is not None:
             raise self._crash
         return self._stats
+
+
+@functools.cache
+def _load_resample() -> ModuleType:
+    """Import the resample module and configure libvips (idempotent, so a racing second call is harmless)."""
+    from thumbcli import resample
+
+    resample.configure_libvips()
+    return resample
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,26 +16,6 @@ import pyvips
 
 log = logging.getLogger(__name__)
 
-#: Suffixes of the formats the pyvips-binary wheel decodes (and that we trust).
-#: Not SVG: libvips marks svgload untrusted, and `configure_libvips` blocks untrusted
-#: loaders, so every SVG would fail on every run ("buffer is not in a known format").
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-        ".avif",
-        ".heic",
-        ".heif",
-        ".jxl",
-    }
-)
 _FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 # Refuse truncated files instead of thumbnailing their grey remainder. (The
 # thumbnail operations ignore a fail_on keyword; the loader option string works.)

@@ -269,7 +269,7 @@ class OutputTree:
             and "{" not in name_template[: -len("{size}/{relpath}.{ext}")]
         ):
             self._fixed_prefix = name_template[: -len("{size}/{relpath}.{ext}")]
-        self._claims: dict[str, str] | None = {} if check_collisions or name_template != DEFAULT_NAME_TEMPLATE else None
+        self._claims: dict[str, str] | None = {} if check_collisions else None
         self._claims_lock = threading.Lock()
 
     def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
@@ -372,13 +372,15 @@ class CacheDirectory(OutputTree):
     The layout is `thumbcli.cache`'s; `thumbcli serve` and nginx map URLs with it.
     """
 
-    def __init__(self, root: Path, specs: tuple[ThumbSpec, ...], *, wait_for_lock: bool = False) -> None:
+    def __init__(
+        self, root: Path, specs: tuple[ThumbSpec, ...], *, wait_for_lock: bool = False, check_collisions: bool = True
+    ) -> None:
         super().__init__(
             root,
             specs,
             name_template=f"{cache.LAYOUT_DIR}/{{size}}/{{relpath}}.{{ext}}",
             wait_for_lock=wait_for_lock,
-            check_collisions=True,
+            check_collisions=check_collisions,
         )
         self._write_manifest(self._manifest_presets())
 
