@@ -9,14 +9,17 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
+from thumbcli.cache import is_within
 from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
 from thumbcli.errors import FileRejected
-from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
+from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
 from thumbcli.writers import CollisionError, Target
 
 if TYPE_CHECKING:
@@ -227,7 +230,7 @@ class Pipeline:
             if self._stop.is_set() and self._stop_reason != "max-files":
                 continue
             try:
-                job.data, job.source = self._read(job.source)
+                job.data, job.source = read_source(job.source, self._run.limits, self._walk.follow_symlinks)
             except (OSError, FileRejected) as exc:
                 self._report(FileResult(job.source.path, "failed", _reason(exc)))
                 continue
@@ -235,33 +238,6 @@ class Pipeline:
                 self.loaded += 1
                 self._stats.bytes_read += len(job.data)
             self._put(self._resample_queue, job)
-
-    def _read(self, source: SourceFile) -> tuple[bytes, SourceFile]:
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-        if not self._walk.follow_symlinks:
-            flags |= os.O_NOFOLLOW
-        fd = os.open(source.path, flags)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileRejected("not a regular file")
-            limit = self._run.limits.max_file_size
-            if st.st_size > limit:
-                raise FileRejected(f"file is {st.st_size} bytes, over the --max-file-size limit of {limit}")
-            chunks = []
-            remaining = limit + 1
-            while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
-                chunks.append(chunk)
-                remaining -= len(chunk)
-            data = b"".join(chunks)
-            if len(data) > limit:
-                raise FileRejected(f"file grew past the --max-file-size limit of {limit} while being read")
-        finally:
-            os.close(fd)
-        if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):
-            # Record what was actually read, not what the walk saw.
-            source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
-        return data, source
 
     def _worker(self) -> None:
         # libvips is loaded by the first worker that gets an image, so that a run
@@ -329,6 +305,131 @@ class Pipeline:
         if self._crash is not None:
             raise self._crash
         return self._stats
+
+
+def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:
+    """Read a whole source with blocking I/O, refusing what is not a regular file or is too big.
+
+    Returns the bytes and the source re-stated from the open file (what was read is what is recorded).
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(source.path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRejected("not a regular file")
+        limit = limits.max_file_size
+        if st.st_size > limit:
+            raise FileRejected(f"file is {st.st_size} bytes, over the --max-file-size limit of {limit}")
+        chunks = []
+        remaining = limit + 1
+        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise FileRejected(f"file grew past the --max-file-size limit of {limit} while being read")
+    finally:
+        os.close(fd)
+    if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):
+        # Record what was actually read, not what the walk saw.
+        source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
+    return data, source
+
+
+OnDemandStatus = Literal["queued", "joined", "busy", "missing"]
+
+
+class OnDemand:
+    """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
+
+    Concurrent requests for one thumbnail share one generation; past `max_pending`
+    outstanding generations a request is refused at once instead of queueing.
+    Writes take no run lock: every write is atomic, so a concurrent batch run is harmless.
+    """
+
+    def __init__(
+        self,
+        source_root: Path,
+        cache_root: Path,
+        presets: Mapping[str, ThumbSpec],
+        *,
+        workers: int = 2,
+        max_pending: int = 16,
+        limits: Limits | None = None,
+    ) -> None:
+        from thumbcli.writers import CacheDirectory
+
+        self._source_root = source_root
+        self._presets = dict(presets)
+        self._limits = limits or Limits()
+        self._target = CacheDirectory(cache_root, tuple(self._presets.values()), check_collisions=False, locked=False)
+        self._max_pending = max_pending
+        self._pending: dict[tuple[str, str], list[Callable[[str | None], None]]] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
+
+    def source_for(self, relpath: str) -> SourceFile | None:
+        """The source file a URL's relative path names, or None if there is no such image."""
+        name = relpath.rsplit("/", 1)[-1]
+        if any(part.startswith(".") for part in relpath.split("/")) or not image_name_predicate(IMAGE_SUFFIXES)(name):
+            return None
+        path = self._source_root / relpath
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or not is_within(self._source_root, path):
+            return None
+        return SourceFile(str(path), str(self._source_root), relpath, st.st_size, st.st_mtime_ns)
+
+    def is_fresh(self, preset: str, relpath: str) -> bool | None:
+        """True if the cached thumbnail is current, False if it must be made, None if there is no source."""
+        source = self.source_for(relpath)
+        spec = self._presets.get(preset)
+        if source is None or spec is None:
+            return None
+        return self._target.is_fresh(source, spec)
+
+    def request(self, preset: str, relpath: str, done: Callable[[str | None], None]) -> OnDemandStatus:
+        """Start (or join) making one thumbnail; `done(None)` on success or `done(reason)`, from a worker thread."""
+        spec = self._presets.get(preset)
+        source = self.source_for(relpath)
+        if spec is None or source is None:
+            return "missing"
+        key = (preset, relpath)
+        with self._lock:
+            waiting = self._pending.get(key)
+            if waiting is not None:
+                waiting.append(done)
+                return "joined"
+            if len(self._pending) >= self._max_pending:
+                return "busy"
+            self._pending[key] = [done]
+        self._executor.submit(self._make, key, source, spec)
+        return "queued"
+
+    def _make(self, key: tuple[str, str], source: SourceFile, spec: ThumbSpec) -> None:
+        reason: str | None = None
+        try:
+            data, source = read_source(source, self._limits, follow_symlinks=False)
+            thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
+            self._target.write(source, [(spec, thumbnail)])
+        except (OSError, FileRejected) as exc:
+            reason = f"{display_path(source.path)}: {_reason(exc)}"
+            log.warning("cannot make %s thumbnail: %s", spec.name, reason)
+        finally:
+            with self._lock:
+                waiting = self._pending.pop(key, [])
+        for done in waiting:
+            done(reason)
+
+    def close(self) -> None:
+        """Finish the generations in flight, then release the cache."""
+        self._executor.shutdown(wait=True)
+        self._target.close()
 
 
 @functools.cache

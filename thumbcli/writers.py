@@ -126,7 +126,7 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
@@ -150,6 +150,15 @@ class StateStore:
     def get(self, out: str) -> tuple[int, int, str] | None:
         """(source mtime_ns, source size, settings digest) of the output at relative path `out`."""
         return self._rows.get(out)
+
+    def fetch(self, out: str) -> tuple[int, int, str] | None:
+        """Like `get`, but read from the database, which other processes may have updated."""
+        with self._lock:
+            self._flush_locked()
+            row = self._db.execute(
+                "SELECT mtime_ns, size, digest FROM thumbs WHERE out = ?", (os.fsencode(out),)
+            ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
 
     def origins(self) -> list[tuple[str, Origin]]:
         """Every recorded output with everything known of its origin."""
@@ -247,6 +256,7 @@ class OutputTree:
         name_template: str = DEFAULT_NAME_TEMPLATE,
         wait_for_lock: bool = False,
         check_collisions: bool = False,
+        locked: bool = True,
     ) -> None:
         check_name_template(name_template)
         self.root = root
@@ -256,7 +266,7 @@ class OutputTree:
             root.mkdir(parents=True, exist_ok=True)
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
-            self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock)
+            self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock) if locked else None
             self._state = StateStore(root / PRIVATE_DIR / "state.sqlite")
         except (OSError, sqlite3.Error) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
@@ -264,11 +274,9 @@ class OutputTree:
         self._listings: dict[str, frozenset[str]] = {}
         # The default layouts need no str.format per file: it shows in no-change runs.
         self._fixed_prefix: str | None = None
-        if (
-            name_template.endswith("{size}/{relpath}.{ext}")
-            and "{" not in name_template[: -len("{size}/{relpath}.{ext}")]
-        ):
-            self._fixed_prefix = name_template[: -len("{size}/{relpath}.{ext}")]
+        prefix, default_tail, rest = name_template.rpartition(DEFAULT_NAME_TEMPLATE)
+        if default_tail and not rest and "{" not in prefix:
+            self._fixed_prefix = prefix
         self._claims: dict[str, str] | None = {} if check_collisions else None
         self._claims_lock = threading.Lock()
 
@@ -356,10 +364,18 @@ class OutputTree:
                     break
         return sum(sizes) // len(sizes) if sizes else None
 
+    def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
+        """Whether `spec`'s thumbnail of `source` is current, asking the database (other runs may have written)."""
+        relative = self.relative_output(source, spec)
+        return self._state.fetch(relative) == (source.mtime_ns, source.size, spec.digest) and os.path.isfile(
+            self.root / relative
+        )
+
     def close(self) -> None:
         """Commit the records and release the lock."""
         self._state.close()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
 
 class CollisionError(OSError):
@@ -373,14 +389,21 @@ class CacheDirectory(OutputTree):
     """
 
     def __init__(
-        self, root: Path, specs: tuple[ThumbSpec, ...], *, wait_for_lock: bool = False, check_collisions: bool = True
+        self,
+        root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        wait_for_lock: bool = False,
+        check_collisions: bool = True,
+        locked: bool = True,
     ) -> None:
         super().__init__(
             root,
             specs,
-            name_template=f"{cache.LAYOUT_DIR}/{{size}}/{{relpath}}.{{ext}}",
+            name_template=f"{cache.LAYOUT_DIR}/{DEFAULT_NAME_TEMPLATE}",
             wait_for_lock=wait_for_lock,
             check_collisions=check_collisions,
+            locked=locked,
         )
         self._write_manifest(self._manifest_presets())
 
