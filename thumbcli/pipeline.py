@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.cache import is_within
 from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
@@ -33,9 +33,8 @@ StopReason = Literal["interrupted", "max-time", "max-files"]
 _DONE = None  # queue sentinel: no more work for this stage
 
 
-@dataclass(frozen=True, slots=True)
-class FileResult:
-    """What happened to one source file."""
+class FileResult(NamedTuple):
+    """What happened to one source file (a NamedTuple: one is made per file)."""
 
     path: str
     status: Status
@@ -97,6 +96,7 @@ class Pipeline:
         excluded_dirs: Iterable[str] = (),
         dry_run: bool = False,
         on_found: Callable[[int], None] | None = None,
+        on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
     ) -> None:
         self._sources = list(sources)
@@ -106,6 +106,7 @@ class Pipeline:
         self._excluded_dirs = list(excluded_dirs)
         self._dry_run = dry_run
         self._on_found = on_found
+        self._on_skipped = on_skipped
         self._on_result = on_result
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
@@ -119,6 +120,11 @@ class Pipeline:
         #: Sources read so far; with `written`, lets a test observe the backpressure.
         self.loaded = 0
         self.written = 0
+
+    @property
+    def stats(self) -> RunStats:
+        """The counts so far (final once `run` has returned)."""
+        return self._stats
 
     def stop(self, reason: StopReason = "interrupted") -> None:
         """Take no new files; in-flight work finishes. Safe from a signal handler."""
@@ -144,11 +150,15 @@ class Pipeline:
             if self._on_result is not None:
                 self._on_result(result)
 
-    def _found(self, count: int = 1) -> None:
+    def _found(self, found: int, skipped: int) -> None:
+        # Called for batches of files: a no-change run is mostly this, so no per-file lock or callback.
         with self._stats_lock:
-            self._stats.found += count
-            if self._on_found is not None:
-                self._on_found(count)
+            self._stats.found += found
+            self._stats.skipped += skipped
+            if self._on_found is not None and found:
+                self._on_found(found)
+            if self._on_skipped is not None and skipped:
+                self._on_skipped(skipped)
 
     # -- stages ------------------------------------------------------------
 
@@ -186,10 +196,14 @@ class Pipeline:
             self._put(self._load_queue, _Loaded(source, specs))
             return True
 
+        found = skipped = 0
         for item in walk_sources(self._sources, self._walk, is_image_name, self._excluded_dirs):
             if self._stop.is_set():
                 break
-            self._found()
+            found += 1
+            if found >= 512:
+                self._found(found, skipped)
+                found = skipped = 0
             if isinstance(item, WalkProblem):
                 self._report(FileResult(item.path, "failed", item.reason))
                 continue
@@ -199,7 +213,7 @@ class Pipeline:
                 self._report(FileResult(item.path, "failed", str(exc)))
                 continue
             if plan.freshness == "fresh":
-                self._report(FileResult(item.path, "skipped"))
+                skipped += 1
             elif self._dry_run:
                 with self._stats_lock:
                     for spec in plan.specs:
@@ -211,6 +225,7 @@ class Pipeline:
                 stale.append((item, plan.specs))
             elif not enqueue(item, plan.specs):
                 break
+        self._found(found, skipped)
         for source, specs in stale:
             if self._stop.is_set() or not enqueue(source, specs):
                 break

@@ -33,6 +33,15 @@ class ProgressBar:
             with self._lock:
                 self._bar.total = (self._bar.total or 0) + count
 
+    def skipped(self, count: int) -> None:
+        """`count` files were up to date."""
+        if self._bar is None:
+            return
+        with self._lock:
+            self._skipped += count
+            self._bar.set_postfix(skipped=self._skipped, failed=self._failed, refresh=False)
+            self._bar.update(count)
+
     def finished(self, status: str) -> None:
         """One file is done: made, skipped or failed."""
         if self._bar is None:
