@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import load, make_photo, output_files
 
-from thumbcli.discover import SourceFile
+from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.pipeline import FileResult, Pipeline
 from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
-from thumbcli.writers import OutputTree, Plan
+from thumbcli.writers import OutputTree, Plan, plan_each
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 
@@ -27,6 +27,9 @@ class WrappedTarget:
 
     def plan(self, source: SourceFile, force: bool) -> Plan:
         return self.inner.plan(source, force)
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        return plan_each(self, batch, force)
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         self.inner.write(source, made)

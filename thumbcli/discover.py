@@ -64,16 +64,44 @@ def _matches(patterns: tuple[str, ...], relpath: str) -> bool:
     return any(fnmatch.fnmatchcase(relpath, pat) or fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
+class DirBatch(NamedTuple):
+    """The image files of one folder, as the walk found them: (name, path, size, mtime_ns) each."""
+
+    root: str
+    reldir: str
+    files: list[tuple[str, str, int, int]]
+
+    def sources(self) -> Iterator[SourceFile]:
+        """The files as SourceFile records."""
+        prefix = f"{self.reldir}/" if self.reldir else ""
+        for name, path, size, mtime_ns in self.files:
+            yield SourceFile(path, self.root, prefix + name, size, mtime_ns)
+
+
 def walk_sources(
     sources: Iterable[str],
     options: WalkOptions,
     is_image_name: Callable[[str], bool],
     excluded_dirs: Iterable[str] = (),
 ) -> Iterator[SourceFile | WalkProblem]:
-    """Yield every image file under `sources` (files or directory trees), depth first, sorted.
+    """Yield every image file under `sources`: each folder's files in name order, then its subfolders.
 
     `excluded_dirs` (output trees, caches) are never entered, wherever they sit.
     """
+    for item in walk_batches(sources, options, is_image_name, excluded_dirs):
+        if isinstance(item, DirBatch):
+            yield from item.sources()
+        else:
+            yield item
+
+
+def walk_batches(
+    sources: Iterable[str],
+    options: WalkOptions,
+    is_image_name: Callable[[str], bool],
+    excluded_dirs: Iterable[str] = (),
+) -> Iterator[DirBatch | WalkProblem]:
+    """Like `walk_sources`, one folder at a time: what a no-change run spends its time on."""
     excluded: set[tuple[int, int]] = set()
     for path in excluded_dirs:
         try:
@@ -90,7 +118,7 @@ def _walk_one(
     options: WalkOptions,
     is_image_name: Callable[[str], bool],
     excluded: set[tuple[int, int]],
-) -> Iterator[SourceFile | WalkProblem]:
+) -> Iterator[DirBatch | WalkProblem]:
     try:
         st = os.stat(source) if options.follow_symlinks else os.lstat(source)
     except OSError as exc:
@@ -109,69 +137,71 @@ def _walk_one(
         path = os.path.realpath(source)
     if stat.S_ISREG(st.st_mode):
         root = os.path.dirname(source) or "."
-        yield SourceFile(path, root, os.path.basename(source), st.st_size, st.st_mtime_ns)
+        yield DirBatch(root, "", [(os.path.basename(source), path, st.st_size, st.st_mtime_ns)])
         return
     if not stat.S_ISDIR(st.st_mode):
         yield WalkProblem(source, "not a regular file or directory")
         return
     root = source.rstrip("/") or "/"
-    # (dev, inode) of every directory on the current path: meeting one again is a loop.
-    yield from _walk_dir(root, root, "", options, is_image_name, excluded, {(st.st_dev, st.st_ino)})
-
-
-def _walk_dir(
-    root: str,
-    directory: str,
-    reldir: str,
-    options: WalkOptions,
-    is_image_name: Callable[[str], bool],
-    excluded: set[tuple[int, int]],
-    ancestors: set[tuple[int, int]],
-) -> Iterator[SourceFile | WalkProblem]:
-    try:
-        with os.scandir(directory) as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
-    except OSError as exc:
-        yield WalkProblem(directory, f"cannot list directory: {exc.strerror or exc}")
-        return
-    for entry in entries:
-        name = entry.name
-        if name.startswith(".") and not options.hidden:
-            continue
-        relpath = f"{reldir}/{name}" if reldir else name
+    # Folders still to walk, last first; each carries the (dev, inode) of the folders above
+    # it, so that meeting one of them again (through a symlink) is reported as a loop.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
+    is_regular = stat.S_ISREG
+    while stack:
+        directory, reldir, ancestors = stack.pop()
+        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+        files: list[tuple[str, str, int, int]] = []
+        problems: list[WalkProblem] = []
         try:
-            is_link = entry.is_symlink()
-            if is_link and not options.follow_symlinks:
-                log.debug("%s: symlink not followed", entry.path)
-                continue
-            if entry.is_dir(follow_symlinks=True):
-                st = entry.stat(follow_symlinks=True)
-                key = (st.st_dev, st.st_ino)
-                if key in excluded:
-                    continue
-                if key in ancestors:
-                    yield WalkProblem(entry.path, "symlink loop: directory contains itself, not followed")
-                    continue
-                if options.exclude and _matches(options.exclude, relpath):
-                    continue
-                ancestors.add(key)
-                yield from _walk_dir(root, entry.path, relpath, options, is_image_name, excluded, ancestors)
-                ancestors.discard(key)
-                continue
-            if not is_image_name(name):
-                continue
-            if options.include and not _matches(options.include, relpath):
-                continue
-            if options.exclude and _matches(options.exclude, relpath):
-                continue
-            st = entry.stat(follow_symlinks=True)
+            with os.scandir(directory) as scan:
+                entries = list(scan)
         except OSError as exc:
-            yield WalkProblem(entry.path, f"cannot read: {exc.strerror or exc}")
+            yield WalkProblem(directory, f"cannot list directory: {exc.strerror or exc}")
             continue
-        if not stat.S_ISREG(st.st_mode):
-            yield WalkProblem(entry.path, "not a regular file, skipped")
-            continue
-        yield SourceFile(entry.path, root, relpath, st.st_size, st.st_mtime_ns)
+        for entry in entries:
+            name = entry.name
+            if name[0] == "." and not options.hidden:
+                continue
+            try:
+                if entry.is_symlink() and not options.follow_symlinks:
+                    log.debug("%s: symlink not followed", entry.path)
+                    continue
+                if entry.is_dir():
+                    relpath = f"{reldir}/{name}" if reldir else name
+                    if options.exclude and _matches(options.exclude, relpath):
+                        continue
+                    st = entry.stat()
+                    key = (st.st_dev, st.st_ino)
+                    if key in excluded:
+                        continue
+                    if key in ancestors:
+                        problems.append(WalkProblem(entry.path, "symlink loop: folder contains itself, not followed"))
+                        continue
+                    subdirs.append((entry.path, relpath, ancestors | {key}))
+                    continue
+                if not is_image_name(name):
+                    continue
+                if options.include or options.exclude:
+                    relpath = f"{reldir}/{name}" if reldir else name
+                    if options.include and not _matches(options.include, relpath):
+                        continue
+                    if options.exclude and _matches(options.exclude, relpath):
+                        continue
+                st = entry.stat()
+            except OSError as exc:
+                problems.append(WalkProblem(entry.path, f"cannot read: {exc.strerror or exc}"))
+                continue
+            if is_regular(st.st_mode):
+                files.append((name, entry.path, st.st_size, st.st_mtime_ns))
+            else:
+                problems.append(WalkProblem(entry.path, "not a regular file, skipped"))
+        yield from problems
+        if files:
+            # Sorting the gathered tuples (by name) is cheaper than sorting the DirEntry objects.
+            files.sort()
+            yield DirBatch(root, reldir, files)
+        subdirs.sort(reverse=True)
+        stack.extend(subdirs)
 
 
 def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 import thumbcli
-from thumbcli.discover import SourceFile, display_path
+from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.spec import SizeBox, ThumbSpec
-from thumbcli.writers import Freshness, Plan, RunLock, is_temporary_name, write_atomically
+from thumbcli.writers import Freshness, Plan, RunLock, is_temporary_name, plan_each, write_atomically
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -307,6 +307,10 @@ class FreedesktopCache:
         if needed and not force and name in self._failed and _judge(self.fail_dir / name, uri, mtime) == "fresh":
             return Plan("fresh", ())
         return Plan(freshness, tuple(needed))
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        """Plan a folder's files one by one (each needs its PNG's text chunks read)."""
+        return plan_each(self, batch, force)
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write each thumbnail with its Thumb:: text atomically (0600), then drop any fail marker."""

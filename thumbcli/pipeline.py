@@ -17,10 +17,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.cache import is_within
-from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
+from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_batches
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
-from thumbcli.writers import CollisionError, Target
+from thumbcli.writers import Plan, Target
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -196,24 +196,31 @@ class Pipeline:
             self._put(self._load_queue, _Loaded(source, specs))
             return True
 
-        found = skipped = 0
-        for item in walk_sources(self._sources, self._walk, is_image_name, self._excluded_dirs):
+        for batch in walk_batches(self._sources, self._walk, is_image_name, self._excluded_dirs):
             if self._stop.is_set():
                 break
-            found += 1
-            if found >= 512:
-                self._found(found, skipped)
-                found = skipped = 0
-            if isinstance(item, WalkProblem):
-                self._report(FileResult(item.path, "failed", item.reason))
+            if isinstance(batch, WalkProblem):
+                self._found(1, 0)
+                self._report(FileResult(batch.path, "failed", batch.reason))
                 continue
-            try:
-                plan = self._target.plan(item, self._run.force)
-            except CollisionError as exc:
-                self._report(FileResult(item.path, "failed", str(exc)))
-                continue
-            if plan.freshness == "fresh":
-                skipped += 1
+            fresh, todo = self._target.plan_batch(batch, self._run.force)
+            self._found(len(batch.files), fresh)
+            if self._stop.is_set() or not self._plan_each(todo, stale, enqueue):
+                break
+        for source, specs in stale:
+            if self._stop.is_set() or not enqueue(source, specs):
+                break
+
+    def _plan_each(
+        self,
+        todo: list[tuple[SourceFile, Plan]],
+        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]],
+        enqueue: Callable[[SourceFile, tuple[ThumbSpec, ...]], bool],
+    ) -> bool:
+        """Queue, defer or report each file that is not fresh; False once the budget is spent."""
+        for item, plan in todo:
+            if plan.freshness == "rejected":
+                self._report(FileResult(item.path, "failed", plan.problem))
             elif self._dry_run:
                 with self._stats_lock:
                     for spec in plan.specs:
@@ -224,11 +231,8 @@ class Pipeline:
                 # Missing thumbnails first: budgeted runs converge on full coverage.
                 stale.append((item, plan.specs))
             elif not enqueue(item, plan.specs):
-                break
-        self._found(found, skipped)
-        for source, specs in stale:
-            if self._stop.is_set() or not enqueue(source, specs):
-                break
+                return False
+        return True
 
     def _put(self, q: queue.Queue[_Loaded | None], item: _Loaded | None) -> None:
         # A timeout loop instead of a plain blocking put, so a crash elsewhere cannot wedge us.

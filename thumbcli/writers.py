@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import marshal
 import os
 import sqlite3
 import string
@@ -15,10 +16,10 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from thumbcli import cache
-from thumbcli.discover import SourceFile, display_path
+from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, LockedError, SpecError
 from thumbcli.spec import ThumbSpec
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Freshness = Literal["fresh", "missing", "stale"]
+Freshness = Literal["fresh", "missing", "stale", "rejected"]
 
 #: Folder of thumbcli's own bookkeeping inside an output tree or cache.
 PRIVATE_DIR = cache.PRIVATE_DIR
@@ -113,16 +114,25 @@ class Origin:
     digest: str
 
 
-class StateStore:
-    """What each thumbnail was made from (source path, mtime_ns, size, settings digest), in SQLite.
+#: What planning compares for one output: (source mtime_ns, source size, preset name, settings digest).
+Record = tuple[int, int, str, str]
 
-    Loaded whole at start so that planning costs no I/O per file; new rows are
-    committed in batches, so a killed run loses at most a second of records
-    (whose thumbnails are then simply made again).
+
+class StateStore:
+    """What each thumbnail was made from, in SQLite: one row per output folder.
+
+    A row holds, marshal-encoded, {file name: Record} and, apart, {file name:
+    source path}, for one folder. Planning loads each folder the walk reaches
+    with one query and one C-speed decode of the records alone: that keeps a
+    no-change run close to the cost of the walk itself. Changes are merged into
+    the stored rows in batches (read, update, write, in one transaction), so a
+    concurrent writer (`serve --source`) loses nothing, and a killed run loses
+    at most a second of records, whose thumbnails are then simply made again.
     """
 
     _FLUSH_SECONDS = 1.0
-    _SCHEMA = 1
+    _SCHEMA = 3
+    _CACHED_FOLDERS = 1024
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,65 +141,98 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
             # An older layout: forget it; outputs without records are simply made again.
-            self._db.execute("DROP TABLE IF EXISTS thumbs")
+            self._db.execute("DROP TABLE IF EXISTS folders")
             self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS thumbs"
-            " (out BLOB PRIMARY KEY, source BLOB, mtime_ns INTEGER, size INTEGER, preset TEXT, digest TEXT)"
-        )
-        # Only what planning compares is kept in memory, as plain tuples keyed by str:
-        # this load is most of the cost of a no-change run.
-        self._rows: dict[str, tuple[int, int, str]] = {
-            os.fsdecode(out): (mtime_ns, size, digest)
-            for out, mtime_ns, size, digest in self._db.execute("SELECT out, mtime_ns, size, digest FROM thumbs")
-        }
+        self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
         self._lock = threading.Lock()
-        self._pending: list[tuple[bytes, bytes, int, int, str, str]] = []
+        self._folders: dict[str, dict[str, Record]] = {}
+        #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
+        self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
         self._last_flush = time.monotonic()
 
-    def get(self, out: str) -> tuple[int, int, str] | None:
-        """(source mtime_ns, source size, settings digest) of the output at relative path `out`."""
-        return self._rows.get(out)
+    def _load(self, folder: str) -> dict[str, Record]:
+        row = self._db.execute("SELECT records FROM folders WHERE folder = ?", (os.fsencode(folder),)).fetchone()
+        return _decode(row[0]) if row else {}
 
-    def fetch(self, out: str) -> tuple[int, int, str] | None:
+    def folder(self, folder: str) -> dict[str, Record]:
+        """The records of one output folder (relative to the root), by file name."""
+        records = self._folders.get(folder)
+        if records is None:
+            with self._lock:
+                records = self._load(folder)
+                for name, change in self._pending.get(folder, {}).items():
+                    _apply(records, name, change[0] if change else None)
+                if len(self._folders) >= self._CACHED_FOLDERS:
+                    self._folders.clear()
+                self._folders[folder] = records
+        return records
+
+    def get(self, out: str) -> Record | None:
+        """The record of the output at relative path `out`."""
+        folder, _, name = out.rpartition("/")
+        return self.folder(folder).get(name)
+
+    def fetch(self, out: str) -> Record | None:
         """Like `get`, but read from the database, which other processes may have updated."""
+        folder, _, name = out.rpartition("/")
         with self._lock:
             self._flush_locked()
-            row = self._db.execute(
-                "SELECT mtime_ns, size, digest FROM thumbs WHERE out = ?", (os.fsencode(out),)
-            ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+            return self._load(folder).get(name)
 
     def origins(self) -> list[tuple[str, Origin]]:
         """Every recorded output with everything known of its origin."""
         with self._lock:
             self._flush_locked()
-            rows = self._db.execute("SELECT out, source, mtime_ns, size, preset, digest FROM thumbs").fetchall()
-        return [(os.fsdecode(row[0]), Origin(*row[1:])) for row in rows]
+            rows = self._db.execute("SELECT folder, records, sources FROM folders").fetchall()
+        found = []
+        for folder, records_blob, sources_blob in rows:
+            prefix = os.fsdecode(folder)
+            sources = _decode(sources_blob)
+            for name, (mtime_ns, size, preset, digest) in _decode(records_blob).items():
+                out = f"{prefix}/{name}" if prefix else name
+                found.append((out, Origin(sources.get(name, b""), mtime_ns, size, preset, digest)))
+        return found
 
     def record(self, out: str, origin: Origin) -> None:
         """Remember what the output at relative path `out` was made from."""
-        with self._lock:
-            self._rows[out] = (origin.mtime_ns, origin.size, origin.digest)
-            self._pending.append(
-                (os.fsencode(out), origin.source, origin.mtime_ns, origin.size, origin.preset, origin.digest)
-            )
-            if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
-                self._flush_locked()
+        self._change(out, ((origin.mtime_ns, origin.size, origin.preset, origin.digest), origin.source))
 
     def forget(self, outs: Iterable[str]) -> None:
         """Drop the records of removed outputs."""
+        for out in outs:
+            self._change(out, None)
         with self._lock:
             self._flush_locked()
-            outs = list(outs)
-            for out in outs:
-                self._rows.pop(out, None)
-            self._db.executemany("DELETE FROM thumbs WHERE out = ?", [(os.fsencode(out),) for out in outs])
+
+    def _change(self, out: str, change: tuple[Record, bytes] | None) -> None:
+        folder, _, name = out.rpartition("/")
+        with self._lock:
+            cached = self._folders.get(folder)
+            if cached is not None:
+                _apply(cached, name, change[0] if change else None)
+            self._pending.setdefault(folder, {})[name] = change
+            if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
+                self._flush_locked()
 
     def _flush_locked(self) -> None:
         if self._pending:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO thumbs VALUES (?, ?, ?, ?, ?, ?)", self._pending)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for folder, changes in self._pending.items():
+                    key = os.fsencode(folder)
+                    row = self._db.execute("SELECT records, sources FROM folders WHERE folder = ?", (key,)).fetchone()
+                    records, sources = (_decode(row[0]), _decode(row[1])) if row else ({}, {})
+                    for name, change in changes.items():
+                        _apply(records, name, change[0] if change else None)
+                        _apply(sources, name, change[1] if change else None)
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
+                        (key, marshal.dumps(records), marshal.dumps(sources)),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._pending.clear()
         self._last_flush = time.monotonic()
 
@@ -200,15 +243,57 @@ class StateStore:
             self._db.close()
 
 
+def _apply(mapping: dict[str, Any], name: str, value: object | None) -> None:
+    if value is None:
+        mapping.pop(name, None)
+    else:
+        mapping[name] = value
+
+
+def _decode(blob: bytes) -> dict[str, Any]:
+    try:
+        decoded = marshal.loads(blob)
+    except (EOFError, ValueError, TypeError):  # written by another Python: make those thumbnails again
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Which thumbnails of one source must be made, and why."""
+    """Which thumbnails of one source must be made, and why (or why it cannot be)."""
 
     freshness: Freshness
     specs: tuple[ThumbSpec, ...]
+    problem: str = ""
 
 
 _FRESH = Plan("fresh", ())
+
+
+def judge(record: Record | None, exists: bool, mtime_ns: int, size: int, spec: ThumbSpec, force: bool) -> Freshness:
+    """How one thumbnail stands: made from a source with this mtime and size, with these settings?"""
+    if record is None or not exists:
+        return "missing"
+    if force or record[0] != mtime_ns or record[1] != size or record[3] != spec.digest:
+        return "stale"
+    return "fresh"
+
+
+def _worst(a: Freshness, b: Freshness) -> Freshness:
+    return "missing" if "missing" in (a, b) else "stale" if "stale" in (a, b) else a
+
+
+def plan_each(target: Target, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+    """Plan a folder's files one by one: (how many are fresh, the others with their plans)."""
+    fresh = 0
+    todo = []
+    for source in batch.sources():
+        plan = target.plan(source, force)
+        if plan.freshness == "fresh":
+            fresh += 1
+        else:
+            todo.append((source, plan))
+    return fresh, todo
 
 
 class Target(Protocol):
@@ -218,6 +303,8 @@ class Target(Protocol):
     specs: tuple[ThumbSpec, ...]
 
     def plan(self, source: SourceFile, force: bool) -> Plan: ...
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]: ...
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None: ...
 
@@ -278,7 +365,6 @@ class OutputTree:
         if default_tail and not rest and "{" not in prefix:
             self._fixed_prefix = prefix
         self._claims: dict[str, str] | None = {} if check_collisions else None
-        self._claims_lock = threading.Lock()
 
     def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
         """The output's path relative to the root, from the name template."""
@@ -299,44 +385,70 @@ class OutputTree:
             root=os.path.basename(source.root.rstrip("/")) or "root",
         )
 
-    def _exists(self, relative: str) -> bool:
-        directory, _, name = relative.rpartition("/")
-        names = self._listings.get(directory)
+    def _names_in(self, folder: str) -> frozenset[str]:
+        """The file names in an output folder: existence checks without a stat per thumbnail."""
+        names = self._listings.get(folder)
         if names is None:
             if len(self._listings) > 256:
                 self._listings.clear()
             try:
-                names = frozenset(os.listdir(self.root / directory))
+                names = frozenset(os.listdir(self.root / folder))
             except OSError:
                 names = frozenset()
-            self._listings[directory] = names
-        return name in names
+            self._listings[folder] = names
+        return names
 
     def plan(self, source: SourceFile, force: bool) -> Plan:
         """Decide from the walk's stat and the records alone which specs need making."""
         needed: list[ThumbSpec] = []
         freshness: Freshness = "fresh"
-        current = (source.mtime_ns, source.size)
         for spec in self.specs:
             relative = self.relative_output(source, spec)
             if self._claims is not None:
-                self._claim(relative, source)
-            record = self._state.get(relative)
-            if record is None or not self._exists(relative):
-                freshness = "missing"
-            elif force or record[:2] != current or record[2] != spec.digest:
-                freshness = "stale" if freshness == "fresh" else freshness
-            else:
-                continue
-            needed.append(spec)
+                owner = self._claims.setdefault(relative, source.path)
+                if owner != source.path:
+                    return Plan(
+                        "rejected", (), f"output name {display_path(relative)} is already used by {display_path(owner)}"
+                    )
+            folder, _, name = relative.rpartition("/")
+            exists = name in self._names_in(folder)
+            verdict = judge(self._state.get(relative), exists, source.mtime_ns, source.size, spec, force)
+            if verdict != "fresh":
+                freshness = _worst(freshness, verdict)
+                needed.append(spec)
         return Plan(freshness, tuple(needed)) if needed else _FRESH
 
-    def _claim(self, relative: str, source: SourceFile) -> None:
-        assert self._claims is not None
-        with self._claims_lock:
-            owner = self._claims.setdefault(relative, source.path)
-        if owner != source.path:
-            raise CollisionError(f"output name {display_path(relative)} is already used by {display_path(owner)}")
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        """Plan a whole folder: the fast path of a no-change run, with no per-file objects for fresh files."""
+        if self._fixed_prefix is None or self._claims is not None:
+            return plan_each(self, batch, force)
+        per_spec = []
+        for spec in self.specs:
+            folder = (
+                f"{self._fixed_prefix}{spec.name}/{batch.reldir}"
+                if batch.reldir
+                else f"{self._fixed_prefix}{spec.name}"
+            )
+            per_spec.append((spec, f".{spec.suffix}", self._state.folder(folder), self._names_in(folder)))
+        fresh = 0
+        todo = []
+        prefix = f"{batch.reldir}/" if batch.reldir else ""
+        for name, path, size, mtime_ns in batch.files:
+            needed = []
+            freshness: Freshness = "fresh"
+            for spec, suffix, records, names in per_spec:
+                out_name = name + suffix
+                verdict = judge(records.get(out_name), out_name in names, mtime_ns, size, spec, force)
+                if verdict != "fresh":
+                    freshness = _worst(freshness, verdict)
+                    needed.append(spec)
+            if needed:
+                todo.append(
+                    (SourceFile(path, batch.root, prefix + name, size, mtime_ns), Plan(freshness, tuple(needed)))
+                )
+            else:
+                fresh += 1
+        return fresh, todo
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write each thumbnail atomically, then record what it was made from."""
@@ -367,19 +479,14 @@ class OutputTree:
     def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
         """Whether `spec`'s thumbnail of `source` is current, asking the database (other runs may have written)."""
         relative = self.relative_output(source, spec)
-        return self._state.fetch(relative) == (source.mtime_ns, source.size, spec.digest) and os.path.isfile(
-            self.root / relative
-        )
+        exists = os.path.isfile(self.root / relative)
+        return judge(self._state.fetch(relative), exists, source.mtime_ns, source.size, spec, False) == "fresh"
 
     def close(self) -> None:
         """Commit the records and release the lock."""
         self._state.close()
         if self._lock is not None:
             self._lock.release()
-
-
-class CollisionError(OSError):
-    """Two sources map to one output name."""
 
 
 class CacheDirectory(OutputTree):
