@@ -35,6 +35,10 @@ CLI_FLAGS = {
     "idle_timeout": "--idle-timeout",
     "send_timeout": "--send-timeout",
     "grace_period": "--grace-period",
+    "source_root": "--source",
+    "presets": "--preset",  # a list of preset names: the flag repeats
+    "max_pending": "--max-pending",
+    "generators": "--generators",
 }
 
 
@@ -102,16 +106,22 @@ class ServerProcess:
 def running_server(cache_root: Path, env: dict[str, str] | None = None, **options: Any) -> Iterator[ServerProcess]:
     """Run a server on 127.0.0.1 (port 0 unless given) until the block ends.
 
-    Uses `python -m thumbcli serve` when every option has a flag, else the library directly.
+    Uses `python -m thumbcli serve` when every option has a flag, else the library directly;
+    `config` (a thumbcli.toml, where `--source` finds its presets) needs the command line.
     """
     options.setdefault("host", "127.0.0.1")
     options.setdefault("port", 0)
     use_sendfile = options.pop("use_sendfile", True)
-    if cli_has_serve() and set(options) <= set(CLI_FLAGS):
-        command = [sys.executable, "-m", "thumbcli", "serve", str(cache_root)]
+    config = options.pop("config", None)
+    if config is not None or (cli_has_serve() and set(options) <= set(CLI_FLAGS)):
+        command = [sys.executable, "-m", "thumbcli"]
+        if config is not None:
+            command += ["--config", str(config)]
+        command += ["serve", str(cache_root)]
         for name, value in options.items():
-            if value is not None:
-                command += [CLI_FLAGS[name], str(value)]
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is not None:
+                    command += [CLI_FLAGS[name], str(item)]
         if not use_sendfile:
             command.append("--no-sendfile")
     else:

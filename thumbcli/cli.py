@@ -350,6 +350,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
         excluded_dirs=[str(target.root)],
         dry_run=args.dry_run,
         on_found=progress.found,
+        on_skipped=progress.skipped,
         on_result=on_result,
     )
     signals_seen = 0
@@ -573,8 +574,29 @@ def _install_signal_handlers(handler: Any) -> dict[int, SignalHandler]:
 )
 @click.option("--grace-period", type=Duration(), default="10", show_default=True, help="Drain time on SIGTERM.")
 @click.option("--no-sendfile", is_flag=True, help="Send bodies with plain writes instead of sendfile(2).")
+@click.option(
+    "--source",
+    "source_root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Make missing or stale thumbnails from this source tree on request.",
+)
+@click.option(
+    "--preset", "presets", multiple=True, metavar="NAME", help="With --source: presets to make (default: all)."
+)
+@click.option(
+    "--max-pending",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="With --source: generations in flight per worker; past it, 503.",
+)
+@click.option(
+    "--generators", type=click.IntRange(1, 64), default=2, show_default=True, help="With --source: threads per worker."
+)
 @click.option("--debug", is_flag=True, help="Debug logging.")
+@click.pass_obj
 def serve(
+    config: Any,
     cache_root: Path,
     host: str,
     port: int,
@@ -588,6 +610,10 @@ def serve(
     send_timeout: float,
     grace_period: float,
     no_sendfile: bool,
+    source_root: Path | None,
+    presets: tuple[str, ...],
+    max_pending: int,
+    generators: int,
     debug: bool,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
@@ -614,6 +640,10 @@ def serve(
             send_timeout=send_timeout,
             grace_period=grace_period,
             use_sendfile=not no_sendfile,
+            source_root=source_root,
+            presets=_serve_presets(config, source_root, presets),
+            max_pending=max_pending,
+            generators=generators,
         )
         code = run_server(options, ready=ready)
     except SpecError as exc:
@@ -623,3 +653,17 @@ def serve(
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
     sys.exit(code)
+
+
+def _serve_presets(config: Any, source_root: Path | None, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+    """The presets that `serve --source` makes on a miss: from the config, all or those named."""
+    if source_root is None:
+        if names:
+            raise SpecError("--preset only applies with --source")
+        return ()
+    if not config.presets:
+        raise SpecError("--source needs presets defined in the config file (thumbcli.toml)")
+    unknown = [name for name in names if name not in config.presets]
+    if unknown:
+        raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {', '.join(sorted(config.presets))})")
+    return tuple(config.presets[name] for name in (names or tuple(config.presets)))

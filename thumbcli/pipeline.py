@@ -445,8 +445,15 @@ class OnDemand:
         for done in waiting:
             done(reason)
 
-    def close(self) -> None:
-        """Finish the generations in flight, then release the cache."""
+    def close(self, *, abandon: bool = False) -> None:
+        """Finish the generations in flight, then release the cache.
+
+        With `abandon` (a process about to exit), drop the queued generations and
+        return at once; the running ones finish their atomic writes on their own.
+        """
+        if abandon:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
         self._executor.shutdown(wait=True)
         self._target.close()
 

@@ -3,16 +3,23 @@
 One single-threaded epoll loop per worker process drives non-blocking sockets,
 parses with httptools (llhttp) and sends bodies with `os.sendfile`. Workers
 share the port through SO_REUSEPORT; a parent process supervises them.
+
+With a source folder (`--source`), a missing or stale thumbnail of a served
+preset is made on request by `thumbcli.pipeline.OnDemand` (threads beside the
+loop, one per worker process); the request waits, parked in its connection's
+output, and is then answered like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import mmap
 import os
+import queue
 import re
 import select
 import signal
@@ -26,13 +33,16 @@ from dataclasses import dataclass
 from email.utils import formatdate, mktime_tz, parsedate_tz
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from thumbcli.cache import MANIFEST_NAME, is_within, read_manifest, resolve_url
+from thumbcli.cache import MANIFEST_NAME, is_within, read_manifest, resolve_url, split_url_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
-from thumbcli.spec import Format
+from thumbcli.spec import Format, ThumbSpec
+
+if TYPE_CHECKING:
+    from thumbcli.pipeline import OnDemand
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +64,10 @@ FALLBACK_CHUNK_BYTES = 262144
 ACCEPT_BATCH = 64
 ACCEPT_RETRY_SECONDS = 0.5
 MAX_WORKERS = 256
+MAX_GENERATORS = 64
 SERVER_NAME = b"thumbcli"
+#: Seconds a client is told to wait after a 503 (generation queue full or too slow).
+RETRY_AFTER_SECONDS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,13 @@ class ServeOptions:
     max_uri_bytes: int = 8192  # -> 414
     grace_period: float = 10.0  # on SIGTERM/SIGINT: stop accepting, finish in-flight, exit 0
     use_sendfile: bool = True  # env THUMBCLI_NO_SENDFILE=1 also forces the plain-send fallback
+    # Generate on a miss: with a source folder, a missing or stale thumbnail of one of
+    # `presets` is made on request; other presets are served from the cache only.
+    source_root: Path | None = None
+    presets: tuple[ThumbSpec, ...] = ()
+    max_pending: int = 16  # per worker: generations in flight before further misses get 503
+    generators: int = 2  # per worker: threads making thumbnails
+    # A request waits for its thumbnail at most `send_timeout` seconds, then gets 503 + Retry-After.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -107,6 +127,18 @@ class ServeOptions:
                 raise SpecError(f"{name.replace('_', ' ')} must be a positive number of seconds")
         if not (math.isfinite(self.grace_period) and self.grace_period >= 0):
             raise SpecError("grace period must be zero or a positive number of seconds")
+        if self.source_root is None:
+            if self.presets:
+                raise SpecError("presets to make on a miss need a source folder (--source)")
+        elif not self.presets:
+            raise SpecError("a source folder needs at least one preset to make (define presets in thumbcli.toml)")
+        names = [spec.name for spec in self.presets]
+        if len(set(names)) != len(names):
+            raise SpecError(f"preset names must be unique, not {', '.join(names)}")
+        if self.max_pending < 1:
+            raise SpecError(f"max pending must be at least 1, not {self.max_pending}")
+        if not 1 <= self.generators <= MAX_GENERATORS:
+            raise SpecError(f"generators must be between 1 and {MAX_GENERATORS}, not {self.generators}")
 
 
 # --- metrics shared by all workers -------------------------------------------------
@@ -122,7 +154,13 @@ _FALLBACK_BODIES = _SENDFILE_BODIES + 1
 _TIMEOUT_HEADER = _FALLBACK_BODIES + 1
 _TIMEOUT_IDLE = _TIMEOUT_HEADER + 1
 _TIMEOUT_SEND = _TIMEOUT_IDLE + 1
-_COUNTER_SLOTS = _TIMEOUT_SEND + 1
+_GENERATIONS_STARTED = _TIMEOUT_SEND + 1
+_GENERATIONS_JOINED = _GENERATIONS_STARTED + 1
+_GENERATIONS_REFUSED = _GENERATIONS_JOINED + 1
+_GENERATIONS_FAILED = _GENERATIONS_REFUSED + 1
+_GENERATIONS_TIMED_OUT = _GENERATIONS_FAILED + 1
+_GENERATION_WAITING = _GENERATIONS_TIMED_OUT + 1
+_COUNTER_SLOTS = _GENERATION_WAITING + 1
 
 
 class MetricsBoard:
@@ -171,6 +209,17 @@ class MetricsBoard:
             f'thumbcli_timeouts_total{{kind="header"}} {totals[_TIMEOUT_HEADER]}',
             f'thumbcli_timeouts_total{{kind="idle"}} {totals[_TIMEOUT_IDLE]}',
             f'thumbcli_timeouts_total{{kind="send"}} {totals[_TIMEOUT_SEND]}',
+            "# HELP thumbcli_generations_total Thumbnails made on a miss (--source), by event: started,"
+            " joined (a request shared one in flight), refused (503, too many pending), failed, timed_out (503).",
+            "# TYPE thumbcli_generations_total counter",
+            f'thumbcli_generations_total{{event="started"}} {totals[_GENERATIONS_STARTED]}',
+            f'thumbcli_generations_total{{event="joined"}} {totals[_GENERATIONS_JOINED]}',
+            f'thumbcli_generations_total{{event="refused"}} {totals[_GENERATIONS_REFUSED]}',
+            f'thumbcli_generations_total{{event="failed"}} {totals[_GENERATIONS_FAILED]}',
+            f'thumbcli_generations_total{{event="timed_out"}} {totals[_GENERATIONS_TIMED_OUT]}',
+            "# HELP thumbcli_generation_waiting Requests waiting now for a thumbnail being made.",
+            "# TYPE thumbcli_generation_waiting gauge",
+            f"thumbcli_generation_waiting {totals[_GENERATION_WAITING]}",
             "# HELP thumbcli_workers Worker processes configured.",
             "# TYPE thumbcli_workers gauge",
             f"thumbcli_workers {self.workers}",
@@ -208,6 +257,9 @@ _METRICS = b"/metrics"
 _METRICS_TYPE = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
 _TEXT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\n"
 _NO_STORE = b"Cache-Control: no-store\r\n"
+_RETRY_AFTER = b"Retry-After: %d\r\n" % RETRY_AFTER_SECONDS
+#: What `_open_or_generate` returns when the thumbnail must be made first (the key is in `_Worker.miss`).
+_MISS = -1
 
 _CONDITIONAL_HEADERS = frozenset(
     {b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"if-range", b"range"}
@@ -351,6 +403,37 @@ class _Body:
         self.via_sendfile = via_sendfile
 
 
+class _Pending:
+    """A response waiting for its thumbnail to be made, parked in its connection's output.
+
+    Responses to later pipelined requests queue behind it, so they keep their order.
+    """
+
+    __slots__ = ("conn", "end", "headers", "http10", "method", "path", "resolved", "since", "started", "target")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        path: bytes,
+        method: bytes,
+        target: bytes,
+        headers: dict[bytes, bytes],
+        end: bytes,
+        http10: bool,
+        since: float,
+    ) -> None:
+        self.conn = conn
+        self.path = path
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.end = end
+        self.http10 = http10
+        self.since = since
+        self.started = False  # this request started the generation (others joined it)
+        self.resolved = False  # answered (or its connection closed); a late completion is ignored
+
+
 # A parsed request: method, target, the headers we look at, keep-alive, is HTTP/1.0.
 _Request = tuple[bytes, bytes, dict[bytes, bytes], bool, bool]
 
@@ -390,7 +473,7 @@ class _Connection:
         self.admin = admin
         self.worker = worker
         self.parser = httptools.HttpRequestParser(self)
-        self.out: list[bytes | memoryview | _Body] = []
+        self.out: list[bytes | memoryview | _Body | _Pending] = []
         self.interest = select.EPOLLIN
         # The header deadline runs from accept until the first request head is complete.
         self.in_message = True
@@ -518,6 +601,18 @@ class _Worker:
         self.next_sweep = 0.0
         self.next_manifest_check = 0.0
         self.wake_reader: socket.socket | None = None
+        # Generate on a miss: set up only with a source folder, so that the plain server never
+        # imports the pipeline, and here, after fork, so that the generator threads are this process's.
+        self.on_demand: OnDemand | None = None
+        self.generated: dict[str, Format] = {}
+        self.miss = ("", "")
+        self.generations_in_flight = 0
+        self.done_fd = -1
+        self.completions: queue.SimpleQueue[tuple[_Pending, str | None]] = queue.SimpleQueue()
+        self.freshness_errors: tuple[type[Exception], ...] = (OSError,)
+        self.open_thumbnail: Callable[[bytes], _OpenFile | int | None] = self._open
+        if options.source_root is not None:
+            self._start_generating(options.source_root)
         self._load_manifest(force=True)
 
     # -- lifecycle
@@ -533,6 +628,8 @@ class _Worker:
         finally:
             for conn in list(self.connections.values()):
                 self._close(conn)
+            if self.on_demand is not None:
+                self._stop_generating()
             for file in self.files.values():
                 file.evicted = True
                 if file.users == 0:
@@ -556,6 +653,7 @@ class _Worker:
         listen_fd = self.listener.fileno() if self.listener is not None else -1
         admin_fd = self.admin_listener.fileno() if self.admin_listener is not None else -1
         wake_fd = self.wake_reader.fileno() if self.wake_reader is not None else -1
+        done_fd = self.done_fd
         readable = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
         writable = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
         while True:
@@ -574,11 +672,17 @@ class _Worker:
                     self._accept(self.listener, admin=False)
                 elif fd == admin_fd:
                     self._accept(self.admin_listener, admin=True)
+                elif fd == done_fd:
+                    self._on_generated()
                 elif fd == wake_fd:
                     code = self._on_signal()
                     if code is not None:
                         return code
-            if self.draining and not any(not c.lingering for c in connections.values()):
+            if (
+                self.draining
+                and not any(not c.lingering for c in connections.values())
+                and not self.generations_in_flight
+            ):
                 return ExitCode.OK
             if now >= self.next_sweep:
                 code = self._sweep(now)
@@ -652,8 +756,15 @@ class _Worker:
                     self._close(conn)
             elif conn.out:
                 if now - conn.last_progress > options.send_timeout:
-                    counters[_TIMEOUT_SEND] += 1
-                    self._close(conn)
+                    head = conn.out[0]
+                    if not isinstance(head, _Pending):
+                        counters[_TIMEOUT_SEND] += 1
+                        self._close(conn)
+                    elif now - head.since > options.send_timeout:
+                        # Nothing can be sent while a thumbnail is made, so the wait has its own bound;
+                        # the generation goes on, and a retry joins it or finds the thumbnail made.
+                        counters[_GENERATIONS_TIMED_OUT] += 1
+                        self._resolve(head, 503, b"", _RETRY_AFTER)
             elif conn.in_message:
                 if now - conn.head_start > options.header_timeout:
                     counters[_TIMEOUT_HEADER] += 1
@@ -698,6 +809,8 @@ class _Worker:
                 raise
             log.warning("cache manifest unreadable; keeping the presets %s", sorted(self.presets))
             return
+        # The presets made on a miss are served in the format they are made in, manifest or not.
+        presets.update(self.generated)
         self.manifest_key = key
         if presets != self.presets:
             log.info("serving presets %s", sorted(presets))
@@ -848,6 +961,8 @@ class _Worker:
         for item in conn.out:
             if isinstance(item, _Body):
                 item.file.release()
+            elif isinstance(item, _Pending):
+                self._forget(item)
         conn.out.clear()
         del self.connections[conn.fd]
         conn.sock.close()  # also removes it from the epoll set
@@ -891,13 +1006,29 @@ class _Worker:
             content_type = _TEXT_TYPE if path == _HEALTHZ else _METRICS_TYPE
             self._send_simple(conn, 200, method, target, headers, end, body, content_type + _NO_STORE)
             return
-        file = None if conn.admin else self._open(path)
+        file = None if conn.admin else self.open_thumbnail(path)
         if file is None:
             self._send_simple(conn, 404, method, target, headers, end, b"not found\n")
             return
         if isinstance(file, int):
-            self._send_simple(conn, file, method, target, headers, end, b"service unavailable\n")
+            if file == _MISS:
+                self._generate(conn, path, method, target, headers, end, http10)
+            else:
+                self._send_simple(conn, file, method, target, headers, end, b"service unavailable\n")
             return
+        self._answer_file(conn, file, method, target, headers, end, http10)
+
+    def _answer_file(
+        self,
+        conn: _Connection,
+        file: _OpenFile,
+        method: bytes,
+        target: bytes,
+        headers: dict[bytes, bytes],
+        end: bytes,
+        http10: bool,
+    ) -> None:
+        """Answer a GET or HEAD for an opened thumbnail: preconditions, range, then the body."""
         status = 200
         first, last = 0, file.size - 1
         if headers:
@@ -1011,6 +1142,178 @@ class _Worker:
         conn.closing = True
         self.answering_http10 = False
         self._send_simple(conn, status, b"-", b"", {}, _END_CLOSE, _REASONS[status] + b"\n")
+
+    # -- generating on a miss
+
+    def _start_generating(self, source_root: Path) -> None:
+        import sqlite3
+
+        from thumbcli.pipeline import OnDemand
+
+        options = self.options
+        self.on_demand = OnDemand(
+            source_root,
+            options.cache_root,
+            {spec.name: spec for spec in options.presets},
+            workers=options.generators,
+            max_pending=options.max_pending,
+        )
+        self.generated = {spec.name: spec.format for spec in options.presets}
+        self.freshness_errors = (OSError, sqlite3.Error)
+        self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.epoll.register(self.done_fd, select.EPOLLIN)
+        self.open_thumbnail = self._open_or_generate
+        log.info("making %s thumbnails from %s on a miss", ", ".join(sorted(self.generated)), source_root)
+
+    def _stop_generating(self) -> None:
+        assert self.on_demand is not None
+        self._on_generated()  # count the completions that came after the loop's last look
+        if self.generations_in_flight:
+            # Joining them could outlast the grace period (writes are atomic, so leaving them is safe):
+            # drop the queued ones; their threads may still signal done_fd, so it stays open.
+            log.warning("leaving %d thumbnail generations unfinished", self.generations_in_flight)
+            self.on_demand.close(abandon=True)
+            return
+        self.on_demand.close()
+        self.on_demand = None
+        os.close(self.done_fd)
+        self.done_fd = -1
+
+    def _open_or_generate(self, path: bytes) -> _OpenFile | int | None:
+        """`_open` with a source folder: a preset made on a miss is checked against its source first.
+
+        None (404) when no such source image exists, so a bad URL never reaches libvips;
+        `_MISS` when the thumbnail is missing or stale and must be made (`self.miss` names it).
+        A thumbnail opened less than OPEN_FILE_SECONDS ago was fresh when opened and is not
+        checked again: the check (stat, realpath, a database read) would cost more than serving.
+        """
+        file = self.files.get(path)
+        if file is not None and file.expires > self.now:
+            return file
+        parts = split_url_path(path)
+        if parts is None or parts[0] not in self.generated:
+            return self._open(path)
+        assert self.on_demand is not None
+        try:
+            fresh = self.on_demand.is_fresh(*parts)
+        except self.freshness_errors as exc:
+            log.warning("cannot check the %s thumbnail of %s: %s", parts[0], parts[1], exc)
+            return 503
+        if fresh is None:
+            return None
+        if fresh:
+            return self._open(path)
+        stale = self.files.get(path)
+        if stale is not None:
+            self._evict(path, stale)
+        self.miss = parts
+        return _MISS
+
+    def _generate(
+        self,
+        conn: _Connection,
+        path: bytes,
+        method: bytes,
+        target: bytes,
+        headers: dict[bytes, bytes],
+        end: bytes,
+        http10: bool,
+    ) -> None:
+        """Start or join making the thumbnail `self.miss` names, and park the request until it is made."""
+        assert self.on_demand is not None
+        preset, relpath = self.miss
+        pending = _Pending(conn, path, method, target, headers, end, http10, self.now)
+        outcome = self.on_demand.request(preset, relpath, functools.partial(self._generated, pending))
+        counters = self.counters
+        if outcome == "busy":
+            # RFC 9110 §15.6.4: refuse at once instead of queueing without end; the connection stays usable.
+            counters[_GENERATIONS_REFUSED] += 1
+            self._send_simple(conn, 503, method, target, headers, end, b"", _RETRY_AFTER)
+            return
+        if outcome == "missing":  # the source went away since the freshness check
+            self._send_simple(conn, 404, method, target, headers, end, b"not found\n")
+            return
+        if outcome == "queued":
+            pending.started = True
+            self.generations_in_flight += 1
+            counters[_GENERATIONS_STARTED] += 1
+        else:
+            counters[_GENERATIONS_JOINED] += 1
+        counters[_GENERATION_WAITING] += 1
+        conn.out.append(pending)
+
+    def _generated(self, pending: _Pending, reason: str | None) -> None:
+        """OnDemand's `done`, called on a generator thread: hand the outcome to the loop thread."""
+        self.completions.put((pending, reason))
+        os.eventfd_write(self.done_fd, 1)
+
+    def _on_generated(self) -> None:
+        """Answer the parked requests whose thumbnails are made or have failed."""
+        # Read the eventfd before emptying the queue: a completion queued after this read wakes us again.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.done_fd)
+        completions = self.completions
+        while True:
+            try:
+                pending, reason = completions.get_nowait()
+            except queue.Empty:
+                return
+            if pending.started:
+                self.generations_in_flight -= 1
+                if reason is not None:
+                    self.counters[_GENERATIONS_FAILED] += 1
+            if pending.resolved:
+                continue
+            if reason is None:
+                self._resolve(pending, 0, b"", b"")
+            else:
+                # The reason names the source: it is logged (by OnDemand), never sent.
+                # A source that cannot be thumbnailed has no thumbnail: 404.
+                self._resolve(pending, 404, b"not found\n", b"")
+
+    def _forget(self, pending: _Pending) -> None:
+        if not pending.resolved:
+            pending.resolved = True
+            self.counters[_GENERATION_WAITING] -= 1
+
+    def _resolve(self, pending: _Pending, status: int, body: bytes, extra: bytes) -> None:
+        """Answer a parked request in its place in the output: with its thumbnail if `status` is 0."""
+        self._forget(pending)
+        conn = pending.conn
+        if conn.closed:
+            return
+        out = conn.out
+        index = next(i for i, item in enumerate(out) if item is pending)
+        later = out[index + 1 :]
+        del out[index:]
+        self.answering_http10 = http10 = pending.http10
+        method, target, headers, end = pending.method, pending.target, pending.headers, pending.end
+        if not status:
+            file = self._open(pending.path)
+            if file is None:
+                status, body = 404, b"not found\n"  # made, then removed at once (a prune)
+            elif isinstance(file, int):
+                status, body = file, b"service unavailable\n"
+            else:
+                self._answer_file(conn, file, method, target, headers, end, http10)
+        if status:
+            self._send_simple(conn, status, method, target, headers, end, body, extra)
+        if conn.closed:
+            for item in later:
+                if isinstance(item, _Body):
+                    item.file.release()
+                elif isinstance(item, _Pending):
+                    self._forget(item)
+            return
+        conn.out.extend(later)
+        conn.last_progress = self.now
+        if conn.in_message:
+            conn.head_start = self.now  # the rest of its head waited unread while this thumbnail was made
+        if conn.out:
+            self._set_interest(conn, select.EPOLLOUT)
+        self._on_writable(conn)
+
+    # -- opening thumbnails
 
     def _open(self, path: bytes) -> _OpenFile | int | None:
         """The open thumbnail for a URL path, None if there is none, or an error status."""
@@ -1134,6 +1437,9 @@ class _Worker:
                 item.file.release()
                 del out[0]
                 continue
+            if isinstance(item, _Pending):
+                self._set_interest(conn, 0)  # parked: read nothing, send nothing, until the thumbnail is made
+                return
             more = _MSG_MORE if len(out) > 1 else 0
             try:
                 sent = conn.sock.send(item, more)
@@ -1249,6 +1555,11 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
     if not options.cache_root.is_dir():
         raise CannotRunError(f"{options.cache_root}: not a directory")
     read_manifest(options.cache_root)  # a broken manifest stops us before we listen
+    if options.source_root is not None:
+        if not options.source_root.is_dir():
+            raise CannotRunError(f"{options.source_root}: source is not a directory")
+        if not os.access(options.cache_root, os.W_OK | os.X_OK):
+            raise CannotRunError(f"{options.cache_root}: not writable, and --source makes thumbnails there")
     if options.workers == 1:
         board = MetricsBoard(1)
         listener = _listen(options.host, options.port, reuse_port=False)

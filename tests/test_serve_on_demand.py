@@ -1,0 +1,450 @@
+"""`thumbcli serve --source`: thumbnails made on a miss, by a real server process, for real clients."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import pyvips
+from conftest import draw_photo, load, make_photo
+from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
+
+from thumbcli.cache import cache_path
+from thumbcli.errors import SpecError
+from thumbcli.serve import OPEN_FILE_SECONDS, ServeOptions
+from thumbcli.spec import SizeBox, ThumbSpec
+
+SECRET_MARK = "secret"
+CONFIG = """
+[presets.small]
+size = "64"
+format = "webp"
+
+[presets.wide]
+size = "200x"
+format = "png"
+"""
+
+
+@pytest.fixture(scope="module")
+def big_png(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A 3200x2400 PNG: no shrink-on-load, so each thumbnail of it takes a while to make."""
+    image = draw_photo(800, 600).resize(4, kernel="nearest")
+    return bytes(image.write_to_buffer(".png", compression=1))
+
+
+@pytest.fixture(scope="module")
+def huge_png(big_png: bytes) -> bytes:
+    """A 4800x3600 PNG: long enough to make that a test can watch a request wait for it."""
+    image = pyvips.Image.new_from_buffer(big_png, "").resize(1.5, kernel="nearest")
+    return bytes(image.write_to_buffer(".png", compression=1))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A source folder, an empty cache beside it, a config with two presets, and a secret outside both."""
+    (tmp_path / "thumbcli.toml").write_text(CONFIG)
+    source = tmp_path / "src"
+    make_photo(source / "a" / "photo.jpg")
+    make_photo(source / "ü ber" / "straße.png", 300, 200)
+    make_photo(source / ".hidden.jpg")
+    (source / "notes.txt").write_text("not an image")
+    (source / "garbage.jpg").write_bytes(b"this is not a JPEG at all\n" * 100)
+    whole = (source / "a" / "photo.jpg").read_bytes()
+    (source / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (source / "folder.jpg").mkdir()
+    os.mkfifo(source / "fifo.jpg")
+    make_photo(tmp_path / f"{SECRET_MARK}.jpg", seed=3)
+    (tmp_path / "outside").mkdir()
+    make_photo(tmp_path / "outside" / f"{SECRET_MARK}.jpg", seed=4)
+    os.symlink(tmp_path / f"{SECRET_MARK}.jpg", source / f"{SECRET_MARK}-link.jpg")
+    os.symlink(tmp_path / "outside", source / "linkdir")
+    (tmp_path / "cache").mkdir()
+    return tmp_path
+
+
+@pytest.fixture(params=[True, False], ids=["sendfile", "fallback"])
+def use_sendfile(request: pytest.FixtureRequest) -> bool:
+    """Every test that receives a body runs twice: bodies by sendfile and by the plain-send fallback."""
+    return bool(request.param)
+
+
+def on_demand_server(tree: Path, **options: object) -> contextlib.AbstractContextManager[ServerProcess]:
+    """A `thumbcli --config tree/thumbcli.toml serve tree/cache --source tree/src` process."""
+    return running_server(tree / "cache", config=tree / "thumbcli.toml", source_root=tree / "src", **options)
+
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def fetch(server: ServerProcess, path: str, method: str = "GET", timeout: float = 30) -> Answer:
+    """One request with http.client: status, headers (lower-case names), body."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+def generations(server: ServerProcess) -> dict[str, float]:
+    """The on-demand counters from /metrics, by event."""
+    values = metrics(server)
+    counts = {
+        event: values[f'thumbcli_generations_total{{event="{event}"}}']
+        for event in ("started", "joined", "refused", "failed", "timed_out")
+    }
+    counts["waiting"] = values["thumbcli_generation_waiting"]
+    return counts
+
+
+def thumb_file(tree: Path, preset: str, relpath: str) -> Path:
+    return cache_path(tree / "cache", preset, relpath, "png" if preset == "wide" else "webp")
+
+
+def libvips_loaded(pid: int) -> bool:
+    return "libvips" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def pipelined(server: ServerProcess, paths: list[str], timeout: float = 30) -> list[Answer]:
+    """Send every request in one write on one connection, then read the answers in order."""
+    with server.connect(timeout) as sock, sock.makefile("rb") as reader:
+        sock.sendall(b"".join(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode() for path in paths))
+        answers = []
+        for _ in paths:
+            response = read_response(reader)
+            answers.append((response.status, response.headers, response.body))
+        return answers
+
+
+# --- options -----------------------------------------------------------------------
+
+
+SMALL = ThumbSpec(SizeBox.parse("64"), name="small", format="webp")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"presets": (SMALL,)},
+        {"source_root": Path("/")},
+        {"source_root": Path("/"), "presets": (SMALL, SMALL)},
+        {"source_root": Path("/"), "presets": (SMALL,), "max_pending": 0},
+        {"source_root": Path("/"), "presets": (SMALL,), "generators": 0},
+        {"source_root": Path("/"), "presets": (SMALL,), "generators": 65},
+    ],
+)
+def test_serve_options_reject_bad_on_demand_values(tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(SpecError):
+        ServeOptions(cache_root=tmp_path, **bad)  # type: ignore[arg-type]
+
+
+def test_serve_options_accept_on_demand_values(tmp_path: Path) -> None:
+    options = ServeOptions(cache_root=tmp_path, source_root=tmp_path, presets=(SMALL,), max_pending=1, generators=64)
+    assert options.presets[0].name == "small"
+
+
+# --- making thumbnails ------------------------------------------------------------------
+
+
+def test_serve_makes_missing_thumbnail_on_first_get(tree: Path, use_sendfile: bool) -> None:
+    with on_demand_server(tree, use_sendfile=use_sendfile) as server:
+        status, headers, body = fetch(server, "/small/a/photo.jpg")
+        assert status == 200
+        assert headers["content-type"] == "image/webp"
+        made = thumb_file(tree, "small", "a/photo.jpg")
+        assert body == made.read_bytes()
+        image = pyvips.Image.new_from_buffer(body, "")
+        assert (image.width, image.height) == (64, 43)
+        # Another preset, another format, a name that needs escaping.
+        status, headers, body = fetch(server, "/wide/%C3%BC%20ber/stra%C3%9Fe.png")
+        assert (status, headers["content-type"]) == (200, "image/png")
+        assert load(thumb_file(tree, "wide", "ü ber/straße.png")).width == 200
+        # Made once: the next requests are served from the cache.
+        etag = headers["etag"]
+        assert fetch(server, "/wide/%C3%BC%20ber/stra%C3%9Fe.png")[2] == body
+        assert get(server, "/wide/%C3%BC%20ber/stra%C3%9Fe.png", {"If-None-Match": etag}).status == 304
+        assert generations(server)["started"] == 2
+        via = "sendfile" if use_sendfile else "fallback"
+        assert metrics(server)[f'thumbcli_bodies_total{{via="{via}"}}'] >= 3
+
+
+def test_serve_makes_missing_thumbnail_for_head(tree: Path) -> None:
+    with on_demand_server(tree) as server:
+        status, headers, body = fetch(server, "/small/a/photo.jpg", method="HEAD")
+        made = thumb_file(tree, "small", "a/photo.jpg")
+        assert (status, body, headers["content-length"]) == (200, b"", str(made.stat().st_size))
+
+
+def test_serve_remakes_stale_thumbnail(tree: Path, use_sendfile: bool) -> None:
+    with on_demand_server(tree, use_sendfile=use_sendfile) as server:
+        first = fetch(server, "/small/a/photo.jpg")
+        made = thumb_file(tree, "small", "a/photo.jpg")
+        before = made.stat()
+        source = tree / "src" / "a" / "photo.jpg"
+        make_photo(source, 400, 600, seed=1)  # a new picture, portrait now
+        later = source.stat().st_mtime_ns + 5_000_000_000
+        os.utime(source, ns=(later, later))
+        # An open thumbnail is rechecked against its source once it is OPEN_FILE_SECONDS old.
+        second = fetch_until_new(server, "/small/a/photo.jpg", first)
+        after = made.stat()
+        assert second[0] == 200
+        assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+        assert second[2] == made.read_bytes()
+        image = pyvips.Image.new_from_buffer(second[2], "")
+        assert (image.width, image.height) == (43, 64)
+        # Touching alone makes it stale too.
+        os.utime(source, ns=(later + 10**9, later + 10**9))
+        assert fetch_until_new(server, "/small/a/photo.jpg", second)[0] == 200
+        assert made.stat().st_ino != after.st_ino
+        assert generations(server)["started"] == 3
+
+
+def fetch_until_new(server: ServerProcess, path: str, old: Answer) -> Answer:
+    """GET `path` until its ETag differs from `old`'s; meanwhile only the old thumbnail may be served."""
+    deadline = time.monotonic() + OPEN_FILE_SECONDS + 10
+    while time.monotonic() < deadline:
+        answer = fetch(server, path)
+        if answer[1].get("etag") != old[1]["etag"]:
+            return answer
+        assert answer[:1] + answer[2:] == old[:1] + old[2:]
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not made again")
+
+
+def test_serve_burst_of_identical_requests_makes_one_thumbnail(tree: Path, big_png: bytes, use_sendfile: bool) -> None:
+    (tree / "src" / "big.png").write_bytes(big_png)
+    with on_demand_server(tree, use_sendfile=use_sendfile) as server:
+        start = threading.Barrier(20)
+        answers: list[Answer] = []
+
+        def client() -> None:
+            start.wait()
+            answers.append(fetch(server, "/small/big.png"))
+
+        threads = [threading.Thread(target=client) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        made = thumb_file(tree, "small", "big.png")
+        assert [status for status, _, _ in answers] == [200] * 20
+        assert {body for _, _, body in answers} == {made.read_bytes()}
+        counts = generations(server)
+        assert counts["started"] == 1
+        assert counts["waiting"] == 0
+        inode = made.stat().st_ino
+        assert fetch(server, "/small/big.png")[0] == 200
+        assert made.stat().st_ino == inode
+        assert generations(server)["started"] == 1
+
+
+def test_serve_pipelined_identical_requests_share_one_generation_in_order(tree: Path, use_sendfile: bool) -> None:
+    make_photo(tree / "src" / "other.jpg", seed=2)
+    paths = ["/small/a/photo.jpg"] * 4 + ["/small/missing.jpg", "/small/other.jpg", "/small/a/photo.jpg"]
+    with on_demand_server(tree, use_sendfile=use_sendfile) as server:
+        answers = pipelined(server, paths)
+        assert [status for status, _, _ in answers] == [200, 200, 200, 200, 404, 200, 200]
+        photo = thumb_file(tree, "small", "a/photo.jpg").read_bytes()
+        other = thumb_file(tree, "small", "other.jpg").read_bytes()
+        assert [body for _, _, body in answers] == [photo] * 4 + [b"not found\n", other, photo]
+        counts = generations(server)
+        # One recv holds them all: the repeats join the generation the first started (the last
+        # may find it finished already, as libvips was loaded by then).
+        assert counts["started"] == 2
+        assert counts["joined"] >= 3
+
+
+def test_serve_refuses_generations_past_the_bound_with_503(tree: Path, big_png: bytes, use_sendfile: bool) -> None:
+    for number in range(10):
+        (tree / "src" / f"big{number}.png").write_bytes(big_png)
+    with on_demand_server(tree, use_sendfile=use_sendfile, max_pending=1, generators=1) as server:
+        # Ten on one connection, read in one go: the first is made, the other nine refused at once.
+        started = time.monotonic()
+        answers = pipelined(server, [f"/small/big{number}.png" for number in range(10)])
+        assert [status for status, _, _ in answers] == [200] + [503] * 9
+        for _, headers, body in answers[1:]:
+            assert (headers["retry-after"], headers["content-length"], body) == ("1", "0", b"")
+        # The connection stayed usable, and the refused thumbnails were never made.
+        assert not thumb_file(tree, "small", "big1.png").exists()
+        assert generations(server)["refused"] == 9
+        # A flood from ten clients at once: every request is answered quickly, made or refused.
+        start = threading.Barrier(10)
+        answers = []
+
+        def client(number: int) -> None:
+            start.wait()
+            answers.append(fetch(server, f"/small/big{number}.png", timeout=30))
+
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(1, 10)]
+        threads.append(threading.Thread(target=client, args=(1,)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        statuses = sorted(status for status, _, _ in answers)
+        assert len(statuses) == 10
+        assert set(statuses) <= {200, 503}
+        assert statuses.count(503) >= 1
+        assert all(headers["retry-after"] == "1" for status, headers, _ in answers if status == 503)
+        for status, _, body in answers:
+            if status == 200:
+                assert pyvips.Image.new_from_buffer(body, "").width == 64
+        counts = generations(server)
+        assert counts["refused"] == 9 + statuses.count(503)
+        assert counts["waiting"] == 0
+        assert time.monotonic() - started < 30  # generous: no pile-up
+
+
+def test_serve_bounds_the_wait_for_a_slow_generation(tree: Path, huge_png: bytes) -> None:
+    (tree / "src" / "huge.png").write_bytes(huge_png)
+    with on_demand_server(tree, send_timeout=0.05) as server:
+        status, headers, body = fetch(server, "/small/huge.png")
+        assert (status, headers["retry-after"], body) == (503, "1", b"")
+        assert generations(server)["timed_out"] == 1
+        # The generation went on: a retry finds the thumbnail (or joins it once more).
+        made = thumb_file(tree, "small", "huge.png")
+        assert wait_until(made.exists, timeout=30)
+        assert wait_until(lambda: fetch(server, "/small/huge.png")[0] == 200, timeout=30)
+
+
+def test_serve_forgets_a_client_that_leaves_while_waiting(tree: Path, huge_png: bytes) -> None:
+    (tree / "src" / "huge.png").write_bytes(huge_png)
+    with on_demand_server(tree) as server:
+        sock = server.connect(10)
+        sock.sendall(b"GET /small/huge.png HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert wait_until(lambda: generations(server)["waiting"] == 1, timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the server notices at once, even while the request is parked
+        assert wait_until(lambda: generations(server)["waiting"] == 0, timeout=10)
+        # The generation goes on for the next client.
+        assert wait_until(thumb_file(tree, "small", "huge.png").exists, timeout=30)
+        assert fetch(server, "/small/huge.png")[0] == 200
+        assert generations(server)["started"] == 1
+        assert metrics(server)["thumbcli_open_connections"] == 1  # the metrics request's own
+
+
+# --- what is never made ---------------------------------------------------------------------
+
+
+def test_serve_missing_source_is_404_without_loading_libvips(tree: Path) -> None:
+    with on_demand_server(tree) as server:
+        for path in (
+            "/small/nope.jpg",
+            "/small/a/nope.jpg",
+            "/small/notes.txt",
+            "/small/a/photo.jpg/x.jpg",
+            "/small/.hidden.jpg",
+            "/small/folder.jpg",
+        ):
+            started = time.monotonic()
+            assert get(server, path).status == 404, path
+            assert time.monotonic() - started < 2
+        assert get(server, "/small/fifo.jpg").status == 404  # never opened: a FIFO would block the reader
+        assert not libvips_loaded(server.process.pid)
+        assert generations(server)["started"] == 0
+        assert not (tree / "cache" / "v1").exists()
+        assert get(server, "/small/a/photo.jpg").status == 200
+        assert libvips_loaded(server.process.pid)  # the probe does see it once it is loaded
+
+
+@pytest.mark.parametrize("name", ["garbage.jpg", "truncated.jpg"])
+def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str) -> None:
+    with on_demand_server(tree) as server:
+        status, _, body = fetch(server, f"/small/{name}")
+        assert (status, body) == (404, b"not found\n")
+        assert str(tree) not in body.decode()
+        assert generations(server)["failed"] == 1
+        assert fetch(server, "/small/a/photo.jpg")[0] == 200
+        assert server.process.poll() is None
+        assert not thumb_file(tree, "small", name).exists()
+    assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
+
+
+ESCAPES = [
+    f"/small/../{SECRET_MARK}.jpg",
+    f"/small/..%2f{SECRET_MARK}.jpg",
+    f"/small/..%2f..%2f{SECRET_MARK}.jpg",
+    f"/small/%2e%2e/{SECRET_MARK}.jpg",
+    f"/small/%2e%2e%2f{SECRET_MARK}.jpg",
+    f"/small/..%5c{SECRET_MARK}.jpg",
+    f"/small/%c0%ae%c0%ae/{SECRET_MARK}.jpg",
+    f"/small/%2f{SECRET_MARK}.jpg",
+    f"/small//{SECRET_MARK}.jpg",
+    f"/small/{SECRET_MARK}-link.jpg",
+    f"/small/linkdir/{SECRET_MARK}.jpg",
+    f"/small/a/../../{SECRET_MARK}.jpg",
+    f"/small/a%00/../../{SECRET_MARK}.jpg",
+    f"http://evil/small/../{SECRET_MARK}.jpg",
+]
+
+
+def test_serve_on_demand_never_reads_outside_the_source(tree: Path) -> None:
+    with on_demand_server(tree) as server:
+        for path in ESCAPES:
+            with server.connect(10) as sock, sock.makefile("rb") as reader:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode("latin-1"))
+                assert read_response(reader).status in (400, 404), path
+        assert generations(server)["started"] == 0
+        assert not libvips_loaded(server.process.pid)
+    assert not [path for path in (tree / "cache").rglob("*") if SECRET_MARK in path.name]
+
+
+def test_serve_manifest_only_presets_are_served_as_before(tree: Path) -> None:
+    cache = tree / "cache"
+    write_manifest(cache, {"big": "jpeg"})
+    put_thumb(cache, "big", "a/photo.jpg.jpg", b"made by a batch run")
+    with on_demand_server(tree, presets=["small"]) as server:
+        assert fetch(server, "/big/a/photo.jpg")[2] == b"made by a batch run"
+        assert get(server, "/big/other.jpg").status == 404
+        assert get(server, "/wide/a/photo.jpg").status == 404  # configured, but not asked to be made
+        assert fetch(server, "/small/a/photo.jpg")[0] == 200
+        assert generations(server)["started"] == 1
+
+
+# --- workers and signals ------------------------------------------------------------------
+
+
+def test_serve_drains_parked_requests_on_sigterm(tree: Path, huge_png: bytes, use_sendfile: bool) -> None:
+    (tree / "src" / "big.png").write_bytes(huge_png)
+    with on_demand_server(tree, use_sendfile=use_sendfile, grace_period=30) as server:
+        with server.connect(30) as sock, sock.makefile("rb") as reader:
+            sock.sendall(b"GET /small/big.png HTTP/1.1\r\nHost: test\r\n\r\n")
+            # Parked: the loop goes on answering others meanwhile.
+            assert wait_until(lambda: generations(server)["waiting"] == 1, timeout=10)
+            assert get(server, "/healthz").status == 200
+            server.process.send_signal(signal.SIGTERM)
+            response = read_response(reader)
+        assert response.status == 200
+        assert response.body == thumb_file(tree, "small", "big.png").read_bytes()
+        assert server.process.wait(30) == 0
+
+
+def test_serve_makes_thumbnails_in_each_worker(tree: Path, use_sendfile: bool) -> None:
+    for number in range(6):
+        shutil.copy(tree / "src" / "a" / "photo.jpg", tree / "src" / f"p{number}.jpg")
+    with on_demand_server(tree, use_sendfile=use_sendfile, workers=2) as server:
+        for number in range(6):
+            status, _, body = fetch(server, f"/small/p{number}.jpg")
+            assert (status, body) == (200, thumb_file(tree, "small", f"p{number}.jpg").read_bytes())
+        assert generations(server)["started"] == 6
+        assert server.stop() == 0
+
+
+def test_serve_source_must_be_a_directory(tree: Path) -> None:
+    source = tree / "src" / "notes.txt"
+    server = running_server(tree / "cache", config=tree / "thumbcli.toml", source_root=source)
+    with pytest.raises(RuntimeError, match="did not start"), server:
+        pass
