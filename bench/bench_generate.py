@@ -1,0 +1,530 @@
+#!/usr/bin/env python3
+"""Benchmark `thumbcli generate` against reference thumbnailers on camera-size JPEGs.
+
+    python bench/bench_generate.py [--images 100] [--workdir DIR] [--install]
+                                   [--repeat 3] [--scenarios a,b,c] [--sweep]
+                                   [--thumbcli "CMD ..."]
+
+What it does, all locally and bounded (every command has a timeout):
+
+1. Makes --images photo-like 4000x3000 JPEGs (Q90, ~3 MB: blurred gradient,
+   shapes, low-frequency texture and fine sensor-like noise) in
+   WORKDIR/corpus-N-4000x3000-q90, cached between runs (a `.done` marker
+   records the parameters).
+2. With --install: `apt-get update && apt-get install -y libvips-tools` (for
+   vipsthumbnail) and `pip install Pillow` into this interpreter.  Without it,
+   missing references are skipped with a note.
+3. Times, per scenario, with the median of --repeat runs (runs interleaved):
+     thumbcli        `thumbcli generate SRC -o FRESH_OUT -s ... --json --quiet`
+     pyvips-naive    one process, one libvips thread, a sequential loop of
+                     pyvips.Image.thumbnail(path, 256).write_to_file(out.jpg)
+     vips-xargs      find SRC -name '*.jpg' -print0 | xargs -0 -P CORES -n 8
+                     vipsthumbnail -s 256 -o OUT/%s.jpg
+     pillow-pool     multiprocessing.Pool(CORES): Image.open, draft('RGB', box),
+                     thumbnail(box), save JPEG q80
+   Reported: wall seconds, source images/s, CPU seconds (user+sys of the whole
+   process tree, from os.wait4 on the child, which includes every descendant
+   it reaped) and peak RSS.  Peak RSS comes from the same rusage: for a single
+   process (thumbcli, pyvips-naive) it is that process's peak; for xargs and
+   the Pool it is the largest single process in the tree, not the sum.
+4. Scenarios:
+     a  one size (256)
+     b  three sizes 128/256/512: thumbcli in one run; vipsthumbnail in three
+        passes; Pillow three thumbnails from one open/draft
+     c  memory: thumbcli on the corpus and on a 4x corpus (hardlinks under
+        other names: thumbcli does not follow symlinks) -> peak RSS ratio
+   --sweep adds thumbcli variants (-j, --loaders) to scenario a.
+5. The page cache cannot be dropped without root games, so every file is read
+   once and each command runs once untimed before timing: all runs see a warm
+   cache.
+
+The exact command lines are printed.  Results are also written to
+WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WIDTH, HEIGHT, QUALITY = 4000, 3000, 90
+TIMEOUT = 900  # seconds; no single command may run longer
+HERE = Path(__file__).resolve().parent
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# -- install -------------------------------------------------------------------------------------
+
+
+def install() -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if shutil.which("vipsthumbnail") is None:
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "libvips-tools"]):
+            say(f"$ {shlex.join(cmd)}")
+            subprocess.run(cmd, env=env, check=False, timeout=TIMEOUT, stdout=subprocess.DEVNULL)
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        cmd = [sys.executable, "-m", "pip", "install", "Pillow"]
+        say(f"$ {shlex.join(cmd)}")
+        subprocess.run(cmd, check=False, timeout=TIMEOUT)
+
+
+def have_pillow() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import PIL"], capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+# -- corpus --------------------------------------------------------------------------------------
+
+_GEN_SCRIPT = r"""
+import os, random, sys
+os.environ["VIPS_CONCURRENCY"] = "1"
+import pyvips
+W, H, Q = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def make(path, seed):
+    rnd = random.Random(seed)
+    xy = pyvips.Image.xyz(W, H)
+    chans = [xy[0] * rnd.uniform(-.04, .04) + xy[1] * rnd.uniform(-.04, .04) + rnd.uniform(60, 190) for _ in range(3)]
+    img = chans[0].bandjoin(chans[1:])
+    img += pyvips.Image.gaussnoise(W // 16, H // 16, sigma=40, mean=0, seed=seed).resize(16, kernel="linear")
+    img += pyvips.Image.gaussnoise(W // 4, H // 4, sigma=14, mean=0, seed=seed + 1).resize(4, kernel="linear")
+    shapes = pyvips.Image.black(W, H, bands=3)
+    for _ in range(12):
+        shapes = shapes.draw_circle([rnd.uniform(-60, 60) for _ in range(3)], rnd.randrange(W), rnd.randrange(H),
+                                    rnd.randrange(80, 700), fill=True)
+    img += shapes.gaussblur(6)
+    img += pyvips.Image.gaussnoise(W, H, sigma=3, mean=0, seed=seed + 2)
+    img.cast("uchar").jpegsave(path + ".part", Q=Q)
+    os.replace(path + ".part", path)
+for line in sys.stdin:
+    path, seed = line.split()
+    make(path, int(seed))
+"""
+
+
+def make_corpus(workdir: Path, count: int) -> Path:
+    corpus = workdir / f"corpus-{count}-{WIDTH}x{HEIGHT}-q{QUALITY}"
+    marker = corpus / ".done"
+    params = {"count": count, "width": WIDTH, "height": HEIGHT, "quality": QUALITY, "version": 2}
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return corpus
+    corpus.mkdir(parents=True, exist_ok=True)
+    todo = [(corpus / f"img_{i:04d}.jpg", 1000 + 7 * i) for i in range(count)]
+    todo = [(p, s) for p, s in todo if not p.exists()]
+    say(f"making {len(todo)} {WIDTH}x{HEIGHT} JPEGs (Q{QUALITY}) in {corpus} with {cores()} processes ...")
+    started = time.monotonic()
+    procs = []
+    for k in range(cores()):
+        part = todo[k :: cores()]
+        if not part:
+            continue
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _GEN_SCRIPT, str(WIDTH), str(HEIGHT), str(QUALITY)], stdin=subprocess.PIPE, text=True
+        )
+        assert proc.stdin is not None
+        proc.stdin.write("".join(f"{p} {s}\n" for p, s in part))
+        proc.stdin.close()
+        procs.append(proc)
+    for proc in procs:
+        if proc.wait(timeout=TIMEOUT) != 0:
+            sys.exit("corpus generation failed")
+    marker.write_text(json.dumps(params))
+    sizes = [p.stat().st_size for p in corpus.glob("*.jpg")]
+    say(
+        f"  done in {time.monotonic() - started:.0f} s: {len(sizes)} files, "
+        f"{statistics.mean(sizes) / 1e6:.2f} MB mean ({min(sizes) / 1e6:.2f}-{max(sizes) / 1e6:.2f})"
+    )
+    return corpus
+
+
+def make_big_corpus(workdir: Path, corpus: Path, factor: int = 4) -> Path:
+    """`factor` hardlinks of every corpus file under different names (regular files, same inodes)."""
+    big = workdir / f"{corpus.name}-x{factor}"
+    files = sorted(corpus.glob("*.jpg"))
+    big.mkdir(exist_ok=True)
+    for k in range(factor):
+        for f in files:
+            link = big / f"c{k}_{f.name}"
+            if not link.exists():
+                os.link(f, link)
+    return big
+
+
+def warm(paths: list[Path]) -> None:
+    for d in paths:
+        for f in d.glob("*.jpg"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 22):
+                    pass
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+_NAIVE_SCRIPT = r"""
+import os, sys
+os.environ["VIPS_CONCURRENCY"] = "1"
+import pyvips
+pyvips.concurrency_set(1)
+src, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for name in sorted(os.listdir(src)):
+    if name.endswith(".jpg"):
+        pyvips.Image.thumbnail(os.path.join(src, name), size).write_to_file(os.path.join(out, name[:-4] + ".jpg"))
+"""
+
+_PILLOW_SCRIPT = r"""
+import os, sys
+from multiprocessing import Pool
+from PIL import Image
+src, out, procs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sizes = sorted((int(s) for s in sys.argv[4].split(",")), reverse=True)
+def one(name):
+    with Image.open(os.path.join(src, name)) as im:
+        im.draft("RGB", (sizes[0], sizes[0]))
+        im = im.convert("RGB")
+        for size in sizes:
+            thumb = im.copy() if len(sizes) > 1 else im
+            thumb.thumbnail((size, size))
+            thumb.save(os.path.join(out, str(size), name[:-4] + ".jpg"), quality=80)
+if __name__ == "__main__":
+    for size in sizes:
+        os.makedirs(os.path.join(out, str(size)), exist_ok=True)
+    names = sorted(n for n in os.listdir(src) if n.endswith(".jpg"))
+    with Pool(procs) as pool:
+        for _ in pool.imap_unordered(one, names, chunksize=4):
+            pass
+"""
+
+
+@dataclass
+class Tool:
+    """One benchmarked command: `argv(out_dir)` gives the argv (or a shell line)."""
+
+    name: str
+    scenario: str
+    argv: object  # Callable[[Path], list[str] | str]
+    expect: int  # thumbnails expected in the output tree
+    images: int  # source images per run
+    env: dict[str, str] = field(default_factory=dict)
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+    def command(self, out: Path) -> list[str] | str:
+        return self.argv(out)  # type: ignore[operator]
+
+
+def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
+    """Run cmd; wall, CPU (user+sys) and peak RSS of its process tree via wait4."""
+    full_env = dict(os.environ, **env)
+    shell = isinstance(cmd, str)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd if not shell else ["/bin/sh", "-c", cmd],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    # Drain pipes in a helper so a chatty child cannot block; then reap with wait4 for rusage.
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        import threading
+
+        def pump(src: object, dst: object) -> None:
+            shutil.copyfileobj(src, dst)  # type: ignore[arg-type]
+
+        pumps = [
+            threading.Thread(target=pump, args=(proc.stdout, out_f)),
+            threading.Thread(target=pump, args=(proc.stderr, err_f)),
+        ]
+        for t in pumps:
+            t.start()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.002)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        for t in pumps:
+            t.join()
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read().decode(errors="replace"), err_f.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {cmd}\n{stderr[-2000:]}")
+    return {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss_mb": usage.ru_maxrss / 1024,
+        "stdout": stdout,  # type: ignore[dict-item]
+    }
+
+
+def count_outputs(out: Path) -> int:
+    return sum(1 for p in out.rglob("*") if p.is_file() and p.suffix == ".jpg")
+
+
+def show(cmd: list[str] | str, env: dict[str, str]) -> str:
+    prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in env.items())
+    return prefix + (cmd if isinstance(cmd, str) else shlex.join(cmd))
+
+
+def measure(tools: list[Tool], workdir: Path, repeat: int) -> None:
+    outroot = workdir / "out"
+    shutil.rmtree(outroot, ignore_errors=True)
+    outroot.mkdir(parents=True)
+
+    def once(tool: Tool, label: str) -> dict[str, float]:
+        out = outroot / f"{tool.scenario}-{tool.name}-{label}".replace("/", "_").replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        cmd = tool.command(out)
+        result = run_measured(cmd, tool.env)
+        made = count_outputs(out)
+        if made != tool.expect:
+            raise RuntimeError(f"{tool.name}: expected {tool.expect} thumbnails, found {made} in {out}")
+        shutil.rmtree(out, ignore_errors=True)
+        return result
+
+    for tool in list(tools):
+        say(f"  [{tool.scenario}] {tool.name}:\n    $ {show(tool.command(outroot / 'OUT'), tool.env)}")
+        try:
+            once(tool, "warmup")  # untimed: warms page cache, binaries, pyc files
+        except RuntimeError as exc:
+            say(f"  SKIPPED {tool.name}: {str(exc)[-600:]}")
+            tools.remove(tool)
+    for rep in range(repeat):
+        for tool in tools:
+            r = once(tool, f"r{rep}")
+            r.pop("stdout", None)
+            tool.runs.append(r)
+        say(f"  repetition {rep + 1}/{repeat} done")
+
+
+def med(tool: Tool, key: str) -> float:
+    return statistics.median(r[key] for r in tool.runs)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench")
+    ap.add_argument("--install", action="store_true", help="apt-get install libvips-tools; pip install Pillow")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--scenarios", default="a,b,c", help="comma list of a (one size), b (three sizes), c (memory)")
+    ap.add_argument("--sweep", action="store_true", help="also time thumbcli -j 1/3/4 and --loaders 1/4 in scenario a")
+    ap.add_argument(
+        "--thumbcli",
+        default=None,
+        help="command that runs thumbcli (default: the thumbcli next to this interpreter, "
+        "else `python -m thumbcli`); e.g. 'env PYTHONPATH=/scratch python -m thumbcli'",
+    )
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=CMD",
+        help="another thumbcli command timed next to the default in scenarios a and b (repeatable), "
+        "e.g. 'patched=env PYTHONPATH=/scratch/copy python -m thumbcli'",
+    )
+    ap.add_argument("--extra", default="", help="extra thumbcli arguments for every thumbcli run")
+    args = ap.parse_args()
+
+    n = cores()
+    say(f"machine: {n} cores, python {sys.version.split()[0]} ({sys.executable})")
+    if args.install:
+        install()
+    vipsthumbnail = shutil.which("vipsthumbnail")
+    pillow = have_pillow()
+    if vipsthumbnail is None:
+        say("NOTE: vipsthumbnail not found: skipping the vips-xargs reference (use --install)")
+    else:
+        ver = subprocess.run([vipsthumbnail, "--vips-version"], capture_output=True, text=True).stdout.strip()
+        say(f"vipsthumbnail: {vipsthumbnail} ({ver})")
+    if not pillow:
+        say("NOTE: Pillow not importable: skipping the pillow-pool reference (use --install)")
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pyvips; print(pyvips.__version__, pyvips.version(0), pyvips.version(1), pyvips.version(2))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    say(f"pyvips / libvips (for thumbcli and pyvips-naive): {probe.stdout.strip()}")
+
+    if args.thumbcli:
+        thumbcli = shlex.split(args.thumbcli)
+    else:
+        exe = Path(sys.executable).with_name("thumbcli")
+        thumbcli = [str(exe)] if exe.exists() else [sys.executable, "-m", "thumbcli"]
+    extra = shlex.split(args.extra)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    corpus = make_corpus(args.workdir, args.images)
+    scenarios = set(args.scenarios.split(","))
+    big = make_big_corpus(args.workdir, corpus) if "c" in scenarios else None
+    count = args.images
+    say(
+        f"warming the page cache: reading every source once{' (and the 4x hardlinks)' if big else ''}; "
+        "each command also runs once untimed before the timed runs"
+    )
+    warm([corpus] + ([big] if big else []))
+
+    variants = [(name, shlex.split(cmd)) for name, _, cmd in (c.partition("=") for c in args.compare)]
+
+    def tc(src: Path, sizes: list[int], *more: str, base: list[str] | None = None) -> object:
+        return lambda out: [
+            *(base or thumbcli),
+            "generate",
+            str(src),
+            "-o",
+            str(out),
+            *[a for s in sizes for a in ("-s", str(s))],
+            "--json",
+            "--quiet",
+            *extra,
+            *more,
+        ]
+
+    def xargs(sizes: list[int]) -> object:
+        def line(out: Path) -> str:
+            passes = []
+            for s in sizes:
+                dest = out / str(s) if len(sizes) > 1 else out
+                mk = f"mkdir -p {shlex.quote(str(dest))} && " if len(sizes) > 1 else ""
+                passes.append(
+                    f"{mk}find {shlex.quote(str(corpus))} -name '*.jpg' -print0 | "
+                    f"xargs -0 -P {n} -n 8 vipsthumbnail -s {s} -o {shlex.quote(str(dest))}/%s.jpg"
+                )
+            return " && ".join(passes)
+
+        return line
+
+    def pil(sizes: list[int]) -> object:
+        return lambda out: [
+            sys.executable,
+            "-c",
+            _PILLOW_SCRIPT,
+            str(corpus),
+            str(out),
+            str(n),
+            ",".join(map(str, sizes)),
+        ]
+
+    groups: list[tuple[str, str, list[Tool]]] = []  # (scenario, reference tool name, tools)
+    if "a" in scenarios:
+        tools = [Tool("thumbcli", "a", tc(corpus, [256]), count, count)]
+        for name, cmd in variants:
+            tools.append(Tool(f"thumbcli[{name}]", "a", tc(corpus, [256], base=cmd), count, count))
+        if args.sweep:
+            for more in (["-j", "1"], ["-j", "3"], ["-j", "4"], ["--loaders", "1"], ["--loaders", "4"]):
+                tools.append(Tool("thumbcli " + " ".join(more), "a", tc(corpus, [256], *more), count, count))
+        tools.append(
+            Tool(
+                "pyvips-naive",
+                "a",
+                lambda out: [sys.executable, "-c", _NAIVE_SCRIPT, str(corpus), str(out), "256"],
+                count,
+                count,
+                env={"VIPS_CONCURRENCY": "1"},
+            )
+        )
+        if vipsthumbnail:
+            tools.append(Tool("vips-xargs", "a", xargs([256]), count, count))
+        if pillow:
+            tools.append(Tool("pillow-pool", "a", pil([256]), count, count))
+        groups.append(("a: one size 256", "vips-xargs", tools))
+    if "b" in scenarios:
+        tools = [Tool("thumbcli", "b", tc(corpus, [128, 256, 512]), 3 * count, count)]
+        for name, cmd in variants:
+            tools.append(Tool(f"thumbcli[{name}]", "b", tc(corpus, [128, 256, 512], base=cmd), 3 * count, count))
+        if vipsthumbnail:
+            tools.append(Tool("vips-xargs x3 passes", "b", xargs([128, 256, 512]), 3 * count, count))
+        if pillow:
+            tools.append(Tool("pillow-pool 3/open", "b", pil([128, 256, 512]), 3 * count, count))
+        groups.append(("b: three sizes 128/256/512", "vips-xargs x3 passes", tools))
+    if "c" in scenarios:
+        assert big is not None
+        tools = [
+            Tool(f"thumbcli {count} img", "c", tc(corpus, [256]), count, count),
+            Tool(f"thumbcli {4 * count} img", "c", tc(big, [256]), 4 * count, 4 * count),
+        ]
+        groups.append(("c: memory, corpus vs 4x corpus (hardlinks)", f"thumbcli {count} img", tools))
+
+    say("\ncommands (OUT is a fresh directory per run, removed afterwards):")
+    all_tools = [t for _, _, ts in groups for t in ts]
+    load_before = os.getloadavg()
+    measure(all_tools, args.workdir, args.repeat)
+    load_after = os.getloadavg()
+    for _, _, ts in groups:
+        ts[:] = [t for t in ts if t in all_tools]
+
+    # -- report --------------------------------------------------------------------------------
+    say(f"\nmedian of {args.repeat} runs, warm page cache, {n} cores, {count} sources of {WIDTH}x{HEIGHT} Q{QUALITY}")
+    say("CPU s = user+sys of the process tree; RSS = peak of one process (largest process for xargs / Pool)")
+    say(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+        "(other load on the machine skews wall times; CPU ms/img much less)"
+    )
+    header = (
+        f"{'scenario / tool':34} {'wall s':>7} {'img/s':>7} {'CPU s':>7} {'CPU ms/img':>10} {'RSS MB':>7} "
+        f"{'vs vips':>8} {'vs PIL':>7}"
+    )
+    results = []
+    for title, ref_name, tools in groups:
+        say(f"\n{title}\n{header}")
+        by = {t.name: t for t in tools}
+        ref = by.get(ref_name)
+        pil_ref = next((t for t in tools if t.name.startswith("pillow")), None)
+        for t in tools:
+            wall, cpu, rss = med(t, "wall"), med(t, "cpu"), med(t, "rss_mb")
+            ips = t.images / wall
+            r_v = f"{ips / (ref.images / med(ref, 'wall')):.2f}x" if ref and not title.startswith("c") else "-"
+            r_p = f"{ips / (pil_ref.images / med(pil_ref, 'wall')):.2f}x" if pil_ref else "-"
+            cpu_per = 1000 * cpu / t.images
+            say(f"{t.name:34} {wall:7.2f} {ips:7.1f} {cpu:7.2f} {cpu_per:10.1f} {rss:7.0f} {r_v:>8} {r_p:>7}")
+            results.append(
+                {
+                    "scenario": t.scenario,
+                    "tool": t.name,
+                    "wall_s": wall,
+                    "images_per_s": ips,
+                    "cpu_s": cpu,
+                    "rss_mb": rss,
+                    "runs": t.runs,
+                }
+            )
+        if title.startswith("c") and len(tools) == 2:
+            small, large = tools
+            ratio = med(large, "rss_mb") / med(small, "rss_mb")
+            verdict = "OK" if ratio <= 1.10 else "MISSED"
+            say(f"peak RSS ratio {4 * count} vs {count} images: {ratio:.3f} (target <= 1.10: {verdict})")
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
+    say(f"\nresults: {args.workdir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
