@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import pyvips
 from conftest import make_photo, run_cli
 
 from thumbcli.config import ConfigError, find_config, load_config
@@ -74,10 +78,6 @@ def test_config_file_is_found_in_the_current_folder_then_xdg(tmp_path: Path, mon
 
 
 def test_command_line_beats_environment_beats_config(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     path = write(tmp_path / "thumbcli.toml", "[generate]\nquality = 60\nloaders = 3\n")
     env = {**os.environ, "THUMBCLI_CONFIG": str(path), "THUMBCLI_GENERATE_QUALITY": "70"}
     shown = subprocess.run(
@@ -97,8 +97,6 @@ def test_command_line_beats_environment_beats_config(tmp_path: Path) -> None:
             env=env,
             check=True,
         )
-        import pyvips
-
         small = (out / "256" / "a.jpg.jpg").stat().st_size
         reference = pyvips.Image.thumbnail(str(source / "a.jpg"), 256).jpegsave_buffer(
             Q=expected_q, keep="none", optimize_coding=True

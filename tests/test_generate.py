@@ -25,6 +25,8 @@ from conftest import (
     run_cli,
 )
 
+from thumbcli.writers import ABANDONED_TEMP_SECONDS
+
 # -- what comes out -------------------------------------------------------
 
 
@@ -520,7 +522,13 @@ def test_generate_killed_leaves_no_partial_file_and_a_rerun_completes(many_sourc
     assert proc.returncode == -signal.SIGKILL
     finals = [p for p in assert_whole_outputs(out) if not p.name.startswith(".thumbcli-tmp-")]
     assert 3 <= len(finals) < MANY
+    # A temporary file the killed run left (made here for certain, and aged past the
+    # threshold) is cleaned up by the next run that lists its folder.
+    leftover = finals[0].parent / ".thumbcli-tmp-left-by-kill"
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (time.time() - 2 * ABANDONED_TEMP_SECONDS,) * 2)
     rerun = run_cli("generate", many_sources, "-o", out, *SLOW, timeout=120)
     assert rerun.rc == 0, rerun.stderr
     finals = [p for p in assert_whole_outputs(out) if not p.name.startswith(".thumbcli-tmp-")]
     assert len(finals) == MANY
+    assert not leftover.exists()

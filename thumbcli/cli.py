@@ -25,8 +25,6 @@ from thumbcli.writers import DEFAULT_NAME_TEMPLATE
 if TYPE_CHECKING:
     from thumbcli.writers import Target
 
-log = logging.getLogger("thumbcli")
-
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -445,11 +443,14 @@ def _estimate_bytes(target: Any, planned_by_spec: dict[str, int]) -> int:
 
 
 def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    if count < 1024:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 @main.command()

@@ -78,6 +78,10 @@ def remove_temporary_files() -> None:
             os.unlink(temp)
 
 
+#: A temporary file older than this was left by a killed run (a live write takes seconds).
+ABANDONED_TEMP_SECONDS = 3600
+
+
 def is_temporary_name(name: str) -> bool:
     """True for the names `write_atomically` uses before the rename."""
     return name.startswith(_TEMP_PREFIX)
@@ -243,6 +247,14 @@ class StateStore:
             self._db.close()
 
 
+def _remove_if_abandoned(path: Path) -> None:
+    """Unlink a temporary file that a killed run left behind (never one being written now)."""
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > ABANDONED_TEMP_SECONDS:
+            path.unlink()
+            log.info("%s: removed a temporary file left by an interrupted run", display_path(path))
+
+
 def _apply(mapping: dict[str, Any], name: str, value: object | None) -> None:
     if value is None:
         mapping.pop(name, None)
@@ -395,6 +407,9 @@ class OutputTree:
                 names = frozenset(os.listdir(self.root / folder))
             except OSError:
                 names = frozenset()
+            for name in names:
+                if is_temporary_name(name):
+                    _remove_if_abandoned(self.root / folder / name)
             self._listings[folder] = names
         return names
 
