@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import marshal
@@ -407,9 +408,10 @@ class OutputTree:
                 names = frozenset(os.listdir(self.root / folder))
             except OSError:
                 names = frozenset()
-            for name in names:
-                if is_temporary_name(name):
-                    _remove_if_abandoned(self.root / folder / name)
+            if any(map(str.startswith, names, itertools.repeat(_TEMP_PREFIX))):
+                for name in names:
+                    if is_temporary_name(name):
+                        _remove_if_abandoned(self.root / folder / name)
             self._listings[folder] = names
         return names
 
@@ -453,10 +455,12 @@ class OutputTree:
             freshness: Freshness = "fresh"
             for spec, suffix, records, names in per_spec:
                 out_name = name + suffix
-                verdict = judge(records.get(out_name), out_name in names, mtime_ns, size, spec, force)
-                if verdict != "fresh":
-                    freshness = _worst(freshness, verdict)
-                    needed.append(spec)
+                record = records.get(out_name)
+                # The common case first, as one tuple comparison; `judge` says why otherwise.
+                if not force and record == (mtime_ns, size, spec.name, spec.digest) and out_name in names:
+                    continue
+                freshness = _worst(freshness, judge(record, out_name in names, mtime_ns, size, spec, force))
+                needed.append(spec)
             if needed:
                 todo.append(
                     (SourceFile(path, batch.root, prefix + name, size, mtime_ns), Plan(freshness, tuple(needed)))
