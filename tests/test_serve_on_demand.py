@@ -373,6 +373,20 @@ def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str) 
     assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
 
 
+def test_serve_cache_write_failure_is_500_not_404(tree: Path) -> None:
+    # A file where the thumbnail's folder must go: the source is fine, writing the thumbnail fails.
+    blocker = thumb_file(tree, "small", "a/photo.jpg").parent
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"in the way")
+    with on_demand_server(tree) as server:
+        status, _, body = fetch(server, "/small/a/photo.jpg")
+        assert (status, body) == (500, b"internal server error\n")
+        assert generations(server)["failed"] == 1
+        blocker.unlink()
+        assert fetch(server, "/small/a/photo.jpg")[0] == 200
+    assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
+
+
 ESCAPES = [
     f"/small/../{SECRET_MARK}.jpg",
     f"/small/..%2f{SECRET_MARK}.jpg",

@@ -361,6 +361,13 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
 OnDemandStatus = Literal["queued", "joined", "busy", "missing"]
 
 
+class GenerationFailure(NamedTuple):
+    """Why an on-demand thumbnail was not made: the source's fault (no thumbnail can exist) or ours."""
+
+    reason: str
+    source_problem: bool
+
+
 class OnDemand:
     """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
 
@@ -386,7 +393,7 @@ class OnDemand:
         self._limits = limits or Limits()
         self._target = CacheDirectory(cache_root, tuple(self._presets.values()), check_collisions=False, locked=False)
         self._max_pending = max_pending
-        self._pending: dict[tuple[str, str], list[Callable[[str | None], None]]] = {}
+        self._pending: dict[tuple[str, str], list[Callable[[GenerationFailure | None], None]]] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
 
@@ -412,8 +419,8 @@ class OnDemand:
             return None
         return self._target.is_fresh(source, spec)
 
-    def request(self, preset: str, relpath: str, done: Callable[[str | None], None]) -> OnDemandStatus:
-        """Start (or join) making one thumbnail; `done(None)` on success or `done(reason)`, from a worker thread."""
+    def request(self, preset: str, relpath: str, done: Callable[[GenerationFailure | None], None]) -> OnDemandStatus:
+        """Start (or join) making one thumbnail; `done(None)` on success or `done(failure)`, from a worker thread."""
         spec = self._presets.get(preset)
         source = self.source_for(relpath)
         if spec is None or source is None:
@@ -431,19 +438,25 @@ class OnDemand:
         return "queued"
 
     def _make(self, key: tuple[str, str], source: SourceFile, spec: ThumbSpec) -> None:
-        reason: str | None = None
+        failure: GenerationFailure | None = None
         try:
-            data, source = read_source(source, self._limits, follow_symlinks=False)
-            thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
-            self._target.write(source, [(spec, thumbnail)])
-        except (OSError, FileRejected) as exc:
-            reason = f"{display_path(source.path)}: {_reason(exc)}"
-            log.warning("cannot make %s thumbnail: %s", spec.name, reason)
+            try:
+                data, source = read_source(source, self._limits, follow_symlinks=False)
+                thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
+            except (OSError, FileRejected) as exc:
+                failure = GenerationFailure(f"{display_path(source.path)}: {_reason(exc)}", source_problem=True)
+            else:
+                try:
+                    self._target.write(source, [(spec, thumbnail)])
+                except OSError as exc:
+                    failure = GenerationFailure(f"cannot write thumbnail: {_reason(exc)}", source_problem=False)
+            if failure is not None:
+                log.warning("cannot make %s thumbnail: %s", spec.name, failure.reason)
         finally:
             with self._lock:
                 waiting = self._pending.pop(key, [])
         for done in waiting:
-            done(reason)
+            done(failure)
 
     def close(self, *, abandon: bool = False) -> None:
         """Finish the generations in flight, then release the cache.

@@ -42,7 +42,7 @@ from thumbcli.errors import CannotRunError, ExitCode, SpecError
 from thumbcli.spec import Format, ThumbSpec
 
 if TYPE_CHECKING:
-    from thumbcli.pipeline import OnDemand
+    from thumbcli.pipeline import GenerationFailure, OnDemand
 
 log = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ class _Worker:
         self.miss = ("", "")
         self.generations_in_flight = 0
         self.done_fd = -1
-        self.completions: queue.SimpleQueue[tuple[_Pending, str | None]] = queue.SimpleQueue()
+        self.completions: queue.SimpleQueue[tuple[_Pending, GenerationFailure | None]] = queue.SimpleQueue()
         self.freshness_errors: tuple[type[Exception], ...] = (OSError,)
         self.open_thumbnail: Callable[[bytes], _OpenFile | int | None] = self._open
         if options.source_root is not None:
@@ -1242,9 +1242,9 @@ class _Worker:
         counters[_GENERATION_WAITING] += 1
         conn.out.append(pending)
 
-    def _generated(self, pending: _Pending, reason: str | None) -> None:
+    def _generated(self, pending: _Pending, failure: GenerationFailure | None) -> None:
         """OnDemand's `done`, called on a generator thread: hand the outcome to the loop thread."""
-        self.completions.put((pending, reason))
+        self.completions.put((pending, failure))
         os.eventfd_write(self.done_fd, 1)
 
     def _on_generated(self) -> None:
@@ -1255,21 +1255,24 @@ class _Worker:
         completions = self.completions
         while True:
             try:
-                pending, reason = completions.get_nowait()
+                pending, failure = completions.get_nowait()
             except queue.Empty:
                 return
             if pending.started:
                 self.generations_in_flight -= 1
-                if reason is not None:
+                if failure is not None:
                     self.counters[_GENERATIONS_FAILED] += 1
             if pending.resolved:
                 continue
-            if reason is None:
+            if failure is None:
                 self._resolve(pending, 0, b"", b"")
-            else:
+            elif failure.source_problem:
                 # The reason names the source: it is logged (by OnDemand), never sent.
                 # A source that cannot be thumbnailed has no thumbnail: 404.
                 self._resolve(pending, 404, b"not found\n", b"")
+            else:
+                # RFC 9110 §15.6.1: the server failed (e.g. cache disk full), not the request.
+                self._resolve(pending, 500, b"internal server error\n", b"")
 
     def _forget(self, pending: _Pending) -> None:
         if not pending.resolved:
