@@ -367,9 +367,17 @@ def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str) 
         assert (status, body) == (404, b"not found\n")
         assert str(tree) not in body.decode()
         assert generations(server)["failed"] == 1
+        # Asked again, the unchanged source is not decoded again: a plain 404 at once.
+        assert fetch(server, f"/small/{name}")[0] == 404
+        assert generations(server)["failed"] == 1
         assert fetch(server, "/small/a/photo.jpg")[0] == 200
         assert server.process.poll() is None
         assert not thumb_file(tree, "small", name).exists()
+        # Once the source is mended, it is tried again.
+        source = tree / "src" / name
+        source.write_bytes((tree / "src" / "a" / "photo.jpg").read_bytes())
+        os.utime(source, ns=(source.stat().st_mtime_ns + 10**9,) * 2)
+        assert fetch(server, f"/small/{name}")[0] == 200
     assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
 
 

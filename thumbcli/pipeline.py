@@ -373,8 +373,11 @@ class OnDemand:
 
     Concurrent requests for one thumbnail share one generation; past `max_pending`
     outstanding generations a request is refused at once instead of queueing.
+    A source that could not be thumbnailed is not tried again until it changes.
     Writes take no run lock: every write is atomic, so a concurrent batch run is harmless.
     """
+
+    _REMEMBERED_FAILURES = 4096
 
     def __init__(
         self,
@@ -395,6 +398,8 @@ class OnDemand:
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Callable[[GenerationFailure | None], None]]] = {}
         self._lock = threading.Lock()
+        #: (preset, relpath) -> (mtime_ns, size) of sources that could not be thumbnailed.
+        self._failed: dict[tuple[str, str], tuple[int, int]] = {}
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
 
     def source_for(self, relpath: str) -> SourceFile | None:
@@ -427,6 +432,8 @@ class OnDemand:
             return "missing"
         key = (preset, relpath)
         with self._lock:
+            if self._failed.get(key) == (source.mtime_ns, source.size):
+                return "missing"
             waiting = self._pending.get(key)
             if waiting is not None:
                 waiting.append(done)
@@ -452,11 +459,19 @@ class OnDemand:
                     failure = GenerationFailure(f"cannot write thumbnail: {_reason(exc)}", source_problem=False)
             if failure is not None:
                 log.warning("cannot make %s thumbnail: %s", spec.name, failure.reason)
+                if failure.source_problem:
+                    self._remember_failure(key, source)
         finally:
             with self._lock:
                 waiting = self._pending.pop(key, [])
         for done in waiting:
             done(failure)
+
+    def _remember_failure(self, key: tuple[str, str], source: SourceFile) -> None:
+        with self._lock:
+            if len(self._failed) >= self._REMEMBERED_FAILURES:
+                self._failed.clear()
+            self._failed[key] = (source.mtime_ns, source.size)
 
     def close(self, *, abandon: bool = False) -> None:
         """Finish the generations in flight, then release the cache.
