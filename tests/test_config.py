@@ -121,3 +121,22 @@ def test_presets_from_the_config_are_made_into_the_cache(tmp_path: Path) -> None
     assert only.summary["thumbnails"] == 1
     unknown = run_cli("--config", path, "generate", "--preset", "nope")
     assert unknown.rc == 2 and "unknown preset(s) nope" in unknown.stderr
+
+
+def test_config_names_options_by_their_long_names(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    make_photo(source / "a.jpg", 400, 300)
+    path = write(
+        tmp_path / "thumbcli.toml",
+        f'cache = "{tmp_path / "cache"}"\n'
+        '[generate]\nformat = "png"\nsize = ["32", "48"]\nmax-time = "15m"\njson = true\n',
+    )
+    shown = run_cli("--config", path, "config").stdout
+    assert f"generate.format = 'png'  # config {path}" in shown
+    assert f"generate.max-time = '15m'  # config {path}" in shown
+    # A destination on the command line wins over the config's cache.
+    run = run_cli("--config", path, "generate", source, "-o", tmp_path / "out")
+    assert run.rc == 0, run.stderr
+    assert run.summary["thumbnails"] == 2
+    assert (tmp_path / "out" / "32" / "a.jpg.png").is_file() and (tmp_path / "out" / "48" / "a.jpg.png").is_file()
+    assert not (tmp_path / "cache").exists()

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from thumbcli import __version__
 from thumbcli.discover import display_path
@@ -100,27 +101,39 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     path = find_config(config_path)
     try:
         config = load_config(path) if path is not None else Config()
-        if config.path is not None:
-            check_config_options(config, main)
+        ctx.default_map = config_default_map(config, main) if config.path is not None else {}
     except SpecError as exc:
         _fail(str(exc), ExitCode.USAGE)
     ctx.obj = config
-    ctx.default_map = config.defaults
 
 
-def check_config_options(config: Any, group: click.Group) -> None:
-    """Refuse option names in the config that no command has (a typo must not pass silently)."""
+def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, Any]]:
+    """The config's option defaults keyed by click parameter names, as `default_map` wants them.
+
+    The file names options by their long names (`format`, `max-time`, `json`); a name that
+    no option of the command has is refused (a typo must not pass silently).
+    """
     from thumbcli.config import ConfigError, line_of
 
+    default_map: dict[str, dict[str, Any]] = {}
     for command_name, values in config.defaults.items():
         command = group.commands.get(command_name)
-        known = {param.name for param in command.params} if command else set()
-        for key in values:
-            if key not in known:
-                line = line_of(config.path.read_text(encoding="utf-8"), command_name, key.replace("_", "-"))
-                line = line or line_of(config.path.read_text(encoding="utf-8"), command_name, key)
+        aliases: dict[str, str] = {}
+        for param in command.params if command else ():
+            assert param.name is not None
+            aliases[param.name] = param.name
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    aliases[opt[2:].replace("-", "_")] = param.name
+        translated = default_map.setdefault(command_name, {})
+        for key, value in values.items():
+            if key not in aliases:
+                text = config.path.read_text(encoding="utf-8")
+                line = line_of(text, command_name, key.replace("_", "-")) or line_of(text, command_name, key)
                 where = f"{config.path}:{line}" if line else str(config.path)
                 raise ConfigError(f"{where}: {command_name}.{key}: not an option of `thumbcli {command_name}`")
+            translated[aliases[key]] = value
+    return default_map
 
 
 @main.command()
@@ -206,6 +219,13 @@ def check_config_options(config: Any, group: click.Group) -> None:
 def generate(config: Any, /, **kwargs: Any) -> None:
     """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
     _configure_logging(kwargs["debug"])
+    # A cache named by the config or environment gives way to a destination on the command line.
+    source = click.get_current_context().get_parameter_source("cache_dir")
+    if (kwargs["output"] or kwargs["flavours"]) and source in (
+        ParameterSource.DEFAULT_MAP,
+        ParameterSource.ENVIRONMENT,
+    ):
+        kwargs["cache_dir"] = None
     try:
         code = _generate(config, GenerateArgs(**kwargs))
     except SpecError as exc:
@@ -517,27 +537,28 @@ def show_config(ctx: click.Context) -> None:
             f"preset {name}: size={spec.box.label} fit={spec.fit} format={spec.format} "
             f"quality={spec.effective_quality} upscale={spec.upscale}  # from {config.path}"
         )
+    default_map = ctx.find_root().default_map or {}
     for command_name in ("generate", "prune", "serve"):
         command = main.commands[command_name]
         for param in command.params:
             if param.name is None:
                 continue
-            value, origin = _effective(param, command_name, config)
+            value, origin = _effective(param, command_name, default_map.get(command_name, {}), config.path)
             if value in (None, (), False, _UNSET):
                 continue
-            click.echo(f"{command_name}.{param.name} = {value!r}  # {origin}")
+            long_name = next((opt[2:] for opt in param.opts if opt.startswith("--")), param.name)
+            click.echo(f"{command_name}.{long_name} = {value!r}  # {origin}")
 
 
 _UNSET = getattr(click.core, "UNSET", None)
 
 
-def _effective(param: click.Parameter, command_name: str, config: Any) -> tuple[Any, str]:
+def _effective(param: click.Parameter, command_name: str, defaults: dict[str, Any], path: Path) -> tuple[Any, str]:
     envvar = f"THUMBCLI_{command_name.upper()}_{(param.name or '').upper()}"
     if isinstance(param, click.Option) and envvar in os.environ:
         return os.environ[envvar], f"environment {envvar}"
-    section = config.defaults.get(command_name, {})
-    if param.name in section:
-        return section[param.name], f"config {config.path}"
+    if param.name in defaults:
+        return defaults[param.name], f"config {path}"
     return param.default, "default"
 
 
