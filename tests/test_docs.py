@@ -72,3 +72,17 @@ def test_completion_offers_commands_options_and_choices() -> None:
 def test_help_does_not_load_libvips() -> None:
     code = "import sys; from thumbcli.cli import main; assert 'pyvips' not in sys.modules, 'pyvips loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_config_example_is_valid(tmp_path: Path) -> None:
+    example = README.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(example)
+    shown = subprocess.run(
+        [sys.executable, "-m", "thumbcli", "--config", str(config), "config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "preset small: size=256 fit=cover format=webp quality=75" in shown
+    assert f"generate.max-time = '25m'  # config {config}" in shown
