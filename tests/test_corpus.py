@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, load, mean_abs_difference, needs_corpus, output_files, run_cli
 
-from thumbcli.discover import IMAGE_SUFFIXES, image_name_predicate
+from thumbcli.discover import is_image_name
 
 pytestmark = needs_corpus
 
@@ -36,7 +36,7 @@ def test_corpus_every_exif_orientation_comes_out_upright(orientation_thumbs: Pat
 
 
 def test_corpus_whole_tree_runs_without_crash_or_hang(tmp_path: Path) -> None:
-    is_image = image_name_predicate(IMAGE_SUFFIXES)
+    is_image = is_image_name
     images = sorted(
         os.path.relpath(os.path.join(folder, name), CORPUS)
         for folder, dirs, names in os.walk(CORPUS)

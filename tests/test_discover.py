@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_sources
+from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name, walk_sources
 from thumbcli.spec import WalkOptions
 
-IS_IMAGE = image_name_predicate(IMAGE_SUFFIXES)
+IS_IMAGE = is_image_name
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

@@ -214,6 +214,10 @@ def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:
     return is_image_name
 
 
+#: Whether a file name has a suffix of an image format thumbcli loads.
+is_image_name = image_name_predicate(IMAGE_SUFFIXES)
+
+
 def display_path(path: str | Path) -> str:
     """A path made printable on one line: undecodable bytes and control characters escaped."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.cache import is_within
-from thumbcli.discover import IMAGE_SUFFIXES, SourceFile, WalkProblem, display_path, image_name_predicate, walk_batches
+from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name, walk_batches
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
 from thumbcli.writers import Plan, Target
@@ -182,7 +182,6 @@ class Pipeline:
                 pass
 
     def _walker(self) -> None:
-        is_image_name = image_name_predicate(IMAGE_SUFFIXES)
         stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
         queued = 0
         max_files = self._run.max_files
@@ -405,7 +404,7 @@ class OnDemand:
     def source_for(self, relpath: str) -> SourceFile | None:
         """The source file a URL's relative path names, or None if there is no such image."""
         name = relpath.rsplit("/", 1)[-1]
-        if any(part.startswith(".") for part in relpath.split("/")) or not image_name_predicate(IMAGE_SUFFIXES)(name):
+        if any(part.startswith(".") for part in relpath.split("/")) or not is_image_name(name):
             return None
         path = self._source_root / relpath
         try:

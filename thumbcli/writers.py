@@ -563,7 +563,11 @@ class CacheDirectory(OutputTree):
                 "digest": spec.digest,
             }
         document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
-        write_atomically(str(manifest_path), json.dumps(document, indent=2, sort_keys=True).encode() + b"\n")
+        encoded = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            if manifest_path.read_bytes() == encoded:
+                return  # unchanged: keep its mtime, so servers do not reload it after every cron run
+        write_atomically(str(manifest_path), encoded)
 
     def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
