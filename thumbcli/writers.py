@@ -459,8 +459,7 @@ class OutputTree:
             per_spec.append((spec, f".{spec.suffix}", self._state.folder(folder), self._names_in(folder)))
         fresh = 0
         todo = []
-        prefix = f"{batch.reldir}/" if batch.reldir else ""
-        for name, path, size, mtime_ns in batch.files:
+        for name, size, mtime_ns in batch.files:
             needed = []
             freshness: Freshness = "fresh"
             for spec, suffix, records, names in per_spec:
@@ -472,9 +471,7 @@ class OutputTree:
                 freshness = _worst(freshness, judge(record, out_name in names, mtime_ns, size, spec, force))
                 needed.append(spec)
             if needed:
-                todo.append(
-                    (SourceFile(path, batch.root, prefix + name, size, mtime_ns), Plan(freshness, tuple(needed)))
-                )
+                todo.append((batch.source(name, size, mtime_ns), Plan(freshness, tuple(needed))))
             else:
                 fresh += 1
         return fresh, todo
