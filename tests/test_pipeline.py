@@ -31,6 +31,9 @@ class WrappedTarget:
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
         return plan_each(self, batch, force)
 
+    def known_fresh(self, batch: DirBatch) -> bool:
+        return False
+
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         self.inner.write(source, made)
 

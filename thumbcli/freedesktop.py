@@ -312,6 +312,10 @@ class FreedesktopCache:
         """Plan a folder's files one by one (each needs its PNG's text chunks read)."""
         return plan_each(self, batch, force)
 
+    def known_fresh(self, batch: DirBatch) -> bool:
+        """Never: all thumbnails share one folder per size, whose mtime says nothing of one source folder."""
+        return False
+
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write each thumbnail with its Thumb:: text atomically (0600), then drop any fail marker."""
         path = os.path.abspath(source.path)

@@ -17,9 +17,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.cache import is_within
-from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name, walk_batches
+from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
+from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.writers import Plan, Target
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class Pipeline:
             except queue.Empty:
                 pass
 
-    def _walker(self) -> None:
+    def _walker(self, walk: SplitWalk) -> None:
         stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
         queued = 0
         max_files = self._run.max_files
@@ -195,9 +196,12 @@ class Pipeline:
             self._put(self._load_queue, _Loaded(source, specs))
             return True
 
-        for batch in walk_batches(self._sources, self._walk, is_image_name, self._excluded_dirs):
+        for batch in walk:
             if self._stop.is_set():
                 break
+            if isinstance(batch, int):
+                self._found(batch, batch)
+                continue
             if isinstance(batch, WalkProblem):
                 self._found(1, 0)
                 self._report(FileResult(batch.path, "failed", batch.reason))
@@ -294,6 +298,27 @@ class Pipeline:
         """Run to completion (or until stopped) and return the counts."""
         started = time.monotonic()
         options = self._run
+        # Forked before any thread of ours starts.
+        walk = SplitWalk(
+            self._sources,
+            self._walk,
+            is_image_name,
+            self._excluded_dirs,
+            self._target.known_fresh if not options.force else lambda batch: False,
+            self._walk.processes or default_processes(),
+        )
+        try:
+            self._run_stages(walk, started)
+        finally:
+            walk.close()
+        self._stats.seconds = time.monotonic() - started
+        self._stats.stopped = self._stop_reason
+        if self._crash is not None:
+            raise self._crash
+        return self._stats
+
+    def _run_stages(self, walk: SplitWalk, started: float) -> None:
+        options = self._run
 
         def start(body: Callable[[], None], count: int, name: str) -> list[threading.Thread]:
             threads = [
@@ -304,7 +329,7 @@ class Pipeline:
             return threads
 
         stages = [
-            (start(self._walker, 1, "walker"), self._load_queue, options.loaders),
+            (start(functools.partial(self._walker, walk), 1, "walker"), self._load_queue, options.loaders),
             (start(self._loader, options.loaders, "loader"), self._resample_queue, options.workers),
             (start(self._worker, options.workers, "resample"), self._write_queue, options.writers),
             (start(self._writer, options.writers, "writer"), None, 0),
@@ -318,11 +343,6 @@ class Pipeline:
             if next_queue is not None:
                 for _ in range(consumers):
                     self._put(next_queue, _DONE)
-        self._stats.seconds = time.monotonic() - started
-        self._stats.stopped = self._stop_reason
-        if self._crash is not None:
-            raise self._crash
-        return self._stats
 
 
 def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:

@@ -165,9 +165,11 @@ class RunOptions:
 
 @dataclass(frozen=True, slots=True)
 class WalkOptions:
-    """Which files under the sources are jobs."""
+    """Which files under the sources are jobs, and how many processes look for them."""
 
     hidden: bool = False
     follow_symlinks: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    #: Processes that walk and stat the sources; 0: one per core, at most four.
+    processes: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import logging
@@ -14,7 +15,7 @@ import string
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -78,6 +79,10 @@ def remove_temporary_files() -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
 
+
+#: An output folder changed less than this long ago may change again within the same
+#: timestamp tick (and so unseen): its signature is not recorded until it is older.
+_RACY_NS = 2_000_000_000
 
 #: A temporary file older than this was left by a killed run (a live write takes seconds).
 ABANDONED_TEMP_SECONDS = 3600
@@ -147,12 +152,18 @@ class StateStore:
         if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
             # An older layout: forget it; outputs without records are simply made again.
             self._db.execute("DROP TABLE IF EXISTS folders")
+            self._db.execute("DROP TABLE IF EXISTS walked")
             self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
         self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS walked (folder BLOB PRIMARY KEY, signature BLOB)")
         self._lock = threading.Lock()
         self._folders: dict[str, dict[str, Record]] = {}
         #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
         self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
+        #: Source folder -> signature of the state in which all its thumbnails were last found
+        #: fresh; all of them are read now, so that a forked walk helper never needs the database.
+        self.signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
+        self._pending_signatures: dict[bytes, bytes | None] = {}
         self._last_flush = time.monotonic()
 
     def _load(self, folder: str) -> dict[str, Record]:
@@ -209,6 +220,20 @@ class StateStore:
         with self._lock:
             self._flush_locked()
 
+    def remember_signature(self, folder: bytes, signature: bytes) -> None:
+        """Record that every thumbnail of the source `folder` was fresh in the state `signature` describes."""
+        with self._lock:
+            self.signatures[folder] = signature
+            self._pending_signatures[folder] = signature
+
+    def forget_signatures(self, keep: Callable[[bytes], bool]) -> None:
+        """Drop the signatures of the source folders for which `keep` is false."""
+        with self._lock:
+            for folder in [folder for folder in self.signatures if not keep(folder)]:
+                del self.signatures[folder]
+                self._pending_signatures[folder] = None
+            self._flush_locked()
+
     def _change(self, out: str, change: tuple[Record, bytes] | None) -> None:
         folder, _, name = out.rpartition("/")
         with self._lock:
@@ -220,9 +245,14 @@ class StateStore:
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._pending:
+        if self._pending or self._pending_signatures:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                for key, signature in self._pending_signatures.items():
+                    if signature is None:
+                        self._db.execute("DELETE FROM walked WHERE folder = ?", (key,))
+                    else:
+                        self._db.execute("INSERT OR REPLACE INTO walked VALUES (?, ?)", (key, signature))
                 for folder, changes in self._pending.items():
                     key = os.fsencode(folder)
                     row = self._db.execute("SELECT records, sources FROM folders WHERE folder = ?", (key,)).fetchone()
@@ -239,6 +269,7 @@ class StateStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._pending.clear()
+            self._pending_signatures.clear()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -323,6 +354,13 @@ class Target(Protocol):
         """`plan` for a folder's files: how many are fresh, and the others with their plans."""
         ...
 
+    def known_fresh(self, batch: DirBatch) -> bool:
+        """Whether all of a folder's files are fresh by what is recorded of the folder as a whole.
+
+        Must not touch the database: forked walk helpers call it.
+        """
+        ...
+
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write the thumbnails atomically and record what they were made from (called from writer threads)."""
         ...
@@ -382,6 +420,7 @@ class OutputTree:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
         self._listings: dict[str, frozenset[str]] = {}
+        self._root_prefix = f"{root}/"
         # The default layouts need no str.format per file: it shows in no-change runs.
         self._fixed_prefix: str | None = None
         prefix, default_tail, rest = name_template.rpartition(DEFAULT_NAME_TEMPLATE)
@@ -445,17 +484,48 @@ class OutputTree:
                 needed.append(spec)
         return Plan(freshness, tuple(needed)) if needed else _FRESH
 
+    def _output_folder(self, spec: ThumbSpec, reldir: str) -> str:
+        return f"{self._fixed_prefix}{spec.name}/{reldir}" if reldir else f"{self._fixed_prefix}{spec.name}"
+
+    def _folder_signature(self, batch: DirBatch) -> tuple[bytes, bytes, bool] | None:
+        """(source folder key, signature, whether too recent to record) of a folder as it stands now.
+
+        The signature covers the folder's image files (name, size, mtime_ns), the settings,
+        and each output folder's inode and mtime: any thumbnail added, removed or renamed
+        changes its folder's mtime. None when the folder cannot be judged as a whole.
+        """
+        if self._fixed_prefix is None or self._claims is not None or batch.target:
+            return None
+        racy_after = time.time_ns() - _RACY_NS
+        racy = False
+        material: list[object] = [batch.files]
+        for spec in self.specs:
+            folder = self._output_folder(spec, batch.reldir)
+            try:
+                st = os.stat(f"{self._root_prefix}{folder}")
+            except OSError:
+                return None
+            material.append((folder, spec.digest, st.st_ino, st.st_mtime_ns))
+            racy = racy or st.st_mtime_ns > racy_after
+        key = os.fsencode(os.path.join(os.path.abspath(batch.root), batch.reldir))
+        # marshal version 2: later versions emit back-references that depend on which objects
+        # happen to be shared, which would make equal folders encode differently.
+        return key, hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest(), racy
+
+    def known_fresh(self, batch: DirBatch) -> bool:
+        """True when nothing in the folder, its thumbnails or the settings changed since all were fresh."""
+        judged = self._folder_signature(batch)
+        return judged is not None and self._state.signatures.get(judged[0]) == judged[1]
+
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
         """Plan a whole folder: the fast path of a no-change run, with no per-file objects for fresh files."""
         if self._fixed_prefix is None or self._claims is not None:
             return plan_each(self, batch, force)
+        # Taken before the folders are listed, so a thumbnail removed meanwhile makes it not match.
+        judged = None if force else self._folder_signature(batch)
         per_spec = []
         for spec in self.specs:
-            folder = (
-                f"{self._fixed_prefix}{spec.name}/{batch.reldir}"
-                if batch.reldir
-                else f"{self._fixed_prefix}{spec.name}"
-            )
+            folder = self._output_folder(spec, batch.reldir)
             per_spec.append((spec, f".{spec.suffix}", self._state.folder(folder), self._names_in(folder)))
         fresh = 0
         todo = []
@@ -474,6 +544,8 @@ class OutputTree:
                 todo.append((batch.source(name, size, mtime_ns), Plan(freshness, tuple(needed))))
             else:
                 fresh += 1
+        if not todo and judged is not None and not judged[2]:
+            self._state.remember_signature(judged[0], judged[1])
         return fresh, todo
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
