@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -21,6 +22,10 @@ import time
 from pathlib import Path
 
 import pyvips
+
+# Bytecode as an installed package has it (pip compiles it): without this, a
+# PYTHONDONTWRITEBYTECODE environment recompiles every changed module on every run.
+ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
 
 PY_WALK = """
 import os, sys
@@ -50,17 +55,13 @@ def build_tree(root: Path, files: int, folders: int) -> None:
     marker.touch()
 
 
-def timed(argv: list[str], repeat: int) -> tuple[float, str]:
-    times = []
-    output = ""
-    for _ in range(repeat):
-        started = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        times.append(time.perf_counter() - started)
-        if proc.returncode != 0:
-            raise SystemExit(f"{argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        output = proc.stdout
-    return statistics.median(times), output
+def run_once(argv: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=ENV)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return seconds, proc.stdout
 
 
 def main() -> int:
@@ -77,30 +78,40 @@ def main() -> int:
     print(f"tree: {args.files} files in {args.folders} folders under {tree} ({time.perf_counter() - started:.1f} s)")
     thumbcli = [sys.executable, "-m", "thumbcli", "generate", str(tree), "--cache", str(cache), "-s", "64"]
     started = time.perf_counter()
-    first = subprocess.run([*thumbcli, "--json", "--quiet"], capture_output=True, text=True, check=False)
+    first = subprocess.run([*thumbcli, "--json", "--quiet"], capture_output=True, text=True, check=False, env=ENV)
     print(f"warm-up generate: {time.perf_counter() - started:.1f} s, exit {first.returncode}")
     if first.returncode not in (0, 1):
         raise SystemExit(first.stderr[-2000:])
+    # A folder's signature is recorded once its thumbnails are verified and at least 2 s
+    # old; until then a rerun lists its output folders. Let the warm-up's folders age.
+    time.sleep(2.5)
+    started = time.perf_counter()
+    subprocess.run([*thumbcli, "--quiet"], check=True, env=ENV)
+    print(f"first rerun (verifies folders, records their signatures): {time.perf_counter() - started:.2f} s")
 
     rows = [
         ("find -printf '%T@ %s'", ["find", str(tree), "-type", "f", "-printf", "%T@ %s\\n"]),
         ("python scandir + stat", [sys.executable, "-c", PY_WALK, str(tree)]),
         ("thumbcli generate (no change)", [*thumbcli, "--json"]),
+        ("  same, --walkers 1", [*thumbcli, "--json", "--walkers", "1"]),
     ]
-    results = []
-    for label, argv in rows:
-        seconds, output = timed(argv, args.repeat)
-        results.append((label, seconds))
-        if label.startswith("thumbcli"):
-            summary = json.loads(output)
-            assert summary["made"] == 0, summary
-            skipped, made, read = summary["skipped"], summary["made"], summary["bytes_read"]
-            print(f"  thumbcli rerun: skipped {skipped}, made {made}, read {read} B")
-    reference = results[0][1]
+    # Round-robin, so that the machine's slow moments fall on every row alike.
+    times: dict[str, list[float]] = {label: [] for label, _ in rows}
+    for _ in range(args.repeat):
+        for label, argv in rows:
+            seconds, output = run_once(argv)
+            times[label].append(seconds)
+            if "thumbcli" in argv[2:4]:
+                summary = json.loads(output)
+                if summary["made"] != 0 or summary["skipped"] != args.files or summary["bytes_read"] != 0:
+                    raise SystemExit(f"{label}: not a no-change run: {summary}")
+    print(f"thumbcli reruns: skipped {args.files} of {args.files}, made 0, read 0 bytes of sources")
+    reference = statistics.median(times[rows[0][0]])
     print(f"\nmedian of {args.repeat} runs; ratio = time / find's time (lower is better)")
-    print(f"{'':32} {'seconds':>8} {'ratio':>7}")
-    for label, seconds in results:
-        print(f"{label:32} {seconds:8.3f} {seconds / reference:6.2f}x")
+    print(f"{'':32} {'seconds':>8} {'ratio':>7} {'min':>8}")
+    for label, _ in rows:
+        median = statistics.median(times[label])
+        print(f"{label:32} {median:8.3f} {median / reference:6.2f}x {min(times[label]):8.3f}")
     print("\ncommands:")
     for label, argv in rows:
         print(f"  {label}: {' '.join(argv)}")

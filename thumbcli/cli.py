@@ -188,6 +188,12 @@ def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, A
 @click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
 @click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be made and estimate its disk space.")
+@click.option(
+    "--walkers",
+    type=click.IntRange(1, 64),
+    help="Processes walking and stat-ing the sources; more help on network filesystems."
+    "  [default: number of cores, at most 4]",
+)
 @click.option("--loaders", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads reading files.")
 @click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]")
 @click.option(
@@ -259,6 +265,7 @@ class GenerateArgs:
     follow_symlinks: bool
     force: bool
     dry_run: bool
+    walkers: int | None
     loaders: int
     workers: int | None
     writers: int
@@ -326,7 +333,11 @@ def _generate(config: Any, args: GenerateArgs) -> int:
         **({"workers": args.workers} if args.workers else {}),
     )
     walk_options = WalkOptions(
-        hidden=args.hidden, follow_symlinks=args.follow_symlinks, include=args.include, exclude=args.exclude
+        hidden=args.hidden,
+        follow_symlinks=args.follow_symlinks,
+        include=args.include,
+        exclude=args.exclude,
+        processes=args.walkers or 0,
     )
     if args.name_template and args.output is None:
         raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")

@@ -177,6 +177,7 @@ def _walk_one(
     # it, so that meeting one of them again (through a symlink) is reported as a loop.
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
     is_regular = stat.S_ISREG
+    hide, follow, filtered = not options.hidden, options.follow_symlinks, bool(options.include or options.exclude)
     open_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     while stack:
         directory, reldir, ancestors = stack.pop()
@@ -197,14 +198,10 @@ def _walk_one(
                 entries = list(scan)
             for entry in entries:
                 name = entry.name
-                if name[0] == "." and not options.hidden:
+                if hide and name[0] == ".":
                     continue
                 try:
-                    if entry.is_symlink() and not options.follow_symlinks:
-                        if mine:
-                            log.debug("%s: symlink not followed", _join(directory, name))
-                        continue
-                    if entry.is_dir():
+                    if entry.is_dir(follow_symlinks=follow):
                         relpath = f"{reldir}/{name}" if reldir else name
                         if options.exclude and _matches(options.exclude, relpath):
                             continue
@@ -224,7 +221,10 @@ def _walk_one(
                         continue
                     if not mine or not is_image_name(name):
                         continue
-                    if options.include or options.exclude:
+                    if not follow and entry.is_symlink():
+                        log.debug("%s: symlink not followed", _join(directory, name))
+                        continue
+                    if filtered:
                         relpath = f"{reldir}/{name}" if reldir else name
                         if options.include and not _matches(options.include, relpath):
                             continue

@@ -14,7 +14,6 @@ import sqlite3
 import string
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=dir_mode, exist_ok=True)
-    temp = os.path.join(directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+    temp = os.path.join(directory, f"{_TEMP_PREFIX}{os.urandom(16).hex()}")
     with _in_flight_lock:
         _in_flight.add(temp)
     try:

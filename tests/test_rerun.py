@@ -1,0 +1,273 @@
+"""No-change reruns: per-folder signatures, and the walk shared out to forked helper processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_photo, output_files, run_cli
+
+from thumbcli.discover import DirBatch, SourceFile
+from thumbcli.pipeline import Pipeline
+from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.writers import CacheDirectory, Plan
+
+SPECS = (ThumbSpec(SizeBox.parse("64")),)
+FOLDERS = ("a", "b", "b/c", "d")
+
+
+class CountingCache(CacheDirectory):
+    """A real cache that counts the folders it had to plan file by file."""
+
+    planned_folders = 0
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        self.planned_folders += 1
+        return super().plan_batch(batch, force)
+
+
+def make_tree(src: Path) -> None:
+    for n, folder in enumerate(FOLDERS):
+        for i in range(2):
+            make_photo(src / folder / f"p{i}.jpg", 90, 60, seed=n * 2 + i, Q=70)
+
+
+def run(src: Path, cache: Path, specs: tuple[ThumbSpec, ...] = SPECS) -> tuple[int, int, int]:
+    """(made, skipped, folders planned file by file) of one in-process run."""
+    target = CountingCache(cache, specs, check_collisions=False)
+    pipeline = Pipeline([str(src)], target, RunOptions(), WalkOptions(processes=1))
+    try:
+        stats = pipeline.run()
+    finally:
+        target.close()
+    assert stats.failed == 0, stats.failures
+    return stats.made, stats.skipped, target.planned_folders
+
+
+def age(cache: Path, seconds: float = 10) -> None:
+    """Backdate every folder of the cache, as if the thumbnails had been written `seconds` ago."""
+    then = time.time() - seconds
+    for folder in [cache, *(path for path in cache.rglob("*") if path.is_dir())]:
+        os.utime(folder, (then, then))
+
+
+def signatures(cache: Path) -> int:
+    with sqlite3.connect(cache / ".thumbcli" / "state.sqlite") as db:
+        count: int = db.execute("SELECT count(*) FROM walked").fetchone()[0]
+    return count
+
+
+def test_a_verified_folder_is_skipped_whole_until_something_in_it_changes(tmp_path: Path) -> None:
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    make_tree(src)
+    assert run(src, cache) == (8, 0, 4)
+    # Just written: a change within the same timestamp tick could go unseen, so nothing is recorded yet.
+    assert run(src, cache) == (0, 8, 4)
+    assert signatures(cache) == 0
+    age(cache)
+    assert run(src, cache) == (0, 8, 4)
+    assert signatures(cache) == 4
+    # Now nothing is planned file by file, and no output folder is listed.
+    assert run(src, cache) == (0, 8, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "made"),
+    [
+        ("delete a thumbnail", 1),
+        ("touch a source", 1),
+        ("rewrite a source", 1),
+        ("add a source", 1),
+        ("remove a source", 0),
+    ],
+)
+def test_a_change_after_a_folder_was_recorded_is_seen(tmp_path: Path, change: str, made: int) -> None:
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    make_tree(src)
+    run(src, cache)
+    age(cache)
+    run(src, cache)
+    assert signatures(cache) == 4
+    source = src / "b" / "c" / "p1.jpg"
+    if change == "delete a thumbnail":
+        (cache / "v1" / "64" / "b" / "c" / "p1.jpg.jpg").unlink()
+    elif change == "touch a source":
+        stat = source.stat()
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    elif change == "rewrite a source":
+        make_photo(source, 90, 61, seed=99, Q=70)
+    elif change == "add a source":
+        make_photo(src / "b" / "c" / "p2.jpg", 90, 60, seed=98, Q=70)
+    else:
+        source.unlink()
+    made_now, _, planned = run(src, cache)
+    assert (made_now, planned) == (made, 1)
+
+
+def test_changed_settings_are_seen_by_a_recorded_folder(tmp_path: Path) -> None:
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    make_tree(src)
+    run(src, cache)
+    age(cache)
+    run(src, cache)
+    changed = (ThumbSpec(SizeBox.parse("64"), quality=50),)
+    assert run(src, cache, changed)[:2] == (8, 0)
+
+
+def run_script(code: str, timeout: float = 60) -> Any:
+    """Run `code` in a fresh interpreter (no threads yet, so the walk may fork) and decode its JSON output."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+SPLIT_WALK = """
+    import json, os, signal, sys
+    from thumbcli.discover import DirBatch, WalkProblem, is_image_name, walk_batches
+    from thumbcli.spec import WalkOptions
+    from thumbcli.splitwalk import SplitWalk
+
+    tree, processes, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    parent = os.getpid()
+
+    def known_fresh(batch):
+        if os.getpid() != parent and mode == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.getpid() != parent and mode == "crash":
+            raise ValueError("a bug in the helper")
+        return mode == "fresh-even" and len(batch.files) % 2 == 0
+
+    def describe(item):
+        if isinstance(item, DirBatch):
+            return ["batch", item.reldir, item.directory, item.files]
+        return ["problem", item.path, item.reason]
+
+    options = WalkOptions(follow_symlinks=True)
+    walk = SplitWalk([tree], options, is_image_name, [], known_fresh, processes)
+    fresh, found = 0, []
+    try:
+        for item in walk:
+            if isinstance(item, int):
+                fresh += item
+            else:
+                found.append(describe(item))
+    except RuntimeError as exc:
+        found.append(["error", str(exc)])
+    finally:
+        walk.close()
+    alone = [describe(item) for item in walk_batches([tree], options, is_image_name)]
+    try:
+        os.waitpid(-1, os.WNOHANG)
+        children_left = True
+    except ChildProcessError:
+        children_left = False
+    print(json.dumps({"processes": walk.processes, "fresh": fresh, "found": sorted(found), "alone": sorted(alone),
+                      "children_left": children_left}))
+"""
+
+
+def make_walk_tree(root: Path) -> None:
+    for n in range(24):
+        folder = root / f"f{n % 4}" / f"g{n:02d}"
+        folder.mkdir(parents=True)
+        for i in range(n % 3 + 1):
+            (folder / f"x{i}.jpg").write_bytes(b"not decoded by the walk")
+    os.mkfifo(root / "f1" / "pipe.jpg")
+    (root / "f2" / "loop").symlink_to(root / "f2", target_is_directory=True)
+
+
+def split_walk(root: Path, processes: int, mode: str) -> Any:
+    code = SPLIT_WALK.replace("sys.argv[1], int(sys.argv[2]), sys.argv[3]", f"{str(root)!r}, {processes}, {mode!r}")
+    return run_script(code)
+
+
+def test_the_split_walk_finds_exactly_what_one_process_finds(tmp_path: Path) -> None:
+    make_walk_tree(tmp_path)
+    result = split_walk(tmp_path, 3, "plain")
+    assert result["processes"] == 3 and not result["children_left"]
+    assert result["found"] == result["alone"] and result["fresh"] == 0
+    kinds = [item[0] for item in result["found"]]
+    assert kinds.count("batch") == 24 and kinds.count("problem") == 2
+
+
+def test_the_split_walk_counts_what_known_fresh_vouches_for_instead_of_yielding_it(tmp_path: Path) -> None:
+    make_walk_tree(tmp_path)
+    result = split_walk(tmp_path, 2, "fresh-even")
+    odd = [item for item in result["alone"] if item[0] == "problem" or len(item[3]) % 2]
+    even = [item for item in result["alone"] if item[0] == "batch" and len(item[3]) % 2 == 0]
+    assert result["found"] == odd
+    assert result["fresh"] == sum(len(item[3]) for item in even) > 0
+
+
+def test_a_helper_that_dies_is_reported_against_the_tree_it_left_unwalked(tmp_path: Path) -> None:
+    make_walk_tree(tmp_path)
+    result = split_walk(tmp_path, 2, "die")
+    died = [item for item in result["found"] if item[0] == "problem" and "not walked" in item[2]]
+    assert len(died) == 1 and died[0][1] == str(tmp_path) and "signal 9" in died[0][2]
+    assert not result["children_left"]
+
+
+def test_a_helper_that_crashes_is_a_crash_of_the_walk(tmp_path: Path) -> None:
+    make_walk_tree(tmp_path)
+    result = split_walk(tmp_path, 2, "crash")
+    errors = [item for item in result["found"] if item[0] == "error"]
+    assert len(errors) == 1 and "ValueError: a bug in the helper" in errors[0][1]
+    assert not result["children_left"]
+
+
+def test_generate_with_several_walkers_matches_one_and_reruns_skip_everything(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    results = {}
+    for walkers in ("1", "3"):
+        cache = tmp_path / f"cache{walkers}"
+        first = run_cli("generate", src, "--cache", cache, "-s", "64", "--json", "--walkers", walkers)
+        assert first.rc == 1 and first.summary["made"] == 8 and first.summary["failed"] == 1
+        age(cache)
+        for _ in range(2):  # the first verifies and records the folders, the second uses the records
+            again = run_cli("generate", src, "--cache", cache, "-s", "64", "--json", "--walkers", walkers)
+            assert (again.summary["made"], again.summary["skipped"], again.summary["failed"]) == (0, 8, 1)
+            assert again.summary["bytes_read"] == len(b"\xff\xd8 not a jpeg")
+        results[walkers] = sorted(path.relative_to(cache) for path in output_files(cache) if path.suffix == ".jpg")
+    assert results["1"] == results["3"] and len(results["1"]) == 8
+
+
+def test_folders_recorded_by_one_process_are_recognised_by_the_others(tmp_path: Path) -> None:
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    for n in range(12):
+        make_photo(src / f"f{n:02d}" / "p.jpg", 40, 30, seed=n, Q=70)
+    code = f"""
+        import json
+        from pathlib import Path
+        from thumbcli.pipeline import Pipeline
+        from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
+        from thumbcli.writers import CacheDirectory
+
+        class CountingCache(CacheDirectory):
+            planned_folders = 0
+
+            def plan_batch(self, batch, force):
+                self.planned_folders += 1
+                return super().plan_batch(batch, force)
+
+        target = CountingCache(Path({str(cache)!r}), (ThumbSpec(SizeBox.parse("64")),), check_collisions=False)
+        pipeline = Pipeline([{str(src)!r}], target, RunOptions(), WalkOptions(processes=2))
+        stats = pipeline.run()
+        target.close()
+        print(json.dumps([stats.made, stats.skipped, target.planned_folders]))
+    """
+    assert run_script(code) == [12, 0, 12]
+    age(cache)
+    assert run_script(code) == [0, 12, 12]  # all folders verified and recorded, half of them sent by the helper
+    assert run_script(code) == [0, 12, 0]
