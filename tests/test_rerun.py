@@ -122,6 +122,24 @@ def test_changed_settings_are_seen_by_a_recorded_folder(tmp_path: Path) -> None:
     assert run(src, cache, changed)[:2] == (8, 0)
 
 
+def test_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path: Path) -> None:
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    make_tree(src)
+    run(src, cache)
+    age(cache)
+    run(src, cache)
+    assert signatures(cache) == 4
+    for name in ("p0.jpg", "p1.jpg"):
+        (src / "d" / name).unlink()
+    (src / "d").rmdir()
+    target = CacheDirectory(cache, SPECS)
+    try:
+        assert len(target.prune(None, dry_run=False)) == 2
+    finally:
+        target.close()
+    assert signatures(cache) == 3
+
+
 def run_script(code: str, timeout: float = 60) -> Any:
     """Run `code` in a fresh interpreter (no threads yet, so the walk may fork) and decode its JSON output."""
     proc = subprocess.run(

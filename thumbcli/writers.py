@@ -675,6 +675,7 @@ class CacheDirectory(OutputTree):
                 except OSError:
                     break
                 directory = directory.parent
+        self._state.forget_signatures(os.path.isdir)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
             self._write_manifest(kept)
