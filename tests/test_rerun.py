@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_photo, output_files, run_cli
+from conftest import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.pipeline import Pipeline
@@ -289,3 +290,34 @@ def test_folders_recorded_by_one_process_are_recognised_by_the_others(tmp_path: 
     age(cache)
     assert run_script(code) == [0, 12, 12]  # all folders verified and recorded, half of them sent by the helper
     assert run_script(code) == [0, 12, 0]
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_an_interrupted_run_leaves_no_walk_helper_behind(tmp_path: Path, signals: int) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = make_photo(tmp_path / "tiny.jpg", 48, 32, Q=70).read_bytes()
+    for n in range(4000):
+        folder = src / f"f{n // 100:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"p{n:04d}.jpg").write_bytes(data)
+    argv = cli_command("generate", src, "-o", out, "-s", "32", "--walkers", "2", "-j", "1")
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with proc:
+        deadline = time.monotonic() + 60
+        while not any(out.rglob("*.jpg")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr and b"not walked" not in stderr
+    # The run had its own session: once the group is empty, no helper outlived it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail("a walk helper process outlived the run")

@@ -139,9 +139,12 @@ class SplitWalk:
             self._reap(pid)
 
     def _helper(self, part: int, write_fd: int) -> NoReturn:  # pragma: no cover - runs in the forked helper
-        # The parent decides when to stop (and kills us); Ctrl-C reaches the whole process group.
+        # The parent decides when to stop and kills us then: Ctrl-C and a service manager's
+        # SIGTERM reach every process of the group, and would read as a helper that failed.
+        # A parent that exits without that (a second Ctrl-C) is noticed at the next folder.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        parent = os.getppid()
         code = 0
 
         def send(message: tuple[Any, ...]) -> None:
@@ -156,6 +159,8 @@ class SplitWalk:
             for item in walk_batches(
                 self._sources, self._options, self._is_image_name, self._excluded_dirs, (part, self.processes)
             ):
+                if os.getppid() != parent:
+                    break
                 if isinstance(item, WalkProblem):
                     send(("problem", item.path, item.reason))
                 elif self._known_fresh(item):
