@@ -171,7 +171,7 @@ SPLIT_WALK = """
             return ["batch", item.reldir, item.directory, item.files]
         return ["problem", item.path, item.reason]
 
-    options = WalkOptions(follow_symlinks=True)
+    options = WalkOptions(follow_symlinks=mode != "no-links")
     walk = SplitWalk([tree], options, is_image_name, [], known_fresh, processes)
     fresh, found = 0, []
     try:
@@ -210,13 +210,15 @@ def split_walk(root: Path, processes: int, mode: str) -> Any:
     return run_script(code)
 
 
-def test_the_split_walk_finds_exactly_what_one_process_finds(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "problems"), [("plain", 2), ("no-links", 1)])
+def test_the_split_walk_finds_exactly_what_one_process_finds(tmp_path: Path, mode: str, problems: int) -> None:
+    # Without -L, a process skips listing the folders without subfolders that are not its own.
     make_walk_tree(tmp_path)
-    result = split_walk(tmp_path, 3, "plain")
+    result = split_walk(tmp_path, 3, mode)
     assert result["processes"] == 3 and not result["children_left"]
     assert result["found"] == result["alone"] and result["fresh"] == 0
     kinds = [item[0] for item in result["found"]]
-    assert kinds.count("batch") == 24 and kinds.count("problem") == 2
+    assert kinds.count("batch") == 24 and kinds.count("problem") == problems
 
 
 def test_the_split_walk_counts_what_known_fresh_vouches_for_instead_of_yielding_it(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import stat
@@ -137,6 +138,34 @@ def owner(reldir: str, parts: int) -> int:
     return zlib.crc32(os.fsencode(reldir)) % parts if parts > 1 else 0
 
 
+#: Filesystems whose folders have a link count of 2 plus their number of subfolders, so a folder
+#: with a count of 2 holds none (find's "leaf optimization"). Others (btrfs, overlayfs, network
+#: and FUSE filesystems) may report 1 or a made-up 2.
+_LINK_COUNTING_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs", "f2fs", "jfs"})
+
+
+@functools.cache
+def _link_counting_devices() -> frozenset[int]:
+    """The st_dev of every mounted filesystem of a link-counting type (none where /proc is absent)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
+            lines = mountinfo.read().splitlines()
+    except OSError:
+        return frozenset()
+    devices = set()
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw": the type follows "-".
+        fields = line.split()
+        try:
+            fstype = fields[fields.index("-") + 1]
+            major, minor = fields[2].split(":")
+            if fstype in _LINK_COUNTING_FILESYSTEMS:
+                devices.add(os.makedev(int(major), int(minor)))
+        except (ValueError, IndexError):
+            continue
+    return frozenset(devices)
+
+
 def _walk_one(
     source: str,
     options: WalkOptions,
@@ -174,15 +203,22 @@ def _walk_one(
         return
     root = source.rstrip("/") or "/"
     # Folders still to walk, last first; each carries the (dev, inode) of the folders above
-    # it, so that meeting one of them again (through a symlink) is reported as a loop.
-    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({(st.st_dev, st.st_ino)}))]
+    # it, so that meeting one of them again (through a symlink) is reported as a loop, and
+    # whether it is known to hold no folders (then only its owner needs to list it).
+    stack: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = [
+        (root, "", frozenset({(st.st_dev, st.st_ino)}), False)
+    ]
     is_regular = stat.S_ISREG
     hide, follow, filtered = not options.hidden, options.follow_symlinks, bool(options.include or options.exclude)
+    # Symlinks to folders are not in a folder's link count: with -L, every folder may lead on.
+    leaf_devices = _link_counting_devices() if parts > 1 and not follow else frozenset()
     open_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     while stack:
-        directory, reldir, ancestors = stack.pop()
+        directory, reldir, ancestors, leaf = stack.pop()
         mine = parts == 1 or owner(reldir, parts) == index
-        subdirs: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
+        if leaf and not mine:
+            continue
+        subdirs: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = []
         files: list[tuple[str, int, int]] = []
         problems: list[WalkProblem] = []
         try:
@@ -217,7 +253,8 @@ def _walk_one(
                                     )
                                 )
                             continue
-                        subdirs.append((_join(directory, name), relpath, ancestors | {key}))
+                        leaf = st.st_nlink == 2 and st.st_dev in leaf_devices
+                        subdirs.append((_join(directory, name), relpath, ancestors | {key}, leaf))
                         continue
                     if not mine or not is_image_name(name):
                         continue
