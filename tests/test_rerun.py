@@ -201,6 +201,9 @@ def make_walk_tree(root: Path) -> None:
         folder.mkdir(parents=True)
         for i in range(n % 3 + 1):
             (folder / f"x{i}.jpg").write_bytes(b"not decoded by the walk")
+    odd = root / "f3" / os.fsdecode(b"caf\xe9 [8] #?")  # a helper's folder, whether 2 or 3 processes walk
+    odd.mkdir()
+    (odd / os.fsdecode(b"\xff%20.jpg")).write_bytes(b"not UTF-8, and sent between processes")
     os.mkfifo(root / "f1" / "pipe.jpg")
     (root / "f2" / "loop").symlink_to(root / "f2", target_is_directory=True)
 
@@ -218,7 +221,7 @@ def test_the_split_walk_finds_exactly_what_one_process_finds(tmp_path: Path, mod
     assert result["processes"] == 3 and not result["children_left"]
     assert result["found"] == result["alone"] and result["fresh"] == 0
     kinds = [item[0] for item in result["found"]]
-    assert kinds.count("batch") == 24 and kinds.count("problem") == problems
+    assert kinds.count("batch") == 25 and kinds.count("problem") == problems
 
 
 def test_the_split_walk_counts_what_known_fresh_vouches_for_instead_of_yielding_it(tmp_path: Path) -> None:
