@@ -1,6 +1,6 @@
 """`python -m thumbcli`."""
 
-from thumbcli.cli import main
+from thumbcli.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,29 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     except SpecError as exc:
         _fail(str(exc), ExitCode.USAGE)
     ctx.obj = config
+
+
+def run() -> NoReturn:
+    """The `thumbcli` command: the click group, then an exit without interpreter teardown."""
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    # Tearing the interpreter down (freeing every module) takes about 20 ms, a tenth of a
+    # no-change rerun of 100,000 files, and everything of ours is closed by now. Skipped:
+    # pyvips' and tqdm's exit hooks, which only tidy up their own logging and threads.
+    if isinstance(code, int) and all(t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:
+            sys.exit(code)  # a closed pipe: let Python report it as it always does
+        os._exit(code)
+    sys.exit(code)  # type: ignore[arg-type]
 
 
 def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, Any]]:

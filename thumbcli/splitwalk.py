@@ -19,7 +19,7 @@ from thumbcli.spec import WalkOptions
 MAX_PROCESSES = 4
 
 _HEADER = 4  # bytes of length before each message
-_FLUSH_FOLDERS = 256  # a helper reports its count of fresh files at least this often (for progress)
+_FLUSH_FOLDERS = 32  # walked folders between reports of fresh files (for progress) and reads from helpers
 
 
 def default_processes() -> int:
@@ -71,15 +71,21 @@ class SplitWalk:
 
     def __iter__(self) -> Iterator[DirBatch | WalkProblem | int]:
         buffers = {pid: bytearray() for pid in self._helpers}
-        for item in walk_batches(
-            self._sources, self._options, self._is_image_name, self._excluded_dirs, (0, self.processes)
+        fresh = 0
+        for count, item in enumerate(
+            walk_batches(self._sources, self._options, self._is_image_name, self._excluded_dirs, (0, self.processes))
         ):
             if isinstance(item, DirBatch) and self._known_fresh(item):
-                yield len(item.files)
+                fresh += len(item.files)
             else:
                 yield item
-            if self._helpers:
-                yield from self._receive(buffers, timeout=0)
+            if count % _FLUSH_FOLDERS == 0:
+                # Not after every folder: this process also runs the pipeline, so it is the slower walker.
+                yield fresh
+                fresh = 0
+                if self._helpers:
+                    yield from self._receive(buffers, timeout=0)
+        yield fresh
         while self._helpers:
             yield from self._receive(buffers, timeout=0.2)
             yield 0
