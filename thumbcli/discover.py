@@ -118,9 +118,9 @@ def walk_batches(
 ) -> Iterator[DirBatch | WalkProblem]:
     """Like `walk_sources`, one folder at a time: what a no-change run spends its time on.
 
-    With `part` = (i, n), every folder is still listed (to find the folders below it),
-    but only the folders that `owner` assigns to part i have their files stat-ed and
-    yielded: n processes walking parts 0..n-1 share out the stat calls between them.
+    With `part` = (i, n), only the folders that `owner` assigns to part i have their files
+    stat-ed and yielded; the others are listed only to find the folders below them. So n
+    processes walking parts 0..n-1 share out the stat calls between them.
     """
     excluded: set[tuple[int, int]] = set()
     for path in excluded_dirs:

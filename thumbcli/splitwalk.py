@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from thumbcli.discover import DirBatch, WalkProblem, walk_batches
 from thumbcli.spec import WalkOptions
 
-#: More helpers stop paying off: they all list every folder, and the kernel's stat paths contend.
+#: More stop paying off: each lists every folder that has subfolders, and their stat calls contend.
 MAX_PROCESSES = 4
 
 _HEADER = 4  # bytes of length before each message

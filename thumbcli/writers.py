@@ -137,6 +137,10 @@ class StateStore:
     the stored rows in batches (read, update, write, in one transaction), so a
     concurrent writer (`serve --source`) loses nothing, and a killed run loses
     at most a second of records, whose thumbnails are then simply made again.
+
+    A second table holds, per source folder, the signature of the state in which
+    all its thumbnails were last found fresh (`OutputTree.known_fresh`): while it
+    matches, a rerun needs neither the records nor a listing of the folder's thumbnails.
     """
 
     _FLUSH_SECONDS = 1.0
