@@ -5,14 +5,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import shutil
 import stat
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import make_photo, make_rgba_png
+from conftest import make_photo, make_rgba_png, run_cli
 
 import thumbcli
 from thumbcli.discover import SourceFile
@@ -206,6 +208,38 @@ def test_generate_writes_standard_thumbnails_with_text_chunks_and_private_modes(
     assert not (root / "xx-large").exists()
     assert not list(root.rglob(".thumbcli-tmp-*"))
     assert (root.parent / "thumbcli" / "freedesktop.lock").is_file()
+
+
+def gio_thumbnail(path: Path, cache_home: Path) -> dict[str, str]:
+    """The thumbnail::* attributes GIO reports for `path`: what GTK file managers look up."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    proc = subprocess.run(
+        ["gio", "info", "-a", "thumbnail::*", str(path)], capture_output=True, text=True, env=env, check=True
+    )
+    attributes = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key.startswith("thumbnail::"):
+            attributes[key] = value
+    return attributes
+
+
+@pytest.mark.skipif(shutil.which("gio") is None, reason="needs gio (Debian: libglib2.0-bin)")
+def test_gio_finds_the_thumbnails_valid_until_the_source_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_home = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    source = make_photo(tmp_path / "Pictures" / "a photo é [1] #2.jpg", 600, 400)
+    assert gio_thumbnail(source, cache_home) == {}
+    assert run_cli("generate", source.parent, "--freedesktop", "normal", "--freedesktop", "large").rc == 0
+    found = gio_thumbnail(source, cache_home)
+    assert found["thumbnail::is-valid"] == "TRUE"
+    assert found["thumbnail::path"] == str(thumb_of(cache_home / "thumbnails", "large", source))
+    os.utime(source, (1_000_000_000, 1_000_000_000))
+    assert gio_thumbnail(source, cache_home)["thumbnail::is-valid"] == "FALSE"
+    assert run_cli("generate", source.parent, "--freedesktop", "large").rc == 0
+    assert gio_thumbnail(source, cache_home)["thumbnail::is-valid"] == "TRUE"
 
 
 def test_existing_thumbnail_folders_are_made_private(tmp_path: Path) -> None:
