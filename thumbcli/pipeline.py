@@ -10,7 +10,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -419,6 +418,8 @@ class OnDemand:
         self._lock = threading.Lock()
         #: (preset, relpath) -> (mtime_ns, size) of sources that could not be thumbnailed.
         self._failed: dict[tuple[str, str], tuple[int, int]] = {}
+        from concurrent.futures import ThreadPoolExecutor  # only `serve --source` needs it
+
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
 
     def source_for(self, relpath: str) -> SourceFile | None:
