@@ -24,7 +24,8 @@ _FLUSH_FOLDERS = 32  # walked folders between reports of fresh files (for progre
 
 def default_processes() -> int:
     """One walking process per core this process may run on, at most MAX_PROCESSES."""
-    return max(1, min(MAX_PROCESSES, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_PROCESSES, cores))
 
 
 class SplitWalk:
@@ -60,7 +61,7 @@ class SplitWalk:
         #: Helper pid -> read end of its pipe, for the helpers not yet reaped.
         self._helpers: dict[int, int] = {}
         for part in range(1, self.processes):
-            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+            read_fd, write_fd = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the helper's coverage is not collected
                 os.close(read_fd)
