@@ -17,6 +17,7 @@ import pytest
 from conftest import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
+from thumbcli.freedesktop import FreedesktopCache, file_uri, thumbnail_name
 from thumbcli.pipeline import Pipeline
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.writers import CacheDirectory, Plan
@@ -139,6 +140,85 @@ def test_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path: Path) -
     finally:
         target.close()
     assert signatures(cache) == 3
+
+
+class CountingDesktopCache(FreedesktopCache):
+    """A real freedesktop cache that counts the folders it had to plan file by file."""
+
+    planned_folders = 0
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        self.planned_folders += 1
+        return super().plan_batch(batch, force)
+
+
+def run_desktop(src: Path, root: Path, version: str = "1.0") -> tuple[int, int, int, int]:
+    """(made, skipped, failed, folders planned file by file) of one in-process run into `root`."""
+    target = CountingDesktopCache(root, ("normal", "large"), version=version)
+    pipeline = Pipeline([str(src)], target, RunOptions(), WalkOptions(processes=1))
+    try:
+        stats = pipeline.run()
+    finally:
+        target.close()
+    return stats.made, stats.skipped, stats.failed, target.planned_folders
+
+
+def age_files(root: Path, seconds: float = 10) -> None:
+    """Backdate the files under `root` (the thumbnails' own mtimes, not the Thumb::MTime in them)."""
+    then = time.time() - seconds
+    for path in root.rglob("*.png"):
+        os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize(
+    ("change", "made", "planned"),
+    [
+        ("nothing", 0, 0),
+        ("touch a source", 1, 1),
+        ("delete a thumbnail", 1, 1),
+        ("another tool rewrites a thumbnail", 0, 1),
+        ("another tool writes a stale thumbnail", 1, 1),
+    ],
+)
+def test_desktop_cache_folders_are_skipped_whole_until_a_source_or_thumbnail_changes(
+    tmp_path: Path, change: str, made: int, planned: int
+) -> None:
+    src, root = tmp_path / "src", tmp_path / "cache" / "thumbnails"
+    odd = src / os.fsdecode(b"caf\xe9 #1 %20")
+    for n, folder in enumerate((src / "a", odd)):
+        for i in range(2):
+            make_photo(folder / f"p{i} [%23].jpg", 90, 60, seed=n * 2 + i, Q=70)
+    assert run_desktop(src, root) == (4, 0, 0, 2)
+    age_files(root)
+    assert run_desktop(src, root) == (0, 4, 0, 2)
+    source = odd / "p1 [%23].jpg"
+    thumbnail = root / "large" / thumbnail_name(file_uri(str(source)))
+    data = thumbnail.read_bytes()
+    if change == "touch a source":
+        stat = source.stat()
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    elif change == "delete a thumbnail":
+        thumbnail.unlink()
+    elif change == "another tool rewrites a thumbnail":
+        # The same bytes under a new inode, as an atomic write by a file manager leaves them.
+        thumbnail.unlink()
+        thumbnail.write_bytes(data)
+    elif change == "another tool writes a stale thumbnail":
+        thumbnail.unlink()
+        thumbnail.write_bytes(data.replace(b"Thumb::MTime\x00", b"Thumb::MTime\x001"))
+    assert run_desktop(src, root) == (made, 4 - made, 0, planned)
+
+
+def test_desktop_cache_folder_with_a_fail_marker_is_skipped_until_thumbcli_changes(tmp_path: Path) -> None:
+    src, root = tmp_path / "src", tmp_path / "cache" / "thumbnails"
+    make_photo(src / "good.jpg", 90, 60, Q=70)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert run_desktop(src, root) == (1, 0, 1, 1)
+    age_files(root)
+    assert run_desktop(src, root) == (0, 2, 0, 1)
+    assert run_desktop(src, root) == (0, 2, 0, 0)
+    # A new version may read what the old one could not: its markers live elsewhere.
+    assert run_desktop(src, root, version="2.0") == (0, 1, 1, 1)
 
 
 def run_script(code: str, timeout: float = 60) -> Any:

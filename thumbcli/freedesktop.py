@@ -15,19 +15,31 @@ import io
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 import thumbcli
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.spec import SizeBox, ThumbSpec
-from thumbcli.writers import Freshness, Plan, RunLock, is_temporary_name, plan_each, write_atomically
+from thumbcli.writers import (
+    RACY_NS,
+    Freshness,
+    Plan,
+    RunLock,
+    StateStore,
+    is_temporary_name,
+    plan_each,
+    signature_of,
+    write_atomically,
+)
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -52,7 +64,7 @@ _NS = 1_000_000_000
 # table): unreserved characters, '/', and the sub-delims it allows. Note that
 # GLib escapes ';', so this does too: the MD5 must match GNOME's and KDE's.
 _PATH_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/!$&'()*+,=:@")
-_ESCAPES = tuple(chr(b) if b in _PATH_SAFE else f"%{b:02X}" for b in range(256))
+_ESCAPES = {b: chr(b) if b in _PATH_SAFE else f"%{b:02X}" for b in range(256)}
 
 _MIMETYPES: dict[str, str] = {
     "jpeg": "image/jpeg",
@@ -80,8 +92,12 @@ def default_thumbnail_root() -> Path:
 
 def file_uri(path: str | bytes) -> str:
     """The canonical file:// URI of `path`, made absolute first, escaped byte by byte like GLib."""
-    raw = os.fsencode(os.path.abspath(path))
-    return "file://" + "".join(_ESCAPES[b] for b in raw)
+    return "file://" + _escaped(os.fsencode(os.path.abspath(path)))
+
+
+def _escaped(raw: bytes) -> str:
+    # Latin-1 maps each byte to the code point of its value, which keys the escapes.
+    return raw.decode("latin-1").translate(_ESCAPES)
 
 
 def uri_to_path(uri: str) -> bytes | None:
@@ -269,9 +285,12 @@ class FreedesktopCache:
                 _private_dir(root / flavour)
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "Permission denied")
+            # Private like the thumbnails: the state names the folders that were thumbnailed.
+            _private_dir(lock_path(root).parent)
             self._lock = RunLock(lock_path(root), wait=wait_for_lock)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+            self._state = StateStore(lock_path(root).parent / "freedesktop-state.sqlite")
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
         try:
             failed = {name for name in os.listdir(self.fail_dir) if name.endswith(".png")}
@@ -308,13 +327,53 @@ class FreedesktopCache:
             return Plan("fresh", ())
         return Plan(freshness, tuple(needed))
 
-    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
-        """Plan a folder's files one by one (each needs its PNG's text chunks read)."""
-        return plan_each(self, batch, force)
+    def _folder_signature(self, batch: DirBatch) -> tuple[bytes, bytes, bool] | None:
+        """(source folder key, signature, whether too recent to record) of a folder as it stands now.
+
+        As for the served cache, but the thumbnails of all folders share one folder per
+        size, whose mtime says nothing of one source folder: the signature takes a stat of
+        each thumbnail instead (and of the fail marker of a source that has one). That is
+        still far cheaper than reading every thumbnail's text chunks. None when a thumbnail
+        is missing.
+        """
+        if batch.target:
+            return None
+        directory_uri = file_uri(batch.directory)
+        if not directory_uri.endswith("/"):
+            directory_uri += "/"
+        racy_after = time.time_ns() - RACY_NS
+        racy = False
+        material: list[Any] = [batch.files, self.version, self.flavours]
+        for name, _size, _mtime_ns in batch.files:
+            thumb = thumbnail_name(directory_uri + _escaped(os.fsencode(name)))
+            failed = thumb in self._failed
+            paths = [f"{self._root_prefix}{flavour}/{thumb}" for flavour in self.flavours]
+            if failed:
+                paths.append(str(self.fail_dir / thumb))
+            for path in paths:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    if failed:
+                        material.append(None)
+                        continue
+                    return None
+                material.append((st.st_ino, st.st_mtime_ns, st.st_size))
+                racy = racy or st.st_mtime_ns > racy_after
+        return os.fsencode(os.path.abspath(batch.directory)), signature_of(material), racy
 
     def known_fresh(self, batch: DirBatch) -> bool:
-        """Never: all thumbnails share one folder per size, whose mtime says nothing of one source folder."""
-        return False
+        """True when no source of the folder, none of their thumbnails and not the settings changed."""
+        judged = self._folder_signature(batch)
+        return judged is not None and self._state.signatures.get(judged[0]) == judged[1]
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        """Plan a folder's files one by one (each needs its PNG's text chunks read)."""
+        judged = None if force else self._folder_signature(batch)
+        fresh, todo = plan_each(self, batch, force)
+        if not todo and judged is not None and not judged[2]:
+            self._state.remember_signature(judged[0], judged[1])
+        return fresh, todo
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write each thumbnail with its Thumb:: text atomically (0600), then drop any fail marker."""
@@ -359,9 +418,10 @@ class FreedesktopCache:
             self._failed.add(name)
 
     def close(self) -> None:
-        """Release the run lock."""
+        """Commit the folder signatures and release the run lock."""
         if not self._closed:
             self._closed = True
+            self._state.close()
             self._lock.release()
 
 

@@ -81,7 +81,15 @@ def remove_temporary_files() -> None:
 
 #: An output folder changed less than this long ago may change again within the same
 #: timestamp tick (and so unseen): its signature is not recorded until it is older.
-_RACY_NS = 2_000_000_000
+RACY_NS = 2_000_000_000
+
+
+def signature_of(material: list[Any]) -> bytes:
+    """A digest of what a folder signature covers (str, bytes, ints, None, tuples and lists)."""
+    # marshal version 2: later versions emit back-references that depend on which objects
+    # happen to be shared, which would make equal folders encode differently.
+    return hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest()
+
 
 #: A temporary file older than this was left by a killed run (a live write takes seconds).
 ABANDONED_TEMP_SECONDS = 3600
@@ -499,9 +507,9 @@ class OutputTree:
         """
         if self._fixed_prefix is None or self._claims is not None or batch.target:
             return None
-        racy_after = time.time_ns() - _RACY_NS
+        racy_after = time.time_ns() - RACY_NS
         racy = False
-        material: list[object] = [batch.files]
+        material: list[Any] = [batch.files]
         for spec in self.specs:
             folder = self._output_folder(spec, batch.reldir)
             try:
@@ -511,9 +519,7 @@ class OutputTree:
             material.append((folder, spec.digest, st.st_ino, st.st_mtime_ns))
             racy = racy or st.st_mtime_ns > racy_after
         key = os.fsencode(os.path.join(os.path.abspath(batch.root), batch.reldir))
-        # marshal version 2: later versions emit back-references that depend on which objects
-        # happen to be shared, which would make equal folders encode differently.
-        return key, hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest(), racy
+        return key, signature_of(material), racy
 
     def known_fresh(self, batch: DirBatch) -> bool:
         """True when nothing in the folder, its thumbnails or the settings changed since all were fresh."""
