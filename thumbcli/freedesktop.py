@@ -368,7 +368,7 @@ class FreedesktopCache:
         return judged is not None and self._state.signatures.get(judged[0]) == judged[1]
 
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
-        """Plan a folder's files one by one (each needs its PNG's text chunks read)."""
+        """Plan a folder's files one by one (reading each PNG's text chunks); remember it if all are fresh."""
         judged = None if force else self._folder_signature(batch)
         fresh, todo = plan_each(self, batch, force)
         if not todo and judged is not None and not judged[2]:
