@@ -17,7 +17,7 @@ import pytest
 from conftest import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.freedesktop import FreedesktopCache, file_uri, thumbnail_name
+from thumbcli.freedesktop import FreedesktopCache, file_uri, prune_freedesktop, state_path, thumbnail_name
 from thumbcli.pipeline import Pipeline
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.writers import CacheDirectory, Plan
@@ -219,6 +219,23 @@ def test_desktop_cache_folder_with_a_fail_marker_is_skipped_until_thumbcli_chang
     assert run_desktop(src, root) == (0, 2, 0, 0)
     # A new version may read what the old one could not: its markers live elsewhere.
     assert run_desktop(src, root, version="2.0") == (0, 1, 1, 1)
+
+
+def test_desktop_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path: Path) -> None:
+    src, root = tmp_path / "src", tmp_path / "cache" / "thumbnails"
+    for folder in ("a", "b"):
+        make_photo(src / folder / "p.jpg", 90, 60, Q=70)
+    run_desktop(src, root)
+    age_files(root)
+    run_desktop(src, root)
+    database = state_path(root)
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM walked").fetchone()[0] == 2
+    (src / "b" / "p.jpg").unlink()
+    (src / "b").rmdir()
+    assert len(prune_freedesktop(root, dry_run=False, version="1.0")) == 2  # its normal and large thumbnails
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM walked").fetchone()[0] == 1
 
 
 def run_script(code: str, timeout: float = 60) -> Any:

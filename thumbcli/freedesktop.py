@@ -288,7 +288,7 @@ class FreedesktopCache:
             # Private like the thumbnails: the state names the folders that were thumbnailed.
             _private_dir(lock_path(root).parent)
             self._lock = RunLock(lock_path(root), wait=wait_for_lock)
-            self._state = StateStore(lock_path(root).parent / "freedesktop-state.sqlite")
+            self._state = StateStore(state_path(root))
         except (OSError, sqlite3.Error) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
@@ -464,9 +464,29 @@ def prune_freedesktop(
         if not dry_run:
             for path, _size in found:
                 _remove(path)
+            _forget_gone_folders(state_path(root))
         return found
     finally:
         lock.release()
+
+
+def state_path(root: Path) -> Path:
+    """Where the folder signatures of a thumbnail root live: beside its lock."""
+    return lock_path(root).parent / "freedesktop-state.sqlite"
+
+
+def _forget_gone_folders(path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        state = StateStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("%s: cannot tidy the folder signatures: %s", display_path(path), exc)
+        return
+    try:
+        state.forget_signatures(os.path.isdir)
+    finally:
+        state.close()
 
 
 def _prunable_in(folder: Path) -> list[tuple[Path, int]]:
