@@ -26,13 +26,13 @@ def test_every_command_has_help_and_a_readme_section(name: str) -> None:
             assert getattr(param, "help", None), f"{name} {param.opts} has no help"
 
 
-def test_readme_quick_start_has_exactly_the_two_make_commands_and_ci_runs_the_test_one() -> None:
+def test_readme_quick_start_has_exactly_the_two_commands_and_ci_runs_the_test_one() -> None:
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     block = quick_start.split("```sh\n", 1)[1].split("```", 1)[0]
     commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
-    assert commands == ["make demo", "make test"]
+    assert commands == ["sh dev demo", "sh dev test"]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
+    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["sh dev test"]
 
 
 def test_every_exit_code_is_documented() -> None:
@@ -53,7 +53,7 @@ def test_shipped_completion_scripts_are_current(shell: str) -> None:
     ).stdout
     assert fresh.strip(), "click printed no completion script"
     shipped = (ROOT / "completions" / f"thumbcli.{shell}").read_text()
-    assert shipped == fresh, f"completions/thumbcli.{shell} is stale: run `make completions`"
+    assert shipped == fresh, f"completions/thumbcli.{shell} is stale: run `sh dev completions`"
 
 
 def _complete(args: list[str], incomplete: str) -> list[str]:

@@ -481,14 +481,20 @@ def assert_whole_outputs(out: Path) -> list[Path]:
     return outputs
 
 
-def test_generate_stops_cleanly_on_sigint_and_a_rerun_completes(many_sources: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = start_slow_run(many_sources, out)
+def interrupt_slow_run(sources: Path, out: Path, after_outputs: int) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of a slow run sent SIGINT once it has written `after_outputs` thumbnails."""
+    proc = start_slow_run(sources, out)
     with proc:
-        wait_for_outputs(out, 2, proc)
+        wait_for_outputs(out, after_outputs, proc)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stdout, stderr
+
+
+def test_generate_stops_cleanly_on_sigint_and_a_rerun_completes(many_sources: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    returncode, stdout, stderr = interrupt_slow_run(many_sources, out, 2)
+    assert returncode == 130, stderr
     assert b"Traceback" not in stderr
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     assert summary["stopped"] == "interrupted" and 2 <= summary["made"] < MANY
@@ -502,13 +508,8 @@ def test_generate_stops_cleanly_on_sigint_and_a_rerun_completes(many_sources: Pa
 
 
 def test_generate_prints_its_summary_line_when_interrupted(many_sources: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = start_slow_run(many_sources, out)
-    with proc:
-        wait_for_outputs(out, 1, proc)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    returncode, _, stderr = interrupt_slow_run(many_sources, tmp_path / "out", 1)
+    assert returncode == 130
     assert b"thumbcli: made " in stderr
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,31 @@ def run(src: Path, cache: Path, specs: tuple[ThumbSpec, ...] = SPECS) -> tuple[i
     return stats.made, stats.skipped, target.planned_folders
 
 
-def age(cache: Path, seconds: float = 10) -> None:
-    """Backdate every folder of the cache, as if the thumbnails had been written `seconds` ago."""
+def backdate(paths: Iterable[Path], seconds: float = 10) -> None:
+    """Set the mtime of `paths` `seconds` back, as if they had been written then."""
     then = time.time() - seconds
-    for folder in [cache, *(path for path in cache.rglob("*") if path.is_dir())]:
-        os.utime(folder, (then, then))
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+def age(cache: Path) -> None:
+    """Backdate every folder of the cache, as if the thumbnails had been written a while ago."""
+    backdate([cache, *(path for path in cache.rglob("*") if path.is_dir())])
+
+
+def age_thumbnails(root: Path) -> None:
+    """Backdate every PNG under a desktop thumbnail root (their own mtimes, not the Thumb::MTime in them)."""
+    backdate(root.rglob("*.png"))
+
+
+def recorded_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """(sources, cache) of `make_tree`, thumbnailed and rerun once the thumbnails had aged: all recorded."""
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    make_tree(src)
+    run(src, cache)
+    age(cache)
+    run(src, cache)
+    return src, cache
 
 
 def signatures(cache: Path) -> int:
@@ -92,11 +113,7 @@ def test_a_verified_folder_is_skipped_whole_until_something_in_it_changes(tmp_pa
     ],
 )
 def test_a_change_after_a_folder_was_recorded_is_seen(tmp_path: Path, change: str, made: int) -> None:
-    src, cache = tmp_path / "src", tmp_path / "cache"
-    make_tree(src)
-    run(src, cache)
-    age(cache)
-    run(src, cache)
+    src, cache = recorded_tree(tmp_path)
     assert signatures(cache) == 4
     source = src / "b" / "c" / "p1.jpg"
     if change == "delete a thumbnail":
@@ -115,21 +132,13 @@ def test_a_change_after_a_folder_was_recorded_is_seen(tmp_path: Path, change: st
 
 
 def test_changed_settings_are_seen_by_a_recorded_folder(tmp_path: Path) -> None:
-    src, cache = tmp_path / "src", tmp_path / "cache"
-    make_tree(src)
-    run(src, cache)
-    age(cache)
-    run(src, cache)
+    src, cache = recorded_tree(tmp_path)
     changed = (ThumbSpec(SizeBox.parse("64"), quality=50),)
     assert run(src, cache, changed)[:2] == (8, 0)
 
 
 def test_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path: Path) -> None:
-    src, cache = tmp_path / "src", tmp_path / "cache"
-    make_tree(src)
-    run(src, cache)
-    age(cache)
-    run(src, cache)
+    src, cache = recorded_tree(tmp_path)
     assert signatures(cache) == 4
     for name in ("p0.jpg", "p1.jpg"):
         (src / "d" / name).unlink()
@@ -163,13 +172,6 @@ def run_desktop(src: Path, root: Path, version: str = "1.0") -> tuple[int, int, 
     return stats.made, stats.skipped, stats.failed, target.planned_folders
 
 
-def age_files(root: Path, seconds: float = 10) -> None:
-    """Backdate the files under `root` (the thumbnails' own mtimes, not the Thumb::MTime in them)."""
-    then = time.time() - seconds
-    for path in root.rglob("*.png"):
-        os.utime(path, (then, then))
-
-
 @pytest.mark.parametrize(
     ("change", "made", "planned"),
     [
@@ -189,7 +191,7 @@ def test_desktop_cache_folders_are_skipped_whole_until_a_source_or_thumbnail_cha
         for i in range(2):
             make_photo(folder / f"p{i} [%23].jpg", 90, 60, seed=n * 2 + i, Q=70)
     assert run_desktop(src, root) == (4, 0, 0, 2)
-    age_files(root)
+    age_thumbnails(root)
     assert run_desktop(src, root) == (0, 4, 0, 2)
     source = odd / "p1 [%23].jpg"
     thumbnail = root / "large" / thumbnail_name(file_uri(str(source)))
@@ -214,7 +216,7 @@ def test_desktop_cache_folder_with_a_fail_marker_is_skipped_until_thumbcli_chang
     make_photo(src / "good.jpg", 90, 60, Q=70)
     (src / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     assert run_desktop(src, root) == (1, 0, 1, 1)
-    age_files(root)
+    age_thumbnails(root)
     assert run_desktop(src, root) == (0, 2, 0, 1)
     assert run_desktop(src, root) == (0, 2, 0, 0)
     # A new version may read what the old one could not: its markers live elsewhere.
@@ -226,7 +228,7 @@ def test_desktop_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path:
     for folder in ("a", "b"):
         make_photo(src / folder / "p.jpg", 90, 60, Q=70)
     run_desktop(src, root)
-    age_files(root)
+    age_thumbnails(root)
     run_desktop(src, root)
     database = state_path(root)
     with sqlite3.connect(database) as db:

@@ -19,7 +19,6 @@ import sqlite3
 import stat
 import struct
 import threading
-import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -30,14 +29,14 @@ from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.spec import SizeBox, ThumbSpec
 from thumbcli.writers import (
-    RACY_NS,
+    FolderSignature,
     Freshness,
     Plan,
     RunLock,
     StateStore,
+    folder_signature,
     is_temporary_name,
     plan_each,
-    signature_of,
     write_atomically,
 )
 
@@ -327,23 +326,21 @@ class FreedesktopCache:
             return Plan("fresh", ())
         return Plan(freshness, tuple(needed))
 
-    def _folder_signature(self, batch: DirBatch) -> tuple[bytes, bytes, bool] | None:
-        """(source folder key, signature, whether too recent to record) of a folder as it stands now.
+    def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
+        """The signature of a source folder as it stands now, or None when a thumbnail is missing.
 
         As for the served cache, but the thumbnails of all folders share one folder per
         size, whose mtime says nothing of one source folder: the signature takes a stat of
         each thumbnail instead (and of the fail marker of a source that has one). That is
-        still far cheaper than reading every thumbnail's text chunks. None when a thumbnail
-        is missing.
+        still far cheaper than reading every thumbnail's text chunks.
         """
         if batch.target:
             return None
         directory_uri = file_uri(batch.directory)
         if not directory_uri.endswith("/"):
             directory_uri += "/"
-        racy_after = time.time_ns() - RACY_NS
-        racy = False
         material: list[Any] = [batch.files, self.version, self.flavours]
+        newest = 0
         for name, _size, _mtime_ns in batch.files:
             thumb = thumbnail_name(directory_uri + _escaped(os.fsencode(name)))
             failed = thumb in self._failed
@@ -359,20 +356,19 @@ class FreedesktopCache:
                         continue
                     return None
                 material.append((st.st_ino, st.st_mtime_ns, st.st_size))
-                racy = racy or st.st_mtime_ns > racy_after
-        return os.fsencode(os.path.abspath(batch.directory)), signature_of(material), racy
+                newest = max(newest, st.st_mtime_ns)
+        return folder_signature(os.path.abspath(batch.directory), material, newest)
 
     def known_fresh(self, batch: DirBatch) -> bool:
         """True when no source of the folder, none of their thumbnails and not the settings changed."""
-        judged = self._folder_signature(batch)
-        return judged is not None and self._state.signatures.get(judged[0]) == judged[1]
+        return self._state.knows(self._folder_signature(batch))
 
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
         """Plan a folder's files one by one (reading each PNG's text chunks); remember it if all are fresh."""
-        judged = None if force else self._folder_signature(batch)
+        signature = None if force else self._folder_signature(batch)
         fresh, todo = plan_each(self, batch, force)
-        if not todo and judged is not None and not judged[2]:
-            self._state.remember_signature(judged[0], judged[1])
+        if not todo:
+            self._state.remember(signature)
         return fresh, todo
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:

@@ -1012,7 +1012,7 @@ class _Worker:
             return
         if isinstance(file, int):
             if file == _MISS:
-                self._generate(conn, path, method, target, headers, end, http10)
+                self._generate(_Pending(conn, path, method, target, headers, end, http10, self.now))
             else:
                 self._send_simple(conn, file, method, target, headers, end, b"service unavailable\n")
             return
@@ -1209,20 +1209,11 @@ class _Worker:
         self.miss = parts
         return _MISS
 
-    def _generate(
-        self,
-        conn: _Connection,
-        path: bytes,
-        method: bytes,
-        target: bytes,
-        headers: dict[bytes, bytes],
-        end: bytes,
-        http10: bool,
-    ) -> None:
+    def _generate(self, pending: _Pending) -> None:
         """Start or join making the thumbnail `self.miss` names, and park the request until it is made."""
         assert self.on_demand is not None
         preset, relpath = self.miss
-        pending = _Pending(conn, path, method, target, headers, end, http10, self.now)
+        conn, method, target, headers, end = pending.conn, pending.method, pending.target, pending.headers, pending.end
         outcome = self.on_demand.request(preset, relpath, functools.partial(self._generated, pending))
         counters = self.counters
         if outcome == "busy":

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from thumbcli import cache
 from thumbcli.discover import DirBatch, SourceFile, display_path
@@ -84,11 +84,26 @@ def remove_temporary_files() -> None:
 RACY_NS = 2_000_000_000
 
 
-def signature_of(material: list[Any]) -> bytes:
-    """A digest of what a folder signature covers (str, bytes, ints, None, tuples and lists)."""
+class FolderSignature(NamedTuple):
+    """What a rerun compares to skip a source folder whole."""
+
+    #: The source folder's absolute path.
+    folder: bytes
+    #: Of its image files, the settings and the state of its thumbnails.
+    digest: bytes
+    #: Nothing it covers changed within the last RACY_NS, so it may be recorded.
+    settled: bool
+
+
+def folder_signature(folder: str, material: list[Any], newest_mtime_ns: int) -> FolderSignature:
+    """The signature of `folder` from what it covers (str, bytes, ints, None, tuples and lists).
+
+    `newest_mtime_ns` is the latest mtime among the thumbnails (or their folders) it covers.
+    """
     # marshal version 2: later versions emit back-references that depend on which objects
     # happen to be shared, which would make equal folders encode differently.
-    return hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest()
+    digest = hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest()
+    return FolderSignature(os.fsencode(folder), digest, newest_mtime_ns <= time.time_ns() - RACY_NS)
 
 
 #: A temporary file older than this was left by a killed run (a live write takes seconds).
@@ -171,9 +186,9 @@ class StateStore:
         self._folders: dict[str, dict[str, Record]] = {}
         #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
         self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
-        #: Source folder -> signature of the state in which all its thumbnails were last found
+        #: Source folder -> digest of the state in which all its thumbnails were last found
         #: fresh; all of them are read now, so that a forked walk helper never needs the database.
-        self.signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
+        self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
         self._pending_signatures: dict[bytes, bytes | None] = {}
         self._last_flush = time.monotonic()
 
@@ -231,17 +246,23 @@ class StateStore:
         with self._lock:
             self._flush_locked()
 
-    def remember_signature(self, folder: bytes, signature: bytes) -> None:
-        """Record that every thumbnail of the source `folder` was fresh in the state `signature` describes."""
+    def knows(self, signature: FolderSignature | None) -> bool:
+        """Whether `signature` is the one recorded for its folder. Reads no database: walk helpers call it."""
+        return signature is not None and self._signatures.get(signature.folder) == signature.digest
+
+    def remember(self, signature: FolderSignature | None) -> None:
+        """Record that every thumbnail of a folder was fresh in the state `signature` describes, once settled."""
+        if signature is None or not signature.settled:
+            return
         with self._lock:
-            self.signatures[folder] = signature
-            self._pending_signatures[folder] = signature
+            self._signatures[signature.folder] = signature.digest
+            self._pending_signatures[signature.folder] = signature.digest
 
     def forget_signatures(self, keep: Callable[[bytes], bool]) -> None:
         """Drop the signatures of the source folders for which `keep` is false."""
         with self._lock:
-            for folder in [folder for folder in self.signatures if not keep(folder)]:
-                del self.signatures[folder]
+            for folder in [folder for folder in self._signatures if not keep(folder)]:
+                del self._signatures[folder]
                 self._pending_signatures[folder] = None
             self._flush_locked()
 
@@ -498,18 +519,17 @@ class OutputTree:
     def _output_folder(self, spec: ThumbSpec, reldir: str) -> str:
         return f"{self._fixed_prefix}{spec.name}/{reldir}" if reldir else f"{self._fixed_prefix}{spec.name}"
 
-    def _folder_signature(self, batch: DirBatch) -> tuple[bytes, bytes, bool] | None:
-        """(source folder key, signature, whether too recent to record) of a folder as it stands now.
+    def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
+        """The signature of a source folder as it stands now, or None when it cannot be judged whole.
 
-        The signature covers the folder's image files (name, size, mtime_ns), the settings,
-        and each output folder's inode and mtime: any thumbnail added, removed or renamed
-        changes its folder's mtime. None when the folder cannot be judged as a whole.
+        It covers the folder's image files (name, size, mtime_ns), the settings, and each
+        output folder's inode and mtime: any thumbnail added, removed or renamed changes
+        its folder's mtime.
         """
         if self._fixed_prefix is None or self._claims is not None or batch.target:
             return None
-        racy_after = time.time_ns() - RACY_NS
-        racy = False
         material: list[Any] = [batch.files]
+        newest = 0
         for spec in self.specs:
             folder = self._output_folder(spec, batch.reldir)
             try:
@@ -517,21 +537,19 @@ class OutputTree:
             except OSError:
                 return None
             material.append((folder, spec.digest, st.st_ino, st.st_mtime_ns))
-            racy = racy or st.st_mtime_ns > racy_after
-        key = os.fsencode(os.path.join(os.path.abspath(batch.root), batch.reldir))
-        return key, signature_of(material), racy
+            newest = max(newest, st.st_mtime_ns)
+        return folder_signature(os.path.join(os.path.abspath(batch.root), batch.reldir), material, newest)
 
     def known_fresh(self, batch: DirBatch) -> bool:
         """True when nothing in the folder, its thumbnails or the settings changed since all were fresh."""
-        judged = self._folder_signature(batch)
-        return judged is not None and self._state.signatures.get(judged[0]) == judged[1]
+        return self._state.knows(self._folder_signature(batch))
 
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
         """Plan a whole folder: the fast path of a no-change run, with no per-file objects for fresh files."""
         if self._fixed_prefix is None or self._claims is not None:
             return plan_each(self, batch, force)
         # Taken before the folders are listed, so a thumbnail removed meanwhile makes it not match.
-        judged = None if force else self._folder_signature(batch)
+        signature = None if force else self._folder_signature(batch)
         per_spec = []
         for spec in self.specs:
             folder = self._output_folder(spec, batch.reldir)
@@ -553,8 +571,8 @@ class OutputTree:
                 todo.append((batch.source(name, size, mtime_ns), Plan(freshness, tuple(needed))))
             else:
                 fresh += 1
-        if not todo and judged is not None and not judged[2]:
-            self._state.remember_signature(judged[0], judged[1])
+        if not todo:
+            self._state.remember(signature)
         return fresh, todo
 
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
@@ -619,19 +637,23 @@ class CacheDirectory(OutputTree):
             check_collisions=check_collisions,
             locked=locked,
         )
-        self._write_manifest(self._manifest_presets())
+        self._write_manifest(*self._read_manifest())
 
-    def _manifest_presets(self) -> dict[str, dict[str, object]]:
+    def _read_manifest(self) -> tuple[dict[str, dict[str, object]], bytes | None]:
+        """The presets the manifest records, and its bytes as they are on disk (None when absent)."""
         try:
-            old = json.loads((self.root / cache.MANIFEST_NAME).read_bytes())
-        except (OSError, ValueError):
-            return {}
+            encoded = (self.root / cache.MANIFEST_NAME).read_bytes()
+        except OSError:
+            return {}, None
+        try:
+            old = json.loads(encoded)
+        except ValueError:
+            return {}, encoded
         if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
-            return dict(old.get("presets", {}))
-        return {}
+            return dict(old.get("presets", {})), encoded
+        return {}, encoded
 
-    def _write_manifest(self, presets: dict[str, dict[str, object]]) -> None:
-        manifest_path = self.root / cache.MANIFEST_NAME
+    def _write_manifest(self, presets: dict[str, dict[str, object]], on_disk: bytes | None) -> None:
         for spec in self.specs:
             presets[spec.name] = {
                 "format": spec.format,
@@ -642,10 +664,8 @@ class CacheDirectory(OutputTree):
             }
         document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
         encoded = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-        with contextlib.suppress(OSError):
-            if manifest_path.read_bytes() == encoded:
-                return  # unchanged: keep its mtime, so servers do not reload it after every cron run
-        write_atomically(str(manifest_path), encoded)
+        if encoded != on_disk:  # unchanged: keep its mtime, so servers do not reload it after every cron run
+            write_atomically(str(self.root / cache.MANIFEST_NAME), encoded)
 
     def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
@@ -653,7 +673,7 @@ class CacheDirectory(OutputTree):
         `current` maps preset name -> settings digest (from the config); None
         means the presets recorded in the manifest are all still wanted.
         """
-        manifest = self._manifest_presets()
+        manifest, on_disk = self._read_manifest()
         if current is None:
             current = {name: str(entry.get("digest")) for name, entry in manifest.items() if isinstance(entry, dict)}
         removals: list[Removal] = []
@@ -688,7 +708,7 @@ class CacheDirectory(OutputTree):
         self._state.forget_signatures(os.path.isdir)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
-            self._write_manifest(kept)
+            self._write_manifest(kept, on_disk)
         return removals
 
 
