@@ -32,7 +32,21 @@ elif shutil.which("runuser"):
     DROP_PRIVILEGES = ["runuser", "-u", "nobody", "--"]
 else:
     DROP_PRIVILEGES = None
-needs_nobody = pytest.mark.skipif(DROP_PRIVILEGES is None, reason="needs root and setpriv or runuser")
+
+
+def _why_not_as_nobody() -> str | None:
+    """Why tests cannot run thumbcli as `nobody` here, or None when they can."""
+    if DROP_PRIVILEGES is None:
+        return "needs root and setpriv or runuser"
+    probe = [*DROP_PRIVILEGES, sys.executable, "-c", "import click, pyvips, thumbcli"]
+    if subprocess.run(probe, capture_output=True, cwd="/", check=False).returncode != 0:
+        # A checkout under a private home (/root) is out of nobody's reach, and so is its venv.
+        return "nobody cannot read this checkout or its venv: clone it outside a private home"
+    return None
+
+
+_NOBODY_PROBLEM = _why_not_as_nobody()
+needs_nobody = pytest.mark.skipif(_NOBODY_PROBLEM is not None, reason=_NOBODY_PROBLEM or "")
 
 
 def draw_photo(width: int = 600, height: int = 400, *, seed: int = 0) -> pyvips.Image:
