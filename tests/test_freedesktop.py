@@ -19,7 +19,10 @@ from conftest import make_photo, make_rgba_png, run_cli
 import thumbcli
 from thumbcli.discover import SourceFile
 from thumbcli.errors import LockedError
-from thumbcli.freedesktop import (
+from thumbcli.pipeline import Pipeline, RunStats
+from thumbcli.resample import Thumbnail
+from thumbcli.spec import RunOptions, WalkOptions
+from thumbcli.targets.freedesktop import (
     FLAVOURS,
     FreedesktopCache,
     add_png_text,
@@ -31,9 +34,6 @@ from thumbcli.freedesktop import (
     thumbnail_name,
     uri_to_path,
 )
-from thumbcli.pipeline import Pipeline, RunStats
-from thumbcli.resample import Thumbnail
-from thumbcli.spec import RunOptions, WalkOptions
 
 
 def run(sources: list[Path], cache: FreedesktopCache, *, excluded: tuple[str, ...] = ()) -> RunStats:

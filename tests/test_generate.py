@@ -25,7 +25,7 @@ from conftest import (
     run_cli,
 )
 
-from thumbcli.writers import ABANDONED_TEMP_SECONDS
+from thumbcli.fsutil import ABANDONED_TEMP_SECONDS
 
 # -- what comes out -------------------------------------------------------
 

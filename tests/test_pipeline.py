@@ -13,7 +13,8 @@ from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.pipeline import FileResult, Pipeline
 from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
-from thumbcli.writers import OutputTree, Plan, plan_each
+from thumbcli.targets.plan import Plan, plan_each
+from thumbcli.targets.tree import OutputTree
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 

@@ -18,10 +18,11 @@ import pytest
 from conftest import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.freedesktop import FreedesktopCache, file_uri, prune_freedesktop, state_path, thumbnail_name
 from thumbcli.pipeline import Pipeline
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
-from thumbcli.writers import CacheDirectory, Plan
+from thumbcli.targets.freedesktop import FreedesktopCache, file_uri, prune_freedesktop, state_path, thumbnail_name
+from thumbcli.targets.plan import Plan
+from thumbcli.targets.served import CacheDirectory
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 FOLDERS = ("a", "b", "b/c", "d")
@@ -375,7 +376,7 @@ def test_folders_recorded_by_one_process_are_recognised_by_the_others(tmp_path: 
         from pathlib import Path
         from thumbcli.pipeline import Pipeline
         from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
-        from thumbcli.writers import CacheDirectory
+        from thumbcli.targets.served import CacheDirectory
 
         class CountingCache(CacheDirectory):
             planned_folders = 0

@@ -15,8 +15,8 @@ import pytest
 from conftest import make_photo, output_files, run_cli
 
 from thumbcli.errors import ExitCode
+from thumbcli.fsutil import RunLock
 from thumbcli.metrics import write_run_metrics
-from thumbcli.writers import RunLock
 
 README = Path(__file__).parents[1] / "README.md"
 

@@ -22,10 +22,10 @@ from thumbcli import __version__
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
-from thumbcli.writers import DEFAULT_NAME_TEMPLATE
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE
 
 if TYPE_CHECKING:
-    from thumbcli.writers import Target
+    from thumbcli.targets.plan import Target
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -338,9 +338,11 @@ def _specs(config: Any, args: GenerateArgs) -> tuple[ThumbSpec, ...]:
 
 def _generate(config: Any, args: GenerateArgs) -> int:
     # Imported here so that `thumbcli --help` and completion never load libvips.
+    from thumbcli.fsutil import remove_temporary_files
     from thumbcli.pipeline import FileResult, Pipeline
     from thumbcli.progress import ProgressBar
-    from thumbcli.writers import CacheDirectory, OutputTree, remove_temporary_files
+    from thumbcli.targets.served import CacheDirectory
+    from thumbcli.targets.tree import OutputTree
 
     if not args.sources:
         raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
@@ -367,7 +369,7 @@ def _generate(config: Any, args: GenerateArgs) -> int:
         raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
     target: Target
     if args.flavours:
-        from thumbcli.freedesktop import FreedesktopCache, default_thumbnail_root
+        from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
 
         target = FreedesktopCache(default_thumbnail_root(), tuple(args.flavours), wait_for_lock=args.wait)
     elif args.cache_dir is not None:
@@ -525,14 +527,14 @@ def prune(
     config: Any, cache_dir: Path | None, freedesktop: bool, dry_run: bool, wait: bool, json_summary: bool, quiet: bool
 ) -> None:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
-    from thumbcli.writers import CacheDirectory
+    from thumbcli.targets.served import CacheDirectory
 
     if (cache_dir is None) == (not freedesktop):
         raise click.UsageError("give exactly one of --cache DIR or --freedesktop")
     removals: list[tuple[Path, int, str]] = []
     try:
         if freedesktop:
-            from thumbcli.freedesktop import default_thumbnail_root, prune_freedesktop
+            from thumbcli.targets.freedesktop import default_thumbnail_root, prune_freedesktop
 
             pruned = prune_freedesktop(default_thumbnail_root(), dry_run=dry_run)
             removals = [(path, size, "source gone or changed") for path, size in pruned]

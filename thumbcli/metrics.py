@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from thumbcli.writers import write_atomically
+from thumbcli.fsutil import write_atomically
 
 _LAST_SUCCESS = "thumbcli_last_success_timestamp_seconds"
 

@@ -42,7 +42,7 @@ from thumbcli.errors import CannotRunError, ExitCode, SpecError
 from thumbcli.spec import Format, ThumbSpec
 
 if TYPE_CHECKING:
-    from thumbcli.pipeline import GenerationFailure, OnDemand
+    from thumbcli.ondemand import GenerationFailure, OnDemand
 
 log = logging.getLogger(__name__)
 
@@ -1148,7 +1148,7 @@ class _Worker:
     def _start_generating(self, source_root: Path) -> None:
         import sqlite3
 
-        from thumbcli.pipeline import OnDemand
+        from thumbcli.ondemand import OnDemand
 
         options = self.options
         self.on_demand = OnDemand(

@@ -27,18 +27,10 @@ from urllib.parse import unquote_to_bytes
 import thumbcli
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
+from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
 from thumbcli.spec import SizeBox, ThumbSpec
-from thumbcli.writers import (
-    FolderSignature,
-    Freshness,
-    Plan,
-    RunLock,
-    StateStore,
-    folder_signature,
-    is_temporary_name,
-    plan_each,
-    write_atomically,
-)
+from thumbcli.targets.plan import Freshness, Plan, plan_each
+from thumbcli.targets.state import FolderSignature, StateStore, folder_signature
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail

@@ -1,0 +1,96 @@
+"""Files that readers see whole or not at all: atomic writes, their temporary files, and the run lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from thumbcli.discover import display_path
+from thumbcli.errors import LockedError
+
+log = logging.getLogger(__name__)
+
+_TEMP_PREFIX = ".thumbcli-tmp-"
+
+_in_flight_lock = threading.Lock()
+_in_flight: set[str] = set()
+
+
+def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777) -> None:
+    """Write `data` to `path` so that readers see the whole file or nothing.
+
+    A temporary file in the same folder is renamed over the final name; the
+    permission modes are filtered by the umask like any created file.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=dir_mode, exist_ok=True)
+    temp = os.path.join(directory, f"{_TEMP_PREFIX}{os.urandom(16).hex()}")
+    with _in_flight_lock:
+        _in_flight.add(temp)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(temp)
+
+
+def remove_temporary_files() -> None:
+    """Unlink the temporary files of writes still in progress (for an abrupt exit)."""
+    with _in_flight_lock:
+        temps = list(_in_flight)
+    for temp in temps:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+#: A temporary file older than this was left by a killed run (a live write takes seconds).
+ABANDONED_TEMP_SECONDS = 3600
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for the names `write_atomically` uses before the rename."""
+    return name.startswith(_TEMP_PREFIX)
+
+
+class RunLock:
+    """An exclusive `flock` on a file, so two runs never work on one output at once."""
+
+    def __init__(self, path: Path, *, wait: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self._fd)
+            raise LockedError(f"{path} is locked by another thumbcli run (pid {holder})") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock."""
+        os.close(self._fd)
+
+
+def remove_if_abandoned(path: Path) -> None:
+    """Unlink a temporary file that a killed run left behind (never one being written now)."""
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > ABANDONED_TEMP_SECONDS:
+            path.unlink()
+            log.info("%s: removed a temporary file left by an interrupted run", display_path(path))

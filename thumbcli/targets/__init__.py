@@ -1,0 +1,1 @@
+"""Where thumbnails go: an output tree, the served cache or the desktop cache; each plans, writes and prunes."""

@@ -1,0 +1,111 @@
+"""The served cache: CACHE/v1/<preset>/<source relpath>.<ext> plus the manifest `serve` and nginx read."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from thumbcli import cache
+from thumbcli.fsutil import write_atomically
+from thumbcli.spec import ThumbSpec
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, Removal
+
+
+class CacheDirectory(OutputTree):
+    """The served cache: CACHE/v1/<preset>/<source relpath>.<ext>, plus a manifest of presets.
+
+    The layout is `thumbcli.cache`'s; `thumbcli serve` and nginx map URLs with it.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        wait_for_lock: bool = False,
+        check_collisions: bool = True,
+        locked: bool = True,
+    ) -> None:
+        super().__init__(
+            root,
+            specs,
+            name_template=f"{cache.LAYOUT_DIR}/{DEFAULT_NAME_TEMPLATE}",
+            wait_for_lock=wait_for_lock,
+            check_collisions=check_collisions,
+            locked=locked,
+        )
+        self._write_manifest(*self._read_manifest())
+
+    def _read_manifest(self) -> tuple[dict[str, dict[str, object]], bytes | None]:
+        """The presets the manifest records, and its bytes as they are on disk (None when absent)."""
+        try:
+            encoded = (self.root / cache.MANIFEST_NAME).read_bytes()
+        except OSError:
+            return {}, None
+        try:
+            old = json.loads(encoded)
+        except ValueError:
+            return {}, encoded
+        if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
+            return dict(old.get("presets", {})), encoded
+        return {}, encoded
+
+    def _write_manifest(self, presets: dict[str, dict[str, object]], on_disk: bytes | None) -> None:
+        for spec in self.specs:
+            presets[spec.name] = {
+                "format": spec.format,
+                "size": spec.box.label,
+                "fit": spec.fit,
+                "quality": spec.effective_quality,
+                "digest": spec.digest,
+            }
+        document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
+        encoded = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+        if encoded != on_disk:  # unchanged: keep its mtime, so servers do not reload it after every cron run
+            write_atomically(str(self.root / cache.MANIFEST_NAME), encoded)
+
+    def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
+        """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
+
+        `current` maps preset name -> settings digest (from the config); None
+        means the presets recorded in the manifest are all still wanted.
+        """
+        manifest, on_disk = self._read_manifest()
+        if current is None:
+            current = {name: str(entry.get("digest")) for name, entry in manifest.items() if isinstance(entry, dict)}
+        removals: list[Removal] = []
+        for out, origin in self._state.origins():
+            if origin.preset not in current:
+                reason = f"preset {origin.preset} is no longer configured"
+            elif origin.digest != current[origin.preset]:
+                reason = f"preset {origin.preset} settings changed"
+            elif not os.path.lexists(origin.source):
+                reason = "source is gone"
+            else:
+                continue
+            path = self.root / out
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
+            removals.append(Removal(path, size, reason))
+        if dry_run:
+            return removals
+        for removal in removals:
+            with contextlib.suppress(FileNotFoundError):
+                removal.path.unlink()
+        self._state.forget(str(removal.path.relative_to(self.root)) for removal in removals)
+        for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
+            while directory != self.root and directory.is_relative_to(self.root):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                directory = directory.parent
+        self._state.forget_signatures(os.path.isdir)
+        kept = {name: entry for name, entry in manifest.items() if name in current}
+        if kept != manifest:
+            self._write_manifest(kept, on_disk)
+        return removals

@@ -1,0 +1,231 @@
+"""What each thumbnail was made from, and per-folder signatures that let a rerun skip a folder whole."""
+
+from __future__ import annotations
+
+import hashlib
+import marshal
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+#: An output folder changed less than this long ago may change again within the same
+#: timestamp tick (and so unseen): its signature is not recorded until it is older.
+RACY_NS = 2_000_000_000
+
+
+class FolderSignature(NamedTuple):
+    """What a rerun compares to skip a source folder whole."""
+
+    #: The source folder's absolute path.
+    folder: bytes
+    #: Of its image files, the settings and the state of its thumbnails.
+    digest: bytes
+    #: Nothing it covers changed within the last RACY_NS, so it may be recorded.
+    settled: bool
+
+
+def folder_signature(folder: str, material: list[Any], newest_mtime_ns: int) -> FolderSignature:
+    """The signature of `folder` from what it covers (str, bytes, ints, None, tuples and lists).
+
+    `newest_mtime_ns` is the latest mtime among the thumbnails (or their folders) it covers.
+    """
+    # marshal version 2: later versions emit back-references that depend on which objects
+    # happen to be shared, which would make equal folders encode differently.
+    digest = hashlib.blake2b(marshal.dumps(material, 2), digest_size=16).digest()
+    return FolderSignature(os.fsencode(folder), digest, newest_mtime_ns <= time.time_ns() - RACY_NS)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What one thumbnail was made from."""
+
+    source: bytes
+    mtime_ns: int
+    size: int
+    preset: str
+    digest: str
+
+
+#: What planning compares for one output: (source mtime_ns, source size, preset name, settings digest).
+Record = tuple[int, int, str, str]
+
+
+class StateStore:
+    """What each thumbnail was made from, in SQLite: one row per output folder.
+
+    A row holds, marshal-encoded, {file name: Record} and, apart, {file name:
+    source path}, for one folder. Planning loads each folder the walk reaches
+    with one query and one C-speed decode of the records alone: that keeps a
+    no-change run close to the cost of the walk itself. Changes are merged into
+    the stored rows in batches (read, update, write, in one transaction), so a
+    concurrent writer (`serve --source`) loses nothing, and a killed run loses
+    at most a second of records, whose thumbnails are then simply made again.
+
+    A second table holds, per source folder, the signature of the state in which
+    all its thumbnails were last found fresh (`OutputTree.known_fresh`): while it
+    matches, a rerun needs neither the records nor a listing of the folder's thumbnails.
+    """
+
+    _FLUSH_SECONDS = 1.0
+    _SCHEMA = 3
+    _CACHED_FOLDERS = 1024
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
+            # An older layout: forget it; outputs without records are simply made again.
+            self._db.execute("DROP TABLE IF EXISTS folders")
+            self._db.execute("DROP TABLE IF EXISTS walked")
+            self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
+        self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS walked (folder BLOB PRIMARY KEY, signature BLOB)")
+        self._lock = threading.Lock()
+        self._folders: dict[str, dict[str, Record]] = {}
+        #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
+        self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
+        #: Source folder -> digest of the state in which all its thumbnails were last found
+        #: fresh; all of them are read now, so that a forked walk helper never needs the database.
+        self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
+        self._pending_signatures: dict[bytes, bytes | None] = {}
+        self._last_flush = time.monotonic()
+
+    def _load(self, folder: str) -> dict[str, Record]:
+        row = self._db.execute("SELECT records FROM folders WHERE folder = ?", (os.fsencode(folder),)).fetchone()
+        return _decode(row[0]) if row else {}
+
+    def folder(self, folder: str) -> dict[str, Record]:
+        """The records of one output folder (relative to the root), by file name."""
+        records = self._folders.get(folder)
+        if records is None:
+            with self._lock:
+                records = self._load(folder)
+                for name, change in self._pending.get(folder, {}).items():
+                    _apply(records, name, change[0] if change else None)
+                if len(self._folders) >= self._CACHED_FOLDERS:
+                    self._folders.clear()
+                self._folders[folder] = records
+        return records
+
+    def get(self, out: str) -> Record | None:
+        """The record of the output at relative path `out`."""
+        folder, _, name = out.rpartition("/")
+        return self.folder(folder).get(name)
+
+    def fetch(self, out: str) -> Record | None:
+        """Like `get`, but read from the database, which other processes may have updated."""
+        folder, _, name = out.rpartition("/")
+        with self._lock:
+            self._flush_locked()
+            return self._load(folder).get(name)
+
+    def origins(self) -> list[tuple[str, Origin]]:
+        """Every recorded output with everything known of its origin."""
+        with self._lock:
+            self._flush_locked()
+            rows = self._db.execute("SELECT folder, records, sources FROM folders").fetchall()
+        found = []
+        for folder, records_blob, sources_blob in rows:
+            prefix = os.fsdecode(folder)
+            sources = _decode(sources_blob)
+            for name, (mtime_ns, size, preset, digest) in _decode(records_blob).items():
+                out = f"{prefix}/{name}" if prefix else name
+                found.append((out, Origin(sources.get(name, b""), mtime_ns, size, preset, digest)))
+        return found
+
+    def record(self, out: str, origin: Origin) -> None:
+        """Remember what the output at relative path `out` was made from."""
+        self._change(out, ((origin.mtime_ns, origin.size, origin.preset, origin.digest), origin.source))
+
+    def forget(self, outs: Iterable[str]) -> None:
+        """Drop the records of removed outputs."""
+        for out in outs:
+            self._change(out, None)
+        with self._lock:
+            self._flush_locked()
+
+    def knows(self, signature: FolderSignature | None) -> bool:
+        """Whether `signature` is the one recorded for its folder. Reads no database: walk helpers call it."""
+        return signature is not None and self._signatures.get(signature.folder) == signature.digest
+
+    def remember(self, signature: FolderSignature | None) -> None:
+        """Record that every thumbnail of a folder was fresh in the state `signature` describes, once settled."""
+        if signature is None or not signature.settled:
+            return
+        with self._lock:
+            self._signatures[signature.folder] = signature.digest
+            self._pending_signatures[signature.folder] = signature.digest
+
+    def forget_signatures(self, keep: Callable[[bytes], bool]) -> None:
+        """Drop the signatures of the source folders for which `keep` is false."""
+        with self._lock:
+            for folder in [folder for folder in self._signatures if not keep(folder)]:
+                del self._signatures[folder]
+                self._pending_signatures[folder] = None
+            self._flush_locked()
+
+    def _change(self, out: str, change: tuple[Record, bytes] | None) -> None:
+        folder, _, name = out.rpartition("/")
+        with self._lock:
+            cached = self._folders.get(folder)
+            if cached is not None:
+                _apply(cached, name, change[0] if change else None)
+            self._pending.setdefault(folder, {})[name] = change
+            if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._pending or self._pending_signatures:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, signature in self._pending_signatures.items():
+                    if signature is None:
+                        self._db.execute("DELETE FROM walked WHERE folder = ?", (key,))
+                    else:
+                        self._db.execute("INSERT OR REPLACE INTO walked VALUES (?, ?)", (key, signature))
+                for folder, changes in self._pending.items():
+                    key = os.fsencode(folder)
+                    row = self._db.execute("SELECT records, sources FROM folders WHERE folder = ?", (key,)).fetchone()
+                    records, sources = (_decode(row[0]), _decode(row[1])) if row else ({}, {})
+                    for name, change in changes.items():
+                        _apply(records, name, change[0] if change else None)
+                        _apply(sources, name, change[1] if change else None)
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
+                        (key, marshal.dumps(records), marshal.dumps(sources)),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._pending.clear()
+            self._pending_signatures.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is pending and close the database."""
+        with self._lock:
+            self._flush_locked()
+            self._db.close()
+
+
+def _apply(mapping: dict[str, Any], name: str, value: object | None) -> None:
+    if value is None:
+        mapping.pop(name, None)
+    else:
+        mapping[name] = value
+
+
+def _decode(blob: bytes) -> dict[str, Any]:
+    try:
+        decoded = marshal.loads(blob)
+    except (EOFError, ValueError, TypeError):  # written by another Python: make those thumbnails again
+        return {}
+    return decoded if isinstance(decoded, dict) else {}

@@ -1,0 +1,244 @@
+"""The plain output tree: OUT/<size>/<source relpath>.<ext>, freshness recorded beside it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from thumbcli import cache
+from thumbcli.discover import DirBatch, SourceFile, display_path
+from thumbcli.errors import CannotRunError, SpecError
+from thumbcli.fsutil import _TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
+from thumbcli.spec import ThumbSpec
+from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, worst
+from thumbcli.targets.state import FolderSignature, Origin, StateStore, folder_signature
+
+if TYPE_CHECKING:
+    from thumbcli.resample import Thumbnail
+
+#: Folder of thumbcli's own bookkeeping inside an output tree or cache.
+PRIVATE_DIR = cache.PRIVATE_DIR
+DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
+TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
+
+
+def check_name_template(template: str) -> None:
+    """Raise SpecError unless `template` only uses known fields and yields a relative path."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise SpecError(f"invalid --name template {template!r}: {exc}") from None
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise SpecError(f"unknown field(s) in --name template: {', '.join(sorted(unknown))}")
+    if "ext" not in fields and "." not in template:
+        raise SpecError("--name template needs an extension, e.g. {ext}")
+    if template.startswith("/"):
+        raise SpecError("--name template must be a relative path")
+
+
+class OutputTree:
+    """Thumbnails in a plain tree: by default OUT/<size>/<source relpath>.<ext>.
+
+    The source's full name (suffix included) is kept, so `a.jpg` and `a.png`
+    never collide. Freshness records live in OUT/.thumbcli/state.sqlite.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        name_template: str = DEFAULT_NAME_TEMPLATE,
+        wait_for_lock: bool = False,
+        check_collisions: bool = False,
+        locked: bool = True,
+    ) -> None:
+        check_name_template(name_template)
+        self.root = root
+        self.specs = specs
+        self._template = name_template
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock) if locked else None
+            self._state = StateStore(root / PRIVATE_DIR / "state.sqlite")
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
+        self._listings: dict[str, frozenset[str]] = {}
+        self._root_prefix = f"{root}/"
+        # The default layouts need no str.format per file: it shows in no-change runs.
+        self._fixed_prefix: str | None = None
+        prefix, default_tail, rest = name_template.rpartition(DEFAULT_NAME_TEMPLATE)
+        if default_tail and not rest and "{" not in prefix:
+            self._fixed_prefix = prefix
+        self._claims: dict[str, str] | None = {} if check_collisions else None
+
+    def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
+        """The output's path relative to the root, from the name template."""
+        if self._fixed_prefix is not None:
+            return f"{self._fixed_prefix}{spec.name}/{source.relpath}.{spec.suffix}"
+        reldir, _, name = source.relpath.rpartition("/")
+        stem, dot, suffix = name.rpartition(".")
+        if not dot:
+            stem, suffix = name, ""
+        return self._template.format(
+            size=spec.name,
+            relpath=source.relpath,
+            reldir=reldir or ".",
+            name=name,
+            stem=stem,
+            suffix=suffix,
+            ext=spec.suffix,
+            root=os.path.basename(source.root.rstrip("/")) or "root",
+        )
+
+    def _names_in(self, folder: str) -> frozenset[str]:
+        """The file names in an output folder: existence checks without a stat per thumbnail."""
+        names = self._listings.get(folder)
+        if names is None:
+            if len(self._listings) > 256:
+                self._listings.clear()
+            try:
+                names = frozenset(os.listdir(self.root / folder))
+            except OSError:
+                names = frozenset()
+            if any(map(str.startswith, names, itertools.repeat(_TEMP_PREFIX))):
+                for name in names:
+                    if is_temporary_name(name):
+                        remove_if_abandoned(self.root / folder / name)
+            self._listings[folder] = names
+        return names
+
+    def plan(self, source: SourceFile, force: bool) -> Plan:
+        """Decide from the walk's stat and the records alone which specs need making."""
+        needed: list[ThumbSpec] = []
+        freshness: Freshness = "fresh"
+        for spec in self.specs:
+            relative = self.relative_output(source, spec)
+            if self._claims is not None:
+                owner = self._claims.setdefault(relative, source.path)
+                if owner != source.path:
+                    return Plan(
+                        "rejected", (), f"output name {display_path(relative)} is already used by {display_path(owner)}"
+                    )
+            folder, _, name = relative.rpartition("/")
+            exists = name in self._names_in(folder)
+            verdict = judge(self._state.get(relative), exists, source.mtime_ns, source.size, spec, force)
+            if verdict != "fresh":
+                freshness = worst(freshness, verdict)
+                needed.append(spec)
+        return Plan(freshness, tuple(needed)) if needed else FRESH
+
+    def _output_folder(self, spec: ThumbSpec, reldir: str) -> str:
+        return f"{self._fixed_prefix}{spec.name}/{reldir}" if reldir else f"{self._fixed_prefix}{spec.name}"
+
+    def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
+        """The signature of a source folder as it stands now, or None when it cannot be judged whole.
+
+        It covers the folder's image files (name, size, mtime_ns), the settings, and each
+        output folder's inode and mtime: any thumbnail added, removed or renamed changes
+        its folder's mtime.
+        """
+        if self._fixed_prefix is None or self._claims is not None or batch.target:
+            return None
+        material: list[Any] = [batch.files]
+        newest = 0
+        for spec in self.specs:
+            folder = self._output_folder(spec, batch.reldir)
+            try:
+                st = os.stat(f"{self._root_prefix}{folder}")
+            except OSError:
+                return None
+            material.append((folder, spec.digest, st.st_ino, st.st_mtime_ns))
+            newest = max(newest, st.st_mtime_ns)
+        return folder_signature(os.path.join(os.path.abspath(batch.root), batch.reldir), material, newest)
+
+    def known_fresh(self, batch: DirBatch) -> bool:
+        """True when nothing in the folder, its thumbnails or the settings changed since all were fresh."""
+        return self._state.knows(self._folder_signature(batch))
+
+    def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
+        """Plan a whole folder: the fast path of a no-change run, with no per-file objects for fresh files."""
+        if self._fixed_prefix is None or self._claims is not None:
+            return plan_each(self, batch, force)
+        # Taken before the folders are listed, so a thumbnail removed meanwhile makes it not match.
+        signature = None if force else self._folder_signature(batch)
+        per_spec = []
+        for spec in self.specs:
+            folder = self._output_folder(spec, batch.reldir)
+            per_spec.append((spec, f".{spec.suffix}", self._state.folder(folder), self._names_in(folder)))
+        fresh = 0
+        todo = []
+        for name, size, mtime_ns in batch.files:
+            needed = []
+            freshness: Freshness = "fresh"
+            for spec, suffix, records, names in per_spec:
+                out_name = name + suffix
+                record = records.get(out_name)
+                # The common case first, as one tuple comparison; `judge` says why otherwise.
+                if not force and record == (mtime_ns, size, spec.name, spec.digest) and out_name in names:
+                    continue
+                freshness = worst(freshness, judge(record, out_name in names, mtime_ns, size, spec, force))
+                needed.append(spec)
+            if needed:
+                todo.append((batch.source(name, size, mtime_ns), Plan(freshness, tuple(needed))))
+            else:
+                fresh += 1
+        if not todo:
+            self._state.remember(signature)
+        return fresh, todo
+
+    def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+        """Write each thumbnail atomically, then record what it was made from."""
+        for spec, thumbnail in made:
+            relative = self.relative_output(source, spec)
+            write_atomically(str(self.root / relative), thumbnail.data)
+            origin = Origin(
+                os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
+            )
+            self._state.record(relative, origin)
+
+    def record_failure(self, source: SourceFile, reason: str) -> None:
+        """Failures are not remembered here: the next run tries the file again."""
+
+    def typical_size(self, spec: ThumbSpec) -> int | None:
+        """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
+        sizes = []
+        for out, origin in self._state.origins():
+            if origin.digest == spec.digest:
+                try:
+                    sizes.append(os.stat(self.root / out).st_size)
+                except OSError:
+                    continue
+                if len(sizes) >= 100:
+                    break
+        return sum(sizes) // len(sizes) if sizes else None
+
+    def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
+        """Whether `spec`'s thumbnail of `source` is current, asking the database (other runs may have written)."""
+        relative = self.relative_output(source, spec)
+        exists = os.path.isfile(self.root / relative)
+        return judge(self._state.fetch(relative), exists, source.mtime_ns, source.size, spec, False) == "fresh"
+
+    def close(self) -> None:
+        """Commit the records and release the lock."""
+        self._state.close()
+        if self._lock is not None:
+            self._lock.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A thumbnail that prune removes (or, in a dry run, would remove)."""
+
+    path: Path
+    bytes: int
+    reason: str
