@@ -10,7 +10,8 @@ from pathlib import Path
 from thumbcli import cache
 from thumbcli.fsutil import write_atomically
 from thumbcli.spec import ThumbSpec
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, Removal
+from thumbcli.targets.plan import Removal
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
 
 
 class CacheDirectory(OutputTree):
