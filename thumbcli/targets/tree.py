@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from thumbcli import cache
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
-from thumbcli.fsutil import _TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
+from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
 from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore, folder_signature
@@ -114,7 +114,7 @@ class OutputTree:
                 names = frozenset(os.listdir(self.root / folder))
             except OSError:
                 names = frozenset()
-            if any(map(str.startswith, names, itertools.repeat(_TEMP_PREFIX))):
+            if any(map(str.startswith, names, itertools.repeat(TEMP_PREFIX))):
                 for name in names:
                     if is_temporary_name(name):
                         remove_if_abandoned(self.root / folder / name)
