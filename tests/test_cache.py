@@ -9,13 +9,27 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pyvips
 from conftest import make_photo, run_cli
 
-from thumbcli.cache import cache_path, is_within, read_manifest, resolve_url, split_url_path, url_path_for
+from thumbcli.cache import (
+    MANIFEST_NAME,
+    cache_path,
+    is_within,
+    load_manifest,
+    manifest_entry,
+    read_manifest,
+    resolve_url,
+    split_url_path,
+    url_path_for,
+    write_manifest,
+)
+from thumbcli.errors import CannotRunError
+from thumbcli.spec import SizeBox, ThumbSpec
 
 HOSTILE_NAMES = [
     "plain.jpg",
@@ -83,12 +97,19 @@ def test_overlong_utf8_dot_stays_a_literal_name_inside_the_cache(tmp_path: Path)
 def test_random_request_paths_never_map_outside_the_cache(tmp_path: Path) -> None:
     rng = random.Random(1234)
     alphabet = ["/", ".", "..", "%2e", "%2f", "%5c", "\\", "%00", "a", "%c0%ae", "small", "%", "?", "#", "~"]
+    mapped = 0
     for _ in range(5000):
-        url = "/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        # Most start as a real preset's URL does, so that a good share of them map at all.
+        start = "/small/" if rng.random() < 0.75 else "/"
+        url = start + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
         thumb = resolve_url(tmp_path, url, {"small": "webp"})
-        if thumb is not None:
-            resolved = os.path.normpath(thumb.path)
-            assert resolved.startswith(str(tmp_path / "v1" / "small") + "/"), url
+        if thumb is None:
+            continue
+        mapped += 1
+        resolved = os.path.normpath(thumb.path)
+        assert resolved.startswith(str(tmp_path / "v1" / "small") + "/"), url
+    # Enough of the random paths must map for the containment check to have been tried.
+    assert mapped >= 500
 
 
 def test_symlink_inside_cache_pointing_out_is_not_within(tmp_path: Path) -> None:
@@ -119,6 +140,27 @@ def test_generate_cache_writes_every_hostile_name_where_its_url_maps(tmp_path: P
         assert pyvips.Image.new_from_buffer(thumb.path.read_bytes(), "").width == 64
 
 
+def test_manifest_written_is_read_back_and_left_alone_when_unchanged(tmp_path: Path) -> None:
+    spec = ThumbSpec(SizeBox(64, 64), format="webp", name="small")
+    presets = {"small": manifest_entry(spec), "big": {"format": "jpeg"}}
+    write_manifest(tmp_path, presets)
+    assert read_manifest(tmp_path) == {"small": "webp", "big": "jpeg"}
+    assert load_manifest(tmp_path) == presets
+    assert load_manifest(tmp_path)["small"]["digest"] == spec.digest
+    before = os.stat(tmp_path / MANIFEST_NAME)
+    write_manifest(tmp_path, dict(reversed(presets.items())))
+    after = os.stat(tmp_path / MANIFEST_NAME)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"layout": 99, "presets": {}}', b'{"layout": 1, "presets": []}'])
+def test_a_broken_manifest_stops_serve_but_not_generate(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / MANIFEST_NAME).write_bytes(content)
+    with pytest.raises(CannotRunError):
+        read_manifest(tmp_path)
+    assert load_manifest(tmp_path, strict=False) == {}
+
+
 def test_changing_one_preset_remakes_only_that_preset(tmp_path: Path) -> None:
     source = tmp_path / "photos"
     for index in range(3):
@@ -142,6 +184,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _start_nginx(tmp_path: Path, write_conf: Callable[[int], Path]) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx listening on a free port: it cannot take port 0, so a port another process took meanwhile is retried."""
+    assert NGINX is not None
+    for _attempt in range(5):
+        port = _free_port()
+        pid_file = tmp_path / "nginx.pid"
+        pid_file.unlink(missing_ok=True)
+        nginx = subprocess.Popen([NGINX, "-c", str(write_conf(port)), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        # nginx writes its pid file only once it has bound its listening sockets.
+        while nginx.poll() is None and not pid_file.exists():
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        if nginx.poll() is None:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return nginx, port
+        assert nginx.stderr is not None
+        errors = nginx.stderr.read().decode(errors="replace")
+        nginx.stderr.close()
+        assert "Address already in use" in errors, errors
+    raise AssertionError("nginx found no free port in 5 tries")
+
+
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path) -> None:
     source = tmp_path / "photos"
@@ -152,27 +217,22 @@ def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path) -> None:
     assert run_cli("generate", source, "--cache", cache, "-s", "64").rc == 0
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
-    port = _free_port()
-    snippet = snippet.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace("/var/cache/thumbcli", str(cache))
     conf = tmp_path / "nginx.conf"
     # As root, nginx's workers would drop to `nobody`, who cannot enter pytest's tmp folders.
     user = "user root;\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"{user}daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        f"events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n"
-        f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};\n"
-        f"uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n{snippet}\n}}\n"
-    )
-    nginx = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+
+    def write_conf(port: int) -> Path:
+        server = snippet.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace("/var/cache/thumbcli", str(cache))
+        conf.write_text(
+            f"{user}daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+            f"events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n"
+            f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};\n"
+            f"uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n{server}\n}}\n"
+        )
+        return conf
+
+    nginx, port = _start_nginx(tmp_path, write_conf)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.05)
         for name in names:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:

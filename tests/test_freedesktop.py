@@ -25,15 +25,15 @@ from thumbcli.spec import RunOptions, WalkOptions
 from thumbcli.targets.freedesktop import (
     FLAVOURS,
     FreedesktopCache,
-    add_png_text,
     default_thumbnail_root,
     file_uri,
     mimetype_for,
     prune_freedesktop,
-    read_png_text,
     thumbnail_name,
     uri_to_path,
 )
+from thumbcli.targets.plan import Removal
+from thumbcli.targets.pngtext import add_png_text, read_png_text
 
 
 def run(sources: list[Path], cache: FreedesktopCache, *, excluded: tuple[str, ...] = ()) -> RunStats:
@@ -408,14 +408,18 @@ def test_prune_removes_thumbnails_of_deleted_and_changed_sources_and_old_fail_fo
 
     gone.unlink()
     os.utime(changed, (1_000_000_000, 1_000_000_000))
-    expected = sorted(
-        [thumb_of(root, f, p) for f in ("normal", "large") for p in (gone, changed)]
-        + [root / "fail" / "thumbcli-0.0.1"]
-    )
+    leftover = root / "large" / ".thumbcli-tmp-0123456789abcdef"
+    leftover.write_bytes(b"half a png")
+    reasons = {thumb_of(root, f, gone): "source is gone" for f in ("normal", "large")}
+    reasons |= {thumb_of(root, f, changed): "source changed" for f in ("normal", "large")}
+    reasons[root / "fail" / "thumbcli-0.0.1"] = "made by another thumbcli version"
+    reasons[leftover] = "temporary file"
+    expected = sorted(reasons)
 
     listed = prune_freedesktop(root, dry_run=True)
-    assert [path for path, _ in listed] == expected
-    assert all(size > 0 for _, size in listed)
+    assert [removal.path for removal in listed] == expected
+    assert {removal.path: removal.reason for removal in listed} == reasons
+    assert all(removal.bytes > 0 for removal in listed)
     assert all(path.exists() for path in expected)
 
     removed = prune_freedesktop(root, dry_run=False)
@@ -439,7 +443,7 @@ def test_prune_removes_fail_markers_of_deleted_sources(tmp_path: Path) -> None:
     assert prune_freedesktop(root, dry_run=False) == []
     bad.unlink()
     size = marker.stat().st_size
-    assert prune_freedesktop(root, dry_run=False) == [(marker, size)]
+    assert prune_freedesktop(root, dry_run=False) == [Removal(marker, size, "source is gone")]
     assert not marker.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -49,21 +50,44 @@ def test_wait_queues_behind_the_lock_holder(tmp_path: Path) -> None:
     assert time.monotonic() - started >= 0.9
 
 
+def flock_waiters(path: Path) -> int:
+    """How many processes are blocked in flock() on `path`, from /proc/locks."""
+    inode = os.stat(path).st_ino
+    blocked = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields and any(f.endswith(f":{inode}") for f in fields):
+            blocked += 1
+    return blocked
+
+
 def test_two_concurrent_runs_on_one_cache_never_both_work(tmp_path: Path) -> None:
     photos(tmp_path / "src", 12)
     cache = tmp_path / "cache"
+    lock_file = cache / ".thumbcli" / "lock"
     argv = [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--cache", str(cache), "-j", "1"]
-    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes = sorted(proc.wait(timeout=120) for proc in procs)
-    for proc in procs:
-        assert proc.stderr is not None
-        proc.stderr.close()
-    assert codes in ([0, 0], [0, ExitCode.LOCKED])
-    waited = [subprocess.Popen([*argv, "--wait", "--json"], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    for proc in waited:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0
-        assert '"made": 0' in out
+    # Held here until both runs are blocked on it, so that both are let go at the same
+    # moment with all twelve thumbnails missing: only the lock keeps them from both working.
+    lock = RunLock(lock_file, wait=False)
+    try:
+        waiting = [
+            subprocess.Popen([*argv, "--wait", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 60
+        while flock_waiters(lock_file) < 2:
+            assert all(proc.poll() is None for proc in waiting), "a run did not wait for the lock"
+            assert time.monotonic() < deadline, "the runs never queued on the lock"
+            time.sleep(0.05)
+    finally:
+        lock.release()
+    made = []
+    for proc in waiting:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        made.append(json.loads(out)["made"])
+    # One run made all twelve; the other, let in only after it, found nothing left to do.
+    assert sorted(made) == [0, 12]
     assert len(output_files(cache / "v1")) == 12
 
 

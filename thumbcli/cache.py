@@ -1,4 +1,4 @@
-"""The served cache layout: pure functions from source or URL to cache path."""
+"""The served cache layout: pure functions from source or URL to cache path, and the manifest's schema."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
 from thumbcli.errors import CannotRunError
-from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, FORMATS, SUFFIX_BY_FORMAT, Format
+from thumbcli.fsutil import write_atomically
+from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, FORMATS, SUFFIX_BY_FORMAT, Format, ThumbSpec
 
 #: Version of the on-disk layout; thumbnails live under `v<LAYOUT_VERSION>/`.
 LAYOUT_VERSION = 1
@@ -97,20 +98,58 @@ def resolve_url(cache_root: Path, raw_path: bytes | str, presets: Mapping[str, F
     )
 
 
-def read_manifest(cache_root: Path) -> dict[str, Format]:
-    """The presets a cache holds, name -> output format, from its manifest file."""
+def manifest_entry(spec: ThumbSpec) -> dict[str, object]:
+    """What the manifest records of one preset: its output format (all `serve` needs) and its settings."""
+    return {
+        "format": spec.format,
+        "size": spec.box.label,
+        "fit": spec.fit,
+        "quality": spec.effective_quality,
+        "digest": spec.digest,
+    }
+
+
+def load_manifest(cache_root: Path, *, strict: bool = True) -> dict[str, dict[str, object]]:
+    """Every preset the manifest records, name -> its entry; {} when there is no manifest.
+
+    A manifest that cannot be read or is not of this layout raises CannotRunError
+    when `strict`; otherwise it counts as empty (a generate run then writes it anew).
+    """
     manifest = cache_root / MANIFEST_NAME
     try:
         data = json.loads(manifest.read_bytes())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise CannotRunError(f"{manifest}: cannot read cache manifest: {exc}") from exc
-    if not isinstance(data, dict) or data.get("layout") != LAYOUT_VERSION:
-        raise CannotRunError(f"{manifest}: not a layout {LAYOUT_VERSION} thumbcli cache")
+        if strict:
+            raise CannotRunError(f"{manifest}: cannot read cache manifest: {exc}") from exc
+        return {}
+    presets = data.get("presets", {}) if isinstance(data, dict) and data.get("layout") == LAYOUT_VERSION else None
+    if not isinstance(presets, dict):
+        if strict:
+            raise CannotRunError(f"{manifest}: not a layout {LAYOUT_VERSION} thumbcli cache")
+        return {}
+    return {str(name): dict(entry) for name, entry in presets.items() if isinstance(entry, dict)}
+
+
+def read_manifest(cache_root: Path) -> dict[str, Format]:
+    """The presets a cache holds, name -> output format, from its manifest file (strictly read)."""
     presets: dict[str, Format] = {}
-    for name, entry in dict(data.get("presets", {})).items():
-        fmt = entry.get("format") if isinstance(entry, dict) else None
+    for name, entry in load_manifest(cache_root).items():
+        fmt = entry.get("format")
         if fmt in FORMATS:
-            presets[str(name)] = fmt
+            presets[name] = fmt
     return presets
+
+
+def write_manifest(cache_root: Path, presets: Mapping[str, Mapping[str, object]]) -> None:
+    """Write the manifest of these presets atomically; a file that already says exactly this is left alone."""
+    document = {"layout": LAYOUT_VERSION, "presets": {name: dict(entry) for name, entry in presets.items()}}
+    encoded = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+    path = cache_root / MANIFEST_NAME
+    try:
+        unchanged = path.read_bytes() == encoded
+    except OSError:
+        unchanged = False
+    if not unchanged:  # keep its mtime, so servers do not reload it after every cron run
+        write_atomically(str(path), encoded)

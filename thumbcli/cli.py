@@ -537,7 +537,7 @@ def prune(
             from thumbcli.targets.freedesktop import default_thumbnail_root, prune_freedesktop
 
             pruned = prune_freedesktop(default_thumbnail_root(), dry_run=dry_run)
-            removals = [(path, size, "source gone or changed") for path, size in pruned]
+            removals = [(r.path, r.bytes, r.reason) for r in pruned]
         else:
             assert cache_dir is not None
             current = {name: spec.digest for name, spec in config.presets.items()} if config.presets else None

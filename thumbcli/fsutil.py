@@ -15,7 +15,8 @@ from thumbcli.errors import LockedError
 
 log = logging.getLogger(__name__)
 
-_TEMP_PREFIX = ".thumbcli-tmp-"
+#: How the names of `write_atomically`'s temporary files begin.
+TEMP_PREFIX = ".thumbcli-tmp-"
 
 _in_flight_lock = threading.Lock()
 _in_flight: set[str] = set()
@@ -29,7 +30,7 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=dir_mode, exist_ok=True)
-    temp = os.path.join(directory, f"{_TEMP_PREFIX}{os.urandom(16).hex()}")
+    temp = os.path.join(directory, f"{TEMP_PREFIX}{os.urandom(16).hex()}")
     with _in_flight_lock:
         _in_flight.add(temp)
     try:
@@ -65,7 +66,7 @@ ABANDONED_TEMP_SECONDS = 3600
 
 def is_temporary_name(name: str) -> bool:
     """True for the names `write_atomically` uses before the rename."""
-    return name.startswith(_TEMP_PREFIX)
+    return name.startswith(TEMP_PREFIX)
 
 
 class RunLock:

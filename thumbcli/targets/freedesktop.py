@@ -11,17 +11,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import logging
 import os
 import shutil
 import sqlite3
 import stat
-import struct
 import threading
-import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 import thumbcli
@@ -29,7 +26,8 @@ from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
 from thumbcli.spec import SizeBox, ThumbSpec
-from thumbcli.targets.plan import Freshness, Plan, plan_each
+from thumbcli.targets.plan import FRESH, Plan, Removal, judge, plan_each, plan_from
+from thumbcli.targets.pngtext import add_png_text, blank_png, read_png_text
 from thumbcli.targets.state import FolderSignature, StateStore, folder_signature
 
 if TYPE_CHECKING:
@@ -45,10 +43,6 @@ FAIL_PREFIX = "thumbcli-"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TEXT_KINDS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
-# Larger text chunks are skipped unread: no thumbnail needs them to be judged.
-_MAX_TEXT_CHUNK = 64 * 1024
 _NS = 1_000_000_000
 
 # What GLib's g_filename_to_uri leaves unescaped in a path (its UNSAFE_PATH
@@ -114,98 +108,6 @@ def mimetype_for(thumbnail: Thumbnail, path: str) -> str:
     return _MIMETYPES.get(thumbnail.source_format, "application/octet-stream")
 
 
-# -- PNG text chunks -------------------------------------------------------
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _text_chunk(key: str, value: str) -> bytes:
-    keyword = key.encode("latin-1")
-    if not 1 <= len(keyword) <= 79 or b"\0" in keyword:
-        raise ValueError(f"invalid PNG text keyword {key!r}")
-    try:
-        return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
-    except UnicodeEncodeError:
-        # Uncompressed iTXt, no language tag: the only way to store non-Latin-1 text.
-        return _chunk(b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8"))
-
-
-def add_png_text(png: bytes, text: dict[str, str]) -> bytes:
-    """`png` with a text chunk per entry inserted right after IHDR, where readers find them first."""
-    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
-        raise ValueError("not a PNG starting with IHDR")
-    (length,) = struct.unpack(">I", png[8:12])
-    end = 8 + 12 + length
-    return png[:end] + b"".join(_text_chunk(k, v) for k, v in text.items()) + png[end:]
-
-
-def read_png_text(source: str | bytes | os.PathLike[str]) -> dict[str, str]:
-    """The text entries of a PNG (file path or the bytes themselves) stored before its image data.
-
-    Only the chunks before IDAT are read, so judging a thumbnail costs one open
-    and one small read. Anything that is not a PNG yields an empty dict; the
-    first value of a repeated keyword wins.
-    """
-    if isinstance(source, bytes):
-        return _read_text_chunks(io.BytesIO(source))
-    with open(source, "rb") as stream:
-        return _read_text_chunks(stream)
-
-
-def _read_text_chunks(stream: BinaryIO) -> dict[str, str]:
-    if stream.read(8) != PNG_SIGNATURE:
-        return {}
-    text: dict[str, str] = {}
-    while len(header := stream.read(8)) == 8:
-        length, kind = struct.unpack(">I4s", header)
-        if kind in (b"IDAT", b"IEND") or length > 0x7FFFFFFF:
-            break
-        if kind not in _TEXT_KINDS or length > _MAX_TEXT_CHUNK:
-            stream.seek(length + 4, io.SEEK_CUR)
-            continue
-        body = stream.read(length)
-        crc = stream.read(4)
-        if len(body) < length or len(crc) < 4:
-            break
-        if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body):
-            continue
-        entry = _decode_text(kind, body)
-        if entry is not None:
-            text.setdefault(*entry)
-    return text
-
-
-def _decode_text(kind: bytes, body: bytes) -> tuple[str, str] | None:
-    keyword, sep, rest = body.partition(b"\0")
-    if not sep or not keyword:
-        return None
-    try:
-        if kind == b"tEXt":
-            return keyword.decode("latin-1"), rest.decode("latin-1")
-        if kind == b"zTXt":
-            return keyword.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
-        compressed, _method = rest[:2]
-        _language, _, rest = rest[2:].partition(b"\0")
-        _translated, _, value = rest.partition(b"\0")
-        return keyword.decode("latin-1"), (_inflate(value) if compressed else value).decode("utf-8")
-    except (ValueError, zlib.error):
-        return None
-
-
-def _inflate(data: bytes) -> bytes:
-    return zlib.decompressobj().decompress(data, _MAX_TEXT_CHUNK)
-
-
-def _blank_png(text: dict[str, str]) -> bytes:
-    """A 1x1 transparent RGBA PNG carrying `text`: the body of a fail marker."""
-    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 5)
-    png = PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-    return add_png_text(png, text)
-
-
 def _parse_mtime(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -213,17 +115,24 @@ def _parse_mtime(value: str | None) -> int | None:
         return None
 
 
-def _judge(path: Path, uri: str, mtime: int) -> Freshness:
-    """Whether the thumbnail or marker at `path` is valid for a source at `uri` with `mtime` seconds."""
+#: What a desktop thumbnail says it was made from: (Thumb::URI, Thumb::MTime in whole seconds).
+Making = tuple[str | None, int | None]
+
+
+def _made_from(uri: str, mtime_ns: int) -> tuple[str, int]:
+    """What a thumbnail of the source at `uri`, as it is now, must say it was made from."""
+    return uri, mtime_ns // _NS
+
+
+def _recorded(path: str | Path) -> Making | None:
+    """What the thumbnail or marker at `path` says it was made from; None when there is none."""
     try:
         text = read_png_text(path)
     except FileNotFoundError:
-        return "missing"
+        return None
     except OSError:
-        return "stale"
-    if text.get("Thumb::URI") == uri and _parse_mtime(text.get("Thumb::MTime")) == mtime:
-        return "fresh"
-    return "stale"
+        return (None, None)  # unreadable: never what a source wants, so stale
+    return text.get("Thumb::URI"), _parse_mtime(text.get("Thumb::MTime"))
 
 
 def _private_dir(path: Path) -> None:
@@ -299,24 +208,15 @@ class FreedesktopCache:
         path = os.path.abspath(source.path)
         if self._contains(path):
             # Never a thumbnail of a thumbnail, even when named on the command line.
-            return Plan("fresh", ())
+            return FRESH
         uri = file_uri(path)
         name = thumbnail_name(uri)
-        mtime = source.mtime_ns // _NS
-        freshness: Freshness = "fresh"
-        needed: list[ThumbSpec] = []
-        for spec in self.specs:
-            state = _judge(self.root / spec.name / name, uri, mtime)
-            if state == "fresh" and not force:
-                continue
-            needed.append(spec)
-            if state == "missing":
-                freshness = "missing"
-            elif freshness == "fresh":
-                freshness = "stale"
-        if needed and not force and name in self._failed and _judge(self.fail_dir / name, uri, mtime) == "fresh":
-            return Plan("fresh", ())
-        return Plan(freshness, tuple(needed))
+        wanted = _made_from(uri, source.mtime_ns)
+        plan = plan_from((spec, judge(_recorded(self.root / spec.name / name), wanted, force)) for spec in self.specs)
+        if plan.specs and not force and name in self._failed:
+            # A fail marker valid for the source as it is now: libvips will reject it again.
+            return FRESH if judge(_recorded(self.fail_dir / name), wanted, False) == "fresh" else plan
+        return plan
 
     def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
         """The signature of a source folder as it stands now, or None when a thumbnail is missing.
@@ -366,12 +266,12 @@ class FreedesktopCache:
     def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
         """Write each thumbnail with its Thumb:: text atomically (0600), then drop any fail marker."""
         path = os.path.abspath(source.path)
-        uri = file_uri(path)
+        uri, mtime = _made_from(file_uri(path), source.mtime_ns)
         name = thumbnail_name(uri)
         for spec, thumbnail in made:
             text = {
                 "Thumb::URI": uri,
-                "Thumb::MTime": str(source.mtime_ns // _NS),
+                "Thumb::MTime": str(mtime),
                 "Thumb::Size": str(source.size),
                 "Thumb::Mimetype": mimetype_for(thumbnail, path),
                 "Thumb::Image::Width": str(thumbnail.source_width),
@@ -389,11 +289,9 @@ class FreedesktopCache:
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Leave a fail marker so that neither thumbcli nor file managers retry an unchanged file."""
-        uri = file_uri(source.path)
+        uri, mtime = _made_from(file_uri(source.path), source.mtime_ns)
         name = thumbnail_name(uri)
-        marker = _blank_png(
-            {"Thumb::URI": uri, "Thumb::MTime": str(source.mtime_ns // _NS), "Software": self._software}
-        )
+        marker = blank_png({"Thumb::URI": uri, "Thumb::MTime": str(mtime), "Software": self._software})
         try:
             _private_dir(self.fail_dir.parent)
             _private_dir(self.fail_dir)
@@ -418,8 +316,8 @@ class FreedesktopCache:
 
 def prune_freedesktop(
     root: Path, *, dry_run: bool, wait_for_lock: bool = False, version: str | None = None
-) -> list[tuple[Path, int]]:
-    """Remove (or, with `dry_run`, only list) what no longer serves: returns (path, bytes), sorted.
+) -> list[Removal]:
+    """Remove (or, with `dry_run`, only list) what no longer serves, sorted by path, each with why.
 
     That is: thumbnails and thumbcli fail markers whose Thumb::URI names a local
     file that no longer exists or whose mtime no longer equals Thumb::MTime;
@@ -435,7 +333,7 @@ def prune_freedesktop(
     except OSError as exc:
         raise CannotRunError(f"{display_path(root)}: cannot lock the thumbnail folder: {exc.strerror or exc}") from exc
     try:
-        found: list[tuple[Path, int]] = []
+        found: list[Removal] = []
         folders = [root / flavour for flavour in FLAVOURS]
         fail_root = root / FAIL_DIR
         with contextlib.suppress(OSError):
@@ -445,13 +343,13 @@ def prune_freedesktop(
                 if entry.name == current:
                     folders.append(Path(entry.path))
                 else:
-                    found.append((Path(entry.path), _tree_size(entry.path)))
+                    found.append(Removal(Path(entry.path), _tree_size(entry.path), "made by another thumbcli version"))
         for folder in folders:
             found.extend(_prunable_in(folder))
-        found.sort()
+        found.sort(key=lambda removal: removal.path)
         if not dry_run:
-            for path, _size in found:
-                _remove(path)
+            for removal in found:
+                _remove(removal.path)
             _forget_gone_folders(state_path(root))
         return found
     finally:
@@ -477,8 +375,8 @@ def _forget_gone_folders(path: Path) -> None:
         state.close()
 
 
-def _prunable_in(folder: Path) -> list[tuple[Path, int]]:
-    found: list[tuple[Path, int]] = []
+def _prunable_in(folder: Path) -> list[Removal]:
+    found: list[Removal] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -488,27 +386,29 @@ def _prunable_in(folder: Path) -> list[tuple[Path, int]]:
             if not entry.is_file(follow_symlinks=False):
                 continue
             size = entry.stat(follow_symlinks=False).st_size
-            if is_temporary_name(entry.name) or (entry.name.endswith(".png") and _orphaned(entry.path)):
-                found.append((Path(entry.path), size))
+            if is_temporary_name(entry.name):
+                found.append(Removal(Path(entry.path), size, "temporary file"))
+            elif entry.name.endswith(".png") and (reason := _why_orphaned(entry.path)) is not None:
+                found.append(Removal(Path(entry.path), size, reason))
         except OSError:
             continue
     return found
 
 
-def _orphaned(thumbnail: str) -> bool:
-    """True if the thumbnail's source is a local file that is gone or has changed since."""
-    text = read_png_text(thumbnail)
-    source = uri_to_path(text.get("Thumb::URI", ""))
-    mtime = _parse_mtime(text.get("Thumb::MTime"))
-    if source is None or mtime is None:
-        return False
+def _why_orphaned(thumbnail: str) -> str | None:
+    """Why the thumbnail no longer serves its source (a local file now gone or changed), or None if it does."""
+    recorded = _recorded(thumbnail)
+    uri, mtime = recorded if recorded is not None else (None, None)
+    source = uri_to_path(uri or "")
+    if uri is None or source is None or mtime is None:
+        return None
     try:
         st = os.stat(source)
     except (FileNotFoundError, NotADirectoryError):
-        return not _on_absent_removable_drive(os.fsdecode(source))
+        return None if _on_absent_removable_drive(os.fsdecode(source)) else "source is gone"
     except OSError:
-        return False  # unreadable is not gone
-    return st.st_mtime_ns // _NS != mtime
+        return None  # unreadable is not gone
+    return "source changed" if judge(recorded, _made_from(uri, st.st_mtime_ns), False) != "fresh" else None
 
 
 def _on_absent_removable_drive(path: str) -> bool:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.spec import ThumbSpec
-from thumbcli.targets.state import Record
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -28,17 +28,43 @@ class Plan:
 FRESH = Plan("fresh", ())
 
 
-def judge(record: Record | None, exists: bool, mtime_ns: int, size: int, spec: ThumbSpec, force: bool) -> Freshness:
-    """How one thumbnail stands: made from a source with this mtime and size, with these settings?"""
-    if record is None or not exists:
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """A thumbnail (or folder of them) that prune removes, or in a dry run would remove, and why."""
+
+    path: Path
+    bytes: int
+    reason: str
+
+
+def judge(recorded: Hashable | None, wanted: Hashable, force: bool) -> Freshness:
+    """The one freshness judgement: how a thumbnail stands, from what it records of its making.
+
+    `recorded` is what the thumbnail was made from (None when there is no thumbnail);
+    `wanted` is the same for the source and settings as they are now. Every destination
+    says what the two are: a state record, or the Thumb:: text of a desktop thumbnail.
+    """
+    if recorded is None:
         return "missing"
-    if force or record[0] != mtime_ns or record[1] != size or record[3] != spec.digest:
+    if force or recorded != wanted:
         return "stale"
     return "fresh"
 
 
 def worst(a: Freshness, b: Freshness) -> Freshness:
+    """The more urgent of two verdicts: missing before stale before fresh."""
     return "missing" if "missing" in (a, b) else "stale" if "stale" in (a, b) else a
+
+
+def plan_from(verdicts: Iterable[tuple[ThumbSpec, Freshness]]) -> Plan:
+    """The plan of one source from the verdict on each spec's thumbnail."""
+    needed: list[ThumbSpec] = []
+    freshness: Freshness = "fresh"
+    for spec, verdict in verdicts:
+        if verdict != "fresh":
+            needed.append(spec)
+            freshness = worst(freshness, verdict)
+    return Plan(freshness, tuple(needed)) if needed else FRESH
 
 
 def plan_each(target: Target, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:

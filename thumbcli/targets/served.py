@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 from thumbcli import cache
-from thumbcli.fsutil import write_atomically
 from thumbcli.spec import ThumbSpec
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, Removal
+from thumbcli.targets.plan import Removal
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
 
 
 class CacheDirectory(OutputTree):
@@ -36,35 +35,11 @@ class CacheDirectory(OutputTree):
             check_collisions=check_collisions,
             locked=locked,
         )
-        self._write_manifest(*self._read_manifest())
+        self._write_manifest(cache.load_manifest(root, strict=False))
 
-    def _read_manifest(self) -> tuple[dict[str, dict[str, object]], bytes | None]:
-        """The presets the manifest records, and its bytes as they are on disk (None when absent)."""
-        try:
-            encoded = (self.root / cache.MANIFEST_NAME).read_bytes()
-        except OSError:
-            return {}, None
-        try:
-            old = json.loads(encoded)
-        except ValueError:
-            return {}, encoded
-        if isinstance(old, dict) and old.get("layout") == cache.LAYOUT_VERSION:
-            return dict(old.get("presets", {})), encoded
-        return {}, encoded
-
-    def _write_manifest(self, presets: dict[str, dict[str, object]], on_disk: bytes | None) -> None:
-        for spec in self.specs:
-            presets[spec.name] = {
-                "format": spec.format,
-                "size": spec.box.label,
-                "fit": spec.fit,
-                "quality": spec.effective_quality,
-                "digest": spec.digest,
-            }
-        document = {"layout": cache.LAYOUT_VERSION, "presets": presets}
-        encoded = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-        if encoded != on_disk:  # unchanged: keep its mtime, so servers do not reload it after every cron run
-            write_atomically(str(self.root / cache.MANIFEST_NAME), encoded)
+    def _write_manifest(self, presets: dict[str, dict[str, object]]) -> None:
+        """Write the manifest: `presets` with this run's specs entered (or updated)."""
+        cache.write_manifest(self.root, presets | {spec.name: cache.manifest_entry(spec) for spec in self.specs})
 
     def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
@@ -72,9 +47,9 @@ class CacheDirectory(OutputTree):
         `current` maps preset name -> settings digest (from the config); None
         means the presets recorded in the manifest are all still wanted.
         """
-        manifest, on_disk = self._read_manifest()
+        manifest = cache.load_manifest(self.root, strict=False)
         if current is None:
-            current = {name: str(entry.get("digest")) for name, entry in manifest.items() if isinstance(entry, dict)}
+            current = {name: str(entry.get("digest")) for name, entry in manifest.items()}
         removals: list[Removal] = []
         for out, origin in self._state.origins():
             if origin.preset not in current:
@@ -107,5 +82,5 @@ class CacheDirectory(OutputTree):
         self._state.forget_signatures(os.path.isdir)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
-            self._write_manifest(kept, on_disk)
+            self._write_manifest(kept)
         return removals

@@ -120,11 +120,19 @@ class StateStore:
         return self.folder(folder).get(name)
 
     def fetch(self, out: str) -> Record | None:
-        """Like `get`, but read from the database, which other processes may have updated."""
+        """Like `get`, but read from the database, which other processes may have updated.
+
+        Our own changes not yet written are laid over what is read, as `folder` does,
+        so this takes no write lock: it never waits for another process's batch.
+        """
         folder, _, name = out.rpartition("/")
         with self._lock:
-            self._flush_locked()
-            return self._load(folder).get(name)
+            records = self._load(folder)
+            pending = self._pending.get(folder, {})
+            if name in pending:
+                change = pending[name]
+                return change[0] if change else None
+        return records.get(name)
 
     def origins(self) -> list[tuple[str, Origin]]:
         """Every recorded output with everything known of its origin."""

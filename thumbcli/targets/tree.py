@@ -6,17 +6,16 @@ import itertools
 import os
 import sqlite3
 import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
-from thumbcli.fsutil import _TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
+from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
 from thumbcli.spec import ThumbSpec
-from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, worst
-from thumbcli.targets.state import FolderSignature, Origin, StateStore, folder_signature
+from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
+from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore, folder_signature
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -25,6 +24,11 @@ if TYPE_CHECKING:
 PRIVATE_DIR = cache.PRIVATE_DIR
 DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
 TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
+
+
+def wanted_record(mtime_ns: int, size: int, spec: ThumbSpec) -> Record:
+    """The record a fresh thumbnail has: made from a source of this mtime and size, with `spec`'s settings."""
+    return (mtime_ns, size, spec.name, spec.digest)
 
 
 def check_name_template(template: str) -> None:
@@ -110,7 +114,7 @@ class OutputTree:
                 names = frozenset(os.listdir(self.root / folder))
             except OSError:
                 names = frozenset()
-            if any(map(str.startswith, names, itertools.repeat(_TEMP_PREFIX))):
+            if any(map(str.startswith, names, itertools.repeat(TEMP_PREFIX))):
                 for name in names:
                     if is_temporary_name(name):
                         remove_if_abandoned(self.root / folder / name)
@@ -119,8 +123,7 @@ class OutputTree:
 
     def plan(self, source: SourceFile, force: bool) -> Plan:
         """Decide from the walk's stat and the records alone which specs need making."""
-        needed: list[ThumbSpec] = []
-        freshness: Freshness = "fresh"
+        verdicts: list[tuple[ThumbSpec, Freshness]] = []
         for spec in self.specs:
             relative = self.relative_output(source, spec)
             if self._claims is not None:
@@ -130,12 +133,9 @@ class OutputTree:
                         "rejected", (), f"output name {display_path(relative)} is already used by {display_path(owner)}"
                     )
             folder, _, name = relative.rpartition("/")
-            exists = name in self._names_in(folder)
-            verdict = judge(self._state.get(relative), exists, source.mtime_ns, source.size, spec, force)
-            if verdict != "fresh":
-                freshness = worst(freshness, verdict)
-                needed.append(spec)
-        return Plan(freshness, tuple(needed)) if needed else FRESH
+            recorded = self._state.get(relative) if name in self._names_in(folder) else None
+            verdicts.append((spec, judge(recorded, wanted_record(source.mtime_ns, source.size, spec), force)))
+        return plan_from(verdicts)
 
     def _output_folder(self, spec: ThumbSpec, reldir: str) -> str:
         return f"{self._fixed_prefix}{spec.name}/{reldir}" if reldir else f"{self._fixed_prefix}{spec.name}"
@@ -178,20 +178,16 @@ class OutputTree:
         fresh = 0
         todo = []
         for name, size, mtime_ns in batch.files:
-            needed = []
-            freshness: Freshness = "fresh"
+            verdicts = []
             for spec, suffix, records, names in per_spec:
                 out_name = name + suffix
-                record = records.get(out_name)
-                # The common case first, as one tuple comparison; `judge` says why otherwise.
-                if not force and record == (mtime_ns, size, spec.name, spec.digest) and out_name in names:
-                    continue
-                freshness = worst(freshness, judge(record, out_name in names, mtime_ns, size, spec, force))
-                needed.append(spec)
-            if needed:
-                todo.append((batch.source(name, size, mtime_ns), Plan(freshness, tuple(needed))))
-            else:
+                recorded = records.get(out_name) if out_name in names else None
+                verdicts.append((spec, judge(recorded, wanted_record(mtime_ns, size, spec), force)))
+            plan = plan_from(verdicts)
+            if plan is FRESH:
                 fresh += 1
+            else:
+                todo.append((batch.source(name, size, mtime_ns), plan))
         if not todo:
             self._state.remember(signature)
         return fresh, todo
@@ -225,20 +221,11 @@ class OutputTree:
     def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
         """Whether `spec`'s thumbnail of `source` is current, asking the database (other runs may have written)."""
         relative = self.relative_output(source, spec)
-        exists = os.path.isfile(self.root / relative)
-        return judge(self._state.fetch(relative), exists, source.mtime_ns, source.size, spec, False) == "fresh"
+        recorded = self._state.fetch(relative) if os.path.isfile(self.root / relative) else None
+        return judge(recorded, wanted_record(source.mtime_ns, source.size, spec), False) == "fresh"
 
     def close(self) -> None:
         """Commit the records and release the lock."""
         self._state.close()
         if self._lock is not None:
             self._lock.release()
-
-
-@dataclass(frozen=True, slots=True)
-class Removal:
-    """A thumbnail that prune removes (or, in a dry run, would remove)."""
-
-    path: Path
-    bytes: int
-    reason: str
