@@ -29,6 +29,14 @@ class Config:
     #: Per-command option defaults, in click's `default_map` shape.
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def select_presets(self, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+        """The presets named (all of them for none); a usage error names any that are not configured."""
+        unknown = [name for name in names if name not in self.presets]
+        if unknown:
+            known = ", ".join(sorted(self.presets)) or "none"
+            raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {known})")
+        return tuple(self.presets[name] for name in (names or tuple(self.presets)))
+
 
 def find_config(explicit: str | None) -> Path | None:
     """The config file to read: --config / $THUMBCLI_CONFIG, ./thumbcli.toml, then the XDG config folder."""

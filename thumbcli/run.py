@@ -1,0 +1,372 @@
+"""Generate and prune as library calls returning typed results that the CLI prints and the metrics writer reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thumbcli.config import Config
+from thumbcli.discover import display_path
+from thumbcli.errors import CannotRunError, ExitCode, SpecError
+from thumbcli.fsutil import remove_temporary_files
+from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
+from thumbcli.spec import Fit, Format, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.targets.plan import Target
+from thumbcli.targets.served import CacheDirectory
+
+# lead: after B merges, import Removal from thumbcli.targets.plan
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, Removal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = "256"
+
+
+@dataclass(frozen=True, slots=True)
+class TreeDestination:
+    """A plain folder tree of thumbnails (`-o`), named by a template."""
+
+    root: Path
+    name_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDestination:
+    """A served cache folder (`--cache`) in the fixed layout `serve` reads."""
+
+    root: Path
+
+
+@dataclass(frozen=True, slots=True)
+class FreedesktopDestination:
+    """The desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at these sizes."""
+
+    flavours: tuple[str, ...]
+
+
+Destination = TreeDestination | CacheDestination | FreedesktopDestination
+
+
+def choose_destination(
+    output: Path | None, cache_dir: Path | None, flavours: tuple[str, ...], name_template: str | None
+) -> Destination:
+    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several."""
+    if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
+        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
+    if name_template and output is None:
+        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
+    if flavours:
+        return FreedesktopDestination(flavours)
+    if cache_dir is not None:
+        return CacheDestination(cache_dir)
+    assert output is not None
+    return TreeDestination(output, name_template)
+
+
+@dataclass(frozen=True, slots=True)
+class SpecChoice:
+    """The thumbnail settings as given on the command line or in the config's option defaults."""
+
+    presets: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
+    fit: Fit = "inside"
+    format: Format = "jpeg"
+    quality: int | None = None
+    upscale: bool = False
+    keep_metadata: bool = False
+
+
+def choose_specs(config: Config, destination: Destination, choice: SpecChoice) -> tuple[ThumbSpec, ...]:
+    """The specs to make: named presets, every configured preset of a cache, or sizes with the given settings."""
+    if isinstance(destination, FreedesktopDestination):
+        return ()  # the desktop cache's sizes are its flavours
+    if choice.presets:
+        if choice.sizes:
+            raise SpecError("give --preset or --size, not both")
+        return config.select_presets(choice.presets)
+    if isinstance(destination, CacheDestination) and config.presets and not choice.sizes:
+        return tuple(config.presets.values())
+    specs = (
+        ThumbSpec(
+            SizeBox.parse(text),
+            fit=choice.fit,
+            format=choice.format,
+            quality=choice.quality,
+            upscale=choice.upscale,
+            keep_metadata=choice.keep_metadata,
+        )
+        for text in (choice.sizes or (DEFAULT_SIZE,))
+    )
+    return tuple(dict.fromkeys(specs))
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateJob:
+    """Everything one generate run needs: what to read, where to write, what to make and how."""
+
+    sources: tuple[str, ...]
+    destination: Destination
+    specs: tuple[ThumbSpec, ...]
+    run: RunOptions = field(default_factory=RunOptions)
+    walk: WalkOptions = field(default_factory=WalkOptions)
+    dry_run: bool = False
+    wait: bool = False
+    #: Failed files and their reasons are appended here, one line each.
+    fail_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+        if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
+            raise SpecError("no thumbnail sizes to make")
+
+
+def open_target(job: GenerateJob) -> Target:
+    """The destination's target, locked for the run."""
+    destination = job.destination
+    several_sources = len(job.sources) > 1
+    if isinstance(destination, FreedesktopDestination):
+        from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
+
+        return FreedesktopCache(default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait)
+    if isinstance(destination, CacheDestination):
+        return CacheDirectory(destination.root, job.specs, wait_for_lock=job.wait, check_collisions=several_sources)
+    return OutputTree(
+        destination.root,
+        job.specs,
+        name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
+        wait_for_lock=job.wait,
+        check_collisions=several_sources or destination.name_template is not None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One source file that could not be thumbnailed, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunPlan:
+    """What a dry run would make, and about how much disk it would take."""
+
+    files: int
+    thumbnails_by_spec: dict[str, int]
+    estimated_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateSummary:
+    """The outcome of one generate run."""
+
+    found: int
+    made: int
+    thumbnails: int
+    skipped: int
+    failed: int
+    seconds: float
+    images_per_second: float
+    bytes_read: int
+    stopped: StopReason | None
+    exit_code: ExitCode
+    output: Path
+    failures: tuple[Failure, ...] = ()
+    dry_run: DryRunPlan | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """The summary as `generate --json` prints it."""
+        fields: dict[str, object] = {
+            "found": self.found,
+            "made": self.made,
+            "thumbnails": self.thumbnails,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "bytes_read": self.bytes_read,
+            "stopped": self.stopped,
+            "exit_code": int(self.exit_code),
+            "output": str(self.output),
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+        }
+        if self.dry_run is not None:
+            fields["planned"] = self.dry_run.files
+            fields["planned_thumbnails"] = self.dry_run.thumbnails_by_spec
+            fields["estimated_bytes"] = self.dry_run.estimated_bytes
+        return fields
+
+
+def exit_code(stopped: StopReason | None, failed: int) -> ExitCode:
+    """The exit code of a run that stopped for `stopped` (None: ran to the end) with `failed` failures."""
+    if stopped == "interrupted":
+        return ExitCode.INTERRUPTED
+    if failed:
+        return ExitCode.SOME_FAILED
+    if stopped is not None:
+        return ExitCode.CUT_SHORT
+    return ExitCode.OK
+
+
+class RunStopper:
+    """Stops a generate run: the first request drains it (files in flight finish), the second abandons it.
+
+    Abandoning removes the temporary files of writes in progress and ends the process at
+    once with the interrupted exit code. The CLI calls `request_stop` from its signal handlers.
+    """
+
+    def __init__(self) -> None:
+        self._requests = 0
+        self._pipeline: Pipeline | None = None
+
+    def attach(self, pipeline: Pipeline | None) -> None:
+        """Stop this pipeline on request (None: the run is over); a request made before applies at once."""
+        self._pipeline = pipeline
+        if pipeline is not None and self._requests:
+            pipeline.stop("interrupted")
+
+    def request_stop(self) -> None:
+        """Drain the run the first time; remove temporary files and exit the process the second."""
+        self._requests += 1
+        if self._requests > 1:
+            remove_temporary_files()
+            os._exit(ExitCode.INTERRUPTED)
+        log.info("stop requested: finishing the files in flight")
+        if self._pipeline is not None:
+            self._pipeline.stop("interrupted")
+
+
+ResultCallback = Callable[[FileResult], None]
+
+
+def generate(
+    job: GenerateJob,
+    *,
+    on_found: Callable[[int], None] | None = None,
+    on_skipped: Callable[[int], None] | None = None,
+    on_result: ResultCallback | None = None,
+    stopper: RunStopper | None = None,
+) -> GenerateSummary:
+    """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
+    target = open_target(job)
+    try:
+        fail_log = job.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if job.fail_log else None
+    except OSError as exc:
+        target.close()
+        raise CannotRunError(f"{job.fail_log}: cannot open the fail log: {exc.strerror or exc}") from exc
+
+    def on_each_result(result: FileResult) -> None:
+        if result.status == "failed" and fail_log is not None:
+            fail_log.write(f"failed: {result.describe()}\n")
+        if on_result is not None:
+            on_result(result)
+
+    try:
+        pipeline = Pipeline(
+            job.sources,
+            target,
+            job.run,
+            job.walk,
+            excluded_dirs=[str(target.root)],
+            dry_run=job.dry_run,
+            on_found=on_found,
+            on_skipped=on_skipped,
+            on_result=on_each_result,
+        )
+        if stopper is not None:
+            stopper.attach(pipeline)
+        stats = pipeline.run()
+        plan = _dry_run_plan(target, stats) if job.dry_run else None
+    finally:
+        if stopper is not None:
+            stopper.attach(None)
+        target.close()
+        if fail_log is not None:
+            fail_log.close()
+    return _summarize(stats, target.root, plan)
+
+
+def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> GenerateSummary:
+    return GenerateSummary(
+        found=stats.found,
+        made=stats.made,
+        thumbnails=stats.thumbnails,
+        skipped=stats.skipped,
+        failed=stats.failed,
+        seconds=stats.seconds,
+        images_per_second=stats.images_per_second,
+        bytes_read=stats.bytes_read,
+        stopped=stats.stopped,
+        exit_code=exit_code(stats.stopped, stats.failed),
+        output=output,
+        failures=tuple(Failure(display_path(r.path), r.reason) for r in stats.failures),
+        dry_run=plan,
+    )
+
+
+# Rough bytes per thumbnail pixel, for dry-run estimates before any thumbnail of a spec exists.
+_BYTES_PER_PIXEL = {"jpeg": 0.3, "webp": 0.2, "avif": 0.12, "png": 2.0}
+
+
+def _dry_run_plan(target: Target, stats: RunStats) -> DryRunPlan:
+    total = 0
+    for spec in target.specs:
+        count = stats.planned_by_spec.get(spec.name, 0)
+        # Only trees keep what each thumbnail was made with; the desktop cache is estimated from the box.
+        typical = target.typical_size(spec) if isinstance(target, OutputTree) else None
+        if typical is None:
+            area = (spec.box.width or spec.box.height or 0) * (spec.box.height or spec.box.width or 0)
+            typical = int(area * 0.75 * _BYTES_PER_PIXEL[spec.format])
+        total += count * typical
+    return DryRunPlan(stats.planned, dict(stats.planned_by_spec), total)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSummary:
+    """What prune removed (or, in a dry run, would remove)."""
+
+    dry_run: bool
+    removals: tuple[Removal, ...]
+
+    @property
+    def bytes(self) -> int:
+        """The bytes removed in all."""
+        return sum(removal.bytes for removal in self.removals)
+
+    def as_json(self) -> dict[str, object]:
+        """The summary as `prune --json` prints it."""
+        items = [{"path": display_path(r.path), "bytes": r.bytes, "reason": r.reason} for r in self.removals]
+        return {"dry_run": self.dry_run, "files": len(self.removals), "bytes": self.bytes, "removed": items}
+
+
+def prune(
+    destination: CacheDestination | FreedesktopDestination,
+    *,
+    presets: dict[str, ThumbSpec] | None = None,
+    dry_run: bool = False,
+    wait: bool = False,
+) -> PruneSummary:
+    """Remove thumbnails whose source, preset or settings are gone, and the empty folders left.
+
+    `presets` are a cache's current presets (None: keep every preset, judge sources only).
+    """
+    if isinstance(destination, FreedesktopDestination):
+        return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
+    current = {name: spec.digest for name, spec in presets.items()} if presets else None
+    target = CacheDirectory(destination.root, (), wait_for_lock=wait)
+    try:
+        return PruneSummary(dry_run, tuple(target.prune(current, dry_run=dry_run)))
+    finally:
+        target.close()
+
+
+def _prune_freedesktop(*, dry_run: bool, wait: bool) -> list[Removal]:
+    from thumbcli.targets.freedesktop import default_thumbnail_root, prune_freedesktop
+
+    pruned = prune_freedesktop(default_thumbnail_root(), dry_run=dry_run, wait_for_lock=wait)
+    # lead: after B merges, prune_freedesktop returns list[Removal]: return it as it is.
+    return [Removal(path, size, "source gone or changed") for path, size in pruned]
