@@ -17,6 +17,7 @@ from conftest import make_photo, output_files, run_cli
 from thumbcli.errors import ExitCode
 from thumbcli.fsutil import RunLock
 from thumbcli.metrics import write_run_metrics
+from thumbcli.run import GenerateSummary
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -125,8 +126,20 @@ def test_metrics_file_is_a_prometheus_textfile_that_keeps_the_last_success(tmp_p
     assert "# TYPE thumbcli_last_run_seconds gauge" in text
     success = re.search(r"^thumbcli_last_success_timestamp_seconds (\S+)$", text, re.MULTILINE)
     assert success and abs(float(success.group(1)) - time.time()) < 60
-    summary = {"made": 0, "skipped": 2, "failed": 1, "thumbnails": 0, "seconds": 0.1, "stopped": None, "exit_code": 1}
-    write_run_metrics(metrics, summary, succeeded=False, now=success and float(success.group(1)) + 100)
+    summary = GenerateSummary(
+        found=3,
+        made=0,
+        thumbnails=0,
+        skipped=2,
+        failed=1,
+        seconds=0.1,
+        images_per_second=0.0,
+        bytes_read=0,
+        stopped=None,
+        exit_code=ExitCode.SOME_FAILED,
+        output=tmp_path / "out",
+    )
+    write_run_metrics(metrics, summary, now=success and float(success.group(1)) + 100)
     later = metrics.read_text()
     assert f"thumbcli_last_success_timestamp_seconds {success.group(1)}" in later
     assert "thumbcli_last_run_exit_code 1" in later
