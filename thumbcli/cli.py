@@ -140,30 +140,76 @@ def config_default_map(config: Config, group: click.Group) -> dict[str, dict[str
     """The config's option defaults keyed by click parameter names, as `default_map` wants them.
 
     The file names options by their long names (`format`, `max-time`, `json`); a name that
-    no option of the command has is refused (a typo must not pass silently).
+    no option of the command has is refused (a typo must not pass silently), and so is a
+    value of the wrong type or out of range, with the file and line.
     """
-    from thumbcli.config import ConfigError, line_of
-
     default_map: dict[str, dict[str, Any]] = {}
     for command_name, values in config.defaults.items():
         command = group.commands.get(command_name)
-        aliases: dict[str, str] = {}
-        for param in command.params if command else ():
-            assert param.name is not None
-            aliases[param.name] = param.name
-            for opt in param.opts:
+        params: dict[str, click.Parameter] = {}
+        for option in command.params if command else ():
+            assert option.name is not None
+            params[option.name] = option
+            for opt in option.opts:
                 if opt.startswith("--"):
-                    aliases[opt[2:].replace("-", "_")] = param.name
+                    params[opt[2:].replace("-", "_")] = option
         translated = default_map.setdefault(command_name, {})
         for key, value in values.items():
-            if key not in aliases:
-                assert config.path is not None  # only a config read from a file has defaults
-                text = config.path.read_text(encoding="utf-8")
-                line = line_of(text, command_name, key.replace("_", "-")) or line_of(text, command_name, key)
-                where = f"{config.path}:{line}" if line else str(config.path)
-                raise ConfigError(f"{where}: {command_name}.{key}: not an option of `thumbcli {command_name}`")
-            translated[aliases[key]] = value
+            param = params.get(key)
+            if param is None:
+                raise _config_error(config, command_name, key, f"not an option of `thumbcli {command_name}`")
+            problem = _config_value_problem(param, value)
+            if problem is not None:
+                raise _config_error(config, command_name, key, problem)
+            assert param.name is not None
+            translated[param.name] = value
     return default_map
+
+
+def _config_error(config: Config, command_name: str, key: str, message: str) -> SpecError:
+    from thumbcli.config import line_of, located_error
+
+    assert config.path is not None  # only a config read from a file has defaults
+    text = config.path.read_text(encoding="utf-8")
+    spelled = key.replace("_", "-") if line_of(text, command_name, key.replace("_", "-")) else key
+    return located_error(config.path, text, command_name, spelled, message)
+
+
+def _config_value_problem(param: click.Parameter, value: object) -> str | None:
+    """Why a config value cannot be this option's default (its TOML type, then its range), or None."""
+    from thumbcli.config import has_type, type_mismatch
+
+    if isinstance(param, click.Option) and param.is_flag:
+        return None if isinstance(value, bool) else type_mismatch("true or false", value)
+    param_type = param.type
+    types: tuple[type, ...] = (str,)
+    expected = "a string"
+    if isinstance(param_type, click.Choice):
+        expected = f"one of {', '.join(map(str, param_type.choices))}"
+    elif isinstance(param_type, click.types.IntParamType):
+        types, expected = (int,), "an integer"
+    elif isinstance(param_type, ByteSize):
+        types, expected = (int, str), 'a byte count or a size such as "50M"'
+    elif isinstance(param_type, Duration):
+        types, expected = (int, float, str), 'seconds or a duration such as "15m"'
+    elif isinstance(param_type, Megapixels):
+        types, expected = (int, float, str), "a number of megapixels"
+    if param.multiple or param.nargs == -1:
+        if not isinstance(value, list) or not all(has_type(item, types) for item in value):
+            return type_mismatch(f"an array, each {expected}", value)
+        items: list[object] = value
+    elif not has_type(value, types):
+        return type_mismatch(expected, value)
+    else:
+        items = [value]
+    if isinstance(param_type, click.Path):
+        return None  # whether it exists is for the command to judge when it runs: it may create it
+    try:
+        for item in items:
+            param_type.convert(item, param, None)
+    except click.BadParameter as exc:
+        return f"expected {expected}: {exc.message}"
+    return None
 
 
 _P = ParamSpec("_P")
