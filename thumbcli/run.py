@@ -120,8 +120,20 @@ class GenerateJob:
     def __post_init__(self) -> None:
         if not self.sources:
             raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+        for source in self.sources:
+            _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
             raise SpecError("no thumbnail sizes to make")
+
+
+def _require_source(source: str) -> None:
+    """A usage error for a source that is not there (caught before any output folder is made)."""
+    try:
+        os.lstat(source)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SpecError(f"source {display_path(source)} does not exist ({exc.strerror})") from None
+    except OSError:
+        pass  # there but not readable: the walk reports it as a failure of that file or folder
 
 
 def open_target(job: GenerateJob) -> Target:
