@@ -310,6 +310,14 @@ def test_generate_missing_source_is_a_usage_error_before_any_output_folder_is_ma
         assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 
 
+def test_generate_says_it_cannot_create_an_output_folder_that_cannot_be(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 80, 60)
+    (tmp_path / "file").write_text("not a folder")
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "file" / "thumbs")
+    assert run.rc == 3, run.stderr
+    assert f"thumbcli: error: cannot create output folder {tmp_path / 'file' / 'thumbs'}: Not a directory" in run.stderr
+
+
 @needs_nobody
 def test_generate_reports_an_unreadable_source_and_makes_the_rest(shared_tmp: Path) -> None:
     src = shared_tmp / "src"
