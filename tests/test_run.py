@@ -148,3 +148,11 @@ def test_prune_removes_the_thumbnails_of_an_unconfigured_preset_and_sums_their_b
     assert not any(r.path.exists() for r in done.removals)
     assert done.as_json()["files"] == 2
     assert len(output_files(cache / "v1" / "small")) == 2
+
+
+def test_choose_specs_refuses_to_invent_a_preset_in_a_configured_cache(tmp_path: Path) -> None:
+    configured = CacheDestination(tmp_path / "cache", configured=True)
+    with pytest.raises(SpecError, match=r"--size 64 would add a preset to the configured cache .*: give -o DIR"):
+        choose_specs(Config(), configured, SpecChoice(sizes=("64",)))
+    [spec] = choose_specs(Config(), CacheDestination(tmp_path / "cache"), SpecChoice(sizes=("64",)))
+    assert spec.name == "64"

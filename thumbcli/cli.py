@@ -351,13 +351,11 @@ def generate(config: Config, /, **kwargs: Any) -> None:
     _configure_logging(kwargs["debug"])
     # A cache named by the config or environment gives way to a destination on the command line.
     source = click.get_current_context().get_parameter_source("cache_dir")
-    if (kwargs["output"] or kwargs["flavours"]) and source in (
-        ParameterSource.DEFAULT_MAP,
-        ParameterSource.ENVIRONMENT,
-    ):
+    cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
+    if (kwargs["output"] or kwargs["flavours"]) and cache_configured:
         kwargs["cache_dir"] = None
     args = GenerateArgs(**kwargs)
-    summary = _generate_with_progress(_generate_job(config, args), quiet=args.quiet)
+    summary = _generate_with_progress(_generate_job(config, args, cache_configured), quiet=args.quiet)
     _report_generate(summary, args)
     sys.exit(summary.exit_code)
 
@@ -400,11 +398,13 @@ class GenerateArgs:
     debug: bool
 
 
-def _generate_job(config: Config, args: GenerateArgs) -> GenerateJob:
+def _generate_job(config: Config, args: GenerateArgs, cache_configured: bool) -> GenerateJob:
     """The command line as a job for `thumbcli.run.generate`."""
     from thumbcli.run import GenerateJob, SpecChoice, choose_destination, choose_specs
 
-    destination = choose_destination(args.output, args.cache_dir, args.flavours, args.name_template)
+    destination = choose_destination(
+        args.output, args.cache_dir, args.flavours, args.name_template, cache_configured=cache_configured
+    )
     run_options = RunOptions(
         loaders=args.loaders,
         writers=args.writers,

@@ -38,6 +38,8 @@ class CacheDestination:
     """A served cache folder (`--cache`) in the fixed layout `serve` reads."""
 
     root: Path
+    #: Named by the config file or environment rather than on the command line.
+    configured: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +53,17 @@ Destination = TreeDestination | CacheDestination | FreedesktopDestination
 
 
 def choose_destination(
-    output: Path | None, cache_dir: Path | None, flavours: tuple[str, ...], name_template: str | None
+    output: Path | None,
+    cache_dir: Path | None,
+    flavours: tuple[str, ...],
+    name_template: str | None,
+    *,
+    cache_configured: bool = False,
 ) -> Destination:
-    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several."""
+    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
+
+    `cache_configured`: the cache was named by the config or environment, not on the command line.
+    """
     if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
         raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
     if name_template and output is None:
@@ -61,7 +71,7 @@ def choose_destination(
     if flavours:
         return FreedesktopDestination(flavours)
     if cache_dir is not None:
-        return CacheDestination(cache_dir)
+        return CacheDestination(cache_dir, configured=cache_configured)
     assert output is not None
     return TreeDestination(output, name_template)
 
@@ -89,6 +99,14 @@ def choose_specs(config: Config, destination: Destination, choice: SpecChoice) -
         return config.select_presets(choice.presets)
     if isinstance(destination, CacheDestination) and config.presets and not choice.sizes:
         return tuple(config.presets.values())
+    if isinstance(destination, CacheDestination) and destination.configured:
+        # A forgotten -o must not add a preset named after a size to the configured cache.
+        sizes = ", ".join(choice.sizes or (DEFAULT_SIZE,))
+        raise SpecError(
+            f"--size {sizes} would add a preset to the configured cache {display_path(destination.root)}: "
+            "give -o DIR to write a folder tree, --cache DIR to add it to a cache on purpose, "
+            "or --preset NAME for a configured preset"
+        )
     specs = (
         ThumbSpec(
             SizeBox.parse(text),
