@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
@@ -24,7 +23,7 @@ from thumbcli import __version__
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.serve import ServeOptions
-from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, ThumbSpec, WalkOptions
+from thumbcli.spec import FITS, FORMATS, ThumbSpec
 
 if TYPE_CHECKING:
     from thumbcli.config import Config
@@ -346,92 +345,22 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
 @_debug_option("Debug logging and tracebacks.")
 @click.pass_obj
 @_exits_on_errors
-def generate(config: Config, /, **kwargs: Any) -> None:
+def generate(
+    config: Config, /, *, json_summary: bool, metrics_file: Path | None, quiet: bool, debug: bool, **request: Any
+) -> None:
     """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
-    _configure_logging(kwargs["debug"])
+    from thumbcli.run import GenerateRequest
+
+    _configure_logging(debug)
     # A cache named by the config or environment gives way to a destination on the command line.
     source = click.get_current_context().get_parameter_source("cache_dir")
     cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
-    if (kwargs["output"] or kwargs["flavours"]) and cache_configured:
-        kwargs["cache_dir"] = None
-    args = GenerateArgs(**kwargs)
-    summary = _generate_with_progress(_generate_job(config, args, cache_configured), quiet=args.quiet)
-    _report_generate(summary, args)
+    if (request["output"] or request["flavours"]) and cache_configured:
+        request["cache_dir"] = None
+    job = GenerateRequest(cache_configured=cache_configured, **request).job(config)
+    summary = _generate_with_progress(job, quiet=quiet)
+    _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
     sys.exit(summary.exit_code)
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateArgs:
-    """The parsed command line of `generate`, before it becomes spec objects."""
-
-    sources: tuple[str, ...]
-    output: Path | None
-    cache_dir: Path | None
-    flavours: tuple[str, ...]
-    presets: tuple[str, ...]
-    sizes: tuple[str, ...]
-    fit: Fit
-    fmt: Format
-    quality: int | None
-    upscale: bool
-    keep_metadata: bool
-    name_template: str | None
-    hidden: bool
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    follow_symlinks: bool
-    force: bool
-    dry_run: bool
-    walkers: int | None
-    loaders: int
-    workers: int | None
-    writers: int
-    max_file_size: int
-    max_pixels: int
-    max_files: int | None
-    max_time: float | None
-    wait: bool
-    json_summary: bool
-    metrics_file: Path | None
-    fail_log: Path | None
-    quiet: bool
-    debug: bool
-
-
-def _generate_job(config: Config, args: GenerateArgs, cache_configured: bool) -> GenerateJob:
-    """The command line as a job for `thumbcli.run.generate`."""
-    from thumbcli.run import GenerateJob, SpecChoice, choose_destination, choose_specs
-
-    destination = choose_destination(
-        args.output, args.cache_dir, args.flavours, args.name_template, cache_configured=cache_configured
-    )
-    run_options = RunOptions(
-        loaders=args.loaders,
-        writers=args.writers,
-        limits=Limits(max_file_size=args.max_file_size, max_pixels=args.max_pixels),
-        force=args.force,
-        max_files=args.max_files,
-        max_seconds=args.max_time,
-        **({"workers": args.workers} if args.workers else {}),
-    )
-    walk_options = WalkOptions(
-        hidden=args.hidden,
-        follow_symlinks=args.follow_symlinks,
-        include=args.include,
-        exclude=args.exclude,
-        processes=args.walkers or 0,
-    )
-    choice = SpecChoice(args.presets, args.sizes, args.fit, args.fmt, args.quality, args.upscale, args.keep_metadata)
-    return GenerateJob(
-        tuple(args.sources),
-        destination,
-        choose_specs(config, destination, choice),
-        run_options,
-        walk_options,
-        dry_run=args.dry_run,
-        wait=args.wait,
-        fail_log=args.fail_log,
-    )
 
 
 def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary:
@@ -460,22 +389,22 @@ def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary
         progress.close()
 
 
-def _report_generate(summary: GenerateSummary, args: GenerateArgs) -> None:
+def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_file: Path | None, quiet: bool) -> None:
     """Print the summary as asked (JSON, a dry-run estimate or a closing line) and write the metrics file."""
-    if args.json_summary:
+    if json_summary:
         click.echo(json.dumps(summary.as_json()))
-    if args.metrics_file is not None:
+    if metrics_file is not None:
         from thumbcli.metrics import write_run_metrics
 
-        write_run_metrics(args.metrics_file, summary)
+        write_run_metrics(metrics_file, summary)
     plan = summary.dry_run
-    if plan is not None and not args.json_summary:
+    if plan is not None and not json_summary:
         click.echo(
             f"would make {sum(plan.thumbnails_by_spec.values())} thumbnails of {plan.files} files "
             f"(about {_human_bytes(plan.estimated_bytes)}); {summary.skipped} files up to date, "
             f"{summary.failed} failed"
         )
-    elif not args.quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
+    elif not quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
         cut = f", stopped early ({summary.stopped})" if summary.stopped else ""
         click.echo(
             f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed} "

@@ -13,7 +13,7 @@ from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
 from thumbcli.fsutil import remove_temporary_files
 from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
-from thumbcli.spec import Fit, Format, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Target
 from thumbcli.targets.served import CacheDirectory
 
@@ -142,6 +142,80 @@ class GenerateJob:
             _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
             raise SpecError("no thumbnail sizes to make")
+
+
+_DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """What `generate` was asked, option by option (as the command line names them), before it is a job."""
+
+    sources: tuple[str, ...]
+    output: Path | None = None
+    cache_dir: Path | None = None
+    #: The cache was named by the config or environment, not on the command line.
+    cache_configured: bool = False
+    flavours: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
+    fit: Fit = "inside"
+    fmt: Format = "jpeg"
+    quality: int | None = None
+    upscale: bool = False
+    keep_metadata: bool = False
+    name_template: str | None = None
+    hidden: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    force: bool = False
+    dry_run: bool = False
+    walkers: int | None = None
+    loaders: int = 2
+    workers: int | None = None
+    writers: int = 1
+    max_file_size: int = _DEFAULT_LIMITS.max_file_size
+    max_pixels: int = _DEFAULT_LIMITS.max_pixels
+    max_files: int | None = None
+    max_time: float | None = None
+    wait: bool = False
+    fail_log: Path | None = None
+
+    def job(self, config: Config) -> GenerateJob:
+        """The job this request asks for, with its specs resolved against the config's presets."""
+        destination = choose_destination(
+            self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
+        )
+        run_options = RunOptions(
+            loaders=self.loaders,
+            writers=self.writers,
+            limits=Limits(max_file_size=self.max_file_size, max_pixels=self.max_pixels),
+            force=self.force,
+            max_files=self.max_files,
+            max_seconds=self.max_time,
+            **({"workers": self.workers} if self.workers else {}),
+        )
+        walk_options = WalkOptions(
+            hidden=self.hidden,
+            follow_symlinks=self.follow_symlinks,
+            include=self.include,
+            exclude=self.exclude,
+            processes=self.walkers or 0,
+        )
+        choice = SpecChoice(
+            self.presets, self.sizes, self.fit, self.fmt, self.quality, self.upscale, self.keep_metadata
+        )
+        return GenerateJob(
+            tuple(self.sources),
+            destination,
+            choose_specs(config, destination, choice),
+            run_options,
+            walk_options,
+            dry_run=self.dry_run,
+            wait=self.wait,
+            fail_log=self.fail_log,
+        )
 
 
 def _require_source(source: str) -> None:
