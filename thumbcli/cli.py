@@ -533,7 +533,7 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Cal
 
 
 @main.command()
-@click.argument("cache_root", metavar="CACHE", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("cache_root", metavar="CACHE", type=click.Path(file_okay=False, path_type=Path))
 @_serve_option("--host", help="Address to listen on.")
 @_serve_option("-p", "--port", type=click.IntRange(0, 65535), help="Port (0: any free port).")
 @_serve_option("-j", "--workers", type=click.IntRange(1, 256), help="Processes sharing the port.")
@@ -576,6 +576,7 @@ def serve(
     from thumbcli.serve import serve as run_server
 
     _configure_logging(debug)
+    _require_cache_folder(cache_root, create=source_root is not None)
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(f"serving {cache_root} on http://{bound_host}:{bound_port}/", err=True)
@@ -592,6 +593,18 @@ def serve(
     except OSError as exc:
         _fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
     sys.exit(code)
+
+
+def _require_cache_folder(cache_root: Path, *, create: bool) -> None:
+    """The folder serve reads must be there; with --source, serve makes thumbnails, so it makes it as generate does."""
+    if create:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CannotRunError(f"cannot create cache folder {display_path(cache_root)}: {reason}") from exc
+    elif not cache_root.is_dir():
+        raise click.BadParameter(f"Directory {display_path(cache_root)!r} does not exist.", param_hint="'CACHE'")
 
 
 def _serve_presets(config: Config, source_root: Path | None, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
