@@ -20,13 +20,22 @@ import click
 from click.core import ParameterSource
 
 from thumbcli import __version__
+from thumbcli.config import (
+    Config,
+    ConfigError,
+    find_config,
+    has_type,
+    line_of,
+    load_config,
+    located_error,
+    type_mismatch,
+)
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.serve import ServeOptions
 from thumbcli.spec import FITS, FORMATS, ThumbSpec
 
 if TYPE_CHECKING:
-    from thumbcli.config import Config
     from thumbcli.pipeline import FileResult
     from thumbcli.progress import ProgressBar
     from thumbcli.run import GenerateJob, GenerateSummary
@@ -87,6 +96,34 @@ def _configure_logging(debug: bool) -> None:
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _exits_on_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Map the library's errors to exit codes: a spec error is a usage error, the others have their own."""
+
+    @functools.wraps(command)
+    def run_command(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:  # the file's fault, not the command line's: no usage text
+            _fail(str(exc), ExitCode.USAGE)
+        except SpecError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except LockedError as exc:
+            _fail(str(exc), ExitCode.LOCKED)
+        except CannotRunError as exc:
+            _fail(str(exc), ExitCode.CANNOT_RUN)
+
+    return run_command
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"thumbcli: error: {message}", err=True)
+    sys.exit(code)
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": "THUMBCLI"}
 )
@@ -99,16 +136,12 @@ def _configure_logging(debug: bool) -> None:
 )
 @click.version_option(__version__, prog_name="thumbcli")
 @click.pass_context
+@_exits_on_errors
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
-    from thumbcli.config import Config, find_config, load_config
-
     path = find_config(config_path)
-    try:
-        config = load_config(path) if path is not None else Config()
-        ctx.default_map = config_default_map(config, main) if config.path is not None else {}
-    except SpecError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+    config = load_config(path) if path is not None else Config()
+    ctx.default_map = config_default_map(config, main) if config.path is not None else {}
     ctx.obj = config
 
 
@@ -165,9 +198,7 @@ def config_default_map(config: Config, group: click.Group) -> dict[str, dict[str
     return default_map
 
 
-def _config_error(config: Config, command_name: str, key: str, message: str) -> SpecError:
-    from thumbcli.config import line_of, located_error
-
+def _config_error(config: Config, command_name: str, key: str, message: str) -> ConfigError:
     assert config.path is not None  # only a config read from a file has defaults
     text = config.path.read_text(encoding="utf-8")
     spelled = key.replace("_", "-") if line_of(text, command_name, key.replace("_", "-")) else key
@@ -176,8 +207,6 @@ def _config_error(config: Config, command_name: str, key: str, message: str) -> 
 
 def _config_value_problem(param: click.Parameter, value: object) -> str | None:
     """Why a config value cannot be this option's default (its TOML type, then its range), or None."""
-    from thumbcli.config import has_type, type_mismatch
-
     if isinstance(param, click.Option) and param.is_flag:
         return None if isinstance(value, bool) else type_mismatch("true or false", value)
     param_type = param.type
@@ -209,32 +238,6 @@ def _config_value_problem(param: click.Parameter, value: object) -> str | None:
     except click.BadParameter as exc:
         return f"expected {expected}: {exc.message}"
     return None
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _exits_on_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Map the library's errors to exit codes: a spec error is a usage error, the others have their own."""
-
-    @functools.wraps(command)
-    def run_command(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return command(*args, **kwargs)
-        except SpecError as exc:
-            raise click.UsageError(str(exc)) from exc
-        except LockedError as exc:
-            _fail(str(exc), ExitCode.LOCKED)
-        except CannotRunError as exc:
-            _fail(str(exc), ExitCode.CANNOT_RUN)
-
-    return run_command
-
-
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    click.echo(f"thumbcli: error: {message}", err=True)
-    sys.exit(code)
 
 
 _wait_option = click.option(
