@@ -14,8 +14,8 @@ from thumbcli.run import (
     CacheDestination,
     DryRunPlan,
     GenerateJob,
+    GenerateRequest,
     RunStopper,
-    SpecChoice,
     TreeDestination,
     choose_destination,
     choose_specs,
@@ -123,14 +123,14 @@ def test_choose_specs_takes_named_presets_or_every_preset_of_a_cache_or_sizes(tm
     small, large = ThumbSpec(SizeBox.parse("64"), name="small"), ThumbSpec(SizeBox.parse("512"), name="large")
     config = Config(path=tmp_path / "thumbcli.toml", presets={"small": small, "large": large})
     cache = CacheDestination(tmp_path / "cache")
-    assert choose_specs(config, cache, SpecChoice(presets=("large",))) == (large,)
-    assert choose_specs(config, cache, SpecChoice()) == (small, large)
-    [sized] = choose_specs(Config(), TreeDestination(tmp_path), SpecChoice(sizes=("100x",), format="png"))
+    assert choose_specs(config, cache, GenerateRequest(presets=("large",))) == (large,)
+    assert choose_specs(config, cache, GenerateRequest()) == (small, large)
+    [sized] = choose_specs(Config(), TreeDestination(tmp_path), GenerateRequest(sizes=("100x",), fmt="png"))
     assert (sized.box.label, sized.format) == ("100x", "png")
     with pytest.raises(SpecError, match="unknown preset"):
-        choose_specs(config, cache, SpecChoice(presets=("medium",)))
+        choose_specs(config, cache, GenerateRequest(presets=("medium",)))
     with pytest.raises(SpecError, match="not both"):
-        choose_specs(config, cache, SpecChoice(presets=("small",), sizes=("64",)))
+        choose_specs(config, cache, GenerateRequest(presets=("small",), sizes=("64",)))
 
 
 def test_prune_removes_the_thumbnails_of_an_unconfigured_preset_and_sums_their_bytes(tmp_path: Path) -> None:
@@ -153,6 +153,6 @@ def test_prune_removes_the_thumbnails_of_an_unconfigured_preset_and_sums_their_b
 def test_choose_specs_refuses_to_invent_a_preset_in_a_configured_cache(tmp_path: Path) -> None:
     configured = CacheDestination(tmp_path / "cache", configured=True)
     with pytest.raises(SpecError, match=r"--size 64 would add a preset to the configured cache .*: give -o DIR"):
-        choose_specs(Config(), configured, SpecChoice(sizes=("64",)))
-    [spec] = choose_specs(Config(), CacheDestination(tmp_path / "cache"), SpecChoice(sizes=("64",)))
+        choose_specs(Config(), configured, GenerateRequest(sizes=("64",)))
+    [spec] = choose_specs(Config(), CacheDestination(tmp_path / "cache"), GenerateRequest(sizes=("64",)))
     assert spec.name == "64"

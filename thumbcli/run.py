@@ -76,32 +76,19 @@ def choose_destination(
     return TreeDestination(output, name_template)
 
 
-@dataclass(frozen=True, slots=True)
-class SpecChoice:
-    """The thumbnail settings as given on the command line or in the config's option defaults."""
-
-    presets: tuple[str, ...] = ()
-    sizes: tuple[str, ...] = ()
-    fit: Fit = "inside"
-    format: Format = "jpeg"
-    quality: int | None = None
-    upscale: bool = False
-    keep_metadata: bool = False
-
-
-def choose_specs(config: Config, destination: Destination, choice: SpecChoice) -> tuple[ThumbSpec, ...]:
+def choose_specs(config: Config, destination: Destination, request: GenerateRequest) -> tuple[ThumbSpec, ...]:
     """The specs to make: named presets, every configured preset of a cache, or sizes with the given settings."""
     if isinstance(destination, FreedesktopDestination):
         return ()  # the desktop cache's sizes are its flavours
-    if choice.presets:
-        if choice.sizes:
+    if request.presets:
+        if request.sizes:
             raise SpecError("give --preset or --size, not both")
-        return config.select_presets(choice.presets)
-    if isinstance(destination, CacheDestination) and config.presets and not choice.sizes:
+        return config.select_presets(request.presets)
+    if isinstance(destination, CacheDestination) and config.presets and not request.sizes:
         return tuple(config.presets.values())
     if isinstance(destination, CacheDestination) and destination.configured:
         # A forgotten -o must not add a preset named after a size to the configured cache.
-        sizes = ", ".join(choice.sizes or (DEFAULT_SIZE,))
+        sizes = ", ".join(request.sizes or (DEFAULT_SIZE,))
         raise SpecError(
             f"--size {sizes} would add a preset to the configured cache {display_path(destination.root)}: "
             "give -o DIR to write a folder tree, --cache DIR to add it to a cache on purpose, "
@@ -110,13 +97,13 @@ def choose_specs(config: Config, destination: Destination, choice: SpecChoice) -
     specs = (
         ThumbSpec(
             SizeBox.parse(text),
-            fit=choice.fit,
-            format=choice.format,
-            quality=choice.quality,
-            upscale=choice.upscale,
-            keep_metadata=choice.keep_metadata,
+            fit=request.fit,
+            format=request.fmt,
+            quality=request.quality,
+            upscale=request.upscale,
+            keep_metadata=request.keep_metadata,
         )
-        for text in (choice.sizes or (DEFAULT_SIZE,))
+        for text in (request.sizes or (DEFAULT_SIZE,))
     )
     return tuple(dict.fromkeys(specs))
 
@@ -151,7 +138,7 @@ _DEFAULT_LIMITS = Limits()
 class GenerateRequest:
     """What `generate` was asked, option by option (as the command line names them), before it is a job."""
 
-    sources: tuple[str, ...]
+    sources: tuple[str, ...] = ()
     output: Path | None = None
     cache_dir: Path | None = None
     #: The cache was named by the config or environment, not on the command line.
@@ -203,13 +190,10 @@ class GenerateRequest:
             exclude=self.exclude,
             processes=self.walkers or 0,
         )
-        choice = SpecChoice(
-            self.presets, self.sizes, self.fit, self.fmt, self.quality, self.upscale, self.keep_metadata
-        )
         return GenerateJob(
             tuple(self.sources),
             destination,
-            choose_specs(config, destination, choice),
+            choose_specs(config, destination, self),
             run_options,
             walk_options,
             dry_run=self.dry_run,
