@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import pyvips
 from conftest import make_photo, run_cli
@@ -140,3 +141,101 @@ def test_config_names_options_by_their_long_names(tmp_path: Path) -> None:
     assert run.summary["thumbnails"] == 2
     assert (tmp_path / "out" / "32" / "a.jpg.png").is_file() and (tmp_path / "out" / "48" / "a.jpg.png").is_file()
     assert not (tmp_path / "cache").exists()
+
+
+def config_keys() -> list[tuple[str, str, bool]]:
+    """Every option a command table may set: (command, key as the file spells it, is a flag)."""
+    from thumbcli.cli import main
+
+    keys = []
+    for command_name in ("generate", "prune", "serve"):
+        for param in main.commands[command_name].params:
+            long_names = [opt[2:] for opt in param.opts if opt.startswith("--")]
+            is_flag = isinstance(param, click.Option) and param.is_flag
+            keys.append((command_name, long_names[0] if long_names else str(param.name), is_flag))
+    return keys
+
+
+@pytest.mark.parametrize(("command_name", "key", "is_flag"), config_keys(), ids=lambda v: str(v))
+def test_config_refuses_a_wrong_typed_value_for_every_option(
+    tmp_path: Path, command_name: str, key: str, is_flag: bool
+) -> None:
+    from thumbcli.cli import config_default_map, main
+
+    wrong = '"yes"' if is_flag else "true"
+    path = write(tmp_path / "thumbcli.toml", f"# wrong types\n[{command_name}]\n{key} = {wrong}\n")
+    with pytest.raises(ConfigError) as caught:
+        config_default_map(load_config(path), main)
+    assert str(caught.value).startswith(f"{path}:3: {command_name}.{key}: expected ")
+    assert str(caught.value).endswith(f", got {wrong} ({'a string' if is_flag else 'a boolean'})")
+
+
+@pytest.mark.parametrize(
+    ("key", "wrong", "expected"),
+    [
+        ("size", "true", 'expected a box such as "256" or "320x240", got true (a boolean)'),
+        ("fit", "3", "expected one of inside, cover, smart, got 3 (an integer)"),
+        ("format", "[]", "expected one of jpeg, webp, avif, png, got [] (an array)"),
+        ("quality", '"75"', 'expected an integer from 1 to 100, got "75" (a string)'),
+        ("upscale", '"false"', 'expected true or false, got "false" (a string)'),
+        ("keep_metadata", "1", "expected true or false, got 1 (an integer)"),
+    ],
+)
+def test_config_refuses_a_wrong_typed_value_for_every_preset_key(
+    tmp_path: Path, key: str, wrong: str, expected: str
+) -> None:
+    size = "" if key == "size" else 'size = "64"\n'
+    path = write(tmp_path / "thumbcli.toml", f"[presets.small]\n{size}{key} = {wrong}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    line = 2 if key == "size" else 3
+    assert str(caught.value) == f"{path}:{line}: presets.small.{key}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[presets.small]\nsize = "64"\nquality = "75"\n',
+            ':3: presets.small.quality: expected an integer from 1 to 100, got "75"',
+        ),
+        (
+            '[presets.small]\nsize = "64"\nupscale = "false"\n',
+            ':3: presets.small.upscale: expected true or false, got "false"',
+        ),
+        ('[generate]\nupscale = "false"\n', ':2: generate.upscale: expected true or false, got "false"'),
+        ("[generate]\nquality = 500\n", ":2: generate.quality: expected an integer: 500 is not in the range"),
+    ],
+)
+def test_a_wrong_typed_config_value_is_a_usage_error_not_a_traceback(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path / "thumbcli.toml", text)
+    make_photo(tmp_path / "src" / "a.jpg", 80, 60)
+    run = run_cli("--config", path, "generate", tmp_path / "src", "-o", tmp_path / "out")
+    assert run.rc == 2 and "Traceback" not in run.stderr
+    assert f"{path}{expected}" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelled_section_name_gets_its_line_number(tmp_path: Path) -> None:
+    path = write(tmp_path / "thumbcli.toml", 'cache = "/c"\n\n[genrate]\nworkers = 2\n[preset.small]\nsize = "64"\n')
+    with pytest.raises(ConfigError, match=r":3: genrate: unknown key"):
+        load_config(path)
+    path.write_text('[preset.small]\nsize = "64"\n')
+    with pytest.raises(ConfigError, match=r":1: preset: unknown key"):
+        load_config(path)
+
+
+def test_a_size_never_adds_a_preset_to_the_configured_cache_without_an_explicit_destination(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    make_photo(source / "a.jpg", 400, 300)
+    cache = tmp_path / "cache"
+    path = write(tmp_path / "thumbcli.toml", f'cache = "{cache}"\n[presets.small]\nsize = "128"\n')
+    forgot_output = run_cli("--config", path, "generate", source, "-s", "64")
+    assert forgot_output.rc == 2, forgot_output.stderr
+    assert f"--size 64 would add a preset to the configured cache {cache}: give -o DIR" in forgot_output.stderr
+    assert "--cache DIR to add it to a cache on purpose" in forgot_output.stderr
+    assert not (cache / "v1" / "64").exists()
+    assert run_cli("--config", path, "generate", source, "-s", "64", "-o", tmp_path / "out").rc == 0
+    assert (tmp_path / "out" / "64" / "a.jpg.jpg").is_file() and not (cache / "v1" / "64").exists()
+    assert run_cli("--config", path, "generate", source, "-s", "64", "--cache", cache).rc == 0
+    assert (cache / "v1" / "64" / "a.jpg.jpg").is_file()

@@ -86,3 +86,22 @@ def test_readme_config_example_is_valid(tmp_path: Path) -> None:
     ).stdout
     assert "preset small: size=256 fit=cover format=webp quality=75" in shown
     assert f"generate.max-time = '25m'  # config {config}" in shown
+
+
+def test_pyproject_names_its_license_as_an_spdx_string_with_a_setuptools_that_reads_it() -> None:
+    import tomllib
+
+    # A `license = { text = ... }` table made setuptools print a deprecation warning three times per install.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["license"] == "MIT"
+    [setuptools] = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools == "setuptools>=77"
+
+
+def test_dev_demo_keeps_installs_quiet_and_ends_with_where_the_thumbnails_are() -> None:
+    dev = (ROOT / "dev").read_text(encoding="utf-8")
+    demo = dev.split("\ndemo)\n", 1)[1].split(";;", 1)[0]
+    installs = [line.strip() for line in dev.splitlines() if "pip" in line and " install " in line]
+    assert installs and all(line.startswith("quietly ") for line in installs), installs
+    assert "find demo/thumbs" in demo and "| head" not in demo
+    assert demo.strip().splitlines()[-1].strip().startswith('echo "next, try:')

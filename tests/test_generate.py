@@ -301,6 +301,23 @@ def test_generate_exits_cannot_run_on_a_read_only_output_folder(shared_tmp: Path
     assert list(out.iterdir()) == []
 
 
+def test_generate_missing_source_is_a_usage_error_before_any_output_folder_is_made(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 80, 60)
+    for sources in ([tmp_path / "Pictures"], [tmp_path / "src", tmp_path / "Pictures"]):
+        run = run_cli("generate", *sources, "-o", tmp_path / "out")
+        assert run.rc == 2, run.stderr
+        assert f"source {tmp_path / 'Pictures'} does not exist (No such file or directory)" in run.stderr
+        assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_generate_says_it_cannot_create_an_output_folder_that_cannot_be(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 80, 60)
+    (tmp_path / "file").write_text("not a folder")
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "file" / "thumbs")
+    assert run.rc == 3, run.stderr
+    assert f"thumbcli: error: cannot create output folder {tmp_path / 'file' / 'thumbs'}: Not a directory" in run.stderr
+
+
 @needs_nobody
 def test_generate_reports_an_unreadable_source_and_makes_the_rest(shared_tmp: Path) -> None:
     src = shared_tmp / "src"

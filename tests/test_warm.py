@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from conftest import make_photo, output_files, run_cli
 from thumbcli.errors import ExitCode
 from thumbcli.fsutil import RunLock
 from thumbcli.metrics import write_run_metrics
+from thumbcli.run import GenerateSummary
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -149,8 +149,20 @@ def test_metrics_file_is_a_prometheus_textfile_that_keeps_the_last_success(tmp_p
     assert "# TYPE thumbcli_last_run_seconds gauge" in text
     success = re.search(r"^thumbcli_last_success_timestamp_seconds (\S+)$", text, re.MULTILINE)
     assert success and abs(float(success.group(1)) - time.time()) < 60
-    summary = {"made": 0, "skipped": 2, "failed": 1, "thumbnails": 0, "seconds": 0.1, "stopped": None, "exit_code": 1}
-    write_run_metrics(metrics, summary, succeeded=False, now=success and float(success.group(1)) + 100)
+    summary = GenerateSummary(
+        found=3,
+        made=0,
+        thumbnails=0,
+        skipped=2,
+        failed=1,
+        seconds=0.1,
+        images_per_second=0.0,
+        bytes_read=0,
+        stopped=None,
+        exit_code=ExitCode.SOME_FAILED,
+        output=tmp_path / "out",
+    )
+    write_run_metrics(metrics, summary, now=success and float(success.group(1)) + 100)
     later = metrics.read_text()
     assert f"thumbcli_last_success_timestamp_seconds {success.group(1)}" in later
     assert "thumbcli_last_run_exit_code 1" in later
@@ -199,57 +211,6 @@ def test_prune_removes_gone_sources_removed_presets_and_changed_settings(tmp_pat
     assert '"b"' not in (cache / "thumbcli-cache.json").read_text()
     again = run_cli("--config", config, "generate", tmp_path / "src", "--json")
     assert again.summary["made"] == 0 and again.summary["skipped"] == 2
-
-
-def _readme_block(marker: str) -> str:
-    text = README.read_text()
-    return text.split(f"<!-- {marker} -->\n```", 1)[1].split("\n", 1)[1].split("```", 1)[0]
-
-
-def _warm_setup(tmp_path: Path) -> tuple[Path, Path]:
-    photos(tmp_path / "photos", 3)
-    cache = tmp_path / "cache"
-    config = tmp_path / "thumbcli.toml"
-    config.write_text(f'cache = "{cache}"\nsources = ["{tmp_path / "photos"}"]\n[presets.small]\nsize = "64"\n')
-    return cache, config
-
-
-def test_the_documented_crontab_line_runs(tmp_path: Path) -> None:
-    cache, config = _warm_setup(tmp_path)
-    line = _readme_block("crontab").strip()
-    command = line.split(None, 5)[5]
-    bindir = Path(sys.executable).parent
-    (tmp_path / "home" / ".config" / "thumbcli").mkdir(parents=True)
-    (tmp_path / "home" / ".config" / "thumbcli" / "thumbcli.toml").write_text(config.read_text())
-    (tmp_path / "home" / ".local" / "state").mkdir(parents=True)
-    # cron runs the line with sh, from $HOME, with a minimal environment.
-    env = {"HOME": str(tmp_path / "home"), "PATH": f"{bindir}:/usr/bin:/bin", "SHELL": "/bin/sh"}
-    run = subprocess.run(["/bin/sh", "-c", command], env=env, cwd=env["HOME"], capture_output=True, text=True)
-    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
-    assert len(output_files(cache / "v1")) == 3
-    assert "thumbcli_last_success_timestamp_seconds" in (tmp_path / "home/.local/state/thumbcli.prom").read_text()
-
-
-def test_the_documented_systemd_service_runs(tmp_path: Path) -> None:
-    cache, config = _warm_setup(tmp_path)
-    service = _readme_block("systemd-service")
-    settings = dict(re.findall(r"^(\w+)=(.*)$", service, re.MULTILINE))
-    timer = _readme_block("systemd-timer")
-    assert "OnCalendar=" in timer and "WantedBy=timers.target" in timer
-    assert settings["Type"] == "oneshot"
-    key, value = settings["Environment"].split("=", 1)
-    assert (key, value) == ("THUMBCLI_CONFIG", "/etc/thumbcli.toml")
-    argv = shlex.split(settings["ExecStart"])
-    assert argv[0] == "/usr/local/bin/thumbcli"
-    argv[0] = str(Path(sys.executable).parent / "thumbcli")
-    workdir = tmp_path / "var-lib-thumbcli"
-    workdir.mkdir()
-    assert settings["WorkingDirectory"] == "/var/lib/thumbcli"
-    env = {"THUMBCLI_CONFIG": str(config), "PATH": "/usr/bin:/bin", "STATE_DIRECTORY": str(workdir)}
-    run = subprocess.run(argv, env=env, cwd=workdir, capture_output=True, text=True)
-    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
-    assert len(output_files(cache / "v1")) == 3
-    assert (workdir / "thumbcli.prom").is_file()
 
 
 @pytest.mark.parametrize("budget", ["--max-files", "--max-time"])

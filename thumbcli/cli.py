@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -10,22 +12,33 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from thumbcli import __version__
+from thumbcli.config import (
+    Config,
+    ConfigError,
+    find_config,
+    has_type,
+    line_of,
+    load_config,
+    located_error,
+    type_mismatch,
+)
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
-from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE
+from thumbcli.serve import ServeOptions
+from thumbcli.spec import FITS, FORMATS, ThumbSpec
 
 if TYPE_CHECKING:
-    from thumbcli.targets.plan import Target
+    from thumbcli.pipeline import FileResult
+    from thumbcli.progress import ProgressBar
+    from thumbcli.run import GenerateJob, GenerateSummary
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -83,6 +96,34 @@ def _configure_logging(debug: bool) -> None:
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _exits_on_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Map the library's errors to exit codes: a spec error is a usage error, the others have their own."""
+
+    @functools.wraps(command)
+    def run_command(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:  # the file's fault, not the command line's: no usage text
+            _fail(str(exc), ExitCode.USAGE)
+        except SpecError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except LockedError as exc:
+            _fail(str(exc), ExitCode.LOCKED)
+        except CannotRunError as exc:
+            _fail(str(exc), ExitCode.CANNOT_RUN)
+
+    return run_command
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"thumbcli: error: {message}", err=True)
+    sys.exit(code)
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": "THUMBCLI"}
 )
@@ -95,16 +136,12 @@ def _configure_logging(debug: bool) -> None:
 )
 @click.version_option(__version__, prog_name="thumbcli")
 @click.pass_context
+@_exits_on_errors
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
-    from thumbcli.config import Config, find_config, load_config
-
     path = find_config(config_path)
-    try:
-        config = load_config(path) if path is not None else Config()
-        ctx.default_map = config_default_map(config, main) if config.path is not None else {}
-    except SpecError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+    config = load_config(path) if path is not None else Config()
+    ctx.default_map = config_default_map(config, main) if config.path is not None else {}
     ctx.obj = config
 
 
@@ -131,33 +168,97 @@ def run() -> NoReturn:
     sys.exit(code)  # type: ignore[arg-type]
 
 
-def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, Any]]:
+def config_default_map(config: Config, group: click.Group) -> dict[str, dict[str, Any]]:
     """The config's option defaults keyed by click parameter names, as `default_map` wants them.
 
     The file names options by their long names (`format`, `max-time`, `json`); a name that
-    no option of the command has is refused (a typo must not pass silently).
+    no option of the command has is refused (a typo must not pass silently), and so is a
+    value of the wrong type or out of range, with the file and line.
     """
-    from thumbcli.config import ConfigError, line_of
-
     default_map: dict[str, dict[str, Any]] = {}
     for command_name, values in config.defaults.items():
         command = group.commands.get(command_name)
-        aliases: dict[str, str] = {}
-        for param in command.params if command else ():
-            assert param.name is not None
-            aliases[param.name] = param.name
-            for opt in param.opts:
+        params: dict[str, click.Parameter] = {}
+        for option in command.params if command else ():
+            assert option.name is not None
+            params[option.name] = option
+            for opt in option.opts:
                 if opt.startswith("--"):
-                    aliases[opt[2:].replace("-", "_")] = param.name
+                    params[opt[2:].replace("-", "_")] = option
         translated = default_map.setdefault(command_name, {})
         for key, value in values.items():
-            if key not in aliases:
-                text = config.path.read_text(encoding="utf-8")
-                line = line_of(text, command_name, key.replace("_", "-")) or line_of(text, command_name, key)
-                where = f"{config.path}:{line}" if line else str(config.path)
-                raise ConfigError(f"{where}: {command_name}.{key}: not an option of `thumbcli {command_name}`")
-            translated[aliases[key]] = value
+            param = params.get(key)
+            if param is None:
+                raise _config_error(config, command_name, key, f"not an option of `thumbcli {command_name}`")
+            problem = _config_value_problem(param, value)
+            if problem is not None:
+                raise _config_error(config, command_name, key, problem)
+            assert param.name is not None
+            translated[param.name] = value
     return default_map
+
+
+def _config_error(config: Config, command_name: str, key: str, message: str) -> ConfigError:
+    assert config.path is not None  # only a config read from a file has defaults
+    text = config.path.read_text(encoding="utf-8")
+    spelled = key.replace("_", "-") if line_of(text, command_name, key.replace("_", "-")) else key
+    return located_error(config.path, text, command_name, spelled, message)
+
+
+def _config_value_problem(param: click.Parameter, value: object) -> str | None:
+    """Why a config value cannot be this option's default (its TOML type, then its range), or None."""
+    if isinstance(param, click.Option) and param.is_flag:
+        return None if isinstance(value, bool) else type_mismatch("true or false", value)
+    param_type = param.type
+    types: tuple[type, ...] = (str,)
+    expected = "a string"
+    if isinstance(param_type, click.Choice):
+        expected = f"one of {', '.join(map(str, param_type.choices))}"
+    elif isinstance(param_type, click.types.IntParamType):
+        types, expected = (int,), "an integer"
+    elif isinstance(param_type, ByteSize):
+        types, expected = (int, str), 'a byte count or a size such as "50M"'
+    elif isinstance(param_type, Duration):
+        types, expected = (int, float, str), 'seconds or a duration such as "15m"'
+    elif isinstance(param_type, Megapixels):
+        types, expected = (int, float, str), "a number of megapixels"
+    if param.multiple or param.nargs == -1:
+        if not isinstance(value, list) or not all(has_type(item, types) for item in value):
+            return type_mismatch(f"an array, each {expected}", value)
+        items: list[object] = value
+    elif not has_type(value, types):
+        return type_mismatch(expected, value)
+    else:
+        items = [value]
+    if isinstance(param_type, click.Path):
+        return None  # whether it exists is for the command to judge when it runs: it may create it
+    try:
+        for item in items:
+            param_type.convert(item, param, None)
+    except click.BadParameter as exc:
+        return f"expected {expected}: {exc.message}"
+    return None
+
+
+_wait_option = click.option(
+    "--wait", is_flag=True, help="Wait for another run on the same output to finish instead of exiting."
+)
+
+
+def _dry_run_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    return click.option("--dry-run", is_flag=True, help=help_text)
+
+
+def _json_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    return click.option("--json", "json_summary", is_flag=True, help=help_text)
+
+
+def _quiet_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    return click.option("--quiet", is_flag=True, help=help_text)
+
+
+def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    return click.option("--debug", is_flag=True, help=help_text)
 
 
 @main.command()
@@ -211,7 +312,7 @@ def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, A
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
 @click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
 @click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
-@click.option("--dry-run", is_flag=True, help="Only count what would be made and estimate its disk space.")
+@_dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
     "--walkers",
     type=click.IntRange(1, 64),
@@ -233,8 +334,8 @@ def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, A
 )
 @click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
 @click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
-@click.option("--wait", is_flag=True, help="Wait for another run on the same output to finish instead of exiting.")
-@click.option("--json", "json_summary", is_flag=True, help="Print a JSON summary on stdout.")
+@_wait_option
+@_json_option("Print a JSON summary on stdout.")
 @click.option(
     "--metrics-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -243,260 +344,81 @@ def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, A
 @click.option(
     "--fail-log", type=click.Path(dir_okay=False, path_type=Path), help="Append failed files and reasons to this file."
 )
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary; failures are still printed.")
-@click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
+@_quiet_option("No progress bar and no summary; failures are still printed.")
+@_debug_option("Debug logging and tracebacks.")
 @click.pass_obj
-def generate(config: Any, /, **kwargs: Any) -> None:
+@_exits_on_errors
+def generate(
+    config: Config, /, *, json_summary: bool, metrics_file: Path | None, quiet: bool, debug: bool, **request: Any
+) -> None:
     """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
-    _configure_logging(kwargs["debug"])
+    from thumbcli.run import GenerateRequest
+
+    _configure_logging(debug)
     # A cache named by the config or environment gives way to a destination on the command line.
     source = click.get_current_context().get_parameter_source("cache_dir")
-    if (kwargs["output"] or kwargs["flavours"]) and source in (
-        ParameterSource.DEFAULT_MAP,
-        ParameterSource.ENVIRONMENT,
-    ):
-        kwargs["cache_dir"] = None
-    try:
-        code = _generate(config, GenerateArgs(**kwargs))
-    except SpecError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except LockedError as exc:
-        _fail(str(exc), ExitCode.LOCKED)
-    except CannotRunError as exc:
-        _fail(str(exc), ExitCode.CANNOT_RUN)
-    sys.exit(code)
+    cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
+    if (request["output"] or request["flavours"]) and cache_configured:
+        request["cache_dir"] = None
+    job = GenerateRequest(cache_configured=cache_configured, **request).job(config)
+    summary = _generate_with_progress(job, quiet=quiet)
+    _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
+    sys.exit(summary.exit_code)
 
 
-@dataclass(frozen=True, slots=True)
-class GenerateArgs:
-    """The parsed command line of `generate`, before it becomes spec objects."""
-
-    sources: tuple[str, ...]
-    output: Path | None
-    cache_dir: Path | None
-    flavours: tuple[str, ...]
-    presets: tuple[str, ...]
-    sizes: tuple[str, ...]
-    fit: Any
-    fmt: Any
-    quality: int | None
-    upscale: bool
-    keep_metadata: bool
-    name_template: str | None
-    hidden: bool
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    follow_symlinks: bool
-    force: bool
-    dry_run: bool
-    walkers: int | None
-    loaders: int
-    workers: int | None
-    writers: int
-    max_file_size: int
-    max_pixels: int
-    max_files: int | None
-    max_time: float | None
-    wait: bool
-    json_summary: bool
-    metrics_file: Path | None
-    fail_log: Path | None
-    quiet: bool
-    debug: bool
-
-
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    click.echo(f"thumbcli: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _specs(config: Any, args: GenerateArgs) -> tuple[ThumbSpec, ...]:
-    if args.presets:
-        unknown = [name for name in args.presets if name not in config.presets]
-        if unknown:
-            known = ", ".join(sorted(config.presets)) or "none"
-            raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {known})")
-        if args.sizes:
-            raise SpecError("give --preset or --size, not both")
-        return tuple(config.presets[name] for name in args.presets)
-    if args.cache_dir is not None and config.presets and not args.sizes:
-        return tuple(config.presets.values())
-    boxes = [SizeBox.parse(text) for text in (args.sizes or ("256",))]
-    specs = (
-        ThumbSpec(
-            box,
-            fit=args.fit,
-            format=args.fmt,
-            quality=args.quality,
-            upscale=args.upscale,
-            keep_metadata=args.keep_metadata,
-        )
-        for box in boxes
-    )
-    return tuple(dict.fromkeys(specs))
-
-
-def _generate(config: Any, args: GenerateArgs) -> int:
+def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary:
+    """Run the job with a progress bar, failures printed as they come, and signals wired to stop it."""
     # Imported here so that `thumbcli --help` and completion never load libvips.
-    from thumbcli.fsutil import remove_temporary_files
-    from thumbcli.pipeline import FileResult, Pipeline
     from thumbcli.progress import ProgressBar
-    from thumbcli.targets.served import CacheDirectory
-    from thumbcli.targets.tree import OutputTree
+    from thumbcli.run import RunStopper, generate
 
-    if not args.sources:
-        raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
-    destinations = [args.output is not None, args.cache_dir is not None, bool(args.flavours)]
-    if sum(destinations) != 1:
-        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
-    run_options = RunOptions(
-        loaders=args.loaders,
-        writers=args.writers,
-        limits=Limits(max_file_size=args.max_file_size, max_pixels=args.max_pixels),
-        force=args.force,
-        max_files=args.max_files,
-        max_seconds=args.max_time,
-        **({"workers": args.workers} if args.workers else {}),
-    )
-    walk_options = WalkOptions(
-        hidden=args.hidden,
-        follow_symlinks=args.follow_symlinks,
-        include=args.include,
-        exclude=args.exclude,
-        processes=args.walkers or 0,
-    )
-    if args.name_template and args.output is None:
-        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
-    target: Target
-    if args.flavours:
-        from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
-
-        target = FreedesktopCache(default_thumbnail_root(), tuple(args.flavours), wait_for_lock=args.wait)
-    elif args.cache_dir is not None:
-        target = CacheDirectory(
-            args.cache_dir, _specs(config, args), wait_for_lock=args.wait, check_collisions=len(args.sources) > 1
-        )
-    else:
-        assert args.output is not None
-        target = OutputTree(
-            args.output,
-            _specs(config, args),
-            name_template=args.name_template or DEFAULT_NAME_TEMPLATE,
-            wait_for_lock=args.wait,
-            check_collisions=len(args.sources) > 1 or args.name_template is not None,
-        )
-
-    fail_log_file = args.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if args.fail_log else None
-    progress = ProgressBar(enabled=not args.quiet)
+    progress = ProgressBar(enabled=not quiet)
+    stopper = RunStopper()
 
     def on_result(result: FileResult) -> None:
         if result.status == "failed":
-            line = f"failed: {result.describe()}"
-            _echo_err(progress, line)
-            if fail_log_file is not None:
-                fail_log_file.write(line + "\n")
+            _echo_err(progress, f"failed: {result.describe()}")
         progress.finished(result.status)
 
-    pipeline = Pipeline(
-        args.sources,
-        target,
-        run_options,
-        walk_options,
-        excluded_dirs=[str(target.root)],
-        dry_run=args.dry_run,
-        on_found=progress.found,
-        on_skipped=progress.skipped,
-        on_result=on_result,
-    )
-    signals_seen = 0
-
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            remove_temporary_files()
-            os._exit(ExitCode.INTERRUPTED)
-        pipeline.stop("interrupted")
+        stopper.request_stop()
         _echo_err(progress, "thumbcli: stopping: finishing files in flight (signal again to abort)")
 
     previous = _install_signal_handlers(on_signal)
     try:
-        stats = pipeline.run()
-        estimate = _estimate_bytes(target, stats.planned_by_spec) if args.dry_run else None
+        return generate(job, on_found=progress.found, on_skipped=progress.skipped, on_result=on_result, stopper=stopper)
     finally:
         _install_signal_handlers(previous)
         progress.close()
-        target.close()
-        if fail_log_file is not None:
-            fail_log_file.close()
 
-    code = _exit_code(stats.stopped, stats.failed)
-    summary: dict[str, Any] = {
-        "found": stats.found,
-        "made": stats.made,
-        "thumbnails": stats.thumbnails,
-        "skipped": stats.skipped,
-        "failed": stats.failed,
-        "seconds": round(stats.seconds, 3),
-        "images_per_second": round(stats.images_per_second, 2),
-        "bytes_read": stats.bytes_read,
-        "stopped": stats.stopped,
-        "exit_code": int(code),
-        "output": str(target.root),
-        "failures": [{"path": display_path(r.path), "reason": r.reason} for r in stats.failures],
-    }
-    if args.dry_run:
-        summary.update(planned=stats.planned, planned_thumbnails=stats.planned_by_spec, estimated_bytes=estimate)
-    if args.json_summary:
-        click.echo(json.dumps(summary))
-    if args.metrics_file is not None:
+
+def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_file: Path | None, quiet: bool) -> None:
+    """Print the summary as asked (JSON, a dry-run estimate or a closing line) and write the metrics file."""
+    if json_summary:
+        click.echo(json.dumps(summary.as_json()))
+    if metrics_file is not None:
         from thumbcli.metrics import write_run_metrics
 
-        write_run_metrics(args.metrics_file, summary, succeeded=code == ExitCode.OK)
-    if args.dry_run and not args.json_summary:
+        write_run_metrics(metrics_file, summary)
+    plan = summary.dry_run
+    if plan is not None and not json_summary:
         click.echo(
-            f"would make {sum(stats.planned_by_spec.values())} thumbnails of {stats.planned} files "
-            f"(about {_human_bytes(estimate or 0)}); {stats.skipped} files up to date, {stats.failed} failed"
+            f"would make {sum(plan.thumbnails_by_spec.values())} thumbnails of {plan.files} files "
+            f"(about {_human_bytes(plan.estimated_bytes)}); {summary.skipped} files up to date, "
+            f"{summary.failed} failed"
         )
-    elif not args.quiet and (sys.stderr.isatty() or stats.failed or stats.stopped == "interrupted"):
-        cut = f", stopped early ({stats.stopped})" if stats.stopped else ""
+    elif not quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
+        cut = f", stopped early ({summary.stopped})" if summary.stopped else ""
         click.echo(
-            f"thumbcli: made {stats.made}, skipped {stats.skipped}, failed {stats.failed} "
-            f"in {stats.seconds:.1f} s ({stats.images_per_second:.1f} images/s){cut}",
+            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed} "
+            f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s){cut}",
             err=True,
         )
-    return code
 
 
-def _echo_err(progress: Any, line: str) -> None:
+def _echo_err(progress: ProgressBar, line: str) -> None:
     if not progress.write_line(line):
         click.echo(line, err=True)
-
-
-def _exit_code(stopped: str | None, failed: int) -> ExitCode:
-    if stopped == "interrupted":
-        return ExitCode.INTERRUPTED
-    if failed:
-        return ExitCode.SOME_FAILED
-    if stopped is not None:
-        return ExitCode.CUT_SHORT
-    return ExitCode.OK
-
-
-# Rough bytes per thumbnail pixel, for dry-run estimates before any thumbnail of a spec exists.
-_BYTES_PER_PIXEL = {"jpeg": 0.3, "webp": 0.2, "avif": 0.12, "png": 2.0}
-
-
-def _estimate_bytes(target: Any, planned_by_spec: dict[str, int]) -> int:
-    total = 0
-    for spec in target.specs:
-        count = planned_by_spec.get(spec.name, 0)
-        typical = target.typical_size(spec) if hasattr(target, "typical_size") else None
-        if typical is None:
-            area = (spec.box.width or spec.box.height or 0) * (spec.box.height or spec.box.width or 0)
-            typical = int(area * 0.75 * _BYTES_PER_PIXEL[spec.format])
-        total += count * typical
-    return total
 
 
 def _human_bytes(count: int) -> str:
@@ -518,56 +440,45 @@ def _human_bytes(count: int) -> str:
     help="The served cache to prune.",
 )
 @click.option("--freedesktop", is_flag=True, help="Prune the desktop thumbnail cache instead.")
-@click.option("--dry-run", is_flag=True, help="List what would be removed, with sizes; remove nothing.")
-@click.option("--wait", is_flag=True, help="Wait for a running generate on the same cache.")
-@click.option("--json", "json_summary", is_flag=True, help="Print what was removed as JSON on stdout.")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@_dry_run_option("List what would be removed, with sizes; remove nothing.")
+@_wait_option
+@_json_option("Print what was removed as JSON on stdout.")
+@_quiet_option("Print nothing but errors.")
 @click.pass_obj
+@_exits_on_errors
 def prune(
-    config: Any, cache_dir: Path | None, freedesktop: bool, dry_run: bool, wait: bool, json_summary: bool, quiet: bool
+    config: Config,
+    cache_dir: Path | None,
+    freedesktop: bool,
+    dry_run: bool,
+    wait: bool,
+    json_summary: bool,
+    quiet: bool,
 ) -> None:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
-    from thumbcli.targets.served import CacheDirectory
+    from thumbcli.run import CacheDestination, FreedesktopDestination
+    from thumbcli.run import prune as run_prune
 
     if (cache_dir is None) == (not freedesktop):
         raise click.UsageError("give exactly one of --cache DIR or --freedesktop")
-    removals: list[tuple[Path, int, str]] = []
-    try:
-        if freedesktop:
-            from thumbcli.targets.freedesktop import default_thumbnail_root, prune_freedesktop
-
-            pruned = prune_freedesktop(default_thumbnail_root(), dry_run=dry_run)
-            removals = [(r.path, r.bytes, r.reason) for r in pruned]
-        else:
-            assert cache_dir is not None
-            current = {name: spec.digest for name, spec in config.presets.items()} if config.presets else None
-            target = CacheDirectory(cache_dir, (), wait_for_lock=wait)
-            try:
-                removals = [(r.path, r.bytes, r.reason) for r in target.prune(current, dry_run=dry_run)]
-            finally:
-                target.close()
-    except LockedError as exc:
-        _fail(str(exc), ExitCode.LOCKED)
-    except CannotRunError as exc:
-        _fail(str(exc), ExitCode.CANNOT_RUN)
-    total = sum(size for _, size, _ in removals)
-    verb = "would remove" if dry_run else "removed"
+    destination = CacheDestination(cache_dir) if cache_dir is not None else FreedesktopDestination(())
+    summary = run_prune(destination, presets=config.presets or None, dry_run=dry_run, wait=wait)
     if json_summary:
-        items = [{"path": display_path(p), "bytes": size, "reason": why} for p, size, why in removals]
-        click.echo(json.dumps({"dry_run": dry_run, "files": len(removals), "bytes": total, "removed": items}))
+        click.echo(json.dumps(summary.as_json()))
     elif not quiet:
         if dry_run:
-            for path, size, why in removals:
-                click.echo(f"{display_path(path)}\t{size}\t{why}")
+            for removal in summary.removals:
+                click.echo(f"{display_path(removal.path)}\t{removal.bytes}\t{removal.reason}")
         if dry_run or sys.stderr.isatty():
-            click.echo(f"thumbcli: {verb} {len(removals)} files, {_human_bytes(total)}", err=True)
+            verb = "would remove" if dry_run else "removed"
+            click.echo(f"thumbcli: {verb} {len(summary.removals)} files, {_human_bytes(summary.bytes)}", err=True)
 
 
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective configuration and where each value comes from."""
-    config = ctx.obj
+    config: Config = ctx.obj
     click.echo(f"# config file: {config.path or '(none found)'}")
     for name, spec in config.presets.items():
         click.echo(
@@ -590,7 +501,9 @@ def show_config(ctx: click.Context) -> None:
 _UNSET = getattr(click.core, "UNSET", None)
 
 
-def _effective(param: click.Parameter, command_name: str, defaults: dict[str, Any], path: Path) -> tuple[Any, str]:
+def _effective(
+    param: click.Parameter, command_name: str, defaults: dict[str, Any], path: Path | None
+) -> tuple[Any, str]:
     envvar = f"THUMBCLI_{command_name.upper()}_{(param.name or '').upper()}"
     if isinstance(param, click.Option) and envvar in os.environ:
         return os.environ[envvar], f"environment {envvar}"
@@ -611,27 +524,30 @@ def _install_signal_handlers(handler: Any) -> dict[int, SignalHandler]:
     return previous
 
 
+_SERVE_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(ServeOptions) if f.default is not dataclasses.MISSING
+}
+
+
+def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """A serve option whose default is `ServeOptions`' (stated once, there), shown in --help."""
+    field_name = next(name for name in names if name.startswith("--"))[2:].replace("-", "_")
+    return click.option(*names, default=_SERVE_DEFAULTS[field_name], show_default=True, **attrs)
+
+
 @main.command()
-@click.argument("cache_root", metavar="CACHE", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "-p", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free port)."
-)
-@click.option(
-    "-j", "--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Processes sharing the port."
-)
+@click.argument("cache_root", metavar="CACHE", type=click.Path(file_okay=False, path_type=Path))
+@_serve_option("--host", help="Address to listen on.")
+@_serve_option("-p", "--port", type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@_serve_option("-j", "--workers", type=click.IntRange(1, 256), help="Processes sharing the port.")
 @click.option("--admin-port", type=click.IntRange(0, 65535), help="Serve /healthz and /metrics here only.")
 @click.option("--access-log", metavar="PATH", help="Combined-format access log; '-' for stderr.  [default: off]")
-@click.option("--cache-control", default="public, max-age=86400", show_default=True, help="Cache-Control header.")
-@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True, help="Per worker.")
-@click.option(
-    "--header-timeout", type=Duration(), default="10", show_default=True, help="Seconds to send a request head."
-)
-@click.option("--idle-timeout", type=Duration(), default="15", show_default=True, help="Keep-alive idle seconds.")
-@click.option(
-    "--send-timeout", type=Duration(), default="30", show_default=True, help="Drop a response stalled this long."
-)
-@click.option("--grace-period", type=Duration(), default="10", show_default=True, help="Drain time on SIGTERM.")
+@_serve_option("--cache-control", help="Cache-Control header.")
+@_serve_option("--max-connections", type=click.IntRange(1), help="Per worker.")
+@_serve_option("--header-timeout", type=Duration(), help="Seconds to send a request head.")
+@_serve_option("--idle-timeout", type=Duration(), help="Keep-alive idle seconds.")
+@_serve_option("--send-timeout", type=Duration(), help="Drop a response stalled this long.")
+@_serve_option("--grace-period", type=Duration(), help="Drain time on SIGTERM.")
 @click.option("--no-sendfile", is_flag=True, help="Send bodies with plain writes instead of sendfile(2).")
 @click.option(
     "--source",
@@ -642,79 +558,59 @@ def _install_signal_handlers(handler: Any) -> dict[int, SignalHandler]:
 @click.option(
     "--preset", "presets", multiple=True, metavar="NAME", help="With --source: presets to make (default: all)."
 )
-@click.option(
-    "--max-pending",
-    type=click.IntRange(1),
-    default=16,
-    show_default=True,
-    help="With --source: generations in flight per worker; past it, 503.",
+@_serve_option(
+    "--max-pending", type=click.IntRange(1), help="With --source: generations in flight per worker; past it, 503."
 )
-@click.option(
-    "--generators", type=click.IntRange(1, 64), default=2, show_default=True, help="With --source: threads per worker."
-)
-@click.option("--debug", is_flag=True, help="Debug logging.")
+@_serve_option("--generators", type=click.IntRange(1, 64), help="With --source: threads per worker.")
+@_debug_option("Debug logging.")
 @click.pass_obj
+@_exits_on_errors
 def serve(
-    config: Any,
+    config: Config,
+    /,
     cache_root: Path,
-    host: str,
-    port: int,
-    workers: int,
-    admin_port: int | None,
-    access_log: str | None,
-    cache_control: str,
-    max_connections: int,
-    header_timeout: float,
-    idle_timeout: float,
-    send_timeout: float,
-    grace_period: float,
     no_sendfile: bool,
     source_root: Path | None,
     presets: tuple[str, ...],
-    max_pending: int,
-    generators: int,
     debug: bool,
+    **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
-    from thumbcli.serve import ServeOptions
     from thumbcli.serve import serve as run_server
 
     _configure_logging(debug)
+    _require_cache_folder(cache_root, create=source_root is not None)
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(f"serving {cache_root} on http://{bound_host}:{bound_port}/", err=True)
 
+    options = ServeOptions(
+        cache_root=cache_root,
+        use_sendfile=not no_sendfile,
+        source_root=source_root,
+        presets=_serve_presets(config, source_root, presets),
+        **listening,
+    )
     try:
-        options = ServeOptions(
-            cache_root=cache_root,
-            host=host,
-            port=port,
-            workers=workers,
-            admin_port=admin_port,
-            access_log=access_log,
-            cache_control=cache_control,
-            max_connections=max_connections,
-            header_timeout=header_timeout,
-            idle_timeout=idle_timeout,
-            send_timeout=send_timeout,
-            grace_period=grace_period,
-            use_sendfile=not no_sendfile,
-            source_root=source_root,
-            presets=_serve_presets(config, source_root, presets),
-            max_pending=max_pending,
-            generators=generators,
-        )
         code = run_server(options, ready=ready)
-    except SpecError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except CannotRunError as exc:
-        _fail(str(exc), ExitCode.CANNOT_RUN)
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
+        _fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
     sys.exit(code)
 
 
-def _serve_presets(config: Any, source_root: Path | None, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+def _require_cache_folder(cache_root: Path, *, create: bool) -> None:
+    """The folder serve reads must be there; with --source, serve makes thumbnails, so it makes it as generate does."""
+    if create:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CannotRunError(f"cannot create cache folder {display_path(cache_root)}: {reason}") from exc
+    elif not cache_root.is_dir():
+        raise click.BadParameter(f"Directory {display_path(cache_root)!r} does not exist.", param_hint="'CACHE'")
+
+
+def _serve_presets(config: Config, source_root: Path | None, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
     """The presets that `serve --source` makes on a miss: from the config, all or those named."""
     if source_root is None:
         if names:
@@ -722,7 +618,4 @@ def _serve_presets(config: Any, source_root: Path | None, names: tuple[str, ...]
         return ()
     if not config.presets:
         raise SpecError("--source needs presets defined in the config file (thumbcli.toml)")
-    unknown = [name for name in names if name not in config.presets]
-    if unknown:
-        raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {', '.join(sorted(config.presets))})")
-    return tuple(config.presets[name] for name in (names or tuple(config.presets)))
+    return config.select_presets(names)

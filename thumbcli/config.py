@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from thumbcli.errors import SpecError
-from thumbcli.spec import SizeBox, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, SizeBox, ThumbSpec
 
 CONFIG_NAME = "thumbcli.toml"
-_PRESET_KEYS = {"size", "fit", "format", "quality", "upscale", "keep_metadata"}
+#: Each preset key: the TOML types it takes and how the error names them.
+_PRESET_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "size": ((str, int), 'a box such as "256" or "320x240"'),
+    "fit": ((str,), f"one of {', '.join(FITS)}"),
+    "format": ((str,), f"one of {', '.join(FORMATS)}"),
+    "quality": ((int,), "an integer from 1 to 100"),
+    "upscale": ((bool,), "true or false"),
+    "keep_metadata": ((bool,), "true or false"),
+}
 _TOP_KEYS = {"cache", "sources", "presets", "generate", "prune", "serve"}
 
 
@@ -29,6 +38,14 @@ class Config:
     #: Per-command option defaults, in click's `default_map` shape.
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def select_presets(self, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+        """The presets named (all of them for none); a usage error names any that are not configured."""
+        unknown = [name for name in names if name not in self.presets]
+        if unknown:
+            known = ", ".join(sorted(self.presets)) or "none"
+            raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {known})")
+        return tuple(self.presets[name] for name in (names or tuple(self.presets)))
+
 
 def find_config(explicit: str | None) -> Path | None:
     """The config file to read: --config / $THUMBCLI_CONFIG, ./thumbcli.toml, then the XDG config folder."""
@@ -44,18 +61,48 @@ def find_config(explicit: str | None) -> Path | None:
     return None
 
 
+def describe_value(value: object) -> str:
+    """A TOML value as an error message shows it: `"75" (a string)`."""
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "an array"))
+    kind = next((name for cls, name in kinds if isinstance(value, cls)), "a table" if isinstance(value, dict) else "")
+    shown = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)
+    return f"{shown} ({kind})" if kind else shown
+
+
+def type_mismatch(expected: str, value: object) -> str:
+    """The message for a value of the wrong type: `expected an integer, got "75" (a string)`."""
+    return f"expected {expected}, got {describe_value(value)}"
+
+
+def has_type(value: object, types: tuple[type, ...]) -> bool:
+    """Whether a TOML value is one of `types` (a boolean is not an integer here, whatever Python says)."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
 def line_of(text: str, table: str | None, key: str) -> int | None:
-    """The line where `key` is set (inside `[table]` if given), for error messages."""
+    """The line where `key` is set (inside `[table]` if given) or, at the top, its table starts; for error messages."""
     inside = table is None
     header = re.compile(r"^\s*\[\s*" + re.escape(table or "") + r"\s*\]\s*$") if table else None
     key_line = re.compile(r"^\s*\"?" + re.escape(key) + r"\"?\s*=")
+    # A misspelled section, [genrate] or [preset.small], is a top-level key too.
+    table_line = re.compile(r"^\s*\[\[?\s*\"?" + re.escape(key) + r"\"?\s*[.\]]") if table is None else None
     for number, line in enumerate(text.splitlines(), start=1):
+        if table_line is not None and table_line.match(line):
+            return number
         if header is not None and line.lstrip().startswith("["):
             inside = bool(header.match(line))
             continue
         if inside and key_line.match(line):
             return number
     return None
+
+
+def located_error(path: Path, text: str, table: str | None, key: str, message: str) -> ConfigError:
+    """An error naming the file, the line where `key` is set (if found) and the key: `file:line: table.key: …`."""
+    line = line_of(text, table, key)
+    where = f"{path}:{line}" if line else str(path)
+    full_key = f"{table}.{key}" if table else key
+    return ConfigError(f"{where}: {full_key}: {message}")
 
 
 def load_config(path: Path) -> Config:
@@ -72,42 +119,50 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
     def fail(table: str | None, key: str, message: str) -> ConfigError:
-        line = line_of(text, table, key)
-        where = f"{path}:{line}" if line else str(path)
-        full_key = f"{table}.{key}" if table else key
-        return ConfigError(f"{where}: {full_key}: {message}")
+        return located_error(path, text, table, key, message)
 
     for key in data:
         if key not in _TOP_KEYS:
             raise fail(None, key, f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
-
-    presets: dict[str, ThumbSpec] = {}
     raw_presets = data.get("presets", {})
     if not isinstance(raw_presets, dict):
         raise fail(None, "presets", "must be a table of [presets.NAME] tables")
-    for name, raw in raw_presets.items():
-        table = f"presets.{name}"
-        if not isinstance(raw, dict):
-            raise fail(None, table, "must be a table")
-        for key in raw:
-            if key not in _PRESET_KEYS:
-                raise fail(table, key, f"unknown preset key (known: {', '.join(sorted(_PRESET_KEYS))})")
-        if "size" not in raw:
-            raise fail(table, "size", 'every preset needs a size, e.g. size = "256"')
-        try:
-            presets[name] = ThumbSpec(
-                SizeBox.parse(str(raw["size"])),
-                fit=raw.get("fit", "inside"),
-                format=raw.get("format", "jpeg"),
-                quality=raw.get("quality"),
-                upscale=bool(raw.get("upscale", False)),
-                keep_metadata=bool(raw.get("keep_metadata", False)),
-                name=name,
-            )
-        except SpecError as exc:
-            bad_key = next((k for k in ("fit", "format", "quality", "size") if k in raw and k in str(exc)), "size")
-            raise fail(table, bad_key, str(exc)) from None
+    presets = {name: _preset(name, raw, fail) for name, raw in raw_presets.items()}
+    return Config(path=path, presets=presets, defaults=_option_defaults(data, fail))
 
+
+_Fail = Callable[[str | None, str, str], ConfigError]
+
+
+def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
+    table = f"presets.{name}"
+    if not isinstance(raw, dict):
+        raise fail(None, table, "must be a table")
+    for key, value in raw.items():
+        if key not in _PRESET_TYPES:
+            raise fail(table, key, f"unknown preset key (known: {', '.join(sorted(_PRESET_TYPES))})")
+        types, expected = _PRESET_TYPES[key]
+        if not has_type(value, types):
+            raise fail(table, key, type_mismatch(expected, value))
+    if "size" not in raw:
+        raise fail(table, "size", 'every preset needs a size, e.g. size = "256"')
+    try:
+        return ThumbSpec(
+            SizeBox.parse(str(raw["size"])),
+            fit=raw.get("fit", "inside"),
+            format=raw.get("format", "jpeg"),
+            quality=raw.get("quality"),
+            upscale=raw.get("upscale", False),
+            keep_metadata=raw.get("keep_metadata", False),
+            name=name,
+        )
+    except SpecError as exc:
+        bad_key = next((k for k in ("fit", "format", "quality", "size") if k in raw and k in str(exc)), "size")
+        raise fail(table, bad_key, str(exc)) from None
+
+
+def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, Any]]:
+    """The [generate], [prune] and [serve] tables, with `cache` and `sources` as their options' defaults."""
     defaults: dict[str, dict[str, Any]] = {}
     for command in ("generate", "prune", "serve"):
         section = data.get(command, {})
@@ -118,11 +173,11 @@ def load_config(path: Path) -> Config:
         if key in data:
             value = data[key]
             if key == "sources" and (not isinstance(value, list) or not all(isinstance(item, str) for item in value)):
-                raise fail(None, key, "must be a list of paths")
+                raise fail(None, key, "must be a list of paths: " + type_mismatch("an array of strings", value))
             if key == "cache" and not isinstance(value, str):
-                raise fail(None, key, "must be a path")
+                raise fail(None, key, "must be a path: " + type_mismatch("a string", value))
             defaults["generate"].setdefault(option, value)
             if key == "cache":
                 defaults["prune"].setdefault("cache_dir", value)
                 defaults["serve"].setdefault("cache_root", value)
-    return Config(path=path, presets=presets, defaults=defaults)
+    return defaults

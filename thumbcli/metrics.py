@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from thumbcli.errors import ExitCode
 from thumbcli.fsutil import write_atomically
+
+if TYPE_CHECKING:
+    from thumbcli.run import GenerateSummary
 
 _LAST_SUCCESS = "thumbcli_last_success_timestamp_seconds"
 
@@ -21,29 +25,29 @@ def _previous_success(path: Path) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def write_run_metrics(path: Path, summary: dict[str, Any], *, succeeded: bool, now: float | None = None) -> None:
+def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None = None) -> None:
     """Write the metrics of one run; the last-success time carries over from earlier runs when this one failed."""
     now = time.time() if now is None else now
-    last_success = now if succeeded else _previous_success(path)
+    last_success = now if summary.exit_code == ExitCode.OK else _previous_success(path)
     lines = [
         "# HELP thumbcli_last_run_files Source files handled by the last run, by outcome.",
         "# TYPE thumbcli_last_run_files gauge",
     ]
-    for outcome in ("made", "skipped", "failed"):
-        lines.append(f'thumbcli_last_run_files{{outcome="{outcome}"}} {summary[outcome]}')
+    for outcome, count in (("made", summary.made), ("skipped", summary.skipped), ("failed", summary.failed)):
+        lines.append(f'thumbcli_last_run_files{{outcome="{outcome}"}} {count}')
     lines += [
         "# HELP thumbcli_last_run_thumbnails Thumbnails written by the last run.",
         "# TYPE thumbcli_last_run_thumbnails gauge",
-        f"thumbcli_last_run_thumbnails {summary['thumbnails']}",
+        f"thumbcli_last_run_thumbnails {summary.thumbnails}",
         "# HELP thumbcli_last_run_seconds Wall time of the last run.",
         "# TYPE thumbcli_last_run_seconds gauge",
-        f"thumbcli_last_run_seconds {summary['seconds']}",
+        f"thumbcli_last_run_seconds {round(summary.seconds, 3)}",
         "# HELP thumbcli_last_run_cut_short 1 if the last run stopped early (budget or signal).",
         "# TYPE thumbcli_last_run_cut_short gauge",
-        f"thumbcli_last_run_cut_short {1 if summary['stopped'] else 0}",
+        f"thumbcli_last_run_cut_short {1 if summary.stopped else 0}",
         "# HELP thumbcli_last_run_exit_code Exit code of the last run.",
         "# TYPE thumbcli_last_run_exit_code gauge",
-        f"thumbcli_last_run_exit_code {summary['exit_code']}",
+        f"thumbcli_last_run_exit_code {int(summary.exit_code)}",
         "# HELP thumbcli_last_run_timestamp_seconds When the last run finished.",
         "# TYPE thumbcli_last_run_timestamp_seconds gauge",
         f"thumbcli_last_run_timestamp_seconds {now:.3f}",

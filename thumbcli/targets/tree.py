@@ -69,6 +69,9 @@ class OutputTree:
         self._template = name_template
         try:
             root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CannotRunError(f"cannot create output folder {display_path(root)}: {exc.strerror or exc}") from exc
+        try:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock) if locked else None

@@ -1,0 +1,456 @@
+"""Generate and prune as library calls returning typed results that the CLI prints and the metrics writer reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thumbcli.config import Config
+from thumbcli.discover import display_path
+from thumbcli.errors import CannotRunError, ExitCode, SpecError
+from thumbcli.fsutil import remove_temporary_files
+from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
+from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.targets.plan import Removal, Target
+from thumbcli.targets.served import CacheDirectory
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = "256"
+
+
+@dataclass(frozen=True, slots=True)
+class TreeDestination:
+    """A plain folder tree of thumbnails (`-o`), named by a template."""
+
+    root: Path
+    name_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDestination:
+    """A served cache folder (`--cache`) in the fixed layout `serve` reads."""
+
+    root: Path
+    #: Named by the config file or environment rather than on the command line.
+    configured: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FreedesktopDestination:
+    """The desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at these sizes."""
+
+    flavours: tuple[str, ...]
+
+
+Destination = TreeDestination | CacheDestination | FreedesktopDestination
+
+
+def choose_destination(
+    output: Path | None,
+    cache_dir: Path | None,
+    flavours: tuple[str, ...],
+    name_template: str | None,
+    *,
+    cache_configured: bool = False,
+) -> Destination:
+    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
+
+    `cache_configured`: the cache was named by the config or environment, not on the command line.
+    """
+    if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
+        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
+    if name_template and output is None:
+        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
+    if flavours:
+        return FreedesktopDestination(flavours)
+    if cache_dir is not None:
+        return CacheDestination(cache_dir, configured=cache_configured)
+    assert output is not None
+    return TreeDestination(output, name_template)
+
+
+def choose_specs(config: Config, destination: Destination, request: GenerateRequest) -> tuple[ThumbSpec, ...]:
+    """The specs to make: named presets, every configured preset of a cache, or sizes with the given settings."""
+    if isinstance(destination, FreedesktopDestination):
+        return ()  # the desktop cache's sizes are its flavours
+    if request.presets:
+        if request.sizes:
+            raise SpecError("give --preset or --size, not both")
+        return config.select_presets(request.presets)
+    if isinstance(destination, CacheDestination) and config.presets and not request.sizes:
+        return tuple(config.presets.values())
+    if isinstance(destination, CacheDestination) and destination.configured:
+        # A forgotten -o must not add a preset named after a size to the configured cache.
+        sizes = ", ".join(request.sizes or (DEFAULT_SIZE,))
+        raise SpecError(
+            f"--size {sizes} would add a preset to the configured cache {display_path(destination.root)}: "
+            "give -o DIR to write a folder tree, --cache DIR to add it to a cache on purpose, "
+            "or --preset NAME for a configured preset"
+        )
+    specs = (
+        ThumbSpec(
+            SizeBox.parse(text),
+            fit=request.fit,
+            format=request.fmt,
+            quality=request.quality,
+            upscale=request.upscale,
+            keep_metadata=request.keep_metadata,
+        )
+        for text in (request.sizes or (DEFAULT_SIZE,))
+    )
+    return tuple(dict.fromkeys(specs))
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateJob:
+    """Everything one generate run needs: what to read, where to write, what to make and how."""
+
+    sources: tuple[str, ...]
+    destination: Destination
+    specs: tuple[ThumbSpec, ...]
+    run: RunOptions = field(default_factory=RunOptions)
+    walk: WalkOptions = field(default_factory=WalkOptions)
+    dry_run: bool = False
+    wait: bool = False
+    #: Failed files and their reasons are appended here, one line each.
+    fail_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+        for source in self.sources:
+            _require_source(source)
+        if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
+            raise SpecError("no thumbnail sizes to make")
+
+
+_DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """What `generate` was asked, option by option (as the command line names them), before it is a job."""
+
+    sources: tuple[str, ...] = ()
+    output: Path | None = None
+    cache_dir: Path | None = None
+    #: The cache was named by the config or environment, not on the command line.
+    cache_configured: bool = False
+    flavours: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
+    fit: Fit = "inside"
+    fmt: Format = "jpeg"
+    quality: int | None = None
+    upscale: bool = False
+    keep_metadata: bool = False
+    name_template: str | None = None
+    hidden: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    force: bool = False
+    dry_run: bool = False
+    walkers: int | None = None
+    loaders: int = 2
+    workers: int | None = None
+    writers: int = 1
+    max_file_size: int = _DEFAULT_LIMITS.max_file_size
+    max_pixels: int = _DEFAULT_LIMITS.max_pixels
+    max_files: int | None = None
+    max_time: float | None = None
+    wait: bool = False
+    fail_log: Path | None = None
+
+    def job(self, config: Config) -> GenerateJob:
+        """The job this request asks for, with its specs resolved against the config's presets."""
+        destination = choose_destination(
+            self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
+        )
+        run_options = RunOptions(
+            loaders=self.loaders,
+            writers=self.writers,
+            limits=Limits(max_file_size=self.max_file_size, max_pixels=self.max_pixels),
+            force=self.force,
+            max_files=self.max_files,
+            max_seconds=self.max_time,
+            **({"workers": self.workers} if self.workers else {}),
+        )
+        walk_options = WalkOptions(
+            hidden=self.hidden,
+            follow_symlinks=self.follow_symlinks,
+            include=self.include,
+            exclude=self.exclude,
+            processes=self.walkers or 0,
+        )
+        return GenerateJob(
+            tuple(self.sources),
+            destination,
+            choose_specs(config, destination, self),
+            run_options,
+            walk_options,
+            dry_run=self.dry_run,
+            wait=self.wait,
+            fail_log=self.fail_log,
+        )
+
+
+def _require_source(source: str) -> None:
+    """A usage error for a source that is not there (caught before any output folder is made)."""
+    try:
+        os.lstat(source)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SpecError(f"source {display_path(source)} does not exist ({exc.strerror})") from None
+    except OSError:
+        pass  # there but not readable: the walk reports it as a failure of that file or folder
+
+
+def open_target(job: GenerateJob) -> Target:
+    """The destination's target, locked for the run."""
+    destination = job.destination
+    several_sources = len(job.sources) > 1
+    if isinstance(destination, FreedesktopDestination):
+        from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
+
+        return FreedesktopCache(default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait)
+    if isinstance(destination, CacheDestination):
+        return CacheDirectory(destination.root, job.specs, wait_for_lock=job.wait, check_collisions=several_sources)
+    return OutputTree(
+        destination.root,
+        job.specs,
+        name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
+        wait_for_lock=job.wait,
+        check_collisions=several_sources or destination.name_template is not None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One source file that could not be thumbnailed, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunPlan:
+    """What a dry run would make, and about how much disk it would take."""
+
+    files: int
+    thumbnails_by_spec: dict[str, int]
+    estimated_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateSummary:
+    """The outcome of one generate run."""
+
+    found: int
+    made: int
+    thumbnails: int
+    skipped: int
+    failed: int
+    seconds: float
+    images_per_second: float
+    bytes_read: int
+    stopped: StopReason | None
+    exit_code: ExitCode
+    output: Path
+    failures: tuple[Failure, ...] = ()
+    dry_run: DryRunPlan | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """The summary as `generate --json` prints it."""
+        fields: dict[str, object] = {
+            "found": self.found,
+            "made": self.made,
+            "thumbnails": self.thumbnails,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "bytes_read": self.bytes_read,
+            "stopped": self.stopped,
+            "exit_code": int(self.exit_code),
+            "output": str(self.output),
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+        }
+        if self.dry_run is not None:
+            fields["planned"] = self.dry_run.files
+            fields["planned_thumbnails"] = self.dry_run.thumbnails_by_spec
+            fields["estimated_bytes"] = self.dry_run.estimated_bytes
+        return fields
+
+
+def exit_code(stopped: StopReason | None, failed: int) -> ExitCode:
+    """The exit code of a run that stopped for `stopped` (None: ran to the end) with `failed` failures."""
+    if stopped == "interrupted":
+        return ExitCode.INTERRUPTED
+    if failed:
+        return ExitCode.SOME_FAILED
+    if stopped is not None:
+        return ExitCode.CUT_SHORT
+    return ExitCode.OK
+
+
+class RunStopper:
+    """Stops a generate run: the first request drains it (files in flight finish), the second abandons it.
+
+    Abandoning removes the temporary files of writes in progress and ends the process at
+    once with the interrupted exit code. The CLI calls `request_stop` from its signal handlers.
+    """
+
+    def __init__(self) -> None:
+        self._requests = 0
+        self._pipeline: Pipeline | None = None
+
+    def attach(self, pipeline: Pipeline | None) -> None:
+        """Stop this pipeline on request (None: the run is over); a request made before applies at once."""
+        self._pipeline = pipeline
+        if pipeline is not None and self._requests:
+            pipeline.stop("interrupted")
+
+    def request_stop(self) -> None:
+        """Drain the run the first time; remove temporary files and exit the process the second."""
+        self._requests += 1
+        if self._requests > 1:
+            remove_temporary_files()
+            os._exit(ExitCode.INTERRUPTED)
+        log.info("stop requested: finishing the files in flight")
+        if self._pipeline is not None:
+            self._pipeline.stop("interrupted")
+
+
+ResultCallback = Callable[[FileResult], None]
+
+
+def generate(
+    job: GenerateJob,
+    *,
+    on_found: Callable[[int], None] | None = None,
+    on_skipped: Callable[[int], None] | None = None,
+    on_result: ResultCallback | None = None,
+    stopper: RunStopper | None = None,
+) -> GenerateSummary:
+    """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
+    target = open_target(job)
+    try:
+        fail_log = job.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if job.fail_log else None
+    except OSError as exc:
+        target.close()
+        raise CannotRunError(f"{job.fail_log}: cannot open the fail log: {exc.strerror or exc}") from exc
+
+    def on_each_result(result: FileResult) -> None:
+        if result.status == "failed" and fail_log is not None:
+            fail_log.write(f"failed: {result.describe()}\n")
+        if on_result is not None:
+            on_result(result)
+
+    try:
+        pipeline = Pipeline(
+            job.sources,
+            target,
+            job.run,
+            job.walk,
+            excluded_dirs=[str(target.root)],
+            dry_run=job.dry_run,
+            on_found=on_found,
+            on_skipped=on_skipped,
+            on_result=on_each_result,
+        )
+        if stopper is not None:
+            stopper.attach(pipeline)
+        stats = pipeline.run()
+        plan = _dry_run_plan(target, stats) if job.dry_run else None
+    finally:
+        if stopper is not None:
+            stopper.attach(None)
+        target.close()
+        if fail_log is not None:
+            fail_log.close()
+    return _summarize(stats, target.root, plan)
+
+
+def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> GenerateSummary:
+    return GenerateSummary(
+        found=stats.found,
+        made=stats.made,
+        thumbnails=stats.thumbnails,
+        skipped=stats.skipped,
+        failed=stats.failed,
+        seconds=stats.seconds,
+        images_per_second=stats.images_per_second,
+        bytes_read=stats.bytes_read,
+        stopped=stats.stopped,
+        exit_code=exit_code(stats.stopped, stats.failed),
+        output=output,
+        failures=tuple(Failure(display_path(r.path), r.reason) for r in stats.failures),
+        dry_run=plan,
+    )
+
+
+# Rough bytes per thumbnail pixel, for dry-run estimates before any thumbnail of a spec exists.
+_BYTES_PER_PIXEL = {"jpeg": 0.3, "webp": 0.2, "avif": 0.12, "png": 2.0}
+
+
+def _dry_run_plan(target: Target, stats: RunStats) -> DryRunPlan:
+    total = 0
+    for spec in target.specs:
+        count = stats.planned_by_spec.get(spec.name, 0)
+        # Only trees keep what each thumbnail was made with; the desktop cache is estimated from the box.
+        typical = target.typical_size(spec) if isinstance(target, OutputTree) else None
+        if typical is None:
+            area = (spec.box.width or spec.box.height or 0) * (spec.box.height or spec.box.width or 0)
+            typical = int(area * 0.75 * _BYTES_PER_PIXEL[spec.format])
+        total += count * typical
+    return DryRunPlan(stats.planned, dict(stats.planned_by_spec), total)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSummary:
+    """What prune removed (or, in a dry run, would remove)."""
+
+    dry_run: bool
+    removals: tuple[Removal, ...]
+
+    @property
+    def bytes(self) -> int:
+        """The bytes removed in all."""
+        return sum(removal.bytes for removal in self.removals)
+
+    def as_json(self) -> dict[str, object]:
+        """The summary as `prune --json` prints it."""
+        items = [{"path": display_path(r.path), "bytes": r.bytes, "reason": r.reason} for r in self.removals]
+        return {"dry_run": self.dry_run, "files": len(self.removals), "bytes": self.bytes, "removed": items}
+
+
+def prune(
+    destination: CacheDestination | FreedesktopDestination,
+    *,
+    presets: dict[str, ThumbSpec] | None = None,
+    dry_run: bool = False,
+    wait: bool = False,
+) -> PruneSummary:
+    """Remove thumbnails whose source, preset or settings are gone, and the empty folders left.
+
+    `presets` are a cache's current presets (None: keep every preset, judge sources only).
+    """
+    if isinstance(destination, FreedesktopDestination):
+        return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
+    current = {name: spec.digest for name, spec in presets.items()} if presets else None
+    target = CacheDirectory(destination.root, (), wait_for_lock=wait)
+    try:
+        return PruneSummary(dry_run, tuple(target.prune(current, dry_run=dry_run)))
+    finally:
+        target.close()
+
+
+def _prune_freedesktop(*, dry_run: bool, wait: bool) -> list[Removal]:
+    from thumbcli.targets.freedesktop import default_thumbnail_root, prune_freedesktop
+
+    return prune_freedesktop(default_thumbnail_root(), dry_run=dry_run, wait_for_lock=wait)
