@@ -22,6 +22,7 @@ from servekit import (
     ServerProcess,
     exchange,
     get,
+    listening_ports,
     metrics,
     put_thumb,
     read_response,
@@ -584,10 +585,11 @@ def test_serve_reports_metrics_and_health(header_server: ServerProcess) -> None:
 
 
 def test_serve_moves_admin_endpoints_to_admin_port(cache: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        admin_port = probe.getsockname()[1]
-    with running_server(cache, admin_port=admin_port) as running:
+    with running_server(cache, admin_port=0) as running:
+        # The server picked both ports; the admin one is the listening port that is not the main one.
+        admin_ports = listening_ports(running.process.pid) - {running.port}
+        assert len(admin_ports) == 1
+        admin_port = admin_ports.pop()
         assert get(running, "/healthz").status == 404
         assert get(running, "/metrics").status == 404
         assert get(running, "/small/a/photo.jpg").status == 200
