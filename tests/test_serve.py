@@ -160,6 +160,12 @@ def test_serve_answers_thumbnail_with_headers(server: ServerProcess, cache: Path
     assert email.utils.parsedate_to_datetime(response.getheader("Date", ""))
 
 
+def test_serve_without_source_never_loads_libvips(server: ServerProcess, cache: Path) -> None:
+    assert get(server, "/small/a/photo.jpg").body == photo(cache)
+    # (test_serve_on_demand checks that this probe does see libvips once it is loaded.)
+    assert "libvips" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+
+
 def test_serve_sends_bodies_the_configured_way(server: ServerProcess) -> None:
     before = metrics(server)
     assert get(server, "/small/a/photo.jpg").status == 200
