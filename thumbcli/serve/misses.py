@@ -77,18 +77,16 @@ class MissDesk:
         epoll.register(self.done_fd, select.EPOLLIN)
         log.info("making %s thumbnails from %s on a miss", ", ".join(sorted(self.generated)), options.source_root)
 
-    def makes(self, path: bytes) -> bool:
-        """Whether `path` names a thumbnail of a preset made on a miss."""
+    def thumbnail_of(self, path: bytes) -> tuple[str, str] | None:
+        """(preset, source path) if `path` names a thumbnail of a preset made on a miss, else None."""
         parts = split_url_path(path)
-        return parts is not None and parts[0] in self.generated
+        return parts if parts is not None and parts[0] in self.generated else None
 
-    def park(self, conn: Connection, request: Request, path: bytes, now: float) -> int:
-        """Check (and if need be make) the thumbnail for `path` and park the request; else the status to answer."""
+    def park(self, conn: Connection, request: Request, path: bytes, thumbnail: tuple[str, str], now: float) -> int:
+        """Check (and if need be make) `thumbnail` and park the request for it; 0, or the status to answer now."""
         assert self._on_demand is not None
-        parts = split_url_path(path)
-        assert parts is not None
         pending = Pending(conn, request, path, now)
-        admission = self._on_demand.request(*parts, functools.partial(self._completed, pending))
+        admission = self._on_demand.request(*thumbnail, functools.partial(self._completed, pending))
         counters = self._counters
         if admission == "busy":
             # RFC 9110 §15.6.4: refuse at once instead of queueing without end; the connection stays usable.

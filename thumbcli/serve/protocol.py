@@ -139,6 +139,7 @@ class Connection:
     # -- parser callbacks
 
     def on_message_begin(self) -> None:
+        """A new request head starts (the header deadline runs from here on a kept-alive connection)."""
         if not self.in_message:
             self.in_message = True
             self.head_start = time.monotonic()
@@ -147,11 +148,13 @@ class Connection:
         self.header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        """A piece of the request target: bounded by max URI bytes."""
         self.url = url if not self.url else self.url + url
         if len(self.url) > self.limits.max_uri_bytes:
             raise Reject(414)  # RFC 9110 §15.5.15
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """One header field: counted against max header bytes, kept if wanted."""
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.limits.max_header_bytes:
             raise Reject(431)  # RFC 6585 §5
@@ -167,6 +170,7 @@ class Connection:
                 headers[key] = previous + b", " + value  # RFC 9110 §5.3: combine list fields
 
     def on_headers_complete(self) -> None:
+        """The head is complete: check version, Host and body framing, then queue the request."""
         self.in_message = False
         self.idle_since = time.monotonic()
         parser = self.parser

@@ -31,6 +31,10 @@ from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.protocol import Connection, Request
 
+_FULL = Verdict.FULL
+_NOT_MODIFIED = Verdict.NOT_MODIFIED
+_PARTIAL = Verdict.PARTIAL
+_UNSATISFIABLE = Verdict.UNSATISFIABLE
 _HEALTHZ = b"/healthz"
 _METRICS = b"/metrics"
 _NO_HEADERS: dict[bytes, bytes] = {}
@@ -93,12 +97,14 @@ class Responder:
             self.send_simple(conn, request, 404, b"not found\n")
             return
         misses = self._misses
-        if misses is not None and self.files.recent(path, self.now) is None and misses.makes(path):
+        if misses is not None and self.files.recent(path, self.now) is None:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
-            status = misses.park(conn, request, path, self.now)
-            if status:
-                self.send_simple(conn, request, status, *MISS_ANSWERS[status])
-            return
+            thumbnail = misses.thumbnail_of(path)
+            if thumbnail is not None:
+                status = misses.park(conn, request, path, thumbnail, self.now)
+                if status:
+                    self.send_simple(conn, request, status, *MISS_ANSWERS[status])
+                return
         self.answer_path(conn, request, path)
 
     def answer_path(self, conn: Connection, request: Request, path: bytes) -> None:
@@ -114,19 +120,19 @@ class Responder:
     def _answer_file(self, conn: Connection, request: Request, file: OpenFile) -> None:
         """Answer a GET or HEAD for an opened thumbnail: preconditions, range, then the body."""
         method, end = request.method, _end_of(request)
-        verdict, first = Verdict.FULL, 0
+        verdict, first = _FULL, 0
         if request.headers:
             verdict, first, last = evaluate(
                 method, request.headers, file.etag, file.last_modified, file.mtime_s, file.size
             )
-        if verdict is Verdict.FULL:
+        if verdict is _FULL:
             head = b"".join((STATUS_LINES[200], self._date_lines, file.full_lines, end))
             count = file.size if method == GET else 0
-        elif verdict is Verdict.NOT_MODIFIED:
+        elif verdict is _NOT_MODIFIED:
             # RFC 9110 §15.4.5: a 304 carries the validators and Cache-Control, no content.
             head = b"".join((STATUS_LINES[304], self._date_lines, file.validator_lines, end))
             count = 0
-        elif verdict is Verdict.PARTIAL:
+        elif verdict is _PARTIAL:
             # RFC 9110 §15.3.7 and §14.4: one part, described by Content-Range.
             count = last - first + 1
             head = b"".join(
@@ -140,7 +146,7 @@ class Responder:
                     end,
                 )
             )
-        elif verdict is Verdict.UNSATISFIABLE:
+        elif verdict is _UNSATISFIABLE:
             # RFC 9110 §15.5.17: Content-Range with an unsatisfied-range gives the current length.
             extra = b"Content-Range: bytes */%d\r\n" % file.size
             self.send_simple(conn, request, 416, b"range not satisfiable\n", extra)

@@ -164,12 +164,12 @@ class Supervisor:
             return
         code: int = ExitCode.CANNOT_RUN
         try:
+            signals.close()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             # A terminal's Ctrl-C reaches every process in the group; workers drain on the
             # SIGTERM their parent forwards instead, so one Ctrl-C is not counted twice.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signals.close()
             _close_all(*self.inherited)
             options = self.options
             listeners = _open_listeners(options.host, self.port, self.admin_port, reuse_port=True)

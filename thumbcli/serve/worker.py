@@ -64,10 +64,15 @@ class Worker:
         self.epoll = select.epoll()
         self.connections: dict[int, Connection] = {}
         self.limits = HeadLimits(options.max_uri_bytes, options.max_header_bytes, options.access_log is not None)
-        self.misses = MissDesk(options, self.epoll, counters) if options.source_root is not None else None
-        self.access_log = AccessLog(options.access_log) if options.access_log is not None else None
+        self.misses: MissDesk | None = None
+        self.access_log: AccessLog | None = None
         try:
-            files = CacheFiles(options.cache_root, options.cache_control, self.misses.generated if self.misses else {})
+            if options.source_root is not None:
+                self.misses = MissDesk(options, self.epoll, counters)
+            if options.access_log is not None:
+                self.access_log = AccessLog(options.access_log)
+            generated = self.misses.generated if self.misses is not None else {}
+            files = CacheFiles(options.cache_root, options.cache_control, generated)
         except BaseException:
             self._release()
             raise
