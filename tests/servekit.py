@@ -248,6 +248,24 @@ def metrics(server: ServerProcess, port: int | None = None) -> dict[str, float]:
     return values
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on, from /proc: how a test learns a port the server picked."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Poll `predicate` until it is true or `timeout` passes; return its last truth."""
     deadline = time.monotonic() + timeout

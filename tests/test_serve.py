@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import email.utils
 import http.client
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +21,12 @@ from pathlib import Path
 import pytest
 import pyvips
 from servekit import (
+    READY_LINE,
+    REPO_ROOT,
     ServerProcess,
     exchange,
     get,
+    listening_ports,
     metrics,
     put_thumb,
     read_response,
@@ -31,7 +36,8 @@ from servekit import (
 )
 
 from thumbcli.errors import SpecError
-from thumbcli.serve import ServeOptions, entity_tag_matches, parse_single_range
+from thumbcli.serve import ServeOptions
+from thumbcli.serve.http import entity_tag_matches, parse_single_range
 
 SECRET = b"TOP-SECRET-9f1c2e7a-never-served"
 BIG_BYTES = 16 * 1024 * 1024  # larger than loopback socket buffers, so a response stays in flight
@@ -153,6 +159,12 @@ def test_serve_answers_thumbnail_with_headers(server: ServerProcess, cache: Path
     assert response.getheader("Cache-Control") == "public, max-age=86400"
     assert response.getheader("Accept-Ranges") == "bytes"
     assert email.utils.parsedate_to_datetime(response.getheader("Date", ""))
+
+
+def test_serve_without_source_never_loads_libvips(server: ServerProcess, cache: Path) -> None:
+    assert get(server, "/small/a/photo.jpg").body == photo(cache)
+    # (test_serve_on_demand checks that this probe does see libvips once it is loaded.)
+    assert "libvips" not in Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
 def test_serve_sends_bodies_the_configured_way(server: ServerProcess) -> None:
@@ -584,10 +596,11 @@ def test_serve_reports_metrics_and_health(header_server: ServerProcess) -> None:
 
 
 def test_serve_moves_admin_endpoints_to_admin_port(cache: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        admin_port = probe.getsockname()[1]
-    with running_server(cache, admin_port=admin_port) as running:
+    with running_server(cache, admin_port=0) as running:
+        # The server picked both ports; the admin one is the listening port that is not the main one.
+        admin_ports = listening_ports(running.process.pid) - {running.port}
+        assert len(admin_ports) == 1
+        admin_port = admin_ports.pop()
         assert get(running, "/healthz").status == 404
         assert get(running, "/metrics").status == 404
         assert get(running, "/small/a/photo.jpg").status == 200
@@ -661,6 +674,58 @@ def test_serve_exits_at_once_on_second_signal(cache: Path) -> None:
             time.sleep(0.2)
             running.process.send_signal(signal.SIGTERM)
             assert running.process.wait(5) == 130
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Make this process the subreaper of its descendants, so that it can wait for an orphaned server."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_child_subreaper = 36
+    assert prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        prctl(pr_set_child_subreaper, 0, 0, 0, 0)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def test_serve_started_with_nohup_outlives_its_shell(cache: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "serve.log"
+    # The shell lives until the server is up, as an interactive one would, then exits.
+    script = (
+        'nohup "$0" -m thumbcli serve "$1" --port 0 > "$2" 2>&1 & echo $!;'
+        ' until grep -q serving "$2"; do sleep 0.1; done'
+    )
+    with adopting_orphans():
+        shell = subprocess.Popen(
+            ["sh", "-c", script, sys.executable, str(cache), str(log_path)],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+            cwd=REPO_ROOT,
+        )
+        output, _ = shell.communicate(timeout=30)
+        assert shell.returncode == 0
+        pid = int(output)
+        try:
+            assert wait_until(lambda: READY_LINE.search(log_path.read_text()) is not None, timeout=20)
+            found = READY_LINE.search(log_path.read_text())
+            assert found is not None
+            server = ServerProcess(shell, found["host"], int(found["port"]))
+            assert parent_of(pid) != shell.pid  # the shell that started it is gone
+            time.sleep(2.5)  # more than one sweep of the loop, where a worker looks for its supervisor
+            assert get(server, "/small/a/photo.jpg").body == photo(cache)
+            os.kill(pid, signal.SIGTERM)
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            raise
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "gone" not in log_path.read_text()
 
 
 def test_serve_with_two_workers_answers_and_drains(cache: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -20,7 +21,8 @@ from servekit import ServerProcess, get, metrics, put_thumb, read_response, runn
 
 from thumbcli.cache import cache_path
 from thumbcli.errors import SpecError
-from thumbcli.serve import OPEN_FILE_SECONDS, ServeOptions
+from thumbcli.serve import ServeOptions
+from thumbcli.serve.files import OPEN_FILE_SECONDS
 from thumbcli.spec import SizeBox, ThumbSpec
 
 SECRET_MARK = "secret"
@@ -148,11 +150,6 @@ SMALL = ThumbSpec(SizeBox.parse("64"), name="small", format="webp")
 def test_serve_options_reject_bad_on_demand_values(tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(SpecError):
         ServeOptions(cache_root=tmp_path, **bad)  # type: ignore[arg-type]
-
-
-def test_serve_options_accept_on_demand_values(tmp_path: Path) -> None:
-    options = ServeOptions(cache_root=tmp_path, source_root=tmp_path, presets=(SMALL,), max_pending=1, generators=64)
-    assert options.presets[0].name == "small"
 
 
 # --- making thumbnails ------------------------------------------------------------------
@@ -334,6 +331,42 @@ def test_serve_forgets_a_client_that_leaves_while_waiting(tree: Path, huge_png: 
         assert fetch(server, "/small/huge.png")[0] == 200
         assert generations(server)["started"] == 1
         assert metrics(server)["thumbcli_open_connections"] == 1  # the metrics request's own
+
+
+def test_serve_stays_responsive_while_a_batch_run_holds_the_state_lock(tree: Path, use_sendfile: bool) -> None:
+    cache = tree / "cache"
+    write_manifest(cache, {"big": "jpeg"})
+    put_thumb(cache, "big", "a/photo.jpg.jpg", b"made by a batch run")
+    make_photo(tree / "src" / "other.jpg", seed=2)
+    make_photo(tree / "src" / "third.jpg", seed=3)
+    with on_demand_server(tree, use_sendfile=use_sendfile, presets=["small"]) as server:
+        assert fetch(server, "/small/a/photo.jpg")[0] == 200  # the state store now has a record to write
+        # A concurrent `generate --cache` holds the state store's write lock.
+        batch = sqlite3.connect(cache / ".thumbcli" / "state.sqlite", isolation_level=None)
+        batch.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                sqlite3.connect(cache / ".thumbcli" / "state.sqlite", timeout=0).execute("BEGIN IMMEDIATE")
+            # Thumbnails that must be checked against the state store wait for it, on the generator threads...
+            waiting = [server.connect(60), server.connect(60)]
+            waiting[0].sendall(b"GET /small/other.jpg HTTP/1.1\r\nHost: test\r\n\r\n")
+            wait_until(thumb_file(tree, "small", "other.jpg").exists, timeout=3)
+            waiting[1].sendall(b"GET /small/third.jpg HTTP/1.1\r\nHost: test\r\n\r\n")
+            time.sleep(0.3)
+            # ...while the loop goes on serving everything else at once.
+            for path, expected in (("/healthz", b"ok\n"), ("/big/a/photo.jpg", b"made by a batch run")):
+                started = time.monotonic()
+                answer = get(server, path)
+                assert (answer.status, answer.body) == (200, expected)
+                assert time.monotonic() - started < 2, path
+        finally:
+            batch.execute("ROLLBACK")
+            batch.close()
+        for sock, name in zip(waiting, ("other.jpg", "third.jpg"), strict=True):
+            with sock, sock.makefile("rb") as reader:
+                response = read_response(reader)
+            assert (response.status, response.body) == (200, thumb_file(tree, "small", name).read_bytes())
+        assert generations(server)["started"] == 3
 
 
 # --- what is never made ---------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""Generate-on-miss for `serve --source`: one thumbnail at a time, made off the server's event loop."""
+"""Generate-on-miss for `serve --source`: one thumbnail at a time, checked and made off the server's event loop.
+
+Both the freshness check (a read of the batch run's state store, which a concurrent
+`generate --cache` may hold locked) and the generation run on this module's threads,
+never on the loop that answers requests.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Mapping
@@ -19,21 +26,35 @@ from thumbcli.spec import Limits, ThumbSpec
 log = logging.getLogger(__name__)
 
 
-OnDemandStatus = Literal["queued", "joined", "busy", "missing"]
+#: What `OnDemand.request` did with a request at once.
+Admission = Literal["queued", "joined", "busy", "missing"]
 
 
-class GenerationFailure(NamedTuple):
-    """Why an on-demand thumbnail was not made: the source's fault (no thumbnail can exist) or ours."""
+class Outcome(enum.Enum):
+    """What became of one on-demand request, as the server answers it."""
 
-    reason: str
-    source_problem: bool
+    READY = "ready"  # the cached thumbnail is current, found so or made now: serve it
+    MISSING = "missing"  # no such source image, or one that cannot be thumbnailed: 404
+    FAILED = "failed"  # making it failed on our side (e.g. the cache disk is full): 500
+    UNCHECKED = "unchecked"  # its freshness could not be judged (the state store failed): 503
+
+
+class Completion(NamedTuple):
+    """The outcome of one check-and-make, and whether a thumbnail was made (or tried) for it."""
+
+    outcome: Outcome
+    made: bool
+
+
+Done = Callable[[Completion], None]
 
 
 class OnDemand:
     """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
 
-    Concurrent requests for one thumbnail share one generation; past `max_pending`
-    outstanding generations a request is refused at once instead of queueing.
+    Each request is checked against its source on a generator thread and made there if
+    missing or stale. Concurrent requests for one thumbnail share one check-and-make; past
+    `max_pending` outstanding ones a request is refused at once instead of queueing.
     A source that could not be thumbnailed is not tried again until it changes.
     Writes take no run lock: every write is atomic, so a concurrent batch run is harmless.
     """
@@ -57,7 +78,7 @@ class OnDemand:
         self._limits = limits or Limits()
         self._target = CacheDirectory(cache_root, tuple(self._presets.values()), check_collisions=False, locked=False)
         self._max_pending = max_pending
-        self._pending: dict[tuple[str, str], list[Callable[[GenerationFailure | None], None]]] = {}
+        self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
         #: (preset, relpath) -> (mtime_ns, size) of sources that could not be thumbnailed.
         self._failed: dict[tuple[str, str], tuple[int, int]] = {}
@@ -87,16 +108,13 @@ class OnDemand:
             return None
         return self._target.is_fresh(source, spec)
 
-    def request(self, preset: str, relpath: str, done: Callable[[GenerationFailure | None], None]) -> OnDemandStatus:
-        """Start (or join) making one thumbnail; `done(None)` on success or `done(failure)`, from a worker thread."""
+    def request(self, preset: str, relpath: str, done: Done) -> Admission:
+        """Start (or join) checking and if need be making one thumbnail; `done` is called from a worker thread."""
         spec = self._presets.get(preset)
-        source = self.source_for(relpath)
-        if spec is None or source is None:
+        if spec is None:
             return "missing"
         key = (preset, relpath)
         with self._lock:
-            if self._failed.get(key) == (source.mtime_ns, source.size):
-                return "missing"
             waiting = self._pending.get(key)
             if waiting is not None:
                 waiting.append(done)
@@ -104,31 +122,50 @@ class OnDemand:
             if len(self._pending) >= self._max_pending:
                 return "busy"
             self._pending[key] = [done]
-        self._executor.submit(self._make, key, source, spec)
+        self._executor.submit(self._complete, key, spec)
         return "queued"
 
-    def _make(self, key: tuple[str, str], source: SourceFile, spec: ThumbSpec) -> None:
-        failure: GenerationFailure | None = None
+    def _complete(self, key: tuple[str, str], spec: ThumbSpec) -> None:
+        completion = Completion(Outcome.FAILED, made=False)
         try:
-            try:
-                data, source = read_source(source, self._limits, follow_symlinks=False)
-                thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
-            except (OSError, FileRejected) as exc:
-                failure = GenerationFailure(f"{display_path(source.path)}: {_reason(exc)}", source_problem=True)
-            else:
-                try:
-                    self._target.write(source, [(spec, thumbnail)])
-                except OSError as exc:
-                    failure = GenerationFailure(f"cannot write thumbnail: {_reason(exc)}", source_problem=False)
-            if failure is not None:
-                log.warning("cannot make %s thumbnail: %s", spec.name, failure.reason)
-                if failure.source_problem:
-                    self._remember_failure(key, source)
+            completion = self._check_and_make(key, spec)
+        except Exception:
+            # A bug, not a bad file: loud in the log, a 500 for the waiting clients, the server stays up.
+            log.exception("on-demand %s thumbnail of %s failed", spec.name, key[1])
         finally:
             with self._lock:
                 waiting = self._pending.pop(key, [])
-        for done in waiting:
-            done(failure)
+            for done in waiting:
+                done(completion)
+
+    def _check_and_make(self, key: tuple[str, str], spec: ThumbSpec) -> Completion:
+        source = self.source_for(key[1])
+        if source is None:
+            return Completion(Outcome.MISSING, made=False)
+        with self._lock:
+            failed_before = self._failed.get(key) == (source.mtime_ns, source.size)
+        if failed_before:
+            return Completion(Outcome.MISSING, made=False)
+        try:
+            if self._target.is_fresh(source, spec):
+                return Completion(Outcome.READY, made=False)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot check the %s thumbnail of %s: %s", spec.name, key[1], exc)
+            return Completion(Outcome.UNCHECKED, made=False)
+        try:
+            data, source = read_source(source, self._limits, follow_symlinks=False)
+            thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
+        except (OSError, FileRejected) as exc:
+            # The reason names the source: it is logged, never sent to a client.
+            log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), _reason(exc))
+            self._remember_failure(key, source)
+            return Completion(Outcome.MISSING, made=True)
+        try:
+            self._target.write(source, [(spec, thumbnail)])
+        except OSError as exc:
+            log.warning("cannot make %s thumbnail: cannot write thumbnail: %s", spec.name, _reason(exc))
+            return Completion(Outcome.FAILED, made=True)
+        return Completion(Outcome.READY, made=True)
 
     def _remember_failure(self, key: tuple[str, str], source: SourceFile) -> None:
         with self._lock:

@@ -1,0 +1,294 @@
+"""One client connection: the httptools callbacks, the limits on a request head, and its output queue."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+
+import httptools
+
+from thumbcli.serve.files import OpenFile
+from thumbcli.serve.http import CONDITIONAL_HEADERS, FRAMING_HEADERS, LOGGED_HEADERS, SINGLE_HEADERS
+from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, SENDFILE_BODIES
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 65536
+FALLBACK_CHUNK_BYTES = 262144
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW})
+
+
+class Reject(Exception):
+    """Raised from a parser callback to answer with an error status and close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class HeadLimits:
+    """Every bound on a request head, and the header fields worth keeping."""
+
+    __slots__ = ("guard_bytes", "max_header_bytes", "max_uri_bytes", "wanted_headers")
+
+    def __init__(self, max_uri_bytes: int, max_header_bytes: int, keep_logged_headers: bool) -> None:
+        self.max_uri_bytes = max_uri_bytes  # -> 414
+        self.max_header_bytes = max_header_bytes  # -> 431
+        # httptools buffers a header field until it ends, so the unparsed head is bounded too.
+        self.guard_bytes = max_header_bytes + max_uri_bytes + 4096
+        wanted = CONDITIONAL_HEADERS | FRAMING_HEADERS
+        self.wanted_headers = wanted | LOGGED_HEADERS if keep_logged_headers else wanted
+
+
+class Request:
+    """One parsed request head: what answering it needs."""
+
+    __slots__ = ("headers", "http10", "keep_alive", "method", "target")
+
+    def __init__(self, method: bytes, target: bytes, headers: dict[bytes, bytes], keep_alive: bool, http10: bool):
+        self.method = method
+        self.target = target
+        self.headers = headers  # only the wanted fields, lower-case names
+        self.keep_alive = keep_alive
+        self.http10 = http10
+
+
+class Body:
+    """The part of a file still to send on one connection."""
+
+    __slots__ = ("file", "offset", "remaining", "via_sendfile")
+
+    def __init__(self, file: OpenFile, offset: int, remaining: int, via_sendfile: bool) -> None:
+        self.file = file
+        self.offset = offset
+        self.remaining = remaining
+        self.via_sendfile = via_sendfile
+
+
+class Parked:
+    """A place in a connection's output held for a response not ready yet; nothing after it is sent."""
+
+    __slots__ = ()
+
+
+Output = bytes | memoryview | Body | Parked
+
+
+class Connection:
+    """One client connection; also the httptools callback object."""
+
+    __slots__ = (
+        "admin",
+        "closed",
+        "closing",
+        "counters",
+        "eof",
+        "fd",
+        "head_bytes",
+        "head_start",
+        "header_bytes",
+        "headers",
+        "idle_since",
+        "in_message",
+        "interest",
+        "last_progress",
+        "limits",
+        "lingering",
+        "out",
+        "parser",
+        "peer",
+        "requests",
+        "served",
+        "sock",
+        "url",
+    )
+
+    def __init__(
+        self, sock: socket.socket, peer: str, admin: bool, limits: HeadLimits, counters: memoryview, now: float
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.admin = admin
+        self.limits = limits
+        self.counters = counters
+        self.parser = httptools.HttpRequestParser(self)
+        self.out: list[Output] = []
+        self.interest = select.EPOLLIN
+        # The header deadline runs from accept until the first request head is complete.
+        self.in_message = True
+        self.head_start = now
+        self.idle_since = now
+        self.last_progress = now
+        self.head_bytes = 0
+        self.header_bytes = 0
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.requests: list[Request] = []
+        self.served = 0
+        self.closing = False
+        self.lingering = False
+        self.eof = False
+        self.closed = False
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        """A new request head starts (the header deadline runs from here on a kept-alive connection)."""
+        if not self.in_message:
+            self.in_message = True
+            self.head_start = time.monotonic()
+        self.url = b""
+        self.headers = {}
+        self.header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        """A piece of the request target: bounded by max URI bytes."""
+        self.url = url if not self.url else self.url + url
+        if len(self.url) > self.limits.max_uri_bytes:
+            raise Reject(414)  # RFC 9110 §15.5.15
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header field: counted against max header bytes, kept if wanted."""
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes:
+            raise Reject(431)  # RFC 6585 §5
+        key = name.lower()
+        if key in self.limits.wanted_headers:
+            headers = self.headers
+            previous = headers.get(key)
+            if previous is None:
+                headers[key] = value
+            elif key in SINGLE_HEADERS:
+                raise Reject(400)  # RFC 9112 §3.2: more than one Host is a bad request
+            else:
+                headers[key] = previous + b", " + value  # RFC 9110 §5.3: combine list fields
+
+    def on_headers_complete(self) -> None:
+        """The head is complete: check version, Host and body framing, then queue the request."""
+        self.in_message = False
+        self.idle_since = time.monotonic()
+        parser = self.parser
+        version = parser.get_http_version()
+        headers = self.headers
+        if version not in ("1.1", "1.0"):
+            raise Reject(505)  # RFC 9110 §15.6.6
+        if version == "1.1" and b"host" not in headers:
+            raise Reject(400)  # RFC 9112 §3.2
+        length = headers.get(b"content-length")
+        if b"transfer-encoding" in headers or (length is not None and length.strip() != b"0"):
+            raise Reject(413)  # RFC 9110 §15.5.14: GET and HEAD take no body; refuse and close
+        keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
+        self.requests.append(Request(parser.get_method(), self.url, headers, keep_alive, version == "1.0"))
+
+    # -- input
+
+    def feed(self, data: bytes) -> int:
+        """Parse received bytes into `requests`; the error status to answer with, or 0."""
+        was_in_message = self.in_message
+        reject = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, Reject):
+                raise
+            reject = exc.__context__.status
+        except httptools.HttpParserUpgrade:
+            pass  # the upgrade request was queued as not keep-alive; we never switch protocols
+        except httptools.HttpParserError:
+            reject = 400  # RFC 9112 §2.2: a malformed request message
+        if not reject and self.in_message:
+            self.head_bytes = self.head_bytes + len(data) if was_in_message else 0
+            if self.head_bytes > self.limits.guard_bytes:
+                reject = 431
+        else:
+            self.head_bytes = 0
+        return reject
+
+    # -- output (an OSError out of these means the connection is broken: close it)
+
+    def send(self, head: bytes, file: OpenFile | None, offset: int, count: int, via_sendfile: bool, now: float) -> None:
+        """Send a response head and `count` bytes of `file`, or queue what the socket does not take now."""
+        out = self.out
+        if out:
+            out.append(head)
+        else:
+            try:
+                sent = self.sock.send(head, _MSG_MORE if count else 0)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            if sent < len(head):
+                out.append(memoryview(head)[sent:])
+            elif not count:
+                return
+            else:
+                assert file is not None
+                body = Body(file, offset, count, via_sendfile)
+                if self._send_body(body, now):
+                    return
+                file.users += 1
+                out.append(body)
+                return
+        if count:
+            assert file is not None
+            file.users += 1
+            out.append(Body(file, offset, count, via_sendfile))
+
+    def _send_body(self, body: Body, now: float) -> bool:
+        """Send as much of a body as the socket takes; True once all of it is sent."""
+        counters = self.counters
+        while body.remaining:
+            try:
+                if body.via_sendfile:
+                    sent = os.sendfile(self.fd, body.file.fd, body.offset, body.remaining)
+                else:
+                    chunk = os.pread(body.file.fd, min(body.remaining, FALLBACK_CHUNK_BYTES), body.offset)
+                    sent = self.sock.send(chunk) if chunk else 0
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                if body.via_sendfile and exc.errno in _SENDFILE_UNSUPPORTED:
+                    log.debug("sendfile unsupported here (%s): plain send", exc.strerror)
+                    body.via_sendfile = False
+                    continue
+                raise
+            if sent == 0:
+                raise OSError(errno.EIO, "the file shrank: the promised Content-Length cannot be kept")
+            body.offset += sent
+            body.remaining -= sent
+            counters[BYTES_SENT] += sent
+            self.last_progress = now
+        counters[SENDFILE_BODIES if body.via_sendfile else FALLBACK_BODIES] += 1
+        return True
+
+    def pump(self, now: float) -> bool:
+        """Send queued output until the socket is full or a parked response blocks; True if parked."""
+        out = self.out
+        while out:
+            item = out[0]
+            if isinstance(item, Body):
+                if not self._send_body(item, now):
+                    return False
+                item.file.release()
+                del out[0]
+                continue
+            if isinstance(item, Parked):
+                return True
+            try:
+                sent = self.sock.send(item, _MSG_MORE if len(out) > 1 else 0)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            if sent < len(item):
+                out[0] = memoryview(item)[sent:]
+                return False
+            del out[0]
+        return False

@@ -1,0 +1,196 @@
+"""Answers to requests: from a request and the cache to a status line, headers and a body on a connection."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from thumbcli.serve.accesslog import AccessLog
+from thumbcli.serve.files import CacheFiles, OpenFile
+from thumbcli.serve.http import (
+    ALLOW,
+    END_CLOSE,
+    END_KEEP_ALIVE,
+    END_KEEP_ALIVE_10,
+    GET,
+    HEAD,
+    METRICS_TYPE,
+    NO_STORE,
+    REASONS,
+    RETRY_AFTER,
+    SERVER_NAME,
+    STATUS_LINES,
+    TEXT_TYPE,
+    Verdict,
+    evaluate,
+    http_date,
+    origin_form,
+)
+from thumbcli.serve.metrics import OTHER_STATUS, STATUS_SLOT, MetricsBoard
+from thumbcli.serve.misses import MissDesk
+from thumbcli.serve.options import ServeOptions
+from thumbcli.serve.protocol import Connection, Request
+
+_FULL = Verdict.FULL
+_NOT_MODIFIED = Verdict.NOT_MODIFIED
+_PARTIAL = Verdict.PARTIAL
+_UNSATISFIABLE = Verdict.UNSATISFIABLE
+_HEALTHZ = b"/healthz"
+_METRICS = b"/metrics"
+_NO_HEADERS: dict[bytes, bytes] = {}
+
+
+class Responder:
+    """Builds and sends each answer of one worker; an OSError out of it means: close that connection."""
+
+    def __init__(
+        self,
+        options: ServeOptions,
+        board: MetricsBoard,
+        counters: memoryview,
+        files: CacheFiles,
+        misses: MissDesk | None,
+        access_log: AccessLog | None,
+        serve_admin_here: bool,
+    ) -> None:
+        self._max_requests = options.max_requests_per_connection
+        self._board = board
+        self._counters = counters
+        self.files = files
+        self._misses = misses
+        self._access_log = access_log
+        self._serve_admin_here = serve_admin_here
+        self.use_sendfile = options.use_sendfile and os.environ.get("THUMBCLI_NO_SENDFILE", "") in ("", "0")
+        self.now = time.monotonic()
+        self.draining = False
+        self._date_until = 0.0
+        self._date_lines = b""
+
+    def tick(self, now: float, wall: float) -> None:
+        """Set the loop's time for the answers that follow; the Date line changes once a second."""
+        self.now = now
+        if wall >= self._date_until:
+            second = int(wall)
+            self._date_until = second + 1.0
+            self._date_lines = b"Date: %s\r\nServer: %s\r\n" % (http_date(second), SERVER_NAME)
+
+    def answer(self, conn: Connection, request: Request) -> None:
+        """Answer one parsed request: admin endpoints, a thumbnail, or an error."""
+        conn.served += 1
+        if conn.served >= self._max_requests or self.draining:
+            request.keep_alive = False
+        if not request.keep_alive:
+            conn.closing = True
+        method = request.method
+        request.target = target = origin_form(request.target)
+        if method != GET and method != HEAD:
+            # RFC 9110 §15.5.6: 405 names the allowed methods in Allow.
+            self.send_simple(conn, request, 405, b"method not allowed\n", ALLOW)
+            return
+        path = target.split(b"?", 1)[0]
+        if path in (_HEALTHZ, _METRICS) and (conn.admin or self._serve_admin_here):
+            body = b"ok\n" if path == _HEALTHZ else self._board.render()
+            content_type = TEXT_TYPE if path == _HEALTHZ else METRICS_TYPE
+            self.send_simple(conn, request, 200, body, content_type + NO_STORE)
+            return
+        if conn.admin:
+            self.send_simple(conn, request, 404, b"not found\n")
+            return
+        misses = self._misses
+        if misses is not None and self.files.recent(path, self.now) is None:
+            # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
+            thumbnail = misses.thumbnail_of(path)
+            if thumbnail is not None:
+                status = misses.park(conn, request, path, thumbnail, self.now)
+                if status:
+                    self.send_simple(conn, request, status, *MISS_ANSWERS[status])
+                return
+        self.answer_path(conn, request, path)
+
+    def answer_path(self, conn: Connection, request: Request, path: bytes) -> None:
+        """Answer with the cached thumbnail for `path` as it is now."""
+        file = self.files.open(path, self.now)
+        if file is None:
+            self.send_simple(conn, request, 404, b"not found\n")
+        elif isinstance(file, int):
+            self.send_simple(conn, request, file, b"service unavailable\n")
+        else:
+            self._answer_file(conn, request, file)
+
+    def _answer_file(self, conn: Connection, request: Request, file: OpenFile) -> None:
+        """Answer a GET or HEAD for an opened thumbnail: preconditions, range, then the body."""
+        method, end = request.method, _end_of(request)
+        verdict, first = _FULL, 0
+        if request.headers:
+            verdict, first, last = evaluate(
+                method, request.headers, file.etag, file.last_modified, file.mtime_s, file.size
+            )
+        if verdict is _FULL:
+            head = b"".join((STATUS_LINES[200], self._date_lines, file.full_lines, end))
+            count = file.size if method == GET else 0
+        elif verdict is _NOT_MODIFIED:
+            # RFC 9110 §15.4.5: a 304 carries the validators and Cache-Control, no content.
+            head = b"".join((STATUS_LINES[304], self._date_lines, file.validator_lines, end))
+            count = 0
+        elif verdict is _PARTIAL:
+            # RFC 9110 §15.3.7 and §14.4: one part, described by Content-Range.
+            count = last - first + 1
+            head = b"".join(
+                (
+                    STATUS_LINES[206],
+                    self._date_lines,
+                    file.type_line,
+                    b"Content-Length: %d\r\nContent-Range: bytes %d-%d/%d\r\n" % (count, first, last, file.size),
+                    file.validator_lines,
+                    b"Accept-Ranges: bytes\r\n",
+                    end,
+                )
+            )
+        elif verdict is _UNSATISFIABLE:
+            # RFC 9110 §15.5.17: Content-Range with an unsatisfied-range gives the current length.
+            extra = b"Content-Range: bytes */%d\r\n" % file.size
+            self.send_simple(conn, request, 416, b"range not satisfiable\n", extra)
+            return
+        else:
+            self.send_simple(conn, request, 412, b"precondition failed\n")
+            return
+        self._counters[STATUS_SLOT[verdict]] += 1
+        if self._access_log is not None:
+            self._access_log.write(conn.peer, method, request.target, request.http10, verdict, count, request.headers)
+        conn.send(head, file, first, count, self.use_sendfile, self.now)
+
+    def send_simple(self, conn: Connection, request: Request, status: int, body: bytes, extra: bytes = b"") -> None:
+        """A short answer made here: a status, a text body (none for HEAD) and `extra` header lines."""
+        if b"Content-Type" not in extra:
+            extra = TEXT_TYPE + extra
+        length = b"Content-Length: %d\r\n" % len(body)
+        head = b"".join((STATUS_LINES[status], self._date_lines, extra, length, _end_of(request)))
+        self._counters[STATUS_SLOT.get(status, OTHER_STATUS)] += 1
+        with_body = request.method != HEAD
+        if self._access_log is not None:
+            body_bytes = len(body) if with_body else 0
+            self._access_log.write(
+                conn.peer, request.method, request.target, request.http10, status, body_bytes, request.headers
+            )
+        conn.send(head + body if with_body else head, None, 0, 0, self.use_sendfile, self.now)
+
+    def answer_error(self, conn: Connection, status: int) -> None:
+        """Answer a request that could not be parsed, and close."""
+        conn.closing = True
+        request = Request(b"-", b"", _NO_HEADERS, keep_alive=False, http10=False)
+        self.send_simple(conn, request, status, REASONS[status] + b"\n")
+
+
+def _end_of(request: Request) -> bytes:
+    """The last header line and blank line: whether the connection stays open, said as the version needs."""
+    if not request.keep_alive:
+        return END_CLOSE
+    return END_KEEP_ALIVE_10 if request.http10 else END_KEEP_ALIVE
+
+
+#: A generate-on-miss answer other than the thumbnail, by status: its body and extra header lines.
+MISS_ANSWERS = {
+    404: (b"not found\n", b""),  # no such source, or one that cannot be thumbnailed (the reason is logged only)
+    500: (b"internal server error\n", b""),  # RFC 9110 §15.6.1: we failed (e.g. cache disk full), not the request
+    503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: too many in flight, too slow, or the state store is busy
+}

@@ -1,0 +1,242 @@
+"""Processes and ports: bind once, run one worker in this process or fork several, forward signals, reap.
+
+Workers share the port through SO_REUSEPORT; the parent holds the port numbers,
+forwards SIGTERM/SIGINT, and replaces a worker that dies, as gunicorn's arbiter does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from thumbcli.cache import read_manifest
+from thumbcli.errors import CannotRunError, ExitCode
+from thumbcli.serve.metrics import MetricsBoard
+from thumbcli.serve.options import ServeOptions
+from thumbcli.serve.signals import StopSignals
+from thumbcli.serve.worker import Worker
+
+log = logging.getLogger(__name__)
+
+Listeners = tuple[socket.socket, socket.socket | None]
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CannotRunError(f"cannot resolve host {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise CannotRunError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = _bind(host, port, reuse_port)
+    sock.listen(socket.SOMAXCONN)
+    sock.setblocking(False)
+    return sock
+
+
+def _open_listeners(host: str, port: int, admin_port: int | None, reuse_port: bool) -> Listeners:
+    """The main listening socket and, with an admin port, the admin one."""
+    listener = _listen(host, port, reuse_port)
+    try:
+        admin = _listen(host, admin_port, reuse_port) if admin_port is not None else None
+    except BaseException:
+        listener.close()
+        raise
+    return listener, admin
+
+
+def _close_all(*socks: socket.socket | None) -> None:
+    for sock in socks:
+        if sock is not None:
+            sock.close()
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None) -> int:
+    """Serve the cache until SIGTERM/SIGINT; return the exit code (0 after a clean drain).
+
+    `ready(host, port)` is called once the port accepts connections, with the real
+    port when 0 was asked for.
+    """
+    if not options.cache_root.is_dir():
+        raise CannotRunError(f"{options.cache_root}: not a directory")
+    read_manifest(options.cache_root)  # a broken manifest stops us before we listen
+    if options.source_root is not None:
+        if not options.source_root.is_dir():
+            raise CannotRunError(f"{options.source_root}: source is not a directory")
+        if not os.access(options.cache_root, os.W_OK | os.X_OK):
+            raise CannotRunError(f"{options.cache_root}: not writable, and --source makes thumbnails there")
+    if options.workers > 1:
+        return Supervisor(options).run(ready)
+    listeners = _open_listeners(options.host, options.port, options.admin_port, reuse_port=False)
+    if listeners[1] is not None:
+        log.info("admin endpoints on %s:%d", options.host, listeners[1].getsockname()[1])
+    try:
+        # No supervisor to watch: started with nohup from a shell, the server outlives the shell.
+        worker = Worker(options, MetricsBoard(1), 0, listeners, supervisor_pid=None)
+    except BaseException:
+        _close_all(*listeners)
+        raise
+    if ready is not None:
+        ready(options.host, listeners[0].getsockname()[1])
+    signals = StopSignals()
+    try:
+        return worker.run(signals if signals.install() else None)
+    finally:
+        signals.close()
+
+
+class Supervisor:
+    """The parent of several workers: holds the ports, forwards signals, replaces dead workers."""
+
+    RESPAWN_LIMIT = 5  # deaths per minute before giving up
+    READY_SECONDS = 30.0
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.board = MetricsBoard(options.workers)
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.deaths: list[float] = []
+        self.pid = os.getpid()
+        self.port = 0
+        self.admin_port: int | None = None
+        #: Sockets a forked worker must close: they are the parent's.
+        self.inherited: list[socket.socket | None] = []
+
+    def run(self, ready: Callable[[str, int], None] | None) -> int:
+        """Start the workers, then supervise them until they have all exited; the exit code."""
+        options = self.options
+        # Bound but never listening, these hold the port numbers; only listening sockets get connections.
+        port_holder = _bind(options.host, options.port, reuse_port=True)
+        admin_holder = None
+        signals = StopSignals()
+        ready_reader, ready_writer = os.pipe()
+        self.inherited = [port_holder]
+        try:
+            if options.admin_port is not None:
+                admin_holder = _bind(options.host, options.admin_port, reuse_port=True)
+                self.inherited.append(admin_holder)
+                log.info("admin endpoints on %s:%d", options.host, admin_holder.getsockname()[1])
+            self.port = port_holder.getsockname()[1]
+            self.admin_port = admin_holder.getsockname()[1] if admin_holder is not None else None
+            for index in range(options.workers):
+                self._spawn(index, ready_writer, signals)
+            self._wait_ready(ready_reader)
+            signals.install()
+            if ready is not None:
+                ready(options.host, self.port)
+            return self._supervise(signals, ready_writer)
+        finally:
+            for pid in list(self.children):
+                _kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            signals.close()
+            _close_all(port_holder, admin_holder)
+            os.close(ready_reader)
+            os.close(ready_writer)
+
+    def _spawn(self, index: int, ready_writer: int, signals: StopSignals) -> None:
+        pid = os.fork()
+        if pid:
+            self.children[pid] = index
+            return
+        code: int = ExitCode.CANNOT_RUN
+        try:
+            signals.close()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # A terminal's Ctrl-C reaches every process in the group; workers drain on the
+            # SIGTERM their parent forwards instead, so one Ctrl-C is not counted twice.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _close_all(*self.inherited)
+            options = self.options
+            listeners = _open_listeners(options.host, self.port, self.admin_port, reuse_port=True)
+            worker = Worker(options, self.board, index, listeners, supervisor_pid=self.pid)
+            os.write(ready_writer, b"r")
+            own_signals = StopSignals(ignore_sigint=True)
+            code = worker.run(own_signals if own_signals.install() else None)
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _wait_ready(self, ready_reader: int) -> None:
+        deadline = time.monotonic() + self.READY_SECONDS
+        started = 0
+        while started < self.options.workers:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([ready_reader], [], [], max(0.0, min(left, 0.2)))
+            if readable:
+                started += len(os.read(ready_reader, 64))
+            elif left <= 0 or self._reap():
+                raise CannotRunError("workers did not start")
+
+    def _reap(self) -> list[tuple[int, int, int]]:
+        """The workers that have exited since the last call: (index, pid, exit code) each."""
+        exited = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                break
+            if pid == 0:
+                break
+            index = self.children.pop(pid)
+            exited.append((index, pid, os.waitstatus_to_exitcode(status)))
+        return exited
+
+    def _supervise(self, signals: StopSignals, ready_writer: int) -> int:
+        stopping = 0
+        gave_up = False
+        codes: list[int] = []
+        while self.children:
+            readable, _, _ = select.select([signals], [], [], 0.2)
+            if readable:
+                received = signals.count()
+                stopping += received
+                if received:
+                    for pid in self.children:
+                        _kill(pid, signal.SIGTERM)
+            for index, pid, code in self._reap():
+                if stopping or gave_up:
+                    codes.append(code)
+                    continue
+                log.warning("worker %d (pid %d) exited with %d; starting another", index, pid, code)
+                now = time.monotonic()
+                self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+                if len(self.deaths) > self.RESPAWN_LIMIT:
+                    log.error("workers keep dying; stopping")
+                    gave_up = True
+                    for other in self.children:
+                        _kill(other, signal.SIGTERM)
+                    continue
+                self._spawn(index, ready_writer, signals)
+        if gave_up:
+            return ExitCode.CANNOT_RUN
+        if stopping >= 2 or ExitCode.INTERRUPTED in codes:
+            return ExitCode.INTERRUPTED
+        return ExitCode.OK if all(code == 0 for code in codes) else ExitCode.CUT_SHORT

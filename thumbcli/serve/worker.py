@@ -1,0 +1,397 @@
+"""One worker process's event loop: accept, read, dispatch, write, time out, drain.
+
+One single-threaded epoll loop drives non-blocking sockets, parses with httptools
+(llhttp) and sends bodies with `os.sendfile`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+
+from thumbcli.errors import ExitCode
+from thumbcli.serve.accesslog import AccessLog
+from thumbcli.serve.files import CacheFiles
+from thumbcli.serve.metrics import (
+    CONNECTIONS_ACCEPTED,
+    GENERATIONS_TIMED_OUT,
+    OPEN_CONNECTIONS,
+    TIMEOUT_HEADER,
+    TIMEOUT_IDLE,
+    TIMEOUT_SEND,
+    MetricsBoard,
+)
+from thumbcli.serve.misses import MissDesk, Pending
+from thumbcli.serve.options import ServeOptions
+from thumbcli.serve.protocol import RECV_BYTES, Body, Connection, HeadLimits
+from thumbcli.serve.respond import MISS_ANSWERS, Responder
+from thumbcli.serve.signals import StopSignals
+
+log = logging.getLogger(__name__)
+
+MANIFEST_CHECK_SECONDS = 1.0
+#: After a response that closes the connection, unread client bytes are drained this long
+#: so that closing does not reset the connection before the client has read the response.
+LINGER_SECONDS = 2.0
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_SECONDS = 0.5
+_READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Worker:
+    """One process's event loop: listeners, connections, timers."""
+
+    def __init__(
+        self,
+        options: ServeOptions,
+        board: MetricsBoard,
+        index: int,
+        listeners: tuple[socket.socket, socket.socket | None],
+        supervisor_pid: int | None,
+    ) -> None:
+        self.options = options
+        self.counters = counters = board.row(index)
+        self.listener: socket.socket | None = listeners[0]
+        self.admin_listener = listeners[1]
+        #: Only a forked worker watches its parent: a lone server must outlive the shell that started it.
+        self.supervisor_pid = supervisor_pid
+        self.epoll = select.epoll()
+        self.connections: dict[int, Connection] = {}
+        self.limits = HeadLimits(options.max_uri_bytes, options.max_header_bytes, options.access_log is not None)
+        self.misses: MissDesk | None = None
+        self.access_log: AccessLog | None = None
+        try:
+            if options.source_root is not None:
+                self.misses = MissDesk(options, self.epoll, counters)
+            if options.access_log is not None:
+                self.access_log = AccessLog(options.access_log)
+            generated = self.misses.generated if self.misses is not None else {}
+            files = CacheFiles(options.cache_root, options.cache_control, generated)
+        except BaseException:
+            self._release()
+            raise
+        serve_admin_here = listeners[1] is None and options.admin_port is None
+        self.respond = Responder(options, board, counters, files, self.misses, self.access_log, serve_admin_here)
+        self.now = time.monotonic()
+        self.accepting = False
+        self.accept_retry_at = 0.0
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.signals_seen = 0
+        self.tick = min(1.0, max(0.02, min(options.header_timeout, options.idle_timeout, options.send_timeout) / 10))
+        self.next_sweep = 0.0
+        self.next_manifest_check = 0.0
+
+    def run(self, signals: StopSignals | None) -> int:
+        """Serve until told to stop; the exit code says whether the drain was clean."""
+        try:
+            self._start_accepting()
+            if self.admin_listener is not None:
+                self.epoll.register(self.admin_listener.fileno(), select.EPOLLIN)
+            if signals is not None:
+                self.epoll.register(signals.fileno(), select.EPOLLIN)
+            return self._loop(signals)
+        finally:
+            for conn in list(self.connections.values()):
+                self._close(conn)
+            self.respond.files.evict_all()
+            self._release()
+
+    def _release(self) -> None:
+        if self.misses is not None:
+            self.misses.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        for sock in (self.listener, self.admin_listener):
+            if sock is not None:
+                sock.close()
+        self.epoll.close()
+
+    def _loop(self, signals: StopSignals | None) -> int:
+        poll = self.epoll.poll
+        connections = self.connections
+        monotonic = time.monotonic
+        wall_clock = time.time
+        respond = self.respond
+        listen_fd = self.listener.fileno() if self.listener is not None else -1
+        admin_fd = self.admin_listener.fileno() if self.admin_listener is not None else -1
+        signal_fd = signals.fileno() if signals is not None else -1
+        done_fd = self.misses.done_fd if self.misses is not None else -1
+        while True:
+            events = poll(self.tick)
+            self.now = now = monotonic()
+            respond.tick(now, wall_clock())
+            for fd, event in events:
+                conn = connections.get(fd)
+                if conn is not None:
+                    if event & _WRITABLE and conn.out:
+                        self._on_writable(conn)
+                    if event & _READABLE and not conn.closed:
+                        self._on_readable(conn)
+                elif fd == listen_fd:
+                    self._accept(self.listener, admin=False)
+                elif fd == admin_fd:
+                    self._accept(self.admin_listener, admin=True)
+                elif fd == done_fd:
+                    self._on_completed()
+                elif fd == signal_fd:
+                    assert signals is not None
+                    self.signals_seen += signals.count()
+                    if self.signals_seen >= 2:
+                        log.warning("second signal: closing %d connections at once", len(self.connections))
+                        return ExitCode.INTERRUPTED
+                    if self.signals_seen and not self.draining:
+                        self._begin_drain()
+            if self.draining and not self._busy():
+                return ExitCode.OK
+            if now >= self.next_sweep:
+                code = self._sweep(now)
+                if code is not None:
+                    return code
+
+    def _busy(self) -> bool:
+        in_flight = self.misses.in_flight if self.misses is not None else 0
+        return in_flight > 0 or any(not conn.lingering for conn in self.connections.values())
+
+    def _begin_drain(self) -> None:
+        log.info("draining %d connections for up to %.1f s", len(self.connections), self.options.grace_period)
+        self.draining = self.respond.draining = True
+        self.drain_deadline = self.now + self.options.grace_period
+        for listener, admin in ((self.listener, False), (self.admin_listener, True)):
+            if listener is not None:
+                # Connections already in this socket's backlog would be reset when it closes.
+                self._accept(listener, admin=admin, drain_backlog=True)
+                listener.close()
+        self.listener = self.admin_listener = None
+        self.accepting = False
+        for conn in list(self.connections.values()):
+            if not conn.out and not conn.in_message and not conn.lingering:
+                self._close(conn)
+
+    def _sweep(self, now: float) -> int | None:
+        self.next_sweep = now + self.tick
+        for conn in list(self.connections.values()):
+            self._time_out(conn, now)
+        if self.draining and now >= self.drain_deadline:
+            cut = sum(1 for conn in self.connections.values() if conn.out)
+            if cut:
+                log.warning("grace period over: cutting %d responses short", cut)
+                return ExitCode.CUT_SHORT
+            return ExitCode.OK
+        if not self.draining and not self.accepting and self.accept_retry_at and now >= self.accept_retry_at:
+            self.accept_retry_at = 0.0
+            self._start_accepting()
+        if now >= self.next_manifest_check:
+            self.next_manifest_check = now + MANIFEST_CHECK_SECONDS
+            self.respond.files.reload_manifest(force=False)
+            self.respond.files.evict_expired(now)
+            if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid and not self.draining:
+                log.warning("supervisor process is gone: draining")
+                self._begin_drain()
+        if self.access_log is not None:
+            self.access_log.flush()
+        return None
+
+    def _time_out(self, conn: Connection, now: float) -> None:
+        options, counters = self.options, self.counters
+        if conn.lingering:
+            if now - conn.idle_since > LINGER_SECONDS:
+                self._close(conn)
+        elif conn.out:
+            if now - conn.last_progress > options.send_timeout:
+                head = conn.out[0]
+                if not isinstance(head, Pending):
+                    counters[TIMEOUT_SEND] += 1
+                    self._close(conn)
+                elif now - head.since > options.send_timeout:
+                    # Nothing can be sent while a thumbnail is made, so the wait has its own bound;
+                    # the generation goes on, and a retry joins it or finds the thumbnail made.
+                    counters[GENERATIONS_TIMED_OUT] += 1
+                    self._resolve(head, 503)
+        elif conn.in_message:
+            if now - conn.head_start > options.header_timeout:
+                counters[TIMEOUT_HEADER] += 1
+                self._close(conn)
+        elif now - conn.idle_since > options.idle_timeout:
+            counters[TIMEOUT_IDLE] += 1
+            self._close(conn)
+
+    # -- accepting
+
+    def _start_accepting(self) -> None:
+        if self.listener is not None and not self.accepting:
+            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+            self.accepting = True
+
+    def _stop_accepting(self) -> None:
+        if self.listener is not None and self.accepting:
+            self.epoll.unregister(self.listener.fileno())
+            self.accepting = False
+
+    def _accept(self, listener: socket.socket | None, admin: bool, drain_backlog: bool = False) -> None:
+        if listener is None:
+            return
+        limit = self.options.max_connections
+        for _ in range(limit if drain_backlog else ACCEPT_BATCH):
+            if len(self.connections) >= limit and not admin:
+                self._stop_accepting()
+                return
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    log.warning("cannot accept (%s); pausing for %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
+                    if not admin:
+                        self._stop_accepting()
+                        self.accept_retry_at = self.now + ACCEPT_RETRY_SECONDS
+                    return
+                raise
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = str(address[0]) if isinstance(address, tuple) else "-"
+            conn = Connection(sock, peer, admin, self.limits, self.counters, self.now)
+            self.connections[conn.fd] = conn
+            self.epoll.register(conn.fd, select.EPOLLIN)
+            self.counters[CONNECTIONS_ACCEPTED] += 1
+            self.counters[OPEN_CONNECTIONS] += 1
+
+    # -- connection events
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if conn.lingering:
+            if not data:
+                self._close(conn)
+            return
+        if not data:
+            conn.eof = True
+            if conn.out:
+                self._set_interest(conn, select.EPOLLOUT)
+            else:
+                self._close(conn)
+            return
+        reject = conn.feed(data)
+        respond = self.respond
+        try:
+            if conn.requests:
+                requests = conn.requests
+                conn.requests = []
+                for request in requests:
+                    if conn.closing:
+                        break
+                    respond.answer(conn, request)
+            if reject and not conn.closing:
+                respond.answer_error(conn, reject)
+        except OSError:
+            self._close(conn)
+            return
+        if conn.out:
+            self._set_interest(conn, select.EPOLLOUT)
+        elif conn.closing:
+            self._linger(conn)
+        else:
+            self._set_interest(conn, select.EPOLLIN)
+
+    def _on_writable(self, conn: Connection) -> None:
+        try:
+            parked = conn.pump(self.now)
+        except OSError:
+            self._close(conn)
+            return
+        if parked:
+            self._set_interest(conn, 0)  # read nothing, send nothing, until the thumbnail is ready
+        elif conn.out:
+            return
+        elif conn.closing or self.draining:
+            self._linger(conn)
+        elif conn.eof:
+            self._close(conn)
+        else:
+            conn.idle_since = self.now
+            self._set_interest(conn, select.EPOLLIN)
+
+    def _set_interest(self, conn: Connection, interest: int) -> None:
+        if conn.interest != interest:
+            conn.interest = interest
+            self.epoll.modify(conn.fd, interest)
+
+    def _linger(self, conn: Connection) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.lingering = True
+        conn.idle_since = self.now
+        self._set_interest(conn, select.EPOLLIN)
+
+    def _close(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        for item in conn.out:
+            if isinstance(item, Body):
+                item.file.release()
+            elif isinstance(item, Pending):
+                assert self.misses is not None
+                self.misses.forget(item)
+        conn.out.clear()
+        del self.connections[conn.fd]
+        conn.sock.close()  # also removes it from the epoll set
+        self.counters[OPEN_CONNECTIONS] -= 1
+        below_limit = len(self.connections) < self.options.max_connections
+        if below_limit and not self.accepting and not self.draining and not self.accept_retry_at:
+            self._start_accepting()
+
+    # -- generate on a miss
+
+    def _on_completed(self) -> None:
+        """Answer the parked requests whose thumbnails are ready, or cannot be."""
+        assert self.misses is not None
+        for pending, status in self.misses.completed():
+            self._resolve(pending, status)
+
+    def _resolve(self, pending: Pending, status: int) -> None:
+        """Answer a parked request in its place in the output: with its thumbnail if `status` is 200."""
+        assert self.misses is not None
+        self.misses.forget(pending)
+        conn = pending.conn
+        if conn.closed:
+            return
+        out = conn.out
+        index = next(i for i, item in enumerate(out) if item is pending)
+        later = out[index + 1 :]
+        del out[index:]
+        try:
+            if status == 200:
+                self.respond.answer_path(conn, pending.request, pending.path)
+            else:
+                self.respond.send_simple(conn, pending.request, status, *MISS_ANSWERS[status])
+        except OSError:
+            out.extend(later)
+            self._close(conn)
+            return
+        out.extend(later)
+        conn.last_progress = self.now
+        if conn.in_message:
+            conn.head_start = self.now  # the rest of its head waited unread while this thumbnail was made
+        if conn.out:
+            self._set_interest(conn, select.EPOLLOUT)
+        self._on_writable(conn)
