@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from thumbcli import cache
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = re.compile(r"serving .* on http://(?P<host>[^/]+):(?P<port>\d+)/")
 START_SECONDS = 20.0
@@ -52,12 +54,9 @@ def cli_has_serve() -> bool:
 
 
 def write_manifest(cache_root: Path, presets: dict[str, str]) -> None:
-    """Write the cache manifest atomically, as `thumbcli generate --cache` does."""
+    """Write the cache manifest of presets (name -> format) with the writer `thumbcli generate --cache` uses."""
     cache_root.mkdir(parents=True, exist_ok=True)
-    manifest = {"layout": 1, "presets": {name: {"format": fmt} for name, fmt in presets.items()}}
-    temporary = cache_root / "thumbcli-cache.json.tmp"
-    temporary.write_text(json.dumps(manifest))
-    os.replace(temporary, cache_root / "thumbcli-cache.json")
+    cache.write_manifest(cache_root, {name: {"format": fmt} for name, fmt in presets.items()})
 
 
 def put_thumb(cache_root: Path, preset: str, cache_relpath: str, data: bytes) -> Path:
@@ -129,7 +128,8 @@ def running_server(cache_root: Path, env: dict[str, str] | None = None, **option
         script = (
             "import json, sys\n"
             "from pathlib import Path\n"
-            "from thumbcli.serve import ServeOptions, serve\n"
+            "from thumbcli.serve.options import ServeOptions\n"
+            "from thumbcli.serve.supervisor import serve\n"
             "o = json.loads(sys.argv[1]); o['cache_root'] = Path(o['cache_root'])\n"
             "def ready(host, port):\n"
             "    print(f'serving {o[\"cache_root\"]} on http://{host}:{port}/', file=sys.stderr, flush=True)\n"

@@ -1,8 +1,14 @@
-"""STYLE.md's import rules, checked by walking each module's imports with `ast`."""
+"""STYLE.md's import rules ("The shape of the house"), checked by walking every module's imports with `ast`.
+
+Function-local imports count like module-level ones, and the rules about pyvips follow imports
+transitively, so a library cannot reach a room through a module that imports it lazily.
+That a running plain server never maps libvips is checked at run time in test_serve.py.
+"""
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -10,52 +16,181 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "thumbcli"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
-#: Third-party modules that only one module may import.
-OWNERS = {"click": {"cli"}, "pyvips": {"resample"}, "tqdm": {"progress"}}
+#: Third-party modules that only these rooms may import (a room is a module or a package prefix).
+OWNERS = {
+    "click": {"cli"},
+    "pyvips": {"resample"},
+    "tqdm": {"progress"},
+    "httptools": {"serve.protocol"},
+    "sqlite3": {"targets.state"},
+}
+
+#: Each room's floor: a room may import rooms on its own floor or below, never above.
+FLOORS = {
+    "__init__": 0,
+    "errors": 0,
+    "spec": 1,
+    "config": 2,
+    "discover": 2,
+    "progress": 2,
+    "resample": 2,
+    "fsutil": 3,
+    "splitwalk": 3,
+    "workers": 3,
+    "cache": 4,
+    "targets": 5,
+    "pipeline": 6,
+    "metrics": 6,
+    "ondemand": 7,
+    "run": 7,
+    "serve": 8,
+    "cli": 9,
+    "__main__": 10,
+}
+
+#: The one door through which `serve` may reach libvips: imported inside a function, for `--source` only.
+SERVE_GENERATES_THROUGH = "thumbcli.ondemand"
 
 
 def module_name(path: Path) -> str:
-    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    return name.removesuffix(".__init__")
 
 
-def imported(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth (function-local imports count)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def room(module: str) -> str:
+    """The room a module lives in: its first component (a module, or a package such as `serve`)."""
+    return module.split(".")[0]
+
+
+def floor(module: str) -> int:
+    return FLOORS[room(module)]
+
+
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+@functools.cache
+def imports_of(path: Path) -> dict[str, bool]:
+    """Every module `path` imports, mapped to whether the import is at module level."""
+    tree = parsed(path)
+    top_level = {id(node) for node in tree.body}
+    found: dict[str, bool] = {}
+
+    def add(name: str, node: ast.stmt) -> None:
+        found[name] = found.get(name, False) or id(node) in top_level
+
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            for alias in node.names:
+                add(alias.name, node)
         elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
             if node.level:
-                names.add("thumbcli." + node.module)
-            else:
-                names.add(node.module)
-                names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+                package = module_name(path).split(".")
+                package = package[: len(package) - node.level + (1 if path.name == "__init__.py" else 0)]
+                base = ".".join(["thumbcli", *package, node.module])
+            add(base, node)
+            for alias in node.names:
+                add(f"{base}.{alias.name}", node)
+    return found
 
 
-def test_layers_every_package_module_is_checked() -> None:
-    assert {"cli", "resample", "pipeline", "discover"} <= {module_name(p) for p in MODULES}
+@functools.cache
+def is_type_only(path: Path, name: str) -> bool:
+    """Whether every import of `name` in `path` sits under `if TYPE_CHECKING:`."""
+    tree = parsed(path)
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            guarded.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    uses = [
+        node
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.ImportFrom) and node.module and name.startswith(node.module))
+        or (isinstance(node, ast.Import) and any(alias.name == name for alias in node.names))
+    ]
+    return bool(uses) and all(id(node) in guarded for node in uses)
+
+
+def package_modules_imported(path: Path) -> set[str]:
+    """The package's own modules that `path` imports at run time (type-only imports left out)."""
+    known = {module_name(p) for p in MODULES}
+    modules = set()
+    for name in imports_of(path):
+        if not name.startswith("thumbcli."):
+            continue
+        inner = name.removeprefix("thumbcli.")
+        while inner and inner not in known:
+            inner = inner.rpartition(".")[0]
+        if inner and not is_type_only(path, name):
+            modules.add(inner)
+    return modules
+
+
+@functools.cache
+def reaches(module: str, library: str, skipping: str = "") -> bool:
+    """Whether importing `module` can, through any chain of imports, import `library`."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        if current in seen or f"thumbcli.{current}" == skipping:
+            continue
+        seen.add(current)
+        path = PACKAGE / (current.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PACKAGE / current.replace(".", "/") / "__init__.py"
+        if any(room(name) == library for name in imports_of(path) if not is_type_only(path, name)):
+            return True
+        todo.extend(package_modules_imported(path))
+    return False
+
+
+def test_layers_every_module_has_a_floor() -> None:
+    rooms = {room(module_name(p)) for p in MODULES}
+    assert {"cli", "resample", "pipeline", "discover", "serve", "targets", "run"} <= rooms
+    assert rooms <= set(FLOORS), f"give these rooms a floor in FLOORS: {sorted(rooms - set(FLOORS))}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
-def test_layers_only_the_owner_imports_click_pyvips_and_tqdm(path: Path) -> None:
+def test_layers_only_the_owner_imports_click_pyvips_tqdm_httptools_sqlite(path: Path) -> None:
+    name = module_name(path)
     for library, owners in OWNERS.items():
-        uses = any(name == library or name.startswith(library + ".") for name in imported(path))
-        if module_name(path) not in owners and module_name(path) != "__main__":
-            assert not uses, f"{module_name(path)} imports {library}; only {', '.join(owners)} may"
+        uses = any(room(imported) == library for imported in imports_of(path) if not is_type_only(path, imported))
+        owned = any(name == owner or name.startswith(owner + ".") for owner in owners)
+        if not owned and name != "__main__":
+            assert not uses, f"{name} imports {library}; only {', '.join(sorted(owners))} may"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_layers_imports_point_down(path: Path) -> None:
+    name = module_name(path)
+    for imported in package_modules_imported(path):
+        assert floor(imported) <= floor(name), f"{name} (floor {floor(name)}) imports {imported} ({floor(imported)})"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_layers_nothing_imports_cli(path: Path) -> None:
     if module_name(path) == "__main__":
         return
-    assert not {"thumbcli.cli", "thumbcli.cli.main"} & imported(path)
+    assert "cli" not in package_modules_imported(path)
 
 
-def test_layers_serve_never_imports_pyvips() -> None:
-    serve = [p for p in MODULES if module_name(p).split(".")[0] == "serve"]
-    for path in serve:
-        assert not any(name.split(".")[0] == "pyvips" for name in imported(path))
+@pytest.mark.parametrize("path", [p for p in MODULES if room(module_name(p)) == "serve"], ids=module_name)
+def test_layers_serve_reaches_pyvips_only_through_on_demand_generation(path: Path) -> None:
+    name = module_name(path)
+    assert not reaches(name, "pyvips", skipping=SERVE_GENERATES_THROUGH), f"{name} can import pyvips"
+    doors = imports_of(path)
+    for imported, top_level in doors.items():
+        if imported.startswith(SERVE_GENERATES_THROUGH) and not is_type_only(path, imported):
+            assert not top_level, f"{name} imports {imported} at module level: plain serve would load libvips"
+
+
+def test_layers_the_rule_above_can_see_a_lazy_pyvips_import() -> None:
+    assert reaches("ondemand", "pyvips")
+    assert not reaches("cache", "pyvips")
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if module_name(p) not in {"cli", "__main__"}], ids=module_name)

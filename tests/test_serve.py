@@ -36,8 +36,8 @@ from servekit import (
 )
 
 from thumbcli.errors import SpecError
-from thumbcli.serve import ServeOptions
 from thumbcli.serve.http import entity_tag_matches, parse_single_range
+from thumbcli.serve.options import ServeOptions
 
 SECRET = b"TOP-SECRET-9f1c2e7a-never-served"
 BIG_BYTES = 16 * 1024 * 1024  # larger than loopback socket buffers, so a response stays in flight

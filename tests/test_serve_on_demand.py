@@ -21,8 +21,8 @@ from servekit import ServerProcess, get, metrics, put_thumb, read_response, runn
 
 from thumbcli.cache import cache_path
 from thumbcli.errors import SpecError
-from thumbcli.serve import ServeOptions
 from thumbcli.serve.files import OPEN_FILE_SECONDS
+from thumbcli.serve.options import ServeOptions
 from thumbcli.spec import SizeBox, ThumbSpec
 
 SECRET_MARK = "secret"

@@ -32,7 +32,7 @@ from thumbcli.config import (
 )
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
-from thumbcli.serve import ServeOptions
+from thumbcli.serve.options import ServeOptions
 from thumbcli.spec import FITS, FORMATS, ThumbSpec
 
 if TYPE_CHECKING:
@@ -576,7 +576,7 @@ def serve(
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
-    from thumbcli.serve import serve as run_server
+    from thumbcli.serve.supervisor import serve as run_server
 
     _configure_logging(debug)
     _require_cache_folder(cache_root, create=source_root is not None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from thumbcli.discover import SourceFile, display_path, is_image_name
 from thumbcli.errors import FileRejected
 from thumbcli.pipeline import _load_resample, _reason, read_source
 from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.targets.state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class OnDemand:
         try:
             if self._target.is_fresh(source, spec):
                 return Completion(Outcome.READY, made=False)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, StateError) as exc:
             log.warning("cannot check the %s thumbnail of %s: %s", spec.name, key[1], exc)
             return Completion(Outcome.UNCHECKED, made=False)
         try:

@@ -5,9 +5,6 @@
 `http` the pure HTTP rules, `files` the opened thumbnails, `accesslog` and `metrics`
 what it reports, `misses` generate-on-miss (with `--source` only: the plain server
 never imports the pipeline or pyvips).
+
+Nothing is imported here, so that `thumbcli.serve.options` stays cheap for the CLI to read.
 """
-
-from thumbcli.serve.options import ServeOptions
-from thumbcli.serve.supervisor import serve
-
-__all__ = ["ServeOptions", "serve"]

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import shutil
-import sqlite3
 import stat
 import threading
 from pathlib import Path
@@ -28,7 +27,7 @@ from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
 from thumbcli.spec import SizeBox, ThumbSpec
 from thumbcli.targets.plan import FRESH, Plan, Removal, judge, plan_each, plan_from
 from thumbcli.targets.pngtext import add_png_text, blank_png, read_png_text
-from thumbcli.targets.state import FolderSignature, StateStore, folder_signature
+from thumbcli.targets.state import FolderSignature, StateError, StateStore, folder_signature
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -189,7 +188,7 @@ class FreedesktopCache:
             _private_dir(lock_path(root).parent)
             self._lock = RunLock(lock_path(root), wait=wait_for_lock)
             self._state = StateStore(state_path(root))
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
         try:
@@ -366,7 +365,7 @@ def _forget_gone_folders(path: Path) -> None:
         return
     try:
         state = StateStore(path)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, StateError) as exc:
         log.warning("%s: cannot tidy the folder signatures: %s", display_path(path), exc)
         return
     try:

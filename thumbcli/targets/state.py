@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+#: What a state store raises when its database cannot be read or written (it is SQLite; no one else needs to know).
+StateError = sqlite3.Error
+
 #: An output folder changed less than this long ago may change again within the same
 #: timestamp tick (and so unseen): its signature is not recorded until it is older.
 RACY_NS = 2_000_000_000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sqlite3
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
-from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore, folder_signature
+from thumbcli.targets.state import FolderSignature, Origin, Record, StateError, StateStore, folder_signature
 
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
@@ -76,7 +75,7 @@ class OutputTree:
                 raise PermissionError(13, "Permission denied")
             self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock) if locked else None
             self._state = StateStore(root / PRIVATE_DIR / "state.sqlite")
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
         self._listings: dict[str, frozenset[str]] = {}
