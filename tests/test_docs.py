@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,17 @@ def test_dev_demo_keeps_installs_quiet_and_ends_with_where_the_thumbnails_are() 
     assert installs and all(line.startswith("quietly ") for line in installs), installs
     assert "find demo/thumbs" in demo and "| head" not in demo
     assert demo.strip().splitlines()[-1].strip().startswith('echo "next, try:')
+
+
+def test_readme_map_names_every_module_and_nothing_else() -> None:
+    house = README.split("### A map of the house", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split(" | ", 1)[0] for line in house.splitlines() if line.startswith("| `")]
+    named = {name for cell in first_cells for name in re.findall(r"`([a-z_/]+)\.py`", cell)}
+    package = ROOT / "thumbcli"
+    modules = {
+        str(path.relative_to(package).with_suffix(""))
+        for path in package.rglob("*.py")
+        if path.name not in {"__init__.py", "__main__.py"}
+    }
+    assert modules - named == set(), "name these in the README's map of the house"
+    assert named - modules == set(), "the README's map names modules that are gone"
