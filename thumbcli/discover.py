@@ -174,94 +174,128 @@ def _walk_one(
     part: tuple[int, int],
 ) -> Iterator[DirBatch | WalkProblem]:
     index, parts = part
-    try:
-        st = os.stat(source) if options.follow_symlinks else os.lstat(source)
-    except OSError as exc:
-        if index == 0:
-            yield WalkProblem(source, f"cannot read: {exc.strerror or exc}")
+    begun = _begin(source, options.follow_symlinks)
+    if not isinstance(begun, os.stat_result):
+        if index == 0:  # a lone file or a problem with the source itself: the first process reports it
+            yield begun
         return
+    # Symlinks to folders are not in a folder's link count: with -L, every folder may lead on.
+    leaf_devices = _link_counting_devices() if parts > 1 and not options.follow_symlinks else frozenset()
+    walk = _TreeWalk(options, is_image_name, excluded, leaf_devices)
+    root = source.rstrip("/") or "/"
+    # Folders still to walk, last first; each carries the (dev, inode) of the folders above
+    # it, so that meeting one of them again (through a symlink) is reported as a loop, and
+    # whether it is known to hold no folders (then only its owner needs to list it).
+    stack: list[_Folder] = [(root, "", frozenset({(begun.st_dev, begun.st_ino)}), False)]
+    while stack:
+        directory, reldir, ancestors, leaf = stack.pop()
+        mine = parts == 1 or owner(reldir, parts) == index
+        if leaf and not mine:
+            continue
+        files, subdirs, problems = walk.list_folder(directory, reldir, ancestors, mine)
+        yield from problems
+        if files:
+            files.sort()
+            yield DirBatch(root, reldir, directory, files)
+        subdirs.sort(reverse=True)
+        stack.extend(subdirs)
+
+
+def _begin(source: str, follow_symlinks: bool) -> os.stat_result | DirBatch | WalkProblem:
+    """The stat of a source folder to walk, the batch of a lone source file, or why the source is not walked."""
+    try:
+        st = os.stat(source) if follow_symlinks else os.lstat(source)
+    except OSError as exc:
+        return WalkProblem(source, f"cannot read: {exc.strerror or exc}")
     path = source
     if stat.S_ISLNK(st.st_mode):
         # A symlink named on the command line is followed: the user asked for it.
         try:
             st = os.stat(source)
         except OSError as exc:
-            if index == 0:
-                yield WalkProblem(source, f"broken symlink: {exc.strerror or exc}")
-            return
+            return WalkProblem(source, f"broken symlink: {exc.strerror or exc}")
         # The job names the target, since the loader refuses a final symlink without -L;
         # the output is still named after the link.
         path = os.path.realpath(source)
     if stat.S_ISREG(st.st_mode):
-        if index == 0:
-            directory = os.path.dirname(source) or "."
-            yield DirBatch(directory, "", directory, [(os.path.basename(source), st.st_size, st.st_mtime_ns)], path)
-        return
+        directory = os.path.dirname(source) or "."
+        return DirBatch(directory, "", directory, [(os.path.basename(source), st.st_size, st.st_mtime_ns)], path)
     if not stat.S_ISDIR(st.st_mode):
-        if index == 0:
-            yield WalkProblem(source, "not a regular file or directory")
-        return
-    root = source.rstrip("/") or "/"
-    # Folders still to walk, last first; each carries the (dev, inode) of the folders above
-    # it, so that meeting one of them again (through a symlink) is reported as a loop, and
-    # whether it is known to hold no folders (then only its owner needs to list it).
-    stack: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = [
-        (root, "", frozenset({(st.st_dev, st.st_ino)}), False)
-    ]
-    is_regular = stat.S_ISREG
-    hide, follow, filtered = not options.hidden, options.follow_symlinks, bool(options.include or options.exclude)
-    # Symlinks to folders are not in a folder's link count: with -L, every folder may lead on.
-    leaf_devices = _link_counting_devices() if parts > 1 and not follow else frozenset()
-    open_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    while stack:
-        directory, reldir, ancestors, leaf = stack.pop()
-        mine = parts == 1 or owner(reldir, parts) == index
-        if leaf and not mine:
-            continue
-        subdirs: list[tuple[str, str, frozenset[tuple[int, int]], bool]] = []
+        return WalkProblem(source, "not a regular file or directory")
+    return st
+
+
+#: A folder still to walk: (path, path relative to the root, (dev, inode) of it and its ancestors, known leaf).
+_Folder = tuple[str, str, frozenset[tuple[int, int]], bool]
+
+
+class _TreeWalk:
+    """What listing each folder of one source tree needs to know, set once per tree."""
+
+    __slots__ = ("excluded", "filtered", "follow", "hide", "is_image_name", "leaf_devices", "options")
+
+    _OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+    def __init__(
+        self,
+        options: WalkOptions,
+        is_image_name: Callable[[str], bool],
+        excluded: set[tuple[int, int]],
+        leaf_devices: frozenset[int],
+    ) -> None:
+        self.options = options
+        self.is_image_name = is_image_name
+        self.excluded = excluded
+        self.leaf_devices = leaf_devices
+        self.hide, self.follow = not options.hidden, options.follow_symlinks
+        self.filtered = bool(options.include or options.exclude)
+
+    def list_folder(
+        self, directory: str, reldir: str, ancestors: frozenset[tuple[int, int]], mine: bool
+    ) -> tuple[list[tuple[str, int, int]], list[_Folder], list[WalkProblem]]:
+        """One folder's image files (name, size, mtime_ns) if `mine`, its subfolders, and its problems if `mine`."""
+        subdirs: list[_Folder] = []
         files: list[tuple[str, int, int]] = []
         problems: list[WalkProblem] = []
+        options, is_regular = self.options, stat.S_ISREG
         try:
             # Listing through a descriptor makes each entry's stat an fstatat() relative to
             # it, which spares the kernel a lookup of the whole path per file.
-            fd = os.open(directory, open_flags)
+            fd = os.open(directory, self._OPEN_FLAGS)
         except OSError as exc:
             if mine:
-                yield WalkProblem(directory, f"cannot list directory: {exc.strerror or exc}")
-            continue
+                problems.append(WalkProblem(directory, f"cannot list directory: {exc.strerror or exc}"))
+            return files, subdirs, problems
         try:
             with os.scandir(fd) as scan:
                 entries = list(scan)
             for entry in entries:
                 name = entry.name
-                if hide and name[0] == ".":
+                if self.hide and name[0] == ".":
                     continue
                 try:
-                    if entry.is_dir(follow_symlinks=follow):
+                    if entry.is_dir(follow_symlinks=self.follow):
                         relpath = f"{reldir}/{name}" if reldir else name
                         if options.exclude and _matches(options.exclude, relpath):
                             continue
                         st = entry.stat()
                         key = (st.st_dev, st.st_ino)
-                        if key in excluded:
+                        if key in self.excluded:
                             continue
                         if key in ancestors:
                             if mine:
-                                problems.append(
-                                    WalkProblem(
-                                        _join(directory, name), "symlink loop: folder contains itself, not followed"
-                                    )
-                                )
+                                loop = "symlink loop: folder contains itself, not followed"
+                                problems.append(WalkProblem(_join(directory, name), loop))
                             continue
-                        leaf = st.st_nlink == 2 and st.st_dev in leaf_devices
+                        leaf = st.st_nlink == 2 and st.st_dev in self.leaf_devices
                         subdirs.append((_join(directory, name), relpath, ancestors | {key}, leaf))
                         continue
-                    if not mine or not is_image_name(name):
+                    if not mine or not self.is_image_name(name):
                         continue
-                    if not follow and entry.is_symlink():
+                    if not self.follow and entry.is_symlink():
                         log.debug("%s: symlink not followed", _join(directory, name))
                         continue
-                    if filtered:
+                    if self.filtered:
                         relpath = f"{reldir}/{name}" if reldir else name
                         if options.include and not _matches(options.include, relpath):
                             continue
@@ -281,12 +315,7 @@ def _walk_one(
                 problems.append(WalkProblem(directory, f"cannot list directory: {exc.strerror or exc}"))
         finally:
             os.close(fd)
-        yield from problems
-        if files:
-            files.sort()
-            yield DirBatch(root, reldir, directory, files)
-        subdirs.sort(reverse=True)
-        stack.extend(subdirs)
+        return files, subdirs, problems
 
 
 def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:
