@@ -64,22 +64,12 @@ def run_once(argv: list[str]) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=100_000)
-    parser.add_argument("--folders", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench-rerun")
-    args = parser.parse_args()
-
-    tree, cache = args.workdir / "tree", args.workdir / "cache"
-    started = time.perf_counter()
-    build_tree(tree, args.files, args.folders)
-    print(f"tree: {args.files} files in {args.folders} folders under {tree} ({time.perf_counter() - started:.1f} s)")
-    thumbcli = [sys.executable, "-m", "thumbcli", "generate", str(tree), "--cache", str(cache), "-s", "64"]
+def warm_up(python: str, tree: Path, cache: Path) -> list[str]:
+    """Make `cache` for `tree` with `python -m thumbcli`, then rerun once so every folder signature is recorded."""
+    thumbcli = [python, "-m", "thumbcli", "generate", str(tree), "--cache", str(cache), "-s", "64"]
     started = time.perf_counter()
     first = subprocess.run([*thumbcli, "--json", "--quiet"], capture_output=True, text=True, check=False, env=ENV)
-    print(f"warm-up generate: {time.perf_counter() - started:.1f} s, exit {first.returncode}")
+    print(f"warm-up generate ({python}): {time.perf_counter() - started:.1f} s, exit {first.returncode}")
     if first.returncode not in (0, 1):
         raise SystemExit(first.stderr[-2000:])
     # A folder's signature is recorded once its thumbnails are verified and at least 2 s
@@ -88,12 +78,40 @@ def main() -> int:
     started = time.perf_counter()
     subprocess.run([*thumbcli, "--quiet"], check=True, env=ENV)
     print(f"first rerun (verifies folders, records their signatures): {time.perf_counter() - started:.2f} s")
+    return thumbcli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--folders", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench-rerun")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help="also time `PYTHON -m thumbcli` (e.g. another install's interpreter) on its own cache of the same tree",
+    )
+    args = parser.parse_args()
+
+    tree, cache = args.workdir / "tree", args.workdir / "cache"
+    started = time.perf_counter()
+    build_tree(tree, args.files, args.folders)
+    print(f"tree: {args.files} files in {args.folders} folders under {tree} ({time.perf_counter() - started:.1f} s)")
+    thumbcli = warm_up(sys.executable, tree, cache)
+    compared = []
+    for spec in args.compare:
+        name, _, python = spec.partition("=")
+        compared.append((f"{name} (no change)", [*warm_up(python, tree, args.workdir / f"cache-{name}"), "--json"]))
 
     rows = [
         ("find -printf '%T@ %s'", ["find", str(tree), "-type", "f", "-printf", "%T@ %s\\n"]),
         ("python scandir + stat", [sys.executable, "-c", PY_WALK, str(tree)]),
         ("thumbcli generate (no change)", [*thumbcli, "--json"]),
         ("  same, --walkers 1", [*thumbcli, "--json", "--walkers", "1"]),
+        *compared,
     ]
     # Round-robin, so that the machine's slow moments fall on every row alike.
     times: dict[str, list[float]] = {label: [] for label, _ in rows}
@@ -101,7 +119,7 @@ def main() -> int:
         for label, argv in rows:
             seconds, output = run_once(argv)
             times[label].append(seconds)
-            if "thumbcli" in argv[2:4]:
+            if "thumbcli" in argv[1:4]:
                 summary = json.loads(output)
                 if summary["made"] != 0 or summary["skipped"] != args.files or summary["bytes_read"] != 0:
                     raise SystemExit(f"{label}: not a no-change run: {summary}")
