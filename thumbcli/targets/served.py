@@ -96,14 +96,15 @@ class CacheDirectory(OutputTree):
             removals.append(Removal(path, size, reason))
         if dry_run:
             return removals
-        moved = {self.root / out for out, _, _ in moves}
-        for out, placed, origin in moves:
-            self._move(out, placed, origin)
+        moved = {self.root / out: self._move(out, placed, origin) for out, placed, origin in moves}
         for removal in removals:
             if removal.path not in moved:
                 with contextlib.suppress(FileNotFoundError):
                     removal.path.unlink()
-        self._state.forget(str(removal.path.relative_to(self.root)) for removal in removals)
+        # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
+        self._state.forget(
+            str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
+        )
         for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
             while directory != self.root and directory.is_relative_to(self.root):
                 try:
@@ -130,12 +131,13 @@ class CacheDirectory(OutputTree):
             return out
         return placements[0] if placements else None
 
-    def _move(self, out: str, placed: str, origin: Origin) -> None:
-        """Move a thumbnail to where its named source's layout puts it, with its record."""
+    def _move(self, out: str, placed: str, origin: Origin) -> bool:
+        """Move a thumbnail to where its named source's layout puts it, with its record; False if it cannot be."""
         target = self.root / placed
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.root / out, target)
         except OSError:
-            return  # left where it was; the next generate makes it in its place, the next prune removes it
+            return False
         self._state.record(placed, origin)
+        return True
