@@ -38,6 +38,7 @@ CLI_FLAGS = {
     "send_timeout": "--send-timeout",
     "grace_period": "--grace-period",
     "source_root": "--source",
+    "named_sources": "--named-sources",  # True: the flag alone
     "presets": "--preset",  # a list of preset names: the flag repeats
     "max_pending": "--max-pending",
     "generators": "--generators",
@@ -119,7 +120,9 @@ def running_server(cache_root: Path, env: dict[str, str] | None = None, **option
         command += ["serve", str(cache_root)]
         for name, value in options.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
-                if item is not None:
+                if item is True:
+                    command.append(CLI_FLAGS[name])
+                elif item is not None:
                     command += [CLI_FLAGS[name], str(item)]
         if not use_sendfile:
             command.append("--no-sendfile")

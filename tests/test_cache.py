@@ -208,13 +208,22 @@ def _start_nginx(tmp_path: Path, write_conf: Callable[[int], Path]) -> tuple[sub
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
-def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("named", [False, True], ids=["one-source", "named-sources"])
+def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path, named: bool) -> None:
     source = tmp_path / "photos"
     names = [name for name in HOSTILE_NAMES if not name.startswith(".")]
     for index, name in enumerate(names):
         make_named_photo(source / name, index)
     cache = tmp_path / "cache"
-    assert run_cli("generate", source, "--cache", cache, "-s", "64").rc == 0
+    if named:
+        # Named sources: /<preset>/<source name>/<path>, the same snippet.
+        make_named_photo(tmp_path / "phone" / names[0], 99)
+        config = tmp_path / "thumbcli.toml"
+        config.write_text(f'[sources]\nphotos = "{source}"\nphone = "{tmp_path / "phone"}"\n')
+        assert run_cli("--config", config, "generate", "--cache", cache, "-s", "64").rc == 0
+    else:
+        assert run_cli("generate", source, "--cache", cache, "-s", "64").rc == 0
+    source_name = "photos" if named else ""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
     conf = tmp_path / "nginx.conf"
@@ -236,13 +245,22 @@ def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path) -> None:
         for name in names:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
-                connection.request("GET", url_path_for("64", name))
+                connection.request("GET", url_path_for("64", name, source_name=source_name))
                 response = connection.getresponse()
                 body = response.read()
             finally:
                 connection.close()
             assert response.status == 200, name
-            assert body == cache_path(cache, "64", name, "jpeg").read_bytes()
+            assert body == cache_path(cache, "64", name, "jpeg", source_name=source_name).read_bytes()
+        if named:  # the same name under the other source is that source's picture
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", url_path_for("64", names[0], source_name="phone"))
+                body = connection.getresponse().read()
+            finally:
+                connection.close()
+            assert body == cache_path(cache, "64", names[0], "jpeg", source_name="phone").read_bytes()
+            assert body != cache_path(cache, "64", names[0], "jpeg", source_name="photos").read_bytes()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             connection.request("GET", "/64/%2e%2e/%2e%2e/thumbcli-cache.json")

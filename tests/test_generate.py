@@ -153,11 +153,13 @@ def test_generate_names_outputs_from_the_name_template(tmp_path: Path) -> None:
     assert load(tmp_path / "out" / "sub" / "pic-64.webp").width == 64
 
 
-def test_generate_reports_two_sources_that_claim_one_output_name(tmp_path: Path) -> None:
+def test_generate_reports_two_sources_that_a_template_without_root_maps_to_one_name(tmp_path: Path) -> None:
+    # The default layout keeps sources apart (tests/test_sources.py); a template that drops {root} may not.
     make_photo(tmp_path / "one" / "same.jpg")
     make_photo(tmp_path / "two" / "same.jpg", seed=3)
     make_photo(tmp_path / "two" / "other.jpg")
-    run = run_cli("generate", tmp_path / "one", tmp_path / "two", "-o", tmp_path / "out", "-s", "64")
+    template = ("--name", "{size}/{name}.{ext}")
+    run = run_cli("generate", tmp_path / "one", tmp_path / "two", "-o", tmp_path / "out", "-s", "64", *template)
     assert run.rc == 1
     line = assert_clean_failure(run, str(tmp_path / "two" / "same.jpg"))
     assert "same.jpg" in line.split(":", 2)[-1]
@@ -264,8 +266,10 @@ def test_generate_survives_hostile_files_with_one_line_each_and_makes_the_rest(t
     ]:
         assert reason in assert_clean_failure(run, f"src/{name}")
     assert run.summary["failed"] == 5 and run.summary["made"] == 4
+    # Two sources, so each root's thumbnails are under its folder name.
     out = os.fsencode(tmp_path / "out" / "64")
-    for made in (b"good.jpg.jpg", b"caf\xe9.jpg.jpg", b"photo[shrink=2].jpg.jpg", b"photo.jpg[shrink=2].jpg"):
+    made_names = (b"src/good.jpg.jpg", b"src/caf\xe9.jpg.jpg", b"src/photo[shrink=2].jpg.jpg")
+    for made in (*made_names, b"loose/photo.jpg[shrink=2].jpg"):
         assert load(os.fsdecode(os.path.join(out, made))).width == 64, made
 
 

@@ -36,18 +36,26 @@ def preset_dir(cache_root: Path, preset: str) -> Path:
     return cache_root / LAYOUT_DIR / preset
 
 
-def cache_path(cache_root: Path, preset: str, source_relpath: str, fmt: Format) -> Path:
-    """The cache file for a source path relative to its root (`a/b.jpg` -> `v1/P/a/b.jpg.webp`)."""
-    return preset_dir(cache_root, preset) / f"{source_relpath}.{SUFFIX_BY_FORMAT[fmt]}"
+def cache_path(cache_root: Path, preset: str, source_relpath: str, fmt: Format, *, source_name: str = "") -> Path:
+    """The cache file for a source path relative to its root (`a/b.jpg` -> `v1/P/a/b.jpg.webp`).
+
+    A named source's thumbnails live under its name: `v1/P/<source_name>/a/b.jpg.webp`.
+    """
+    relpath = f"{source_name}/{source_relpath}" if source_name else source_relpath
+    return preset_dir(cache_root, preset) / f"{relpath}.{SUFFIX_BY_FORMAT[fmt]}"
 
 
-def url_path_for(preset: str, source_relpath: str) -> str:
-    """The URL path that serves one thumbnail; inverse of `split_url_path`."""
-    return "/" + quote(preset, safe="") + "/" + quote(os.fsencode(source_relpath), safe="/")
+def url_path_for(preset: str, source_relpath: str, *, source_name: str = "") -> str:
+    """The URL path that serves one thumbnail (`/P/a/b.jpg`, or `/P/<source_name>/a/b.jpg`); see `split_url_path`."""
+    relpath = f"{source_name}/{source_relpath}" if source_name else source_relpath
+    return "/" + quote(preset, safe="") + "/" + quote(os.fsencode(relpath), safe="/")
 
 
 def split_url_path(raw_path: bytes | str) -> tuple[str, str] | None:
-    """Split a request path into (preset, source relpath), or None if it is not a safe cache URL.
+    """Split a request path into (preset, path below it), or None if it is not a safe cache URL.
+
+    The path below the preset is the source's path relative to its root, after the
+    source's name when the cache's sources are named.
 
     Percent escapes are decoded to bytes first, so `%2e%2e`, `%2f` and overlong
     UTF-8 are judged as the bytes the file system would see; any `.`/`..`/empty

@@ -462,7 +462,7 @@ def prune(
     if (cache_dir is None) == (not freedesktop):
         raise click.UsageError("give exactly one of --cache DIR or --freedesktop")
     destination = CacheDestination(cache_dir) if cache_dir is not None else FreedesktopDestination(())
-    summary = run_prune(destination, presets=config.presets or None, dry_run=dry_run, wait=wait)
+    summary = run_prune(destination, presets=config.presets or None, sources=config.sources, dry_run=dry_run, wait=wait)
     if json_summary:
         click.echo(json.dumps(summary.as_json()))
     elif not quiet:
@@ -556,6 +556,11 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Cal
     help="Make missing or stale thumbnails from this source tree on request.",
 )
 @click.option(
+    "--named-sources",
+    is_flag=True,
+    help="Make them on request from the config's [sources], each under /<preset>/<name>/.",
+)
+@click.option(
     "--preset", "presets", multiple=True, metavar="NAME", help="With --source: presets to make (default: all)."
 )
 @_serve_option(
@@ -571,6 +576,7 @@ def serve(
     cache_root: Path,
     no_sendfile: bool,
     source_root: Path | None,
+    named_sources: bool,
     presets: tuple[str, ...],
     debug: bool,
     **listening: Any,
@@ -579,7 +585,8 @@ def serve(
     from thumbcli.serve.supervisor import serve as run_server
 
     _configure_logging(debug)
-    _require_cache_folder(cache_root, create=source_root is not None)
+    sources = _serve_named_sources(config, source_root, named_sources)
+    _require_cache_folder(cache_root, create=source_root is not None or bool(sources))
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(f"serving {cache_root} on http://{bound_host}:{bound_port}/", err=True)
@@ -588,7 +595,8 @@ def serve(
         cache_root=cache_root,
         use_sendfile=not no_sendfile,
         source_root=source_root,
-        presets=_serve_presets(config, source_root, presets),
+        named_sources=sources,
+        presets=_serve_presets(config, source_root is not None or bool(sources), presets),
         **listening,
     )
     try:
@@ -610,9 +618,20 @@ def _require_cache_folder(cache_root: Path, *, create: bool) -> None:
         raise click.BadParameter(f"Directory {display_path(cache_root)!r} does not exist.", param_hint="'CACHE'")
 
 
-def _serve_presets(config: Config, source_root: Path | None, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+def _serve_named_sources(config: Config, source_root: Path | None, named_sources: bool) -> tuple[tuple[str, Path], ...]:
+    """The config's named sources for `serve --named-sources`; a cache of named sources wants them, not --source."""
+    if source_root is not None and config.sources:
+        raise SpecError("the config names its sources ([sources]): give --named-sources, not --source DIR")
+    if not named_sources:
+        return ()
+    if not config.sources:
+        raise SpecError("--named-sources needs a [sources] table (name = path) in the config file")
+    return tuple((name, Path(path)) for name, path in config.sources.items())
+
+
+def _serve_presets(config: Config, makes_on_miss: bool, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
     """The presets that `serve --source` makes on a miss: from the config, all or those named."""
-    if source_root is None:
+    if not makes_on_miss:
         if names:
             raise SpecError("--preset only applies with --source")
         return ()

@@ -35,6 +35,8 @@ class Config:
 
     path: Path | None = None
     presets: dict[str, ThumbSpec] = field(default_factory=dict)
+    #: Named sources from a `[sources]` table, name -> path; empty for `sources = [...]` or none.
+    sources: dict[str, str] = field(default_factory=dict)
     #: Per-command option defaults, in click's `default_map` shape.
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -128,7 +130,9 @@ def load_config(path: Path) -> Config:
     if not isinstance(raw_presets, dict):
         raise fail(None, "presets", "must be a table of [presets.NAME] tables")
     presets = {name: _preset(name, raw, fail) for name, raw in raw_presets.items()}
-    return Config(path=path, presets=presets, defaults=_option_defaults(data, fail))
+    sources = data.get("sources", [])
+    named = _named_sources(sources, fail) if isinstance(sources, dict) else {}
+    return Config(path=path, presets=presets, sources=named, defaults=_option_defaults(data, fail))
 
 
 _Fail = Callable[[str | None, str, str], ConfigError]
@@ -161,6 +165,25 @@ def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
         raise fail(table, bad_key, str(exc)) from None
 
 
+def _named_sources(table: dict[str, Any], fail: _Fail) -> dict[str, str]:
+    """A `[sources]` table, name -> path: each name becomes a URL segment and a cache folder, so it must be one."""
+    seen: dict[str, str] = {}
+    for name, value in table.items():
+        if not isinstance(value, str):
+            raise fail("sources", name, "must be a path: " + type_mismatch("a string", value))
+        if not name or "/" in name or "\\" in name or "\x00" in name:
+            raise fail("sources", name, "a source name is one folder name: no '/', '\\' or NUL, not empty")
+        if name.startswith("."):
+            raise fail("sources", name, "a source name cannot start with '.' (hidden names are never served)")
+        if not value:
+            raise fail("sources", name, "the path cannot be empty")
+        absolute = os.path.abspath(value)
+        if absolute in seen:
+            raise fail("sources", name, f"names the same folder as sources.{seen[absolute]}")
+        seen[absolute] = name
+    return dict(table)
+
+
 def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, Any]]:
     """The [generate], [prune] and [serve] tables, with `cache` and `sources` as their options' defaults."""
     defaults: dict[str, dict[str, Any]] = {}
@@ -172,8 +195,11 @@ def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, A
     for key, option in (("cache", "cache_dir"), ("sources", "sources")):
         if key in data:
             value = data[key]
-            if key == "sources" and (not isinstance(value, list) or not all(isinstance(item, str) for item in value)):
-                raise fail(None, key, "must be a list of paths: " + type_mismatch("an array of strings", value))
+            if key == "sources" and isinstance(value, dict):
+                value = list(value.values())
+            elif key == "sources" and (not isinstance(value, list) or not all(isinstance(i, str) for i in value)):
+                expected = type_mismatch("an array of strings", value)
+                raise fail(None, key, f"must be a list of paths or a [sources] table: {expected}")
             if key == "cache" and not isinstance(value, str):
                 raise fail(None, key, "must be a path: " + type_mismatch("a string", value))
             defaults["generate"].setdefault(option, value)

@@ -63,7 +63,7 @@ class OnDemand:
 
     def __init__(
         self,
-        source_root: Path,
+        sources: Path | Mapping[str, Path],
         cache_root: Path,
         presets: Mapping[str, ThumbSpec],
         *,
@@ -73,10 +73,15 @@ class OnDemand:
     ) -> None:
         from thumbcli.targets.served import CacheDirectory
 
-        self._source_root = source_root
+        #: URL segment after the preset -> source root; a lone unnamed root (a Path) is under "": no such segment.
+        self._sources = {"": sources} if isinstance(sources, Path) else dict(sources)
         self._presets = dict(presets)
         self._limits = limits or Limits()
-        self._target = CacheDirectory(cache_root, tuple(self._presets.values()), check_collisions=False, locked=False)
+        # The cache's folder of each named root is its name, as `generate` makes it.
+        folders = {str(root): name for name, root in self._sources.items()} if "" not in self._sources else None
+        self._target = CacheDirectory(
+            cache_root, tuple(self._presets.values()), check_collisions=False, locked=False, source_folders=folders
+        )
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
@@ -86,19 +91,29 @@ class OnDemand:
 
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
 
-    def source_for(self, relpath: str) -> SourceFile | None:
-        """The source file a URL's relative path names, or None if there is no such image."""
-        name = relpath.rsplit("/", 1)[-1]
-        if any(part.startswith(".") for part in relpath.split("/")) or not is_image_name(name):
+    def source_for(self, url_relpath: str) -> SourceFile | None:
+        """The source file a URL's path after the preset names, or None if there is no such image.
+
+        With named sources the path starts with the source's name: `phone/2024/a.jpg`.
+        """
+        name = url_relpath.rsplit("/", 1)[-1]
+        if any(part.startswith(".") for part in url_relpath.split("/")) or not is_image_name(name):
             return None
-        path = self._source_root / relpath
+        root = self._sources.get("")
+        relpath = url_relpath
+        if root is None:
+            source_name, _, relpath = url_relpath.partition("/")
+            root = self._sources.get(source_name)
+            if root is None or not relpath:
+                return None
+        path = root / relpath
         try:
             st = os.lstat(path)
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode) or not is_within(self._source_root, path):
+        if not stat.S_ISREG(st.st_mode) or not is_within(root, path):
             return None
-        return SourceFile(str(path), str(self._source_root), relpath, st.st_size, st.st_mtime_ns)
+        return SourceFile(str(path), str(root), relpath, st.st_size, st.st_mtime_ns)
 
     def is_fresh(self, preset: str, relpath: str) -> bool | None:
         """True if the cached thumbnail is current, False if it must be made, None if there is no source."""

@@ -16,7 +16,7 @@ from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
 from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Removal, Target
 from thumbcli.targets.served import CacheDirectory
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, source_folders
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class GenerateJob:
     wait: bool = False
     #: Failed files and their reasons are appended here, one line each.
     fail_log: Path | None = None
+    #: The config's named sources, name -> path: a cache puts each under its name.
+    source_names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -197,6 +199,7 @@ class GenerateRequest:
             dry_run=self.dry_run,
             wait=self.wait,
             fail_log=self.fail_log,
+            source_names=config.sources,
         )
 
 
@@ -213,19 +216,32 @@ def _require_source(source: str) -> None:
 def open_target(job: GenerateJob) -> Target:
     """The destination's target, locked for the run."""
     destination = job.destination
-    several_sources = len(job.sources) > 1
     if isinstance(destination, FreedesktopDestination):
         from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
 
         return FreedesktopCache(default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait)
+    # Each source root gets a folder of its own when there are several (or, in a cache, when the
+    # config names them), so the same names under two roots never meet. Files named one by one from
+    # a single folder share a root: `generate photos/*.jpg` keeps the one-source layout.
+    is_cache = isinstance(destination, CacheDestination)
+    folders = source_folders(job.sources, job.source_names, named_only=is_cache and bool(job.source_names))
+    # Without root folders, several sources (files named one by one) may still claim one name.
+    several_sources = len(job.sources) > 1 and not folders
     if isinstance(destination, CacheDestination):
-        return CacheDirectory(destination.root, job.specs, wait_for_lock=job.wait, check_collisions=several_sources)
+        return CacheDirectory(
+            destination.root,
+            job.specs,
+            wait_for_lock=job.wait,
+            check_collisions=several_sources,
+            source_folders=folders,
+        )
     return OutputTree(
         destination.root,
         job.specs,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
         wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,
+        source_folders=folders,
     )
 
 
@@ -433,19 +449,22 @@ def prune(
     destination: CacheDestination | FreedesktopDestination,
     *,
     presets: dict[str, ThumbSpec] | None = None,
+    sources: dict[str, str] | None = None,
     dry_run: bool = False,
     wait: bool = False,
 ) -> PruneSummary:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left.
 
     `presets` are a cache's current presets (None: keep every preset, judge sources only).
+    `sources` are the config's named sources: thumbnails of other sources go, and those not
+    under their source's name (a cache made before they were named) move there.
     """
     if isinstance(destination, FreedesktopDestination):
         return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
     current = {name: spec.digest for name, spec in presets.items()} if presets else None
     target = CacheDirectory(destination.root, (), wait_for_lock=wait)
     try:
-        return PruneSummary(dry_run, tuple(target.prune(current, dry_run=dry_run)))
+        return PruneSummary(dry_run, tuple(target.prune(current, dry_run=dry_run, sources=sources)))
     finally:
         target.close()
 

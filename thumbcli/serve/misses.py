@@ -61,9 +61,10 @@ class MissDesk:
         # fork, so that the generator threads are this process's.
         from thumbcli.ondemand import OnDemand
 
-        assert options.source_root is not None
+        sources = options.on_demand_sources
+        assert sources
         self._on_demand: OnDemand | None = OnDemand(
-            options.source_root,
+            sources,
             options.cache_root,
             {spec.name: spec for spec in options.presets},
             workers=options.generators,
@@ -75,7 +76,8 @@ class MissDesk:
         self._completions: queue.SimpleQueue[tuple[Pending, Completion]] = queue.SimpleQueue()
         self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         epoll.register(self.done_fd, select.EPOLLIN)
-        log.info("making %s thumbnails from %s on a miss", ", ".join(sorted(self.generated)), options.source_root)
+        roots = ", ".join(f"{name}={root}" if name else str(root) for name, root in sources.items())
+        log.info("making %s thumbnails from %s on a miss", ", ".join(sorted(self.generated)), roots)
 
     def thumbnail_of(self, path: bytes) -> tuple[str, str] | None:
         """(preset, source path) if `path` names a thumbnail of a preset made on a miss, else None."""

@@ -36,6 +36,8 @@ class ServeOptions:
     # Generate on a miss: with a source folder, a missing or stale thumbnail of one of
     # `presets` is made on request; other presets are served from the cache only.
     source_root: Path | None = None
+    # Or the config's named sources, (name, folder) each: made under /<preset>/<name>/ as generate makes them.
+    named_sources: tuple[tuple[str, Path], ...] = ()
     presets: tuple[ThumbSpec, ...] = ()
     max_pending: int = 16  # per worker: generations in flight before further misses get 503
     generators: int = 2  # per worker: threads making thumbnails
@@ -70,7 +72,9 @@ class ServeOptions:
                 raise SpecError(f"{name.replace('_', ' ')} must be a positive number of seconds")
         if not (math.isfinite(self.grace_period) and self.grace_period >= 0):
             raise SpecError("grace period must be zero or a positive number of seconds")
-        if self.source_root is None:
+        if self.source_root is not None and self.named_sources:
+            raise SpecError("give a source folder (--source) or the named sources (--named-sources), not both")
+        if not self.on_demand_sources:
             if self.presets:
                 raise SpecError("presets to make on a miss need a source folder (--source)")
         elif not self.presets:
@@ -82,3 +86,10 @@ class ServeOptions:
             raise SpecError(f"max pending must be at least 1, not {self.max_pending}")
         if not 1 <= self.generators <= MAX_GENERATORS:
             raise SpecError(f"generators must be between 1 and {MAX_GENERATORS}, not {self.generators}")
+
+    @property
+    def on_demand_sources(self) -> dict[str, Path]:
+        """The folders made from on a miss, by their URL segment after the preset ("": none); {} for none."""
+        if self.source_root is not None:
+            return {"": self.source_root}
+        return dict(self.named_sources)

@@ -83,9 +83,10 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
     if not options.cache_root.is_dir():
         raise CannotRunError(f"{options.cache_root}: not a directory")
     read_manifest(options.cache_root)  # a broken manifest stops us before we listen
-    if options.source_root is not None:
-        if not options.source_root.is_dir():
-            raise CannotRunError(f"{options.source_root}: source is not a directory")
+    if options.on_demand_sources:
+        for root in options.on_demand_sources.values():
+            if not root.is_dir():
+                raise CannotRunError(f"{root}: source is not a directory")
         if not os.access(options.cache_root, os.W_OK | os.X_OK):
             raise CannotRunError(f"{options.cache_root}: not writable, and --source makes thumbnails there")
     if options.workers > 1:

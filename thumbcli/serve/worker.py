@@ -67,7 +67,7 @@ class Worker:
         self.misses: MissDesk | None = None
         self.access_log: AccessLog | None = None
         try:
-            if options.source_root is not None:
+            if options.on_demand_sources:
                 self.misses = MissDesk(options, self.epoll, counters)
             if options.access_log is not None:
                 self.access_log = AccessLog(options.access_log)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from thumbcli import cache
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.plan import Removal
+from thumbcli.targets.state import Origin
 from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
 
 
 class CacheDirectory(OutputTree):
     """The served cache: CACHE/v1/<preset>/<source relpath>.<ext>, plus a manifest of presets.
+
+    With named (or several) sources: CACHE/v1/<preset>/<source name>/<relpath>.<ext>.
 
     The layout is `thumbcli.cache`'s; `thumbcli serve` and nginx map URLs with it.
     """
@@ -26,6 +30,7 @@ class CacheDirectory(OutputTree):
         wait_for_lock: bool = False,
         check_collisions: bool = True,
         locked: bool = True,
+        source_folders: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             root,
@@ -34,6 +39,7 @@ class CacheDirectory(OutputTree):
             wait_for_lock=wait_for_lock,
             check_collisions=check_collisions,
             locked=locked,
+            source_folders=source_folders,
         )
         self._write_manifest(cache.load_manifest(root, strict=False))
 
@@ -41,16 +47,26 @@ class CacheDirectory(OutputTree):
         """Write the manifest: `presets` with this run's specs entered (or updated)."""
         cache.write_manifest(self.root, presets | {spec.name: cache.manifest_entry(spec) for spec in self.specs})
 
-    def prune(self, current: dict[str, str] | None, *, dry_run: bool) -> list[Removal]:
+    def prune(
+        self, current: dict[str, str] | None, *, dry_run: bool, sources: Mapping[str, str] | None = None
+    ) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
 
         `current` maps preset name -> settings digest (from the config); None
-        means the presets recorded in the manifest are all still wanted.
+        means the presets recorded in the manifest are all still wanted. With
+        `sources` (the config's named sources, name -> path), a thumbnail of a
+        source outside them is removed, and one not under its source's name (a
+        cache made before the sources were named) is moved there, not remade.
         """
         manifest = cache.load_manifest(self.root, strict=False)
         if current is None:
             current = {name: str(entry.get("digest")) for name, entry in manifest.items()}
+        named_roots = sorted(
+            ((os.fsencode(os.path.abspath(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
+            key=lambda root_name: -len(root_name[0]),
+        )
         removals: list[Removal] = []
+        moves: list[tuple[str, str, Origin]] = []
         for out, origin in self._state.origins():
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
@@ -58,6 +74,18 @@ class CacheDirectory(OutputTree):
                 reason = f"preset {origin.preset} settings changed"
             elif not os.path.lexists(origin.source):
                 reason = "source is gone"
+            elif named_roots:
+                placed = self._placement(out, origin.source, origin.preset, named_roots)
+                if placed is None:
+                    reason = "source is not one of the config's [sources]"
+                elif placed == out:
+                    continue
+                elif os.path.lexists(self.root / placed):
+                    reason = f"made again as {placed}"
+                else:
+                    moves.append((out, placed, origin))
+                    removals.append(Removal(self.root / out, 0, f"moved to {placed}"))
+                    continue
             else:
                 continue
             path = self.root / out
@@ -68,10 +96,15 @@ class CacheDirectory(OutputTree):
             removals.append(Removal(path, size, reason))
         if dry_run:
             return removals
+        moved = {self.root / out: self._move(out, placed, origin) for out, placed, origin in moves}
         for removal in removals:
-            with contextlib.suppress(FileNotFoundError):
-                removal.path.unlink()
-        self._state.forget(str(removal.path.relative_to(self.root)) for removal in removals)
+            if removal.path not in moved:
+                with contextlib.suppress(FileNotFoundError):
+                    removal.path.unlink()
+        # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
+        self._state.forget(
+            str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
+        )
         for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
             while directory != self.root and directory.is_relative_to(self.root):
                 try:
@@ -84,3 +117,27 @@ class CacheDirectory(OutputTree):
         if kept != manifest:
             self._write_manifest(kept)
         return removals
+
+    @staticmethod
+    def _placement(out: str, source: bytes, preset: str, named_roots: list[tuple[bytes, str]]) -> str | None:
+        """Where a thumbnail of `source` belongs under the named sources (deepest root first), or None if outside."""
+        suffix = out.rpartition(".")[2]
+        placements = [
+            f"{cache.LAYOUT_DIR}/{preset}/{name}/{os.fsdecode(source[len(root) :])}.{suffix}"
+            for root, name in named_roots
+            if source.startswith(root)
+        ]
+        if out in placements:
+            return out
+        return placements[0] if placements else None
+
+    def _move(self, out: str, placed: str, origin: Origin) -> bool:
+        """Move a thumbnail to where its named source's layout puts it, with its record; False if it cannot be."""
+        target = self.root / placed
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.root / out, target)
+        except OSError:
+            return False
+        self._state.record(placed, origin)
+        return True

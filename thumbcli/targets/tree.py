@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import stat
 import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +33,71 @@ def wanted_record(mtime_ns: int, size: int, spec: ThumbSpec) -> Record:
     return (mtime_ns, size, spec.name, spec.digest)
 
 
+def source_root(source: str) -> str:
+    """The root a source's files are named relative to, spelled as the walk spells it: a folder, or a file's folder."""
+    try:
+        is_file = stat.S_ISREG(os.stat(source).st_mode)
+    except OSError:
+        is_file = False
+    if is_file:
+        return os.path.dirname(source) or "."
+    return source.rstrip("/") or "/"
+
+
+def source_folders(
+    sources: Sequence[str], names: Mapping[str, str] | None = None, *, named_only: bool = False
+) -> dict[str, str]:
+    """The leading output folder of each source root, keyed by the root as the walk spells it.
+
+    Empty (the layout of one source, no leading folder) for a single root. A root that
+    `names` (name -> path) names goes under its name; any other under its folder name,
+    leading dots dropped. Roots that would share a name take their parent's name too
+    (`x-photos`, `y-photos`), and if that is shared as well, a hash of their absolute
+    path: a root's folder depends only on the roots it would share a name with, so adding
+    a source never renames the others' folders (except one whose name it now shares).
+    With `named_only` (the served cache of a config with named sources) even a single root
+    gets its folder, and a root that is not named is a usage error: every URL then starts
+    with its source's name, whichever sources a run walks.
+    """
+    name_of_path = {os.path.abspath(path): name for name, path in (names or {}).items()}
+    by_root = {root: os.path.abspath(root) for root in map(source_root, sources)}
+    absolute_roots = set(by_root.values())
+    if len(absolute_roots) < 2 and not named_only:
+        return {}
+    unnamed = sorted(path for path in absolute_roots if path not in name_of_path)
+    if named_only and unnamed:
+        configured = ", ".join(sorted(names or {})) or "none"
+        raise SpecError(
+            f"source {display_path(unnamed[0])} is not one of the config's [sources] ({configured}): "
+            "in a cache of named sources every source needs a name"
+        )
+    folder_of_path = dict(name_of_path)
+    for path in unnamed:
+        folder_of_path[path] = _unique_folder(path, [other for other in unnamed if other != path], name_of_path)
+    return {root: folder_of_path[path] for root, path in by_root.items()}
+
+
+def _folder_name(path: str, depth: int) -> str:
+    """The last `depth` components of an absolute path joined by '-', leading dots dropped: `x/photos` -> `x-photos`."""
+    parts = [part.lstrip(".") for part in path.split("/") if part][-depth:]
+    return "-".join(part for part in parts if part) or "root"
+
+
+def _unique_folder(path: str, others: list[str], names: Mapping[str, str]) -> str:
+    """The folder of an unnamed root: its own name, else with its parent's, else with a hash of its path.
+
+    Only the roots it would share a name with change it, so it stays as it was when other sources come and go.
+    """
+    for depth in (1, 2):
+        name = _folder_name(path, depth)
+        # A parent-qualified name must not be another root's plain name either.
+        clashes = {_folder_name(other, level) for other in others for level in range(1, depth + 1)}
+        clashes |= set(names.values())
+        if name not in clashes and not (depth == 2 and name == _folder_name(path, 1)):
+            return name
+    return f"{_folder_name(path, 1)}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
+
+
 def check_name_template(template: str) -> None:
     """Raise SpecError unless `template` only uses known fields and yields a relative path."""
     try:
@@ -49,7 +117,10 @@ class OutputTree:
     """Thumbnails in a plain tree: by default OUT/<size>/<source relpath>.<ext>.
 
     The source's full name (suffix included) is kept, so `a.jpg` and `a.png`
-    never collide. Freshness records live in OUT/.thumbcli/state.sqlite.
+    never collide. With `source_folders` (see `source_folders`), each root's
+    thumbnails go under its folder: OUT/<size>/<folder>/<relpath>.<ext>, and
+    `{root}` in a name template is that folder. Freshness records live in
+    OUT/.thumbcli/state.sqlite.
     """
 
     def __init__(
@@ -61,6 +132,7 @@ class OutputTree:
         wait_for_lock: bool = False,
         check_collisions: bool = False,
         locked: bool = True,
+        source_folders: Mapping[str, str] | None = None,
     ) -> None:
         check_name_template(name_template)
         self.root = root
@@ -86,10 +158,15 @@ class OutputTree:
         if default_tail and not rest and "{" not in prefix:
             self._fixed_prefix = prefix
         self._claims: dict[str, str] | None = {} if check_collisions else None
+        #: Source root as the walk spells it -> its leading folder; None: one source, no such folder.
+        self._source_folders = dict(source_folders) if source_folders else None
 
     def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
         """The output's path relative to the root, from the name template."""
         if self._fixed_prefix is not None:
+            if self._source_folders is not None:
+                folder = self._source_folders[source.root]
+                return f"{self._fixed_prefix}{spec.name}/{folder}/{source.relpath}.{spec.suffix}"
             return f"{self._fixed_prefix}{spec.name}/{source.relpath}.{spec.suffix}"
         reldir, _, name = source.relpath.rpartition("/")
         stem, dot, suffix = name.rpartition(".")
@@ -103,8 +180,13 @@ class OutputTree:
             stem=stem,
             suffix=suffix,
             ext=spec.suffix,
-            root=os.path.basename(source.root.rstrip("/")) or "root",
+            root=self._root_name(source.root),
         )
+
+    def _root_name(self, root: str) -> str:
+        if self._source_folders is not None:
+            return self._source_folders[root]
+        return os.path.basename(root.rstrip("/")) or "root"
 
     def _names_in(self, folder: str) -> frozenset[str]:
         """The file names in an output folder: existence checks without a stat per thumbnail."""
@@ -139,8 +221,11 @@ class OutputTree:
             verdicts.append((spec, judge(recorded, wanted_record(source.mtime_ns, source.size, spec), force)))
         return plan_from(verdicts)
 
-    def _output_folder(self, spec: ThumbSpec, reldir: str) -> str:
-        return f"{self._fixed_prefix}{spec.name}/{reldir}" if reldir else f"{self._fixed_prefix}{spec.name}"
+    def _output_folder(self, spec: ThumbSpec, root: str, reldir: str) -> str:
+        top = f"{self._fixed_prefix}{spec.name}"
+        if self._source_folders is not None:
+            top = f"{top}/{self._source_folders[root]}"
+        return f"{top}/{reldir}" if reldir else top
 
     def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
         """The signature of a source folder as it stands now, or None when it cannot be judged whole.
@@ -154,7 +239,7 @@ class OutputTree:
         material: list[Any] = [batch.files]
         newest = 0
         for spec in self.specs:
-            folder = self._output_folder(spec, batch.reldir)
+            folder = self._output_folder(spec, batch.root, batch.reldir)
             try:
                 st = os.stat(f"{self._root_prefix}{folder}")
             except OSError:
@@ -175,7 +260,7 @@ class OutputTree:
         signature = None if force else self._folder_signature(batch)
         per_spec = []
         for spec in self.specs:
-            folder = self._output_folder(spec, batch.reldir)
+            folder = self._output_folder(spec, batch.root, batch.reldir)
             per_spec.append((spec, f".{spec.suffix}", self._state.folder(folder), self._names_in(folder)))
         fresh = 0
         todo = []
