@@ -134,8 +134,13 @@ def load_manifest(cache_root: Path, *, strict: bool = True) -> dict[str, dict[st
 
 def read_manifest(cache_root: Path) -> dict[str, Format]:
     """The presets a cache holds, name -> output format, from its manifest file (strictly read)."""
+    return presets_of(load_manifest(cache_root))
+
+
+def presets_of(entries: Mapping[str, Mapping[str, object]]) -> dict[str, Format]:
+    """Name -> output format of the manifest entries that name a known format."""
     presets: dict[str, Format] = {}
-    for name, entry in load_manifest(cache_root).items():
+    for name, entry in entries.items():
         fmt = entry.get("format")
         if fmt in FORMATS:
             presets[name] = fmt

@@ -8,9 +8,10 @@ import os
 import stat
 from pathlib import Path
 
-from thumbcli.cache import MANIFEST_NAME, is_within, read_manifest, resolve_url
+from thumbcli.cache import MANIFEST_NAME, is_within, load_manifest, presets_of, resolve_url
 from thumbcli.errors import CannotRunError
 from thumbcli.serve.http import etag_for, http_date
+from thumbcli.serve.pages import PresetView
 from thumbcli.spec import Format
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class CacheFiles:
         self._generated = generated
         self.open_files: dict[bytes, OpenFile] = {}
         self.presets: dict[str, Format] = {}
+        #: What the pages show of each preset; replaced whole (never changed) when the manifest changes.
+        self.views: dict[str, PresetView] = {}
         self._manifest_key: tuple[int, int, int] | None = None
         self.reload_manifest(force=True)
 
@@ -156,14 +159,19 @@ class CacheFiles:
         if not force and key == self._manifest_key:
             return
         try:
-            presets = read_manifest(self.cache_root)
+            entries = load_manifest(self.cache_root)
         except CannotRunError:
             if force:
                 raise
             log.warning("cache manifest unreadable; keeping the presets %s", sorted(self.presets))
             return
+        presets = presets_of(entries)
         presets.update(self._generated)
         self._manifest_key = key
+        self.views = {
+            name: PresetView(name, str(entries.get(name, {}).get("size", "")), (fmt,), name in self._generated)
+            for name, fmt in presets.items()
+        }
         if presets != self.presets:
             log.info("serving presets %s", sorted(presets))
             self.presets = presets

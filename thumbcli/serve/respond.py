@@ -7,6 +7,7 @@ import time
 
 from thumbcli.serve.accesslog import AccessLog
 from thumbcli.serve.files import CacheFiles, OpenFile
+from thumbcli.serve.gallery import GalleryDesk
 from thumbcli.serve.http import (
     ALLOW,
     END_CLOSE,
@@ -22,6 +23,7 @@ from thumbcli.serve.http import (
     STATUS_LINES,
     TEXT_TYPE,
     Verdict,
+    entity_tag_matches,
     evaluate,
     http_date,
     origin_form,
@@ -29,6 +31,7 @@ from thumbcli.serve.http import (
 from thumbcli.serve.metrics import OTHER_STATUS, STATUS_SLOT, MetricsBoard
 from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
+from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
 
 _FULL = Verdict.FULL
@@ -36,6 +39,7 @@ _NOT_MODIFIED = Verdict.NOT_MODIFIED
 _PARTIAL = Verdict.PARTIAL
 _UNSATISFIABLE = Verdict.UNSATISFIABLE
 _HEALTHZ = b"/healthz"
+_HOME = b"/"
 _METRICS = b"/metrics"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
@@ -50,6 +54,7 @@ class Responder:
         counters: memoryview,
         files: CacheFiles,
         misses: MissDesk | None,
+        gallery: GalleryDesk | None,
         access_log: AccessLog | None,
         serve_admin_here: bool,
     ) -> None:
@@ -58,6 +63,8 @@ class Responder:
         self._counters = counters
         self.files = files
         self._misses = misses
+        self._gallery = gallery
+        self._home: tuple[dict[str, PresetView], Page] | None = None
         self._access_log = access_log
         self._serve_admin_here = serve_admin_here
         self.use_sendfile = options.use_sendfile and os.environ.get("THUMBCLI_NO_SENDFILE", "") in ("", "0")
@@ -96,6 +103,12 @@ class Responder:
         if conn.admin:
             self.send_simple(conn, request, 404, b"not found\n")
             return
+        if path == _HOME:
+            self.send_page(conn, request, self._home_page())
+            return
+        if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
+            self._answer_page(conn, request, path)
+            return
         misses = self._misses
         if misses is not None and self.files.recent(path, self.now) is None:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
@@ -106,6 +119,48 @@ class Responder:
                     self.send_simple(conn, request, status, *MISS_ANSWERS[status])
                 return
         self.answer_path(conn, request, path)
+
+    def _home_page(self) -> Page:
+        """The `/` page, made again only when the presets change."""
+        views = self.files.views
+        if self._home is None or self._home[0] is not views:
+            page = home_page(
+                list(views.values()), browse=self._gallery is not None, generate_on_miss=self._misses is not None
+            )
+            self._home = (views, page)
+        return self._home[1]
+
+    def _answer_page(self, conn: Connection, request: Request, path: bytes) -> None:
+        """A page asset, or a folder: its gallery page is made off the loop (with --browse; else 404)."""
+        asset = ASSETS.get(path)
+        if asset is not None:
+            self.send_page(conn, request, asset)
+            return
+        if self._gallery is None or path.startswith(ASSET_PREFIX):
+            self.send_simple(conn, request, 404, b"not found\n")
+            return
+        status, body = self._gallery.park(conn, request, self.files.views, self.now)
+        if status:
+            self.send_simple(conn, request, status, body, RETRY_AFTER if status == 503 else b"")
+
+    def send_page(self, conn: Connection, request: Request, page: Page) -> None:
+        """Answer with a page or asset made here: 200, or 304 when the client holds this version."""
+        validators = b"ETag: %s\r\nCache-Control: %s\r\n%s" % (page.etag, page.cache_control, CSP)
+        if_none_match = request.headers.get(b"if-none-match")
+        # RFC 9110 §13.1.2: a matching If-None-Match on GET/HEAD -> 304 with the validators.
+        if if_none_match is not None and entity_tag_matches(if_none_match, page.etag, weak=True):
+            status, body = 304, b""
+            head = b"".join((STATUS_LINES[304], self._date_lines, validators, _end_of(request)))
+        else:
+            status, body = 200, page.body if request.method == GET else b""
+            length = b"Content-Type: %s\r\nContent-Length: %d\r\n" % (page.content_type, len(page.body))
+            head = b"".join((STATUS_LINES[200], self._date_lines, length, validators, _end_of(request)))
+        self._counters[STATUS_SLOT[status]] += 1
+        if self._access_log is not None:
+            self._access_log.write(
+                conn.peer, request.method, request.target, request.http10, status, len(body), request.headers
+            )
+        conn.send(head + body, None, 0, 0, self.use_sendfile, self.now)
 
     def answer_path(self, conn: Connection, request: Request, path: bytes) -> None:
         """Answer with the cached thumbnail for `path` as it is now."""
