@@ -115,7 +115,7 @@ th,td{text-align:left;padding:.3rem .9rem .3rem 0;border-bottom:1px solid var(--
 .folders{list-style:none;padding:0;margin:.5rem 0 1rem;display:flex;flex-wrap:wrap;gap:.5rem}
 .folders a{display:block;padding:.35rem .7rem;border:1px solid var(--line);border-radius:6px;background:var(--card);\
 text-decoration:none;overflow-wrap:anywhere}
-.folders a::before{content:"\\1F4C1  "}
+.folders a::after{content:"/";color:var(--muted)}
 .grid{list-style:none;padding:0;margin:0;display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));\
 gap:.75rem}
 .thumb{display:flex;flex-direction:column;align-items:center;gap:.3rem;height:100%;padding:.5rem;border-radius:8px;\
@@ -205,7 +205,13 @@ _SCRIPT = """\
 
 _STYLE_PATH, _STYLE_PAGE, STYLE_URL = _asset("gallery.css", _STYLE, b"text/css; charset=utf-8")
 _SCRIPT_PATH, _SCRIPT_PAGE, SCRIPT_URL = _asset("gallery.js", _SCRIPT, b"text/javascript; charset=utf-8")
-ASSETS: dict[bytes, Page] = {_STYLE_PATH: _STYLE_PAGE, _SCRIPT_PATH: _SCRIPT_PAGE}
+_ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><g fill="#0a58ca">'
+    '<rect width="7" height="7" rx="1"/><rect x="9" width="7" height="7" rx="1"/>'
+    '<rect y="9" width="7" height="7" rx="1"/><rect x="9" y="9" width="7" height="7" rx="1"/></g></svg>'
+)
+_ICON_PATH, _ICON_PAGE, ICON_URL = _asset("icon.svg", _ICON, b"image/svg+xml")
+ASSETS: dict[bytes, Page] = {_STYLE_PATH: _STYLE_PAGE, _SCRIPT_PATH: _SCRIPT_PAGE, _ICON_PATH: _ICON_PAGE}
 
 
 def _document(title: str, body: str, *, script: bool) -> bytes:
@@ -215,6 +221,7 @@ def _document(title: str, body: str, *, script: bool) -> bytes:
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<meta name="color-scheme" content="light dark">\n'
         f"<title>{title}</title>\n"
+        f'<link rel="icon" href="{ICON_URL}" type="image/svg+xml">\n'
         f'<link rel="stylesheet" href="{STYLE_URL}">\n{scripts}</head>\n<body>\n{body}</body>\n</html>\n'
     ).encode()
 
