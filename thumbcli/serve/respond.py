@@ -40,6 +40,7 @@ _PARTIAL = Verdict.PARTIAL
 _UNSATISFIABLE = Verdict.UNSATISFIABLE
 _HEALTHZ = b"/healthz"
 _HOME = b"/"
+_ACCEPT = b"accept"
 _METRICS = b"/metrics"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
@@ -110,7 +111,7 @@ class Responder:
             self._answer_page(conn, request, path)
             return
         misses = self._misses
-        if misses is not None and self.files.recent(path, self.now) is None:
+        if misses is not None and self.files.recent(path, self.now, request.headers.get(_ACCEPT)) is None:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
             thumbnail = misses.thumbnail_of(path)
             if thumbnail is not None:
@@ -164,7 +165,7 @@ class Responder:
 
     def answer_path(self, conn: Connection, request: Request, path: bytes) -> None:
         """Answer with the cached thumbnail for `path` as it is now."""
-        file = self.files.open(path, self.now)
+        file = self.files.open(path, self.now, request.headers.get(_ACCEPT))
         if file is None:
             self.send_simple(conn, request, 404, b"not found\n")
         elif isinstance(file, int):

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from thumbcli.cache import load_manifest, read_manifest
+from thumbcli.cache import load_manifest, presets_of, read_manifest
 from thumbcli.errors import CannotRunError, ExitCode
 from thumbcli.serve.metrics import MetricsBoard
 from thumbcli.serve.options import ServeOptions
@@ -79,10 +79,9 @@ def describe(options: ServeOptions, port: int) -> list[str]:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(options.host, options.host)
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     entries = load_manifest(options.cache_root, strict=False)
+    formats = presets_of(entries)
     made = {spec.name: spec for spec in options.presets}
-    presets = [
-        f"{name} ({entry.get('size', '?')}, {entry.get('format', '?')})" for name, entry in sorted(entries.items())
-    ]
+    presets = [f"{name} ({entries[name].get('size', '?')}, {', '.join(formats[name])})" for name in sorted(formats)]
     presets += [f"{name} ({spec.box.label}, {spec.format})" for name, spec in made.items() if name not in entries]
     return [
         f"open {url} in a browser",
