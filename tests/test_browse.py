@@ -16,7 +16,7 @@ import pyvips
 from servekit import ServerProcess, get, put_thumb, running_server, wait_until
 
 from thumbcli import cache as cache_layout
-from thumbcli.serve.gallery import parse_folder_url
+from thumbcli.serve.gallery import MADE_PAGE_SECONDS, parse_folder_url
 from thumbcli.serve.imagesize import size_of_header
 from thumbcli.serve.pages import PAGE_ITEMS
 
@@ -244,6 +244,7 @@ def test_gallery_sorts_by_date_newest_first(browsing: ServerProcess, cache: Path
     assert by_date.index("zz-older") > by_date.index("deep.jpg")
     os.utime(folder / "zz-older.jpg.webp", (now + 3600, now + 3600))
     os.utime(folder, None)  # the folder's listing is kept until the folder changes
+    time.sleep(MADE_PAGE_SECONDS + 0.1)  # and a made page for a second
     by_date = get(browsing, "/small/a/b/?sort=date").body.decode()
     assert by_date.index("zz-older") < by_date.index("deep.jpg")
 

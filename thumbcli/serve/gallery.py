@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import select
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,11 @@ log = logging.getLogger(__name__)
 
 #: Threads per worker making gallery pages.
 PAGE_THREADS = 2
-#: Pages being made or waiting in one worker before further folder requests get 503.
+#: Distinct pages being made in one worker before further folder requests get 503.
 MAX_PAGES_IN_FLIGHT = 64
+#: A made page answers the same URL again for this long (as an opened thumbnail does), then is made anew.
+MADE_PAGE_SECONDS = 1.0
+PAGES_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ class PageWait(Parked):
 
 
 class GalleryDesk:
-    """One worker's gallery pages: the page threads, what is in flight, what has completed."""
+    """One worker's gallery pages: the page threads, pages being made, and those made a moment ago."""
 
     def __init__(self, cache_root: Path, epoll: select.epoll) -> None:
         self._layout_root = os.fsencode(cache_root / LAYOUT_DIR)
@@ -91,34 +95,47 @@ class GalleryDesk:
         self._lister = FolderLister()
         # Made here, after fork, so that the threads are this process's.
         self._threads = concurrent.futures.ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="thumbcli-page")
-        self._completions: queue.SimpleQueue[tuple[PageWait, Page | int]] = queue.SimpleQueue()
-        self.in_flight = 0
+        self._completions: queue.SimpleQueue[tuple[FolderRequest, Page | int]] = queue.SimpleQueue()
+        #: Requests waiting for a page being made; a second request for it joins the first.
+        self._building: dict[FolderRequest, list[PageWait]] = {}
+        #: Pages made less than MADE_PAGE_SECONDS ago, with the presets they were made for.
+        self._made: OrderedDict[FolderRequest, tuple[float, Mapping[str, PresetView], Page | int]] = OrderedDict()
         self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         epoll.register(self.done_fd, select.EPOLLIN)
 
-    def park(
-        self, conn: Connection, request: Request, presets: Mapping[str, PresetView], now: float
-    ) -> tuple[int, bytes]:
-        """Start making the page for a folder request and park it; (0, b"") or an error status and body."""
+    @property
+    def in_flight(self) -> int:
+        """Pages being made."""
+        return len(self._building)
+
+    def answer(self, conn: Connection, request: Request, presets: Mapping[str, PresetView], now: float) -> Page | int:
+        """A folder request's page if one was made a moment ago, else 0 with the request parked, or a status."""
         folder = parse_folder_url(request.target)
         if folder is None or folder.preset not in presets:
-            return 404, b"not found\n"
-        if self.in_flight >= MAX_PAGES_IN_FLIGHT:
-            return 503, b""
+            return 404
+        made = self._made.get(folder)
+        if made is not None and made[0] > now and made[1] is presets:
+            return made[2]
         wait = PageWait(conn, request, now)
-        self.in_flight += 1
-        self._threads.submit(self._make, wait, folder, presets)
+        waiting = self._building.get(folder)
+        if waiting is not None:
+            waiting.append(wait)
+        elif len(self._building) >= MAX_PAGES_IN_FLIGHT:
+            return 503
+        else:
+            self._building[folder] = [wait]
+            self._threads.submit(self._make, folder, presets)
         conn.out.append(wait)
-        return 0, b""
+        return 0
 
-    def _make(self, wait: PageWait, folder: FolderRequest, presets: Mapping[str, PresetView]) -> None:
+    def _make(self, folder: FolderRequest, presets: Mapping[str, PresetView]) -> None:
         """On a page thread: make the page (or a status), then wake the loop."""
         try:
             result: Page | int = self.folder_page(folder, presets)
         except Exception:
             log.exception("cannot make the page for %r", folder)
             result = 500
-        self._completions.put((wait, result))
+        self._completions.put((folder, result))
         os.eventfd_write(self.done_fd, 1)
 
     def folder_page(self, request: FolderRequest, presets: Mapping[str, PresetView]) -> Page | int:
@@ -168,18 +185,22 @@ class GalleryDesk:
         base = os.path.join(self._layout_root, preset.name.encode("ascii"), *segments)
         return any(os.path.isfile(base + b"." + SUFFIX_BY_FORMAT[fmt].encode("ascii")) for fmt in preset.formats)
 
-    def completed(self) -> Iterator[tuple[PageWait, Page | int]]:
+    def completed(self, presets: Mapping[str, PresetView], now: float) -> Iterator[tuple[PageWait, Page | int]]:
         """The parked folder requests whose page is made and that still wait, with the page or a status."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.done_fd)
         while True:
             try:
-                wait, result = self._completions.get_nowait()
+                folder, result = self._completions.get_nowait()
             except queue.Empty:
                 return
-            self.in_flight -= 1
-            if not wait.resolved:
-                yield wait, result
+            self._made[folder] = (now + MADE_PAGE_SECONDS, presets, result)
+            self._made.move_to_end(folder)
+            while len(self._made) > PAGES_KEPT:
+                self._made.popitem(last=False)
+            for wait in self._building.pop(folder, ()):
+                if not wait.resolved:
+                    yield wait, result
 
     def forget(self, wait: PageWait) -> None:
         """The request is answered or its client gone: a late page is dropped."""

@@ -140,9 +140,18 @@ class Responder:
         if self._gallery is None or path.startswith(ASSET_PREFIX):
             self.send_simple(conn, request, 404, b"not found\n")
             return
-        status, body = self._gallery.park(conn, request, self.files.views, self.now)
-        if status:
-            self.send_simple(conn, request, status, body, RETRY_AFTER if status == 503 else b"")
+        page = self._gallery.answer(conn, request, self.files.views, self.now)
+        if isinstance(page, Page):
+            self.send_page(conn, request, page)
+        elif page:
+            self.send_simple(conn, request, page, *PAGE_ANSWERS[page])
+
+    def page_ready(self, conn: Connection, request: Request, page: Page | int) -> None:
+        """Answer a parked folder request: with its page, or a status (503 when it took too long)."""
+        if isinstance(page, Page):
+            self.send_page(conn, request, page)
+        else:
+            self.send_simple(conn, request, page, *PAGE_ANSWERS[page])
 
     def send_page(self, conn: Connection, request: Request, page: Page) -> None:
         """Answer with a page or asset made here: 200, or 304 when the client holds this version."""
@@ -249,4 +258,12 @@ MISS_ANSWERS = {
     404: (b"not found\n", b""),  # no such source, or one that cannot be thumbnailed (the reason is logged only)
     500: (b"internal server error\n", b""),  # RFC 9110 §15.6.1: we failed (e.g. cache disk full), not the request
     503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: too many in flight, too slow, or the state store is busy
+}
+
+
+#: A folder request answered without its page, by status: its body and extra header lines.
+PAGE_ANSWERS = {
+    404: (b"not found\n", b""),
+    500: (b"internal server error\n", b""),
+    503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: too many pages being made, or one took too long
 }

@@ -18,7 +18,6 @@ from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
 from thumbcli.serve.files import CacheFiles
 from thumbcli.serve.gallery import GalleryDesk, PageWait
-from thumbcli.serve.http import RETRY_AFTER
 from thumbcli.serve.metrics import (
     CONNECTIONS_ACCEPTED,
     GENERATIONS_TIMED_OUT,
@@ -406,21 +405,15 @@ class Worker:
     def _on_pages(self) -> None:
         """Answer the parked folder requests whose pages are made."""
         assert self.gallery is not None
-        for wait, result in self.gallery.completed():
+        for wait, result in self.gallery.completed(self.respond.files.views, self.now):
             self._resolve_page(wait, result)
 
     def _resolve_page(self, wait: PageWait, result: Page | int) -> None:
         """Answer a parked folder request in its place: with its page, or a status (503 when too slow)."""
         assert self.gallery is not None
         self.gallery.forget(wait)
-        request = wait.request
-        if isinstance(result, Page):
-            self._answer_in_place(wait.conn, wait, lambda conn: self.respond.send_page(conn, request, result))
-        else:
-            body, extra = PAGE_ANSWERS[result]
-            self._answer_in_place(
-                wait.conn, wait, lambda conn: self.respond.send_simple(conn, request, result, body, extra)
-            )
+        request, respond = wait.request, self.respond
+        self._answer_in_place(wait.conn, wait, lambda conn: respond.page_ready(conn, request, result))
 
     def _answer_in_place(self, conn: Connection, parked: Parked, answer: Callable[[Connection], None]) -> None:
         """Replace `parked` in the connection's output with what `answer` sends; later answers stay after it."""
@@ -443,11 +436,3 @@ class Worker:
         if conn.out:
             self._set_interest(conn, select.EPOLLOUT)
         self._on_writable(conn)
-
-
-#: A folder request answered without its page, by status: its body and extra header lines.
-PAGE_ANSWERS = {
-    404: (b"not found\n", b""),
-    500: (b"internal server error\n", b""),
-    503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: the page took longer than the send timeout
-}
