@@ -42,6 +42,7 @@ CLI_FLAGS = {
     "presets": "--preset",  # a list of preset names: the flag repeats
     "max_pending": "--max-pending",
     "generators": "--generators",
+    "browse": "--browse",  # a flag: given when true
 }
 
 
@@ -119,6 +120,9 @@ def running_server(cache_root: Path, env: dict[str, str] | None = None, **option
             command += ["--config", str(config)]
         command += ["serve", str(cache_root)]
         for name, value in options.items():
+            if isinstance(value, bool):
+                command += [CLI_FLAGS[name]] if value else []
+                continue
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 if item is True:
                     command.append(CLI_FLAGS[name])

@@ -175,7 +175,12 @@ def test_config_refuses_a_wrong_typed_value_for_every_option(
     [
         ("size", "true", 'expected a box such as "256" or "320x240", got true (a boolean)'),
         ("fit", "3", "expected one of inside, cover, smart, got 3 (an integer)"),
-        ("format", "[]", "expected one of jpeg, webp, avif, png, got [] (an array)"),
+        (
+            "format",
+            "3",
+            "expected one of jpeg, webp, avif, png, or an array of them (preferred first, fallback last),"
+            " got 3 (an integer)",
+        ),
         ("quality", '"75"', 'expected an integer from 1 to 100, got "75" (a string)'),
         ("upscale", '"false"', 'expected true or false, got "false" (a string)'),
         ("keep_metadata", "1", "expected true or false, got 1 (an integer)"),

@@ -106,15 +106,26 @@ def resolve_url(cache_root: Path, raw_path: bytes | str, presets: Mapping[str, F
     )
 
 
-def manifest_entry(spec: ThumbSpec) -> dict[str, object]:
-    """What the manifest records of one preset: its output format (all `serve` needs) and its settings."""
-    return {
-        "format": spec.format,
-        "size": spec.box.label,
-        "fit": spec.fit,
-        "quality": spec.effective_quality,
-        "digest": spec.digest,
+def manifest_entry(spec: ThumbSpec, *variants: ThumbSpec) -> dict[str, object]:
+    """What the manifest records of one preset: its output format (all `serve` needs) and its settings.
+
+    A preset made in several formats passes each format's spec, preferred first: `format` and
+    `digest` are then the last one's (the fallback every client takes, and what older readers
+    see), `formats` and `digests` list them all in order.
+    """
+    specs = (spec, *variants)
+    fallback = specs[-1]
+    entry: dict[str, object] = {
+        "format": fallback.format,
+        "size": fallback.box.label,
+        "fit": fallback.fit,
+        "quality": fallback.effective_quality,
+        "digest": fallback.digest,
     }
+    if variants:
+        entry["formats"] = [variant.format for variant in specs]
+        entry["digests"] = [variant.digest for variant in specs]
+    return entry
 
 
 def load_manifest(cache_root: Path, *, strict: bool = True) -> dict[str, dict[str, object]]:
@@ -141,12 +152,24 @@ def load_manifest(cache_root: Path, *, strict: bool = True) -> dict[str, dict[st
 
 
 def read_manifest(cache_root: Path) -> dict[str, Format]:
-    """The presets a cache holds, name -> output format, from its manifest file (strictly read)."""
-    presets: dict[str, Format] = {}
-    for name, entry in load_manifest(cache_root).items():
+    """The presets a cache holds, name -> output format (the fallback), from its manifest file (strictly read)."""
+    return {name: formats[-1] for name, formats in presets_of(load_manifest(cache_root)).items()}
+
+
+def presets_of(entries: Mapping[str, Mapping[str, object]]) -> dict[str, tuple[Format, ...]]:
+    """Name -> output formats, preferred first and the fallback last, of the entries that name known formats."""
+    presets: dict[str, tuple[Format, ...]] = {}
+    for name, entry in entries.items():
         fmt = entry.get("format")
-        if fmt in FORMATS:
-            presets[name] = fmt
+        if fmt not in FORMATS:
+            continue
+        listed = entry.get("formats")
+        formats: tuple[Format, ...] = (fmt,)
+        if isinstance(listed, list) and listed and listed[-1] == fmt:
+            known = tuple(item for item in listed if item in FORMATS)
+            if len(known) == len(listed) and len(set(known)) == len(known):
+                formats = known
+        presets[name] = formats
     return presets
 
 

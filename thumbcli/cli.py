@@ -549,6 +549,7 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Cal
 @_serve_option("--send-timeout", type=Duration(), help="Drop a response stalled this long.")
 @_serve_option("--grace-period", type=Duration(), help="Drain time on SIGTERM.")
 @click.option("--no-sendfile", is_flag=True, help="Send bodies with plain writes instead of sendfile(2).")
+@click.option("--browse", is_flag=True, help="Gallery pages for folder URLs (off: a shop's catalogue stays unlisted).")
 @click.option(
     "--source",
     "source_root",
@@ -582,6 +583,7 @@ def serve(
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
+    from thumbcli.serve.supervisor import describe
     from thumbcli.serve.supervisor import serve as run_server
 
     _configure_logging(debug)
@@ -590,6 +592,8 @@ def serve(
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(f"serving {cache_root} on http://{bound_host}:{bound_port}/", err=True)
+        for line in describe(options, bound_port):
+            click.echo(f"  {line}", err=True)
 
     options = ServeOptions(
         cache_root=cache_root,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -10,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from thumbcli.errors import SpecError
-from thumbcli.spec import FITS, FORMATS, SizeBox, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, Format, SizeBox, ThumbSpec
 
 CONFIG_NAME = "thumbcli.toml"
 #: Each preset key: the TOML types it takes and how the error names them.
 _PRESET_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "size": ((str, int), 'a box such as "256" or "320x240"'),
     "fit": ((str,), f"one of {', '.join(FITS)}"),
-    "format": ((str,), f"one of {', '.join(FORMATS)}"),
+    "format": ((str, list), f"one of {', '.join(FORMATS)}, or an array of them (preferred first, fallback last)"),
     "quality": ((int,), "an integer from 1 to 100"),
     "upscale": ((bool,), "true or false"),
     "keep_metadata": ((bool,), "true or false"),
@@ -39,6 +40,9 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)
     #: Per-command option defaults, in click's `default_map` shape.
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Presets made in several formats (`format = ["avif", "webp", "jpeg"]`): name -> formats,
+    #: preferred first. Such a preset's spec in `presets` is its fallback format's, the last.
+    formats: dict[str, tuple[Format, ...]] = field(default_factory=dict)
 
     def select_presets(self, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
         """The presets named (all of them for none); a usage error names any that are not configured."""
@@ -47,6 +51,14 @@ class Config:
             known = ", ".join(sorted(self.presets)) or "none"
             raise SpecError(f"unknown preset(s) {', '.join(unknown)} (configured: {known})")
         return tuple(self.presets[name] for name in (names or tuple(self.presets)))
+
+    def specs_to_make(self, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
+        """Like `select_presets`, with one spec per (preset, format) for presets made in several formats."""
+        specs: list[ThumbSpec] = []
+        for spec in self.select_presets(names):
+            formats = self.formats.get(spec.name, (spec.format,))
+            specs += [spec if fmt == spec.format else dataclasses.replace(spec, format=fmt) for fmt in formats]
+        return tuple(specs)
 
 
 def find_config(explicit: str | None) -> Path | None:
@@ -132,7 +144,9 @@ def load_config(path: Path) -> Config:
     presets = {name: _preset(name, raw, fail) for name, raw in raw_presets.items()}
     sources = data.get("sources", [])
     named = _named_sources(sources, fail) if isinstance(sources, dict) else {}
-    return Config(path=path, presets=presets, sources=named, defaults=_option_defaults(data, fail))
+    listed = {name: raw for name, raw in raw_presets.items() if isinstance(raw.get("format"), list)}
+    formats = {name: _formats(name, raw, fail) for name, raw in listed.items()}
+    return Config(path=path, presets=presets, sources=named, defaults=_option_defaults(data, fail), formats=formats)
 
 
 _Fail = Callable[[str | None, str, str], ConfigError]
@@ -150,11 +164,14 @@ def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
             raise fail(table, key, type_mismatch(expected, value))
     if "size" not in raw:
         raise fail(table, "size", 'every preset needs a size, e.g. size = "256"')
+    fmt = raw.get("format", "jpeg")
+    if isinstance(fmt, list):
+        fmt = _formats(name, raw, fail)[-1]
     try:
         return ThumbSpec(
             SizeBox.parse(str(raw["size"])),
             fit=raw.get("fit", "inside"),
-            format=raw.get("format", "jpeg"),
+            format=fmt,
             quality=raw.get("quality"),
             upscale=raw.get("upscale", False),
             keep_metadata=raw.get("keep_metadata", False),
@@ -182,6 +199,15 @@ def _named_sources(table: dict[str, Any], fail: _Fail) -> dict[str, str]:
             raise fail("sources", name, f"names the same folder as sources.{seen[absolute]}")
         seen[absolute] = name
     return dict(table)
+
+
+def _formats(name: str, raw: dict[str, Any], fail: _Fail) -> tuple[Format, ...]:
+    """A preset's list of formats: known, distinct, at least one."""
+    listed = raw["format"]
+    if not listed or not all(item in FORMATS for item in listed) or len(set(listed)) != len(listed):
+        expected = f"an array of distinct formats from {', '.join(FORMATS)}"
+        raise fail(f"presets.{name}", "format", type_mismatch(expected, listed))
+    return tuple(listed)
 
 
 def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, Any]]:

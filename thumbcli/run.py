@@ -81,9 +81,9 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
     if request.presets:
         if request.sizes:
             raise SpecError("give --preset or --size, not both")
-        return config.select_presets(request.presets)
+        return config.specs_to_make(request.presets)
     if isinstance(destination, CacheDestination) and config.presets and not request.sizes:
-        return tuple(config.presets.values())
+        return config.specs_to_make(())
     if isinstance(destination, CacheDestination) and destination.configured:
         # A forgotten -o must not add a preset named after a size to the configured cache.
         sizes = ", ".join(request.sizes or (DEFAULT_SIZE,))

@@ -8,10 +8,12 @@ import os
 import stat
 from pathlib import Path
 
-from thumbcli.cache import MANIFEST_NAME, is_within, read_manifest, resolve_url
+from thumbcli.cache import MANIFEST_NAME, cache_path, is_within, load_manifest, presets_of, resolve_url
 from thumbcli.errors import CannotRunError
 from thumbcli.serve.http import etag_for, http_date
-from thumbcli.spec import Format
+from thumbcli.serve.negotiate import AcceptMemo, candidates
+from thumbcli.serve.pages import PresetView
+from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Format
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,24 @@ class OpenFile:
         "validator_lines",
     )
 
-    def __init__(self, fd: int, st: os.stat_result, content_type: str, cache_control: bytes, expires: float) -> None:
+    def __init__(
+        self,
+        fd: int,
+        st: os.stat_result,
+        content_type: str,
+        cache_control: bytes,
+        expires: float,
+        variant: Format | None = None,
+    ) -> None:
         self.fd = fd
         self.size = st.st_size
         self.mtime_s = int(st.st_mtime)
         self.etag = etag_for(st.st_size, st.st_mtime_ns)
+        if variant is not None:
+            # RFC 9110 §8.8.3: each representation of a negotiated URL has its own entity tag,
+            # and §12.5.5: Vary tells shared caches that Accept chose it.
+            self.etag = self.etag[:-1] + b"-" + variant.encode("ascii") + b'"'
+            cache_control = b"Vary: Accept\r\n" + cache_control
         self.last_modified = http_date(self.mtime_s)
         self.type_line = b"Content-Type: %s\r\n" % content_type.encode("ascii")
         self.validator_lines = b"ETag: %s\r\nLast-Modified: %s\r\n%s" % (self.etag, self.last_modified, cache_control)
@@ -80,27 +95,58 @@ class CacheFiles:
         self._cache_control = b"Cache-Control: %s\r\n" % cache_control.encode("ascii") if cache_control else b""
         #: Presets made on a miss are served in the format they are made in, manifest or not.
         self._generated = generated
+        #: Open thumbnails by URL path; with negotiated presets, by URL path and the accepted formats.
         self.open_files: dict[bytes, OpenFile] = {}
-        self.presets: dict[str, Format] = {}
+        #: Name -> formats, preferred first, the fallback last.
+        self.presets: dict[str, tuple[Format, ...]] = {}
+        self._first_format: dict[str, Format] = {}
+        #: Whether some preset has several formats: only then is the Accept field read.
+        self.negotiating = False
+        self._accept = AcceptMemo()
+        #: What the pages show of each preset; replaced whole (never changed) when the manifest changes.
+        self.views: dict[str, PresetView] = {}
         self._manifest_key: tuple[int, int, int] | None = None
         self.reload_manifest(force=True)
 
-    def open(self, path: bytes, now: float) -> OpenFile | int | None:
-        """The open thumbnail for a URL path, None if there is none, or an error status."""
-        file = self.open_files.get(path)
+    def open(self, path: bytes, now: float, accept: bytes | None = None) -> OpenFile | int | None:
+        """The open thumbnail for a URL path (and Accept field), None if there is none, or an error status."""
+        key = path
+        accepted: frozenset[Format] = frozenset()
+        if self.negotiating:
+            accepted, accepted_key = self._accept.formats(accept)
+            key = path + accepted_key
+        file = self.open_files.get(key)
         if file is not None:
             if file.expires > now:
                 return file
-            self.evict(path)
-        thumb = resolve_url(self.cache_root, path, self.presets)
-        if thumb is None or not is_within(self.cache_root, thumb.path):
+            self.evict(key)
+        thumb = resolve_url(self.cache_root, path, self._first_format)
+        if thumb is None:
+            return None
+        formats = self.presets[thumb.preset]
+        if len(formats) == 1:
+            file_or_status = self._open_file(thumb.path, thumb.content_type, None, now)
+        else:
+            for fmt in candidates(formats, accepted):
+                thumb_path = cache_path(self.cache_root, thumb.preset, thumb.source_relpath, fmt)
+                file_or_status = self._open_file(thumb_path, CONTENT_TYPE_BY_FORMAT[fmt], fmt, now)
+                if file_or_status is not None:
+                    break  # a variant not made (yet) for this source: the next one the client takes
+        if isinstance(file_or_status, OpenFile):
+            if len(self.open_files) >= OPEN_FILE_LIMIT:
+                self.evict(next(iter(self.open_files)))
+            self.open_files[key] = file_or_status
+        return file_or_status
+
+    def _open_file(self, path: Path, content_type: str, variant: Format | None, now: float) -> OpenFile | int | None:
+        if not is_within(self.cache_root, path):
             return None
         try:
-            fd = os.open(thumb.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             if exc.errno in _NOT_FOUND_ERRNOS:
                 return None
-            log.warning("%s: cannot open: %s", thumb.path, exc.strerror)
+            log.warning("%s: cannot open: %s", path, exc.strerror)
             return 503
         try:
             st = os.fstat(fd)
@@ -112,15 +158,11 @@ class CacheFiles:
         except OSError:
             os.close(fd)
             return None
-        if len(self.open_files) >= OPEN_FILE_LIMIT:
-            self.evict(next(iter(self.open_files)))
-        file = OpenFile(fd, st, thumb.content_type, self._cache_control, now + OPEN_FILE_SECONDS)
-        self.open_files[path] = file
-        return file
+        return OpenFile(fd, st, content_type, self._cache_control, now + OPEN_FILE_SECONDS, variant)
 
-    def recent(self, path: bytes, now: float) -> OpenFile | None:
-        """The thumbnail for `path` if it was opened less than OPEN_FILE_SECONDS ago."""
-        file = self.open_files.get(path)
+    def recent(self, path: bytes, now: float, accept: bytes | None = None) -> OpenFile | None:
+        """The thumbnail for `path` (and Accept field) if it was opened less than OPEN_FILE_SECONDS ago."""
+        file = self.open_files.get(path + self._accept.formats(accept)[1] if self.negotiating else path)
         return file if file is not None and file.expires > now else None
 
     def _opened_within_root(self, fd: int) -> bool:
@@ -156,15 +198,24 @@ class CacheFiles:
         if not force and key == self._manifest_key:
             return
         try:
-            presets = read_manifest(self.cache_root)
+            entries = load_manifest(self.cache_root)
         except CannotRunError:
             if force:
                 raise
             log.warning("cache manifest unreadable; keeping the presets %s", sorted(self.presets))
             return
-        presets.update(self._generated)
+        presets = presets_of(entries)
+        for name, fmt in self._generated.items():
+            if fmt not in presets.get(name, ()):
+                presets[name] = (fmt,)
         self._manifest_key = key
+        self.views = {
+            name: PresetView(name, str(entries.get(name, {}).get("size", "")), formats, name in self._generated)
+            for name, formats in presets.items()
+        }
         if presets != self.presets:
             log.info("serving presets %s", sorted(presets))
             self.presets = presets
+            self._first_format = {name: formats[0] for name, formats in presets.items()}
+            self.negotiating = any(len(formats) > 1 for formats in presets.values())
             self.evict_all()

@@ -45,6 +45,8 @@ CONDITIONAL_HEADERS = frozenset(
     {b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"if-range", b"range"}
 )
 FRAMING_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding"})
+#: Read for presets made in several formats (RFC 9110 §12.5.1).
+NEGOTIATION_HEADERS = frozenset({b"accept"})
 LOGGED_HEADERS = frozenset({b"referer", b"user-agent"})
 #: Fields that may appear once only; lists (If-Match, If-None-Match) may be split over lines.
 SINGLE_HEADERS = frozenset(

@@ -33,6 +33,9 @@ class ServeOptions:
     max_uri_bytes: int = 8192  # -> 414
     grace_period: float = 10.0  # on SIGTERM/SIGINT: stop accepting, finish in-flight, exit 0
     use_sendfile: bool = True  # env THUMBCLI_NO_SENDFILE=1 also forces the plain-send fallback
+    # Gallery pages for every folder URL (`/<preset>/<folder>/`); off, since a public shop
+    # must not list its catalogue. The `/` page (presets only) is always there.
+    browse: bool = False
     # Generate on a miss: with a source folder, a missing or stale thumbnail of one of
     # `presets` is made on request; other presets are served from the cache only.
     source_root: Path | None = None

@@ -12,7 +12,13 @@ import time
 import httptools
 
 from thumbcli.serve.files import OpenFile
-from thumbcli.serve.http import CONDITIONAL_HEADERS, FRAMING_HEADERS, LOGGED_HEADERS, SINGLE_HEADERS
+from thumbcli.serve.http import (
+    CONDITIONAL_HEADERS,
+    FRAMING_HEADERS,
+    LOGGED_HEADERS,
+    NEGOTIATION_HEADERS,
+    SINGLE_HEADERS,
+)
 from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, SENDFILE_BODIES
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,7 @@ class HeadLimits:
         self.max_header_bytes = max_header_bytes  # -> 431
         # httptools buffers a header field until it ends, so the unparsed head is bounded too.
         self.guard_bytes = max_header_bytes + max_uri_bytes + 4096
-        wanted = CONDITIONAL_HEADERS | FRAMING_HEADERS
+        wanted = CONDITIONAL_HEADERS | FRAMING_HEADERS | NEGOTIATION_HEADERS
         self.wanted_headers = wanted | LOGGED_HEADERS if keep_logged_headers else wanted
 
 

@@ -7,6 +7,7 @@ import time
 
 from thumbcli.serve.accesslog import AccessLog
 from thumbcli.serve.files import CacheFiles, OpenFile
+from thumbcli.serve.gallery import GalleryDesk
 from thumbcli.serve.http import (
     ALLOW,
     END_CLOSE,
@@ -22,6 +23,7 @@ from thumbcli.serve.http import (
     STATUS_LINES,
     TEXT_TYPE,
     Verdict,
+    entity_tag_matches,
     evaluate,
     http_date,
     origin_form,
@@ -29,6 +31,7 @@ from thumbcli.serve.http import (
 from thumbcli.serve.metrics import OTHER_STATUS, STATUS_SLOT, MetricsBoard
 from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
+from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
 
 _FULL = Verdict.FULL
@@ -36,6 +39,8 @@ _NOT_MODIFIED = Verdict.NOT_MODIFIED
 _PARTIAL = Verdict.PARTIAL
 _UNSATISFIABLE = Verdict.UNSATISFIABLE
 _HEALTHZ = b"/healthz"
+_HOME = b"/"
+_ACCEPT = b"accept"
 _METRICS = b"/metrics"
 _NO_HEADERS: dict[bytes, bytes] = {}
 
@@ -50,6 +55,7 @@ class Responder:
         counters: memoryview,
         files: CacheFiles,
         misses: MissDesk | None,
+        gallery: GalleryDesk | None,
         access_log: AccessLog | None,
         serve_admin_here: bool,
     ) -> None:
@@ -58,6 +64,8 @@ class Responder:
         self._counters = counters
         self.files = files
         self._misses = misses
+        self._gallery = gallery
+        self._home: tuple[dict[str, PresetView], Page] | None = None
         self._access_log = access_log
         self._serve_admin_here = serve_admin_here
         self.use_sendfile = options.use_sendfile and os.environ.get("THUMBCLI_NO_SENDFILE", "") in ("", "0")
@@ -96,8 +104,14 @@ class Responder:
         if conn.admin:
             self.send_simple(conn, request, 404, b"not found\n")
             return
+        if path == _HOME:
+            self.send_page(conn, request, self._home_page())
+            return
+        if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
+            self._answer_page(conn, request, path)
+            return
         misses = self._misses
-        if misses is not None and self.files.recent(path, self.now) is None:
+        if misses is not None and self.files.recent(path, self.now, request.headers.get(_ACCEPT)) is None:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
             thumbnail = misses.thumbnail_of(path)
             if thumbnail is not None:
@@ -107,9 +121,60 @@ class Responder:
                 return
         self.answer_path(conn, request, path)
 
+    def _home_page(self) -> Page:
+        """The `/` page, made again only when the presets change."""
+        views = self.files.views
+        if self._home is None or self._home[0] is not views:
+            page = home_page(
+                list(views.values()), browse=self._gallery is not None, generate_on_miss=self._misses is not None
+            )
+            self._home = (views, page)
+        return self._home[1]
+
+    def _answer_page(self, conn: Connection, request: Request, path: bytes) -> None:
+        """A page asset, or a folder: its gallery page is made off the loop (with --browse; else 404)."""
+        asset = ASSETS.get(path)
+        if asset is not None:
+            self.send_page(conn, request, asset)
+            return
+        if self._gallery is None or path.startswith(ASSET_PREFIX):
+            self.send_simple(conn, request, 404, b"not found\n")
+            return
+        page = self._gallery.answer(conn, request, self.files.views, self.now)
+        if isinstance(page, Page):
+            self.send_page(conn, request, page)
+        elif page:
+            self.send_simple(conn, request, page, *PAGE_ANSWERS[page])
+
+    def page_ready(self, conn: Connection, request: Request, page: Page | int) -> None:
+        """Answer a parked folder request: with its page, or a status (503 when it took too long)."""
+        if isinstance(page, Page):
+            self.send_page(conn, request, page)
+        else:
+            self.send_simple(conn, request, page, *PAGE_ANSWERS[page])
+
+    def send_page(self, conn: Connection, request: Request, page: Page) -> None:
+        """Answer with a page or asset made here: 200, or 304 when the client holds this version."""
+        validators = b"ETag: %s\r\nCache-Control: %s\r\n%s" % (page.etag, page.cache_control, CSP)
+        if_none_match = request.headers.get(b"if-none-match")
+        # RFC 9110 §13.1.2: a matching If-None-Match on GET/HEAD -> 304 with the validators.
+        if if_none_match is not None and entity_tag_matches(if_none_match, page.etag, weak=True):
+            status, body = 304, b""
+            head = b"".join((STATUS_LINES[304], self._date_lines, validators, _end_of(request)))
+        else:
+            status, body = 200, page.body if request.method == GET else b""
+            length = b"Content-Type: %s\r\nContent-Length: %d\r\n" % (page.content_type, len(page.body))
+            head = b"".join((STATUS_LINES[200], self._date_lines, length, validators, _end_of(request)))
+        self._counters[STATUS_SLOT[status]] += 1
+        if self._access_log is not None:
+            self._access_log.write(
+                conn.peer, request.method, request.target, request.http10, status, len(body), request.headers
+            )
+        conn.send(head + body, None, 0, 0, self.use_sendfile, self.now)
+
     def answer_path(self, conn: Connection, request: Request, path: bytes) -> None:
         """Answer with the cached thumbnail for `path` as it is now."""
-        file = self.files.open(path, self.now)
+        file = self.files.open(path, self.now, request.headers.get(_ACCEPT))
         if file is None:
             self.send_simple(conn, request, 404, b"not found\n")
         elif isinstance(file, int):
@@ -193,4 +258,12 @@ MISS_ANSWERS = {
     404: (b"not found\n", b""),  # no such source, or one that cannot be thumbnailed (the reason is logged only)
     500: (b"internal server error\n", b""),  # RFC 9110 §15.6.1: we failed (e.g. cache disk full), not the request
     503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: too many in flight, too slow, or the state store is busy
+}
+
+
+#: A folder request answered without its page, by status: its body and extra header lines.
+PAGE_ANSWERS = {
+    404: (b"not found\n", b""),
+    500: (b"internal server error\n", b""),
+    503: (b"", RETRY_AFTER),  # RFC 9110 §15.6.4: too many pages being made, or one took too long
 }

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from thumbcli.cache import read_manifest
+from thumbcli.cache import load_manifest, presets_of, read_manifest
 from thumbcli.errors import CannotRunError, ExitCode
 from thumbcli.serve.metrics import MetricsBoard
 from thumbcli.serve.options import ServeOptions
@@ -72,6 +72,24 @@ def _close_all(*socks: socket.socket | None) -> None:
 def _kill(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+def describe(options: ServeOptions, port: int) -> list[str]:
+    """What a started server serves, for its operator: the URL to open, presets, browsing, generate-on-miss."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(options.host, options.host)
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    entries = load_manifest(options.cache_root, strict=False)
+    formats = presets_of(entries)
+    made = {spec.name: spec for spec in options.presets}
+    presets = [f"{name} ({entries[name].get('size', '?')}, {', '.join(formats[name])})" for name in sorted(formats)]
+    presets += [f"{name} ({spec.box.label}, {spec.format})" for name, spec in made.items() if name not in entries]
+    return [
+        f"open {url} in a browser",
+        f"presets: {', '.join(presets) or 'none yet'}",
+        "browsing folders: " + ("on" if options.browse else "off (--browse lists folders)"),
+        "generate on a miss: "
+        + (f"on, {', '.join(sorted(made))}" if options.source_root is not None else "off (--source makes thumbnails)"),
+    ]
 
 
 def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None) -> int:

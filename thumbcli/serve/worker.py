@@ -12,10 +12,12 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
 from thumbcli.serve.files import CacheFiles
+from thumbcli.serve.gallery import GalleryDesk, PageWait
 from thumbcli.serve.metrics import (
     CONNECTIONS_ACCEPTED,
     GENERATIONS_TIMED_OUT,
@@ -27,7 +29,8 @@ from thumbcli.serve.metrics import (
 )
 from thumbcli.serve.misses import MissDesk, Pending
 from thumbcli.serve.options import ServeOptions
-from thumbcli.serve.protocol import RECV_BYTES, Body, Connection, HeadLimits
+from thumbcli.serve.pages import Page
+from thumbcli.serve.protocol import RECV_BYTES, Body, Connection, HeadLimits, Parked
 from thumbcli.serve.respond import MISS_ANSWERS, Responder
 from thumbcli.serve.signals import StopSignals
 
@@ -65,19 +68,24 @@ class Worker:
         self.connections: dict[int, Connection] = {}
         self.limits = HeadLimits(options.max_uri_bytes, options.max_header_bytes, options.access_log is not None)
         self.misses: MissDesk | None = None
+        self.gallery: GalleryDesk | None = None
         self.access_log: AccessLog | None = None
         try:
             if options.on_demand_sources:
                 self.misses = MissDesk(options, self.epoll, counters)
             if options.access_log is not None:
                 self.access_log = AccessLog(options.access_log)
+            if options.browse:
+                self.gallery = GalleryDesk(options.cache_root, self.epoll)
             generated = self.misses.generated if self.misses is not None else {}
             files = CacheFiles(options.cache_root, options.cache_control, generated)
         except BaseException:
             self._release()
             raise
         serve_admin_here = listeners[1] is None and options.admin_port is None
-        self.respond = Responder(options, board, counters, files, self.misses, self.access_log, serve_admin_here)
+        self.respond = Responder(
+            options, board, counters, files, self.misses, self.gallery, self.access_log, serve_admin_here
+        )
         self.now = time.monotonic()
         self.accepting = False
         self.accept_retry_at = 0.0
@@ -106,6 +114,8 @@ class Worker:
     def _release(self) -> None:
         if self.misses is not None:
             self.misses.close()
+        if self.gallery is not None:
+            self.gallery.close()
         if self.access_log is not None:
             self.access_log.close()
         for sock in (self.listener, self.admin_listener):
@@ -123,6 +133,7 @@ class Worker:
         admin_fd = self.admin_listener.fileno() if self.admin_listener is not None else -1
         signal_fd = signals.fileno() if signals is not None else -1
         done_fd = self.misses.done_fd if self.misses is not None else -1
+        pages_fd = self.gallery.done_fd if self.gallery is not None else -1
         while True:
             events = poll(self.tick)
             self.now = now = monotonic()
@@ -140,6 +151,8 @@ class Worker:
                     self._accept(self.admin_listener, admin=True)
                 elif fd == done_fd:
                     self._on_completed()
+                elif fd == pages_fd:
+                    self._on_pages()
                 elif fd == signal_fd:
                     assert signals is not None
                     self.signals_seen += signals.count()
@@ -206,7 +219,10 @@ class Worker:
         elif conn.out:
             if now - conn.last_progress > options.send_timeout:
                 head = conn.out[0]
-                if not isinstance(head, Pending):
+                if isinstance(head, PageWait):
+                    if now - head.since > options.send_timeout:
+                        self._resolve_page(head, 503)
+                elif not isinstance(head, Pending):
                     counters[TIMEOUT_SEND] += 1
                     self._close(conn)
                 elif now - head.since > options.send_timeout:
@@ -352,6 +368,9 @@ class Worker:
             elif isinstance(item, Pending):
                 assert self.misses is not None
                 self.misses.forget(item)
+            elif isinstance(item, PageWait):
+                assert self.gallery is not None
+                self.gallery.forget(item)
         conn.out.clear()
         del self.connections[conn.fd]
         conn.sock.close()  # also removes it from the epoll set
@@ -372,18 +391,40 @@ class Worker:
         """Answer a parked request in its place in the output: with its thumbnail if `status` is 200."""
         assert self.misses is not None
         self.misses.forget(pending)
-        conn = pending.conn
+        request, respond = pending.request, self.respond
+        if status == 200:
+            self._answer_in_place(pending.conn, pending, lambda conn: respond.answer_path(conn, request, pending.path))
+        else:
+            body, extra = MISS_ANSWERS[status]
+            self._answer_in_place(
+                pending.conn, pending, lambda conn: respond.send_simple(conn, request, status, body, extra)
+            )
+
+    # -- gallery pages
+
+    def _on_pages(self) -> None:
+        """Answer the parked folder requests whose pages are made."""
+        assert self.gallery is not None
+        for wait, result in self.gallery.completed(self.respond.files.views, self.now):
+            self._resolve_page(wait, result)
+
+    def _resolve_page(self, wait: PageWait, result: Page | int) -> None:
+        """Answer a parked folder request in its place: with its page, or a status (503 when too slow)."""
+        assert self.gallery is not None
+        self.gallery.forget(wait)
+        request, respond = wait.request, self.respond
+        self._answer_in_place(wait.conn, wait, lambda conn: respond.page_ready(conn, request, result))
+
+    def _answer_in_place(self, conn: Connection, parked: Parked, answer: Callable[[Connection], None]) -> None:
+        """Replace `parked` in the connection's output with what `answer` sends; later answers stay after it."""
         if conn.closed:
             return
         out = conn.out
-        index = next(i for i, item in enumerate(out) if item is pending)
+        index = next(i for i, item in enumerate(out) if item is parked)
         later = out[index + 1 :]
         del out[index:]
         try:
-            if status == 200:
-                self.respond.answer_path(conn, pending.request, pending.path)
-            else:
-                self.respond.send_simple(conn, pending.request, status, *MISS_ANSWERS[status])
+            answer(conn)
         except OSError:
             out.extend(later)
             self._close(conn)
@@ -391,7 +432,7 @@ class Worker:
         out.extend(later)
         conn.last_progress = self.now
         if conn.in_message:
-            conn.head_start = self.now  # the rest of its head waited unread while this thumbnail was made
+            conn.head_start = self.now  # the rest of its head waited unread while the answer was made
         if conn.out:
             self._set_interest(conn, select.EPOLLOUT)
         self._on_writable(conn)

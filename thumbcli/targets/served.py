@@ -44,8 +44,12 @@ class CacheDirectory(OutputTree):
         self._write_manifest(cache.load_manifest(root, strict=False))
 
     def _write_manifest(self, presets: dict[str, dict[str, object]]) -> None:
-        """Write the manifest: `presets` with this run's specs entered (or updated)."""
-        cache.write_manifest(self.root, presets | {spec.name: cache.manifest_entry(spec) for spec in self.specs})
+        """Write the manifest: `presets` with this run's specs entered (or updated), one entry per preset name."""
+        by_name: dict[str, list[ThumbSpec]] = {}
+        for spec in self.specs:
+            by_name.setdefault(spec.name, []).append(spec)
+        entries = {name: cache.manifest_entry(*specs) for name, specs in by_name.items()}
+        cache.write_manifest(self.root, presets | entries)
 
     def prune(
         self, current: dict[str, str] | None, *, dry_run: bool, sources: Mapping[str, str] | None = None
@@ -65,12 +69,16 @@ class CacheDirectory(OutputTree):
             ((os.fsencode(os.path.abspath(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
             key=lambda root_name: -len(root_name[0]),
         )
+        # A preset made in several formats is current in each of them while its fallback is unchanged.
+        digests = {
+            name: {digest, *_variant_digests(manifest.get(name, {}), digest)} for name, digest in current.items()
+        }
         removals: list[Removal] = []
         moves: list[tuple[str, str, Origin]] = []
         for out, origin in self._state.origins():
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
-            elif origin.digest != current[origin.preset]:
+            elif origin.digest not in digests[origin.preset]:
                 reason = f"preset {origin.preset} settings changed"
             elif not os.path.lexists(origin.source):
                 reason = "source is gone"
@@ -141,3 +149,11 @@ class CacheDirectory(OutputTree):
             return False
         self._state.record(placed, origin)
         return True
+
+
+def _variant_digests(entry: dict[str, object], fallback_digest: str) -> list[str]:
+    """The digests of every format of a manifest entry whose fallback still has `fallback_digest`."""
+    listed = entry.get("digests")
+    if entry.get("digest") != fallback_digest or not isinstance(listed, list):
+        return []
+    return [str(digest) for digest in listed]

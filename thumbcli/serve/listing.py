@@ -1,0 +1,120 @@
+"""What a folder of the served cache holds, for gallery pages: subfolders and thumbnails, never anything else.
+
+Names stay bytes from the file system to the URL, so names that are not UTF-8 still link
+correctly. Hidden names (the `.thumbcli` state, temporary files) and symbolic links are never
+listed. A listing is kept while its folder's mtime stays the same, so paging through a folder
+of 50,000 thumbnails reads it once.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+Sort = Literal["name", "date"]
+SORTS: tuple[Sort, ...] = ("name", "date")
+#: Folder listings each worker keeps.
+LISTINGS_KEPT = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Thumbnail:
+    """One listed thumbnail: its source name (the URL's last segment) and the file it is in."""
+
+    source_name: bytes
+    file_name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FolderListing:
+    """A folder's subfolders and thumbnails, each sorted by name (bytewise)."""
+
+    folders: tuple[bytes, ...]
+    thumbnails: tuple[Thumbnail, ...]
+
+
+@dataclass(slots=True)
+class _Kept:
+    key: tuple[int, int, int]
+    listing: FolderListing
+    newest_first: tuple[Thumbnail, ...] | None = None
+
+
+class FolderLister:
+    """Lists cache folders, keeping recent listings; safe to call from several threads."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[bytes, tuple[bytes, ...]], _Kept] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def thumbnails(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> FolderListing | None:
+        """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder."""
+        try:
+            st = os.stat(folder, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            kept = self._kept.get((folder, suffixes))
+            if kept is not None and kept.key == key:
+                self._kept.move_to_end((folder, suffixes))
+        if kept is None or kept.key != key:
+            listing = _read_folder(folder, suffixes)
+            if listing is None:
+                return None
+            kept = _Kept(key, listing)
+            with self._lock:
+                self._kept[(folder, suffixes)] = kept
+                while len(self._kept) > LISTINGS_KEPT:
+                    self._kept.popitem(last=False)
+        if sort == "name":
+            return kept.listing
+        if kept.newest_first is None:
+            kept.newest_first = _newest_first(folder, kept.listing.thumbnails)
+        return FolderListing(kept.listing.folders, kept.newest_first)
+
+
+def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | None:
+    folders: list[bytes] = []
+    by_source: dict[bytes, bytes] = {}
+    rank: dict[bytes, int] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(b".") or entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(name)
+                    continue
+                for order, suffix in enumerate(suffixes):
+                    if name.endswith(suffix) and len(name) > len(suffix) and entry.is_file(follow_symlinks=False):
+                        source = name[: -len(suffix)]
+                        # One entry per source; its file is the variant of the preferred format.
+                        if source not in rank or order < rank[source]:
+                            by_source[source] = name
+                            rank[source] = order
+                        break
+    except OSError:
+        return None
+    folders.sort()
+    thumbnails = tuple(Thumbnail(source, by_source[source]) for source in sorted(by_source))
+    return FolderListing(tuple(folders), thumbnails)
+
+
+def _newest_first(folder: bytes, thumbnails: tuple[Thumbnail, ...]) -> tuple[Thumbnail, ...]:
+    def modified(thumbnail: Thumbnail) -> int:
+        try:
+            return os.stat(os.path.join(folder, thumbnail.file_name), follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return 0
+
+    dated = [(modified(thumbnail), thumbnail) for thumbnail in thumbnails]
+    dated.sort(key=lambda pair: (-pair[0], pair[1].source_name))
+    return tuple(thumbnail for _, thumbnail in dated)
