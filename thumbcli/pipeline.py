@@ -61,6 +61,8 @@ class RunStats:
     failed: int = 0
     #: Files made from only the part of them that decodes (see FileResult.warning).
     degraded: int = 0
+    #: Resample worker processes started, replacements of killed ones included.
+    workers_started: int = 0
     seconds: float = 0.0
     bytes_read: int = 0
     stopped: StopReason | None = None
@@ -337,6 +339,8 @@ class Pipeline:
                 self._put(self._write_queue, job)
         finally:
             worker.close()
+            with self._stats_lock:
+                self._stats.workers_started += worker.started
 
     def _writer(self) -> None:
         while (job := self._write_queue.get()) is not _DONE:

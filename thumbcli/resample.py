@@ -109,6 +109,22 @@ def describe_failure(detail: str) -> str:
     return _error_line(detail)
 
 
+def _cut_short(data: bytes, source_format: str) -> bool:
+    """Whether `data` lacks the end its format always has (the usual damage: a half-copied file).
+
+    libpng says only "read error" for a file cut short, whatever the cut.
+    """
+    # Near the end, not at it: some cameras and editors append data after the image.
+    tail = data[-4096:].rstrip(b"\0")
+    if source_format == "jpeg":
+        return b"\xff\xd9" not in tail
+    if source_format == "png":
+        return b"IEND" not in tail
+    if source_format == "gif":
+        return not tail.endswith(b"\x3b")
+    return False
+
+
 def _error_detail(exc: pyvips.Error) -> str:
     """The raw libvips error text on one line (repeated lines once)."""
     detail = str(getattr(exc, "detail", "") or exc.message or exc)
@@ -229,7 +245,8 @@ def resample(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, stric
         return Resampled(_make_thumbnails(data, specs, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
-    failure = DecodeFailed(describe_failure(detail), detail)
+    reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
+    failure = DecodeFailed(reason, detail)
     if strict:
         raise failure
     try:

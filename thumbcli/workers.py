@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import pickle
+import resource
 import select
 import signal
 import struct
@@ -42,6 +43,8 @@ _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SELF = "/proc/self/exe"
+_START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
+_READY = b"R"
 
 
 class WorkerOutcome(NamedTuple):
@@ -140,6 +143,11 @@ class ResampleWorker:
         if self._cpu is not None:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(self._process.pid, {self._cpu})
+        # Wait for libvips to load: the decode time limit is the file's, not the start's.
+        ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
+        if not ready or os.read(reply_read, 1) != _READY:
+            self._kill()
+            raise WorkerBug(f"a resample worker did not start within {_START_SECONDS:g} s (see its output above)")
         log.debug("started resample worker %d", self._process.pid)
 
     def _await_reply(self) -> WorkerOutcome:
@@ -247,10 +255,13 @@ def serve(requests: int, replies: int, parent: int) -> NoReturn:  # pragma: no c
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(parent)
+    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     from thumbcli import resample
     from thumbcli.errors import FileRejected
 
     resample.configure_libvips()
+    _write_all(replies, _READY)
     while True:
         head = _read_exactly(requests, _REQUEST.size)
         if head is None:
