@@ -91,7 +91,7 @@ class _Loaded:
 
 
 class _ByteBudget:
-    """Bytes read and not yet handed to a worker, bounded: one file is always let through."""
+    """Bytes read and not yet resampled, bounded: one file is always let through."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit

@@ -190,7 +190,7 @@ class RunOptions:
     max_seconds: float | None = None
     #: Refuse images libvips can only partly decode (truncated, corrupt) instead of making degraded thumbnails.
     strict: bool = False
-    #: Bytes read from sources and not yet handed to a worker; one file is always let through.
+    #: Bytes read from sources and not yet resampled; one file is always let through.
     queue_bytes: int = 256 * 1024 * 1024
     #: Pin each resample worker process to a core of its own (when there are cores enough).
     pin_workers: bool = False
