@@ -257,6 +257,8 @@ def serve(requests: int, replies: int, parent: int) -> NoReturn:  # pragma: no c
     _die_with(parent)
     # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # What a decoder has to say about a file reaches the parent in the reply, not on stderr.
+    logging.getLogger("pyvips").setLevel(logging.ERROR)
     from thumbcli import resample
     from thumbcli.errors import FileRejected
 
