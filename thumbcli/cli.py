@@ -21,7 +21,7 @@ from click.core import ParameterSource
 from thumbcli import __version__
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
-from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions, default_workers
 from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE
 
 if TYPE_CHECKING:
@@ -231,6 +231,24 @@ def config_default_map(config: Any, group: click.Group) -> dict[str, dict[str, A
     show_default=True,
     help="Refuse images with more megapixels (decompression bombs).",
 )
+@click.option(
+    "--max-decode-time",
+    type=Duration(),
+    default="60",
+    show_default=True,
+    help="Kill and replace a resample worker that spends longer on one file; the file is reported timed out.",
+)
+@click.option(
+    "--max-worker-memory",
+    type=ByteSize(),
+    help="Kill and replace a resample worker past this much resident memory; the file is reported."
+    "  [default: half the RAM shared among the workers, at least 1G]",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
+)
 @click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
 @click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
 @click.option("--wait", is_flag=True, help="Wait for another run on the same output to finish instead of exiting.")
@@ -295,6 +313,9 @@ class GenerateArgs:
     writers: int
     max_file_size: int
     max_pixels: int
+    max_decode_time: float
+    max_worker_memory: int | None
+    strict: bool
     max_files: int | None
     max_time: float | None
     wait: bool
@@ -349,14 +370,21 @@ def _generate(config: Any, args: GenerateArgs) -> int:
     destinations = [args.output is not None, args.cache_dir is not None, bool(args.flavours)]
     if sum(destinations) != 1:
         raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
+    limits = Limits(
+        max_file_size=args.max_file_size,
+        max_pixels=args.max_pixels,
+        max_decode_seconds=args.max_decode_time,
+        max_worker_memory=args.max_worker_memory or 0,
+    )
     run_options = RunOptions(
         loaders=args.loaders,
+        workers=args.workers or default_workers(),
         writers=args.writers,
-        limits=Limits(max_file_size=args.max_file_size, max_pixels=args.max_pixels),
+        limits=limits,
         force=args.force,
         max_files=args.max_files,
         max_seconds=args.max_time,
-        **({"workers": args.workers} if args.workers else {}),
+        strict=args.strict,
     )
     walk_options = WalkOptions(
         hidden=args.hidden,
@@ -394,7 +422,10 @@ def _generate(config: Any, args: GenerateArgs) -> int:
             line = f"failed: {result.describe()}"
             _echo_err(progress, line)
             if fail_log_file is not None:
-                fail_log_file.write(line + "\n")
+                # The decoder's own words too: the short reason is ours.
+                fail_log_file.write(line + (f" [{result.detail}]" if result.detail else "") + "\n")
+        elif result.warning:
+            _echo_err(progress, f"warning: {display_path(result.path)}: {result.warning} (thumbnail of what decodes)")
         progress.finished(result.status)
 
     pipeline = Pipeline(
