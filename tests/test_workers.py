@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import cli_command, load, make_photo, output_files
+from conftest import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
 
 from thumbcli.pipeline import FileResult, Pipeline, RunStats
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
@@ -235,3 +235,38 @@ def test_a_run_with_nothing_to_make_starts_no_worker_and_a_run_starts_one_per_sl
     again, _ = run_pipeline(tmp_path / "src", tmp_path / "out", RunOptions(workers=2))
     assert (first.made, first.workers_started) == (6, 2)
     assert (again.skipped, again.workers_started) == (6, 0)
+
+
+def test_generate_warns_of_a_degraded_thumbnail_and_strict_refuses_it_with_the_raw_text_in_the_fail_log(
+    tmp_path: Path,
+) -> None:
+    data = make_photo(tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cut.jpg").write_bytes(data[: len(data) // 2])
+
+    lenient = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64")
+    assert lenient.rc == 0, lenient.stderr
+    assert "warning: " in lenient.stderr and "cut.jpg: truncated" in lenient.stderr
+    assert [load(path).width for path in output_files(tmp_path / "out")] == [64]
+
+    fail_log = tmp_path / "failures.log"
+    strict = run_cli("generate", tmp_path / "src", "-o", tmp_path / "strict", "--strict", "--fail-log", fail_log)
+    assert strict.rc == 1
+    assert assert_clean_failure(strict, "cut.jpg").endswith("cut.jpg: truncated")
+    (logged,) = fail_log.read_text().splitlines()
+    assert logged.endswith("cut.jpg: truncated [VipsJpeg: premature end of JPEG image]")
+
+
+def test_generate_max_decode_time_reports_the_slow_file_timed_out(tmp_path: Path, slow_png: Path) -> None:
+    (tmp_path / "src").mkdir()
+    os.link(slow_png, tmp_path / "src" / "slow.png")
+    make_photo(tmp_path / "src" / "fine.jpg", 120, 80)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--max-decode-time", "0.2", "--json")
+    assert run.rc == 1
+    assert assert_clean_failure(run, "slow.png").endswith("slow.png: timed out after 0.2 s")
+    assert run.summary["made"] == 1
+
+
+def test_generate_refuses_a_max_decode_time_of_zero(tmp_path: Path) -> None:
+    run = run_cli("generate", tmp_path, "-o", tmp_path / "out", "--max-decode-time", "0")
+    assert run.rc == 2 and "--max-decode-time must be positive" in run.stderr
