@@ -315,9 +315,9 @@ class Pipeline:
                 self._stats.bytes_read += len(job.data)
             self._put(self._resample_queue, job)
 
-    def _resampler(self, cpu: int | None) -> None:
+    def _resampler(self) -> None:
         """Feed one worker process; it is started at the first file, so a run with nothing to make never starts one."""
-        worker = ResampleWorker(self._run.limits, strict=self._run.strict, memory_ceiling=self._memory_ceiling, cpu=cpu)
+        worker = ResampleWorker(self._run.limits, strict=self._run.strict, memory_ceiling=self._memory_ceiling)
         try:
             while (job := self._resample_queue.get()) is not _DONE:
                 if self._stopping():
@@ -380,18 +380,6 @@ class Pipeline:
             raise self._crash
         return self._stats
 
-    def _start_resamplers(
-        self, start: Callable[[Callable[[], None], int, str], list[threading.Thread]]
-    ) -> list[threading.Thread]:
-        count = self._run.workers
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        pin = self._run.pin_workers and 1 < count <= len(cpus)
-        threads: list[threading.Thread] = []
-        for index in range(count):
-            cpu = cpus[index] if pin else None
-            threads += start(functools.partial(self._resampler, cpu), 1, f"resample-{index}")
-        return threads
-
     def _run_stages(self, walk: SplitWalk, started: float) -> None:
         options = self._run
 
@@ -406,7 +394,7 @@ class Pipeline:
         stages = [
             (start(functools.partial(self._walker, walk), 1, "walker"), self._load_queue, options.loaders),
             (start(self._loader, options.loaders, "loader"), self._resample_queue, options.workers),
-            (self._start_resamplers(start), self._write_queue, options.writers),
+            (start(self._resampler, options.workers, "resample"), self._write_queue, options.writers),
             (start(self._writer, options.writers, "writer"), None, 0),
         ]
         for threads, next_queue, consumers in stages:

@@ -192,8 +192,6 @@ class RunOptions:
     strict: bool = False
     #: Bytes read from sources and not yet resampled; one file is always let through.
     queue_bytes: int = 256 * 1024 * 1024
-    #: Pin each resample worker process to a core of its own (when there are cores enough).
-    pin_workers: bool = False
 
     def __post_init__(self) -> None:
         if self.queue_bytes < 1:

@@ -69,11 +69,10 @@ class ResampleWorker:
     Not thread-safe: one pipeline thread drives one worker.
     """
 
-    def __init__(self, limits: Limits, *, strict: bool, memory_ceiling: int, cpu: int | None = None) -> None:
+    def __init__(self, limits: Limits, *, strict: bool, memory_ceiling: int) -> None:
         self._limits = limits
         self._strict = strict
         self._memory_ceiling = memory_ceiling
-        self._cpu = cpu
         self._process: subprocess.Popen[bytes] | None = None
         self._requests = -1
         self._replies = -1
@@ -140,9 +139,6 @@ class ResampleWorker:
             os.close(reply_write)
         self._requests, self._replies = request_write, reply_read
         self.started += 1
-        if self._cpu is not None:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(self._process.pid, {self._cpu})
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
         if not ready or os.read(reply_read, 1) != _READY:
