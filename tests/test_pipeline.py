@@ -186,3 +186,29 @@ def test_pipeline_max_files_stops_after_that_many_and_the_next_run_goes_on(tmp_p
         if stats.stopped is None:
             break
     assert made == 7 and len(output_files(tmp_path / "out")) == 7
+
+
+def test_pipeline_holds_no_more_source_bytes_than_its_byte_budget(tmp_path: Path) -> None:
+    make_sources(tmp_path / "src", 30)
+    # A budget under one file: one source at a time between read and resampled.
+    run = RunOptions(loaders=2, workers=2, writers=1, queue_depth=4, queue_bytes=1)
+    # That one, each worker's made thumbnails waiting for the write queue, the write queue, the writer's.
+    bound = 1 + run.workers + run.queue_depth + run.writers
+    assert bound < run.loaders + run.queue_depth + run.workers + run.queue_depth + run.writers
+    in_flight: list[int] = []
+
+    class SlowTarget(WrappedTarget):
+        def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            time.sleep(0.02)
+            in_flight.append(pipeline.loaded - pipeline.written)
+            super().write(source, made)
+
+    target = SlowTarget(OutputTree(tmp_path / "out", SPECS))
+    pipeline = Pipeline([str(tmp_path / "src")], target, run, WalkOptions())
+    try:
+        stats = pipeline.run()
+    finally:
+        target.close()
+    assert stats.made == 30 and len(in_flight) == 30
+    assert max(in_flight) <= bound, in_flight
+    assert max(in_flight) >= run.queue_depth

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pyvips
 from conftest import (
+    CORPUS,
     draw_photo,
     make_cmyk_jpeg,
     make_oriented_jpeg,
@@ -16,10 +17,11 @@ from conftest import (
     make_png_bomb,
     make_rgba_png,
     mean_abs_difference,
+    needs_corpus,
 )
 
 from thumbcli.errors import FileRejected
-from thumbcli.resample import make_thumbnails
+from thumbcli.resample import DecodeFailed, describe_failure, make_thumbnails, resample
 from thumbcli.spec import Fit, Format, Limits, SizeBox, ThumbSpec
 
 LIMITS = Limits()
@@ -183,3 +185,42 @@ def test_max_pixels_applies_to_ordinary_images(photo_bytes: bytes) -> None:
     with pytest.raises(FileRejected, match="max-pixels"):
         make_thumbnails(photo_bytes, (spec("128"),), Limits(max_pixels=600 * 400 - 1))
     assert make_thumbnails(photo_bytes, (spec("128"),), Limits(max_pixels=600 * 400))
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "gif"])
+def test_a_truncated_image_decodes_in_part_with_a_warning_unless_strict(tmp_path: Path, suffix: str) -> None:
+    data = make_photo(tmp_path / f"photo.{suffix}").read_bytes()
+    cut = data[: len(data) * 2 // 3]
+    degraded = resample(cut, (spec("128"),), LIMITS, strict=False)
+    (thumb,) = degraded.thumbnails
+    assert (thumb.width, thumb.height) == (128, 85)
+    assert degraded.warning == "truncated" and degraded.detail
+    with pytest.raises(DecodeFailed, match=r"^truncated$") as info:
+        resample(cut, (spec("128"),), LIMITS, strict=True)
+    assert info.value.detail == degraded.detail
+    assert resample(data, (spec("128"),), LIMITS, strict=False).warning == ""
+
+
+@pytest.mark.parametrize(
+    ("detail", "reason"),
+    [
+        (
+            "tiff2vips: Old-style JPEG compression support is not configured",
+            "unsupported TIFF compression (old-style JPEG)",
+        ),
+        ("source: bad seek to 1024; heif: Invalid input: No 'ftyp' box", "not a HEIF/HEVC file"),
+        ("VipsJpeg: premature end of JPEG image", "truncated"),
+        ("source: bad seek to 513; frobload: the frob is broken", "frobload: the frob is broken"),
+        ("", "libvips could not decode the image"),
+    ],
+)
+def test_a_libvips_failure_is_told_in_a_short_reason_with_the_useful_part_first(detail: str, reason: str) -> None:
+    assert describe_failure(detail) == reason
+
+
+@needs_corpus
+def test_an_old_style_jpeg_tiff_is_refused_as_unsupported_compression() -> None:
+    data = (CORPUS / "libvips" / "ojpeg-strip.tif").read_bytes()
+    with pytest.raises(DecodeFailed, match=r"^unsupported TIFF compression \(old-style JPEG\)$") as info:
+        resample(data, (spec("128"),), LIMITS, strict=False)
+    assert "Old-style JPEG" in info.value.detail

@@ -155,6 +155,7 @@ def test_metrics_file_is_a_prometheus_textfile_that_keeps_the_last_success(tmp_p
         thumbnails=0,
         skipped=2,
         failed=1,
+        degraded=0,
         seconds=0.1,
         images_per_second=0.0,
         bytes_read=0,

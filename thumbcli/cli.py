@@ -332,6 +332,24 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
     show_default=True,
     help="Refuse images with more megapixels (decompression bombs).",
 )
+@click.option(
+    "--max-decode-time",
+    type=Duration(),
+    default="60",
+    show_default=True,
+    help="Kill and replace a resample worker that spends longer on one file; the file is reported timed out.",
+)
+@click.option(
+    "--max-worker-memory",
+    type=ByteSize(),
+    help="Kill and replace a resample worker past this much resident memory; the file is reported."
+    "  [default: half the RAM shared among the workers, at least 1G]",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
+)
 @click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
 @click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
 @_wait_option
@@ -378,6 +396,8 @@ def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary
     def on_result(result: FileResult) -> None:
         if result.status == "failed":
             _echo_err(progress, f"failed: {result.describe()}")
+        elif result.warning:
+            _echo_err(progress, f"warning: {display_path(result.path)}: {result.warning} (thumbnail of what decodes)")
         progress.finished(result.status)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

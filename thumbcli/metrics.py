@@ -36,6 +36,9 @@ def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None
     for outcome, count in (("made", summary.made), ("skipped", summary.skipped), ("failed", summary.failed)):
         lines.append(f'thumbcli_last_run_files{{outcome="{outcome}"}} {count}')
     lines += [
+        "# HELP thumbcli_last_run_degraded_files Files made from what decodes of a damaged source (among those made).",
+        "# TYPE thumbcli_last_run_degraded_files gauge",
+        f"thumbcli_last_run_degraded_files {summary.degraded}",
         "# HELP thumbcli_last_run_thumbnails Thumbnails written by the last run.",
         "# TYPE thumbcli_last_run_thumbnails gauge",
         f"thumbcli_last_run_thumbnails {summary.thumbnails}",

@@ -1,4 +1,4 @@
-"""The three-stage pipeline: loader threads -> resample workers -> writer threads, joined by bounded queues."""
+"""The three-stage pipeline: loader threads -> resample worker processes -> writer threads, joined by bounded queues."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.plan import Plan, Target
+from thumbcli.workers import ResampleWorker
 
 if TYPE_CHECKING:
-    from thumbcli.resample import Thumbnail
+    from thumbcli.spec import Thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class FileResult(NamedTuple):
     status: Status
     reason: str = ""
     thumbnails: int = 0
+    #: Made from only part of a damaged image: what was wrong with it (a degraded thumbnail).
+    warning: str = ""
+    #: The decoder's raw text behind the reason or the warning (for the fail log).
+    detail: str = ""
 
     def describe(self) -> str:
         """One line naming the file and, for a failure, the reason."""
@@ -54,10 +59,15 @@ class RunStats:
     thumbnails: int = 0
     skipped: int = 0
     failed: int = 0
+    #: Files made from only the part of them that decodes (see FileResult.warning).
+    degraded: int = 0
+    #: Resample worker processes started, replacements of killed ones included.
+    workers_started: int = 0
     seconds: float = 0.0
     bytes_read: int = 0
     stopped: StopReason | None = None
     failures: list[FileResult] = field(default_factory=list)
+    warnings: list[FileResult] = field(default_factory=list)
     #: With a dry run: files that would be made, and thumbnails per spec name.
     planned: int = 0
     planned_by_spec: dict[str, int] = field(default_factory=dict)
@@ -74,6 +84,36 @@ class _Loaded:
     specs: tuple[ThumbSpec, ...]
     data: bytes = b""
     made: list[tuple[ThumbSpec, Thumbnail]] = field(default_factory=list)
+    warning: str = ""
+    detail: str = ""
+    #: Bytes this job holds of the run's byte budget.
+    budgeted: int = 0
+
+
+class _ByteBudget:
+    """Bytes read and not yet resampled, bounded: one file is always let through."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+        self._changed = threading.Condition()
+
+    def take(self, count: int, give_up: Callable[[], bool]) -> bool:
+        """Wait until `count` bytes fit; False if `give_up` turns true first."""
+        with self._changed:
+            while self._held and self._held + count > self._limit:
+                if give_up():
+                    return False
+                self._changed.wait(0.2)
+            self._held += count
+            return True
+
+    def give_back(self, count: int) -> None:
+        """Return bytes taken."""
+        if count:
+            with self._changed:
+                self._held -= count
+                self._changed.notify_all()
 
 
 class Pipeline:
@@ -115,6 +155,8 @@ class Pipeline:
         self._load_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
+        self._byte_budget = _ByteBudget(run.queue_bytes)
+        self._memory_ceiling = run.limits.worker_memory(run.workers)
         #: Sources read so far; with `written`, lets a test observe the backpressure.
         self.loaded = 0
         self.written = 0
@@ -138,6 +180,9 @@ class Pipeline:
             if result.status == "made":
                 stats.made += 1
                 stats.thumbnails += result.thumbnails
+                if result.warning:
+                    stats.degraded += 1
+                    stats.warnings.append(result)
             elif result.status == "skipped":
                 stats.skipped += 1
             elif result.status == "planned":
@@ -175,7 +220,10 @@ class Pipeline:
         for q in (self._load_queue, self._resample_queue, self._write_queue):
             try:
                 while True:
-                    q.get_nowait()
+                    job = q.get_nowait()
+                    if job is not None:
+                        self._byte_budget.give_back(job.budgeted)
+                        job.budgeted = 0
             except queue.Empty:
                 pass
 
@@ -244,13 +292,22 @@ class Pipeline:
                 if self._crash is not None:
                     return
 
+    def _stopping(self) -> bool:
+        return self._stop.is_set() and self._stop_reason != "max-files"
+
     def _loader(self) -> None:
         while (job := self._load_queue.get()) is not _DONE:
-            if self._stop.is_set() and self._stop_reason != "max-files":
+            if self._stopping():
                 continue
+            # Taken before reading, at the size the walk saw: what is read is bounded too.
+            budget = min(job.source.size, self._run.limits.max_file_size)
+            if not self._byte_budget.take(budget, lambda: self._crash is not None or self._stopping()):
+                continue
+            job.budgeted = budget
             try:
                 job.data, job.source = read_source(job.source, self._run.limits, self._walk.follow_symlinks)
             except (OSError, FileRejected) as exc:
+                self._byte_budget.give_back(budget)
                 self._report(FileResult(job.source.path, "failed", _reason(exc)))
                 continue
             with self._stats_lock:
@@ -258,25 +315,32 @@ class Pipeline:
                 self._stats.bytes_read += len(job.data)
             self._put(self._resample_queue, job)
 
-    def _worker(self) -> None:
-        # libvips is loaded by the first worker that gets an image, so that a run
-        # with nothing to make (the nightly no-change case) never pays for it.
-        resample: ModuleType | None = None
-        limits = self._run.limits
-        while (job := self._resample_queue.get()) is not _DONE:
-            if resample is None:
-                resample = _load_resample()
-            if self._stop.is_set() and self._stop_reason != "max-files":
-                continue
-            try:
-                thumbnails = resample.make_thumbnails(job.data, job.specs, limits)
-            except FileRejected as exc:
-                self._report(FileResult(job.source.path, "failed", str(exc)))
-                self._target.record_failure(job.source, str(exc))
-                continue
-            job.data = b""
-            job.made = list(zip(job.specs, thumbnails, strict=True))
-            self._put(self._write_queue, job)
+    def _resampler(self) -> None:
+        """Feed one worker process; it is started at the first file, so a run with nothing to make never starts one."""
+        worker = ResampleWorker(self._run.limits, strict=self._run.strict, memory_ceiling=self._memory_ceiling)
+        try:
+            while (job := self._resample_queue.get()) is not _DONE:
+                if self._stopping():
+                    self._byte_budget.give_back(job.budgeted)
+                    continue
+                data, job.data = job.data, b""
+                try:
+                    outcome = worker.resample(data, job.specs)
+                finally:
+                    del data
+                    self._byte_budget.give_back(job.budgeted)
+                    job.budgeted = 0
+                if outcome.reason:
+                    self._report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
+                    self._target.record_failure(job.source, outcome.reason)
+                    continue
+                job.made = list(zip(job.specs, outcome.thumbnails, strict=True))
+                job.warning, job.detail = outcome.warning, outcome.detail
+                self._put(self._write_queue, job)
+        finally:
+            worker.close()
+            with self._stats_lock:
+                self._stats.workers_started += worker.started
 
     def _writer(self) -> None:
         while (job := self._write_queue.get()) is not _DONE:
@@ -287,7 +351,9 @@ class Pipeline:
                 continue
             with self._stats_lock:
                 self.written += 1
-            self._report(FileResult(job.source.path, "made", thumbnails=len(job.made)))
+            self._report(
+                FileResult(job.source.path, "made", thumbnails=len(job.made), warning=job.warning, detail=job.detail)
+            )
 
     # -- orchestration -----------------------------------------------------
 
@@ -328,7 +394,7 @@ class Pipeline:
         stages = [
             (start(functools.partial(self._walker, walk), 1, "walker"), self._load_queue, options.loaders),
             (start(self._loader, options.loaders, "loader"), self._resample_queue, options.workers),
-            (start(self._worker, options.workers, "resample"), self._write_queue, options.writers),
+            (start(self._resampler, options.workers, "resample"), self._write_queue, options.writers),
             (start(self._writer, options.writers, "writer"), None, 0),
         ]
         for threads, next_queue, consumers in stages:

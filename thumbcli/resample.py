@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+import re
+from typing import Any, Literal, NamedTuple
 
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.spec import Thumbnail as Thumbnail  # re-exported: the value this module makes
 
 os.environ.setdefault("VIPS_WARNING", "0")
 import pyvips
@@ -17,24 +18,29 @@ import pyvips
 log = logging.getLogger(__name__)
 
 _FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
-# Refuse truncated files instead of thumbnailing their grey remainder. (The
-# thumbnail operations ignore a fail_on keyword; the loader option string works.)
-_LOAD_OPTIONS = "fail_on=truncated"
+# A first decode refuses truncated files instead of thumbnailing their grey
+# remainder; only a file that fails so is decoded again leniently (`fail_on=none`).
+# (The thumbnail operations ignore a fail_on keyword; the loader option string works.)
+FailOn = Literal["truncated", "none"]
 # No edge of a box can exceed this; used for the free edge of `200x` / `x200`.
 _UNBOUNDED = 10_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Thumbnail:
-    """One encoded thumbnail."""
+class DecodeFailed(FileRejected):
+    """libvips could not decode a file: the message is the short reason, `detail` the raw libvips text."""
 
-    data: bytes
-    width: int
-    height: int
-    #: The upright size and the format of the image it was made from.
-    source_width: int
-    source_height: int
-    source_format: str
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+class Resampled(NamedTuple):
+    """Thumbnails made from one file; with a warning when only part of it decoded (a degraded thumbnail)."""
+
+    thumbnails: list[Thumbnail]
+    warning: str = ""
+    #: The raw libvips text behind the warning.
+    detail: str = ""
 
 
 def configure_libvips() -> None:
@@ -78,15 +84,66 @@ def _describe_head(head: bytes) -> str:
     return f"content is not a supported image (starts with bytes {sample.hex(' ')})"
 
 
-def _error_line(exc: pyvips.Error) -> str:
-    """The most useful single line of a libvips error message."""
+#: Raw libvips text -> the short reason that says it, first match wins.
+_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), reason)
+    for pattern, reason in (
+        (r"premature end|unexpected end|truncated|insufficient input data|out of data", "truncated"),
+        (r"old-style jpeg compression", "unsupported TIFF compression (old-style JPEG)"),
+        (r"compression method is not configured|compression scheme .* not implemented", "unsupported TIFF compression"),
+        (r"heif: (invalid input|no 'ftyp'|unsupported filetype)", "not a HEIF/HEVC file"),
+        (r"heif: unsupported", "unsupported HEIF/AVIF feature"),
+        (r"libpng read error|libspng read error|png.*crc", "damaged PNG data"),
+        (r"no frames in gif", "GIF has no frames"),
+        (r"corrupt jpeg data|invalid jpeg file structure|bogus", "damaged JPEG data"),
+        (r"out of memory", "libvips ran out of memory"),
+    )
+)
+
+
+def describe_failure(detail: str) -> str:
+    """The short reason for a raw libvips error text: what is wrong first, not a libvips dump."""
+    for pattern, reason in _REASONS:
+        if pattern.search(detail):
+            return reason
+    return _error_line(detail)
+
+
+def _cut_short(data: bytes, source_format: str) -> bool:
+    """Whether `data` lacks the end its format always has (the usual damage: a half-copied file).
+
+    libpng says only "read error" for a file cut short, whatever the cut.
+    """
+    # Near the end, not at it: some cameras and editors append data after the image.
+    tail = data[-4096:].rstrip(b"\0")
+    if source_format == "jpeg":
+        return b"\xff\xd9" not in tail
+    if source_format == "png":
+        return b"IEND" not in tail
+    if source_format == "gif":
+        return not tail.endswith(b"\x3b")
+    return False
+
+
+def _error_detail(exc: pyvips.Error) -> str:
+    """The raw libvips error text on one line (repeated lines once)."""
     detail = str(getattr(exc, "detail", "") or exc.message or exc)
-    lines = []
+    lines: list[str] = []
     for line in detail.splitlines():
         line = line.strip()
-        if line and not line.startswith("unable to call") and line not in lines:
+        if line and line not in lines:
             lines.append(line)
-    return "; ".join(lines)[:300] or "libvips could not decode the image"
+    return "; ".join(lines)
+
+
+def _error_line(detail: str) -> str:
+    """The most useful part of a raw text no pattern knows: its lines but the noise."""
+    useful = [
+        line
+        for line in detail.split("; ")
+        if line and not line.startswith("unable to call") and not line.startswith("source: bad seek")
+    ]
+    return "; ".join(useful)[:300] or "libvips could not decode the image"
 
 
 def _upright_size(header: pyvips.Image) -> tuple[int, int]:
@@ -171,20 +228,40 @@ def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -
     """Decode `data` once (with shrink-on-load) and make one thumbnail per spec, in order.
 
     Raises FileRejected with a one-line reason for anything that is not a
-    decodable image within `limits`; never returns partial results.
+    decodable image within `limits`, truncated ones included; never returns partial results.
+    """
+    return resample(data, specs, limits, strict=True).thumbnails
+
+
+def resample(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, strict: bool) -> Resampled:
+    """Make one thumbnail per spec from `data`; unless `strict`, from what decodes of a damaged image.
+
+    Raises FileRejected (DecodeFailed for what libvips refused) with a one-line reason.
     """
     source_format = sniff_format(data[:1024])
     if source_format is None:
         raise FileRejected(_describe_head(data[:16]))
     try:
-        return _make_thumbnails(data, specs, limits, source_format)
+        return Resampled(_make_thumbnails(data, specs, limits, source_format, "truncated"))
     except pyvips.Error as exc:
-        raise FileRejected(_error_line(exc)) from None
+        detail = _error_detail(exc)
+    reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
+    failure = DecodeFailed(reason, detail)
+    if strict:
+        raise failure
+    try:
+        thumbnails = _make_thumbnails(data, specs, limits, source_format, "none")
+    except pyvips.Error:
+        raise failure from None
+    return Resampled(thumbnails, str(failure), detail)
 
 
-def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str) -> list[Thumbnail]:
+def _make_thumbnails(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str, fail_on: FailOn
+) -> list[Thumbnail]:
+    load_options = f"fail_on={fail_on}"
     # The header alone is parsed here; no pixel is decoded before the size check.
-    header = pyvips.Image.new_from_buffer(data, _LOAD_OPTIONS, access="sequential")
+    header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
     pixels = header.width * header.height
     if pixels > limits.max_pixels:
         raise FileRejected(
@@ -200,7 +277,7 @@ def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, 
         # 4000x3000 JPEG is decoded at 1/4 for a 256 thumbnail); the DCT scaling
         # of a decode straight at 1/8 is as good for a thumbnail, and the decode
         # is most of the cost of the whole run.
-        decoded = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on="truncated", access="sequential")
+        decoded = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on=fail_on, access="sequential")
 
         def thumbnail(width: int, **kwargs: Any) -> pyvips.Image:
             return pyvips.Image.thumbnail_image(decoded, width, **kwargs)
@@ -208,7 +285,7 @@ def _make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, 
     else:
 
         def thumbnail(width: int, **kwargs: Any) -> pyvips.Image:
-            return pyvips.Image.thumbnail_buffer(data, width, option_string=_LOAD_OPTIONS, **kwargs)
+            return pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
 
     if len(specs) == 1:
         width, kwargs = _thumbnail_args(specs[0], upright_w, upright_h)

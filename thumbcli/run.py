@@ -164,6 +164,10 @@ class GenerateRequest:
     writers: int = 1
     max_file_size: int = _DEFAULT_LIMITS.max_file_size
     max_pixels: int = _DEFAULT_LIMITS.max_pixels
+    max_decode_time: float = _DEFAULT_LIMITS.max_decode_seconds
+    #: 0: the default share of the RAM.
+    max_worker_memory: int | None = None
+    strict: bool = False
     max_files: int | None = None
     max_time: float | None = None
     wait: bool = False
@@ -177,10 +181,16 @@ class GenerateRequest:
         run_options = RunOptions(
             loaders=self.loaders,
             writers=self.writers,
-            limits=Limits(max_file_size=self.max_file_size, max_pixels=self.max_pixels),
+            limits=Limits(
+                max_file_size=self.max_file_size,
+                max_pixels=self.max_pixels,
+                max_decode_seconds=self.max_decode_time,
+                max_worker_memory=self.max_worker_memory or 0,
+            ),
             force=self.force,
             max_files=self.max_files,
             max_seconds=self.max_time,
+            strict=self.strict,
             **({"workers": self.workers} if self.workers else {}),
         )
         walk_options = WalkOptions(
@@ -271,6 +281,8 @@ class GenerateSummary:
     thumbnails: int
     skipped: int
     failed: int
+    #: Made from what decodes of a truncated or damaged source (refused under --strict).
+    degraded: int
     seconds: float
     images_per_second: float
     bytes_read: int
@@ -288,6 +300,7 @@ class GenerateSummary:
             "thumbnails": self.thumbnails,
             "skipped": self.skipped,
             "failed": self.failed,
+            "degraded": self.degraded,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "bytes_read": self.bytes_read,
@@ -363,7 +376,8 @@ def generate(
 
     def on_each_result(result: FileResult) -> None:
         if result.status == "failed" and fail_log is not None:
-            fail_log.write(f"failed: {result.describe()}\n")
+            # The decoder's own words too: the short reason is ours.
+            fail_log.write(f"failed: {result.describe()}" + (f" [{result.detail}]" if result.detail else "") + "\n")
         if on_result is not None:
             on_result(result)
 
@@ -399,6 +413,7 @@ def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> Genera
         thumbnails=stats.thumbnails,
         skipped=stats.skipped,
         failed=stats.failed,
+        degraded=stats.degraded,
         seconds=stats.seconds,
         images_per_second=stats.images_per_second,
         bytes_read=stats.bytes_read,

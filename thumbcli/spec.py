@@ -124,15 +124,51 @@ class ThumbSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Thumbnail:
+    """One encoded thumbnail (here, not beside the decoder: the pipeline receives them from worker processes
+    without loading libvips)."""
+
+    data: bytes
+    width: int
+    height: int
+    #: The upright size and the format of the image it was made from.
+    source_width: int
+    source_height: int
+    source_format: str
+
+
+def total_memory() -> int:
+    """Bytes of physical memory, or 0 where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Hostile-input limits applied before and during decoding."""
 
     max_file_size: int = 256 * 1024 * 1024
     max_pixels: int = 100_000_000
+    #: Wall seconds one file may take in a resample worker before the worker is killed.
+    max_decode_seconds: float = 60.0
+    #: Resident bytes a resample worker may reach before it is killed; 0: a fraction of RAM (see worker_memory).
+    max_worker_memory: int = 0
 
     def __post_init__(self) -> None:
         if self.max_file_size < 1 or self.max_pixels < 1:
             raise SpecError("limits must be positive")
+        if not self.max_decode_seconds > 0:
+            raise SpecError(f"--max-decode-time must be positive, not {self.max_decode_seconds}")
+        if self.max_worker_memory < 0:
+            raise SpecError("--max-worker-memory must not be negative")
+
+    def worker_memory(self, workers: int) -> int:
+        """The memory ceiling of each of `workers` workers: the option, else half of RAM shared out, at least 1 GiB."""
+        if self.max_worker_memory:
+            return self.max_worker_memory
+        return max(1 << 30, total_memory() // (2 * max(1, workers)))
 
 
 def default_workers() -> int:
@@ -152,8 +188,14 @@ class RunOptions:
     force: bool = False
     max_files: int | None = None
     max_seconds: float | None = None
+    #: Refuse images libvips can only partly decode (truncated, corrupt) instead of making degraded thumbnails.
+    strict: bool = False
+    #: Bytes read from sources and not yet resampled; one file is always let through.
+    queue_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.queue_bytes < 1:
+            raise SpecError("the queue byte budget must be positive")
         for label, count in (("loaders", self.loaders), ("workers", self.workers), ("writers", self.writers)):
             if not 1 <= count <= 256:
                 raise SpecError(f"--{label} must be between 1 and 256, not {count}")

@@ -1,0 +1,272 @@
+"""Resample worker processes: real processes, real signals, real broken files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import pyvips
+from conftest import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
+
+from thumbcli.pipeline import FileResult, Pipeline, RunStats
+from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.targets.tree import OutputTree
+
+SPECS = (ThumbSpec(SizeBox.parse("64")),)
+SLOW_EDGE = 9999  # a 100-megapixel PNG, just under the default --max-pixels, that takes about a second
+
+
+def run_pipeline(src: Path, out: Path, run: RunOptions) -> tuple[RunStats, dict[str, FileResult]]:
+    results: list[FileResult] = []
+    target = OutputTree(out, SPECS)
+    try:
+        stats = Pipeline([str(src)], target, run, WalkOptions(processes=1), on_result=results.append).run()
+    finally:
+        target.close()
+    return stats, {Path(result.path).name: result for result in results}
+
+
+@pytest.fixture(scope="module")
+def slow_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PNG that decodes slowly (paeth filter, 100 megapixels) yet is only a few MB."""
+    xy = pyvips.Image.xyz(SLOW_EDGE, SLOW_EDGE)
+    a = ((xy[0] * xy[1]) & 255).cast("uchar")
+    b = ((xy[0] * 3 + xy[1] * 5) & 255).cast("uchar")
+    path = tmp_path_factory.mktemp("slow") / "slow.png"
+    a.bandjoin([b, a ^ b]).copy(interpretation="srgb").pngsave(str(path), compression=6, filter="paeth")
+    return path
+
+
+def jpeg_claiming(path: Path, width: int, height: int) -> Path:
+    """A small JPEG whose frame header claims `width` x `height`."""
+    data = bytearray(make_photo(path, 64, 48).read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(data)
+    return path
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A small PNG whose header chunk claims `width` x `height`."""
+    data = bytearray(pyvips.Image.black(8, 8).pngsave_buffer())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(data)
+    return path
+
+
+def heif_garbage(path: Path, size: int) -> Path:
+    """A file that announces HEIF and is not: libvips' text names seeks relative to its size."""
+    path.write_bytes(b"\0\0\0\x18ftypheic" + bytes((i * 7) % 251 for i in range(size - 12)))
+    return path
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_each_broken_file_is_reported_with_its_own_reason_across_workers(tmp_path: Path, workers: int) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    claims: dict[str, str] = {}
+    for i in range(20):
+        jpeg_claiming(src / f"jpeg{i:02d}.jpg", 20000 + i, 6000)
+        claims[f"jpeg{i:02d}.jpg"] = f"{20000 + i}x6000"
+        png_claiming(src / f"png{i:02d}.png", 30000, 4000 + i)
+        claims[f"png{i:02d}.png"] = f"30000x{4000 + i}"
+    sizes = {f"heif{i:02d}.heic": 3001 + 7 * i for i in range(20)}
+    for name, size in sizes.items():
+        heif_garbage(src / name, size)
+    good = make_photo(tmp_path / "good.jpg").read_bytes()
+    cuts = {f"cut{i:02d}.jpg": len(good) // 3 + 97 * i for i in range(10)}
+    for name, cut in cuts.items():
+        (src / name).write_bytes(good[:cut])
+    for i in range(4):
+        make_photo(src / f"fine{i}.jpg", 120, 80, seed=i)
+
+    stats, results = run_pipeline(src, tmp_path / "out", RunOptions(workers=workers, strict=True))
+
+    assert (stats.made, stats.failed) == (4, 70)
+    for name, dimensions in claims.items():
+        assert f"image is {dimensions} " in results[name].reason, results[name]
+    for name, size in sizes.items():
+        result = results[name]
+        seeks = [int(n) for n in re.findall(r"bad seek to (\d+)", result.detail)]
+        # libvips seeks past the end of this file, and of no smaller one.
+        assert seeks and min(seeks) == size + 1, (name, result.detail)
+        assert result.reason == "truncated" and "\n" not in result.detail
+    for name in cuts:
+        assert (results[name].reason, "premature end" in results[name].detail) == ("truncated", True)
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.png", "photo.gif"])
+def test_truncated_images_get_degraded_thumbnails_unless_strict(tmp_path: Path, name: str) -> None:
+    photo = make_photo(tmp_path / name)
+    data = photo.read_bytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / name).write_bytes(data[: len(data) * 2 // 3])
+
+    stats, results = run_pipeline(tmp_path / "src", tmp_path / "out", RunOptions(workers=1))
+    assert (stats.made, stats.degraded, stats.failed) == (1, 1, 0)
+    assert results[name].warning == "truncated" and stats.warnings == [results[name]]
+    (thumb,) = output_files(tmp_path / "out")
+    assert load(thumb).width == 64
+
+    stats, results = run_pipeline(tmp_path / "src", tmp_path / "strict", RunOptions(workers=1, strict=True))
+    assert (stats.made, stats.degraded, stats.failed) == (0, 0, 1)
+    assert results[name].reason == "truncated"
+    assert output_files(tmp_path / "strict") == []
+
+
+def test_a_decode_over_max_decode_time_is_reported_timed_out_and_the_rest_made(tmp_path: Path, slow_png: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    os.link(slow_png, src / "a-slow.png")
+    for i in range(3):
+        make_photo(src / f"b-fine{i}.jpg", 120, 80, seed=i)
+
+    run = RunOptions(workers=1, limits=Limits(max_decode_seconds=0.3))
+    started = time.monotonic()
+    stats, results = run_pipeline(src, tmp_path / "out", run)
+
+    assert results["a-slow.png"].reason == "timed out after 0.3 s"
+    assert (stats.made, stats.failed) == (3, 1)
+    assert time.monotonic() - started < 30
+
+
+def test_a_worker_over_its_memory_ceiling_is_killed_and_the_file_reported(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    # An interlaced PNG is decoded whole into memory (about 300 MB here) before it can be shrunk.
+    xy = pyvips.Image.xyz(SLOW_EDGE, SLOW_EDGE)
+    image = ((xy[0] ^ xy[1]) & 255).cast("uchar")
+    image.bandjoin([image, image]).copy(interpretation="srgb").pngsave(
+        str(src / "a-big.png"), compression=1, interlace=True
+    )
+    make_photo(src / "b-fine.jpg", 120, 80)
+
+    ceiling = 200 << 20
+    stats, results = run_pipeline(
+        src, tmp_path / "out", RunOptions(workers=1, limits=Limits(max_worker_memory=ceiling))
+    )
+
+    assert results["a-big.png"].reason == "needed more than 200 MiB of memory"
+    assert (stats.made, stats.failed) == (1, 1)
+
+
+def worker_processes(parent: int) -> dict[int, float]:
+    """Resample workers of `parent`: pid -> CPU seconds (all its threads)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == parent and b"thumbcli.workers" in cmdline:
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def test_workers_killed_by_signals_mid_decode_lose_only_their_own_file(tmp_path: Path, slow_png: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    # Each worker's first file is slow: the walk sorts names.
+    for name in ("a-slow1.png", "a-slow2.png"):
+        os.link(slow_png, src / name)
+    for i in range(12):
+        make_photo(src / f"b-fine{i:02d}.jpg", 120, 80, seed=i)
+    command = cli_command("generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "2", "--json", "--quiet")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    seen: set[int] = set()
+    cpu_before: dict[int, float] = {}
+    victims: dict[int, signal.Signals] = {}
+    signals = [signal.SIGKILL, signal.SIGSEGV]
+    deadline = time.monotonic() + 60
+    try:
+        while signals and process.poll() is None and time.monotonic() < deadline:
+            workers = worker_processes(process.pid)
+            seen |= set(workers)
+            for pid, cpu in workers.items():
+                # Working, with more CPU time than starting takes: decoding its slow PNG
+                # (in a libvips thread: the main thread's state says nothing).
+                if signals and pid not in victims and cpu >= 0.3 and cpu > cpu_before.get(pid, cpu):
+                    victims[pid] = signals.pop()
+                    os.kill(pid, victims[pid])
+            cpu_before = workers
+            time.sleep(0.02)
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= set(worker_processes(process.pid))
+            time.sleep(0.05)
+        stdout, stderr = process.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert sorted(victims.values()) == [signal.SIGKILL, signal.SIGSEGV], (victims, seen)
+    summary = json.loads(stdout)
+    assert process.returncode == 1, stderr
+    assert (summary["made"], summary["failed"]) == (12, 2), summary
+    assert {Path(f["path"]).name: f["reason"] for f in summary["failures"]}.keys() == {"a-slow1.png", "a-slow2.png"}
+    assert sorted(f["reason"] for f in summary["failures"]) == [
+        "decoder crashed (signal 11)",
+        "decoder crashed (signal 9)",
+    ]
+    assert len(output_files(tmp_path / "out")) == 12
+    assert "Traceback" not in stderr
+    # Replacements took over, and every worker is gone with the run.
+    assert len(seen) > 2
+    assert [pid for pid in seen if Path(f"/proc/{pid}").exists()] == []
+
+
+def test_a_run_with_nothing_to_make_starts_no_worker_and_a_run_starts_one_per_slot(tmp_path: Path) -> None:
+    for i in range(6):
+        make_photo(tmp_path / "src" / f"photo{i}.jpg", 120, 80, seed=i)
+    first, _ = run_pipeline(tmp_path / "src", tmp_path / "out", RunOptions(workers=2))
+    again, _ = run_pipeline(tmp_path / "src", tmp_path / "out", RunOptions(workers=2))
+    assert (first.made, first.workers_started) == (6, 2)
+    assert (again.skipped, again.workers_started) == (6, 0)
+
+
+def test_generate_warns_of_a_degraded_thumbnail_and_strict_refuses_it_with_the_raw_text_in_the_fail_log(
+    tmp_path: Path,
+) -> None:
+    data = make_photo(tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cut.jpg").write_bytes(data[: len(data) // 2])
+
+    lenient = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64")
+    assert lenient.rc == 0, lenient.stderr
+    assert "warning: " in lenient.stderr and "cut.jpg: truncated" in lenient.stderr
+    assert [load(path).width for path in output_files(tmp_path / "out")] == [64]
+
+    fail_log = tmp_path / "failures.log"
+    strict = run_cli("generate", tmp_path / "src", "-o", tmp_path / "strict", "--strict", "--fail-log", fail_log)
+    assert strict.rc == 1
+    assert assert_clean_failure(strict, "cut.jpg").endswith("cut.jpg: truncated")
+    (logged,) = fail_log.read_text().splitlines()
+    assert logged.endswith("cut.jpg: truncated [VipsJpeg: premature end of JPEG image]")
+
+
+def test_generate_max_decode_time_reports_the_slow_file_timed_out(tmp_path: Path, slow_png: Path) -> None:
+    (tmp_path / "src").mkdir()
+    os.link(slow_png, tmp_path / "src" / "slow.png")
+    make_photo(tmp_path / "src" / "fine.jpg", 120, 80)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--max-decode-time", "0.3", "--json")
+    assert run.rc == 1
+    assert assert_clean_failure(run, "slow.png").endswith("slow.png: timed out after 0.3 s")
+    assert run.summary["made"] == 1
+
+
+def test_generate_refuses_a_max_decode_time_of_zero(tmp_path: Path) -> None:
+    run = run_cli("generate", tmp_path, "-o", tmp_path / "out", "--max-decode-time", "0")
+    assert run.rc == 2 and "--max-decode-time must be positive" in run.stderr

@@ -1,0 +1,306 @@
+"""Resample worker processes: each decodes one file at a time with libvips, and is killed and replaced past a limit.
+
+A worker is a separate process so that what goes wrong in a decoder stays with its
+file: libvips' error buffer is per process (threads got each other's messages), a
+decode that hangs or balloons can be killed from outside, a segfault ends one worker
+rather than the run, and the GIL no longer caps the decoding.
+
+Each worker is its own interpreter (`python -c ...`, spawned, not forked): the parent
+starts and replaces workers while its loader and writer threads run, where a fork
+could inherit a lock held by another thread. The interpreter and libvips load in about
+a tenth of a second, once per worker per run.
+
+The transport is a pair of pipes per worker: the request (a small pickled header, then
+the source bytes) and the reply (the pickled thumbnails). A camera JPEG is a few MB,
+which a pipe moves in about a millisecond against tens of milliseconds of decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import pickle
+import resource
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, NamedTuple, NoReturn
+
+from thumbcli.spec import Limits, Thumbnail, ThumbSpec
+
+log = logging.getLogger(__name__)
+
+_REQUEST = struct.Struct("<IQ")  # header length, source length
+_REPLY = struct.Struct("<I")  # reply length
+_PIPE_BYTES = 1 << 20  # pipe buffer asked for: fewer wakeups per camera JPEG
+_WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
+_EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_SELF = "/proc/self/exe"
+_START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
+_READY = b"R"
+
+
+class WorkerOutcome(NamedTuple):
+    """What a worker made of one file: thumbnails, or a failure reason; a warning for a degraded decode."""
+
+    thumbnails: list[Thumbnail]
+    #: Why no thumbnail was made (empty when made): one line, what is wrong first.
+    reason: str = ""
+    #: The raw decoder text behind the reason or the warning, for the fail log.
+    detail: str = ""
+    #: Made from only part of the image (truncated or damaged): what was wrong.
+    warning: str = ""
+
+
+class WorkerBug(RuntimeError):
+    """A worker failed in a way no file explains (a bug, or a broken install): the run stops."""
+
+
+class ResampleWorker:
+    """One resample worker process, started on first use and replaced after it is killed.
+
+    Not thread-safe: one pipeline thread drives one worker.
+    """
+
+    def __init__(self, limits: Limits, *, strict: bool, memory_ceiling: int) -> None:
+        self._limits = limits
+        self._strict = strict
+        self._memory_ceiling = memory_ceiling
+        self._process: subprocess.Popen[bytes] | None = None
+        self._requests = -1
+        self._replies = -1
+        #: Workers started so far (replacements included).
+        self.started = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id, or None before the first file and after a kill."""
+        return self._process.pid if self._process is not None else None
+
+    def resample(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> WorkerOutcome:
+        """Have the worker thumbnail `data`; a file that kills or overruns the worker is reported failed."""
+        if self._process is None:
+            self._start()
+        header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
+        try:
+            _write_all(self._requests, _REQUEST.pack(len(header), len(data)) + header)
+            _write_all(self._requests, data)
+        except BrokenPipeError:
+            return self._lost("")
+        return self._await_reply()
+
+    def close(self) -> None:
+        """Let the worker leave (end of its requests), killing it if it does not; reap it."""
+        process = self._process
+        if process is None:
+            return
+        os.close(self._requests)
+        try:
+            process.wait(_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        os.close(self._replies)
+        self._process = None
+
+    # -- parent side -------------------------------------------------------
+
+    def _start(self) -> None:
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        for fd in (request_write, reply_write):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            f"import sys; sys.path.insert(0, {package_root!r}); "
+            f"from thumbcli.workers import serve; serve({request_read}, {reply_write}, {os.getpid()})"
+        )
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                # Our own binary, not its path: a user dropped to `nobody` may run an
+                # interpreter that lives under a folder they cannot search.
+                executable=_SELF if os.path.exists(_SELF) else None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
+                pass_fds=(request_read, reply_write),
+                env=dict(os.environ, VIPS_CONCURRENCY="1"),
+            )
+        finally:
+            os.close(request_read)
+            os.close(reply_write)
+        self._requests, self._replies = request_write, reply_read
+        self.started += 1
+        # Wait for libvips to load: the decode time limit is the file's, not the start's.
+        ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
+        if not ready or os.read(reply_read, 1) != _READY:
+            self._kill()
+            raise WorkerBug(f"a resample worker did not start within {_START_SECONDS:g} s (see its output above)")
+        log.debug("started resample worker %d", self._process.pid)
+
+    def _await_reply(self) -> WorkerOutcome:
+        seconds = self._limits.max_decode_seconds
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._replies, select.POLLIN)
+        buffer = bytearray()
+        length: int | None = None
+        while length is None or len(buffer) < _REPLY.size + length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill()
+                return WorkerOutcome([], f"timed out after {seconds:g} s")
+            if not poller.poll(min(left, _WATCH_SECONDS) * 1000):
+                if self._resident_bytes() > self._memory_ceiling:
+                    self._kill()
+                    return WorkerOutcome([], f"needed more than {_human_bytes(self._memory_ceiling)} of memory")
+                continue
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                return self._lost(f"; it ended {len(buffer)} bytes into its reply" if buffer else "")
+            buffer += chunk
+            if length is None and len(buffer) >= _REPLY.size:
+                (length,) = _REPLY.unpack_from(buffer)
+        reply = pickle.loads(memoryview(buffer)[_REPLY.size :])
+        return _outcome(reply)
+
+    def _resident_bytes(self) -> int:
+        assert self._process is not None
+        try:
+            with open(f"/proc/{self._process.pid}/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0  # no /proc: the ceiling is not watched
+
+    def _kill(self) -> None:
+        assert self._process is not None
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        self._reap()
+
+    def _lost(self, note: str) -> WorkerOutcome:
+        """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
+        status = self._reap()
+        if status < 0:
+            return WorkerOutcome([], f"decoder crashed (signal {-status})", detail=f"signal {-status}{note}")
+        raise WorkerBug(f"a resample worker exited with status {status} while decoding{note}")
+
+    def _reap(self) -> int:
+        assert self._process is not None
+        status = self._process.wait()
+        os.close(self._requests)
+        os.close(self._replies)
+        self._process = None
+        return status
+
+
+def _outcome(reply: tuple[Any, ...]) -> WorkerOutcome:
+    kind = reply[0]
+    if kind == "made":
+        _, made, warning, detail = reply
+        return WorkerOutcome([Thumbnail(*fields) for fields in made], detail=detail, warning=warning)
+    if kind == "failed":
+        _, reason, detail = reply
+        return WorkerOutcome([], reason, detail)
+    raise WorkerBug(f"a resample worker failed:\n{reply[1]}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(fd: int, length: int) -> bytes | None:
+    """`length` bytes from `fd`, or None at end of file before the first byte."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    got = 0
+    while got < length:
+        count = os.readv(fd, [view[got:]])
+        if count == 0:
+            if got == 0:
+                return None
+            raise EOFError("request cut short")
+        got += count
+    return bytes(buffer)
+
+
+def _human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
+# -- worker side -----------------------------------------------------------
+
+
+def serve(requests: int, replies: int, parent: int) -> NoReturn:  # pragma: no cover - runs in the worker
+    """The worker's loop: read a request, resample, reply; leave at the end of the requests."""
+    # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
+    # whole process group, and this worker finishes its file either way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with(parent)
+    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # What a decoder has to say about a file reaches the parent in the reply, not on stderr.
+    logging.getLogger("pyvips").setLevel(logging.ERROR)
+    from thumbcli import resample
+    from thumbcli.errors import FileRejected
+
+    resample.configure_libvips()
+    _write_all(replies, _READY)
+    while True:
+        head = _read_exactly(requests, _REQUEST.size)
+        if head is None:
+            os._exit(0)
+        header_length, data_length = _REQUEST.unpack(head)
+        specs, limits, strict = pickle.loads(_read_exactly(requests, header_length) or b"")
+        data = _read_exactly(requests, data_length) or b""
+        reply: tuple[Any, ...]
+        try:
+            made = resample.resample(data, specs, limits, strict=strict)
+        except resample.DecodeFailed as exc:
+            reply = ("failed", str(exc), exc.detail)
+        except FileRejected as exc:
+            reply = ("failed", str(exc), "")
+        except MemoryError:
+            reply = ("failed", "ran out of memory", "MemoryError")
+        except BaseException:
+            reply = ("bug", traceback.format_exc())
+        else:
+            fields = [
+                (t.data, t.width, t.height, t.source_width, t.source_height, t.source_format) for t in made.thumbnails
+            ]
+            reply = ("made", fields, made.warning, made.detail)
+        del data
+        body = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        try:
+            _write_all(replies, _REPLY.pack(len(body)) + body)
+        except BrokenPipeError:
+            os._exit(0)
+        if reply[0] == "bug":
+            os._exit(1)
+
+
+def _die_with(parent: int) -> None:  # pragma: no cover - runs in the worker
+    """Be killed when the parent ends, even mid-decode (Linux); leave now if it already has."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
