@@ -406,7 +406,14 @@ def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary
 
     previous = _install_signal_handlers(on_signal)
     try:
-        return generate(job, on_found=progress.found, on_skipped=progress.skipped, on_result=on_result, stopper=stopper)
+        return generate(
+            job,
+            on_found=progress.found,
+            on_skipped=progress.skipped,
+            on_walked=progress.walked,
+            on_result=on_result,
+            stopper=stopper,
+        )
     finally:
         _install_signal_handlers(previous)
         progress.close()

@@ -136,6 +136,7 @@ class Pipeline:
         on_found: Callable[[int], None] | None = None,
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
+        on_walked: Callable[[], None] | None = None,
     ) -> None:
         self._sources = list(sources)
         self._target = target
@@ -146,6 +147,7 @@ class Pipeline:
         self._on_found = on_found
         self._on_skipped = on_skipped
         self._on_result = on_result
+        self._on_walked = on_walked
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
         self._stats = RunStats()
@@ -255,6 +257,9 @@ class Pipeline:
             self._found(len(batch.files), fresh)
             if self._stop.is_set() or not self._plan_each(todo, stale, enqueue):
                 break
+        else:
+            if self._on_walked is not None:
+                self._on_walked()
         for source, specs in stale:
             if self._stop.is_set() or not enqueue(source, specs):
                 break

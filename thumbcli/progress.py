@@ -1,4 +1,4 @@
-"""The only `import tqdm`: a progress bar the pipeline sees as two callbacks."""
+"""The only `import tqdm`: a progress bar the pipeline sees as callbacks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ if TYPE_CHECKING:
 
 
 class ProgressBar:
-    """Files done of found, images/s and ETA on stderr; absent when stderr is not a terminal.
+    """Files done, images/s and, once the walk is over, the total and an ETA, on stderr; absent off a terminal.
 
+    While the walk goes on the total is unknown: the bar counts files done and found
+    so far, without a percentage or an ETA that would move backwards as files turn up.
     tqdm is only imported when the bar is shown: cron runs do not pay for it.
     """
 
@@ -22,16 +24,33 @@ class ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=0, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(total=None, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
         self._lock = threading.Lock()
+        self._found = 0
         self._skipped = 0
         self._failed = 0
+        self._walking = True
 
     def found(self, count: int) -> None:
-        """More files were found; the total grows as the walk goes (shown at the next update)."""
+        """More files were found by the walk."""
         if self._bar is not None:
             with self._lock:
-                self._bar.total = (self._bar.total or 0) + count
+                self._found += count
+                self._show_counts()
+
+    def walked(self) -> None:
+        """The walk is over: every file is found, so the total is known and an ETA can be shown."""
+        if self._bar is not None:
+            with self._lock:
+                self._walking = False
+                self._bar.total = self._found
+                self._show_counts()
+                self._bar.refresh()
+
+    def _show_counts(self) -> None:
+        counts = {"found": self._found} if self._walking else {}
+        if self._bar is not None:
+            self._bar.set_postfix(counts | {"skipped": self._skipped, "failed": self._failed}, refresh=False)
 
     def skipped(self, count: int) -> None:
         """`count` files were up to date."""
@@ -39,7 +58,7 @@ class ProgressBar:
             return
         with self._lock:
             self._skipped += count
-            self._bar.set_postfix(skipped=self._skipped, failed=self._failed, refresh=False)
+            self._show_counts()
             self._bar.update(count)
 
     def finished(self, status: str) -> None:
@@ -51,7 +70,7 @@ class ProgressBar:
                 self._skipped += 1
             elif status == "failed":
                 self._failed += 1
-            self._bar.set_postfix(skipped=self._skipped, failed=self._failed, refresh=False)
+            self._show_counts()
             self._bar.update(1)
 
     def write_line(self, line: str) -> bool:

@@ -363,6 +363,7 @@ def generate(
     *,
     on_found: Callable[[int], None] | None = None,
     on_skipped: Callable[[int], None] | None = None,
+    on_walked: Callable[[], None] | None = None,
     on_result: ResultCallback | None = None,
     stopper: RunStopper | None = None,
 ) -> GenerateSummary:
@@ -391,6 +392,7 @@ def generate(
             dry_run=job.dry_run,
             on_found=on_found,
             on_skipped=on_skipped,
+            on_walked=on_walked,
             on_result=on_each_result,
         )
         if stopper is not None:

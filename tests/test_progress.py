@@ -1,0 +1,66 @@
+"""The progress bar as a person sees it: run under a pseudo-terminal, read back frame by frame."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+from conftest import make_photo
+
+FRAME = re.compile(r"(\d+)%\|.*?\| (\d+)/(\d+) ")
+
+
+def run_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, list[str]]:
+    """Run `thumbcli ARGS` with stderr on a pseudo-terminal; its exit code and the frames the bar drew."""
+    controller, terminal = pty.openpty()
+    # A terminal of 40 rows and 160 columns, as a person's would have (a new pty has 0 columns).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "thumbcli", *args], stderr=terminal, stdout=subprocess.DEVNULL, cwd=cwd, env=env
+    ) as child:
+        os.close(terminal)
+        output = bytearray()
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        code = child.wait(60)
+    os.close(controller)
+    frames = re.split(r"[\r\n]", output.decode("utf-8", "replace"))
+    return code, [frame for frame in frames if frame.strip()]
+
+
+def test_progress_total_never_grows_and_percentages_never_go_back(tmp_path: Path) -> None:
+    for folder in range(40):
+        for index in range(7):
+            make_photo(tmp_path / "src" / f"f{folder:02}" / f"p{index}.jpg", 64, 48, seed=index)
+    code, frames = run_on_a_terminal(["generate", "src", "-o", "out", "-s", "32", "--walkers", "1"], tmp_path)
+    assert code == 0, frames
+    drawn = [match for frame in frames if (match := FRAME.search(frame))]
+    assert drawn, f"no bar with a total was drawn: {frames}"
+    assert {int(match.group(3)) for match in drawn} == {280}
+    percents = [int(match.group(1)) for match in drawn]
+    assert percents == sorted(percents)
+    assert (percents[-1], drawn[-1].group(2)) == (100, "280")
+    before_total = frames[: frames.index(drawn[0].string)]
+    assert all("%" not in frame for frame in before_total)
+
+
+def test_progress_bar_shows_no_total_or_eta_until_the_walk_is_over(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 64, 48)
+    code, frames = run_on_a_terminal(["generate", "src", "-o", "out", "-s", "32"], tmp_path)
+    assert code == 0
+    assert frames[0].startswith("0img [") and "%" not in frames[0] and "<" not in frames[0], frames
+    assert FRAME.search(frames[-2]) and "1/1 [" in frames[-2], frames
