@@ -26,6 +26,7 @@ class CacheDirectory(OutputTree):
         wait_for_lock: bool = False,
         check_collisions: bool = True,
         locked: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         super().__init__(
             root,
@@ -34,6 +35,7 @@ class CacheDirectory(OutputTree):
             wait_for_lock=wait_for_lock,
             check_collisions=check_collisions,
             locked=locked,
+            shard=shard,
         )
         self._write_manifest(cache.load_manifest(root, strict=False))
 
