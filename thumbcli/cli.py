@@ -108,6 +108,8 @@ def _configure_logging(debug: bool) -> None:
     )
     # libvips warnings about files we already report as failed are noise unless debugging.
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # Dask's client logs a lost scheduler with tracebacks; the run reports it in one line.
+    logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 _P = ParamSpec("_P")

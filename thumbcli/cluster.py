@@ -84,6 +84,8 @@ class FolderTask:
     dry_run: bool
     #: Files this task may start making (--max-files); None: no limit.
     budget: int | None
+    #: The run's Dask Event: set when the client is interrupted, so a running task stops early.
+    interrupted: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +162,24 @@ def _require_visible(path: str, what: str, shown: str) -> None:
         ) from None
 
 
-def make_folders(task: FolderTask) -> TaskOutcome:
+class SealedTask:
+    """A FolderTask as Dask carries it: opaque.
+
+    Dask looks for futures inside a task's arguments, walking into every dataclass, tuple and
+    dict: for a task of thousands of records that costs the client time, and it rebuilds
+    a frozen slotted dataclass without its last field (distributed 2026.8). The payload holds
+    no futures, so it travels sealed.
+    """
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: FolderTask) -> None:
+        self.task = task
+
+
+def make_folders(sealed: SealedTask) -> TaskOutcome:
     """Run on a worker: plan the task's folders, make what is not fresh, and say what was done."""
+    task = sealed.task
     destination = task.destination
     _require_visible(destination.root, "destination", destination.root)
     for batch, shown in zip(task.batches, task.shown, strict=True):
@@ -221,9 +239,12 @@ class _TaskRun:
                     self.results.append(FileResult(self._as_shown(source), "planned", thumbnails=len(plan.specs)))
                 else:
                     (stale if plan.freshness == "stale" else missing).append((source, plan.specs))
+        interrupted = _EventWatch(task.interrupted)
         for source, specs in missing + stale:
             if task.budget is not None and self.started >= task.budget:
                 self.spent = True
+                break
+            if interrupted.is_set():
                 break
             self.started += 1
             self.results.append(self._make(source, specs))
@@ -257,6 +278,25 @@ class _TaskRun:
         except OSError as exc:
             return FileResult(shown, "failed", f"cannot write thumbnail: {_reason(exc)}")
         return FileResult(shown, "made", thumbnails=len(specs))
+
+
+class _EventWatch:
+    """A Dask Event, asked at most four times a second (each question is a round trip to the scheduler)."""
+
+    _EVERY = 0.25
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._asked = time.monotonic()
+
+    def is_set(self) -> bool:
+        """Whether the event was set, as of the last question."""
+        if time.monotonic() - self._asked < self._EVERY:
+            return False
+        from distributed import Event
+
+        self._asked = time.monotonic()
+        return bool(Event(self._name).is_set())
 
 
 def _reason(exc: BaseException) -> str:
@@ -308,6 +348,7 @@ class ClusterRun:
         #: Set by Dask (from its thread) when a task finishes.
         self._finished = threading.Event()
         self._in_flight: dict[Future[TaskOutcome], tuple[FolderTask, int]] = {}
+        self._interrupted = f"thumbcli-interrupted-{uuid.uuid4().hex}"
         #: --max-files: files not yet promised to a task.
         self._unpromised = job.run.max_files
         root = os.path.abspath(target.root)
@@ -337,8 +378,13 @@ class ClusterRun:
         )
         try:
             with _connect(self._address, self._local_workers) as client:
-                threads = sum(client.nthreads().values()) or 1
-                self._drive(client, walk, started, limit=max(4, 2 * threads))
+                from distributed.comm.core import CommClosedError
+
+                try:
+                    threads = sum(client.nthreads().values()) or 1
+                    self._drive(client, walk, started, limit=max(4, 2 * threads))
+                except CommClosedError as exc:
+                    raise _lost_scheduler(self._address) from exc
         finally:
             walk.close()
         self._stats.seconds = time.monotonic() - started
@@ -380,7 +426,7 @@ class ClusterRun:
             budget = min(self._unpromised, group.files)
             self._unpromised -= budget
         task = self._task(group, budget)
-        future = client.submit(make_folders, task, pure=False, key=f"thumbcli-folders-{uuid.uuid4().hex}")
+        future = client.submit(make_folders, SealedTask(task), pure=False, key=f"thumbcli-folders-{uuid.uuid4().hex}")
         self._in_flight[future] = (task, group.files)
         future.add_done_callback(lambda _: self._finished.set())
 
@@ -412,6 +458,7 @@ class ClusterRun:
             job.run.force,
             job.dry_run,
             budget,
+            self._interrupted,
         )
 
     def _collect(self, client: Client, *, block: bool, started: float) -> None:
@@ -419,6 +466,10 @@ class ClusterRun:
         max_seconds = self._job.run.max_seconds
         while True:
             if self._cancel.is_set() and self._in_flight:
+                from distributed import Event
+
+                # Cancelling does not stop a task that is running: the event does, at its next file.
+                Event(self._interrupted, client=client).set()
                 client.cancel(list(self._in_flight))
                 self._in_flight.clear()
                 return
@@ -439,7 +490,7 @@ class ClusterRun:
         if future.status == "cancelled":
             if self._cancel.is_set():
                 return
-            raise CannotRunError(f"lost the Dask scheduler at {self._address}: a task was cancelled")
+            raise _lost_scheduler(self._address)
         if future.status == "error":
             exc = future.exception()
             if not isinstance(exc, (ThumbcliError, OSError)) and type(exc).__name__ != "KilledWorker":
@@ -507,13 +558,20 @@ def local_workers(address: str) -> int | None:
 @contextlib.contextmanager
 def _connect(address: str, local: int | None) -> Iterator[Client]:
     """A client of the scheduler at `address`, or of a LocalCluster of `local` single-threaded worker processes."""
-    # Dask logs its comings and goings at INFO; cron mail stays empty. Set before it is
-    # imported, and inherited by the local cluster's worker processes.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    # Dask logs its comings and goings, and a lost scheduler with tracebacks, while thumbcli
+    # reports what matters in one line: a local cluster's workers (which inherit this) log only
+    # what is critical, and in this process the level the CLI chose for "distributed" holds.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    dask_logger = logging.getLogger("distributed")
+    level = dask_logger.level
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise CannotRunError("--dask needs Dask's distributed package: pip install 'thumbcli[dask]'") from None
+    dask_logger.setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.NOTSET)
     cluster: LocalCluster | None = None
     try:
         if local is not None:
@@ -542,6 +600,10 @@ def _connect(address: str, local: int | None) -> Iterator[Client]:
 
 def _require_scheduler(client: Client, address: str) -> None:
     if client.status not in ("running", "connecting", "newly-created"):
-        raise CannotRunError(
-            f"lost the Dask scheduler at {address}: the finished work is recorded, a rerun goes on from there"
-        )
+        raise _lost_scheduler(address)
+
+
+def _lost_scheduler(address: str) -> CannotRunError:
+    return CannotRunError(
+        f"lost the Dask scheduler at {address}: what finished is recorded, and a rerun goes on from there"
+    )
