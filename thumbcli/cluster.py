@@ -581,6 +581,9 @@ def _connect(address: str, local: int | None) -> Iterator[Client]:
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # No dashboard, but the scheduler's HTTP endpoints still listen: on a port of
+                # their own choosing, so two runs at once do not contend for 8787.
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             )
             client = Client(cluster, set_as_default=False)
         else:
