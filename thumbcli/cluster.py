@@ -331,7 +331,9 @@ class ClusterRun:
         on_found: Callable[[int], None] | None = None,
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
+        task_files: int = TASK_FILES,
     ) -> None:
+        """`task_files`: files per task once work is queued up (bench/bench_dask.py varies it)."""
         if not isinstance(target, OutputTree) or job.dask is None:
             raise SpecError("--dask writes an -o tree or a --cache")
         self._job = job
@@ -342,7 +344,10 @@ class ClusterRun:
         self._on_found = on_found
         self._on_skipped = on_skipped
         self._on_result = on_result
+        self._task_files = task_files
         self._stats = RunStats()
+        #: Tasks submitted so far.
+        self.tasks = 0
         self._stop_reason: StopReason | None = None
         self._cancel = threading.Event()
         #: Set by Dask (from its thread) when a task finishes.
@@ -376,22 +381,21 @@ class ClusterRun:
             self._target.known_fresh if not job.run.force else lambda batch: False,
             job.walk.processes or default_processes(),
         )
+        connection = _Connection(self._address, self._local_workers)
         try:
-            with _connect(self._address, self._local_workers) as client:
-                from distributed.comm.core import CommClosedError
-
-                try:
-                    threads = sum(client.nthreads().values()) or 1
-                    self._drive(client, walk, started, limit=max(4, 2 * threads))
-                except CommClosedError as exc:
-                    raise _lost_scheduler(self._address) from exc
+            self._drive(connection, walk, started)
+        except OSError as exc:
+            if connection.lost(exc):
+                raise _lost_scheduler(self._address) from exc
+            raise
         finally:
+            connection.close()
             walk.close()
         self._stats.seconds = time.monotonic() - started
         self._stats.stopped = self._stop_reason
         return self._stats
 
-    def _drive(self, client: Client, walk: SplitWalk, started: float, limit: int) -> None:
+    def _drive(self, connection: _Connection, walk: SplitWalk, started: float) -> None:
         group = _Group()
         max_seconds = self._job.run.max_seconds
         for item in walk:
@@ -410,15 +414,22 @@ class ClusterRun:
                     group.since = time.monotonic()
                 group.batches.append(item)
                 group.files += len(item.files)
-            idle = len(self._in_flight) < limit // 2
-            if group.batches and (group.files >= TASK_FILES or idle or time.monotonic() - group.since >= TASK_SECONDS):
-                self._submit(client, group)
+            if self._ready(group, connection.limit):
+                self._submit(connection.client(), group)
                 group = _Group()
-            self._collect(client, block=len(self._in_flight) >= limit, started=started)
+            if self._in_flight:
+                self._collect(connection.client(), block=len(self._in_flight) >= connection.limit, started=started)
         if group.batches and self._stop_reason is None:
-            self._submit(client, group)
+            self._submit(connection.client(), group)
         while self._in_flight:
-            self._collect(client, block=True, started=started)
+            self._collect(connection.client(), block=True, started=started)
+
+    def _ready(self, group: _Group, limit: int) -> bool:
+        """Whether to send the group now: full, or old, or the workers are short of work."""
+        if not group.batches:
+            return False
+        idle = len(self._in_flight) < limit // 2
+        return idle or group.files >= self._task_files or time.monotonic() - group.since >= TASK_SECONDS
 
     def _submit(self, client: Client, group: _Group) -> None:
         budget = None
@@ -428,6 +439,7 @@ class ClusterRun:
         task = self._task(group, budget)
         future = client.submit(make_folders, SealedTask(task), pure=False, key=f"thumbcli-folders-{uuid.uuid4().hex}")
         self._in_flight[future] = (task, group.files)
+        self.tasks += 1
         future.add_done_callback(lambda _: self._finished.set())
 
     def _task(self, group: _Group, budget: int | None) -> FolderTask:
@@ -553,6 +565,37 @@ def local_workers(address: str) -> int | None:
     if match.group(1) is not None and count < 1:
         raise SpecError("--dask local:N needs at least one worker")
     return count
+
+
+class _Connection:
+    """The Dask client, connected when the first task is ready: a run with nothing to make never loads Dask."""
+
+    def __init__(self, address: str, local_workers: int | None) -> None:
+        self._address = address
+        self._local_workers = local_workers
+        self._stack = contextlib.ExitStack()
+        self._client: Client | None = None
+        #: Tasks in flight at most: twice the workers' threads, so each has the next task at hand.
+        self.limit = 4
+
+    def client(self) -> Client:
+        """The client, connecting on first use."""
+        if self._client is None:
+            self._client = self._stack.enter_context(_connect(self._address, self._local_workers))
+            self.limit = max(self.limit, 2 * sum(self._client.nthreads().values()))
+        return self._client
+
+    def lost(self, exc: OSError) -> bool:
+        """Whether `exc` says the connection to the scheduler broke."""
+        if self._client is None:
+            return False
+        from distributed.comm.core import CommClosedError
+
+        return isinstance(exc, CommClosedError)
+
+    def close(self) -> None:
+        """Close the client (and a local cluster), if there is one."""
+        self._stack.close()
 
 
 @contextlib.contextmanager
