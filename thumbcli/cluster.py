@@ -36,7 +36,7 @@ from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore
 from thumbcli.targets.tree import OutputTree
 
 if TYPE_CHECKING:
-    from distributed import Client, Future, LocalCluster
+    from distributed import Client, Future, LocalCluster, as_completed
 
     from thumbcli.run import GenerateJob
 
@@ -350,8 +350,6 @@ class ClusterRun:
         self.tasks = 0
         self._stop_reason: StopReason | None = None
         self._cancel = threading.Event()
-        #: Set by Dask (from its thread) when a task finishes.
-        self._finished = threading.Event()
         self._in_flight: dict[Future[TaskOutcome], tuple[FolderTask, int]] = {}
         self._interrupted = f"thumbcli-interrupted-{uuid.uuid4().hex}"
         #: --max-files: files not yet promised to a task.
@@ -415,14 +413,14 @@ class ClusterRun:
                 group.batches.append(item)
                 group.files += len(item.files)
             if self._ready(group, connection.limit):
-                self._submit(connection.client(), group)
+                self._submit(connection, group)
                 group = _Group()
             if self._in_flight:
-                self._collect(connection.client(), block=len(self._in_flight) >= connection.limit, started=started)
+                self._collect(connection, block=len(self._in_flight) >= connection.limit, started=started)
         if group.batches and self._stop_reason is None:
-            self._submit(connection.client(), group)
+            self._submit(connection, group)
         while self._in_flight:
-            self._collect(connection.client(), block=True, started=started)
+            self._collect(connection, block=True, started=started)
 
     def _ready(self, group: _Group, limit: int) -> bool:
         """Whether to send the group now: full, or old, or the workers are short of work."""
@@ -431,16 +429,17 @@ class ClusterRun:
         idle = len(self._in_flight) < limit // 2
         return idle or group.files >= self._task_files or time.monotonic() - group.since >= TASK_SECONDS
 
-    def _submit(self, client: Client, group: _Group) -> None:
+    def _submit(self, connection: _Connection, group: _Group) -> None:
         budget = None
         if self._unpromised is not None:
             budget = min(self._unpromised, group.files)
             self._unpromised -= budget
         task = self._task(group, budget)
-        future = client.submit(make_folders, SealedTask(task), pure=False, key=f"thumbcli-folders-{uuid.uuid4().hex}")
+        key = f"thumbcli-folders-{uuid.uuid4().hex}"
+        future = connection.client().submit(make_folders, SealedTask(task), pure=False, key=key)
         self._in_flight[future] = (task, group.files)
         self.tasks += 1
-        future.add_done_callback(lambda _: self._finished.set())
+        connection.completed().add(future)
 
     def _task(self, group: _Group, budget: int | None) -> FolderTask:
         """The task for a group: absolute paths, and the records of every output folder its files map to."""
@@ -473,8 +472,9 @@ class ClusterRun:
             self._interrupted,
         )
 
-    def _collect(self, client: Client, *, block: bool, started: float) -> None:
+    def _collect(self, connection: _Connection, *, block: bool, started: float) -> None:
         """Record the tasks that are done; with `block`, wait (in short steps, to notice a stop) for one."""
+        client, completed = connection.client(), connection.completed()
         max_seconds = self._job.run.max_seconds
         while True:
             if self._cancel.is_set() and self._in_flight:
@@ -487,17 +487,18 @@ class ClusterRun:
                 return
             if max_seconds is not None and time.monotonic() - started > max_seconds:
                 self.stop("max-time")
-            done = [future for future in self._in_flight if future.done()]
+            # Results are fetched from the workers in Dask's thread, not one round trip at a time here.
+            done = completed.next_batch(block=False) if completed.has_ready() else []
             if done or not block or not self._in_flight:
                 break
-            self._finished.wait(0.2)
-            self._finished.clear()
+            time.sleep(0.01)
             _require_scheduler(client, self._address)
-        for future in done:
-            task, files = self._in_flight.pop(future)
-            self._record(future, task, files)
+        for future, result in done:
+            entry = self._in_flight.pop(future, None)
+            if entry is not None:
+                self._record(future, result, *entry)
 
-    def _record(self, future: Future[TaskOutcome], task: FolderTask, files: int) -> None:
+    def _record(self, future: Future[TaskOutcome], result: object, task: FolderTask, files: int) -> None:
         """Count and record one finished task (or its failure: nothing recorded, its files failed)."""
         if future.status == "cancelled":
             if self._cancel.is_set():
@@ -512,7 +513,8 @@ class ClusterRun:
             reason = f"task failed, {files} files not made: {exc}"
             self._report(FileResult(f"{task.shown[0]}{more}", "failed", reason), weight=files)
             return
-        outcome: TaskOutcome = future.result()
+        assert isinstance(result, TaskOutcome)
+        outcome = result
         self._give_back(task, outcome.started)
         if outcome.spent:
             self.stop("max-files")
@@ -575,6 +577,7 @@ class _Connection:
         self._local_workers = local_workers
         self._stack = contextlib.ExitStack()
         self._client: Client | None = None
+        self._completed: as_completed | None = None
         #: Tasks in flight at most: twice the workers' threads, so each has the next task at hand.
         self.limit = 4
 
@@ -584,6 +587,14 @@ class _Connection:
             self._client = self._stack.enter_context(_connect(self._address, self._local_workers))
             self.limit = max(self.limit, 2 * sum(self._client.nthreads().values()))
         return self._client
+
+    def completed(self) -> as_completed:
+        """The tasks submitted, as they finish, with their results."""
+        if self._completed is None:
+            from distributed import as_completed
+
+            self._completed = as_completed(loop=self.client().loop, with_results=True, raise_errors=False)
+        return self._completed
 
     def lost(self, exc: OSError) -> bool:
         """Whether `exc` says the connection to the scheduler broke."""
