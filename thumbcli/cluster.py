@@ -416,11 +416,11 @@ class ClusterRun:
                 self._submit(connection, group)
                 group = _Group()
             if self._in_flight:
-                self._collect(connection, block=len(self._in_flight) >= connection.limit, started=started)
+                self._collect(connection, block=len(self._in_flight) >= connection.limit)
         if group.batches and self._stop_reason is None:
             self._submit(connection, group)
         while self._in_flight:
-            self._collect(connection, block=True, started=started)
+            self._collect(connection, block=True)
 
     def _ready(self, group: _Group, limit: int) -> bool:
         """Whether to send the group now: full, or old, or the workers are short of work."""
@@ -472,10 +472,12 @@ class ClusterRun:
             self._interrupted,
         )
 
-    def _collect(self, connection: _Connection, *, block: bool, started: float) -> None:
-        """Record the tasks that are done; with `block`, wait (in short steps, to notice a stop) for one."""
+    def _collect(self, connection: _Connection, *, block: bool) -> None:
+        """Record the tasks that are done; with `block`, wait (in short steps, to notice a stop) for one.
+
+        Past --max-time, the walk submits nothing more (checked between its folders); what was submitted finishes.
+        """
         client, completed = connection.client(), connection.completed()
-        max_seconds = self._job.run.max_seconds
         while True:
             if self._cancel.is_set() and self._in_flight:
                 from distributed import Event
@@ -485,8 +487,6 @@ class ClusterRun:
                 client.cancel(list(self._in_flight))
                 self._in_flight.clear()
                 return
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                self.stop("max-time")
             # Results are fetched from the workers in Dask's thread, not one round trip at a time here.
             done = completed.next_batch(block=False) if completed.has_ready() else []
             if done or not block or not self._in_flight:
