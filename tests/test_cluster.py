@@ -123,6 +123,16 @@ def test_cluster_reports_failed_files_as_a_local_run_does(cluster: DaskCluster, 
     same_outputs(tmp_path / "local", tmp_path / "dask")
 
 
+def test_cluster_max_files_makes_that_many_and_says_it_was_cut_short(
+    cluster: DaskCluster, small_tree: tuple[Path, int, Path], tmp_path: Path
+) -> None:
+    source, _, _ = small_tree
+    run = run_cli("generate", source, "-o", tmp_path / "out", "--max-files", "50", "--json", "--dask", cluster.address)
+    assert run.rc == 4, run.stderr
+    assert (run.summary["made"], run.summary["stopped"]) == (50, "max-files")
+    assert len(output_files(tmp_path / "out")) == 50
+
+
 def test_cluster_run_survives_a_worker_killed_mid_run(big_tree: tuple[Path, Path], tmp_path: Path) -> None:
     source, local = big_tree
     output = tmp_path / "dask"
