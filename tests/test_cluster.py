@@ -196,6 +196,7 @@ def test_dask_rejects_an_address_that_is_not_one(address: str, tmp_path: Path) -
     run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--dask", address)
     assert run.rc == 2, run.stderr
     assert "--dask" in run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_dask_refuses_the_desktop_cache(tmp_path: Path) -> None:

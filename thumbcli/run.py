@@ -133,6 +133,10 @@ class GenerateJob:
         if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
             # Each user's desktop cache on each host is its own: there is nothing to share out.
             raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
+        if self.dask is not None:
+            from thumbcli.cluster import local_workers
+
+            local_workers(self.dask)  # a usage error before any output folder is made
 
 
 _DEFAULT_LIMITS = Limits()
