@@ -570,7 +570,7 @@ def local_workers(address: str) -> int | None:
 
 
 class _Connection:
-    """The Dask client, connected when the first task is ready: a run with nothing to make never loads Dask."""
+    """The Dask client, connected when the first task is ready: a rerun of known-fresh folders never loads Dask."""
 
     def __init__(self, address: str, local_workers: int | None) -> None:
         self._address = address
