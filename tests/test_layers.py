@@ -23,6 +23,8 @@ OWNERS = {
     "tqdm": {"progress"},
     "httptools": {"serve.protocol"},
     "sqlite3": {"targets.state"},
+    "distributed": {"cluster"},
+    "dask": {"cluster"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.
@@ -43,6 +45,7 @@ FLOORS = {
     "metrics": 6,
     "ondemand": 7,
     "run": 7,
+    "cluster": 7,
     "serve": 8,
     "cli": 9,
     "__main__": 10,

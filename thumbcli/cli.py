@@ -86,6 +86,20 @@ class Duration(click.ParamType[float, Any]):
         return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+class Shard(click.ParamType[tuple[int, int], Any]):
+    """`I/N`: this invocation's share of the folders, one of N."""
+
+    name = "I/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+        if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+            self.fail(f"{value!r} is not a share such as 0/3 (I/N with 0 <= I < N)", param, ctx)
+        return int(match.group(1)), int(match.group(2))
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -94,6 +108,8 @@ def _configure_logging(debug: bool) -> None:
     )
     # libvips warnings about files we already report as failed are noise unless debugging.
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # Dask's client logs a lost scheduler with tracebacks; the run reports it in one line.
+    logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 _P = ParamSpec("_P")
@@ -352,6 +368,17 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
 )
 @click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
 @click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
+@click.option(
+    "--shard",
+    type=Shard(),
+    default="0/1",
+    help="Make only share I of N of the folders (0 <= I < N), with its own lock and state; for other schedulers.",
+)
+@click.option(
+    "--dask",
+    metavar="ADDRESS",
+    help="Make the thumbnails on the Dask scheduler at ADDRESS (tcp://host:8786), or on `local[:N]` worker processes.",
+)
 @_wait_option
 @_json_option("Print a JSON summary on stdout.")
 @click.option(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import logging
 import os
 import stat
@@ -138,6 +139,15 @@ def owner(reldir: str, parts: int) -> int:
     return zlib.crc32(os.fsencode(reldir)) % parts if parts > 1 else 0
 
 
+def shard_of(reldir: str, shards: int) -> int:
+    """Which of `shards` invocations (`--shard I/N`) makes the thumbnails of the folder at `reldir`."""
+    if shards <= 1:
+        return 0
+    # Not `owner`'s CRC: the walkers inside one shard must still share its folders out evenly,
+    # so the two choices must not be correlated (crc % 3 == 0 would give every folder to walker 0).
+    return int.from_bytes(hashlib.blake2b(os.fsencode(reldir), digest_size=8).digest(), "little") % shards
+
+
 #: Filesystems whose folders have a link count of 2 plus their number of subfolders, so a folder
 #: with a count of 2 holds none (find's "leaf optimization"). Others (btrfs, overlayfs, network
 #: and FUSE filesystems) may report 1 or a made-up 2.
@@ -174,13 +184,16 @@ def _walk_one(
     part: tuple[int, int],
 ) -> Iterator[DirBatch | WalkProblem]:
     index, parts = part
+    shard, shards = options.shard
     begun = _begin(source, options.follow_symlinks)
     if not isinstance(begun, os.stat_result):
-        if index == 0:  # a lone file or a problem with the source itself: the first process reports it
+        # A lone file or a problem with the source itself: the first process of the root's shard reports it.
+        if index == 0 and shard_of("", shards) == shard:
             yield begun
         return
     # Symlinks to folders are not in a folder's link count: with -L, every folder may lead on.
-    leaf_devices = _link_counting_devices() if parts > 1 and not options.follow_symlinks else frozenset()
+    splits = parts > 1 or shards > 1
+    leaf_devices = _link_counting_devices() if splits and not options.follow_symlinks else frozenset()
     walk = _TreeWalk(options, is_image_name, excluded, leaf_devices)
     root = source.rstrip("/") or "/"
     # Folders still to walk, last first; each carries the (dev, inode) of the folders above
@@ -189,7 +202,7 @@ def _walk_one(
     stack: list[_Folder] = [(root, "", frozenset({(begun.st_dev, begun.st_ino)}), False)]
     while stack:
         directory, reldir, ancestors, leaf = stack.pop()
-        mine = parts == 1 or owner(reldir, parts) == index
+        mine = (parts == 1 or owner(reldir, parts) == index) and (shards == 1 or shard_of(reldir, shards) == shard)
         if leaf and not mine:
             continue
         files, subdirs, problems = walk.list_folder(directory, reldir, ancestors, mine)

@@ -36,12 +36,16 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
+            # Held until the rename: a temporary file nobody holds locked was left by a writer
+            # that died (a killed cluster worker), and `remove_orphaned_temporary_files` may take it.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            os.replace(temp, path)
         finally:
             os.close(fd)
-        os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -87,6 +91,39 @@ class RunLock:
     def release(self) -> None:
         """Drop the lock."""
         os.close(self._fd)
+
+
+def remove_orphaned_temporary_files(folder: str) -> int:
+    """Unlink the temporary files in `folder` whose writer is gone (no one holds them locked); return how many.
+
+    A write in progress holds its temporary file locked, on this host or another sharing the
+    filesystem, so it is never taken. For a rerun of a cluster task whose worker was killed.
+    """
+    try:
+        names = [name for name in os.listdir(folder) if is_temporary_name(name)]
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            # Read-write: over NFS an exclusive lock needs a file open for writing.
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # renamed or removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if st.st_size == 0 and time.time() - st.st_mtime < 1:
+                continue  # perhaps created an instant ago by a writer about to lock it
+            if st.st_ino == os.lstat(path).st_ino:
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            continue  # held by a live writer, or gone
+        finally:
+            os.close(fd)
+    return removed
 
 
 def remove_if_abandoned(path: Path) -> None:

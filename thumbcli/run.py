@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
@@ -121,6 +122,8 @@ class GenerateJob:
     fail_log: Path | None = None
     #: The config's named sources, name -> path: a cache puts each under its name.
     source_names: dict[str, str] = field(default_factory=dict)
+    #: A Dask scheduler's address (`tcp://host:8786`) or `local[:N]`: make the thumbnails there.
+    dask: str | None = None
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -129,6 +132,13 @@ class GenerateJob:
             _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
             raise SpecError("no thumbnail sizes to make")
+        if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
+            # Each user's desktop cache on each host is its own: there is nothing to share out.
+            raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
+        if self.dask is not None:
+            from thumbcli.cluster import local_workers
+
+            local_workers(self.dask)  # a usage error before any output folder is made
 
 
 _DEFAULT_LIMITS = Limits()
@@ -172,6 +182,8 @@ class GenerateRequest:
     max_time: float | None = None
     wait: bool = False
     fail_log: Path | None = None
+    shard: tuple[int, int] = (0, 1)
+    dask: str | None = None
 
     def job(self, config: Config) -> GenerateJob:
         """The job this request asks for, with its specs resolved against the config's presets."""
@@ -199,6 +211,7 @@ class GenerateRequest:
             include=self.include,
             exclude=self.exclude,
             processes=self.walkers or 0,
+            shard=self.shard,
         )
         return GenerateJob(
             tuple(self.sources),
@@ -210,6 +223,7 @@ class GenerateRequest:
             wait=self.wait,
             fail_log=self.fail_log,
             source_names=config.sources,
+            dask=self.dask,
         )
 
 
@@ -244,6 +258,7 @@ def open_target(job: GenerateJob) -> Target:
             wait_for_lock=job.wait,
             check_collisions=several_sources,
             source_folders=folders,
+            shard=job.walk.shard,
         )
     return OutputTree(
         destination.root,
@@ -252,6 +267,7 @@ def open_target(job: GenerateJob) -> Target:
         wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,
         source_folders=folders,
+        shard=job.walk.shard,
     )
 
 
@@ -327,6 +343,18 @@ def exit_code(stopped: StopReason | None, failed: int) -> ExitCode:
     return ExitCode.OK
 
 
+class Stoppable(Protocol):
+    """A run that can be told to stop: the local pipeline, or a cluster run's client."""
+
+    def run(self) -> RunStats:
+        """Run to the end (or until stopped) and return the counts."""
+        ...
+
+    def stop(self, reason: StopReason = "interrupted") -> None:
+        """Take no new work; work in flight finishes (on a cluster, an interrupt cancels it)."""
+        ...
+
+
 class RunStopper:
     """Stops a generate run: the first request drains it (files in flight finish), the second abandons it.
 
@@ -336,9 +364,9 @@ class RunStopper:
 
     def __init__(self) -> None:
         self._requests = 0
-        self._pipeline: Pipeline | None = None
+        self._pipeline: Stoppable | None = None
 
-    def attach(self, pipeline: Pipeline | None) -> None:
+    def attach(self, pipeline: Stoppable | None) -> None:
         """Stop this pipeline on request (None: the run is over); a request made before applies at once."""
         self._pipeline = pipeline
         if pipeline is not None and self._requests:
@@ -383,18 +411,24 @@ def generate(
             on_result(result)
 
     try:
-        pipeline = Pipeline(
-            job.sources,
-            target,
-            job.run,
-            job.walk,
-            excluded_dirs=[str(target.root)],
-            dry_run=job.dry_run,
-            on_found=on_found,
-            on_skipped=on_skipped,
-            on_walked=on_walked,
-            on_result=on_each_result,
-        )
+        pipeline: Stoppable
+        if job.dask is not None:
+            from thumbcli.cluster import ClusterRun
+
+            pipeline = ClusterRun(job, target, on_found=on_found, on_skipped=on_skipped, on_result=on_each_result)
+        else:
+            pipeline = Pipeline(
+                job.sources,
+                target,
+                job.run,
+                job.walk,
+                excluded_dirs=[str(target.root)],
+                dry_run=job.dry_run,
+                on_found=on_found,
+                on_skipped=on_skipped,
+                on_walked=on_walked,
+                on_result=on_each_result,
+            )
         if stopper is not None:
             stopper.attach(pipeline)
         stats = pipeline.run()

@@ -215,3 +215,10 @@ class WalkOptions:
     exclude: tuple[str, ...] = ()
     #: Processes that walk and stat the sources; 0: one per core, at most four.
     processes: int = 0
+    #: (I, N): walk only the folders that `discover.shard_of` gives to invocation I of N (`--shard I/N`).
+    shard: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise SpecError(f"--shard {index}/{count}: give I/N with 0 <= I < N")

@@ -31,6 +31,7 @@ class CacheDirectory(OutputTree):
         check_collisions: bool = True,
         locked: bool = True,
         source_folders: Mapping[str, str] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         super().__init__(
             root,
@@ -40,6 +41,7 @@ class CacheDirectory(OutputTree):
             check_collisions=check_collisions,
             locked=locked,
             source_folders=source_folders,
+            shard=shard,
         )
         self._write_manifest(cache.load_manifest(root, strict=False))
 

@@ -133,7 +133,13 @@ class OutputTree:
         check_collisions: bool = False,
         locked: bool = True,
         source_folders: Mapping[str, str] | None = None,
+        shard: tuple[int, int] = (0, 1),
+        state: StateStore | None = None,
     ) -> None:
+        """`shard` (I, N) of a `--shard` run names its own lock and state files, so N shards run at once.
+
+        `state`: records the caller keeps (a cluster task's, in memory) instead of the state file.
+        """
         check_name_template(name_template)
         self.root = root
         self.specs = specs
@@ -145,8 +151,9 @@ class OutputTree:
         try:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
-            self._lock = RunLock(root / PRIVATE_DIR / "lock", wait=wait_for_lock) if locked else None
-            self._state = StateStore(root / PRIVATE_DIR / "state.sqlite")
+            tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
+            self._lock = RunLock(root / PRIVATE_DIR / f"lock{tag}", wait=wait_for_lock) if locked else None
+            self._state = state if state is not None else StateStore(root / PRIVATE_DIR / f"state{tag}.sqlite")
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
@@ -160,6 +167,21 @@ class OutputTree:
         self._claims: dict[str, str] | None = {} if check_collisions else None
         #: Source root as the walk spells it -> its leading folder; None: one source, no such folder.
         self._source_folders = dict(source_folders) if source_folders else None
+
+    @property
+    def state(self) -> StateStore:
+        """The records of what each thumbnail was made from (a cluster run's client sends them with tasks)."""
+        return self._state
+
+    @property
+    def name_template(self) -> str:
+        """The template that names each thumbnail, relative to the root."""
+        return self._template
+
+    @property
+    def checks_collisions(self) -> bool:
+        """Whether two sources landing on one output name are refused (several sources, or a --name)."""
+        return self._claims is not None
 
     def relative_output(self, source: SourceFile, spec: ThumbSpec) -> str:
         """The output's path relative to the root, from the name template."""
