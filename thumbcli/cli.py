@@ -33,7 +33,7 @@ from thumbcli.config import (
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.serve.options import ServeOptions
-from thumbcli.spec import FITS, FORMATS, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec
 
 if TYPE_CHECKING:
     from thumbcli.pipeline import FileResult
@@ -41,12 +41,25 @@ if TYPE_CHECKING:
     from thumbcli.run import GenerateJob, GenerateSummary
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+#: The library's defaults, which the options show and pass on: stated once, in spec.py.
+_DEFAULT_LIMITS = Limits()
+_DEFAULT_RUN = RunOptions(workers=1)
+_DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
 
 class ByteSize(click.ParamType[int, Any]):
     """A byte count with an optional K/M/G suffix (binary units)."""
 
     name = "bytes"
+
+    @staticmethod
+    def label(count: int) -> str:
+        """`count` as the shortest text this type reads back exactly (268435456 -> 256M)."""
+        for suffix in ("G", "M", "K"):
+            unit = _SIZE_UNITS[suffix.lower()]
+            if count >= unit and count % unit == 0:
+                return f"{count // unit}{suffix}"
+        return str(count)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -307,11 +320,18 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
 @click.option(
     "--fit",
     type=click.Choice(FITS),
-    default="inside",
+    default=_DEFAULT_SPEC.fit,
     show_default=True,
     help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jpeg", show_default=True, help="Output format.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=_DEFAULT_SPEC.format,
+    show_default=True,
+    help="Output format.",
+)
 @click.option("-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg/webp 80, avif 50]")
 @click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box.")
 @click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default).")
@@ -335,23 +355,39 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
     help="Processes walking and stat-ing the sources; more help on network filesystems."
     "  [default: number of cores, at most 4]",
 )
-@click.option("--loaders", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads reading files.")
+@click.option(
+    "--loaders",
+    type=click.IntRange(1, 256),
+    default=_DEFAULT_RUN.loaders,
+    show_default=True,
+    help="Threads reading files.",
+)
 @click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]")
 @click.option(
-    "--writers", type=click.IntRange(1, 256), default=1, show_default=True, help="Threads writing thumbnails."
+    "--writers",
+    type=click.IntRange(1, 256),
+    default=_DEFAULT_RUN.writers,
+    show_default=True,
+    help="Threads writing thumbnails.",
 )
-@click.option("--max-file-size", type=ByteSize(), default="256M", show_default=True, help="Refuse larger source files.")
+@click.option(
+    "--max-file-size",
+    type=ByteSize(),
+    default=ByteSize.label(_DEFAULT_LIMITS.max_file_size),
+    show_default=True,
+    help="Refuse larger source files.",
+)
 @click.option(
     "--max-pixels",
     type=Megapixels(),
-    default="100",
+    default=f"{_DEFAULT_LIMITS.max_pixels / 1_000_000:g}",
     show_default=True,
     help="Refuse images with more megapixels (decompression bombs).",
 )
 @click.option(
     "--max-decode-time",
     type=Duration(),
-    default="60",
+    default=f"{_DEFAULT_LIMITS.max_decode_seconds:g}",
     show_default=True,
     help="Kill and replace a resample worker that spends longer on one file; the file is reported timed out.",
 )

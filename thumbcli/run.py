@@ -142,6 +142,8 @@ class GenerateJob:
 
 
 _DEFAULT_LIMITS = Limits()
+_DEFAULT_RUN = RunOptions(workers=1)
+_DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +158,8 @@ class GenerateRequest:
     flavours: tuple[str, ...] = ()
     presets: tuple[str, ...] = ()
     sizes: tuple[str, ...] = ()
-    fit: Fit = "inside"
-    fmt: Format = "jpeg"
+    fit: Fit = _DEFAULT_SPEC.fit
+    fmt: Format = _DEFAULT_SPEC.format
     quality: int | None = None
     upscale: bool = False
     keep_metadata: bool = False
@@ -169,9 +171,9 @@ class GenerateRequest:
     force: bool = False
     dry_run: bool = False
     walkers: int | None = None
-    loaders: int = 2
+    loaders: int = _DEFAULT_RUN.loaders
     workers: int | None = None
-    writers: int = 1
+    writers: int = _DEFAULT_RUN.writers
     max_file_size: int = _DEFAULT_LIMITS.max_file_size
     max_pixels: int = _DEFAULT_LIMITS.max_pixels
     max_decode_time: float = _DEFAULT_LIMITS.max_decode_seconds
