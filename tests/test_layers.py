@@ -23,6 +23,12 @@ OWNERS = {
     "tqdm": {"progress"},
     "httptools": {"serve.protocol"},
     "sqlite3": {"targets.state"},
+    "pillow_heif": {"decoders.heif"},
+    "rawpy": {"decoders.raw"},
+    "av": {"decoders.video"},
+    "pillow_jxl": {"decoders.jxl"},
+    "PIL": {"decoders.jxl"},
+    "numpy": {"decoders.video"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.
@@ -34,6 +40,7 @@ FLOORS = {
     "discover": 2,
     "progress": 2,
     "resample": 2,
+    "decoders": 2,
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,

@@ -1,0 +1,84 @@
+"""Decoders beside libvips for what it may not read (HEIC with HEVC, camera RAW, JPEG XL, video).
+
+Each module here is the only importer of its wheel and imports it when a file first needs it,
+so a missing wheel is one reason naming the package (never an ImportError at start-up).
+A decoder hands `resample` either upright 8-bit pixels or an embedded image for libvips to decode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from thumbcli.errors import FileRejected
+from thumbcli.spec import Limits
+
+#: The scale (of an upright width x height) the largest requested thumbnail needs.
+ScaleNeeded = Callable[[int, int], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Pixels:
+    """Decoded upright pixels: 8-bit, interleaved, 1 to 4 bands, with the ICC profile they are in (b"" if sRGB)."""
+
+    data: bytes
+    width: int
+    height: int
+    bands: int
+    icc_profile: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedImage:
+    """An encoded image inside the file (a RAW's JPEG preview) for libvips, turned by `orientation` (EXIF 1-8)."""
+
+    data: bytes
+    orientation: int = 1
+
+
+Decoded = Pixels | EmbeddedImage
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderWheel:
+    """A decoder of this package: the format it reads, the module it lives in and the wheel behind it."""
+
+    format: str
+    module: str
+    wheel: str
+    importable: str
+
+
+#: Every decoder, by the format name `resample.sniff_format` gives.
+DECODERS: dict[str, DecoderWheel] = {
+    "heif": DecoderWheel("heif", "thumbcli.decoders.heif", "pillow-heif", "pillow_heif"),
+    "raw": DecoderWheel("raw", "thumbcli.decoders.raw", "rawpy", "rawpy"),
+    "jxl": DecoderWheel("jxl", "thumbcli.decoders.jxl", "pillow-jxl-plugin", "pillow_jxl"),
+    "video": DecoderWheel("video", "thumbcli.decoders.video", "av", "av"),
+}
+
+
+def is_installed(format_name: str) -> bool:
+    """Whether the wheel behind the decoder of `format_name` can be imported (found, not imported)."""
+    return importlib.util.find_spec(DECODERS[format_name].importable) is not None
+
+
+class MissingDecoder(FileRejected):
+    """A file of a supported kind whose decoder wheel is not installed."""
+
+    def __init__(self, label: str, format_name: str) -> None:
+        wheel = DECODERS[format_name].wheel
+        super().__init__(f"{label}: no decoder installed (pip install {wheel}, or reinstall thumbcli)")
+
+
+def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
+    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded."""
+    if width < 1 or height < 1:
+        raise FileRejected(f"{label}: image has no pixels ({width}x{height})")
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise FileRejected(
+            f"image is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
+            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
+        )
