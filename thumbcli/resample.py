@@ -8,6 +8,8 @@ import os
 import re
 from typing import Any, Literal, NamedTuple
 
+from thumbcli import decoders
+from thumbcli.decoders import heif, jxl, raw, video
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.spec import Thumbnail as Thumbnail  # re-exported: the value this module makes
@@ -18,6 +20,12 @@ import pyvips
 log = logging.getLogger(__name__)
 
 _FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_VIDEO_FTYP_BRANDS = (
+    *(b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"qt  ", b"M4V ", b"M4VH"),
+    *(b"M4VP", b"3gp4", b"3gp5", b"3g2a", b"dash", b"MSNV", b"XAVC", b"mmp4"),
+)
+# libvips' own text when its libheif lacks the HEIF file's codec (the pyvips wheel has no HEVC decoder).
+_NO_LIBVIPS_DECODER = re.compile(r"has not been built in|no decoding plugin|decoder plugin", re.IGNORECASE)
 # A first decode refuses truncated files instead of thumbnailing their grey
 # remainder; only a file that fails so is decoded again leniently (`fail_on=none`).
 # (The thumbnail operations ignore a fail_on keyword; the loader option string works.)
@@ -65,6 +73,14 @@ def sniff_format(head: bytes) -> str | None:
         return "tiff"
     if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
         return "heif"
+    if head[4:8] == b"ftyp" and head[8:12] == b"crx ":
+        return "raw"  # Canon CR3
+    if head[4:8] == b"ftyp" and head[8:12] in _VIDEO_FTYP_BRANDS:
+        return "video"
+    if head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+        return "video"  # Matroska/WebM, AVI
+    if head.startswith((b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00")):
+        return "raw"  # Fujifilm RAF, Olympus ORF, Panasonic RW2
     if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
         return "jxl"
     if head.startswith(b"\x1f\x8b"):
@@ -241,10 +257,16 @@ def resample(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, stric
     source_format = sniff_format(data[:1024])
     if source_format is None:
         raise FileRejected(_describe_head(data[:16]))
+    if source_format == "tiff" and raw.is_camera_raw(data):
+        source_format = "raw"
+    if source_format in ("raw", "video") or (source_format == "jxl" and not libvips_loads("jxl")):
+        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
     try:
         return Resampled(_make_thumbnails(data, specs, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
+    if source_format == "heif" and _NO_LIBVIPS_DECODER.search(detail):
+        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
     reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
@@ -308,3 +330,65 @@ def _make_thumbnails(
 def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:
     image = _to_8bit_srgb(image, spec)
     return Thumbnail(_encode(image, spec), image.width, image.height, *origin)
+
+
+# -- formats decoded beside libvips -------------------------------------------------
+
+
+def libvips_loads(format_name: str) -> bool:
+    """Whether this libvips has a loader for `format_name` (a `sniff_format` name), asked of the library."""
+    loader = {"heif": "heifload", "jxl": "jxlload", "raw": "dcrawload", "video": ""}.get(
+        format_name, f"{format_name}load"
+    )
+    return bool(loader) and pyvips.type_find("VipsOperation", loader) != 0
+
+
+def _decode_beside_libvips(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+) -> decoders.Decoded:
+    def scale_needed(width: int, height: int) -> float:
+        return max(_scale_for(spec, width, height) for spec in specs)
+
+    if source_format == "heif":
+        return heif.decode(data, limits)
+    if source_format == "raw":
+        return raw.decode(data, limits, scale_needed)
+    if source_format == "jxl":
+        return jxl.decode(data, limits)
+    return video.decode(data, limits, scale_needed)
+
+
+def _thumbnails_beside_libvips(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+) -> list[Thumbnail]:
+    """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
+    decoded = _decode_beside_libvips(data, specs, limits, source_format)
+    try:
+        image = _image_of(decoded).copy_memory()
+    except pyvips.Error as exc:
+        raise DecodeFailed(f"{source_format}: embedded image: {describe_failure(_error_detail(exc))}", "") from None
+    origin = (image.width, image.height, source_format)
+    thumbnails = []
+    for spec in specs:
+        width, kwargs = _thumbnail_args(spec, image.width, image.height)
+        thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
+    return thumbnails
+
+
+def _image_of(decoded: decoders.Decoded) -> pyvips.Image:
+    """A libvips image, upright and in sRGB, of what a decoder gave."""
+    if isinstance(decoded, decoders.EmbeddedImage):
+        image = pyvips.Image.new_from_buffer(decoded.data, "", access="random")
+        image = image.copy()
+        # The RAW's own flip field decides, whatever orientation the preview's EXIF says.
+        image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
+        return image.autorot()
+    image = pyvips.Image.new_from_memory(decoded.data, decoded.width, decoded.height, decoded.bands, "uchar")
+    image = image.copy(interpretation="b-w" if decoded.bands < 3 else "srgb")
+    if decoded.icc_profile:
+        image.set_type(pyvips.GValue.blob_type, "icc-profile-data", decoded.icc_profile)
+        try:
+            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+        except pyvips.Error:
+            log.debug("ignoring an ICC profile libvips cannot use")
+    return image
