@@ -229,15 +229,28 @@ def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
 
 
 def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
-    keep = "all" if spec.keep_metadata else "none"
+    metadata = _METADATA_OPTION[spec.keep_metadata]
     quality = spec.effective_quality
     if spec.format == "jpeg":
-        return bytes(image.jpegsave_buffer(Q=quality, keep=keep, optimize_coding=True))
+        return bytes(image.jpegsave_buffer(Q=quality, optimize_coding=True, **metadata))
     if spec.format == "webp":
-        return bytes(image.webpsave_buffer(Q=quality, keep=keep))
+        return bytes(image.webpsave_buffer(Q=quality, **metadata))
     if spec.format == "avif":
-        return bytes(image.heifsave_buffer(Q=quality, keep=keep, compression="av1", effort=2))
-    return bytes(image.pngsave_buffer(keep=keep, compression=6))
+        return bytes(image.heifsave_buffer(Q=quality, compression="av1", effort=2, **metadata))
+    return bytes(image.pngsave_buffer(compression=6, **metadata))
+
+
+def saver_keeps_metadata_by_keep() -> bool:
+    """Whether this libvips' savers take `keep` (8.15 on) rather than `strip` (8.14, Debian 12's)."""
+    return bool(pyvips.at_least_libvips(8, 15))
+
+
+#: --keep-metadata -> the saver option saying so, in this libvips' words.
+_METADATA_OPTION: dict[bool, dict[str, Any]] = (
+    {True: {"keep": "all"}, False: {"keep": "none"}}
+    if saver_keeps_metadata_by_keep()
+    else {True: {"strip": False}, False: {"strip": True}}
+)
 
 
 def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
