@@ -6,16 +6,18 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from thumbcli import decoders
 from thumbcli.decoders import heif, jxl, raw, video
 from thumbcli.errors import FileRejected
-from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.spec import SOURCE_SUFFIXES, Limits, ThumbSpec
 from thumbcli.spec import Thumbnail as Thumbnail  # re-exported: the value this module makes
 
 os.environ.setdefault("VIPS_WARNING", "0")
 import pyvips
+from pyvips.voperation import Introspect
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +351,84 @@ def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) 
 
 
 def libvips_loads(format_name: str) -> bool:
-    """Whether this libvips has a loader for `format_name` (a `sniff_format` name), asked of the library."""
-    loader = {"heif": "heifload", "jxl": "jxlload", "raw": "dcrawload", "video": ""}.get(
-        format_name, f"{format_name}load"
-    )
-    return bool(loader) and pyvips.type_find("VipsOperation", loader) != 0
+    """Whether this libvips has a trusted loader for `format_name` (a `sniff_format` name), asked of the library.
+
+    Untrusted loaders count as absent: `configure_libvips` blocks them (Debian's 8.14 marks jxlload so).
+    """
+    loader = _LOADERS.get(format_name, f"{format_name}load")
+    if not loader or pyvips.type_find("VipsOperation", f"{loader}_buffer") == 0:
+        return False
+    flags = int(Introspect.get(f"{loader}_buffer").flags)
+    return not flags & (_OPERATION_UNTRUSTED | _OPERATION_BLOCKED)
+
+
+#: A sniffed format -> the libvips loader that reads it ("" for none).
+_LOADERS = {"heif": "heifload", "jxl": "jxlload", "raw": "dcrawload", "video": "", "svgz": "svgload"}
+_OPERATION_UNTRUSTED, _OPERATION_BLOCKED = 16, 32  # VipsOperationFlags
+
+
+@dataclass(frozen=True, slots=True)
+class Libvips:
+    """The libvips in use: its version, the file it was loaded from, and where that came from."""
+
+    version: str
+    path: str
+    origin: Literal["pyvips-binary wheel", "system"]
+    metadata_option: Literal["keep", "strip"]
+
+
+@dataclass(frozen=True, slots=True)
+class FormatSupport:
+    """One kind of source: its suffixes, and what decodes it here (empty when nothing can)."""
+
+    kind: str
+    suffixes: tuple[str, ...]
+    decoder: str
+
+
+def libvips_in_use() -> Libvips:
+    """Which libvips this process loaded (its file from /proc/self/maps), and how its savers take metadata."""
+    version = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    path = ""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "/libvips" in line}
+        path = min(paths, default="")
+    except OSError:
+        pass
+    origin: Literal["pyvips-binary wheel", "system"] = "pyvips-binary wheel" if "pyvips_binary" in path else "system"
+    return Libvips(version, path, origin, "keep" if saver_keeps_metadata_by_keep() else "strip")
+
+
+def format_support() -> list[FormatSupport]:
+    """Every kind of source thumbcli reads, with the decoder behind it in this installation."""
+    libvips = f"libvips {libvips_in_use().version}"
+    beside = {"raw": raw.version(), "jxl": jxl.version(), "video": video.version()}
+    support = []
+    for kind, suffixes in SOURCE_SUFFIXES.items():
+        if kind == "heif":
+            decoder = _heif_decoders(libvips)
+        elif libvips_loads(kind):
+            decoder = f"{libvips} ({_LOADERS.get(kind, kind + 'load')})"
+        else:
+            decoder = beside.get(kind) or ""
+        support.append(FormatSupport(kind, suffixes, decoder))
+    return support
+
+
+def _heif_decoders(libvips: str) -> str:
+    """AVIF through libvips; HEVC (HEIC) through libvips when its libheif decodes the bundled encoder's sample."""
+    sample = heif.sample_hevc_file()
+    libvips_reads_hevc = False
+    if sample is not None and libvips_loads("heif"):
+        try:
+            pyvips.Image.new_from_buffer(sample, "").avg()
+            libvips_reads_hevc = True
+        except pyvips.Error:
+            pass
+    avif = f"AVIF: {libvips} (heifload)" if libvips_loads("heif") else "AVIF: none"
+    hevc = f"HEIC: {libvips} (heifload)" if libvips_reads_hevc else f"HEIC: {heif.version() or 'none'}"
+    return f"{hevc}; {avif}"
 
 
 def _decode_beside_libvips(

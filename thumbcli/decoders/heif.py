@@ -7,6 +7,7 @@ iPhone also writes describes the same turn, so it is not applied again.
 
 from __future__ import annotations
 
+import io
 from typing import cast
 
 from thumbcli.decoders import MissingDecoder, Pixels, check_pixels
@@ -60,3 +61,27 @@ def _reason(text: str) -> str:
         return f"{_LABEL}: no image item"
     first = text.strip().splitlines()[0] if text.strip() else "could not decode"
     return f"{_LABEL}: {first[:200]}"
+
+
+def version() -> str | None:
+    """pillow-heif's version and its libheif's, or None when it is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return None
+    return f"pillow-heif {pillow_heif.__version__} (libheif {pillow_heif.libheif_version()})"
+
+
+def sample_hevc_file() -> bytes | None:
+    """A tiny HEVC-coded HEIC made by the bundled encoder (to ask libvips whether it reads HEVC), or None."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return None
+    try:
+        heif_file = pillow_heif.from_bytes(mode="RGB", size=(16, 16), data=bytes(16 * 16 * 3))
+        output = io.BytesIO()
+        heif_file.save(output, quality=50)
+    except (ValueError, RuntimeError, OSError):
+        return None  # no HEVC encoder in this build
+    return output.getvalue()

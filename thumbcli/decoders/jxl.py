@@ -39,3 +39,14 @@ def _reason(text: str) -> str:
     if "cannot identify" in lowered or "signature" in lowered or "generic error" in lowered:
         return f"{_LABEL}: damaged, or not a JPEG XL file"
     return f"{_LABEL}: could not decode ({text.strip().splitlines()[0][:200] if text.strip() else 'no reason given'})"
+
+
+def version() -> str | None:
+    """pillow-jxl-plugin's version, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return f"pillow-jxl-plugin {installed_version('pillow-jxl-plugin')}"
+    except PackageNotFoundError:
+        return None

@@ -90,3 +90,12 @@ def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
             return width, height
         position += 2 + length
     return 0, 0
+
+
+def version() -> str | None:
+    """rawpy's version and its LibRaw's, or None when it is not installed."""
+    try:
+        import rawpy
+    except ImportError:
+        return None
+    return f"rawpy {getattr(rawpy, '__version__', '?')} (LibRaw {'.'.join(map(str, rawpy.libraw_version))})"

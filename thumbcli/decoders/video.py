@@ -76,3 +76,13 @@ def _representative_frame(frames: Iterator[VideoFrame]) -> VideoFrame | None:
         if looked + 1 >= _FRAMES_LOOKED_AT:
             break
     return brightest
+
+
+def version() -> str | None:
+    """PyAV's version and its FFmpeg's, or None when it is not installed."""
+    try:
+        import av
+    except ImportError:
+        return None
+    ffmpeg = av.library_versions.get("libavcodec", ())
+    return f"PyAV {av.__version__} (libavcodec {'.'.join(map(str, ffmpeg))})"
