@@ -28,7 +28,6 @@ OWNERS = {
     "av": {"decoders.video"},
     "pillow_jxl": {"decoders.jxl"},
     "PIL": {"decoders.jxl"},
-    "numpy": {"decoders.video"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.

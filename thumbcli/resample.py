@@ -454,7 +454,8 @@ def _thumbnails_beside_libvips(
     try:
         image = _image_of(decoded).copy_memory()
     except pyvips.Error as exc:
-        raise DecodeFailed(f"{source_format}: embedded image: {describe_failure(_error_detail(exc))}", "") from None
+        detail = _error_detail(exc)
+        raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None
     origin = (image.width, image.height, source_format)
     thumbnails = []
     for spec in specs:
@@ -475,8 +476,8 @@ def _image_of(decoded: decoders.Decoded) -> pyvips.Image:
     image = image.copy(interpretation="b-w" if decoded.bands < 3 else "srgb")
     if decoded.icc_profile:
         image.set_type(pyvips.GValue.blob_type, "icc-profile-data", decoded.icc_profile)
-        try:
-            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
-        except pyvips.Error:
-            log.debug("ignoring an ICC profile libvips cannot use")
+        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+    if decoded.orientation != 1:
+        image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
+        image = image.autorot()
     return image

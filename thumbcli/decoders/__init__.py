@@ -20,13 +20,15 @@ ScaleNeeded = Callable[[int, int], float]
 
 @dataclass(frozen=True, slots=True)
 class Pixels:
-    """Decoded upright pixels: 8-bit, interleaved, 1 to 4 bands, with the ICC profile they are in (b"" if sRGB)."""
+    """Decoded pixels: 8-bit, interleaved, 1 to 4 bands, in their ICC profile (b"" if sRGB), turned by `orientation`."""
 
     data: bytes
     width: int
     height: int
     bands: int
     icc_profile: bytes = b""
+    #: EXIF orientation (1-8) that turns these pixels upright; 1 when they already are.
+    orientation: int = 1
 
 
 @dataclass(frozen=True, slots=True)

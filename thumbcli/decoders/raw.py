@@ -7,9 +7,12 @@ way the RAW's own flip field turns the image upright.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
 import struct
+from collections.abc import Iterator
 
 from thumbcli.decoders import EmbeddedImage, MissingDecoder, Pixels, ScaleNeeded, check_pixels
 from thumbcli.errors import FileRejected
@@ -43,35 +46,54 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels | E
     except ImportError:
         raise MissingDecoder(_LABEL, "raw") from None
     try:
-        with rawpy.imread(io.BytesIO(data)) as raw_image:
+        with _stderr_silenced(), rawpy.imread(io.BytesIO(data)) as raw_image:
             sizes = raw_image.sizes
             flip = sizes.flip
             check_pixels(_LABEL, sizes.width, sizes.height, limits)
             upright_w, upright_h = (sizes.height, sizes.width) if flip in (5, 6) else (sizes.width, sizes.height)
             needed_edge = math.ceil(max(upright_w, upright_h) * scale_needed(upright_w, upright_h))
-            preview = _jpeg_preview(raw_image, rawpy)
-            if preview is not None and max(_jpeg_size(preview)) >= needed_edge:
-                return EmbeddedImage(preview, _ORIENTATION_OF_FLIP.get(flip, 1))
+            orientation = _ORIENTATION_OF_FLIP.get(flip, 1)
+            preview = _preview(raw_image, rawpy, needed_edge, orientation)
+            if preview is not None:
+                return preview
             rgb = raw_image.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
     except rawpy.LibRawFileUnsupportedError:
         raise FileRejected(f"{_LABEL}: unsupported camera or not a RAW file") from None
-    except (rawpy.LibRawIOError, rawpy.LibRawDataError, rawpy.LibRawTooBigError) as exc:
-        raise FileRejected(f"{_LABEL}: truncated or damaged ({type(exc).__name__})") from None
+    except (rawpy.LibRawIOError, rawpy.LibRawDataError, rawpy.LibRawTooBigError):
+        raise FileRejected(f"{_LABEL}: truncated or damaged") from None
     except rawpy.LibRawError as exc:
         raise FileRejected(f"{_LABEL}: could not decode ({type(exc).__name__})") from None
     height, width = rgb.shape[:2]
     return Pixels(rgb.tobytes(), width, height, 3)
 
 
-def _jpeg_preview(raw_image: object, rawpy: object) -> bytes | None:
-    """The embedded JPEG preview's bytes, or None when there is none (or it is not a JPEG)."""
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """LibRaw prints its own view of a damaged file on stderr ("unknown file: Unexpected end of file");
+    the reason we give is the one line the user reads."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _preview(raw_image: object, rawpy: object, needed_edge: int, orientation: int) -> Pixels | EmbeddedImage | None:
+    """The embedded preview (JPEG or RGB) when its longer edge is at least `needed_edge`, else None."""
     try:
         thumb = raw_image.extract_thumb()  # type: ignore[attr-defined]
     except rawpy.LibRawError:  # type: ignore[attr-defined]
         return None
-    if thumb.format != rawpy.ThumbFormat.JPEG:  # type: ignore[attr-defined]
+    if thumb.format == rawpy.ThumbFormat.JPEG:  # type: ignore[attr-defined]
+        jpeg = bytes(thumb.data)
+        return EmbeddedImage(jpeg, orientation) if max(_jpeg_size(jpeg)) >= needed_edge else None
+    rgb = thumb.data
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype.itemsize != 1 or max(rgb.shape[:2]) < needed_edge:
         return None
-    return bytes(thumb.data)
+    return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation)
 
 
 def _jpeg_size(jpeg: bytes) -> tuple[int, int]:

@@ -26,6 +26,8 @@ _FRAMES_LOOKED_AT = 90  # a bounded search: three seconds at 30 frames per secon
 #: A frame darker than this mean luma (0-255), or flatter than this spread, is "almost uniformly dark".
 _DARK_MEAN = 24.0
 _FLAT_SPREAD = 8.0
+#: The display matrix's counter-clockwise rotation -> the EXIF orientation that shows the frame so.
+_ORIENTATION_OF_ROTATION = {0: 1, 90: 8, 180: 3, 270: 6}
 
 
 def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
@@ -50,17 +52,12 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
             if frame is None:
                 raise FileRejected(f"{_LABEL}: no frame could be decoded (truncated?)")
             rgb = frame.to_ndarray(format="rgb24")
-            turns = (frame.rotation // 90) % 4  # counter-clockwise, as the display matrix says
+            orientation = _ORIENTATION_OF_ROTATION.get(frame.rotation % 360, 1)
     except av.error.InvalidDataError:
         raise FileRejected(f"{_LABEL}: truncated, damaged or not a video") from None
     except av.error.FFmpegError as exc:
         raise FileRejected(f"{_LABEL}: could not decode ({type(exc).__name__})") from None
-    if turns:
-        import numpy
-
-        upright = numpy.ascontiguousarray(numpy.rot90(rgb, turns))
-        return Pixels(upright.tobytes(), upright.shape[1], upright.shape[0], 3)
-    return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3)
+    return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation)
 
 
 def _representative_frame(frames: Iterator[VideoFrame]) -> VideoFrame | None:
