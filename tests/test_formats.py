@@ -61,9 +61,20 @@ def make_heic(path: Path, upright: pyvips.Image, orientation: int = 1, *, icc_pr
     return path
 
 
-def make_dng(path: Path, upright: pyvips.Image, *, orientation: int = 1, preview: bool = False) -> Path:
-    """A DNG whose raw data is `upright`'s pixels through an RGGB Bayer mosaic; optionally an RGB preview in IFD0."""
+def make_dng(
+    path: Path,
+    upright: pyvips.Image,
+    *,
+    orientation: int = 1,
+    preview: bool = False,
+    preview_image: pyvips.Image | None = None,
+) -> Path:
+    """A DNG whose raw data is `upright`'s pixels through an RGGB Bayer mosaic; optionally an RGB preview in IFD0.
+
+    The preview is `upright` itself unless `preview_image` is given.
+    """
     stored = STORED_FOR[orientation](upright)
+    shown = STORED_FOR[orientation](preview_image if preview_image is not None else upright)
     rgb = as_array(stored).astype(np.float64)
     linear = (rgb / 255.0) ** 2.2 * 4000 + 64
     mosaic = np.empty((stored.height, stored.width), np.uint16)
@@ -89,7 +100,7 @@ def make_dng(path: Path, upright: pyvips.Image, *, orientation: int = 1, preview
     ]
     with tifffile.TiffWriter(path) as tif:
         if preview:
-            tif.write(as_array(stored), photometric="rgb", subfiletype=1, subifds=1, extratags=camera)
+            tif.write(as_array(shown), photometric="rgb", subfiletype=1, subifds=1, extratags=camera)
             tif.write(mosaic, photometric=32803, subfiletype=0, extratags=sensor)
         else:
             tif.write(mosaic, photometric=32803, subfiletype=0, extratags=camera + sensor)
@@ -196,15 +207,20 @@ def test_dng_is_turned_by_its_own_orientation(tmp_path: Path) -> None:
     assert mean_abs_difference(thumbnail, upright.colourspace("b-w")) < 40
 
 
-def test_small_embedded_preview_is_not_enlarged_a_demosaic_is_made(tmp_path: Path) -> None:
-    upright = draw_photo(600, 400)
+@pytest.mark.parametrize(("size", "from_preview"), [(128, True), (256, False)])
+def test_embedded_preview_is_used_only_when_large_enough(tmp_path: Path, size: int, from_preview: bool) -> None:
+    photo = draw_photo(600, 400)
+    # A 160x107 preview of another picture (the photo inverted), so each thumbnail shows which it came from.
+    preview = (255 - draw_photo(160, 107)).cast("uchar").copy(interpretation="srgb")
     (tmp_path / "src").mkdir()
-    make_dng(tmp_path / "src" / "a.dng", upright, preview=True)
-    # The preview is 600 wide: a 1024 thumbnail (of a 600-wide sensor, not upscaled) cannot come from it
-    # enlarged, so it comes from the mosaic, whose colours differ from the preview's (identity matrix).
-    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "-s", "300", "-s", "128")
+    make_dng(tmp_path / "src" / "a.dng", photo, preview=True, preview_image=preview)
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "-s", str(size), "--format", "png")
     assert (run.rc, run.failure_lines) == (0, [])
-    assert load(tmp_path / "out" / "300" / "a.dng.jpg").width == 300
+    thumbnail = load(tmp_path / "out" / str(size) / "a.dng.png").colourspace("b-w")
+    assert thumbnail.width == size  # from a 300-wide half-size demosaic when the preview is too small
+    to_photo = mean_abs_difference(thumbnail, photo.colourspace("b-w"))
+    to_preview = mean_abs_difference(thumbnail, preview.colourspace("b-w"))
+    assert (to_preview < to_photo) is from_preview, (to_photo, to_preview)
 
 
 # -- video -----------------------------------------------------------------
