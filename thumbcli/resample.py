@@ -452,26 +452,43 @@ def _thumbnails_beside_libvips(
     """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
     decoded = _decode_beside_libvips(data, specs, limits, source_format)
     try:
-        image = _image_of(decoded).copy_memory()
+        image, (upright_w, upright_h) = _image_of(decoded, specs)
+        origin = (upright_w, upright_h, source_format)
+        if len(specs) > 1:
+            # As for libvips' own formats: one base at the largest scale asked for, every size cut from it.
+            scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
+            base_w, base_h = max(1, math.ceil(upright_w * scale)), max(1, math.ceil(upright_h * scale))
+            image = image.thumbnail_image(base_w, height=base_h, size="both" if scale > 1 else "down").copy_memory()
+        thumbnails = []
+        for spec in specs:
+            width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+            thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
         raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None
-    origin = (image.width, image.height, source_format)
-    thumbnails = []
-    for spec in specs:
-        width, kwargs = _thumbnail_args(spec, image.width, image.height)
-        thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
     return thumbnails
 
 
-def _image_of(decoded: decoders.Decoded) -> pyvips.Image:
-    """A libvips image, upright and in sRGB, of what a decoder gave."""
+def _image_of(decoded: decoders.Decoded, specs: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
+    """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
+
+    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size asked for allows it.
+    """
     if isinstance(decoded, decoders.EmbeddedImage):
-        image = pyvips.Image.new_from_buffer(decoded.data, "", access="random")
+        header = pyvips.Image.new_from_buffer(decoded.data, "")
+        turned = decoded.orientation in (5, 6, 7, 8)
+        upright = (header.height, header.width) if turned else (header.width, header.height)
+        scale = max(_scale_for(spec, *upright) for spec in specs)
+        is_jpeg = sniff_format(decoded.data[:16]) == "jpeg"
+        shrink = _jpeg_shrink(header.width, header.height, scale) if is_jpeg else 1
+        if shrink > 1:
+            image = pyvips.Image.jpegload_buffer(decoded.data, shrink=shrink)
+        else:
+            image = pyvips.Image.new_from_buffer(decoded.data, "")
         image = image.copy()
         # The RAW's own flip field decides, whatever orientation the preview's EXIF says.
         image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
-        return image.autorot()
+        return image.autorot(), upright
     image = pyvips.Image.new_from_memory(decoded.data, decoded.width, decoded.height, decoded.bands, "uchar")
     image = image.copy(interpretation="b-w" if decoded.bands < 3 else "srgb")
     if decoded.icc_profile:
@@ -480,4 +497,4 @@ def _image_of(decoded: decoders.Decoded) -> pyvips.Image:
     if decoded.orientation != 1:
         image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
         image = image.autorot()
-    return image
+    return image, (image.width, image.height)
