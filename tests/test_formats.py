@@ -10,9 +10,11 @@ import ctypes.util
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -104,6 +106,96 @@ def make_dng(
             tif.write(mosaic, photometric=32803, subfiletype=0, extratags=sensor)
         else:
             tif.write(mosaic, photometric=32803, subfiletype=0, extratags=camera + sensor)
+    return path
+
+
+def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1) -> bytes:
+    """A little-endian DNG written by hand (tifffile needs imagecodecs to write JPEG strips):
+    IFD0 the JPEG preview, its one SubIFD a 16-bit RGGB mosaic."""
+    SHORT, LONG, ASCII, BYTE, SRATIONAL, RATIONAL = 3, 4, 2, 1, 10, 5
+
+    def ifd(entries: list[tuple[int, int, Any]], data_at: int) -> bytes:
+        """An IFD of (tag, type, values) entries, its longer values after it (it starts at `data_at`)."""
+        entries = sorted(entries)
+        size = 2 + 12 * len(entries) + 4
+        extra = bytearray()
+        body = bytearray(struct.pack("<H", len(entries)))
+        fmt = {SHORT: "H", LONG: "I", BYTE: "B", SRATIONAL: "i", RATIONAL: "I"}
+        for tag, kind, values in entries:
+            if kind == ASCII:
+                raw = values.encode() + b"\0"
+                count = len(raw)
+            else:
+                raw = struct.pack(f"<{len(values)}{fmt[kind]}", *values)
+                count = len(values) // (2 if kind in (SRATIONAL, RATIONAL) else 1)
+            if len(raw) <= 4:
+                body += struct.pack("<HHI", tag, kind, count) + raw.ljust(4, b"\0")
+            else:
+                body += struct.pack("<HHII", tag, kind, count, data_at + size + len(extra))
+                extra += raw + (b"\0" if len(raw) % 2 else b"")
+        body += struct.pack("<I", 0)
+        return bytes(body + extra)
+
+    h, w = mosaic.shape
+    raw_bytes = mosaic.astype("<u2").tobytes()
+    # layout: header(8) | jpeg | raw | ifd0 | subifd
+    jpeg_at = 8
+    raw_at = jpeg_at + len(jpeg) + (len(jpeg) % 2)
+    ifd0_at = raw_at + len(raw_bytes)
+
+    def ifd0(sub_at: int) -> bytes:
+        return ifd(
+            [
+                (254, LONG, (1,)),
+                (256, LONG, (jw,)),
+                (257, LONG, (jh,)),
+                (258, SHORT, (8, 8, 8)),
+                (259, SHORT, (7,)),
+                (262, SHORT, (6,)),
+                (271, ASCII, "thumbcli"),
+                (273, LONG, (jpeg_at,)),
+                (274, SHORT, (orientation,)),
+                (277, SHORT, (3,)),
+                (278, LONG, (jh,)),
+                (279, LONG, (len(jpeg),)),
+                (330, LONG, (sub_at,)),
+                (50706, BYTE, (1, 4, 0, 0)),
+                (50708, ASCII, "thumbcli test camera"),
+                (50721, SRATIONAL, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)),
+                (50728, RATIONAL, (1, 1, 1, 1, 1, 1)),
+            ],
+            ifd0_at,
+        )
+
+    sub_at = ifd0_at + len(ifd0(0))
+    first = ifd0(sub_at)
+    sub = ifd(
+        [
+            (254, LONG, (0,)),
+            (256, LONG, (w,)),
+            (257, LONG, (h,)),
+            (258, SHORT, (16,)),
+            (259, SHORT, (1,)),
+            (262, SHORT, (32803,)),
+            (273, LONG, (raw_at,)),
+            (277, SHORT, (1,)),
+            (278, LONG, (h,)),
+            (279, LONG, (len(raw_bytes),)),
+            (33421, SHORT, (2, 2)),
+            (33422, BYTE, (0, 1, 1, 2)),
+            (50717, LONG, (4095,)),
+        ],
+        sub_at,
+    )
+    return b"II*\0" + struct.pack("<I", ifd0_at) + jpeg + b"\0" * (len(jpeg) % 2) + raw_bytes + first + sub
+
+
+def make_dng_with_jpeg_preview(path: Path, preview: pyvips.Image, *, orientation: int = 1) -> Path:
+    """A 600x400 DNG of flat grey sensor data whose embedded JPEG preview shows `preview` once turned."""
+    stored = STORED_FOR[orientation](preview)
+    jpeg = bytes(stored.jpegsave_buffer(Q=92))
+    sensor = np.full((400, 600) if orientation < 5 else (600, 400), 1000, np.uint16)
+    path.write_bytes(dng_with_jpeg_preview(jpeg, stored.width, stored.height, sensor, orientation))
     return path
 
 
@@ -221,6 +313,22 @@ def test_embedded_preview_is_used_only_when_large_enough(tmp_path: Path, size: i
     to_photo = mean_abs_difference(thumbnail, photo.colourspace("b-w"))
     to_preview = mean_abs_difference(thumbnail, preview.colourspace("b-w"))
     assert (to_preview < to_photo) is from_preview, (to_photo, to_preview)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_dng_embedded_jpeg_preview_is_shrunk_on_load_and_turned_by_the_raw(tmp_path: Path, orientation: int) -> None:
+    photo = draw_photo(600, 400)
+    (tmp_path / "src").mkdir()
+    make_dng_with_jpeg_preview(tmp_path / "src" / "j.dng", photo, orientation=orientation)
+    run = run_cli(
+        "generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "-s", "128", "-s", "64", "--format", "png"
+    )
+    assert (run.rc, run.failure_lines) == (0, [])
+    for size, height in ((128, 85), (64, 43)):
+        thumbnail = load(tmp_path / "out" / str(size) / "j.dng.png")
+        assert (thumbnail.width, thumbnail.height) == (size, height)
+        # The sensor data is flat grey: a thumbnail that shows the photo came from the preview.
+        assert mean_abs_difference(thumbnail, photo) < 12
 
 
 # -- video -----------------------------------------------------------------
