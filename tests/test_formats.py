@@ -271,6 +271,17 @@ def test_heic_over_max_pixels_is_refused_from_its_header(tmp_path: Path) -> None
     assert len(failures) == 1 and "over the --max-pixels limit" in failures[0] and "400x300" in failures[0]
 
 
+def test_heic_decoder_checks_max_pixels_from_the_header_before_decoding(tmp_path: Path) -> None:
+    from thumbcli.decoders import heif
+    from thumbcli.errors import FileRejected
+    from thumbcli.spec import Limits
+
+    data = make_heic(tmp_path / "a.heic", draw_photo(400, 300)).read_bytes()
+    assert heif.decode(data, Limits(max_pixels=400 * 300)).width == 400
+    with pytest.raises(FileRejected, match=r"400x300 .* over the --max-pixels limit"):
+        heif.decode(data, Limits(max_pixels=400 * 300 - 1))
+
+
 # -- camera RAW ------------------------------------------------------------
 
 
