@@ -7,7 +7,6 @@ A decoder hands `resample` either upright 8-bit pixels or an embedded image for 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,36 +41,15 @@ class EmbeddedImage:
 Decoded = Pixels | EmbeddedImage
 
 
-@dataclass(frozen=True, slots=True)
-class DecoderWheel:
-    """A decoder of this package: the format it reads, the module it lives in and the wheel behind it."""
-
-    format: str
-    module: str
-    wheel: str
-    importable: str
-
-
-#: Every decoder, by the format name `resample.sniff_format` gives.
-DECODERS: dict[str, DecoderWheel] = {
-    "heif": DecoderWheel("heif", "thumbcli.decoders.heif", "pillow-heif", "pillow_heif"),
-    "raw": DecoderWheel("raw", "thumbcli.decoders.raw", "rawpy", "rawpy"),
-    "jxl": DecoderWheel("jxl", "thumbcli.decoders.jxl", "pillow-jxl-plugin", "pillow_jxl"),
-    "video": DecoderWheel("video", "thumbcli.decoders.video", "av", "av"),
-}
-
-
-def is_installed(format_name: str) -> bool:
-    """Whether the wheel behind the decoder of `format_name` can be imported (found, not imported)."""
-    return importlib.util.find_spec(DECODERS[format_name].importable) is not None
+#: The wheel behind each decoder, by the format name `resample.sniff_format` gives.
+WHEELS: dict[str, str] = {"heif": "pillow-heif", "raw": "rawpy", "jxl": "pillow-jxl-plugin", "video": "av"}
 
 
 class MissingDecoder(FileRejected):
     """A file of a supported kind whose decoder wheel is not installed."""
 
     def __init__(self, label: str, format_name: str) -> None:
-        wheel = DECODERS[format_name].wheel
-        super().__init__(f"{label}: no decoder installed (pip install {wheel}, or reinstall thumbcli)")
+        super().__init__(f"{label}: no decoder installed (pip install {WHEELS[format_name]}, or reinstall thumbcli)")
 
 
 def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
