@@ -140,7 +140,8 @@ def test_mimetype_comes_from_the_sniffed_format_and_avif_from_its_suffix() -> No
         return Thumbnail(b"", 1, 1, 1, 1, source_format)
 
     assert mimetype_for(made_from("jpeg"), "/p/a.JPG") == "image/jpeg"
-    assert mimetype_for(made_from("heif"), "/p/a.heic") == "image/heif"
+    assert mimetype_for(made_from("heif"), "/p/a.heic") == "image/heic"
+    assert mimetype_for(made_from("heif"), "/p/a.heif") == "image/heif"
     assert mimetype_for(made_from("heif"), "/p/a.AVIF") == "image/avif"
     assert mimetype_for(made_from("svg"), "/p/a.svg") == "image/svg+xml"
     assert mimetype_for(made_from("jxl"), "/p/a.jxl") == "image/jxl"

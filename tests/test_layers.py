@@ -25,6 +25,11 @@ OWNERS = {
     "sqlite3": {"targets.state"},
     "distributed": {"cluster"},
     "dask": {"cluster"},
+    "pillow_heif": {"decoders.heif"},
+    "rawpy": {"decoders.raw"},
+    "av": {"decoders.video"},
+    "pillow_jxl": {"decoders.jxl"},
+    "PIL": {"decoders.jxl"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.
@@ -36,6 +41,7 @@ FLOORS = {
     "discover": 2,
     "progress": 2,
     "resample": 2,
+    "decoders": 2,
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,

@@ -732,3 +732,23 @@ def _serve_presets(config: Config, makes_on_miss: bool, names: tuple[str, ...]) 
     if not config.presets:
         raise SpecError("--source needs presets defined in the config file (thumbcli.toml)")
     return config.select_presets(names)
+
+
+@main.command("formats")
+@_json_option("Print the libvips in use and the formats as JSON on stdout.")
+def show_formats(json_summary: bool) -> None:
+    """Say which libvips is in use and which kinds of file can be read here, with the decoder behind each."""
+    from thumbcli import resample  # loads libvips: only this command needs it
+
+    resample.configure_libvips()  # as a resample worker sees it: untrusted loaders blocked
+    libvips = resample.libvips_in_use()
+    support = resample.format_support()
+    if json_summary:
+        formats = [dataclasses.asdict(kind) for kind in support]
+        click.echo(json.dumps({"libvips": dataclasses.asdict(libvips), "formats": formats}, indent=2))
+        return
+    click.echo(f"libvips {libvips.version} ({libvips.origin}: {libvips.path or 'path unknown'})")
+    click.echo(f"metadata option of its savers: {libvips.metadata_option}")
+    for kind in support:
+        click.echo(f"{kind.kind:6} {' '.join(kind.suffixes)}")
+        click.echo(f"       {kind.decoder or 'not readable here'}")

@@ -14,30 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from thumbcli.spec import WalkOptions
+from thumbcli.spec import SOURCE_SUFFIXES, WalkOptions
 
 log = logging.getLogger(__name__)
 
-#: Suffixes of the formats the pyvips-binary wheel decodes (and that we trust).
+#: Suffixes of the formats thumbcli reads (libvips and the decoders beside it; see spec.SOURCE_SUFFIXES).
 #: Not SVG: libvips marks svgload untrusted, and `resample.configure_libvips` blocks untrusted
 #: loaders, so every SVG would fail on every run ("buffer is not in a known format").
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-        ".avif",
-        ".heic",
-        ".heif",
-        ".jxl",
-    }
-)
+IMAGE_SUFFIXES = frozenset(suffix for suffixes in SOURCE_SUFFIXES.values() for suffix in suffixes)
 
 
 class SourceFile(NamedTuple):

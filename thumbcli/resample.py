@@ -6,18 +6,28 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from thumbcli import decoders
+from thumbcli.decoders import heif, jxl, raw, video
 from thumbcli.errors import FileRejected
-from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.spec import SOURCE_SUFFIXES, Limits, ThumbSpec
 from thumbcli.spec import Thumbnail as Thumbnail  # re-exported: the value this module makes
 
 os.environ.setdefault("VIPS_WARNING", "0")
 import pyvips
+from pyvips.voperation import Introspect
 
 log = logging.getLogger(__name__)
 
 _FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_VIDEO_FTYP_BRANDS = (
+    *(b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"qt  ", b"M4V ", b"M4VH"),
+    *(b"M4VP", b"3gp4", b"3gp5", b"3g2a", b"dash", b"MSNV", b"XAVC", b"mmp4"),
+)
+# libvips' own text when its libheif lacks the HEIF file's codec (the pyvips wheel has no HEVC decoder).
+_NO_LIBVIPS_DECODER = re.compile(r"has not been built in|no decoding plugin|decoder plugin", re.IGNORECASE)
 # A first decode refuses truncated files instead of thumbnailing their grey
 # remainder; only a file that fails so is decoded again leniently (`fail_on=none`).
 # (The thumbnail operations ignore a fail_on keyword; the loader option string works.)
@@ -65,6 +75,14 @@ def sniff_format(head: bytes) -> str | None:
         return "tiff"
     if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
         return "heif"
+    if head[4:8] == b"ftyp" and head[8:12] == b"crx ":
+        return "raw"  # Canon CR3
+    if head[4:8] == b"ftyp" and head[8:12] in _VIDEO_FTYP_BRANDS:
+        return "video"
+    if head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+        return "video"  # Matroska/WebM, AVI
+    if head.startswith((b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00")):
+        return "raw"  # Fujifilm RAF, Olympus ORF, Panasonic RW2
     if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
         return "jxl"
     if head.startswith(b"\x1f\x8b"):
@@ -213,15 +231,28 @@ def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
 
 
 def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
-    keep = "all" if spec.keep_metadata else "none"
+    metadata = _METADATA_OPTION[spec.keep_metadata]
     quality = spec.effective_quality
     if spec.format == "jpeg":
-        return bytes(image.jpegsave_buffer(Q=quality, keep=keep, optimize_coding=True))
+        return bytes(image.jpegsave_buffer(Q=quality, optimize_coding=True, **metadata))
     if spec.format == "webp":
-        return bytes(image.webpsave_buffer(Q=quality, keep=keep))
+        return bytes(image.webpsave_buffer(Q=quality, **metadata))
     if spec.format == "avif":
-        return bytes(image.heifsave_buffer(Q=quality, keep=keep, compression="av1", effort=2))
-    return bytes(image.pngsave_buffer(keep=keep, compression=6))
+        return bytes(image.heifsave_buffer(Q=quality, compression="av1", effort=2, **metadata))
+    return bytes(image.pngsave_buffer(compression=6, **metadata))
+
+
+def saver_keeps_metadata_by_keep() -> bool:
+    """Whether this libvips' savers take `keep` (8.15 on) rather than `strip` (8.14, Debian 12's)."""
+    return bool(pyvips.at_least_libvips(8, 15))
+
+
+#: --keep-metadata -> the saver option saying so, in this libvips' words.
+_METADATA_OPTION: dict[bool, dict[str, Any]] = (
+    {True: {"keep": "all"}, False: {"keep": "none"}}
+    if saver_keeps_metadata_by_keep()
+    else {True: {"strip": False}, False: {"strip": True}}
+)
 
 
 def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
@@ -241,10 +272,16 @@ def resample(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, stric
     source_format = sniff_format(data[:1024])
     if source_format is None:
         raise FileRejected(_describe_head(data[:16]))
+    if source_format == "tiff" and raw.is_camera_raw(data):
+        source_format = "raw"
+    if source_format in ("raw", "video") or (source_format == "jxl" and not libvips_loads("jxl")):
+        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
     try:
         return Resampled(_make_thumbnails(data, specs, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
+    if source_format == "heif" and _NO_LIBVIPS_DECODER.search(detail):
+        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
     reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
@@ -308,3 +345,156 @@ def _make_thumbnails(
 def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:
     image = _to_8bit_srgb(image, spec)
     return Thumbnail(_encode(image, spec), image.width, image.height, *origin)
+
+
+# -- formats decoded beside libvips -------------------------------------------------
+
+
+def libvips_loads(format_name: str) -> bool:
+    """Whether this libvips has a trusted loader for `format_name` (a `sniff_format` name), asked of the library.
+
+    Untrusted loaders count as absent: `configure_libvips` blocks them (Debian's 8.14 marks jxlload so).
+    """
+    loader = _LOADERS.get(format_name, f"{format_name}load")
+    if not loader or pyvips.type_find("VipsOperation", f"{loader}_buffer") == 0:
+        return False
+    flags = int(Introspect.get(f"{loader}_buffer").flags)
+    return not flags & (_OPERATION_UNTRUSTED | _OPERATION_BLOCKED)
+
+
+#: A sniffed format -> the libvips loader that reads it ("" for none).
+_LOADERS = {"heif": "heifload", "jxl": "jxlload", "raw": "dcrawload", "video": "", "svgz": "svgload"}
+_OPERATION_UNTRUSTED, _OPERATION_BLOCKED = 16, 32  # VipsOperationFlags
+
+
+@dataclass(frozen=True, slots=True)
+class Libvips:
+    """The libvips in use: its version, the file it was loaded from, and where that came from."""
+
+    version: str
+    path: str
+    origin: Literal["pyvips-binary wheel", "system"]
+    metadata_option: Literal["keep", "strip"]
+
+
+@dataclass(frozen=True, slots=True)
+class FormatSupport:
+    """One kind of source: its suffixes, and what decodes it here (empty when nothing can)."""
+
+    kind: str
+    suffixes: tuple[str, ...]
+    decoder: str
+
+
+def libvips_in_use() -> Libvips:
+    """Which libvips this process loaded (its file from /proc/self/maps), and how its savers take metadata."""
+    version = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    path = ""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "/libvips" in line}
+        path = min(paths, default="")
+    except OSError:
+        pass
+    origin: Literal["pyvips-binary wheel", "system"] = "pyvips-binary wheel" if "pyvips_binary" in path else "system"
+    return Libvips(version, path, origin, "keep" if saver_keeps_metadata_by_keep() else "strip")
+
+
+def format_support() -> list[FormatSupport]:
+    """Every kind of source thumbcli reads, with the decoder behind it in this installation."""
+    libvips = f"libvips {libvips_in_use().version}"
+    beside = {"raw": raw.version(), "jxl": jxl.version(), "video": video.version()}
+    support = []
+    for kind, suffixes in SOURCE_SUFFIXES.items():
+        if kind == "heif":
+            decoder = _heif_decoders(libvips)
+        elif libvips_loads(kind):
+            decoder = f"{libvips} ({_LOADERS.get(kind, kind + 'load')})"
+        else:
+            decoder = beside.get(kind) or ""
+        support.append(FormatSupport(kind, suffixes, decoder))
+    return support
+
+
+def _heif_decoders(libvips: str) -> str:
+    """AVIF through libvips; HEVC (HEIC) through libvips when its libheif decodes the bundled encoder's sample."""
+    sample = heif.sample_hevc_file()
+    libvips_reads_hevc = False
+    if sample is not None and libvips_loads("heif"):
+        try:
+            pyvips.Image.new_from_buffer(sample, "").avg()
+            libvips_reads_hevc = True
+        except pyvips.Error:
+            pass
+    avif = f"AVIF: {libvips} (heifload)" if libvips_loads("heif") else "AVIF: none"
+    hevc = f"HEIC: {libvips} (heifload)" if libvips_reads_hevc else f"HEIC: {heif.version() or 'none'}"
+    return f"{hevc}; {avif}"
+
+
+def _decode_beside_libvips(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+) -> decoders.Decoded:
+    def scale_needed(width: int, height: int) -> float:
+        return max(_scale_for(spec, width, height) for spec in specs)
+
+    if source_format == "heif":
+        return heif.decode(data, limits)
+    if source_format == "raw":
+        return raw.decode(data, limits, scale_needed)
+    if source_format == "jxl":
+        return jxl.decode(data, limits)
+    return video.decode(data, limits, scale_needed)
+
+
+def _thumbnails_beside_libvips(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+) -> list[Thumbnail]:
+    """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
+    decoded = _decode_beside_libvips(data, specs, limits, source_format)
+    try:
+        image, (upright_w, upright_h) = _image_of(decoded, specs)
+        origin = (upright_w, upright_h, source_format)
+        if len(specs) > 1:
+            # As for libvips' own formats: one base at the largest scale asked for, every size cut from it.
+            scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
+            base_w, base_h = max(1, math.ceil(upright_w * scale)), max(1, math.ceil(upright_h * scale))
+            image = image.thumbnail_image(base_w, height=base_h, size="both" if scale > 1 else "down").copy_memory()
+        thumbnails = []
+        for spec in specs:
+            width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+            thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
+    except pyvips.Error as exc:
+        detail = _error_detail(exc)
+        raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None
+    return thumbnails
+
+
+def _image_of(decoded: decoders.Decoded, specs: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
+    """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
+
+    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size asked for allows it.
+    """
+    if isinstance(decoded, decoders.EmbeddedImage):
+        header = pyvips.Image.new_from_buffer(decoded.data, "")
+        turned = decoded.orientation in (5, 6, 7, 8)
+        upright = (header.height, header.width) if turned else (header.width, header.height)
+        scale = max(_scale_for(spec, *upright) for spec in specs)
+        is_jpeg = sniff_format(decoded.data[:16]) == "jpeg"
+        shrink = _jpeg_shrink(header.width, header.height, scale) if is_jpeg else 1
+        if shrink > 1:
+            image = pyvips.Image.jpegload_buffer(decoded.data, shrink=shrink)
+        else:
+            image = pyvips.Image.new_from_buffer(decoded.data, "")
+        image = image.copy()
+        # The RAW's own flip field decides, whatever orientation the preview's EXIF says.
+        image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
+        return image.autorot(), upright
+    image = pyvips.Image.new_from_memory(decoded.data, decoded.width, decoded.height, decoded.bands, "uchar")
+    image = image.copy(interpretation="b-w" if decoded.bands < 3 else "srgb")
+    if decoded.icc_profile:
+        image.set_type(pyvips.GValue.blob_type, "icc-profile-data", decoded.icc_profile)
+        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+    if decoded.orientation != 1:
+        image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
+        image = image.autorot()
+    return image, (image.width, image.height)

@@ -57,9 +57,33 @@ _MIMETYPES: dict[str, str] = {
     "webp": "image/webp",
     "tiff": "image/tiff",
     "heif": "image/heif",
+    "raw": "image/x-dcraw",
+    "video": "video/x-generic",
     "svg": "image/svg+xml",
     "svgz": "image/svg+xml-compressed",
     "jxl": "image/jxl",
+}
+
+#: Sources whose kind has several MIME types, by suffix (shared-mime-info's names).
+_MIMETYPES_BY_SUFFIX: dict[str, str] = {
+    ".heic": "image/heic",
+    ".avif": "image/avif",
+    ".dng": "image/x-adobe-dng",
+    ".cr2": "image/x-canon-cr2",
+    ".cr3": "image/x-canon-cr3",
+    ".nef": "image/x-nikon-nef",
+    ".arw": "image/x-sony-arw",
+    ".orf": "image/x-olympus-orf",
+    ".rw2": "image/x-panasonic-rw2",
+    ".raf": "image/x-fuji-raf",
+    ".pef": "image/x-pentax-pef",
+    ".srw": "image/x-samsung-srw",
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".mov": "video/quicktime",
+    ".mkv": "video/x-matroska",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
 }
 
 # Where desktops mount removable drives: a missing source below an absent
@@ -102,8 +126,10 @@ def thumbnail_name(uri: str) -> str:
 
 def mimetype_for(thumbnail: Thumbnail, path: str) -> str:
     """The MIME type of the source a thumbnail was made from."""
-    if thumbnail.source_format == "heif" and path.lower().endswith(".avif"):
-        return "image/avif"
+    if thumbnail.source_format in ("heif", "raw", "video"):
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix in _MIMETYPES_BY_SUFFIX:
+            return _MIMETYPES_BY_SUFFIX[suffix]
     return _MIMETYPES.get(thumbnail.source_format, "application/octet-stream")
 
 

@@ -1,0 +1,507 @@
+"""Issue 10: HEIC, camera RAW, JPEG XL and video through the same pipeline, and a system libvips.
+
+Every file here is made by the tests with the real encoders (pillow-heif's x265, tifffile, PyAV's
+libx264, libjxl) and thumbnailed by the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pillow_heif
+import pytest
+import pyvips
+import tifffile
+from conftest import draw_photo, load, mean_abs_difference, run_cli
+from PIL import Image
+
+from thumbcli.targets.pngtext import read_png_text
+
+#: The inverse of what a viewer applies for each EXIF orientation: stored pixels that show `upright`.
+STORED_FOR = {
+    1: lambda image: image,
+    2: lambda image: image.fliphor(),
+    3: lambda image: image.rot180(),
+    4: lambda image: image.flipver(),
+    5: lambda image: image.rot90().fliphor(),
+    6: lambda image: image.rot270(),
+    7: lambda image: image.rot270().fliphor(),
+    8: lambda image: image.rot90(),
+}
+
+
+def as_array(image: pyvips.Image) -> np.ndarray:
+    """An 8-bit image's pixels as a height x width x bands array."""
+    return np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8, shape=(image.height, image.width, image.bands))
+
+
+def exif_with_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def make_heic(path: Path, upright: pyvips.Image, orientation: int = 1, *, icc_profile: bytes = b"") -> Path:
+    """A HEVC-coded HEIC (the bundled x265) showing `upright` after its orientation; pixels in `icc_profile`."""
+    stored = STORED_FOR[orientation](upright)
+    heif_file = pillow_heif.from_bytes(mode="RGB", size=(stored.width, stored.height), data=stored.write_to_memory())
+    if icc_profile:
+        heif_file.info["icc_profile"] = icc_profile
+    output = io.BytesIO()
+    heif_file.save(output, quality=95, exif=exif_with_orientation(orientation))
+    path.write_bytes(output.getvalue())
+    return path
+
+
+def make_dng(
+    path: Path,
+    upright: pyvips.Image,
+    *,
+    orientation: int = 1,
+    preview: bool = False,
+    preview_image: pyvips.Image | None = None,
+) -> Path:
+    """A DNG whose raw data is `upright`'s pixels through an RGGB Bayer mosaic; optionally an RGB preview in IFD0.
+
+    The preview is `upright` itself unless `preview_image` is given.
+    """
+    stored = STORED_FOR[orientation](upright)
+    shown = STORED_FOR[orientation](preview_image if preview_image is not None else upright)
+    rgb = as_array(stored).astype(np.float64)
+    linear = (rgb / 255.0) ** 2.2 * 4000 + 64
+    mosaic = np.empty((stored.height, stored.width), np.uint16)
+    mosaic[0::2, 0::2] = linear[0::2, 0::2, 0]
+    mosaic[0::2, 1::2] = linear[0::2, 1::2, 1]
+    mosaic[1::2, 0::2] = linear[1::2, 0::2, 1]
+    mosaic[1::2, 1::2] = linear[1::2, 1::2, 2]
+    identity = (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)
+    camera = [
+        (50706, "B", 4, (1, 4, 0, 0), False),  # DNGVersion
+        (50708, "s", 0, "thumbcli test camera", False),  # UniqueCameraModel
+        (50721, "2i", 9, identity, False),  # ColorMatrix1
+        (50778, "H", 1, (21,), False),  # CalibrationIlluminant1: D65
+        (50728, "2I", 3, (1, 1, 1, 1, 1, 1), False),  # AsShotNeutral
+        (271, "s", 0, "thumbcli", False),  # Make
+        (274, "H", 1, (orientation,), False),  # Orientation
+    ]
+    sensor = [
+        (33421, "H", 2, (2, 2), False),  # CFARepeatPatternDim
+        (33422, "B", 4, (0, 1, 1, 2), False),  # CFAPattern: RGGB
+        (50717, "I", 1, (4095,), False),  # WhiteLevel
+        (50714, "H", 1, (64,), False),  # BlackLevel
+    ]
+    with tifffile.TiffWriter(path) as tif:
+        if preview:
+            tif.write(as_array(shown), photometric="rgb", subfiletype=1, subifds=1, extratags=camera)
+            tif.write(mosaic, photometric=32803, subfiletype=0, extratags=sensor)
+        else:
+            tif.write(mosaic, photometric=32803, subfiletype=0, extratags=camera + sensor)
+    return path
+
+
+def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1) -> bytes:
+    """A little-endian DNG written by hand (tifffile needs imagecodecs to write JPEG strips):
+    IFD0 the JPEG preview, its one SubIFD a 16-bit RGGB mosaic."""
+    SHORT, LONG, ASCII, BYTE, SRATIONAL, RATIONAL = 3, 4, 2, 1, 10, 5
+
+    def ifd(entries: list[tuple[int, int, Any]], data_at: int) -> bytes:
+        """An IFD of (tag, type, values) entries, its longer values after it (it starts at `data_at`)."""
+        entries = sorted(entries)
+        size = 2 + 12 * len(entries) + 4
+        extra = bytearray()
+        body = bytearray(struct.pack("<H", len(entries)))
+        fmt = {SHORT: "H", LONG: "I", BYTE: "B", SRATIONAL: "i", RATIONAL: "I"}
+        for tag, kind, values in entries:
+            if kind == ASCII:
+                raw = values.encode() + b"\0"
+                count = len(raw)
+            else:
+                raw = struct.pack(f"<{len(values)}{fmt[kind]}", *values)
+                count = len(values) // (2 if kind in (SRATIONAL, RATIONAL) else 1)
+            if len(raw) <= 4:
+                body += struct.pack("<HHI", tag, kind, count) + raw.ljust(4, b"\0")
+            else:
+                body += struct.pack("<HHII", tag, kind, count, data_at + size + len(extra))
+                extra += raw + (b"\0" if len(raw) % 2 else b"")
+        body += struct.pack("<I", 0)
+        return bytes(body + extra)
+
+    h, w = mosaic.shape
+    raw_bytes = mosaic.astype("<u2").tobytes()
+    # layout: header(8) | jpeg | raw | ifd0 | subifd
+    jpeg_at = 8
+    raw_at = jpeg_at + len(jpeg) + (len(jpeg) % 2)
+    ifd0_at = raw_at + len(raw_bytes)
+
+    def ifd0(sub_at: int) -> bytes:
+        return ifd(
+            [
+                (254, LONG, (1,)),
+                (256, LONG, (jw,)),
+                (257, LONG, (jh,)),
+                (258, SHORT, (8, 8, 8)),
+                (259, SHORT, (7,)),
+                (262, SHORT, (6,)),
+                (271, ASCII, "thumbcli"),
+                (273, LONG, (jpeg_at,)),
+                (274, SHORT, (orientation,)),
+                (277, SHORT, (3,)),
+                (278, LONG, (jh,)),
+                (279, LONG, (len(jpeg),)),
+                (330, LONG, (sub_at,)),
+                (50706, BYTE, (1, 4, 0, 0)),
+                (50708, ASCII, "thumbcli test camera"),
+                (50721, SRATIONAL, (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)),
+                (50728, RATIONAL, (1, 1, 1, 1, 1, 1)),
+            ],
+            ifd0_at,
+        )
+
+    sub_at = ifd0_at + len(ifd0(0))
+    first = ifd0(sub_at)
+    sub = ifd(
+        [
+            (254, LONG, (0,)),
+            (256, LONG, (w,)),
+            (257, LONG, (h,)),
+            (258, SHORT, (16,)),
+            (259, SHORT, (1,)),
+            (262, SHORT, (32803,)),
+            (273, LONG, (raw_at,)),
+            (277, SHORT, (1,)),
+            (278, LONG, (h,)),
+            (279, LONG, (len(raw_bytes),)),
+            (33421, SHORT, (2, 2)),
+            (33422, BYTE, (0, 1, 1, 2)),
+            (50717, LONG, (4095,)),
+        ],
+        sub_at,
+    )
+    return b"II*\0" + struct.pack("<I", ifd0_at) + jpeg + b"\0" * (len(jpeg) % 2) + raw_bytes + first + sub
+
+
+def make_dng_with_jpeg_preview(path: Path, preview: pyvips.Image, *, orientation: int = 1) -> Path:
+    """A 600x400 DNG of flat grey sensor data whose embedded JPEG preview shows `preview` once turned."""
+    stored = STORED_FOR[orientation](preview)
+    jpeg = bytes(stored.jpegsave_buffer(Q=92))
+    sensor = np.full((400, 600) if orientation < 5 else (600, 400), 1000, np.uint16)
+    path.write_bytes(dng_with_jpeg_preview(jpeg, stored.width, stored.height, sensor, orientation))
+    return path
+
+
+def make_video(path: Path, *, dark_frames: int, rotation: int = 0, width: int = 96, height: int = 64) -> Path:
+    """An H.264 video of 40 frames at 10 fps: `dark_frames` black ones, then `draw_photo`; rotated `rotation` CCW."""
+    picture = as_array(draw_photo(width, height))
+    black = np.zeros_like(picture)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for index in range(40):
+            frame = av.VideoFrame.from_ndarray(black if index < dark_frames else picture, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def make_jxl(path: Path, upright: pyvips.Image) -> Path:
+    import pillow_jxl  # noqa: F401 - registers JPEG XL with Pillow
+
+    image = Image.frombytes("RGB", (upright.width, upright.height), upright.write_to_memory())
+    image.save(path, format="JXL", quality=95)
+    return path
+
+
+def generate(source: Path, out: Path, *args: str) -> tuple[int, list[str]]:
+    run = run_cli("generate", str(source), "-o", str(out), "-s", "128", "--format", "png", *args, timeout=120)
+    return run.rc, run.failure_lines
+
+
+def thumbnail_of(out: Path, name: str) -> pyvips.Image:
+    return load(out / "128" / f"{name}.png")
+
+
+# -- HEIC ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_heic_of_every_orientation_is_made_upright(tmp_path: Path, orientation: int) -> None:
+    upright = draw_photo(240, 160)
+    (tmp_path / "src").mkdir()
+    make_heic(tmp_path / "src" / "a.heic", upright, orientation)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    thumbnail = thumbnail_of(tmp_path / "out", "a.heic")
+    # Turned once: by the file's irot/imir, not again by the EXIF orientation it also carries.
+    assert (thumbnail.width, thumbnail.height) == (128, 85)
+    assert mean_abs_difference(thumbnail, upright) < 12
+
+
+def test_heic_in_display_p3_is_converted_to_srgb(tmp_path: Path) -> None:
+    red_srgb = pyvips.Image.black(64, 64).new_from_image([255, 0, 0]).copy(interpretation="srgb")
+    in_p3 = red_srgb.icc_export(output_profile="p3")
+    stored_red = in_p3(0, 0)
+    assert stored_red[0] < 240 and stored_red[1] > 30  # the P3 numbers of sRGB red are not (255, 0, 0)
+    (tmp_path / "src").mkdir()
+    make_heic(tmp_path / "src" / "p3.heic", in_p3, icc_profile=bytes(in_p3.get("icc-profile-data")))
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    red, green, blue = thumbnail_of(tmp_path / "out", "p3.heic")(32, 32)[:3]
+    assert red > 245 and green < 20 and blue < 20, (red, green, blue)
+
+
+def test_heic_over_max_pixels_is_refused_from_its_header(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_heic(tmp_path / "src" / "big.heic", draw_photo(400, 300))
+    rc, failures = generate(tmp_path / "src", tmp_path / "out", "--max-pixels", "0.1")
+    assert rc == 1
+    assert len(failures) == 1 and "over the --max-pixels limit" in failures[0] and "400x300" in failures[0]
+
+
+def test_heic_decoder_checks_max_pixels_from_the_header_before_decoding(tmp_path: Path) -> None:
+    from thumbcli.decoders import heif
+    from thumbcli.errors import FileRejected
+    from thumbcli.spec import Limits
+
+    data = make_heic(tmp_path / "a.heic", draw_photo(400, 300)).read_bytes()
+    assert heif.decode(data, Limits(max_pixels=400 * 300)).width == 400
+    with pytest.raises(FileRejected, match=r"400x300 .* over the --max-pixels limit"):
+        heif.decode(data, Limits(max_pixels=400 * 300 - 1))
+
+
+# -- camera RAW ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preview", [False, True], ids=["demosaic", "embedded-preview"])
+def test_dng_thumbnail_matches_the_photo_it_was_made_from(tmp_path: Path, preview: bool) -> None:
+    upright = draw_photo(600, 400)
+    (tmp_path / "src").mkdir()
+    make_dng(tmp_path / "src" / "a.dng", upright, preview=preview)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    thumbnail = thumbnail_of(tmp_path / "out", "a.dng")
+    assert (thumbnail.width, thumbnail.height) == (128, 85)
+    grey, photo = thumbnail.colourspace("b-w"), upright.colourspace("b-w")
+    assert mean_abs_difference(grey, photo) < (12 if preview else 40)
+    assert mean_abs_difference(grey, photo) < mean_abs_difference(grey, photo.rot180()) / 1.5
+
+
+def test_dng_is_turned_by_its_own_orientation(tmp_path: Path) -> None:
+    upright = draw_photo(600, 400)
+    (tmp_path / "src").mkdir()
+    make_dng(tmp_path / "src" / "r.dng", upright, orientation=6)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    thumbnail = thumbnail_of(tmp_path / "out", "r.dng").colourspace("b-w")
+    assert (thumbnail.width, thumbnail.height) == (128, 85)
+    assert mean_abs_difference(thumbnail, upright.colourspace("b-w")) < 40
+
+
+@pytest.mark.parametrize(("size", "from_preview"), [(128, True), (256, False)])
+def test_embedded_preview_is_used_only_when_large_enough(tmp_path: Path, size: int, from_preview: bool) -> None:
+    photo = draw_photo(600, 400)
+    # A 160x107 preview of another picture (the photo inverted), so each thumbnail shows which it came from.
+    preview = (255 - draw_photo(160, 107)).cast("uchar").copy(interpretation="srgb")
+    (tmp_path / "src").mkdir()
+    make_dng(tmp_path / "src" / "a.dng", photo, preview=True, preview_image=preview)
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "-s", str(size), "--format", "png")
+    assert (run.rc, run.failure_lines) == (0, [])
+    thumbnail = load(tmp_path / "out" / str(size) / "a.dng.png").colourspace("b-w")
+    assert thumbnail.width == size  # from a 300-wide half-size demosaic when the preview is too small
+    to_photo = mean_abs_difference(thumbnail, photo.colourspace("b-w"))
+    to_preview = mean_abs_difference(thumbnail, preview.colourspace("b-w"))
+    assert (to_preview < to_photo) is from_preview, (to_photo, to_preview)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_dng_embedded_jpeg_preview_is_shrunk_on_load_and_turned_by_the_raw(tmp_path: Path, orientation: int) -> None:
+    photo = draw_photo(600, 400)
+    (tmp_path / "src").mkdir()
+    make_dng_with_jpeg_preview(tmp_path / "src" / "j.dng", photo, orientation=orientation)
+    run = run_cli(
+        "generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "-s", "128", "-s", "64", "--format", "png"
+    )
+    assert (run.rc, run.failure_lines) == (0, [])
+    for size, height in ((128, 85), (64, 43)):
+        thumbnail = load(tmp_path / "out" / str(size) / "j.dng.png")
+        assert (thumbnail.width, thumbnail.height) == (size, height)
+        # The sensor data is flat grey: a thumbnail that shows the photo came from the preview.
+        assert mean_abs_difference(thumbnail, photo) < 12
+
+
+# -- video -----------------------------------------------------------------
+
+
+def test_video_thumbnail_skips_the_dark_opening(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "clip.mp4", dark_frames=20)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    thumbnail = thumbnail_of(tmp_path / "out", "clip.mp4")
+    assert (thumbnail.width, thumbnail.height) == (96, 64)  # never enlarged
+    assert thumbnail.avg() > 60
+    assert mean_abs_difference(thumbnail, draw_photo(96, 64)) < 20
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_video_with_rotation_metadata_is_made_upright(tmp_path: Path, rotation: int) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "turned.mov", dark_frames=0, rotation=rotation)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    thumbnail = thumbnail_of(tmp_path / "out", "turned.mov")
+    # The display matrix turns the coded frame counter-clockwise by `rotation` degrees.
+    coded = draw_photo(96, 64)
+    shown = {90: coded.rot270(), 180: coded.rot180(), 270: coded.rot90()}[rotation]
+    assert (thumbnail.width, thumbnail.height) == (shown.width, shown.height)
+    assert mean_abs_difference(thumbnail, shown) < 20
+
+
+def test_video_without_a_video_stream_says_so(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    with av.open(str(tmp_path / "src" / "sound.mp4"), mode="w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert rc == 1
+    assert failures == [f"failed: {tmp_path / 'src' / 'sound.mp4'}: video: no video stream"]
+
+
+def test_video_and_raw_carry_their_own_mimetype_into_the_desktop_cache(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "clip.mp4", dark_frames=0)
+    make_heic(tmp_path / "src" / "a.heic", draw_photo(120, 80))
+    make_dng(tmp_path / "src" / "b.dng", draw_photo(120, 80))
+    env_cache = tmp_path / "xdg"
+    run = subprocess.run(
+        [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--freedesktop", "normal"],
+        env={**os.environ, "XDG_CACHE_HOME": str(env_cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    pngs = list((env_cache / "thumbnails" / "normal").glob("*.png"))
+    mimetypes = sorted(read_png_text(png)["Thumb::Mimetype"] for png in pngs)
+    assert mimetypes == ["image/heic", "image/x-adobe-dng", "video/mp4"]
+
+
+# -- JPEG XL ---------------------------------------------------------------
+
+
+def test_jxl_is_thumbnailed(tmp_path: Path) -> None:
+    upright = draw_photo(240, 160)
+    (tmp_path / "src").mkdir()
+    make_jxl(tmp_path / "src" / "a.jxl", upright)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    assert mean_abs_difference(thumbnail_of(tmp_path / "out", "a.jxl"), upright) < 12
+
+
+# -- damaged files: one line each, in the format's own words ---------------
+
+
+def _good_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    photo = draw_photo(240, 160)
+    return {
+        "heic": make_heic(folder / "a.heic", photo),
+        "dng": make_dng(folder / "a.dng", photo),
+        "mp4": make_video(folder / "a.mp4", dark_frames=0),
+        "jxl": make_jxl(folder / "a.jxl", photo),
+    }
+
+
+def test_truncated_and_garbage_files_of_each_format_fail_with_one_line_each(tmp_path: Path) -> None:
+    good = _good_files(tmp_path / "good")
+    src = tmp_path / "src"
+    src.mkdir()
+    for suffix, path in good.items():
+        data = path.read_bytes()
+        (src / f"truncated.{suffix}").write_bytes(data[: len(data) // 3])
+        # Garbage that starts like the format, so it reaches its decoder.
+        (src / f"garbage.{suffix}").write_bytes(data[:512] + os.urandom(2000))
+    run = run_cli("generate", str(src), "-o", str(tmp_path / "out"), "-s", "64", timeout=120)
+    assert run.rc == 1
+    lines = run.failure_lines
+    assert len(lines) == 8, run.stderr
+    assert all(line.count("\n") == 0 and len(line) < 300 + len(str(src)) for line in lines)
+    joined = "\n".join(lines)
+    # Nothing else on stderr: no decoder's own dump.
+    assert [line for line in run.stderr.splitlines() if not line.startswith("failed: ")] == [
+        run.stderr.splitlines()[-1]
+    ]
+    assert run.stderr.splitlines()[-1].startswith("thumbcli: made 0")
+    for suffix in good:
+        for kind in ("truncated", "garbage"):
+            assert f"{kind}.{suffix}: " in joined
+    labels = {"heic": ("HEIC", "HEIF", "truncated"), "dng": ("RAW",), "mp4": ("video",), "jxl": ("JPEG XL",)}
+    for line in lines:
+        suffix = line.split(":")[1].rsplit(".", 1)[1]
+        assert any(label in line for label in labels[suffix]), line
+
+
+# -- formats and the libvips in use ----------------------------------------
+
+
+def test_formats_names_the_libvips_and_a_decoder_for_every_kind() -> None:
+    run = run_cli("formats", "--json")
+    assert run.rc == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["libvips"]["version"] == ".".join(str(pyvips.version(part)) for part in range(3))
+    kinds = {kind["kind"]: kind for kind in report["formats"]}
+    assert {"jpeg", "png", "heif", "jxl", "raw", "video"} <= set(kinds)
+    assert all(kind["decoder"] for kind in kinds.values()), kinds
+    assert "rawpy" in kinds["raw"]["decoder"] and "PyAV" in kinds["video"]["decoder"]
+    assert ".cr2" in kinds["raw"]["suffixes"] and ".mov" in kinds["video"]["suffixes"]
+    text = run_cli("formats")
+    assert text.rc == 0 and text.stdout.startswith(f"libvips {report['libvips']['version']} (")
+
+
+SYSTEM_LIBVIPS = ctypes.util.find_library("vips")
+
+
+@pytest.mark.skipif(SYSTEM_LIBVIPS is None, reason="no system libvips (apt-get install libvips42)")
+def test_a_system_libvips_is_detected_and_used(tmp_path: Path) -> None:
+    # pyvips falls back to the system libvips (ABI mode) when its compiled module cannot be imported,
+    # as where pyvips-binary is not installed; a package of that name that refuses to import does so here.
+    blocker = tmp_path / "no-binary" / "_libvips"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('use the system libvips')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
+
+    def thumbcli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "thumbcli", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    report = json.loads(thumbcli("formats", "--json").stdout)
+    libvips = report["libvips"]
+    assert libvips["origin"] == "system" and "pyvips_binary" not in libvips["path"]
+    major, minor = map(int, libvips["version"].split(".")[:2])
+    assert libvips["metadata_option"] == ("keep" if (major, minor) >= (8, 15) else "strip")
+    photo = draw_photo(240, 160)
+    (tmp_path / "src").mkdir()
+    photo.write_to_file(str(tmp_path / "src" / "a.jpg"))
+    make_heic(tmp_path / "src" / "b.heic", photo)
+    for keep in ([], ["--keep-metadata"]):
+        made = thumbcli("generate", str(tmp_path / "src"), "-o", str(tmp_path / f"out{len(keep)}"), *keep)
+        assert made.returncode == 0, made.stderr
+        assert mean_abs_difference(load(tmp_path / f"out{len(keep)}" / "256" / "b.heic.jpg"), photo) < 12

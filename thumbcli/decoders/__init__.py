@@ -1,0 +1,64 @@
+"""Decoders beside libvips for what it may not read (HEIC with HEVC, camera RAW, JPEG XL, video).
+
+Each module here is the only importer of its wheel and imports it when a file first needs it,
+so a missing wheel is one reason naming the package (never an ImportError at start-up).
+A decoder hands `resample` either upright 8-bit pixels or an embedded image for libvips to decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from thumbcli.errors import FileRejected
+from thumbcli.spec import Limits
+
+#: The scale (of an upright width x height) the largest requested thumbnail needs.
+ScaleNeeded = Callable[[int, int], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Pixels:
+    """Decoded pixels: 8-bit, interleaved, 1 to 4 bands, in their ICC profile (b"" if sRGB), turned by `orientation`."""
+
+    data: bytes
+    width: int
+    height: int
+    bands: int
+    icc_profile: bytes = b""
+    #: EXIF orientation (1-8) that turns these pixels upright; 1 when they already are.
+    orientation: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedImage:
+    """An encoded image inside the file (a RAW's JPEG preview) for libvips, turned by `orientation` (EXIF 1-8)."""
+
+    data: bytes
+    orientation: int = 1
+
+
+Decoded = Pixels | EmbeddedImage
+
+
+#: The wheel behind each decoder, by the format name `resample.sniff_format` gives.
+WHEELS: dict[str, str] = {"heif": "pillow-heif", "raw": "rawpy", "jxl": "pillow-jxl-plugin", "video": "av"}
+
+
+class MissingDecoder(FileRejected):
+    """A file of a supported kind whose decoder wheel is not installed."""
+
+    def __init__(self, label: str, format_name: str) -> None:
+        super().__init__(f"{label}: no decoder installed (pip install {WHEELS[format_name]}, or reinstall thumbcli)")
+
+
+def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
+    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded."""
+    if width < 1 or height < 1:
+        raise FileRejected(f"{label}: image has no pixels ({width}x{height})")
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise FileRejected(
+            f"image is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
+            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
+        )

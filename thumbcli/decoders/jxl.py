@@ -1,0 +1,52 @@
+"""JPEG XL through pillow-jxl-plugin (libjxl), for a libvips without its own `jxlload`: the only `import pillow_jxl`."""
+
+from __future__ import annotations
+
+import io
+
+from thumbcli.decoders import MissingDecoder, Pixels, check_pixels
+from thumbcli.errors import FileRejected
+from thumbcli.spec import Limits
+
+_LABEL = "JPEG XL"
+
+
+def decode(data: bytes, limits: Limits) -> Pixels:
+    """The image, 8-bit, with its ICC profile; the size checked from the header before decoding."""
+    try:
+        import pillow_jxl  # noqa: F401 - registers the JPEG XL plugin with Pillow
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise MissingDecoder(_LABEL, "jxl") from None
+    Image.MAX_IMAGE_PIXELS = None  # --max-pixels is checked below, from the header
+    try:
+        with Image.open(io.BytesIO(data), formats=["JXL"]) as image:
+            check_pixels(_LABEL, image.width, image.height, limits)
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            profile = image.info.get("icc_profile") or b""
+    except (OSError, ValueError, SyntaxError, RuntimeError) as exc:
+        raise FileRejected(_reason(str(exc))) from None
+    if upright.mode not in ("L", "LA", "RGB", "RGBA"):
+        upright = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
+    return Pixels(upright.tobytes(), upright.width, upright.height, len(upright.getbands()), bytes(profile))
+
+
+def _reason(text: str) -> str:
+    lowered = text.lower()
+    if "truncat" in lowered or "not enough" in lowered or "end of" in lowered:
+        return f"{_LABEL}: truncated"
+    if "cannot identify" in lowered or "signature" in lowered or "generic error" in lowered:
+        return f"{_LABEL}: damaged, or not a JPEG XL file"
+    return f"{_LABEL}: could not decode ({text.strip().splitlines()[0][:200] if text.strip() else 'no reason given'})"
+
+
+def version() -> str | None:
+    """pillow-jxl-plugin's version, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return f"pillow-jxl-plugin {installed_version('pillow-jxl-plugin')}"
+    except PackageNotFoundError:
+        return None
