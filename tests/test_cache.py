@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import make_photo, run_cli
+from imagekit import make_photo, run_cli
 
 from thumbcli.cache import (
     MANIFEST_NAME,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import load, make_photo, run_cli
+from imagekit import load, make_photo, run_cli
 from servekit import get, running_server
 
 

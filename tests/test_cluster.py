@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, draw_photo, load, output_files, run_cli
 from daskkit import DASK, DaskCluster, dask_cluster
+from imagekit import cli_command, draw_photo, load, output_files, run_cli
 
 from thumbcli.cluster import FolderTask, SealedTask, SourceUnreachable, TaskDestination, make_folders
 from thumbcli.discover import DirBatch

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 import pyvips
-from conftest import make_photo, run_cli
+from imagekit import make_photo, run_cli
 
 from thumbcli.config import ConfigError, find_config, load_config
 

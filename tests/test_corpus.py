@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, load, mean_abs_difference, needs_corpus, output_files, run_cli
+from imagekit import CORPUS, load, mean_abs_difference, needs_corpus, output_files, run_cli
 
 from thumbcli.discover import is_image_name
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_photo
+from imagekit import make_photo
 
 from thumbcli.errors import ExitCode
 

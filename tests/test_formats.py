@@ -22,7 +22,7 @@ import pillow_heif
 import pytest
 import pyvips
 import tifffile
-from conftest import draw_photo, load, mean_abs_difference, run_cli
+from imagekit import draw_photo, load, mean_abs_difference, run_cli
 from PIL import Image
 
 from thumbcli.targets.pngtext import read_png_text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import make_photo, make_rgba_png, run_cli
+from imagekit import make_photo, make_rgba_png, run_cli
 
 import thumbcli
 from thumbcli.discover import SourceFile

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from imagekit import (
     assert_clean_failure,
     cli_command,
     draw_photo,

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_photo
+from imagekit import make_photo
 
 ROOT = Path(__file__).parents[1]
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load, make_photo, output_files
+from imagekit import load, make_photo, output_files
 
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.pipeline import FileResult, Pipeline

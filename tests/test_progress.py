@@ -12,7 +12,7 @@ import sys
 import termios
 from pathlib import Path
 
-from conftest import make_photo
+from imagekit import make_photo
 
 FRAME = re.compile(r"(\d+)%\|.*?\| (\d+)/(\d+) ")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli_command, make_photo, output_files, run_cli
+from imagekit import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.pipeline import Pipeline

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import (
+from imagekit import (
     CORPUS,
     draw_photo,
     make_cmyk_jpeg,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load, make_photo, output_files
+from imagekit import load, make_photo, output_files
 
 from thumbcli.config import Config
 from thumbcli.errors import ExitCode, SpecError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import draw_photo
+from imagekit import draw_photo
 from servekit import ServerProcess, metrics, running_server
 
 from thumbcli.cache import cache_path

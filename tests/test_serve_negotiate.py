@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pyvips
-from conftest import run_cli
+from imagekit import run_cli
 from servekit import ServerProcess, get, running_server
 
 from thumbcli.cache import load_manifest, read_manifest

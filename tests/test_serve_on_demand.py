@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import draw_photo, load, make_photo
+from imagekit import draw_photo, load, make_photo
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
 
 from thumbcli.cache import cache_path

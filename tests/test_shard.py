@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, draw_photo, output_files, run_cli
+from imagekit import cli_command, draw_photo, output_files, run_cli
 
 from thumbcli.discover import owner, shard_of
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import draw_photo, load, make_photo, mean_abs_difference, output_files, run_cli
+from imagekit import draw_photo, load, make_photo, mean_abs_difference, output_files, run_cli
 from servekit import running_server
 
 from thumbcli.cache import cache_path, read_manifest, resolve_url, url_path_for

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_photo, output_files, run_cli
+from imagekit import make_photo, output_files, run_cli
 
 from thumbcli.errors import ExitCode
 from thumbcli.fsutil import RunLock

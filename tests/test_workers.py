@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
+from imagekit import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
 
 from thumbcli.pipeline import FileResult, Pipeline, RunStats
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
