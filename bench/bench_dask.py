@@ -114,7 +114,7 @@ def compare(rows: dict[str, list[str | Path]], repeat: int, before: dict[str, Pa
 
 def scale_table(workdir: Path, address: str, folder_counts: list[int]) -> None:
     """Tasks per second the client submits and records: one tiny image per folder, one folder per task."""
-    from thumbcli.cluster import ClusterRun
+    from thumbcli.cluster.client import ClusterRun
     from thumbcli.config import Config
     from thumbcli.run import GenerateRequest, open_target
 

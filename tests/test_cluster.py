@@ -13,7 +13,7 @@ import pytest
 from daskkit import DASK, DaskCluster, dask_cluster
 from imagekit import cli_command, draw_photo, load, output_files, run_cli
 
-from thumbcli.cluster import FolderTask, SealedTask, SourceUnreachable, TaskDestination, make_folders
+from thumbcli.cluster.task import FolderTask, SealedTask, SourceUnreachable, TaskDestination, make_folders
 from thumbcli.discover import DirBatch
 from thumbcli.fsutil import TEMP_PREFIX
 from thumbcli.spec import Limits, SizeBox, ThumbSpec

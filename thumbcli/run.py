@@ -136,7 +136,7 @@ class GenerateJob:
             # Each user's desktop cache on each host is its own: there is nothing to share out.
             raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
         if self.dask is not None:
-            from thumbcli.cluster import local_workers
+            from thumbcli.cluster.client import local_workers
 
             local_workers(self.dask)  # a usage error before any output folder is made
 
@@ -415,7 +415,7 @@ def generate(
     try:
         pipeline: Stoppable
         if job.dask is not None:
-            from thumbcli.cluster import ClusterRun
+            from thumbcli.cluster.client import ClusterRun
 
             pipeline = ClusterRun(job, target, on_found=on_found, on_skipped=on_skipped, on_result=on_each_result)
         else:

@@ -1,12 +1,4 @@
-"""Generate on a Dask cluster: the client walks and keeps the state; each task makes a group of folders on a worker.
-
-The client is the one writer of the state store and the run lock. It walks the sources as a
-local run does (a folder whose signature vouches for it costs a stat per file and is never
-sent), gathers the other folders into tasks with the records their thumbnails need, and keeps
-a bounded number of tasks in flight. A task plans, reads, resamples and writes (atomically)
-on a worker, and returns its counts, failures and the records it made; the client records
-them. A task that fails or is lost records nothing, so its folders are simply done again.
-"""
+"""The client side of a cluster run: walk, group folders into tasks, keep some in flight, record what they made."""
 
 from __future__ import annotations
 
@@ -14,25 +6,20 @@ import contextlib
 import logging
 import os
 import re
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from thumbcli.discover import DirBatch, SourceFile, WalkProblem, display_path, is_image_name
-from thumbcli.errors import CannotRunError, FileRejected, SpecError, ThumbcliError
-from thumbcli.fsutil import remove_orphaned_temporary_files
-from thumbcli.pipeline import FileResult, RunStats, StopReason, read_source
-from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
+from thumbcli.discover import DirBatch, WalkProblem, display_path, is_image_name
+from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
+from thumbcli.pipeline import FileResult, RunStats, StopReason
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.plan import Target
-from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore
 from thumbcli.targets.tree import OutputTree
-from thumbcli.workers import ResampleWorker
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster, as_completed
@@ -51,268 +38,6 @@ TASK_SECONDS = 1.0
 CONNECT_SECONDS = 10
 
 _LOCAL = re.compile(r"local(?::(\d+))?")
-
-
-# -- the worker's side ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TaskDestination:
-    """What a worker needs to rebuild the output tree: its absolute root, specs and naming."""
-
-    root: str
-    specs: tuple[ThumbSpec, ...]
-    name_template: str
-    check_collisions: bool
-
-
-@dataclass(frozen=True, slots=True)
-class FolderTask:
-    """A group of source folders for one worker to make, with the records of their thumbnails."""
-
-    destination: TaskDestination
-    #: The folders' files as the client walked them, with absolute paths (workers have their own cwd).
-    batches: tuple[DirBatch, ...]
-    #: Each batch's folder as the client names it, for messages.
-    shown: tuple[str, ...]
-    #: Output folder (relative to the root) -> its records, for every output folder the batches write.
-    records: dict[str, dict[str, Record]]
-    limits: Limits
-    #: Refuse damaged images rather than make degraded thumbnails (--strict).
-    strict: bool
-    follow_symlinks: bool
-    force: bool
-    dry_run: bool
-    #: Files this task may start making (--max-files); None: no limit.
-    budget: int | None
-    #: The run's Dask Event: set when the client is interrupted, so a running task stops early.
-    interrupted: str
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOutcome:
-    """What a task did: per-file results (made, failed, planned), fresh files, and the records to keep."""
-
-    results: list[FileResult]
-    fresh: int
-    bytes_read: int
-    planned_by_spec: dict[str, int]
-    records: list[tuple[str, Origin]]
-    signatures: list[FolderSignature]
-    #: The budget ran out with files still to make.
-    spent: bool
-    started: int
-
-
-class SourceUnreachable(ThumbcliError):
-    """A worker host cannot see a source folder or the destination (it is not on the shared filesystem)."""
-
-
-class TaskState(StateStore):
-    """A task's records, in memory: seeded by the client, and a journal of what the task changed.
-
-    Never touches a database: only the client writes the state store.
-    """
-
-    def __init__(self, records: dict[str, dict[str, Record]]) -> None:  # no database: the base's is not opened
-        self._seeded = {folder: dict(found) for folder, found in records.items()}
-        self.made: list[tuple[str, Origin]] = []
-        self.signatures: list[FolderSignature] = []
-
-    def folder(self, folder: str) -> dict[str, Record]:
-        """The records of one output folder, as the client sent them plus what this task made."""
-        return self._seeded.setdefault(folder, {})
-
-    def fetch(self, out: str) -> Record | None:
-        """Like `get`: there is no database to read."""
-        return self.get(out)
-
-    def record(self, out: str, origin: Origin) -> None:
-        """Remember what the output at `out` was made from, for the client to record."""
-        folder, _, name = out.rpartition("/")
-        self.folder(folder)[name] = (origin.mtime_ns, origin.size, origin.preset, origin.digest)
-        self.made.append((out, origin))
-
-    def knows(self, signature: FolderSignature | None) -> bool:
-        """The client already skipped the folders it knew fresh: a task knows none."""
-        return False
-
-    def remember(self, signature: FolderSignature | None) -> None:
-        """Pass a settled signature of an all-fresh folder back to the client."""
-        if signature is not None and signature.settled:
-            self.signatures.append(signature)
-
-    def close(self) -> None:
-        """Nothing to commit: the client records the journal."""
-
-
-_decoders = threading.local()
-
-
-def _resample_worker(limits: Limits, strict: bool) -> ResampleWorker:
-    """This Dask worker thread's resample worker process (started once, kept for the tasks that follow)."""
-    worker: ResampleWorker | None = getattr(_decoders, "worker", None)
-    if worker is None or getattr(_decoders, "settings", None) != (limits, strict):
-        if worker is not None:
-            worker.close()
-        worker = ResampleWorker(limits, strict=strict, memory_ceiling=limits.worker_memory(1))
-        _decoders.worker, _decoders.settings = worker, (limits, strict)
-    return worker
-
-
-def _require_visible(path: str, what: str, shown: str) -> None:
-    try:
-        os.stat(path)
-    except OSError as exc:
-        raise SourceUnreachable(
-            f"worker host {socket.gethostname()} cannot see the {what} {shown}: {exc.strerror or exc}"
-        ) from None
-
-
-class SealedTask:
-    """A FolderTask as Dask carries it: opaque.
-
-    Dask looks for futures inside a task's arguments, walking into every dataclass, tuple and
-    dict: for a task of thousands of records that costs the client time, and it rebuilds
-    a frozen slotted dataclass without its last field (distributed 2026.8). The payload holds
-    no futures, so it travels sealed.
-    """
-
-    __slots__ = ("task",)
-
-    def __init__(self, task: FolderTask) -> None:
-        self.task = task
-
-
-def make_folders(sealed: SealedTask) -> TaskOutcome:
-    """Run on a worker: plan the task's folders, make what is not fresh, and say what was done."""
-    task = sealed.task
-    destination = task.destination
-    _require_visible(destination.root, "destination", destination.root)
-    for batch, shown in zip(task.batches, task.shown, strict=True):
-        _require_visible(batch.target or batch.directory, "source", shown)
-    state = TaskState(task.records)
-    target = OutputTree(
-        Path(destination.root),
-        destination.specs,
-        name_template=destination.name_template,
-        check_collisions=destination.check_collisions,
-        locked=False,
-        state=state,
-    )
-    # A rerun of a task whose worker was killed finds that attempt's temporary files here.
-    for folder in task.records:
-        remove_orphaned_temporary_files(os.path.join(destination.root, folder))
-    return _TaskRun(task, target, state).run()
-
-
-class _TaskRun:
-    """One task on a worker: the local pipeline's stages, in order, on one thread (a worker is one thread)."""
-
-    def __init__(self, task: FolderTask, target: OutputTree, state: TaskState) -> None:
-        self.task = task
-        self.target = target
-        self.state = state
-        self.results: list[FileResult] = []
-        self.fresh = 0
-        self.bytes_read = 0
-        self.planned_by_spec: dict[str, int] = {}
-        self.started = 0
-        self.spent = False
-        self._shown = {
-            batch.directory: shown for batch, shown in zip(task.batches, task.shown, strict=True) if not batch.target
-        }
-
-    def _as_shown(self, source: SourceFile) -> str:
-        """The source's path as the client names it."""
-        directory, _, name = source.path.rpartition("/")
-        shown = self._shown.get(directory)
-        return f"{shown.rstrip('/')}/{name}" if shown is not None else source.path
-
-    def run(self) -> TaskOutcome:
-        """Plan every folder, then make the missing thumbnails before the stale ones, within the budget."""
-        task = self.task
-        missing: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
-        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
-        for batch in task.batches:
-            fresh, todo = self.target.plan_batch(batch, task.force)
-            self.fresh += fresh
-            for source, plan in todo:
-                if plan.freshness == "rejected":
-                    self.results.append(FileResult(self._as_shown(source), "failed", plan.problem))
-                elif task.dry_run:
-                    for spec in plan.specs:
-                        self.planned_by_spec[spec.name] = self.planned_by_spec.get(spec.name, 0) + 1
-                    self.results.append(FileResult(self._as_shown(source), "planned", thumbnails=len(plan.specs)))
-                else:
-                    (stale if plan.freshness == "stale" else missing).append((source, plan.specs))
-        interrupted = _EventWatch(task.interrupted)
-        for source, specs in missing + stale:
-            if task.budget is not None and self.started >= task.budget:
-                self.spent = True
-                break
-            if interrupted.is_set():
-                break
-            self.started += 1
-            self.results.append(self._make(source, specs))
-        self.target.close()
-        return TaskOutcome(
-            self.results,
-            self.fresh,
-            self.bytes_read,
-            self.planned_by_spec,
-            self.state.made,
-            self.state.signatures,
-            self.spent,
-            self.started,
-        )
-
-    def _make(self, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> FileResult:
-        shown = self._as_shown(source)
-        limits = self.task.limits
-        try:
-            data, source = read_source(source, limits, self.task.follow_symlinks)
-        except (OSError, FileRejected) as exc:
-            return FileResult(shown, "failed", _reason(exc))
-        self.bytes_read += len(data)
-        # Decoded in this host's resample worker process, under the run's limits, as a local run does.
-        made = _resample_worker(limits, self.task.strict).resample(data, specs)
-        if made.reason:
-            self.target.record_failure(source, made.reason)
-            return FileResult(shown, "failed", made.reason, detail=made.detail)
-        try:
-            self.target.write(source, list(zip(specs, made.thumbnails, strict=True)))
-        except OSError as exc:
-            return FileResult(shown, "failed", f"cannot write thumbnail: {_reason(exc)}")
-        return FileResult(shown, "made", thumbnails=len(specs), warning=made.warning, detail=made.detail)
-
-
-class _EventWatch:
-    """A Dask Event, asked at most four times a second (each question is a round trip to the scheduler)."""
-
-    _EVERY = 0.25
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._asked = time.monotonic()
-
-    def is_set(self) -> bool:
-        """Whether the event was set, as of the last question."""
-        if time.monotonic() - self._asked < self._EVERY:
-            return False
-        from distributed import Event
-
-        self._asked = time.monotonic()
-        return bool(Event(self._name).is_set())
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc)
-
-
-# -- the client's side ---------------------------------------------------------
 
 
 @dataclass(slots=True)
