@@ -312,6 +312,11 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
 @click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
 @click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Try again the files that failed to decode in earlier runs (otherwise retried only once they change).",
+)
 @_dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
     "--walkers",
@@ -429,8 +434,9 @@ def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_fi
         )
     elif not quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
         cut = f", stopped early ({summary.stopped})" if summary.stopped else ""
+        known = f", {summary.known_failures} known failures" if summary.known_failures else ""
         click.echo(
-            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed} "
+            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed}{known} "
             f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s){cut}",
             err=True,
         )

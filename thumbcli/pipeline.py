@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Status = Literal["made", "skipped", "failed", "planned"]
+#: "known-failure": refused by the decoder in an earlier run, unchanged since, so not tried (and not reported) again.
+Status = Literal["made", "skipped", "failed", "planned", "known-failure"]
 StopReason = Literal["interrupted", "max-time", "max-files"]
 
 _DONE = None  # queue sentinel: no more work for this stage
@@ -59,6 +60,8 @@ class RunStats:
     thumbnails: int = 0
     skipped: int = 0
     failed: int = 0
+    #: Files that failed in an earlier run and were not tried again (see targets/failures.py).
+    known_failures: int = 0
     #: Files made from only the part of them that decodes (see FileResult.warning).
     degraded: int = 0
     #: Resample worker processes started, replacements of killed ones included.
@@ -68,6 +71,7 @@ class RunStats:
     stopped: StopReason | None = None
     failures: list[FileResult] = field(default_factory=list)
     warnings: list[FileResult] = field(default_factory=list)
+    known: list[FileResult] = field(default_factory=list)
     #: With a dry run: files that would be made, and thumbnails per spec name.
     planned: int = 0
     planned_by_spec: dict[str, int] = field(default_factory=dict)
@@ -187,6 +191,9 @@ class Pipeline:
                 stats.skipped += 1
             elif result.status == "planned":
                 stats.planned += 1
+            elif result.status == "known-failure":
+                stats.known_failures += 1
+                stats.known.append(result)
             else:
                 stats.failed += 1
                 stats.failures.append(result)
@@ -269,6 +276,8 @@ class Pipeline:
         for item, plan in todo:
             if plan.freshness == "rejected":
                 self._report(FileResult(item.path, "failed", plan.problem))
+            elif plan.freshness == "known-failure":
+                self._report(FileResult(item.path, "known-failure", plan.problem))
             elif self._dry_run:
                 with self._stats_lock:
                     for spec in plan.specs:

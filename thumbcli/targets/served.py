@@ -31,6 +31,7 @@ class CacheDirectory(OutputTree):
         check_collisions: bool = True,
         locked: bool = True,
         source_folders: Mapping[str, str] | None = None,
+        retry_failed: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -40,6 +41,7 @@ class CacheDirectory(OutputTree):
             check_collisions=check_collisions,
             locked=locked,
             source_folders=source_folders,
+            retry_failed=retry_failed,
         )
         self._write_manifest(cache.load_manifest(root, strict=False))
 
