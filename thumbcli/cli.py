@@ -33,7 +33,7 @@ from thumbcli.config import (
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.serve.options import ServeOptions
-from thumbcli.spec import FITS, FORMATS, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, Limits, ThumbSpec
 
 if TYPE_CHECKING:
     from thumbcli.pipeline import FileResult
@@ -593,7 +593,33 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Cal
 @_serve_option(
     "--max-pending", type=click.IntRange(1), help="With --source: generations in flight per worker; past it, 503."
 )
-@_serve_option("--generators", type=click.IntRange(1, 64), help="With --source: threads per worker.")
+@_serve_option(
+    "--generators",
+    type=click.IntRange(1, 64),
+    help="With --source: threads per worker, each with a resample worker process.",
+)
+@click.option(
+    "--max-file-size", type=ByteSize(), default="256M", show_default=True, help="With --source: refuse larger sources."
+)
+@click.option(
+    "--max-pixels", type=Megapixels(), default="100", show_default=True, help="With --source: refuse larger images."
+)
+@click.option(
+    "--max-decode-time",
+    type=Duration(),
+    default="60",
+    show_default=True,
+    help="With --source: kill and replace a resample worker that spends longer on one source (its request gets 404).",
+)
+@click.option(
+    "--max-worker-memory",
+    type=ByteSize(),
+    help="With --source: kill and replace a resample worker past this much resident memory."
+    "  [default: half the RAM shared among the workers, at least 1G]",
+)
+@click.option(
+    "--strict", is_flag=True, help="With --source: refuse damaged images instead of thumbnailing what decodes."
+)
 @_debug_option("Debug logging.")
 @click.pass_obj
 @_exits_on_errors
@@ -606,6 +632,10 @@ def serve(
     named_sources: bool,
     presets: tuple[str, ...],
     debug: bool,
+    max_file_size: int,
+    max_pixels: int,
+    max_decode_time: float,
+    max_worker_memory: int | None,
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
@@ -627,6 +657,12 @@ def serve(
         source_root=source_root,
         named_sources=sources,
         presets=_serve_presets(config, source_root is not None or bool(sources), presets),
+        limits=Limits(
+            max_file_size=max_file_size,
+            max_pixels=max_pixels,
+            max_decode_seconds=max_decode_time,
+            max_worker_memory=max_worker_memory or 0,
+        ),
         **listening,
     )
     try:

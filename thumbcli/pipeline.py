@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name
@@ -447,15 +446,6 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
         # Record what was actually read, not what the walk saw.
         source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
     return data, source
-
-
-@functools.cache
-def _load_resample() -> ModuleType:
-    """Import the resample module and configure libvips (idempotent, so a racing second call is harmless)."""
-    from thumbcli import resample
-
-    resample.configure_libvips()
-    return resample
 
 
 def _reason(exc: BaseException) -> str:
