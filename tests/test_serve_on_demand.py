@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from conftest import draw_photo, load, make_photo
+from conftest import draw_photo, load, make_photo, run_cli
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
 
 from thumbcli.cache import cache_path
@@ -588,3 +588,41 @@ def test_serve_source_must_be_a_directory(tree: Path) -> None:
     server = running_server(tree / "cache", config=tree / "thumbcli.toml", source_root=source)
     with pytest.raises(RuntimeError, match="did not start"), server:
         pass
+
+
+# --- one code path: serve --source makes what generate --cache makes ------------------------------------
+
+
+SAME_SIZES = ("64", "150", "400x300")
+
+
+def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_path: Path) -> None:
+    # Several sizes per run, so generate decodes with specs of other shrink-on-load factors beside each.
+    presets = [
+        (f"{fit}-{fmt}-{n}", size, fit, fmt)
+        for fit in ("inside", "cover", "smart")
+        for fmt in ("jpeg", "webp", "avif", "png")
+        for n, size in enumerate(SAME_SIZES)
+    ]
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(
+        "".join(
+            f'[presets."{name}"]\nsize = "{size}"\nfit = "{fit}"\nformat = "{fmt}"\n\n'
+            for name, size, fit, fmt in presets
+        )
+    )
+    src = tmp_path / "src"
+    make_photo(src / "camera.jpg", 1600, 1200, seed=5)  # JPEG: decodes at 1/8, 1/4 and 1/2
+    make_photo(src / "drawing.png", 900, 700, seed=6)
+    batch = run_cli("--config", config, "generate", src, "--cache", tmp_path / "made", "--json")
+    assert (batch.rc, batch.summary["made"], batch.summary["thumbnails"]) == (0, 2, 2 * len(presets)), batch.stderr
+    compared = 0
+    with running_server(tmp_path / "served", config=config, source_root=src, generators=2) as server:
+        for name, _size, _fit, fmt in presets:
+            for relpath in ("camera.jpg", "drawing.png"):
+                status, _, body = fetch(server, f"/{name}/{relpath}")
+                assert status == 200, (name, relpath)
+                made = cache_path(tmp_path / "made", name, relpath, fmt).read_bytes()
+                assert body == made, (name, relpath)
+                compared += 1
+    assert compared == 2 * len(presets)
