@@ -142,3 +142,12 @@ def test_a_served_cache_remembers_failures_too(sources: Path, tmp_path: Path) ->
     assert (first.rc, first.summary["failed"]) == (1, 2)
     second = run_cli("generate", sources, "--cache", cache, "-s", "64", "--json")
     assert (second.rc, second.stderr, second.summary["known_failed"]) == (0, "", 2)
+
+
+def test_prune_forgets_the_failures_of_sources_that_are_gone(sources: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run_cli("generate", sources, "--cache", cache, "-s", "64")
+    (sources / "bad.jpg").unlink()
+    assert run_cli("prune", "--cache", cache).rc == 0
+    with state_db(cache) as db:
+        assert [Path(os.fsdecode(row[0])).name for row in db.execute("SELECT source FROM failures")] == ["worse.png"]

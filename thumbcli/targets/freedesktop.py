@@ -361,6 +361,7 @@ def _forget_gone_folders(path: Path) -> None:
         return
     try:
         state.forget_signatures(os.path.isdir)
+        state.forget_failures(os.path.lexists)
     finally:
         state.close()
 

@@ -123,6 +123,7 @@ class CacheDirectory(OutputTree):
                     break
                 directory = directory.parent
         self._state.forget_signatures(os.path.isdir)
+        self._state.forget_failures(os.path.lexists)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
             self._write_manifest(kept)

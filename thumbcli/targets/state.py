@@ -193,6 +193,12 @@ class StateStore:
         with self._lock:
             self._db.execute("DELETE FROM failures WHERE source = ?", (source,))
 
+    def forget_failures(self, keep: Callable[[bytes], bool]) -> None:
+        """Drop the failures recorded for the sources for which `keep` is false (e.g. those that are gone)."""
+        with self._lock:
+            gone = [(source,) for (source,) in self._db.execute("SELECT source FROM failures") if not keep(source)]
+            self._db.executemany("DELETE FROM failures WHERE source = ?", gone)
+
     def knows(self, signature: FolderSignature | None) -> bool:
         """Whether `signature` is the one recorded for its folder. Reads no database: walk helpers call it."""
         return signature is not None and self._signatures.get(signature.folder) == signature.digest
