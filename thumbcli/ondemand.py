@@ -74,11 +74,6 @@ class WorkerPool:
         finally:
             self._idle.put(worker)
 
-    @property
-    def pids(self) -> list[int]:
-        """The running workers' process ids."""
-        return [pid for worker in self._all if (pid := worker.pid) is not None]
-
     def close(self) -> None:
         """Let every worker leave (call once no generation runs)."""
         for worker in self._all:
@@ -212,7 +207,10 @@ class OnDemand:
         del data
         if outcome.reason:
             log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), outcome.reason)
-            self._target.record_failure(source, outcome.reason)
+            try:
+                self._target.record_failure(source, outcome.reason)
+            except StateError as exc:  # not remembering it only means one more decode
+                log.warning("cannot record the failure of %s: %s", display_path(source.path), exc)
             return Completion(Outcome.MISSING, made=True)
         if outcome.warning:
             log.warning(
@@ -225,11 +223,6 @@ class OnDemand:
             log.warning("cannot make %s thumbnail: cannot write thumbnail: %s", spec.name, _reason(exc))
             return Completion(Outcome.FAILED, made=True)
         return Completion(Outcome.READY, made=True)
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """The process ids of the resample workers running now."""
-        return self._workers.pids
 
     def close(self, *, abandon: bool = False) -> None:
         """Finish the generations in flight, then release the cache.
