@@ -42,6 +42,8 @@ CLI_FLAGS = {
     "presets": "--preset",  # a list of preset names: the flag repeats
     "max_pending": "--max-pending",
     "generators": "--generators",
+    "max_decode_time": "--max-decode-time",
+    "strict": "--strict",  # a flag: given when true
     "browse": "--browse",  # a flag: given when true
 }
 

@@ -121,6 +121,13 @@ def test_cluster_reports_failed_files_as_a_local_run_does(cluster: DaskCluster, 
     assert str(source / "year-0" / "album-00" / "broken.jpg") in dask.failure_lines[0]
     assert {k: dask.summary[k] for k in ("found", "made", "failed")} == {"found": 7, "made": 6, "failed": 1}
     same_outputs(tmp_path / "local", tmp_path / "dask")
+    # The client recorded the failure: a rerun through the cluster is silent about it and succeeds.
+    again = run_cli("generate", source, "-o", tmp_path / "dask", "--json", "--dask", cluster.address)
+    assert (again.rc, again.stderr, again.summary["failed"], again.summary["known_failed"]) == (0, "", 0, 1)
+    retried = run_cli(
+        "generate", source, "-o", tmp_path / "dask", "--json", "--retry-failed", "--dask", cluster.address
+    )
+    assert (retried.rc, retried.summary["failed"]) == (1, 1)
 
 
 def test_cluster_max_files_makes_that_many_and_says_it_was_cut_short(
@@ -215,10 +222,12 @@ def test_task_on_a_host_that_cannot_see_the_source_fails_in_one_line(tmp_path: P
         (DirBatch(str(tmp_path / "mounted-elsewhere"), "album", unseen, [("a.jpg", 1, 1)]),),
         ("photos/album",),
         {"64/album": {}},
+        {},
         Limits(),
         strict=False,
         follow_symlinks=False,
         force=False,
+        retry_failed=False,
         dry_run=False,
         budget=None,
         interrupted="unused",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from imagekit import draw_photo, load, make_photo
+from imagekit import draw_photo, load, make_photo, run_cli
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
 
 from thumbcli.cache import cache_path
@@ -49,6 +49,13 @@ def huge_png(big_png: bytes) -> bytes:
     """A 4800x3600 PNG: long enough to make that a test can watch a request wait for it."""
     image = pyvips.Image.new_from_buffer(big_png, "").resize(1.5, kernel="nearest")
     return bytes(image.write_to_buffer(".png", compression=1))
+
+
+@pytest.fixture(scope="module")
+def slow_png(huge_png: bytes) -> bytes:
+    """9600x7200 and interlaced: libvips decodes it whole before shrinking (~1 s in a worker; a photo takes ~5 ms)."""
+    image = pyvips.Image.new_from_buffer(huge_png, "").resize(2, kernel="nearest")
+    return bytes(image.write_to_buffer(".png", compression=1, interlace=True))
 
 
 @pytest.fixture
@@ -117,6 +124,30 @@ def thumb_file(tree: Path, preset: str, relpath: str) -> Path:
 
 def libvips_loaded(pid: int) -> bool:
     return "libvips" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def bytes_read(pid: int) -> int:
+    """What a process has read so far, pipes included (`rchar` of /proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/PID/io")
+
+
+def resample_workers(server_pid: int) -> list[int]:
+    """The resample worker processes the server started (its children running thumbcli.workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"thumbcli.workers" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def pipelined(server: ServerProcess, paths: list[str], timeout: float = 30) -> list[Answer]:
@@ -390,12 +421,16 @@ def test_serve_missing_source_is_404_without_loading_libvips(tree: Path) -> None
         assert generations(server)["started"] == 0
         assert not (tree / "cache" / "v1").exists()
         assert get(server, "/small/a/photo.jpg").status == 200
-        assert libvips_loaded(server.process.pid)  # the probe does see it once it is loaded
+        # Made in a resample worker process: the server itself still never loads libvips.
+        assert not libvips_loaded(server.process.pid)
+        workers = resample_workers(server.process.pid)
+        assert len(workers) == 1
+        assert libvips_loaded(workers[0])  # the probe does see it where it is loaded
 
 
-@pytest.mark.parametrize("name", ["garbage.jpg", "truncated.jpg"])
-def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str) -> None:
-    with on_demand_server(tree) as server:
+@pytest.mark.parametrize(("name", "strict"), [("garbage.jpg", False), ("truncated.jpg", True)])
+def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str, strict: bool) -> None:
+    with on_demand_server(tree, strict=strict) as server:
         status, _, body = fetch(server, f"/small/{name}")
         assert (status, body) == (404, b"not found\n")
         assert str(tree) not in body.decode()
@@ -412,6 +447,56 @@ def test_serve_corrupt_source_is_404_and_server_stays_up(tree: Path, name: str) 
         os.utime(source, ns=(source.stat().st_mtime_ns + 10**9,) * 2)
         assert fetch(server, f"/small/{name}")[0] == 200
     assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
+
+
+def test_serve_truncated_source_gets_a_thumbnail_of_what_decodes_as_generate_makes_it(tree: Path) -> None:
+    with on_demand_server(tree) as server:
+        status, _, body = fetch(server, "/small/truncated.jpg")
+        assert status == 200
+        assert pyvips.Image.new_from_buffer(body, "").width == 64
+        assert generations(server)["failed"] == 0
+    assert any("of what decodes" in line and "truncated.jpg" in line for line in server.stderr_lines)
+
+
+def test_serve_survives_a_decoder_killed_mid_decode(tree: Path, slow_png: bytes) -> None:
+    (tree / "src" / "huge.png").write_bytes(slow_png)
+    with on_demand_server(tree, generators=1) as server:
+        answers: list[Answer] = []
+        asking = threading.Thread(target=lambda: answers.append(fetch(server, "/small/huge.png")))
+        asking.start()
+        # The decode of the huge PNG takes a while: kill its worker while it works on it.
+        assert wait_until(lambda: generations(server)["waiting"] == 1, timeout=10)
+        assert wait_until(lambda: len(resample_workers(server.process.pid)) == 1, timeout=10)
+        (killed,) = resample_workers(server.process.pid)
+        # Started, and has read the whole source: it is decoding it now.
+        assert wait_until(lambda: bytes_read(killed) >= len(slow_png), timeout=30)
+        os.kill(killed, signal.SIGKILL)
+        asking.join(30)
+        assert [status for status, _, _ in answers] == [404]
+        assert server.process.poll() is None
+        assert generations(server)["failed"] == 1
+        # The next request gets a new worker, and its thumbnail.
+        status, _, body = fetch(server, "/small/a/photo.jpg")
+        assert (status, pyvips.Image.new_from_buffer(body, "").width) == (200, 64)
+        assert resample_workers(server.process.pid) not in ([], [killed])
+        # The source is a known failure now: not decoded again until it changes.
+        assert fetch(server, "/small/huge.png")[0] == 404
+        assert generations(server)["failed"] == 1
+    assert any("decoder crashed (signal 9)" in line for line in server.stderr_lines), "".join(server.stderr_lines)
+    assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)
+
+
+def test_serve_survives_a_decode_past_the_time_limit(tree: Path, slow_png: bytes) -> None:
+    (tree / "src" / "huge.png").write_bytes(slow_png)
+    with on_demand_server(tree, generators=1, max_decode_time=0.2) as server:
+        started = time.monotonic()
+        assert fetch(server, "/small/huge.png")[0] == 404, "".join(server.stderr_lines)
+        assert time.monotonic() - started < 20
+        assert server.process.poll() is None
+        assert generations(server)["failed"] == 1
+        status, _, body = fetch(server, "/small/a/photo.jpg")
+        assert (status, pyvips.Image.new_from_buffer(body, "").width) == (200, 64)
+    assert any("timed out after 0.2 s" in line for line in server.stderr_lines), "".join(server.stderr_lines)
 
 
 def test_serve_cache_write_failure_is_500_not_404(tree: Path) -> None:
@@ -503,3 +588,41 @@ def test_serve_source_must_be_a_directory(tree: Path) -> None:
     server = running_server(tree / "cache", config=tree / "thumbcli.toml", source_root=source)
     with pytest.raises(RuntimeError, match="did not start"), server:
         pass
+
+
+# --- one code path: serve --source makes what generate --cache makes ------------------------------------
+
+
+SAME_SIZES = ("64", "150", "400x300")
+
+
+def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_path: Path) -> None:
+    # Several sizes per run, so generate decodes with specs of other shrink-on-load factors beside each.
+    presets = [
+        (f"{fit}-{fmt}-{n}", size, fit, fmt)
+        for fit in ("inside", "cover", "smart")
+        for fmt in ("jpeg", "webp", "avif", "png")
+        for n, size in enumerate(SAME_SIZES)
+    ]
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(
+        "".join(
+            f'[presets."{name}"]\nsize = "{size}"\nfit = "{fit}"\nformat = "{fmt}"\n\n'
+            for name, size, fit, fmt in presets
+        )
+    )
+    src = tmp_path / "src"
+    make_photo(src / "camera.jpg", 1600, 1200, seed=5)  # JPEG: decodes at 1/8, 1/4 and 1/2
+    make_photo(src / "drawing.png", 900, 700, seed=6)
+    batch = run_cli("--config", config, "generate", src, "--cache", tmp_path / "made", "--json")
+    assert (batch.rc, batch.summary["made"], batch.summary["thumbnails"]) == (0, 2, 2 * len(presets)), batch.stderr
+    compared = 0
+    with running_server(tmp_path / "served", config=config, source_root=src, generators=2) as server:
+        for name, _size, _fit, fmt in presets:
+            for relpath in ("camera.jpg", "drawing.png"):
+                status, _, body = fetch(server, f"/{name}/{relpath}")
+                assert status == 200, (name, relpath)
+                made = cache_path(tmp_path / "made", name, relpath, fmt).read_bytes()
+                assert body == made, (name, relpath)
+                compared += 1
+    assert compared == 2 * len(presets)

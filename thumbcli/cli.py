@@ -348,6 +348,11 @@ def _debug_option(help_text: str) -> Callable[[Callable[_P, _R]], Callable[_P, _
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
 @click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
 @click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Try again the files that failed to decode in earlier runs (otherwise retried only once they change).",
+)
 @_dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
     "--walkers",
@@ -499,8 +504,9 @@ def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_fi
         )
     elif not quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
         cut = f", stopped early ({summary.stopped})" if summary.stopped else ""
+        known = f", {summary.known_failures} known failures" if summary.known_failures else ""
         click.echo(
-            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed} "
+            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed}{known} "
             f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s){cut}",
             err=True,
         )
@@ -657,7 +663,33 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[_P, _R]], Cal
 @_serve_option(
     "--max-pending", type=click.IntRange(1), help="With --source: generations in flight per worker; past it, 503."
 )
-@_serve_option("--generators", type=click.IntRange(1, 64), help="With --source: threads per worker.")
+@_serve_option(
+    "--generators",
+    type=click.IntRange(1, 64),
+    help="With --source: threads per worker, each with a resample worker process.",
+)
+@click.option(
+    "--max-file-size", type=ByteSize(), default="256M", show_default=True, help="With --source: refuse larger sources."
+)
+@click.option(
+    "--max-pixels", type=Megapixels(), default="100", show_default=True, help="With --source: refuse larger images."
+)
+@click.option(
+    "--max-decode-time",
+    type=Duration(),
+    default="60",
+    show_default=True,
+    help="With --source: kill and replace a resample worker that spends longer on one source (its request gets 404).",
+)
+@click.option(
+    "--max-worker-memory",
+    type=ByteSize(),
+    help="With --source: kill and replace a resample worker past this much resident memory."
+    "  [default: half the RAM shared among the workers, at least 1G]",
+)
+@click.option(
+    "--strict", is_flag=True, help="With --source: refuse damaged images instead of thumbnailing what decodes."
+)
 @_debug_option("Debug logging.")
 @click.pass_obj
 @_exits_on_errors
@@ -670,6 +702,10 @@ def serve(
     named_sources: bool,
     presets: tuple[str, ...],
     debug: bool,
+    max_file_size: int,
+    max_pixels: int,
+    max_decode_time: float,
+    max_worker_memory: int | None,
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
@@ -691,6 +727,12 @@ def serve(
         source_root=source_root,
         named_sources=sources,
         presets=_serve_presets(config, source_root is not None or bool(sources), presets),
+        limits=Limits(
+            max_file_size=max_file_size,
+            max_pixels=max_pixels,
+            max_decode_seconds=max_decode_time,
+            max_worker_memory=max_worker_memory or 0,
+        ),
         **listening,
     )
     try:

@@ -26,7 +26,10 @@ def _previous_success(path: Path) -> float | None:
 
 
 def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None = None) -> None:
-    """Write the metrics of one run; the last-success time carries over from earlier runs when this one failed."""
+    """Write the metrics of one run; the last-success time carries over from earlier runs when this one failed.
+
+    A run whose only failures are known ones (failed before, not tried again) succeeded: its time is the last success.
+    """
     now = time.time() if now is None else now
     last_success = now if summary.exit_code == ExitCode.OK else _previous_success(path)
     lines = [
@@ -39,6 +42,9 @@ def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None
         "# HELP thumbcli_last_run_degraded_files Files made from what decodes of a damaged source (among those made).",
         "# TYPE thumbcli_last_run_degraded_files gauge",
         f"thumbcli_last_run_degraded_files {summary.degraded}",
+        "# HELP thumbcli_last_run_known_failures Files that failed in an earlier run, unchanged and not tried again.",
+        "# TYPE thumbcli_last_run_known_failures gauge",
+        f"thumbcli_last_run_known_failures {summary.known_failures}",
         "# HELP thumbcli_last_run_thumbnails Thumbnails written by the last run.",
         "# TYPE thumbcli_last_run_thumbnails gauge",
         f"thumbcli_last_run_thumbnails {summary.thumbnails}",

@@ -2,26 +2,32 @@
 
 Both the freshness check (a read of the batch run's state store, which a concurrent
 `generate --cache` may hold locked) and the generation run on this module's threads,
-never on the loop that answers requests.
+never on the loop that answers requests. The decoding itself happens in resample
+worker processes, as in `generate` and under the same limits: a source that crashes or
+hangs a decoder costs its request and a replaced worker, and the server process never
+loads libvips.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import queue
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 from thumbcli.cache import is_within
 from thumbcli.discover import SourceFile, display_path, is_image_name
 from thumbcli.errors import FileRejected
-from thumbcli.pipeline import _load_resample, _reason, read_source
+from thumbcli.pipeline import _reason, read_source
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.state import StateError
+from thumbcli.workers import ResampleWorker
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +55,42 @@ class Completion(NamedTuple):
 Done = Callable[[Completion], None]
 
 
+class WorkerPool:
+    """Resample worker processes for the generator threads: one each, started on first use, replaced when killed."""
+
+    def __init__(self, count: int, limits: Limits, *, strict: bool) -> None:
+        ceiling = limits.worker_memory(count)
+        self._all = [ResampleWorker(limits, strict=strict, memory_ceiling=ceiling) for _ in range(count)]
+        self._idle: queue.SimpleQueue[ResampleWorker] = queue.SimpleQueue()
+        for worker in self._all:
+            self._idle.put(worker)
+
+    @contextlib.contextmanager
+    def worker(self) -> Iterator[ResampleWorker]:
+        """A worker for one file, given back after (never waits: there is one per generator thread)."""
+        worker = self._idle.get()
+        try:
+            yield worker
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        """Let every worker leave (call once no generation runs)."""
+        for worker in self._all:
+            worker.close()
+
+
 class OnDemand:
     """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
 
     Each request is checked against its source on a generator thread and made there if
     missing or stale. Concurrent requests for one thumbnail share one check-and-make; past
     `max_pending` outstanding ones a request is refused at once instead of queueing.
-    A source that could not be thumbnailed is not tried again until it changes.
+    A source the decoder refused is a known failure, recorded in the cache's state as
+    `generate` records it: neither tries it again until it changes (targets/failures.py).
+    Unless `strict`, a damaged source gives a thumbnail of what decodes, as in `generate`.
     Writes take no run lock: every write is atomic, so a concurrent batch run is harmless.
     """
-
-    _REMEMBERED_FAILURES = 4096
 
     def __init__(
         self,
@@ -70,6 +101,7 @@ class OnDemand:
         workers: int = 2,
         max_pending: int = 16,
         limits: Limits | None = None,
+        strict: bool = False,
     ) -> None:
         from thumbcli.targets.served import CacheDirectory
 
@@ -85,8 +117,7 @@ class OnDemand:
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
-        #: (preset, relpath) -> (mtime_ns, size) of sources that could not be thumbnailed.
-        self._failed: dict[tuple[str, str], tuple[int, int]] = {}
+        self._workers = WorkerPool(workers, self._limits, strict=strict)
         from concurrent.futures import ThreadPoolExecutor  # only `serve --source` needs it
 
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
@@ -157,36 +188,41 @@ class OnDemand:
         source = self.source_for(key[1])
         if source is None:
             return Completion(Outcome.MISSING, made=False)
-        with self._lock:
-            failed_before = self._failed.get(key) == (source.mtime_ns, source.size)
-        if failed_before:
-            return Completion(Outcome.MISSING, made=False)
         try:
             if self._target.is_fresh(source, spec):
                 return Completion(Outcome.READY, made=False)
         except (OSError, StateError) as exc:
             log.warning("cannot check the %s thumbnail of %s: %s", spec.name, key[1], exc)
             return Completion(Outcome.UNCHECKED, made=False)
+        if self._target.known_failure(source) is not None:
+            return Completion(Outcome.MISSING, made=False)
+        # The reasons name the source: they are logged, never sent to a client.
         try:
             data, source = read_source(source, self._limits, follow_symlinks=False)
-            thumbnail = _load_resample().make_thumbnails(data, (spec,), self._limits)[0]
         except (OSError, FileRejected) as exc:
-            # The reason names the source: it is logged, never sent to a client.
             log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), _reason(exc))
-            self._remember_failure(key, source)
             return Completion(Outcome.MISSING, made=True)
+        with self._workers.worker() as worker:
+            outcome = worker.resample(data, (spec,))
+        del data
+        if outcome.reason:
+            log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), outcome.reason)
+            try:
+                self._target.record_failure(source, outcome.reason)
+            except StateError as exc:  # not remembering it only means one more decode
+                log.warning("cannot record the failure of %s: %s", display_path(source.path), exc)
+            return Completion(Outcome.MISSING, made=True)
+        if outcome.warning:
+            log.warning(
+                "made %s thumbnail of what decodes: %s: %s", spec.name, display_path(source.path), outcome.warning
+            )
+        thumbnail = outcome.thumbnails[0]
         try:
             self._target.write(source, [(spec, thumbnail)])
         except OSError as exc:
             log.warning("cannot make %s thumbnail: cannot write thumbnail: %s", spec.name, _reason(exc))
             return Completion(Outcome.FAILED, made=True)
         return Completion(Outcome.READY, made=True)
-
-    def _remember_failure(self, key: tuple[str, str], source: SourceFile) -> None:
-        with self._lock:
-            if len(self._failed) >= self._REMEMBERED_FAILURES:
-                self._failed.clear()
-            self._failed[key] = (source.mtime_ns, source.size)
 
     def close(self, *, abandon: bool = False) -> None:
         """Finish the generations in flight, then release the cache.
@@ -195,7 +231,9 @@ class OnDemand:
         return at once; the running ones finish their atomic writes on their own.
         """
         if abandon:
+            # The workers die with this process (they are told to on start).
             self._executor.shutdown(wait=False, cancel_futures=True)
             return
         self._executor.shutdown(wait=True)
+        self._workers.close()
         self._target.close()

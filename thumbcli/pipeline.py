@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name
@@ -26,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Status = Literal["made", "skipped", "failed", "planned"]
+#: "known-failure": refused by the decoder in an earlier run, unchanged since, so not tried (and not reported) again.
+Status = Literal["made", "skipped", "failed", "planned", "known-failure"]
 StopReason = Literal["interrupted", "max-time", "max-files"]
 
 _DONE = None  # queue sentinel: no more work for this stage
@@ -59,6 +59,8 @@ class RunStats:
     thumbnails: int = 0
     skipped: int = 0
     failed: int = 0
+    #: Files that failed in an earlier run and were not tried again (see targets/failures.py).
+    known_failures: int = 0
     #: Files made from only the part of them that decodes (see FileResult.warning).
     degraded: int = 0
     #: Resample worker processes started, replacements of killed ones included.
@@ -68,6 +70,7 @@ class RunStats:
     stopped: StopReason | None = None
     failures: list[FileResult] = field(default_factory=list)
     warnings: list[FileResult] = field(default_factory=list)
+    known: list[FileResult] = field(default_factory=list)
     #: With a dry run: files that would be made, and thumbnails per spec name.
     planned: int = 0
     planned_by_spec: dict[str, int] = field(default_factory=dict)
@@ -76,6 +79,25 @@ class RunStats:
     def images_per_second(self) -> float:
         """Source images decoded per second of wall time."""
         return self.made / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, result: FileResult, weight: int = 1) -> None:
+        """Count one file's outcome (`weight` files for a failure that stands for several, as a lost task's)."""
+        if result.status == "made":
+            self.made += 1
+            self.thumbnails += result.thumbnails
+            if result.warning:
+                self.degraded += 1
+                self.warnings.append(result)
+        elif result.status == "skipped":
+            self.skipped += 1
+        elif result.status == "planned":
+            self.planned += 1
+        elif result.status == "known-failure":
+            self.known_failures += 1
+            self.known.append(result)
+        else:
+            self.failed += weight
+            self.failures.append(result)
 
 
 @dataclass(slots=True)
@@ -178,20 +200,7 @@ class Pipeline:
 
     def _report(self, result: FileResult) -> None:
         with self._stats_lock:
-            stats = self._stats
-            if result.status == "made":
-                stats.made += 1
-                stats.thumbnails += result.thumbnails
-                if result.warning:
-                    stats.degraded += 1
-                    stats.warnings.append(result)
-            elif result.status == "skipped":
-                stats.skipped += 1
-            elif result.status == "planned":
-                stats.planned += 1
-            else:
-                stats.failed += 1
-                stats.failures.append(result)
+            self._stats.count(result)
             if self._on_result is not None:
                 self._on_result(result)
 
@@ -274,6 +283,8 @@ class Pipeline:
         for item, plan in todo:
             if plan.freshness == "rejected":
                 self._report(FileResult(item.path, "failed", plan.problem))
+            elif plan.freshness == "known-failure":
+                self._report(FileResult(item.path, "known-failure", plan.problem))
             elif self._dry_run:
                 with self._stats_lock:
                     for spec in plan.specs:
@@ -443,15 +454,6 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
         # Record what was actually read, not what the walk saw.
         source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
     return data, source
-
-
-@functools.cache
-def _load_resample() -> ModuleType:
-    """Import the resample module and configure libvips (idempotent, so a racing second call is harmless)."""
-    from thumbcli import resample
-
-    resample.configure_libvips()
-    return resample
 
 
 def _reason(exc: BaseException) -> str:

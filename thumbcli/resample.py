@@ -256,7 +256,7 @@ _METADATA_OPTION: dict[bool, dict[str, Any]] = (
 
 
 def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
-    """Decode `data` once (with shrink-on-load) and make one thumbnail per spec, in order.
+    """Make one thumbnail per spec, in order, each as a decode for it alone would (with shrink-on-load).
 
     Raises FileRejected with a one-line reason for anything that is not a
     decodable image within `limits`, truncated ones included; never returns partial results.
@@ -307,39 +307,34 @@ def _make_thumbnails(
         )
     upright_w, upright_h = _upright_size(header)
     origin = (upright_w, upright_h, source_format)
-    scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
-    shrink = _jpeg_shrink(upright_w, upright_h, scale) if source_format == "jpeg" else 1
-    if shrink > 1:
-        # libvips' own shrink-on-load keeps a 2x margin for its final resize (a
-        # 4000x3000 JPEG is decoded at 1/4 for a 256 thumbnail); the DCT scaling
-        # of a decode straight at 1/8 is as good for a thumbnail, and the decode
-        # is most of the cost of the whole run.
+    # Each thumbnail is what a decode for its spec alone makes, whichever specs share the
+    # run (generate makes several, serve --source one): the same bytes from both.
+    if source_format != "jpeg":
+        # libvips chooses its own shrink-on-load per size for these (WebP, HEIF, SVG, TIFF
+        # pyramids): one decode per spec.
+        thumbnails = []
+        for spec in specs:
+            width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+            image = pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
+            thumbnails.append(_finish(image, spec, origin))
+        return thumbnails
+    # JPEG: one decode per shrink-on-load factor, the one each spec would choose alone. libvips'
+    # own choice keeps a 2x margin for its final resize (a 4000x3000 JPEG is decoded at 1/4 for
+    # a 256 thumbnail); the DCT scaling of a decode straight at 1/8 is as good for a thumbnail,
+    # and the decode is most of the cost of the whole run.
+    by_shrink: dict[int, list[int]] = {}
+    for index, spec in enumerate(specs):
+        shrink = _jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h))
+        by_shrink.setdefault(shrink, []).append(index)
+    made: dict[int, Thumbnail] = {}
+    for shrink, indexes in by_shrink.items():
         decoded = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on=fail_on, access="sequential")
-
-        def thumbnail(width: int, **kwargs: Any) -> pyvips.Image:
-            return pyvips.Image.thumbnail_image(decoded, width, **kwargs)
-
-    else:
-
-        def thumbnail(width: int, **kwargs: Any) -> pyvips.Image:
-            return pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
-
-    if len(specs) == 1:
-        width, kwargs = _thumbnail_args(specs[0], upright_w, upright_h)
-        return [_finish(thumbnail(width, **kwargs), specs[0], origin)]
-
-    # Several sizes: decode once to the largest scale any of them needs, keep
-    # that upright image in memory, and cut every thumbnail from it.
-    base_w = max(1, math.ceil(upright_w * scale))
-    base_h = max(1, math.ceil(upright_h * scale))
-    base = thumbnail(base_w, height=base_h, size="both" if scale > 1 else "down").copy_memory()
-    thumbnails = []
-    for spec in specs:
-        width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-        if not spec.upscale and spec.fit != "inside":
-            kwargs["size"] = "both" if scale > 1 else "down"
-        thumbnails.append(_finish(pyvips.Image.thumbnail_image(base, width, **kwargs), spec, origin))
-    return thumbnails
+        if len(indexes) > 1:
+            decoded = decoded.copy_memory()
+        for index in indexes:
+            width, kwargs = _thumbnail_args(specs[index], upright_w, upright_h)
+            made[index] = _finish(pyvips.Image.thumbnail_image(decoded, width, **kwargs), specs[index], origin)
+    return [made[index] for index in range(len(specs))]
 
 
 def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:

@@ -180,6 +180,7 @@ class GenerateRequest:
     #: 0: the default share of the RAM.
     max_worker_memory: int | None = None
     strict: bool = False
+    retry_failed: bool = False
     max_files: int | None = None
     max_time: float | None = None
     wait: bool = False
@@ -205,6 +206,7 @@ class GenerateRequest:
             max_files=self.max_files,
             max_seconds=self.max_time,
             strict=self.strict,
+            retry_failed=self.retry_failed,
             **({"workers": self.workers} if self.workers else {}),
         )
         walk_options = WalkOptions(
@@ -245,7 +247,9 @@ def open_target(job: GenerateJob) -> Target:
     if isinstance(destination, FreedesktopDestination):
         from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
 
-        return FreedesktopCache(default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait)
+        return FreedesktopCache(
+            default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait, retry_failed=job.run.retry_failed
+        )
     # Each source root gets a folder of its own when there are several (or, in a cache, when the
     # config names them), so the same names under two roots never meet. Files named one by one from
     # a single folder share a root: `generate photos/*.jpg` keeps the one-source layout.
@@ -261,6 +265,7 @@ def open_target(job: GenerateJob) -> Target:
             check_collisions=several_sources,
             source_folders=folders,
             shard=job.walk.shard,
+            retry_failed=job.run.retry_failed,
         )
     return OutputTree(
         destination.root,
@@ -270,6 +275,7 @@ def open_target(job: GenerateJob) -> Target:
         check_collisions=several_sources or destination.name_template is not None,
         source_folders=folders,
         shard=job.walk.shard,
+        retry_failed=job.run.retry_failed,
     )
 
 
@@ -308,6 +314,9 @@ class GenerateSummary:
     exit_code: ExitCode
     output: Path
     failures: tuple[Failure, ...] = ()
+    #: Failed in an earlier run and unchanged since: not tried, not reported, not failing the run.
+    known_failures: int = 0
+    known: tuple[Failure, ...] = ()
     dry_run: DryRunPlan | None = None
 
     def as_json(self) -> dict[str, object]:
@@ -318,6 +327,7 @@ class GenerateSummary:
             "thumbnails": self.thumbnails,
             "skipped": self.skipped,
             "failed": self.failed,
+            "known_failed": self.known_failures,
             "degraded": self.degraded,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
@@ -326,6 +336,7 @@ class GenerateSummary:
             "exit_code": int(self.exit_code),
             "output": str(self.output),
             "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "known_failures": [{"path": f.path, "reason": f.reason} for f in self.known],
         }
         if self.dry_run is not None:
             fields["planned"] = self.dry_run.files
@@ -335,7 +346,10 @@ class GenerateSummary:
 
 
 def exit_code(stopped: StopReason | None, failed: int) -> ExitCode:
-    """The exit code of a run that stopped for `stopped` (None: ran to the end) with `failed` failures."""
+    """The exit code of a run that stopped for `stopped` (None: ran to the end) with `failed` failures.
+
+    Known failures (refused before, unchanged since) are not among `failed`: a rerun with only those is OK.
+    """
     if stopped == "interrupted":
         return ExitCode.INTERRUPTED
     if failed:
@@ -451,6 +465,7 @@ def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> Genera
         thumbnails=stats.thumbnails,
         skipped=stats.skipped,
         failed=stats.failed,
+        known_failures=stats.known_failures,
         degraded=stats.degraded,
         seconds=stats.seconds,
         images_per_second=stats.images_per_second,
@@ -459,6 +474,7 @@ def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> Genera
         exit_code=exit_code(stats.stopped, stats.failed),
         output=output,
         failures=tuple(Failure(display_path(r.path), r.reason) for r in stats.failures),
+        known=tuple(Failure(display_path(r.path), r.reason) for r in stats.known),
         dry_run=plan,
     )
 

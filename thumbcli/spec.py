@@ -203,6 +203,8 @@ class RunOptions:
     max_seconds: float | None = None
     #: Refuse images libvips can only partly decode (truncated, corrupt) instead of making degraded thumbnails.
     strict: bool = False
+    #: Try sources again that the decoder refused in an earlier run and that have not changed since.
+    retry_failed: bool = False
     #: Bytes read from sources and not yet resampled; one file is always let through.
     queue_bytes: int = 256 * 1024 * 1024
 

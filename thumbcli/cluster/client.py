@@ -18,6 +18,7 @@ from thumbcli.discover import DirBatch, WalkProblem, display_path, is_image_name
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
 from thumbcli.pipeline import FileResult, RunStats, StopReason
 from thumbcli.splitwalk import SplitWalk, default_processes
+from thumbcli.targets.failures import failure_key
 from thumbcli.targets.plan import Target
 from thumbcli.targets.tree import OutputTree
 
@@ -73,6 +74,8 @@ class ClusterRun:
         self._local_workers = local_workers(job.dask)
         self._target = target
         self._state = target.state
+        #: Every recorded decode failure, read once: tasks get those of their sources.
+        self._failures = target.state.failures()
         self._on_found = on_found
         self._on_skipped = on_skipped
         self._on_result = on_result
@@ -177,10 +180,14 @@ class ClusterRun:
         """The task for a group: absolute paths, and the records of every output folder its files map to."""
         target, state = self._target, self._state
         folders: set[str] = set()
+        failures = {}
         batches = []
         for batch in group.batches:
             for name, size, mtime_ns in batch.files:
                 source = batch.source(name, size, mtime_ns)
+                failure = self._failures.get(failure_key(source.path))
+                if failure is not None:
+                    failures[failure_key(source.path)] = failure
                 for spec in target.specs:
                     folders.add(target.relative_output(source, spec).rpartition("/")[0])
             batches.append(
@@ -196,10 +203,12 @@ class ClusterRun:
             tuple(batches),
             tuple(display_path(batch.target or batch.directory) for batch in group.batches),
             {folder: dict(state.folder(folder)) for folder in sorted(folders)},
+            failures,
             job.run.limits,
             job.run.strict,
             job.walk.follow_symlinks,
             job.run.force,
+            job.run.retry_failed,
             job.dry_run,
             budget,
             self._interrupted,
@@ -255,6 +264,12 @@ class ClusterRun:
             self._state.record(out, origin)
         for signature in outcome.signatures:
             self._state.remember(signature)
+        for source, record, reason in outcome.failed:
+            self._state.record_failure(source, record, reason)
+            self._failures[source] = (record, reason)
+        for source in outcome.forgotten:
+            self._state.forget_failure(source)
+            self._failures.pop(source, None)
         stats = self._stats
         stats.bytes_read += outcome.bytes_read
         for name, count in outcome.planned_by_spec.items():
@@ -276,17 +291,7 @@ class ClusterRun:
             self._on_skipped(skipped)
 
     def _report(self, result: FileResult, weight: int = 1) -> None:
-        stats = self._stats
-        if result.status == "made":
-            stats.made += 1
-            stats.thumbnails += result.thumbnails
-            if result.warning:
-                stats.degraded += 1
-        elif result.status == "planned":
-            stats.planned += 1
-        elif result.status == "failed":
-            stats.failed += weight
-            stats.failures.append(result)
+        self._stats.count(result, weight)
         if self._on_result is not None:
             self._on_result(result)
 

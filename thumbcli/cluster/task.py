@@ -16,7 +16,7 @@ from thumbcli.errors import FileRejected, ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
 from thumbcli.pipeline import FileResult, read_source
 from thumbcli.spec import Limits, ThumbSpec
-from thumbcli.targets.state import FolderSignature, Origin, Record, StateStore
+from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Record, StateStore
 from thumbcli.targets.tree import OutputTree
 from thumbcli.workers import ResampleWorker
 
@@ -48,11 +48,15 @@ class FolderTask:
     shown: tuple[str, ...]
     #: Output folder (relative to the root) -> its records, for every output folder the batches write.
     records: dict[str, dict[str, Record]]
+    #: The recorded decode failures of the batches' sources: source path -> (what it failed as, the reason).
+    failures: dict[bytes, tuple[FailureRecord, str]]
     limits: Limits
     #: Refuse damaged images rather than make degraded thumbnails (--strict).
     strict: bool
     follow_symlinks: bool
     force: bool
+    #: Decode the sources known to have failed too (--retry-failed).
+    retry_failed: bool
     dry_run: bool
     #: Files this task may start making (--max-files); None: no limit.
     budget: int | None
@@ -70,6 +74,10 @@ class TaskOutcome:
     planned_by_spec: dict[str, int]
     records: list[tuple[str, Origin]]
     signatures: list[FolderSignature]
+    #: Decode failures to record: (source path, what it failed as, the reason).
+    failed: list[tuple[bytes, FailureRecord, str]]
+    #: Sources whose recorded failure is to be forgotten (they were made).
+    forgotten: list[bytes]
     #: The budget ran out with files still to make.
     spent: bool
     started: int
@@ -85,10 +93,33 @@ class TaskState(StateStore):
     Never touches a database: only the client writes the state store.
     """
 
-    def __init__(self, records: dict[str, dict[str, Record]]) -> None:  # no database: the base's is not opened
+    def __init__(  # no database: the base's is not opened
+        self, records: dict[str, dict[str, Record]], failures: dict[bytes, tuple[FailureRecord, str]]
+    ) -> None:
         self._seeded = {folder: dict(found) for folder, found in records.items()}
+        self._failures = dict(failures)
         self.made: list[tuple[str, Origin]] = []
         self.signatures: list[FolderSignature] = []
+        self.failed: list[tuple[bytes, FailureRecord, str]] = []
+        self.forgotten: list[bytes] = []
+
+    def failures(self) -> dict[bytes, tuple[FailureRecord, str]]:
+        """The failures the client sent with the task, and those the task met."""
+        return dict(self._failures)
+
+    def failure(self, source: bytes) -> tuple[FailureRecord, str] | None:
+        """The failure known for one source: there is no database to read."""
+        return self._failures.get(source)
+
+    def record_failure(self, source: bytes, record: FailureRecord, reason: str) -> None:
+        """Note a decode failure for the client to record."""
+        self._failures[source] = (record, reason)
+        self.failed.append((source, record, reason))
+
+    def forget_failure(self, source: bytes) -> None:
+        """Note that a source with a recorded failure was made, for the client to forget it."""
+        if self._failures.pop(source, None) is not None:
+            self.forgotten.append(source)
 
     def folder(self, folder: str) -> dict[str, Record]:
         """The records of one output folder, as the client sent them plus what this task made."""
@@ -162,7 +193,7 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     _require_visible(destination.root, "destination", destination.root)
     for batch, shown in zip(task.batches, task.shown, strict=True):
         _require_visible(batch.target or batch.directory, "source", shown)
-    state = TaskState(task.records)
+    state = TaskState(task.records, task.failures)
     target = OutputTree(
         Path(destination.root),
         destination.specs,
@@ -170,6 +201,7 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
         check_collisions=destination.check_collisions,
         locked=False,
         state=state,
+        retry_failed=task.retry_failed,
     )
     # A rerun of a task whose worker was killed finds that attempt's temporary files here.
     for folder in task.records:
@@ -211,6 +243,8 @@ class _TaskRun:
             for source, plan in todo:
                 if plan.freshness == "rejected":
                     self.results.append(FileResult(self._as_shown(source), "failed", plan.problem))
+                elif plan.freshness == "known-failure":
+                    self.results.append(FileResult(self._as_shown(source), "known-failure", plan.problem))
                 elif task.dry_run:
                     for spec in plan.specs:
                         self.planned_by_spec[spec.name] = self.planned_by_spec.get(spec.name, 0) + 1
@@ -234,6 +268,8 @@ class _TaskRun:
             self.planned_by_spec,
             self.state.made,
             self.state.signatures,
+            self.state.failed,
+            self.state.forgotten,
             self.spent,
             self.started,
         )

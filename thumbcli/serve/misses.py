@@ -69,6 +69,8 @@ class MissDesk:
             {spec.name: spec for spec in options.presets},
             workers=options.generators,
             max_pending=options.max_pending,
+            limits=options.limits,
+            strict=options.strict,
         )
         self.generated: dict[str, Format] = {spec.name: spec.format for spec in options.presets}
         self._counters = counters

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from thumbcli.errors import SpecError
-from thumbcli.spec import ThumbSpec
+from thumbcli.spec import Limits, ThumbSpec
 
 MAX_WORKERS = 256
 MAX_GENERATORS = 64
@@ -43,7 +43,9 @@ class ServeOptions:
     named_sources: tuple[tuple[str, Path], ...] = ()
     presets: tuple[ThumbSpec, ...] = ()
     max_pending: int = 16  # per worker: generations in flight before further misses get 503
-    generators: int = 2  # per worker: threads making thumbnails
+    generators: int = 2  # per worker: threads making thumbnails, each with a resample worker process
+    limits: Limits = field(default_factory=Limits)  # per source, as in generate
+    strict: bool = False  # refuse damaged sources instead of thumbnailing what decodes, as in generate
     # A request waits for its thumbnail at most `send_timeout` seconds, then gets 503 + Retry-After.
 
     def __post_init__(self) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import stat
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -25,6 +24,7 @@ from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
 from thumbcli.spec import SizeBox, ThumbSpec
+from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Plan, Removal, judge, plan_each, plan_from
 from thumbcli.targets.pngtext import add_png_text, blank_png, read_png_text
 from thumbcli.targets.state import FolderSignature, StateError, StateStore, folder_signature
@@ -188,6 +188,7 @@ class FreedesktopCache:
         *,
         wait_for_lock: bool = False,
         version: str | None = None,
+        retry_failed: bool = False,
     ) -> None:
         unknown = [flavour for flavour in flavours if flavour not in FLAVOURS]
         if unknown or not flavours:
@@ -217,19 +218,15 @@ class FreedesktopCache:
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
-        try:
-            failed = {name for name in os.listdir(self.fail_dir) if name.endswith(".png")}
-        except OSError:
-            failed = set()
-        self._failed = failed
-        self._failed_lock = threading.Lock()
+        # Decided as in every target; the fail/ markers are written for file managers, which read them.
+        self._failures = FailureBook(self._state, retry=retry_failed, version=self.version)
         self._closed = False
 
     def _contains(self, path: str) -> bool:
         return path.startswith(self._root_prefix)
 
     def plan(self, source: SourceFile, force: bool) -> Plan:
-        """Judge each flavour's thumbnail by its Thumb::URI and Thumb::MTime; honour fail markers."""
+        """Judge each flavour's thumbnail by its Thumb::URI and Thumb::MTime; a known failure is not tried again."""
         path = os.path.abspath(source.path)
         if self._contains(path):
             # Never a thumbnail of a thumbnail, even when named on the command line.
@@ -238,10 +235,7 @@ class FreedesktopCache:
         name = thumbnail_name(uri)
         wanted = _made_from(uri, source.mtime_ns)
         plan = plan_from((spec, judge(_recorded(self.root / spec.name / name), wanted, force)) for spec in self.specs)
-        if plan.specs and not force and name in self._failed:
-            # A fail marker valid for the source as it is now: libvips will reject it again.
-            return FRESH if judge(_recorded(self.fail_dir / name), wanted, False) == "fresh" else plan
-        return plan
+        return plan if force else self._failures.plan(source, plan)
 
     def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
         """The signature of a source folder as it stands now, or None when a thumbnail is missing.
@@ -258,9 +252,10 @@ class FreedesktopCache:
             directory_uri += "/"
         material: list[Any] = [batch.files, self.version, self.flavours]
         newest = 0
+        directory = os.path.abspath(batch.directory)
         for name, _size, _mtime_ns in batch.files:
             thumb = thumbnail_name(directory_uri + _escaped(os.fsencode(name)))
-            failed = thumb in self._failed
+            failed = self._failures.has(os.path.join(directory, name))
             paths = [f"{self._root_prefix}{flavour}/{thumb}" for flavour in self.flavours]
             if failed:
                 paths.append(str(self.fail_dir / thumb))
@@ -305,15 +300,14 @@ class FreedesktopCache:
             }
             data = add_png_text(thumbnail.data, text)
             write_atomically(str(self.root / spec.name / name), data, mode=FILE_MODE, dir_mode=DIR_MODE)
-        with self._failed_lock:
-            had_marker = name in self._failed
-            self._failed.discard(name)
-        if had_marker:
+        if self._failures.has(source.path):
+            self._failures.forget(source)
             with contextlib.suppress(FileNotFoundError):
                 (self.fail_dir / name).unlink()
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
-        """Leave a fail marker so that neither thumbcli nor file managers retry an unchanged file."""
+        """Remember the failure, and leave a fail marker so that file managers do not retry an unchanged file."""
+        self._failures.record(source, reason)
         uri, mtime = _made_from(file_uri(source.path), source.mtime_ns)
         name = thumbnail_name(uri)
         marker = blank_png({"Thumb::URI": uri, "Thumb::MTime": str(mtime), "Software": self._software})
@@ -323,10 +317,7 @@ class FreedesktopCache:
             write_atomically(str(self.fail_dir / name), marker, mode=FILE_MODE, dir_mode=DIR_MODE)
         except OSError as exc:
             # Losing a marker only means the file is tried again next run.
-            log.warning("%s: cannot record the failure: %s", display_path(source.path), exc.strerror or exc)
-            return
-        with self._failed_lock:
-            self._failed.add(name)
+            log.warning("%s: cannot write the fail marker: %s", display_path(source.path), exc.strerror or exc)
 
     def close(self) -> None:
         """Commit the folder signatures and release the run lock."""
@@ -396,6 +387,7 @@ def _forget_gone_folders(path: Path) -> None:
         return
     try:
         state.forget_signatures(os.path.isdir)
+        state.forget_failures(os.path.lexists)
     finally:
         state.close()
 

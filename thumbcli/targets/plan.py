@@ -13,7 +13,8 @@ from thumbcli.spec import ThumbSpec
 if TYPE_CHECKING:
     from thumbcli.resample import Thumbnail
 
-Freshness = Literal["fresh", "missing", "stale", "rejected"]
+#: "known-failure": the decoder refused the source as it is now; it is not tried again (targets/failures.py).
+Freshness = Literal["fresh", "missing", "stale", "rejected", "known-failure"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ class CacheDirectory(OutputTree):
         locked: bool = True,
         source_folders: Mapping[str, str] | None = None,
         shard: tuple[int, int] = (0, 1),
+        retry_failed: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -42,6 +43,7 @@ class CacheDirectory(OutputTree):
             locked=locked,
             source_folders=source_folders,
             shard=shard,
+            retry_failed=retry_failed,
         )
         self._write_manifest(cache.load_manifest(root, strict=False))
 
@@ -123,6 +125,7 @@ class CacheDirectory(OutputTree):
                     break
                 directory = directory.parent
         self._state.forget_signatures(os.path.isdir)
+        self._state.forget_failures(os.path.lexists)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
             self._write_manifest(kept)

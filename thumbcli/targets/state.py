@@ -57,6 +57,9 @@ class Origin:
 #: What planning compares for one output: (source mtime_ns, source size, preset name, settings digest).
 Record = tuple[int, int, str, str]
 
+#: What a remembered decode failure is judged by: (source mtime_ns, source size, thumbcli version).
+FailureRecord = tuple[int, int, str]
+
 
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
@@ -90,6 +93,10 @@ class StateStore:
             self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
         self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
         self._db.execute("CREATE TABLE IF NOT EXISTS walked (folder BLOB PRIMARY KEY, signature BLOB)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS failures "
+            "(source BLOB PRIMARY KEY, mtime_ns INTEGER, size INTEGER, version TEXT, reason TEXT)"
+        )
         self._lock = threading.Lock()
         self._folders: dict[str, dict[str, Record]] = {}
         #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
@@ -161,6 +168,36 @@ class StateStore:
             self._change(out, None)
         with self._lock:
             self._flush_locked()
+
+    def failures(self) -> dict[bytes, tuple[FailureRecord, str]]:
+        """Every recorded decode failure: source path -> (what it failed as, the reason)."""
+        with self._lock:
+            rows = self._db.execute("SELECT source, mtime_ns, size, version, reason FROM failures").fetchall()
+        return {row[0]: ((row[1], row[2], row[3]), row[4]) for row in rows}
+
+    def failure(self, source: bytes) -> tuple[FailureRecord, str] | None:
+        """The recorded decode failure of one source, read from the database (other processes record them too)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT mtime_ns, size, version, reason FROM failures WHERE source = ?", (source,)
+            ).fetchone()
+        return ((row[0], row[1], row[2]), row[3]) if row else None
+
+    def record_failure(self, source: bytes, record: FailureRecord, reason: str) -> None:
+        """Remember that `source`, as `record` describes it, could not be decoded (written at once: they are few)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?)", (source, *record, reason))
+
+    def forget_failure(self, source: bytes) -> None:
+        """Drop the failure recorded for `source` (it was made, or is gone)."""
+        with self._lock:
+            self._db.execute("DELETE FROM failures WHERE source = ?", (source,))
+
+    def forget_failures(self, keep: Callable[[bytes], bool]) -> None:
+        """Drop the failures recorded for the sources for which `keep` is false (e.g. those that are gone)."""
+        with self._lock:
+            gone = [(source,) for (source,) in self._db.execute("SELECT source FROM failures") if not keep(source)]
+            self._db.executemany("DELETE FROM failures WHERE source = ?", gone)
 
     def knows(self, signature: FolderSignature | None) -> bool:
         """Whether `signature` is the one recorded for its folder. Reads no database: walk helpers call it."""

@@ -16,6 +16,7 @@ from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
 from thumbcli.spec import ThumbSpec
+from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
 from thumbcli.targets.state import FolderSignature, Origin, Record, StateError, StateStore, folder_signature
 
@@ -135,6 +136,7 @@ class OutputTree:
         source_folders: Mapping[str, str] | None = None,
         shard: tuple[int, int] = (0, 1),
         state: StateStore | None = None,
+        retry_failed: bool = False,
     ) -> None:
         """`shard` (I, N) of a `--shard` run names its own lock and state files, so N shards run at once.
 
@@ -157,6 +159,7 @@ class OutputTree:
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
+        self._failures = FailureBook(self._state, retry=retry_failed)
         self._listings: dict[str, frozenset[str]] = {}
         self._root_prefix = f"{root}/"
         # The default layouts need no str.format per file: it shows in no-change runs.
@@ -241,7 +244,8 @@ class OutputTree:
             folder, _, name = relative.rpartition("/")
             recorded = self._state.get(relative) if name in self._names_in(folder) else None
             verdicts.append((spec, judge(recorded, wanted_record(source.mtime_ns, source.size, spec), force)))
-        return plan_from(verdicts)
+        plan = plan_from(verdicts)
+        return plan if force else self._failures.plan(source, plan)
 
     def _output_folder(self, spec: ThumbSpec, root: str, reldir: str) -> str:
         top = f"{self._fixed_prefix}{spec.name}"
@@ -296,7 +300,8 @@ class OutputTree:
             if plan is FRESH:
                 fresh += 1
             else:
-                todo.append((batch.source(name, size, mtime_ns), plan))
+                source = batch.source(name, size, mtime_ns)
+                todo.append((source, plan if force else self._failures.plan(source, plan)))
         if not todo:
             self._state.remember(signature)
         return fresh, todo
@@ -310,9 +315,15 @@ class OutputTree:
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
             self._state.record(relative, origin)
+        self._failures.forget(source)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
-        """Failures are not remembered here: the next run tries the file again."""
+        """Remember that the decoder refused the source: it is not tried again until it changes."""
+        self._failures.record(source, reason)
+
+    def known_failure(self, source: SourceFile) -> str | None:
+        """Why `source` failed before as it is now (asking the database: other runs record too), or None."""
+        return self._failures.known_now(source)
 
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
