@@ -3,7 +3,7 @@
 
     python bench/bench_generate.py [--images 100] [--workdir DIR] [--install]
                                    [--repeat 3] [--scenarios a,b,c] [--sweep]
-                                   [--thumbcli "CMD ..."]
+                                   [--thumbcli "CMD ..."] [--compare NAME=CMD ...] [--only-thumbcli]
 
 What it does, all locally and bounded (every command has a timeout):
 
@@ -435,20 +435,28 @@ def main() -> None:
         "e.g. 'patched=env PYTHONPATH=/scratch/copy python -m thumbcli'",
     )
     ap.add_argument("--extra", default="", help="extra thumbcli arguments for every thumbcli run")
+    ap.add_argument(
+        "--only-thumbcli",
+        action="store_true",
+        help="time only thumbcli and the --compare variants (no pyvips-naive, vips-xargs, Pillow): "
+        "more repetitions of the ratios that matter in the same time on a loaded machine",
+    )
     args = ap.parse_args()
 
     n = cores()
     say(f"machine: {n} cores, python {sys.version.split()[0]} ({sys.executable})")
     if args.install:
         install()
-    vipsthumbnail = shutil.which("vipsthumbnail")
-    pillow = have_pillow()
-    if vipsthumbnail is None:
+    vipsthumbnail = shutil.which("vipsthumbnail") if not args.only_thumbcli else None
+    pillow = have_pillow() and not args.only_thumbcli
+    if args.only_thumbcli:
+        say("only thumbcli and its --compare variants are timed")
+    elif vipsthumbnail is None:
         say("NOTE: vipsthumbnail not found: skipping the vips-xargs reference (use --install)")
     else:
         ver = subprocess.run([vipsthumbnail, "--vips-version"], capture_output=True, text=True).stdout.strip()
         say(f"vipsthumbnail: {vipsthumbnail} ({ver})")
-    if not pillow:
+    if not pillow and not args.only_thumbcli:
         say("NOTE: Pillow not importable: skipping the pillow-pool reference (use --install)")
     probe = subprocess.run(
         [
@@ -529,16 +537,17 @@ def main() -> None:
         if args.sweep:
             for more in (["-j", "1"], ["-j", "3"], ["-j", "4"], ["--loaders", "1"], ["--loaders", "4"]):
                 tools.append(Tool("thumbcli " + " ".join(more), "a", tc(corpus, [256], *more), count, count))
-        tools.append(
-            Tool(
-                "pyvips-naive",
-                "a",
-                lambda out: [sys.executable, "-c", _NAIVE_SCRIPT, str(corpus), str(out), "256"],
-                count,
-                count,
-                env={"VIPS_CONCURRENCY": "1"},
+        if not args.only_thumbcli:
+            tools.append(
+                Tool(
+                    "pyvips-naive",
+                    "a",
+                    lambda out: [sys.executable, "-c", _NAIVE_SCRIPT, str(corpus), str(out), "256"],
+                    count,
+                    count,
+                    env={"VIPS_CONCURRENCY": "1"},
+                )
             )
-        )
         if vipsthumbnail:
             tools.append(Tool("vips-xargs", "a", xargs([256]), count, count))
         if pillow:

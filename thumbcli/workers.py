@@ -259,6 +259,7 @@ def serve(requests: int, replies: int, parent: int) -> NoReturn:  # pragma: no c
     from thumbcli.errors import FileRejected
 
     resample.configure_libvips()
+    resample.log_only_libvips_errors()
     _write_all(replies, _READY)
     while True:
         head = _read_exactly(requests, _REQUEST.size)
