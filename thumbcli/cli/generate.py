@@ -1,0 +1,292 @@
+"""`thumbcli generate`: its options, a progress bar and signals around `run.generate`, and the summary printed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import click
+from click.core import ParameterSource
+
+from thumbcli.config import (
+    Config,
+)
+from thumbcli.discover import display_path
+from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec
+
+if TYPE_CHECKING:
+    from thumbcli.pipeline import FileResult
+    from thumbcli.progress import ProgressBar
+    from thumbcli.run import GenerateJob, GenerateSummary
+from thumbcli.cli.options import (
+    ByteSize,
+    Duration,
+    Megapixels,
+    Shard,
+    configure_logging,
+    debug_option,
+    dry_run_option,
+    exits_on_errors,
+    json_option,
+    quiet_option,
+    wait_option,
+)
+
+_DEFAULT_LIMITS = Limits()
+_DEFAULT_RUN = RunOptions(workers=1)
+_DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
+
+
+@click.command()
+@click.argument("sources", nargs=-1, type=click.Path(path_type=str))
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write into a served cache folder (see `thumbcli serve`).",
+)
+@click.option(
+    "--freedesktop",
+    "flavours",
+    multiple=True,
+    type=click.Choice(["normal", "large", "x-large", "xx-large"]),
+    help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
+)
+@click.option("-p", "--preset", "presets", multiple=True, metavar="NAME", help="A preset from the config; repeatable.")
+@click.option(
+    "-s",
+    "--size",
+    "sizes",
+    multiple=True,
+    metavar="BOX",
+    help="256, 320x240, 200x or x200; repeatable.  [default: 256]",
+)
+@click.option(
+    "--fit",
+    type=click.Choice(FITS),
+    default=_DEFAULT_SPEC.fit,
+    show_default=True,
+    help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=_DEFAULT_SPEC.format,
+    show_default=True,
+    help="Output format.",
+)
+@click.option("-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg/webp 80, avif 50]")
+@click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box.")
+@click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default).")
+@click.option(
+    "--name",
+    "name_template",
+    metavar="TEMPLATE",
+    help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
+)
+@click.option("--hidden", is_flag=True, help="Include hidden files and folders.")
+@click.option(
+    "--include", multiple=True, metavar="GLOB", help="Only files whose relative path or name matches; repeatable."
+)
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
+@click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
+@click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Try again the files that failed to decode in earlier runs (otherwise retried only once they change).",
+)
+@dry_run_option("Only count what would be made and estimate its disk space.")
+@click.option(
+    "--walkers",
+    type=click.IntRange(1, 64),
+    help="Processes walking and stat-ing the sources; more help on network filesystems."
+    "  [default: number of cores, at most 4]",
+)
+@click.option(
+    "--loaders",
+    type=click.IntRange(1, 256),
+    default=_DEFAULT_RUN.loaders,
+    show_default=True,
+    help="Threads reading files.",
+)
+@click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]")
+@click.option(
+    "--writers",
+    type=click.IntRange(1, 256),
+    default=_DEFAULT_RUN.writers,
+    show_default=True,
+    help="Threads writing thumbnails.",
+)
+@click.option(
+    "--max-file-size",
+    type=ByteSize(),
+    default=ByteSize.label(_DEFAULT_LIMITS.max_file_size),
+    show_default=True,
+    help="Refuse larger source files.",
+)
+@click.option(
+    "--max-pixels",
+    type=Megapixels(),
+    default=f"{_DEFAULT_LIMITS.max_pixels / 1_000_000:g}",
+    show_default=True,
+    help="Refuse images with more megapixels (decompression bombs).",
+)
+@click.option(
+    "--max-decode-time",
+    type=Duration(),
+    default=f"{_DEFAULT_LIMITS.max_decode_seconds:g}",
+    show_default=True,
+    help="Kill and replace a resample worker that spends longer on one file; the file is reported timed out.",
+)
+@click.option(
+    "--max-worker-memory",
+    type=ByteSize(),
+    help="Kill and replace a resample worker past this much resident memory; the file is reported."
+    "  [default: half the RAM shared among the workers, at least 1G]",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
+)
+@click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
+@click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
+@click.option(
+    "--shard",
+    type=Shard(),
+    default="0/1",
+    help="Make only share I of N of the folders (0 <= I < N), with its own lock and state; for other schedulers.",
+)
+@click.option(
+    "--dask",
+    metavar="ADDRESS",
+    help="Make the thumbnails on the Dask scheduler at ADDRESS (tcp://host:8786), or on `local[:N]` worker processes.",
+)
+@wait_option
+@json_option("Print a JSON summary on stdout.")
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write Prometheus textfile metrics here (node_exporter textfile collector).",
+)
+@click.option(
+    "--fail-log", type=click.Path(dir_okay=False, path_type=Path), help="Append failed files and reasons to this file."
+)
+@quiet_option("No progress bar and no summary; failures are still printed.")
+@debug_option("Debug logging and tracebacks.")
+@click.pass_obj
+@exits_on_errors
+def generate(
+    config: Config, /, *, json_summary: bool, metrics_file: Path | None, quiet: bool, debug: bool, **request: Any
+) -> None:
+    """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
+    from thumbcli.run import GenerateRequest
+
+    configure_logging(debug)
+    # A cache named by the config or environment gives way to a destination on the command line.
+    source = click.get_current_context().get_parameter_source("cache_dir")
+    cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
+    if (request["output"] or request["flavours"]) and cache_configured:
+        request["cache_dir"] = None
+    job = GenerateRequest(cache_configured=cache_configured, **request).job(config)
+    summary = _generate_with_progress(job, quiet=quiet)
+    _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
+    sys.exit(summary.exit_code)
+
+
+def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary:
+    """Run the job with a progress bar, failures printed as they come, and signals wired to stop it."""
+    # Imported here so that `thumbcli --help` and completion never load libvips.
+    from thumbcli.progress import ProgressBar
+    from thumbcli.run import RunStopper, generate
+
+    progress = ProgressBar(enabled=not quiet)
+    stopper = RunStopper()
+
+    def on_result(result: FileResult) -> None:
+        if result.status == "failed":
+            _echo_err(progress, f"failed: {result.describe()}")
+        elif result.warning:
+            _echo_err(progress, f"warning: {display_path(result.path)}: {result.warning} (thumbnail of what decodes)")
+        progress.finished(result.status)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopper.request_stop()
+        _echo_err(progress, "thumbcli: stopping: finishing files in flight (signal again to abort)")
+
+    previous = _install_signal_handlers(on_signal)
+    try:
+        return generate(
+            job,
+            on_found=progress.found,
+            on_skipped=progress.skipped,
+            on_walked=progress.walked,
+            on_result=on_result,
+            stopper=stopper,
+        )
+    finally:
+        _install_signal_handlers(previous)
+        progress.close()
+
+
+def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_file: Path | None, quiet: bool) -> None:
+    """Print the summary as asked (JSON, a dry-run estimate or a closing line) and write the metrics file."""
+    if json_summary:
+        click.echo(json.dumps(summary.as_json()))
+    if metrics_file is not None:
+        from thumbcli.metrics import write_run_metrics
+
+        write_run_metrics(metrics_file, summary)
+    plan = summary.dry_run
+    if plan is not None and not json_summary:
+        click.echo(
+            f"would make {sum(plan.thumbnails_by_spec.values())} thumbnails of {plan.files} files "
+            f"(about {human_bytes(plan.estimated_bytes)}); {summary.skipped} files up to date, "
+            f"{summary.failed} failed"
+        )
+    elif not quiet and (sys.stderr.isatty() or summary.failed or summary.stopped == "interrupted"):
+        cut = f", stopped early ({summary.stopped})" if summary.stopped else ""
+        known = f", {summary.known_failures} known failures" if summary.known_failures else ""
+        click.echo(
+            f"thumbcli: made {summary.made}, skipped {summary.skipped}, failed {summary.failed}{known} "
+            f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s){cut}",
+            err=True,
+        )
+
+
+def _echo_err(progress: ProgressBar, line: str) -> None:
+    if not progress.write_line(line):
+        click.echo(line, err=True)
+
+
+def human_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def _install_signal_handlers(handler: Any) -> dict[int, SignalHandler]:
+    """Install `handler` (or a dict of per-signal handlers) for SIGINT and SIGTERM; return the old ones."""
+    previous: dict[int, SignalHandler] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        new = handler[signum] if isinstance(handler, dict) else handler
+        previous[signum] = signal.signal(signum, new)
+    return previous

@@ -1,0 +1,150 @@
+"""What every command shares: parameter types, shared options, logging set-up and the one error-to-exit mapping."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
+
+import click
+
+from thumbcli.config import (
+    ConfigError,
+)
+from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
+
+if TYPE_CHECKING:
+    pass
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ByteSize(click.ParamType[int, Any]):
+    """A byte count with an optional K/M/G suffix (binary units)."""
+
+    name = "bytes"
+
+    @staticmethod
+    def label(count: int) -> str:
+        """`count` as the shortest text this type reads back exactly (268435456 -> 256M)."""
+        for suffix in ("G", "M", "K"):
+            unit = _SIZE_UNITS[suffix.lower()]
+            if count >= unit and count % unit == 0:
+                return f"{count // unit}{suffix}"
+        return str(count)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", str(value).lower())
+        if not match:
+            self.fail(f"{value!r} is not a size such as 500K, 50M or 2G", param, ctx)
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+class Megapixels(click.ParamType[int, Any]):
+    """A pixel count given in megapixels (`100` = 100 million pixels)."""
+
+    name = "megapixels"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            pixels = int(float(value) * 1_000_000)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of megapixels", param, ctx)
+        if pixels < 1:
+            self.fail("must be positive", param, ctx)
+        return pixels
+
+
+class Duration(click.ParamType[float, Any]):
+    """A duration such as 90, 90s, 15m or 2h, in seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(value).lower())
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 90s, 15m or 2h", param, ctx)
+        return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+class Shard(click.ParamType[tuple[int, int], Any]):
+    """`I/N`: this invocation's share of the folders, one of N."""
+
+    name = "I/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+        if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+            self.fail(f"{value!r} is not a share such as 0/3 (I/N with 0 <= I < N)", param, ctx)
+        return int(match.group(1)), int(match.group(2))
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="thumbcli: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # libvips warnings about files we already report as failed are noise unless debugging.
+    logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # Dask's client logs a lost scheduler with tracebacks; the run reports it in one line.
+    logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exits_on_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Map the library's errors to exit codes: a spec error is a usage error, the others have their own."""
+
+    @functools.wraps(command)
+    def run_command(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:  # the file's fault, not the command line's: no usage text
+            fail(str(exc), ExitCode.USAGE)
+        except SpecError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except LockedError as exc:
+            fail(str(exc), ExitCode.LOCKED)
+        except CannotRunError as exc:
+            fail(str(exc), ExitCode.CANNOT_RUN)
+
+    return run_command
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"thumbcli: error: {message}", err=True)
+    sys.exit(code)
+
+
+wait_option = click.option(
+    "--wait", is_flag=True, help="Wait for another run on the same output to finish instead of exiting."
+)
+
+
+def dry_run_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option("--dry-run", is_flag=True, help=help_text)
+
+
+def json_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option("--json", "json_summary", is_flag=True, help=help_text)
+
+
+def quiet_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option("--quiet", is_flag=True, help=help_text)
+
+
+def debug_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option("--debug", is_flag=True, help=help_text)
