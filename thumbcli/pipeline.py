@@ -18,7 +18,6 @@ from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.plan import Plan, Target
-from thumbcli.workers import ResampleWorker
 
 if TYPE_CHECKING:
     from thumbcli.spec import Thumbnail
@@ -333,9 +332,15 @@ class Pipeline:
 
     def _resampler(self) -> None:
         """Feed one worker process; it is started at the first file, so a run with nothing to make never starts one."""
-        worker = ResampleWorker(self._run.limits, strict=self._run.strict, memory_ceiling=self._memory_ceiling)
+        worker = None
         try:
             while (job := self._resample_queue.get()) is not _DONE:
+                if worker is None:
+                    # Imported at the first file: a run with nothing to make (a no-change rerun) never needs it.
+                    from thumbcli.workers import ResampleWorker
+
+                    limits, strict = self._run.limits, self._run.strict
+                    worker = ResampleWorker(limits, strict=strict, memory_ceiling=self._memory_ceiling)
                 if self._stopping():
                     self._byte_budget.give_back(job.budgeted)
                     continue
@@ -354,9 +359,10 @@ class Pipeline:
                 job.warning, job.detail = outcome.warning, outcome.detail
                 self._put(self._write_queue, job)
         finally:
-            worker.close()
-            with self._stats_lock:
-                self._stats.workers_started += worker.started
+            if worker is not None:
+                worker.close()
+                with self._stats_lock:
+                    self._stats.workers_started += worker.started
 
     def _writer(self) -> None:
         while (job := self._write_queue.get()) is not _DONE:
