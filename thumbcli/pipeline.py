@@ -384,14 +384,7 @@ class Pipeline:
         started = time.monotonic()
         options = self._run
         # Forked before any thread of ours starts.
-        walk = SplitWalk(
-            self._sources,
-            self._walk,
-            is_image_name,
-            self._excluded_dirs,
-            self._target.known_fresh if not options.force else lambda batch: False,
-            self._walk.processes or default_processes(),
-        )
+        walk = start_walk(self._sources, self._walk, self._excluded_dirs, self._target, force=options.force)
         try:
             self._run_stages(walk, started)
         finally:
@@ -428,6 +421,14 @@ class Pipeline:
             if next_queue is not None:
                 for _ in range(consumers):
                     self._put(next_queue, _DONE)
+
+
+def start_walk(
+    sources: list[str] | tuple[str, ...], options: WalkOptions, excluded: list[str], target: Target, *, force: bool
+) -> SplitWalk:
+    """Fork the walk of `sources` (call before any thread starts); folders `target` knows fresh are not planned."""
+    known_fresh = target.known_fresh if not force else lambda batch: False
+    return SplitWalk(sources, options, is_image_name, excluded, known_fresh, options.processes or default_processes())
 
 
 def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
-from thumbcli.discover import DirBatch, WalkProblem, display_path, is_image_name
+from thumbcli.discover import DirBatch, WalkProblem, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
-from thumbcli.pipeline import FileResult, RunStats, StopReason
+from thumbcli.pipeline import FileResult, RunStats, StopReason, start_walk
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.failures import failure_key
 from thumbcli.targets.plan import Target
@@ -106,14 +106,7 @@ class ClusterRun:
         started = time.monotonic()
         job = self._job
         # Forked before Dask starts its threads.
-        walk = SplitWalk(
-            job.sources,
-            job.walk,
-            is_image_name,
-            [str(self._target.root)],
-            self._target.known_fresh if not job.run.force else lambda batch: False,
-            job.walk.processes or default_processes(),
-        )
+        walk = start_walk(job.sources, job.walk, [str(self._target.root)], self._target, force=job.run.force)
         connection = _Connection(self._address, self._local_workers)
         try:
             self._drive(connection, walk, started)
