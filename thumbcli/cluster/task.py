@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -148,18 +150,26 @@ class TaskState(StateStore):
         """Nothing to commit: the client records the journal."""
 
 
-_decoders = threading.local()
+#: This Dask worker process's resample worker, kept from task to task (Dask may run each task on a new
+#: thread, and a worker process costs an interpreter and libvips to start). Tasks on several
+#: threads of one Dask worker take turns at it: run Dask workers with `--nthreads 1`.
+_decoder_lock = threading.Lock()
+_decoder: dict[tuple[Limits, bool], ResampleWorker] = {}
 
 
-def _resample_worker(limits: Limits, strict: bool) -> ResampleWorker:
-    """This Dask worker thread's resample worker process (started once, kept for the tasks that follow)."""
-    worker: ResampleWorker | None = getattr(_decoders, "worker", None)
-    if worker is None or getattr(_decoders, "settings", None) != (limits, strict):
-        if worker is not None:
-            worker.close()
-        worker = ResampleWorker(limits, strict=strict, memory_ceiling=limits.worker_memory(1))
-        _decoders.worker, _decoders.settings = worker, (limits, strict)
-    return worker
+@contextlib.contextmanager
+def _resample_worker(limits: Limits, strict: bool) -> Iterator[ResampleWorker]:
+    """This Dask worker process's resample worker process for these settings, held while in use."""
+    with _decoder_lock:
+        worker = _decoder.get((limits, strict))
+        if worker is None:
+            for old in _decoder.values():
+                old.close()
+            _decoder.clear()
+            worker = _decoder[(limits, strict)] = ResampleWorker(
+                limits, strict=strict, memory_ceiling=limits.worker_memory(1)
+            )
+        yield worker
 
 
 def _require_visible(path: str, what: str, shown: str) -> None:
@@ -283,7 +293,8 @@ class _TaskRun:
             return FileResult(shown, "failed", _reason(exc))
         self.bytes_read += len(data)
         # Decoded in this host's resample worker process, under the run's limits, as a local run does.
-        made = _resample_worker(limits, self.task.strict).resample(data, specs)
+        with _resample_worker(limits, self.task.strict) as worker:
+            made = worker.resample(data, specs)
         if made.reason:
             self.target.record_failure(source, made.reason)
             return FileResult(shown, "failed", made.reason, detail=made.detail)

@@ -61,6 +61,19 @@ Record = tuple[int, int, str, str]
 FailureRecord = tuple[int, int, str]
 
 
+def _use_wal(db: sqlite3.Connection, seconds: float = 30.0) -> None:
+    """Switch to WAL; SQLite answers "locked" at once, without waiting, while another process switches too."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
 
@@ -84,19 +97,26 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
-            # An older layout: forget it; outputs without records are simply made again.
-            self._db.execute("DROP TABLE IF EXISTS folders")
-            self._db.execute("DROP TABLE IF EXISTS walked")
-            self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS walked (folder BLOB PRIMARY KEY, signature BLOB)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS failures "
-            "(source BLOB PRIMARY KEY, mtime_ns INTEGER, size INTEGER, version TEXT, reason TEXT)"
-        )
+        # One transaction, so processes opening the same store at once (serve's workers) take turns.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != self._SCHEMA:
+                # An older layout: forget it; outputs without records are simply made again.
+                self._db.execute("DROP TABLE IF EXISTS folders")
+                self._db.execute("DROP TABLE IF EXISTS walked")
+                self._db.execute(f"PRAGMA user_version={self._SCHEMA}")
+            self._db.execute("CREATE TABLE IF NOT EXISTS folders (folder BLOB PRIMARY KEY, records BLOB, sources BLOB)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS walked (folder BLOB PRIMARY KEY, signature BLOB)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS failures "
+                "(source BLOB PRIMARY KEY, mtime_ns INTEGER, size INTEGER, version TEXT, reason TEXT)"
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
         self._lock = threading.Lock()
         self._folders: dict[str, dict[str, Record]] = {}
         #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
