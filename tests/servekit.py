@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,3 +285,65 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _readme_nginx_conf(cache: Path, workdir: Path, port: int) -> Path:
+    """An nginx.conf around the README's snippet, serving `cache` on 127.0.0.1:`port`."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
+    server = snippet.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace("/var/cache/thumbcli", str(cache))
+    # As root, nginx's workers would drop to `nobody`, who cannot enter pytest's tmp folders.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"{user}daemon off; pid {workdir}/nginx.pid; error_log {workdir}/error.log;\n"
+        f"events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n"
+        f"client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};\n"
+        f"uwsgi_temp_path {workdir}; scgi_temp_path {workdir};\n{server}\n}}\n"
+    )
+    return conf
+
+
+@contextlib.contextmanager
+def readme_nginx(cache: Path, workdir: Path) -> Iterator[int]:
+    """nginx running the README's snippet over `cache` until the block ends; yields its port.
+
+    nginx cannot take port 0, so a port another process took meanwhile is retried.
+    """
+    assert NGINX is not None
+    for _attempt in range(5):
+        port = _free_port()
+        pid_file = workdir / "nginx.pid"
+        pid_file.unlink(missing_ok=True)
+        conf = _readme_nginx_conf(cache, workdir, port)
+        nginx = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        # nginx writes its pid file only once it has bound its listening sockets.
+        while nginx.poll() is None and not pid_file.exists():
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        if nginx.poll() is None:
+            break
+        assert nginx.stderr is not None
+        errors = nginx.stderr.read().decode(errors="replace")
+        nginx.stderr.close()
+        assert "Address already in use" in errors, errors
+    else:
+        raise AssertionError("nginx found no free port in 5 tries")
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        yield port
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+        assert nginx.stderr is not None
+        nginx.stderr.close()

@@ -5,16 +5,12 @@ from __future__ import annotations
 import http.client
 import os
 import random
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pyvips
 from imagekit import make_photo, run_cli
+from servekit import NGINX, readme_nginx
 
 from thumbcli.cache import (
     MANIFEST_NAME,
@@ -175,38 +171,6 @@ def test_changing_one_preset_remakes_only_that_preset(tmp_path: Path) -> None:
     assert second.rc == 0 and second.summary["thumbnails"] == 3 and second.summary["made"] == 3
 
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_nginx(tmp_path: Path, write_conf: Callable[[int], Path]) -> tuple[subprocess.Popen[bytes], int]:
-    """nginx listening on a free port: it cannot take port 0, so a port another process took meanwhile is retried."""
-    assert NGINX is not None
-    for _attempt in range(5):
-        port = _free_port()
-        pid_file = tmp_path / "nginx.pid"
-        pid_file.unlink(missing_ok=True)
-        nginx = subprocess.Popen([NGINX, "-c", str(write_conf(port)), "-p", str(tmp_path)], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        # nginx writes its pid file only once it has bound its listening sockets.
-        while nginx.poll() is None and not pid_file.exists():
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
-        if nginx.poll() is None:
-            socket.create_connection(("127.0.0.1", port), timeout=5).close()
-            return nginx, port
-        assert nginx.stderr is not None
-        errors = nginx.stderr.read().decode(errors="replace")
-        nginx.stderr.close()
-        assert "Address already in use" in errors, errors
-    raise AssertionError("nginx found no free port in 5 tries")
-
-
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 @pytest.mark.parametrize("named", [False, True], ids=["one-source", "named-sources"])
 def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path, named: bool) -> None:
@@ -224,24 +188,7 @@ def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path, named: b
     else:
         assert run_cli("generate", source, "--cache", cache, "-s", "64").rc == 0
     source_name = "photos" if named else ""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
-    conf = tmp_path / "nginx.conf"
-    # As root, nginx's workers would drop to `nobody`, who cannot enter pytest's tmp folders.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-
-    def write_conf(port: int) -> Path:
-        server = snippet.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace("/var/cache/thumbcli", str(cache))
-        conf.write_text(
-            f"{user}daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-            f"events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n"
-            f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};\n"
-            f"uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n{server}\n}}\n"
-        )
-        return conf
-
-    nginx, port = _start_nginx(tmp_path, write_conf)
-    try:
+    with readme_nginx(cache, tmp_path) as port:
         for name in names:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
@@ -267,8 +214,3 @@ def test_nginx_with_the_readme_snippet_serves_the_cache(tmp_path: Path, named: b
             assert connection.getresponse().status in (400, 404)
         finally:
             connection.close()
-    finally:
-        nginx.terminate()
-        nginx.wait(timeout=10)
-        assert nginx.stderr is not None
-        nginx.stderr.close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import pytest
 import pyvips
 from imagekit import run_cli
-from servekit import ServerProcess, get, running_server
+from servekit import NGINX, ServerProcess, get, readme_nginx, running_server
 
 from thumbcli.cache import load_manifest, read_manifest
 from thumbcli.config import ConfigError, load_config
@@ -25,7 +23,6 @@ from thumbcli.serve.negotiate import accepted_formats, candidates
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CURL = shutil.which("curl")
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 BOTH = "image/avif,image/webp,*/*"
 #: Accept field -> the variant the brief's clients must get.
 CURL_CASES = {
@@ -197,54 +194,14 @@ def test_home_and_gallery_show_every_format(server: ServerProcess) -> None:
     assert "2 images, 1 folder" in page and 'width="64" height="43"' in page
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.skipif(NGINX is None or CURL is None, reason="needs nginx and curl")
 def test_nginx_with_the_readme_snippet_negotiates_the_same_way(cache: Path, tmp_path: Path) -> None:
-    assert NGINX is not None
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    for _attempt in range(5):
-        port = _free_port()
-        conf = tmp_path / "nginx.conf"
-        server = snippet.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace("/var/cache/thumbcli", str(cache))
-        conf.write_text(
-            f"{user}daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-            f"events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n"
-            f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; fastcgi_temp_path {tmp_path};\n"
-            f"uwsgi_temp_path {tmp_path}; scgi_temp_path {tmp_path};\n{server}\n}}\n"
-        )
-        (tmp_path / "nginx.pid").unlink(missing_ok=True)
-        nginx = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while nginx.poll() is None and not (tmp_path / "nginx.pid").exists():
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
-        if nginx.poll() is None:
-            break
-        assert nginx.stderr is not None
-        errors = nginx.stderr.read().decode(errors="replace")
-        nginx.stderr.close()
-        assert "Address already in use" in errors, errors
-    else:
-        pytest.fail("nginx found no free port in 5 tries")
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with readme_nginx(cache, tmp_path) as port:
         _check_variants(port, "/small/a.jpg", cache / "v1" / "small" / "a.jpg")
         status, fields, _ = _curl(port, "/small/c.jpg", "Accept: image/webp")
         assert status == 200 and fields["content-type"] == "image/jpeg"
         status, fields, _ = _curl(port, "/big/a.jpg", f"Accept: {BOTH}")
         assert status == 200 and fields["content-type"] == "image/jpeg"
-    finally:
-        nginx.terminate()
-        nginx.wait(timeout=10)
-        assert nginx.stderr is not None
-        nginx.stderr.close()
 
 
 @pytest.mark.skipif(CHROMIUM is None or not os.access(CHROMEDRIVER, os.X_OK), reason="needs chromium and chromedriver")
