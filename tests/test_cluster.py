@@ -109,6 +109,44 @@ def test_cluster_output_equals_a_local_run_and_a_rerun_makes_nothing(
     ]
 
 
+def cluster_run(cluster: DaskCluster, source: Path, output: Path, task_files: int) -> tuple[int, int, int]:
+    """A cluster run in this process with tasks of `task_files` files: (made, skipped, tasks sent)."""
+    from thumbcli.cluster.client import ClusterRun
+    from thumbcli.config import Config
+    from thumbcli.run import GenerateRequest, open_target
+
+    job = GenerateRequest(sources=(str(source),), output=output, sizes=("64",), dask=cluster.address).job(Config())
+    target = open_target(job)
+    try:
+        run = ClusterRun(job, target, task_files=task_files)
+        stats = run.run()
+    finally:
+        target.close()
+    assert stats.failed == 0
+    return stats.made, stats.skipped, run.tasks
+
+
+def test_cluster_sends_a_big_folder_in_parts_and_remembers_it_fresh_once_every_part_was(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    image = draw_photo(96, 64)
+    (tmp_path / "src").mkdir()
+    for index in range(25):
+        image.jpegsave(str(tmp_path / "src" / f"p{index:02d}.jpg"), Q=60 + index)
+    assert run_cli("generate", tmp_path / "src", "-o", tmp_path / "local", "-s", "64").rc == 0
+    # 25 files in tasks of 4: seven parts of one folder, on both workers.
+    assert cluster_run(cluster, tmp_path / "src", tmp_path / "dask", 4) == (25, 0, 7)
+    same_outputs(tmp_path / "local", tmp_path / "dask")
+    time.sleep(2.1)  # past the racy window, so a fresh folder may be remembered
+    # Every part finds its files fresh: the folder is remembered as fresh as a whole ...
+    assert cluster_run(cluster, tmp_path / "src", tmp_path / "dask", 4) == (0, 25, 7)
+    # ... so the next run skips it on the client, sending nothing.
+    assert cluster_run(cluster, tmp_path / "src", tmp_path / "dask", 4) == (0, 25, 0)
+    # A changed file is found again: the folder goes out in parts, one thumbnail is made.
+    (tmp_path / "src" / "p07.jpg").write_bytes((tmp_path / "src" / "p08.jpg").read_bytes())
+    assert cluster_run(cluster, tmp_path / "src", tmp_path / "dask", 4) == (1, 24, 7)
+
+
 def test_cluster_reports_failed_files_as_a_local_run_does(cluster: DaskCluster, tmp_path: Path) -> None:
     source = tmp_path / "src"
     make_tree(source, folders=3, per_folder=2, width=80, height=60)

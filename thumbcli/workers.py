@@ -132,7 +132,7 @@ class ResampleWorker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
                 pass_fds=(request_read, reply_write),
-                env=dict(os.environ, VIPS_CONCURRENCY="1"),
+                env=_worker_environment(),
             )
         finally:
             os.close(request_read)
@@ -200,6 +200,16 @@ class ResampleWorker:
         os.close(self._replies)
         self._process = None
         return status
+
+
+def _worker_environment() -> dict[str, str]:
+    """The parent's environment, with libvips on one thread and glibc's malloc left to tune itself."""
+    environment = dict(os.environ, VIPS_CONCURRENCY="1")
+    # Dask's nanny sets this for its worker processes (and so for ours under --dask). Set at
+    # all, it also pins glibc's mmap threshold, so every decode buffer of a camera JPEG is
+    # mapped and unmapped afresh: 25% more wall time per image, measured on 200 4000x3000 JPEGs.
+    environment.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environment
 
 
 def _outcome(reply: tuple[Any, ...]) -> WorkerOutcome:

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,7 +21,8 @@ from thumbcli.pipeline import FileResult, RunStats, StopReason, start_walk
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.failures import failure_key
 from thumbcli.targets.plan import Target
-from thumbcli.targets.tree import OutputTree
+from thumbcli.targets.state import FolderSignature
+from thumbcli.targets.tree import OutputTree, signed_folder
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster, as_completed
@@ -29,10 +31,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Files in one task once work is queued up. Measured in bench/bench_dask.py on 2 busy cores:
-#: a task costs the client about 3 ms and the cluster 10-20 ms besides its files, under 0.3% of
-#: 128 camera photos (65 ms of CPU each); and a 10-million-photo run still has 80,000 tasks to balance.
-TASK_FILES = 128
+#: A task's work in seconds of a worker's time: long enough that what a task costs besides its
+#: files (about 3 ms on the client, 10-20 ms in the cluster) stays small, short enough that
+#: the workers end a run together. Measured in bench/bench_dask.py: a task of 128 camera
+#: photos (9 s) left one of two workers idle for a third of a 200-photo run.
+TASK_WORK_SECONDS = 1.0
+#: Tasks per second the client is asked to record at most (it can record about 100): with
+#: many workers, tasks grow past TASK_WORK_SECONDS rather than swamp the client.
+CLIENT_TASKS_PER_SECOND = 40
+#: Files in each task until the first tasks say how long a file takes.
+FIRST_TASK_FILES = 8
+#: Files in one task at most (a rerun's fresh files cost next to nothing each).
+MAX_TASK_FILES = 2000
 #: A task is sent no later than this after its first folder was walked, full or not.
 TASK_SECONDS = 1.0
 #: Seconds to wait for the scheduler to answer when connecting.
@@ -42,12 +52,30 @@ _LOCAL = re.compile(r"local(?::(\d+))?")
 
 
 @dataclass(slots=True)
-class _Group:
-    """Folders gathered into the next task."""
+class _Pending:
+    """Walked folders not yet sent, oldest first (the first may be what is left of a folder sent in parts)."""
 
-    batches: list[DirBatch] = field(default_factory=list)
+    batches: deque[DirBatch] = field(default_factory=deque)
     files: int = 0
+    #: When the oldest of them was walked.
     since: float = 0.0
+
+    def add(self, batch: DirBatch) -> None:
+        if not self.batches:
+            self.since = time.monotonic()
+        self.batches.append(batch)
+        self.files += len(batch.files)
+
+
+@dataclass(slots=True)
+class _SplitFolder:
+    """A folder sent in parts: remembered as fresh only if every part was found fresh."""
+
+    #: Taken before the first part was sent, as a local run takes it before planning.
+    signature: FolderSignature | None
+    parts_out: int = 0
+    all_sent: bool = False
+    fresh: bool = True
 
 
 class ClusterRun:
@@ -64,9 +92,9 @@ class ClusterRun:
         on_found: Callable[[int], None] | None = None,
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
-        task_files: int = TASK_FILES,
+        task_files: int | None = None,
     ) -> None:
-        """`task_files`: files per task once work is queued up (bench/bench_dask.py varies it)."""
+        """`task_files`: files per task; None sizes tasks by how long files take (bench/bench_dask.py sets it)."""
         if not isinstance(target, OutputTree) or job.dask is None:
             raise SpecError("--dask writes an -o tree or a --cache")
         self._job = job
@@ -80,6 +108,10 @@ class ClusterRun:
         self._on_skipped = on_skipped
         self._on_result = on_result
         self._task_files = task_files
+        #: Files the finished tasks walked, and the seconds they took on their workers.
+        self._worked_files = 0
+        self._worked_seconds = 0.0
+        self._split: dict[bytes, _SplitFolder] = {}
         self._stats = RunStats()
         #: Tasks submitted so far.
         self.tasks = 0
@@ -122,7 +154,7 @@ class ClusterRun:
         return self._stats
 
     def _drive(self, connection: _Connection, walk: SplitWalk, started: float) -> None:
-        group = _Group()
+        pending = _Pending()
         max_seconds = self._job.run.max_seconds
         for item in walk:
             if max_seconds is not None and time.monotonic() - started > max_seconds:
@@ -136,46 +168,91 @@ class ClusterRun:
                 self._report(FileResult(item.path, "failed", item.reason))
             else:
                 self._found(len(item.files), 0)
-                if not group.batches:
-                    group.since = time.monotonic()
-                group.batches.append(item)
-                group.files += len(item.files)
-            if self._ready(group, connection.limit):
-                self._submit(connection, group)
-                group = _Group()
+                pending.add(item)
+            self._send(connection, pending, walked_all=False)
             if self._in_flight:
-                self._collect(connection, block=len(self._in_flight) >= connection.limit)
-        if group.batches and self._stop_reason is None:
-            self._submit(connection, group)
+                self._collect(connection, block=False)
+        self._send(connection, pending, walked_all=True)
         while self._in_flight:
             self._collect(connection, block=True)
 
-    def _ready(self, group: _Group, limit: int) -> bool:
-        """Whether to send the group now: full, or old, or the workers are short of work."""
-        if not group.batches:
-            return False
-        idle = len(self._in_flight) < limit // 2
-        return idle or group.files >= self._task_files or time.monotonic() - group.since >= TASK_SECONDS
+    def _send(self, connection: _Connection, pending: _Pending, *, walked_all: bool) -> None:
+        """Send tasks while there are files enough for one, or the workers are short of work; wait for room."""
+        while pending.files and self._stop_reason is None:
+            size = self._task_size(connection)
+            if walked_all:
+                # The last of the work in shrinking shares, so that the workers finish together.
+                size = min(size, -(-pending.files // connection.threads))
+            elif pending.files < size and not self._short_of_work(connection) and not self._waited_long(pending):
+                return
+            if len(self._in_flight) >= connection.limit:
+                self._collect(connection, block=True)
+                continue
+            self._submit(connection, self._take(pending, size))
 
-    def _submit(self, connection: _Connection, group: _Group) -> None:
+    def _short_of_work(self, connection: _Connection) -> bool:
+        return len(self._in_flight) < connection.threads
+
+    @staticmethod
+    def _waited_long(pending: _Pending) -> bool:
+        return time.monotonic() - pending.since >= TASK_SECONDS
+
+    def _task_size(self, connection: _Connection) -> int:
+        """Files per task: what takes a worker TASK_WORK_SECONDS, as the finished tasks measured it."""
+        if self._task_files is not None:
+            return self._task_files
+        if not self._worked_files:
+            return FIRST_TASK_FILES
+        seconds = max(TASK_WORK_SECONDS, connection.threads / CLIENT_TASKS_PER_SECOND)
+        per_file = max(self._worked_seconds / self._worked_files, 1e-6)
+        return max(1, min(MAX_TASK_FILES, round(seconds / per_file)))
+
+    def _take(self, pending: _Pending, count: int) -> list[DirBatch]:
+        """Up to `count` files from the oldest pending folders, cutting a folder in parts if need be."""
+        taken = []
+        while pending.batches and count > 0:
+            batch = pending.batches[0]
+            key = os.fsencode(signed_folder(batch))
+            split = self._split.get(key)
+            if len(batch.files) <= count:
+                piece = pending.batches.popleft()
+                if split is not None:
+                    split.all_sent = True
+            else:
+                if split is None:
+                    signature = None if self._job.run.force else self._target.folder_signature(batch)
+                    split = self._split[key] = _SplitFolder(signature)
+                piece = batch._replace(files=batch.files[:count])
+                pending.batches[0] = batch._replace(files=batch.files[count:])
+            if split is not None:
+                split.parts_out += 1
+            pending.files -= len(piece.files)
+            count -= len(piece.files)
+            taken.append(piece)
+        pending.since = time.monotonic()
+        return taken
+
+    def _submit(self, connection: _Connection, batches: list[DirBatch]) -> None:
+        files = sum(len(batch.files) for batch in batches)
         budget = None
         if self._unpromised is not None:
-            budget = min(self._unpromised, group.files)
+            budget = min(self._unpromised, files)
             self._unpromised -= budget
-        task = self._task(group, budget)
+        task = self._task(batches, budget)
         key = f"thumbcli-folders-{uuid.uuid4().hex}"
         future = connection.client().submit(make_folders, SealedTask(task), pure=False, key=key)
-        self._in_flight[future] = (task, group.files)
+        self._in_flight[future] = (task, files)
         self.tasks += 1
+        log.debug("sent %s: %d files in %d folders", key, files, len(batches))
         connection.completed().add(future)
 
-    def _task(self, group: _Group, budget: int | None) -> FolderTask:
+    def _task(self, group: list[DirBatch], budget: int | None) -> FolderTask:
         """The task for a group: absolute paths, and the records of every output folder its files map to."""
         target, state = self._target, self._state
         folders: set[str] = set()
         failures = {}
         batches = []
-        for batch in group.batches:
+        for batch in group:
             for name, size, mtime_ns in batch.files:
                 source = batch.source(name, size, mtime_ns)
                 failure = self._failures.get(failure_key(source.path))
@@ -194,7 +271,7 @@ class ClusterRun:
         return FolderTask(
             self._destination,
             tuple(batches),
-            tuple(display_path(batch.target or batch.directory) for batch in group.batches),
+            tuple(display_path(batch.target or batch.directory) for batch in group),
             {folder: dict(state.folder(folder)) for folder in sorted(folders)},
             failures,
             job.run.limits,
@@ -244,19 +321,25 @@ class ClusterRun:
             if not isinstance(exc, (ThumbcliError, OSError)) and type(exc).__name__ != "KilledWorker":
                 raise exc  # a bug: stop the run loudly
             self._give_back(task, 0)
+            self._settle_parts(task, set())
             more = f" and {len(task.shown) - 1} more folders" if len(task.shown) > 1 else ""
             reason = f"task failed, {files} files not made: {exc}"
             self._report(FileResult(f"{task.shown[0]}{more}", "failed", reason), weight=files)
             return
         assert isinstance(result, TaskOutcome)
         outcome = result
+        log.debug("%s done: %d files in %.2f s on its worker", future.key, files, outcome.seconds)
         self._give_back(task, outcome.started)
         if outcome.spent:
             self.stop("max-files")
         for out, origin in outcome.records:
             self._state.record(out, origin)
+        self._worked_files += files
+        self._worked_seconds += outcome.seconds
         for signature in outcome.signatures:
-            self._state.remember(signature)
+            if signature.folder not in self._split:
+                self._state.remember(signature)
+        self._settle_parts(task, {signature.folder for signature in outcome.signatures})
         for source, record, reason in outcome.failed:
             self._state.record_failure(source, record, reason)
             self._failures[source] = (record, reason)
@@ -270,6 +353,20 @@ class ClusterRun:
         self._found(0, outcome.fresh)
         for result in outcome.results:
             self._report(result)
+
+    def _settle_parts(self, task: FolderTask, fresh: set[bytes]) -> None:
+        """Note the parts of split folders a task had, and which it found fresh (it returned their signature)."""
+        for batch in task.batches:
+            key = os.fsencode(signed_folder(batch))
+            split = self._split.get(key)
+            if split is None:
+                continue
+            split.parts_out -= 1
+            split.fresh = split.fresh and key in fresh
+            if split.all_sent and not split.parts_out:
+                del self._split[key]
+                if split.fresh:
+                    self._state.remember(split.signature)
 
     def _give_back(self, task: FolderTask, started: int) -> None:
         if self._unpromised is not None and task.budget is not None:
@@ -311,6 +408,8 @@ class _Connection:
         self._stack = contextlib.ExitStack()
         self._client: Client | None = None
         self._completed: as_completed | None = None
+        #: The workers' threads (one task at a time each), as of connecting.
+        self.threads = 2
         #: Tasks in flight at most: twice the workers' threads, so each has the next task at hand.
         self.limit = 4
 
@@ -318,7 +417,8 @@ class _Connection:
         """The client, connecting on first use."""
         if self._client is None:
             self._client = self._stack.enter_context(_connect(self._address, self._local_workers))
-            self.limit = max(self.limit, 2 * sum(self._client.nthreads().values()))
+            self.threads = max(1, sum(self._client.nthreads().values()))
+            self.limit = max(self.limit, 2 * self.threads)
         return self._client
 
     def completed(self) -> as_completed:

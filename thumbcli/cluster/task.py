@@ -83,6 +83,8 @@ class TaskOutcome:
     #: The budget ran out with files still to make.
     spent: bool
     started: int
+    #: How long the task took on its worker.
+    seconds: float
 
 
 class SourceUnreachable(ThumbcliError):
@@ -244,6 +246,7 @@ class _TaskRun:
 
     def run(self) -> TaskOutcome:
         """Plan every folder, then make the missing thumbnails before the stale ones, within the budget."""
+        began = time.monotonic()
         task = self.task
         missing: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
         stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
@@ -282,6 +285,7 @@ class _TaskRun:
             self.state.forgotten,
             self.spent,
             self.started,
+            time.monotonic() - began,
         )
 
     def _make(self, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> FileResult:

@@ -114,6 +114,11 @@ def check_name_template(template: str) -> None:
         raise SpecError("--name template must be a relative path")
 
 
+def signed_folder(batch: DirBatch) -> str:
+    """The folder a batch's signature names: its absolute path, as client and workers both spell it."""
+    return os.path.join(os.path.abspath(batch.root), batch.reldir)
+
+
 class OutputTree:
     """Thumbnails in a plain tree: by default OUT/<size>/<source relpath>.<ext>.
 
@@ -253,7 +258,7 @@ class OutputTree:
             top = f"{top}/{self._source_folders[root]}"
         return f"{top}/{reldir}" if reldir else top
 
-    def _folder_signature(self, batch: DirBatch) -> FolderSignature | None:
+    def folder_signature(self, batch: DirBatch) -> FolderSignature | None:
         """The signature of a source folder as it stands now, or None when it cannot be judged whole.
 
         It covers the folder's image files (name, size, mtime_ns), the settings, and each
@@ -272,18 +277,18 @@ class OutputTree:
                 return None
             material.append((folder, spec.digest, st.st_ino, st.st_mtime_ns))
             newest = max(newest, st.st_mtime_ns)
-        return folder_signature(os.path.join(os.path.abspath(batch.root), batch.reldir), material, newest)
+        return folder_signature(signed_folder(batch), material, newest)
 
     def known_fresh(self, batch: DirBatch) -> bool:
         """True when nothing in the folder, its thumbnails or the settings changed since all were fresh."""
-        return self._state.knows(self._folder_signature(batch))
+        return self._state.knows(self.folder_signature(batch))
 
     def plan_batch(self, batch: DirBatch, force: bool) -> tuple[int, list[tuple[SourceFile, Plan]]]:
         """Plan a whole folder: the fast path of a no-change run, with no per-file objects for fresh files."""
         if self._fixed_prefix is None or self._claims is not None:
             return plan_each(self, batch, force)
         # Taken before the folders are listed, so a thumbnail removed meanwhile makes it not match.
-        signature = None if force else self._folder_signature(batch)
+        signature = None if force else self.folder_signature(batch)
         per_spec = []
         for spec in self.specs:
             folder = self._output_folder(spec, batch.root, batch.reldir)
