@@ -10,7 +10,7 @@ import pytest
 from imagekit import load, make_photo, output_files
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.pipeline import FileResult, Pipeline
+from thumbcli.pipeline import PIPELINED, FileResult, Pipeline
 from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Plan, plan_each
@@ -59,8 +59,9 @@ def run_pipeline(src: Path, target: WrappedTarget | OutputTree, run: RunOptions)
 def test_pipeline_memory_is_bounded_by_queues_when_the_writer_is_slow(tmp_path: Path) -> None:
     make_sources(tmp_path / "src", 40)
     run = RunOptions(loaders=2, workers=2, writers=1, queue_depth=2)
-    # Read but not yet written: held by a loader, queued for or held by a worker, queued for or held by a writer.
-    bound = run.loaders + run.queue_depth + run.workers + run.queue_depth + run.writers
+    # Read but not yet written: held by a loader, queued for a worker, sent to or held by a worker
+    # (PIPELINED each), queued for or held by a writer.
+    bound = run.loaders + run.queue_depth + run.workers * PIPELINED + run.queue_depth + run.writers
     in_flight: list[int] = []
 
     class SlowTarget(WrappedTarget):

@@ -20,6 +20,12 @@ TEMP_PREFIX = ".thumbcli-tmp-"
 
 _in_flight_lock = threading.Lock()
 _in_flight: set[str] = set()
+#: Folders this process made or found there, so a write does not ask again: a mkdir of a folder
+#: that exists takes its parent's lock, against the writes beside it (one per thumbnail).
+_folders_seen: set[str] = set()
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777) -> None:
@@ -29,12 +35,19 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
     permission modes are filtered by the umask like any created file.
     """
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=dir_mode, exist_ok=True)
+    if directory not in _folders_seen:
+        os.makedirs(directory, mode=dir_mode, exist_ok=True)
+        _folders_seen.add(directory)
     temp = os.path.join(directory, f"{TEMP_PREFIX}{os.urandom(16).hex()}")
     with _in_flight_lock:
         _in_flight.add(temp)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            fd = os.open(temp, _CREATE, mode)
+        except FileNotFoundError:  # the folder was removed since
+            _folders_seen.discard(directory)
+            os.makedirs(directory, mode=dir_mode, exist_ok=True)
+            fd = os.open(temp, _CREATE, mode)
         try:
             # Held until the rename: a temporary file nobody holds locked was left by a writer
             # that died (a killed cluster worker), and `remove_orphaned_temporary_files` may take it.

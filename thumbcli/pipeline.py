@@ -9,6 +9,7 @@ import queue
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -21,6 +22,7 @@ from thumbcli.targets.plan import Plan, Target
 
 if TYPE_CHECKING:
     from thumbcli.spec import Thumbnail
+    from thumbcli.workers import WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ Status = Literal["made", "skipped", "failed", "planned", "known-failure"]
 StopReason = Literal["interrupted", "max-time", "max-files"]
 
 _DONE = None  # queue sentinel: no more work for this stage
+#: Files sent to a worker ahead of its replies: it has the next in its pipe while we turn the last around.
+PIPELINED = 2
 
 
 class FileResult(NamedTuple):
@@ -331,38 +335,53 @@ class Pipeline:
             self._put(self._resample_queue, job)
 
     def _resampler(self) -> None:
-        """Feed one worker process; it is started at the first file, so a run with nothing to make never starts one."""
-        worker = None
-        try:
-            while (job := self._resample_queue.get()) is not _DONE:
-                if worker is None:
-                    # Imported at the first file: a run with nothing to make (a no-change rerun) never needs it.
-                    from thumbcli.workers import ResampleWorker
+        """Feed one worker process, PIPELINED files ahead.
 
-                    limits, strict = self._run.limits, self._run.strict
-                    worker = ResampleWorker(limits, strict=strict, memory_ceiling=self._memory_ceiling)
-                if self._stopping():
-                    self._byte_budget.give_back(job.budgeted)
-                    continue
-                data, job.data = job.data, b""
-                try:
-                    outcome = worker.resample(data, job.specs)
-                finally:
-                    del data
-                    self._byte_budget.give_back(job.budgeted)
-                    job.budgeted = 0
-                if outcome.reason:
-                    self._report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
-                    self._target.record_failure(job.source, outcome.reason)
-                    continue
-                job.made = list(zip(job.specs, outcome.thumbnails, strict=True))
-                job.warning, job.detail = outcome.warning, outcome.detail
-                self._put(self._write_queue, job)
+        The worker is started at the first file: a run with nothing to make never starts one.
+        """
+        worker = None
+        sent: deque[_Loaded] = deque()
+        more = True
+        try:
+            while more or sent:
+                while more and len(sent) < PIPELINED:
+                    try:
+                        job = self._resample_queue.get(block=not sent)
+                    except queue.Empty:
+                        break
+                    if job is _DONE:
+                        more = False
+                    elif self._stopping():
+                        self._byte_budget.give_back(job.budgeted)
+                    else:
+                        if worker is None:
+                            # Imported at the first file: a run with nothing to make (a no-change rerun) never needs it.
+                            from thumbcli.workers import ResampleWorker
+
+                            limits, strict = self._run.limits, self._run.strict
+                            worker = ResampleWorker(limits, strict=strict, memory_ceiling=self._memory_ceiling)
+                        data, job.data = job.data, b""
+                        worker.send(data, job.specs)
+                        sent.append(job)
+                if sent:
+                    assert worker is not None
+                    self._received(sent.popleft(), worker.receive())
         finally:
             if worker is not None:
                 worker.close()
                 with self._stats_lock:
                     self._stats.workers_started += worker.started
+
+    def _received(self, job: _Loaded, outcome: WorkerOutcome) -> None:
+        self._byte_budget.give_back(job.budgeted)
+        job.budgeted = 0
+        if outcome.reason:
+            self._report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
+            self._target.record_failure(job.source, outcome.reason)
+            return
+        job.made = list(zip(job.specs, outcome.thumbnails, strict=True))
+        job.warning, job.detail = outcome.warning, outcome.detail
+        self._put(self._write_queue, job)
 
     def _writer(self) -> None:
         while (job := self._write_queue.get()) is not _DONE:

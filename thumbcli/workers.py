@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from typing import Any, NamedTuple, NoReturn
 
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 _REQUEST = struct.Struct("<IQ")  # header length, source length
 _REPLY = struct.Struct("<I")  # reply length
 _PIPE_BYTES = 1 << 20  # pipe buffer asked for: fewer wakeups per camera JPEG
+_READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -66,6 +68,12 @@ class WorkerBug(RuntimeError):
 class ResampleWorker:
     """One resample worker process, started on first use and replaced after it is killed.
 
+    Requests are pipelined: `send` queues a file and returns at once, `receive` gives the
+    outcomes in order. With the next file already in its pipe, the worker goes on to it
+    while the parent turns the last one around (on small images that turnaround left each
+    worker idle a quarter of the time). A worker that dies takes only the file it was on:
+    the files queued behind it go to its replacement.
+
     Not thread-safe: one pipeline thread drives one worker.
     """
 
@@ -76,6 +84,13 @@ class ResampleWorker:
         self._process: subprocess.Popen[bytes] | None = None
         self._requests = -1
         self._replies = -1
+        #: Requests not yet answered, oldest first: (header, source bytes) each.
+        self._waiting: deque[tuple[bytes, bytes]] = deque()
+        #: What the current worker has yet to be sent of them.
+        self._outbox: deque[memoryview] = deque()
+        self._inbox = bytearray()
+        #: When the worker began the oldest request: its decode time limit runs from here.
+        self._head_since = 0.0
         #: Workers started so far (replacements included).
         self.started = 0
 
@@ -84,20 +99,43 @@ class ResampleWorker:
         """The running worker's process id, or None before the first file and after a kill."""
         return self._process.pid if self._process is not None else None
 
+    @property
+    def waiting(self) -> int:
+        """Files sent and not yet received."""
+        return len(self._waiting)
+
     def resample(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> WorkerOutcome:
-        """Have the worker thumbnail `data`; a file that kills or overruns the worker is reported failed."""
+        """Have the worker thumbnail `data` with nothing else waiting; a file that kills or overruns it fails."""
+        self.send(data, specs)
+        return self.receive()
+
+    def send(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> None:
+        """Queue `data` for the worker without waiting; `receive` gives the outcomes in the order sent."""
+        header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
+        request = (_REQUEST.pack(len(header), len(data)) + header, data)
+        if not self._waiting:
+            self._head_since = time.monotonic()
+        self._waiting.append(request)
+        if self._process is None:
+            self._start()  # sends everything waiting
+        else:
+            self._outbox.extend(memoryview(part) for part in request)
+            self._flush()
+
+    def receive(self) -> WorkerOutcome:
+        """The outcome of the oldest file sent, waiting for it within the limits."""
+        if not self._waiting:
+            raise ValueError("nothing was sent")
         if self._process is None:
             self._start()
-        header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
-        try:
-            _write_all(self._requests, _REQUEST.pack(len(header), len(data)) + header)
-            _write_all(self._requests, data)
-        except BrokenPipeError:
-            return self._lost("")
-        return self._await_reply()
+        outcome = self._await_reply()
+        self._waiting.popleft()
+        self._head_since = time.monotonic()
+        return outcome
 
     def close(self) -> None:
         """Let the worker leave (end of its requests), killing it if it does not; reap it."""
+        self._waiting.clear()
         process = self._process
         if process is None:
             return
@@ -137,6 +175,7 @@ class ResampleWorker:
         finally:
             os.close(request_read)
             os.close(reply_write)
+        os.set_blocking(request_write, False)
         self._requests, self._replies = request_write, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
@@ -145,32 +184,71 @@ class ResampleWorker:
             self._kill()
             raise WorkerBug(f"a resample worker did not start within {_START_SECONDS:g} s (see its output above)")
         log.debug("started resample worker %d", self._process.pid)
+        self._inbox.clear()
+        self._outbox = deque(memoryview(part) for request in self._waiting for part in request)
+        self._head_since = time.monotonic()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what the pipe takes now of the requests not yet sent."""
+        outbox = self._outbox
+        try:
+            while outbox:
+                written = os.write(self._requests, outbox[0])
+                if written < len(outbox[0]):
+                    outbox[0] = outbox[0][written:]
+                    return
+                outbox.popleft()
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            outbox.clear()  # the worker is gone: its end of the replies says how
 
     def _await_reply(self) -> WorkerOutcome:
         seconds = self._limits.max_decode_seconds
-        deadline = time.monotonic() + seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
-        buffer = bytearray()
-        length: int | None = None
-        while length is None or len(buffer) < _REPLY.size + length:
-            left = deadline - time.monotonic()
+        writing = False
+        while (reply := self._next_reply()) is None:
+            if bool(self._outbox) != writing:
+                writing = bool(self._outbox)
+                if writing:
+                    poller.register(self._requests, select.POLLOUT)
+                else:
+                    poller.unregister(self._requests)
+            left = self._head_since + seconds - time.monotonic()
             if left <= 0:
                 self._kill()
                 return WorkerOutcome([], f"timed out after {seconds:g} s")
-            if not poller.poll(min(left, _WATCH_SECONDS) * 1000):
+            events = poller.poll(min(left, _WATCH_SECONDS) * 1000)
+            if not events:
                 if self._resident_bytes() > self._memory_ceiling:
                     self._kill()
                     return WorkerOutcome([], f"needed more than {_human_bytes(self._memory_ceiling)} of memory")
                 continue
-            chunk = os.read(self._replies, 1 << 16)
-            if not chunk:
-                return self._lost(f"; it ended {len(buffer)} bytes into its reply" if buffer else "")
-            buffer += chunk
-            if length is None and len(buffer) >= _REPLY.size:
-                (length,) = _REPLY.unpack_from(buffer)
-        reply = pickle.loads(memoryview(buffer)[_REPLY.size :])
+            for fd, _ in events:
+                if fd == self._requests:
+                    self._flush()
+                    continue
+                chunk = os.read(self._replies, _READ_BYTES)
+                if not chunk:
+                    inbox = len(self._inbox)
+                    return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
+                self._inbox += chunk
         return _outcome(reply)
+
+    def _next_reply(self) -> tuple[Any, ...] | None:
+        """The next whole reply received, taken out of the inbox; None before it is all there."""
+        inbox = self._inbox
+        if len(inbox) < _REPLY.size:
+            return None
+        (length,) = _REPLY.unpack_from(inbox)
+        end = _REPLY.size + length
+        if len(inbox) < end:
+            return None
+        reply: tuple[Any, ...] = pickle.loads(memoryview(inbox)[_REPLY.size : end])
+        del inbox[:end]
+        return reply
 
     def _resident_bytes(self) -> int:
         assert self._process is not None
@@ -194,11 +272,14 @@ class ResampleWorker:
         raise WorkerBug(f"a resample worker exited with status {status} while decoding{note}")
 
     def _reap(self) -> int:
+        """Wait for the ended worker; the files waiting behind its last go to the next one."""
         assert self._process is not None
         status = self._process.wait()
         os.close(self._requests)
         os.close(self._replies)
         self._process = None
+        self._outbox.clear()
+        self._inbox.clear()
         return status
 
 

@@ -448,7 +448,21 @@ def _connect(address: str, local: int | None) -> Iterator[Client]:
     # Dask logs its comings and goings, and a lost scheduler with tracebacks, while thumbcli
     # reports what matters in one line: a local cluster's workers (which inherit this) log only
     # what is critical, and in this process the level the CLI chose for "distributed" holds.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    # Only while connected: a program that runs thumbcli as a library keeps its environment.
+    quiet = "DASK_LOGGING__DISTRIBUTED" not in os.environ
+    if quiet:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"
+    try:
+        with _connected(address, local) as client:
+            yield client
+    finally:
+        if quiet:
+            os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
+
+
+@contextlib.contextmanager
+def _connected(address: str, local: int | None) -> Iterator[Client]:
+    """`_connect`'s client, with Dask's logging already quietened."""
     dask_logger = logging.getLogger("distributed")
     level = dask_logger.level
     try:
