@@ -270,3 +270,33 @@ def test_generate_max_decode_time_reports_the_slow_file_timed_out(tmp_path: Path
 def test_generate_refuses_a_max_decode_time_of_zero(tmp_path: Path) -> None:
     run = run_cli("generate", tmp_path, "-o", tmp_path / "out", "--max-decode-time", "0")
     assert run.rc == 2 and "--max-decode-time must be positive" in run.stderr
+
+
+def test_a_pipelined_worker_that_dies_loses_only_its_file_and_the_queued_ones_are_made(
+    tmp_path: Path, slow_png: Path
+) -> None:
+    from thumbcli.workers import ResampleWorker
+
+    specs = SPECS
+    fine = [make_photo(tmp_path / f"fine{i}.jpg", 120, 80, seed=i).read_bytes() for i in range(3)]
+    worker = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)
+    try:
+        worker.send(fine[0], specs)
+        worker.send(slow_png.read_bytes(), specs)
+        worker.send(fine[1], specs)
+        worker.send(fine[2], specs)
+        assert worker.waiting == 4
+        first = worker.receive()
+        assert first.thumbnails and not first.reason
+        victim = worker.pid
+        assert victim is not None
+        time.sleep(0.3)  # into the slow decode, with two files queued behind it
+        os.kill(victim, signal.SIGSEGV)
+        assert worker.receive().reason == "decoder crashed (signal 11)"
+        for _ in range(2):
+            outcome = worker.receive()
+            assert outcome.thumbnails and not outcome.reason
+        assert worker.waiting == 0
+        assert worker.started == 2 and worker.pid != victim
+    finally:
+        worker.close()
