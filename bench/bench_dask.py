@@ -1,12 +1,14 @@
-"""`thumbcli generate --dask` against a local run, on a running cluster of single-threaded workers.
+"""`thumbcli generate --dask` against a local run, on a running cluster of (by default) single-threaded workers.
 
-    python bench/bench_dask.py [--images 200] [--size 2000x1500] [--workers 2] [--repeat 3] [--workdir DIR]
+    python bench/bench_dask.py [--images 200] [--size 2000x1500] [--workers 2] [--threads 1] [--repeat 3]
+                               [--workdir DIR]
 
-Starts `dask scheduler` and WORKERS `dask worker --nthreads 1` processes on 127.0.0.1, then times,
+Starts `dask scheduler` and WORKERS `dask worker --nthreads THREADS` processes on 127.0.0.1 (without
+Dask's profiler, as the README starts them), then times,
 rows taking turns, each run once untimed first, with the median of REPEAT runs:
 
 * make: IMAGES photo-like JPEGs (bench/photos.py) to one 256 thumbnail each, locally with
-  `-j WORKERS` and through the cluster (target: cluster throughput >= 0.9x local);
+  `-j WORKERS*THREADS` and through the cluster (target: cluster throughput >= 0.9x local);
 * rerun: the no-change rerun of the same, locally and through the cluster (target: <= 2x local);
 * scale: tasks per second the client submits and records, one tiny folder per task, made in-process
   (so the table shows the client's and scheduler's cost per task, not interpreter start-up).
@@ -39,8 +41,8 @@ LOCAL_ONLY = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "1
 
 
 @contextlib.contextmanager
-def cluster(folder: Path, workers: int) -> Iterator[str]:
-    """A scheduler and `workers` single-threaded workers; yields the scheduler's address."""
+def cluster(folder: Path, workers: int, threads: int = 1) -> Iterator[str]:
+    """A scheduler and `workers` workers of `threads` threads; yields the scheduler's address."""
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
@@ -54,8 +56,15 @@ def cluster(folder: Path, workers: int) -> Iterator[str]:
         while not scheduler_file.exists() or not scheduler_file.read_text().strip():
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
+        # As the README starts them: single-threaded, without Dask's profiler.
+        environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
         processes += [
-            subprocess.Popen([DASK, "worker", address, *LOCAL_ONLY, "--nthreads", "1"], stderr=log, stdout=log)
+            subprocess.Popen(
+                [DASK, "worker", address, *LOCAL_ONLY, "--nthreads", str(threads)],
+                stderr=log,
+                stdout=log,
+                env=environment,
+            )
             for _ in range(workers)
         ]
         deadline = time.monotonic() + 60
@@ -148,6 +157,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", default="2000x1500")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (each decodes in its own process)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scale", default="200,1000,4000", help="folder counts for the scale table")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench")
@@ -155,11 +165,11 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", file=sys.stderr)
     source = corpus(args.workdir, args.images, args.size)
     out = args.workdir / "dask-out"
-    with cluster(args.workdir / "dask-cluster", args.workers) as address:
+    with cluster(args.workdir / "dask-cluster", args.workers, args.threads) as address:
         local_out, dask_out = out / "local", out / "dask"
         make = compare(
             {
-                "local": thumbcli(source, "-o", local_out, "-j", str(args.workers)),
+                "local": thumbcli(source, "-o", local_out, "-j", str(args.workers * args.threads)),
                 "dask": thumbcli(source, "-o", dask_out, "--dask", address),
             },
             args.repeat,
@@ -175,7 +185,7 @@ def main() -> int:
             },
             args.repeat,
         )
-        print(f"make {args.images} JPEGs {args.size}, {args.workers} workers:")
+        print(f"make {args.images} JPEGs {args.size}, {args.workers} workers of {args.threads} threads:")
         print(f"  local {make['local']:.2f} s, dask {make['dask']:.2f} s")
         print(f"  dask throughput / local throughput = {make['local'] / make['dask']:.2f}  (target >= 0.9)")
         print("no-change rerun:")

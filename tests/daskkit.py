@@ -47,7 +47,7 @@ def _wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], what:
 
 
 @contextlib.contextmanager
-def dask_cluster(folder: Path, workers: int = 2) -> Iterator[DaskCluster]:
+def dask_cluster(folder: Path, workers: int = 2, threads: int = 1) -> Iterator[DaskCluster]:
     """Start `dask scheduler` on a port it picks and `workers` `dask worker` processes; stop them all after."""
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
@@ -70,7 +70,7 @@ def dask_cluster(folder: Path, workers: int = 2) -> Iterator[DaskCluster]:
             worker_log = folder / f"worker-{index}.log"
             with worker_log.open("wb") as log:
                 worker = subprocess.Popen(
-                    [DASK, "worker", address, *LOCAL_ONLY, "--nthreads", "1", "--no-nanny"],
+                    [DASK, "worker", address, *LOCAL_ONLY, "--nthreads", str(threads), "--no-nanny"],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=folder,

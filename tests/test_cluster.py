@@ -147,6 +147,21 @@ def test_cluster_sends_a_big_folder_in_parts_and_remembers_it_fresh_once_every_p
     assert cluster_run(cluster, tmp_path / "src", tmp_path / "dask", 4) == (1, 24, 7)
 
 
+def test_a_dask_worker_with_two_threads_decodes_in_two_resample_workers(
+    small_tree: tuple[Path, int, Path], tmp_path: Path
+) -> None:
+    source, _, local = small_tree
+    with dask_cluster(tmp_path / "dask-cluster", workers=1, threads=2) as cluster:
+        run = run_cli("generate", source, "-o", tmp_path / "dask", *SIZES, "--dask", cluster.address)
+        assert run.rc == 0, run.stderr
+        # Kept between tasks: one per thread that ran a task at once.
+        threads = Path(f"/proc/{cluster.workers[0].pid}/task").iterdir()
+        children = [pid for thread in threads for pid in (thread / "children").read_text().split()]
+        decoders = [pid for pid in children if "thumbcli.workers" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(decoders) == 2
+    same_outputs(local, tmp_path / "dask")
+
+
 def test_cluster_reports_failed_files_as_a_local_run_does(cluster: DaskCluster, tmp_path: Path) -> None:
     source = tmp_path / "src"
     make_tree(source, folders=3, per_folder=2, width=80, height=60)

@@ -311,11 +311,25 @@ class Pipeline:
                 if self._crash is not None:
                     return
 
+    def _get(self, q: queue.Queue[_Loaded | None], *, block: bool = True) -> _Loaded | None:
+        """The next item, or _DONE once something crashed (whose drain may have taken the real _DONE).
+
+        Without `block`, raises queue.Empty when there is none now.
+        """
+        while True:
+            try:
+                return q.get(block=block, timeout=0.2 if block else None)
+            except queue.Empty:
+                if self._crash is not None:
+                    return _DONE
+                if not block:
+                    raise
+
     def _stopping(self) -> bool:
         return self._stop.is_set() and self._stop_reason != "max-files"
 
     def _loader(self) -> None:
-        while (job := self._load_queue.get()) is not _DONE:
+        while (job := self._get(self._load_queue)) is not _DONE:
             if self._stopping():
                 continue
             # Taken before reading, at the size the walk saw: what is read is bounded too.
@@ -346,7 +360,7 @@ class Pipeline:
             while more or sent:
                 while more and len(sent) < PIPELINED:
                     try:
-                        job = self._resample_queue.get(block=not sent)
+                        job = self._get(self._resample_queue, block=not sent)
                     except queue.Empty:
                         break
                     if job is _DONE:
@@ -384,7 +398,7 @@ class Pipeline:
         self._put(self._write_queue, job)
 
     def _writer(self) -> None:
-        while (job := self._write_queue.get()) is not _DONE:
+        while (job := self._get(self._write_queue)) is not _DONE:
             try:
                 self._target.write(job.source, job.made)
             except OSError as exc:

@@ -8,23 +8,19 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.errors import FileRejected, ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
-from thumbcli.pipeline import FileResult, read_source
+from thumbcli.pipeline import PIPELINED, FileResult, read_source
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Record, StateStore
 from thumbcli.targets.tree import OutputTree
-from thumbcli.workers import ResampleWorker
-
-if TYPE_CHECKING:
-    pass
-
+from thumbcli.workers import ResampleWorker, WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -152,26 +148,54 @@ class TaskState(StateStore):
         """Nothing to commit: the client records the journal."""
 
 
-#: This Dask worker process's resample worker, kept from task to task (Dask may run each task on a new
-#: thread, and a worker process costs an interpreter and libvips to start). Tasks on several
-#: threads of one Dask worker take turns at it: run Dask workers with `--nthreads 1`.
-_decoder_lock = threading.Lock()
-_decoder: dict[tuple[Limits, bool], ResampleWorker] = {}
+class _ResampleWorkers:
+    """This Dask worker process's resample worker processes, one per task running at once.
 
+    Kept from task to task (a worker process costs an interpreter and libvips to start), so a
+    Dask worker with N threads decodes on N cores, and one with one thread keeps one.
+    """
 
-@contextlib.contextmanager
-def _resample_worker(limits: Limits, strict: bool) -> Iterator[ResampleWorker]:
-    """This Dask worker process's resample worker process for these settings, held while in use."""
-    with _decoder_lock:
-        worker = _decoder.get((limits, strict))
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[ResampleWorker] = []
+        self._settings: tuple[Limits, bool] | None = None
+
+    @contextlib.contextmanager
+    def lend(self, limits: Limits, strict: bool) -> Iterator[ResampleWorker]:
+        """A resample worker for these settings, this task's until it ends."""
+        settings = (limits, strict)
+        with self._lock:
+            if self._settings != settings:
+                for old in self._idle:
+                    old.close()
+                self._idle.clear()
+                self._settings = settings
+            worker = self._idle.pop() if self._idle else None
         if worker is None:
-            for old in _decoder.values():
-                old.close()
-            _decoder.clear()
-            worker = _decoder[(limits, strict)] = ResampleWorker(
-                limits, strict=strict, memory_ceiling=limits.worker_memory(1)
-            )
-        yield worker
+            worker = ResampleWorker(limits, strict=strict, memory_ceiling=limits.worker_memory(_dask_threads()))
+        try:
+            yield worker
+        except BaseException:
+            worker.close()  # it may hold files of this task unanswered
+            raise
+        with self._lock:
+            if self._settings == settings:
+                self._idle.append(worker)
+                return
+        worker.close()
+
+
+_resample_workers = _ResampleWorkers()
+
+
+def _dask_threads() -> int:
+    """The threads of the Dask worker running this task (1 outside one): each may run a task at once."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return 1
 
 
 def _require_visible(path: str, what: str, shown: str) -> None:
@@ -264,15 +288,7 @@ class _TaskRun:
                     self.results.append(FileResult(self._as_shown(source), "planned", thumbnails=len(plan.specs)))
                 else:
                     (stale if plan.freshness == "stale" else missing).append((source, plan.specs))
-        interrupted = _EventWatch(task.interrupted)
-        for source, specs in missing + stale:
-            if task.budget is not None and self.started >= task.budget:
-                self.spent = True
-                break
-            if interrupted.is_set():
-                break
-            self.started += 1
-            self.results.append(self._make(source, specs))
+        self._make(missing + stale)
         self.target.close()
         return TaskOutcome(
             self.results,
@@ -288,17 +304,34 @@ class _TaskRun:
             time.monotonic() - began,
         )
 
-    def _make(self, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> FileResult:
-        shown = self._as_shown(source)
-        limits = self.task.limits
-        try:
-            data, source = read_source(source, limits, self.task.follow_symlinks)
-        except (OSError, FileRejected) as exc:
-            return FileResult(shown, "failed", _reason(exc))
-        self.bytes_read += len(data)
-        # Decoded in this host's resample worker process, under the run's limits, as a local run does.
-        with _resample_worker(limits, self.task.strict) as worker:
-            made = worker.resample(data, specs)
+    def _make(self, todo: list[tuple[SourceFile, tuple[ThumbSpec, ...]]]) -> None:
+        """Read, decode (in this host's resample worker process, PIPELINED files ahead) and write, in order."""
+        task = self.task
+        interrupted = _EventWatch(task.interrupted)
+        sent: deque[tuple[str, SourceFile, tuple[ThumbSpec, ...]]] = deque()
+        with _resample_workers.lend(task.limits, task.strict) as worker:
+            for source, specs in todo:
+                if task.budget is not None and self.started >= task.budget:
+                    self.spent = True
+                    break
+                if interrupted.is_set():
+                    break
+                self.started += 1
+                shown = self._as_shown(source)
+                try:
+                    data, read = read_source(source, task.limits, task.follow_symlinks)
+                except (OSError, FileRejected) as exc:
+                    self.results.append(FileResult(shown, "failed", _reason(exc)))
+                    continue
+                self.bytes_read += len(data)
+                worker.send(data, specs)
+                sent.append((shown, read, specs))
+                if len(sent) >= PIPELINED:
+                    self.results.append(self._write(worker.receive(), *sent.popleft()))
+            while sent:
+                self.results.append(self._write(worker.receive(), *sent.popleft()))
+
+    def _write(self, made: WorkerOutcome, shown: str, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> FileResult:
         if made.reason:
             self.target.record_failure(source, made.reason)
             return FileResult(shown, "failed", made.reason, detail=made.detail)
