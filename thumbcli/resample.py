@@ -322,7 +322,10 @@ def _make_thumbnails(
 ) -> list[Thumbnail]:
     load_options = f"fail_on={fail_on}"
     # The header alone is parsed here; no pixel is decoded before the size check.
-    header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
+    if source_format == "jpeg":
+        header = pyvips.Image.new_from_source(_in_place(data), load_options, access="sequential")
+    else:
+        header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
     pixels = header.width * header.height
     if pixels > limits.max_pixels:
         raise FileRejected(
@@ -360,12 +363,21 @@ def _make_thumbnails(
         if shrink == 1:  # full size: the image opened for the header is that decode
             decoded = header
         else:
-            decoded = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on=fail_on, access="sequential")
+            decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
         if len(indexes) > 1:
             decoded = decoded.copy_memory()
         for index in indexes:
             made[index] = _cut(decoded, specs[index], upright_w, upright_h, origin)
     return [made[index] for index in range(len(specs))]
+
+
+def _in_place(data: bytes) -> pyvips.Source:
+    """`data` for a loader to read where it is (the caller keeps it alive until the thumbnails are made).
+
+    pyvips copies a `*_buffer` loader's bytes first: for a camera JPEG opened, then decoded,
+    that is two copies of a few MB, 6% of the time of each (in-process, 40 4000x3000 JPEGs).
+    """
+    return pyvips.Source.new_from_memory(data)
 
 
 def _cut(
