@@ -97,8 +97,10 @@ def configure_logging(debug: bool) -> None:
     )
     # libvips warnings about files we already report as failed are noise unless debugging.
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
-    # Dask's client logs a lost scheduler with tracebacks; the run reports it in one line.
-    logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    # Dask's client logs a lost scheduler with tracebacks, and so, now and then, do the event loops
+    # under it ("Exception in callback ... StreamClosedError"); the run reports it in one line.
+    for name in ("distributed", "asyncio", "tornado"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 P = ParamSpec("P")
