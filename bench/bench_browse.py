@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve import free_port, run_wrk, wait_for_port
+from bench_serve import free_port, run_wrk, stop, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FOLDER_COUNT = 5000
@@ -87,15 +86,6 @@ def start(tree: Path, cache: Path, *flags: str) -> tuple[subprocess.Popen[bytes]
     process = subprocess.Popen(command, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stderr=subprocess.DEVNULL)
     wait_for_port(port)
     return process, port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def first_byte(port: int, path: str) -> tuple[float, int]:

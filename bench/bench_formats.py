@@ -46,7 +46,7 @@ import pyvips
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 from imagekit import draw_photo
-from test_formats import as_array, dng_with_jpeg_preview
+from test_formats import as_array, bayer_mosaic, dng_with_jpeg_preview
 
 CORES = os.cpu_count() or 2
 ENV = {key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
@@ -101,13 +101,7 @@ def encode_dngs(job: tuple[int, Path | None, Path, Path]) -> None:
 
     index, photos, with_preview, without = job
     image = photo(index, photos, *PHONE)
-    rgb = as_array(image).astype(np.float64)
-    linear = (rgb / 255.0) ** 2.2 * 4000 + 64
-    mosaic = np.empty((image.height, image.width), np.uint16)
-    mosaic[0::2, 0::2] = linear[0::2, 0::2, 0]
-    mosaic[0::2, 1::2] = linear[0::2, 1::2, 1]
-    mosaic[1::2, 0::2] = linear[1::2, 0::2, 1]
-    mosaic[1::2, 1::2] = linear[1::2, 1::2, 2]
+    mosaic = bayer_mosaic(image)
     jpeg = bytes(image.jpegsave_buffer(Q=92))
     with_preview.write_bytes(dng_with_jpeg_preview(jpeg, image.width, image.height, mosaic))
     identity = (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -242,6 +243,17 @@ def get(server: ServerProcess, path: str, headers: dict[str, str] | None = None,
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         return read_response(reader, method)
+
+
+def fetch(server: ServerProcess, path: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """One GET with http.client (generate-on-miss may take a while): status and body."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def metrics(server: ServerProcess, port: int | None = None) -> dict[str, float]:

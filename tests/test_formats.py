@@ -63,6 +63,17 @@ def make_heic(path: Path, upright: pyvips.Image, orientation: int = 1, *, icc_pr
     return path
 
 
+def bayer_mosaic(image: pyvips.Image) -> np.ndarray:
+    """`image`'s pixels as a camera sensor would record them: linear 12-bit values through an RGGB mosaic."""
+    linear = (as_array(image).astype(np.float64) / 255.0) ** 2.2 * 4000 + 64
+    mosaic = np.empty((image.height, image.width), np.uint16)
+    mosaic[0::2, 0::2] = linear[0::2, 0::2, 0]
+    mosaic[0::2, 1::2] = linear[0::2, 1::2, 1]
+    mosaic[1::2, 0::2] = linear[1::2, 0::2, 1]
+    mosaic[1::2, 1::2] = linear[1::2, 1::2, 2]
+    return mosaic
+
+
 def make_dng(
     path: Path,
     upright: pyvips.Image,
@@ -77,13 +88,7 @@ def make_dng(
     """
     stored = STORED_FOR[orientation](upright)
     shown = STORED_FOR[orientation](preview_image if preview_image is not None else upright)
-    rgb = as_array(stored).astype(np.float64)
-    linear = (rgb / 255.0) ** 2.2 * 4000 + 64
-    mosaic = np.empty((stored.height, stored.width), np.uint16)
-    mosaic[0::2, 0::2] = linear[0::2, 0::2, 0]
-    mosaic[0::2, 1::2] = linear[0::2, 1::2, 1]
-    mosaic[1::2, 0::2] = linear[1::2, 0::2, 1]
-    mosaic[1::2, 1::2] = linear[1::2, 1::2, 2]
+    mosaic = bayer_mosaic(stored)
     identity = (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)
     camera = [
         (50706, "B", 4, (1, 4, 0, 0), False),  # DNGVersion

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import threading
 from pathlib import Path
 
 import pytest
 import pyvips
 from imagekit import draw_photo
-from servekit import ServerProcess, metrics, running_server
+from servekit import ServerProcess, fetch, metrics, running_server
 
 from thumbcli.cache import cache_path
 from thumbcli.fsutil import TEMP_PREFIX
@@ -22,17 +21,6 @@ format = "webp"
 """
 IMAGES = 12
 REQUESTS_PER_SERVER = 4
-
-
-def fetch(server: ServerProcess, path: str) -> tuple[int, bytes]:
-    """One GET with http.client: status and body."""
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def fetch_when_all_ready(

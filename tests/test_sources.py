@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import time
 from pathlib import Path
 
 import pytest
 from imagekit import draw_photo, load, make_photo, mean_abs_difference, output_files, run_cli
-from servekit import running_server
+from servekit import fetch, running_server
 
 from thumbcli.cache import cache_path, read_manifest, resolve_url, url_path_for
 from thumbcli.config import ConfigError, load_config
@@ -305,16 +304,6 @@ def test_prune_with_named_sources_removes_a_gone_source_and_sources_no_longer_na
 # --- serve --named-sources ------------------------------------------------------------------
 
 
-def fetch(host: str, port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 def test_serve_named_sources_makes_each_sources_thumbnail_under_its_name(tmp_path: Path) -> None:
     seeds = two_cards(tmp_path, "phone", "camera")
     config = named_config(tmp_path, "phone", "camera")
@@ -322,7 +311,7 @@ def test_serve_named_sources_makes_each_sources_thumbnail_under_its_name(tmp_pat
     with running_server(cache, config=config, named_sources=True) as server:
         for source, seed in seeds.items():
             url = url_path_for("small", source.name, source_name=source.parent.name)
-            status, body = fetch(server.host, server.port, url)
+            status, body = fetch(server, url)
             assert status == 200, url
             assert body == cache_path(cache, "small", source.name, "webp", source_name=source.parent.name).read_bytes()
             assert (
@@ -333,7 +322,7 @@ def test_serve_named_sources_makes_each_sources_thumbnail_under_its_name(tmp_pat
                 < 12
             )
         for missing in ("/small/nowhere/IMG_0001.JPG", "/small/IMG_0001.JPG", "/small/phone/nope.jpg", "/small/phone"):
-            assert fetch(server.host, server.port, missing)[0] == 404, missing
+            assert fetch(server, missing)[0] == 404, missing
     # What serve made is what generate would: a batch run afterwards finds all fresh.
     run = run_cli("--config", config, "generate", "--json")
     assert (run.rc, run.summary["made"], run.summary["skipped"]) == (0, 0, 6)

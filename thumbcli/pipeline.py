@@ -103,6 +103,40 @@ class RunStats:
             self.failures.append(result)
 
 
+class RunTally:
+    """A run's counts and the callbacks that follow them as they change (a progress bar); safe from any thread."""
+
+    def __init__(
+        self,
+        on_found: Callable[[int], None] | None,
+        on_skipped: Callable[[int], None] | None,
+        on_result: Callable[[FileResult], None] | None,
+    ) -> None:
+        self.stats = RunStats()
+        #: Held for every change to `stats`.
+        self.lock = threading.Lock()
+        self._on_found = on_found
+        self._on_skipped = on_skipped
+        self._on_result = on_result
+
+    def found(self, found: int, skipped: int) -> None:
+        """Count files found, of which `skipped` were fresh: called per folder, not per file."""
+        with self.lock:
+            self.stats.found += found
+            self.stats.skipped += skipped
+            if self._on_found is not None and found:
+                self._on_found(found)
+            if self._on_skipped is not None and skipped:
+                self._on_skipped(skipped)
+
+    def report(self, result: FileResult, weight: int = 1) -> None:
+        """Count one file's outcome (see RunStats.count) and pass it on."""
+        with self.lock:
+            self.stats.count(result, weight)
+            if self._on_result is not None:
+                self._on_result(result)
+
+
 @dataclass(slots=True)
 class _Loaded:
     source: SourceFile
@@ -169,14 +203,10 @@ class Pipeline:
         self._walk = walk
         self._excluded_dirs = list(excluded_dirs)
         self._dry_run = dry_run
-        self._on_found = on_found
-        self._on_skipped = on_skipped
-        self._on_result = on_result
         self._on_walked = on_walked
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
-        self._stats = RunStats()
-        self._stats_lock = threading.Lock()
+        self._tally = RunTally(on_found, on_skipped, on_result)
         self._crash: BaseException | None = None
         depth = run.queue_depth
         self._load_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
@@ -191,31 +221,13 @@ class Pipeline:
     @property
     def stats(self) -> RunStats:
         """The counts so far (final once `run` has returned)."""
-        return self._stats
+        return self._tally.stats
 
     def stop(self, reason: StopReason = "interrupted") -> None:
         """Take no new files; in-flight work finishes. Safe from a signal handler."""
         if self._stop_reason is None:
             self._stop_reason = reason
         self._stop.set()
-
-    # -- reporting ---------------------------------------------------------
-
-    def _report(self, result: FileResult) -> None:
-        with self._stats_lock:
-            self._stats.count(result)
-            if self._on_result is not None:
-                self._on_result(result)
-
-    def _found(self, found: int, skipped: int) -> None:
-        # Called for batches of files: a no-change run is mostly this, so no per-file lock or callback.
-        with self._stats_lock:
-            self._stats.found += found
-            self._stats.skipped += skipped
-            if self._on_found is not None and found:
-                self._on_found(found)
-            if self._on_skipped is not None and skipped:
-                self._on_skipped(skipped)
 
     # -- stages ------------------------------------------------------------
 
@@ -259,14 +271,14 @@ class Pipeline:
             if self._stop.is_set():
                 break
             if isinstance(batch, int):
-                self._found(batch, batch)
+                self._tally.found(batch, batch)
                 continue
             if isinstance(batch, WalkProblem):
-                self._found(1, 0)
-                self._report(FileResult(batch.path, "failed", batch.reason))
+                self._tally.found(1, 0)
+                self._tally.report(FileResult(batch.path, "failed", batch.reason))
                 continue
             fresh, todo = self._target.plan_batch(batch, self._run.force)
-            self._found(len(batch.files), fresh)
+            self._tally.found(len(batch.files), fresh)
             if self._stop.is_set() or not self._plan_each(todo, stale, enqueue):
                 break
         else:
@@ -285,15 +297,15 @@ class Pipeline:
         """Queue, defer or report each file that is not fresh; False once the budget is spent."""
         for item, plan in todo:
             if plan.freshness == "rejected":
-                self._report(FileResult(item.path, "failed", plan.problem))
+                self._tally.report(FileResult(item.path, "failed", plan.problem))
             elif plan.freshness == "known-failure":
-                self._report(FileResult(item.path, "known-failure", plan.problem))
+                self._tally.report(FileResult(item.path, "known-failure", plan.problem))
             elif self._dry_run:
-                with self._stats_lock:
+                with self._tally.lock:
                     for spec in plan.specs:
-                        by_spec = self._stats.planned_by_spec
+                        by_spec = self._tally.stats.planned_by_spec
                         by_spec[spec.name] = by_spec.get(spec.name, 0) + 1
-                self._report(FileResult(item.path, "planned", thumbnails=len(plan.specs)))
+                self._tally.report(FileResult(item.path, "planned", thumbnails=len(plan.specs)))
             elif plan.freshness == "stale":
                 # Missing thumbnails first: budgeted runs converge on full coverage.
                 stale.append((item, plan.specs))
@@ -341,11 +353,11 @@ class Pipeline:
                 job.data, job.source = read_source(job.source, self._run.limits, self._walk.follow_symlinks)
             except (OSError, FileRejected) as exc:
                 self._byte_budget.give_back(budget)
-                self._report(FileResult(job.source.path, "failed", _reason(exc)))
+                self._tally.report(FileResult(job.source.path, "failed", _reason(exc)))
                 continue
-            with self._stats_lock:
+            with self._tally.lock:
                 self.loaded += 1
-                self._stats.bytes_read += len(job.data)
+                self._tally.stats.bytes_read += len(job.data)
             self._put(self._resample_queue, job)
 
     def _resampler(self) -> None:
@@ -383,14 +395,14 @@ class Pipeline:
         finally:
             if worker is not None:
                 worker.close()
-                with self._stats_lock:
-                    self._stats.workers_started += worker.started
+                with self._tally.lock:
+                    self._tally.stats.workers_started += worker.started
 
     def _received(self, job: _Loaded, outcome: WorkerOutcome) -> None:
         self._byte_budget.give_back(job.budgeted)
         job.budgeted = 0
         if outcome.reason:
-            self._report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
+            self._tally.report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
             self._target.record_failure(job.source, outcome.reason)
             return
         job.made = list(zip(job.specs, outcome.thumbnails, strict=True))
@@ -402,11 +414,11 @@ class Pipeline:
             try:
                 self._target.write(job.source, job.made)
             except OSError as exc:
-                self._report(FileResult(job.source.path, "failed", f"cannot write thumbnail: {_reason(exc)}"))
+                self._tally.report(FileResult(job.source.path, "failed", f"cannot write thumbnail: {_reason(exc)}"))
                 continue
-            with self._stats_lock:
+            with self._tally.lock:
                 self.written += 1
-            self._report(
+            self._tally.report(
                 FileResult(job.source.path, "made", thumbnails=len(job.made), warning=job.warning, detail=job.detail)
             )
 
@@ -422,11 +434,11 @@ class Pipeline:
             self._run_stages(walk, started)
         finally:
             walk.close()
-        self._stats.seconds = time.monotonic() - started
-        self._stats.stopped = self._stop_reason
+        self._tally.stats.seconds = time.monotonic() - started
+        self._tally.stats.stopped = self._stop_reason
         if self._crash is not None:
             raise self._crash
-        return self._stats
+        return self._tally.stats
 
     def _run_stages(self, walk: SplitWalk, started: float) -> None:
         options = self._run

@@ -91,6 +91,9 @@ class ResampleWorker:
         self._inbox = bytearray()
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
+        #: The pickled settings of the last request, and the specs they were pickled for.
+        self._header_specs: tuple[ThumbSpec, ...] | None = None
+        self._header = b""
         #: Workers started so far (replacements included).
         self.started = 0
 
@@ -111,7 +114,10 @@ class ResampleWorker:
 
     def send(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> None:
         """Queue `data` for the worker without waiting; `receive` gives the outcomes in the order sent."""
-        header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
+        if specs != self._header_specs:  # a run sends the same specs with nearly every file
+            self._header_specs = specs
+            self._header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
+        header = self._header
         request = (_REQUEST.pack(len(header), len(data)) + header, data)
         if not self._waiting:
             self._head_since = time.monotonic()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
 from thumbcli.discover import DirBatch, WalkProblem, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
-from thumbcli.pipeline import FileResult, RunStats, StopReason, start_walk
+from thumbcli.pipeline import FileResult, RunStats, RunTally, StopReason, start_walk
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.failures import failure_key
 from thumbcli.targets.plan import Target
@@ -114,15 +114,12 @@ class ClusterRun:
         self._state = target.state
         #: Every recorded decode failure, read once: tasks get those of their sources.
         self._failures = target.state.failures()
-        self._on_found = on_found
-        self._on_skipped = on_skipped
-        self._on_result = on_result
         self._task_files = task_files
         #: Files the finished tasks walked, and the seconds they took on their workers.
         self._worked_files = 0
         self._worked_seconds = 0.0
         self._split: dict[bytes, _SplitFolder] = {}
-        self._stats = RunStats()
+        self._tally = RunTally(on_found, on_skipped, on_result)
         #: Tasks submitted so far.
         self.tasks = 0
         self._stop_reason: StopReason | None = None
@@ -159,9 +156,9 @@ class ClusterRun:
         finally:
             connection.close()
             walk.close()
-        self._stats.seconds = time.monotonic() - started
-        self._stats.stopped = self._stop_reason
-        return self._stats
+        self._tally.stats.seconds = time.monotonic() - started
+        self._tally.stats.stopped = self._stop_reason
+        return self._tally.stats
 
     def _drive(self, connection: _Connection, walk: SplitWalk, started: float) -> None:
         pending = _Pending()
@@ -172,12 +169,12 @@ class ClusterRun:
             if self._stop_reason is not None:
                 break
             if isinstance(item, int):
-                self._found(item, item)
+                self._tally.found(item, item)
             elif isinstance(item, WalkProblem):
-                self._found(1, 0)
-                self._report(FileResult(item.path, "failed", item.reason))
+                self._tally.found(1, 0)
+                self._tally.report(FileResult(item.path, "failed", item.reason))
             else:
-                self._found(len(item.files), 0)
+                self._tally.found(len(item.files), 0)
                 pending.add(item)
             self._send(connection, pending, walked_all=False)
             if self._in_flight:
@@ -334,7 +331,7 @@ class ClusterRun:
             self._settle_parts(task, set())
             more = f" and {len(task.shown) - 1} more folders" if len(task.shown) > 1 else ""
             reason = f"task failed, {files} files not made: {exc}"
-            self._report(FileResult(f"{task.shown[0]}{more}", "failed", reason), weight=files)
+            self._tally.report(FileResult(f"{task.shown[0]}{more}", "failed", reason), weight=files)
             return
         assert isinstance(result, TaskOutcome)
         outcome = result
@@ -356,13 +353,13 @@ class ClusterRun:
         for source in outcome.forgotten:
             self._state.forget_failure(source)
             self._failures.pop(source, None)
-        stats = self._stats
+        stats = self._tally.stats
         stats.bytes_read += outcome.bytes_read
         for name, count in outcome.planned_by_spec.items():
             stats.planned_by_spec[name] = stats.planned_by_spec.get(name, 0) + count
-        self._found(0, outcome.fresh)
+        self._tally.found(0, outcome.fresh)
         for result in outcome.results:
-            self._report(result)
+            self._tally.report(result)
 
     def _settle_parts(self, task: FolderTask, fresh: set[bytes]) -> None:
         """Note the parts of split folders a task had, and which it found fresh (it returned their signature)."""
@@ -381,19 +378,6 @@ class ClusterRun:
     def _give_back(self, task: FolderTask, started: int) -> None:
         if self._unpromised is not None and task.budget is not None:
             self._unpromised += task.budget - started
-
-    def _found(self, found: int, skipped: int) -> None:
-        self._stats.found += found
-        self._stats.skipped += skipped
-        if self._on_found is not None and found:
-            self._on_found(found)
-        if self._on_skipped is not None and skipped:
-            self._on_skipped(skipped)
-
-    def _report(self, result: FileResult, weight: int = 1) -> None:
-        self._stats.count(result, weight)
-        if self._on_result is not None:
-            self._on_result(result)
 
 
 def local_workers(address: str) -> int | None:
