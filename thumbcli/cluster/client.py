@@ -49,6 +49,8 @@ TASK_SECONDS = 1.0
 CONNECT_SECONDS = 10
 
 _LOCAL = re.compile(r"local(?::(\d+))?")
+#: The loggers Dask and the event loops under it write to.
+_DASK_LOGGERS = ("distributed", "tornado", "asyncio")
 #: Dask settings for this process and the workers of a local cluster (which inherit them), unless
 #: the environment says otherwise. Dask logs its comings and goings, and a lost scheduler with
 #: tracebacks, while thumbcli reports what matters in one line: only what is critical is logged
@@ -453,15 +455,18 @@ def _connect(address: str, local: int | None) -> Iterator[Client]:
 @contextlib.contextmanager
 def _connected(address: str, local: int | None) -> Iterator[Client]:
     """`_connect`'s client, with Dask's logging already quietened."""
-    dask_logger = logging.getLogger("distributed")
-    level = dask_logger.level
+    # Importing distributed sets levels of its own on these loggers and some of their children
+    # (tornado.application: error); the levels this program chose for them hold (cli/options.py).
+    chosen = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise CannotRunError("--dask needs Dask's distributed package: pip install 'thumbcli[dask]'") from None
-    dask_logger.setLevel(level)
+    for name, level in chosen.items():
+        logging.getLogger(name).setLevel(level)
+    children = tuple(f"{name}." for name in _DASK_LOGGERS)
     for name in list(logging.root.manager.loggerDict):
-        if name.startswith("distributed."):
+        if name.startswith(children):
             logging.getLogger(name).setLevel(logging.NOTSET)
     cluster: LocalCluster | None = None
     try:
