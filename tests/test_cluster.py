@@ -271,7 +271,7 @@ def test_task_on_a_host_that_cannot_see_the_source_fails_in_one_line(tmp_path: P
     output.mkdir()
     unseen = str(tmp_path / "mounted-elsewhere" / "album")
     task = FolderTask(
-        TaskDestination(str(output), (ThumbSpec(SizeBox.parse("64")),), "{size}/{relpath}.{ext}", False),
+        TaskDestination(str(output), (ThumbSpec(SizeBox.parse("64")),), "{size}/{relpath}.{ext}", False, ()),
         (DirBatch(str(tmp_path / "mounted-elsewhere"), "album", unseen, [("a.jpg", 1, 1)]),),
         ("photos/album",),
         {"64/album": {}},

@@ -597,7 +597,8 @@ SAME_SIZES = ("64", "150", "400x300")
 
 
 def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_path: Path) -> None:
-    # Several sizes per run, so generate decodes with specs of other shrink-on-load factors beside each.
+    # Several sizes, whose shrink-on-load factors alone would differ: generate makes them from one
+    # decode, serve --source one at a time, generate --preset some of them; the bytes are the same.
     presets = [
         (f"{fit}-{fmt}-{n}", size, fit, fmt)
         for fit in ("inside", "cover", "smart")
@@ -616,6 +617,16 @@ def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_pat
     make_photo(src / "drawing.png", 900, 700, seed=6)
     batch = run_cli("--config", config, "generate", src, "--cache", tmp_path / "made", "--json")
     assert (batch.rc, batch.summary["made"], batch.summary["thumbnails"]) == (0, 2, 2 * len(presets)), batch.stderr
+    some = ("inside-jpeg-0", "cover-webp-1")  # not the largest size: decoded for it all the same
+    partial = run_cli(
+        "--config", config, "generate", src, "--cache", tmp_path / "some", *(f"--preset={name}" for name in some)
+    )
+    assert partial.rc == 0, partial.stderr
+    for name in some:
+        fmt = name.split("-")[1]
+        for relpath in ("camera.jpg", "drawing.png"):
+            made = cache_path(tmp_path / "made", name, relpath, fmt).read_bytes()
+            assert cache_path(tmp_path / "some", name, relpath, fmt).read_bytes() == made, (name, relpath)
     compared = 0
     with running_server(tmp_path / "served", config=config, source_root=src, generators=2) as server:
         for name, _size, _fit, fmt in presets:

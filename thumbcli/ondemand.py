@@ -58,9 +58,11 @@ Done = Callable[[Completion], None]
 class WorkerPool:
     """Resample worker processes for the generator threads: one each, started on first use, replaced when killed."""
 
-    def __init__(self, count: int, limits: Limits, *, strict: bool) -> None:
+    def __init__(self, count: int, limits: Limits, *, strict: bool, decode_for: tuple[ThumbSpec, ...]) -> None:
         ceiling = limits.worker_memory(count)
-        self._all = [ResampleWorker(limits, strict=strict, memory_ceiling=ceiling) for _ in range(count)]
+        self._all = [
+            ResampleWorker(limits, strict=strict, memory_ceiling=ceiling, decode_for=decode_for) for _ in range(count)
+        ]
         self._idle: queue.SimpleQueue[ResampleWorker] = queue.SimpleQueue()
         for worker in self._all:
             self._idle.put(worker)
@@ -89,6 +91,8 @@ class OnDemand:
     A source the decoder refused is a known failure, recorded in the cache's state as
     `generate` records it: neither tries it again until it changes (targets/failures.py).
     Unless `strict`, a damaged source gives a thumbnail of what decodes, as in `generate`.
+    `decode_for` are every preset of the cache (empty: `presets` are): each source is
+    decoded for the largest, as `generate` decodes it, for the same bytes.
     Writes take no run lock: every write is atomic, so a concurrent batch run is harmless.
     """
 
@@ -102,6 +106,7 @@ class OnDemand:
         max_pending: int = 16,
         limits: Limits | None = None,
         strict: bool = False,
+        decode_for: tuple[ThumbSpec, ...] = (),
     ) -> None:
         from thumbcli.targets.served import CacheDirectory
 
@@ -117,7 +122,9 @@ class OnDemand:
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
-        self._workers = WorkerPool(workers, self._limits, strict=strict)
+        self._workers = WorkerPool(
+            workers, self._limits, strict=strict, decode_for=decode_for or tuple(self._presets.values())
+        )
         from concurrent.futures import ThreadPoolExecutor  # only `serve --source` needs it
 
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")

@@ -192,6 +192,7 @@ class Pipeline:
         *,
         excluded_dirs: Iterable[str] = (),
         dry_run: bool = False,
+        decode_for: tuple[ThumbSpec, ...] = (),
         on_found: Callable[[int], None] | None = None,
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
@@ -203,6 +204,7 @@ class Pipeline:
         self._walk = walk
         self._excluded_dirs = list(excluded_dirs)
         self._dry_run = dry_run
+        self._decode_for = decode_for
         self._on_walked = on_walked
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
@@ -385,7 +387,9 @@ class Pipeline:
                             from thumbcli.workers import ResampleWorker
 
                             limits, strict = self._run.limits, self._run.strict
-                            worker = ResampleWorker(limits, strict=strict, memory_ceiling=self._memory_ceiling)
+                            worker = ResampleWorker(
+                                limits, strict=strict, memory_ceiling=self._memory_ceiling, decode_for=self._decode_for
+                            )
                         data, job.data = job.data, b""
                         worker.send(data, job.specs)
                         sent.append(job)

@@ -279,46 +279,71 @@ _METADATA_OPTION: dict[bool, dict[str, Any]] = (
 )
 
 
-def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
-    """Make one thumbnail per spec, in order, each as a decode for it alone would (with shrink-on-load).
+def make_thumbnails(
+    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, decode_for: tuple[ThumbSpec, ...] = ()
+) -> list[Thumbnail]:
+    """Make one thumbnail per spec, in order (see `resample` for `decode_for`).
 
     Raises FileRejected with a one-line reason for anything that is not a
     decodable image within `limits`, truncated ones included; never returns partial results.
     """
-    return resample(data, specs, limits, strict=True).thumbnails
+    return resample(data, specs, limits, strict=True, decode_for=decode_for).thumbnails
 
 
-def resample(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, strict: bool) -> Resampled:
+def resample(
+    data: bytes,
+    specs: tuple[ThumbSpec, ...],
+    limits: Limits,
+    *,
+    strict: bool,
+    decode_for: tuple[ThumbSpec, ...] = (),
+) -> Resampled:
     """Make one thumbnail per spec from `data`; unless `strict`, from what decodes of a damaged image.
+
+    `decode_for` are every size of the destination (empty: `specs` are). The image is decoded
+    once, as the largest of them needs, and each thumbnail is cut from that decode: a
+    thumbnail's bytes depend on its source, its spec and `decode_for`, never on which
+    other specs were made with it (`serve --source` makes one, `generate` several).
 
     Raises FileRejected (DecodeFailed for what libvips refused) with a one-line reason.
     """
+    plan = _decode_plan(specs, decode_for)
     source_format = sniff_format(data[:1024])
     if source_format is None:
         raise FileRejected(_describe_head(data[:16]))
     if source_format == "tiff" and raw.is_camera_raw(data):
         source_format = "raw"
     if source_format in ("raw", "video") or (source_format == "jxl" and not libvips_loads("jxl")):
-        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
+        return Resampled(_thumbnails_beside_libvips(data, specs, plan, limits, source_format))
     try:
-        return Resampled(_make_thumbnails(data, specs, limits, source_format, "truncated"))
+        return Resampled(_make_thumbnails(data, specs, plan, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
     if source_format == "heif" and _NO_LIBVIPS_DECODER.search(detail):
-        return Resampled(_thumbnails_beside_libvips(data, specs, limits, source_format))
+        return Resampled(_thumbnails_beside_libvips(data, specs, plan, limits, source_format))
     reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
         raise failure
     try:
-        thumbnails = _make_thumbnails(data, specs, limits, source_format, "none")
+        thumbnails = _make_thumbnails(data, specs, plan, limits, source_format, "none")
     except pyvips.Error:
         raise failure from None
     return Resampled(thumbnails, str(failure), detail)
 
 
+def _decode_plan(specs: tuple[ThumbSpec, ...], decode_for: tuple[ThumbSpec, ...]) -> tuple[ThumbSpec, ...]:
+    """The sizes one decode serves: `specs` and `decode_for`, one spec per geometry (formats aside)."""
+    return tuple({(spec.box, spec.fit, spec.upscale): spec for spec in (*decode_for, *specs)}.values())
+
+
 def _make_thumbnails(
-    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str, fail_on: FailOn
+    data: bytes,
+    specs: tuple[ThumbSpec, ...],
+    plan: tuple[ThumbSpec, ...],
+    limits: Limits,
+    source_format: str,
+    fail_on: FailOn,
 ) -> list[Thumbnail]:
     load_options = f"fail_on={fail_on}"
     # The header alone is parsed here; no pixel is decoded before the size check.
@@ -334,8 +359,6 @@ def _make_thumbnails(
         )
     upright_w, upright_h = _upright_size(header)
     origin = (upright_w, upright_h, source_format)
-    # Each thumbnail is what a decode for its spec alone makes, whichever specs share the
-    # run (generate makes several, serve --source one): the same bytes from both.
     if source_format in _NO_SHRINK_ON_LOAD:
         # Nothing to shrink on load: every size is cut from the image opened for the header,
         # which spares thumbnail_buffer a second parse (a tenth of the cost of a small image).
@@ -350,25 +373,18 @@ def _make_thumbnails(
             image = pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
             thumbnails.append(_finish(image, spec, origin))
         return thumbnails
-    # JPEG: one decode per shrink-on-load factor, the one each spec would choose alone. libvips'
+    # JPEG: one decode, at the shrink-on-load factor the largest size of the plan needs. libvips'
     # own choice keeps a 2x margin for its final resize (a 4000x3000 JPEG is decoded at 1/4 for
     # a 256 thumbnail); the DCT scaling of a decode straight at 1/8 is as good for a thumbnail,
     # and the decode is most of the cost of the whole run.
-    by_shrink: dict[int, list[int]] = {}
-    for index, spec in enumerate(specs):
-        shrink = _jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h))
-        by_shrink.setdefault(shrink, []).append(index)
-    made: dict[int, Thumbnail] = {}
-    for shrink, indexes in by_shrink.items():
-        if shrink == 1:  # full size: the image opened for the header is that decode
-            decoded = header
-        else:
-            decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
-        if len(indexes) > 1:
-            decoded = decoded.copy_memory()
-        for index in indexes:
-            made[index] = _cut(decoded, specs[index], upright_w, upright_h, origin)
-    return [made[index] for index in range(len(specs))]
+    shrink = min(_jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h)) for spec in plan)
+    if shrink == 1:  # full size: the image opened for the header is that decode
+        decoded = header
+    else:
+        decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
+    if len(specs) > 1:
+        decoded = decoded.copy_memory()
+    return [_cut(decoded, spec, upright_w, upright_h, origin) for spec in specs]
 
 
 def _in_place(data: bytes) -> pyvips.Source:
@@ -478,10 +494,10 @@ def _heif_decoders(libvips: str) -> str:
 
 
 def _decode_beside_libvips(
-    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+    data: bytes, plan: tuple[ThumbSpec, ...], limits: Limits, source_format: str
 ) -> decoders.Decoded:
     def scale_needed(width: int, height: int) -> float:
-        return max(_scale_for(spec, width, height) for spec in specs)
+        return max(_scale_for(spec, width, height) for spec in plan)
 
     if source_format == "heif":
         return heif.decode(data, limits)
@@ -493,16 +509,16 @@ def _decode_beside_libvips(
 
 
 def _thumbnails_beside_libvips(
-    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, source_format: str
+    data: bytes, specs: tuple[ThumbSpec, ...], plan: tuple[ThumbSpec, ...], limits: Limits, source_format: str
 ) -> list[Thumbnail]:
     """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
-    decoded = _decode_beside_libvips(data, specs, limits, source_format)
+    decoded = _decode_beside_libvips(data, plan, limits, source_format)
     try:
-        image, (upright_w, upright_h) = _image_of(decoded, specs)
+        image, (upright_w, upright_h) = _image_of(decoded, plan)
         origin = (upright_w, upright_h, source_format)
-        if len(specs) > 1:
-            # As for libvips' own formats: one base at the largest scale asked for, every size cut from it.
-            scale = max(_scale_for(spec, upright_w, upright_h) for spec in specs)
+        if len(plan) > 1:
+            # As for a JPEG: one base at the largest scale of the plan, every size cut from it.
+            scale = max(_scale_for(spec, upright_w, upright_h) for spec in plan)
             base_w, base_h = max(1, math.ceil(upright_w * scale)), max(1, math.ceil(upright_h * scale))
             image = image.thumbnail_image(base_w, height=base_h, size="both" if scale > 1 else "down").copy_memory()
         thumbnails = []
@@ -515,16 +531,16 @@ def _thumbnails_beside_libvips(
     return thumbnails
 
 
-def _image_of(decoded: decoders.Decoded, specs: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
+def _image_of(decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
     """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
 
-    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size asked for allows it.
+    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size of the plan allows it.
     """
     if isinstance(decoded, decoders.EmbeddedImage):
         header = pyvips.Image.new_from_buffer(decoded.data, "")
         turned = decoded.orientation in (5, 6, 7, 8)
         upright = (header.height, header.width) if turned else (header.width, header.height)
-        scale = max(_scale_for(spec, *upright) for spec in specs)
+        scale = max(_scale_for(spec, *upright) for spec in plan)
         is_jpeg = sniff_format(decoded.data[:16]) == "jpeg"
         shrink = _jpeg_shrink(header.width, header.height, scale) if is_jpeg else 1
         if shrink > 1:

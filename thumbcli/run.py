@@ -124,6 +124,9 @@ class GenerateJob:
     source_names: dict[str, str] = field(default_factory=dict)
     #: A Dask scheduler's address (`tcp://host:8786`) or `local[:N]`: make the thumbnails there.
     dask: str | None = None
+    #: Every size of the destination when `specs` are only some (`--preset` in a configured
+    #: cache; empty: the target's specs): a thumbnail's bytes depend on them (`resample.resample`).
+    decode_for: tuple[ThumbSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -217,10 +220,12 @@ class GenerateRequest:
             processes=self.walkers or 0,
             shard=self.shard,
         )
+        specs = choose_specs(config, destination, self)
+        cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
         return GenerateJob(
             tuple(self.sources),
             destination,
-            choose_specs(config, destination, self),
+            specs,
             run_options,
             walk_options,
             dry_run=self.dry_run,
@@ -228,6 +233,7 @@ class GenerateRequest:
             fail_log=self.fail_log,
             source_names=config.sources,
             dask=self.dask,
+            decode_for=config.specs_to_make(()) if cache_presets else (),
         )
 
 
@@ -440,6 +446,7 @@ def generate(
                 job.walk,
                 excluded_dirs=[str(target.root)],
                 dry_run=job.dry_run,
+                decode_for=job.decode_for or target.specs,
                 on_found=on_found,
                 on_skipped=on_skipped,
                 on_walked=on_walked,

@@ -77,9 +77,13 @@ class ResampleWorker:
     Not thread-safe: one pipeline thread drives one worker.
     """
 
-    def __init__(self, limits: Limits, *, strict: bool, memory_ceiling: int) -> None:
+    def __init__(
+        self, limits: Limits, *, strict: bool, memory_ceiling: int, decode_for: tuple[ThumbSpec, ...] = ()
+    ) -> None:
         self._limits = limits
         self._strict = strict
+        #: Every size of the destination: each image is decoded for the largest (see `resample.resample`).
+        self._decode_for = decode_for
         self._memory_ceiling = memory_ceiling
         self._process: subprocess.Popen[bytes] | None = None
         self._requests = -1
@@ -116,7 +120,8 @@ class ResampleWorker:
         """Queue `data` for the worker without waiting; `receive` gives the outcomes in the order sent."""
         if specs != self._header_specs:  # a run sends the same specs with nearly every file
             self._header_specs = specs
-            self._header = pickle.dumps((specs, self._limits, self._strict), pickle.HIGHEST_PROTOCOL)
+            settings = (specs, self._decode_for, self._limits, self._strict)
+            self._header = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
         header = self._header
         request = (_REQUEST.pack(len(header), len(data)) + header, data)
         if not self._waiting:
@@ -363,11 +368,11 @@ def serve(requests: int, replies: int, parent: int) -> NoReturn:  # pragma: no c
         if head is None:
             os._exit(0)
         header_length, data_length = _REQUEST.unpack(head)
-        specs, limits, strict = pickle.loads(_read_exactly(requests, header_length) or b"")
+        specs, decode_for, limits, strict = pickle.loads(_read_exactly(requests, header_length) or b"")
         data = _read_exactly(requests, data_length) or b""
         reply: tuple[Any, ...]
         try:
-            made = resample.resample(data, specs, limits, strict=strict)
+            made = resample.resample(data, specs, limits, strict=strict, decode_for=decode_for)
         except resample.DecodeFailed as exc:
             reply = ("failed", str(exc), exc.detail)
         except FileRejected as exc:

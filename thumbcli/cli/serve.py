@@ -139,6 +139,7 @@ def serve(
         source_root=source_root,
         named_sources=sources,
         presets=_serve_presets(config, source_root is not None or bool(sources), presets),
+        decode_for=tuple(config.presets.values()),
         limits=Limits(
             max_file_size=max_file_size,
             max_pixels=max_pixels,

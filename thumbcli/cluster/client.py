@@ -132,7 +132,11 @@ class ClusterRun:
         self._unpromised = job.run.max_files
         root = os.path.abspath(target.root)
         self._destination = TaskDestination(
-            root, target.specs, target.name_template, check_collisions=target.checks_collisions
+            root,
+            target.specs,
+            target.name_template,
+            check_collisions=target.checks_collisions,
+            decode_for=job.decode_for or target.specs,
         )
 
     def stop(self, reason: StopReason = "interrupted") -> None:

@@ -33,6 +33,8 @@ class TaskDestination:
     specs: tuple[ThumbSpec, ...]
     name_template: str
     check_collisions: bool
+    #: Every size of the destination: each image is decoded for the largest (see `resample.resample`).
+    decode_for: tuple[ThumbSpec, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +160,12 @@ class _ResampleWorkers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[ResampleWorker] = []
-        self._settings: tuple[Limits, bool] | None = None
+        self._settings: tuple[Limits, bool, tuple[ThumbSpec, ...]] | None = None
 
     @contextlib.contextmanager
-    def lend(self, limits: Limits, strict: bool) -> Iterator[ResampleWorker]:
+    def lend(self, limits: Limits, strict: bool, decode_for: tuple[ThumbSpec, ...]) -> Iterator[ResampleWorker]:
         """A resample worker for these settings, this task's until it ends."""
-        settings = (limits, strict)
+        settings = (limits, strict, decode_for)
         with self._lock:
             if self._settings != settings:
                 for old in self._idle:
@@ -172,7 +174,8 @@ class _ResampleWorkers:
                 self._settings = settings
             worker = self._idle.pop() if self._idle else None
         if worker is None:
-            worker = ResampleWorker(limits, strict=strict, memory_ceiling=limits.worker_memory(_dask_threads()))
+            ceiling = limits.worker_memory(_dask_threads())
+            worker = ResampleWorker(limits, strict=strict, memory_ceiling=ceiling, decode_for=decode_for)
         try:
             yield worker
         except BaseException:
@@ -309,7 +312,7 @@ class _TaskRun:
         task = self.task
         interrupted = _EventWatch(task.interrupted)
         sent: deque[tuple[str, SourceFile, tuple[ThumbSpec, ...]]] = deque()
-        with _resample_workers.lend(task.limits, task.strict) as worker:
+        with _resample_workers.lend(task.limits, task.strict, task.destination.decode_for) as worker:
             for source, specs in todo:
                 if task.budget is not None and self.started >= task.budget:
                     self.spent = True

@@ -71,6 +71,7 @@ class MissDesk:
             max_pending=options.max_pending,
             limits=options.limits,
             strict=options.strict,
+            decode_for=options.decode_for,
         )
         self.generated: dict[str, Format] = {spec.name: spec.format for spec in options.presets}
         self._counters = counters

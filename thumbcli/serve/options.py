@@ -42,6 +42,9 @@ class ServeOptions:
     # Or the config's named sources, (name, folder) each: made under /<preset>/<name>/ as generate makes them.
     named_sources: tuple[tuple[str, Path], ...] = ()
     presets: tuple[ThumbSpec, ...] = ()
+    # Every preset of the cache: a source is decoded for the largest, as `generate` decodes it,
+    # so that both make the same bytes (see `resample.resample`).
+    decode_for: tuple[ThumbSpec, ...] = ()
     max_pending: int = 16  # per worker: generations in flight before further misses get 503
     generators: int = 2  # per worker: threads making thumbnails, each with a resample worker process
     limits: Limits = field(default_factory=Limits)  # per source, as in generate
