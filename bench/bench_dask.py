@@ -3,8 +3,8 @@
     python bench/bench_dask.py [--images 200] [--size 2000x1500] [--workers 2] [--threads 1] [--repeat 3]
                                [--workdir DIR]
 
-Starts `dask scheduler` and WORKERS `dask worker --nthreads THREADS` processes on 127.0.0.1 (without
-Dask's profiler, as the README starts them), then times,
+Starts `dask scheduler` and WORKERS `dask worker --nthreads THREADS` processes on 127.0.0.1 (with the
+settings the README exports: no profiler, Dask's housekeeping at a slower pace), then times,
 rows taking turns, each run once untimed first, with the median of REPEAT runs:
 
 * make: IMAGES photo-like JPEGs (bench/photos.py) to one 256 thumbnail each, locally with
@@ -36,6 +36,8 @@ import pyvips
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import make_photo
 
+from thumbcli.cluster.client import CLUSTER_SETTINGS
+
 DASK = Path(sys.executable).parent / "dask"
 LOCAL_ONLY = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0")
 
@@ -47,17 +49,20 @@ def cluster(folder: Path, workers: int, threads: int = 1) -> Iterator[str]:
     scheduler_file = folder / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
     log = (folder / "cluster.log").open("wb")
+    # As the README starts them: with the settings it exports.
+    environment = dict(os.environ, **CLUSTER_SETTINGS)
     processes = [
         subprocess.Popen(
-            [DASK, "scheduler", *LOCAL_ONLY, "--port", "0", "--scheduler-file", scheduler_file], stderr=log, stdout=log
+            [DASK, "scheduler", *LOCAL_ONLY, "--port", "0", "--scheduler-file", scheduler_file],
+            stderr=log,
+            stdout=log,
+            env=environment,
         )
     ]
     try:
         while not scheduler_file.exists() or not scheduler_file.read_text().strip():
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
-        # As the README starts them: single-threaded, without Dask's profiler.
-        environment = dict(os.environ, DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
         processes += [
             subprocess.Popen(
                 [DASK, "worker", address, *LOCAL_ONLY, "--nthreads", str(threads)],

@@ -120,3 +120,11 @@ def test_readme_map_names_every_module_and_nothing_else() -> None:
     }
     assert modules - named == set(), "name these in the README's map of the house"
     assert named - modules == set(), "the README's map names modules that are gone"
+
+
+def test_readme_starts_cluster_processes_with_the_settings_a_local_cluster_gets() -> None:
+    from thumbcli.cluster.client import CLUSTER_SETTINGS
+
+    exported = re.search(r"^export (.+?)\n(?!\s)", README, re.MULTILINE | re.DOTALL)
+    assert exported is not None, "the cluster section exports Dask's settings"
+    assert dict(item.split("=", 1) for item in exported[1].replace("\\\n", " ").split()) == CLUSTER_SETTINGS

@@ -51,16 +51,24 @@ CONNECT_SECONDS = 10
 _LOCAL = re.compile(r"local(?::(\d+))?")
 #: The loggers Dask and the event loops under it write to.
 _DASK_LOGGERS = ("distributed", "tornado", "asyncio")
+#: Dask settings for the scheduler and the workers of a cluster that makes thumbnails: the
+#: README exports them before `dask scheduler` and `dask worker`, and a `--dask local` cluster
+#: gets them. Dask's profiler samples each worker's threads every 10 ms; a task's time is spent
+#: waiting on its resample worker process, so it has nothing to show and costs each worker 3% of
+#: a core. Each scheduler, nanny and worker process also wakes every 20 ms to check its event
+#: loop and every 100-500 ms to sample memory and CPU: 2.4% of a core each, on 2 cores 12% of a
+#: core for a scheduler and two workers; at these paces, 0.3-0.5% each. Tasks are seconds long.
+CLUSTER_SETTINGS = {
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+    "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "500ms",
+    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s",
+}
 #: Dask settings for this process and the workers of a local cluster (which inherit them), unless
 #: the environment says otherwise. Dask logs its comings and goings, and a lost scheduler with
 #: tracebacks, while thumbcli reports what matters in one line: only what is critical is logged
-#: (in this process the level the CLI chose for "distributed" holds). Dask's profiler samples
-#: each worker's threads every 10 ms; a task's time is spent waiting on its resample worker
-#: process, so it has nothing to show and costs each worker 3% of a core at rest, more at work.
-_LOCAL_DASK_SETTINGS = {
-    "DASK_LOGGING__DISTRIBUTED": "critical",
-    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-}
+#: (in this process the level the CLI chose for "distributed" holds).
+_LOCAL_DASK_SETTINGS = {"DASK_LOGGING__DISTRIBUTED": "critical", **CLUSTER_SETTINGS}
 
 
 @dataclass(slots=True)

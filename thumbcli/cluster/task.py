@@ -245,7 +245,64 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     # A rerun of a task whose worker was killed finds that attempt's temporary files here.
     for folder in task.records:
         remove_orphaned_temporary_files(os.path.join(destination.root, folder))
-    return _TaskRun(task, target, state).run()
+    with _heap_kept:
+        return _TaskRun(task, target, state).run()
+
+
+class _HeapKept:
+    """While tasks run in this Dask worker process, glibc keeps freed memory for the next file.
+
+    Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536, to give memory back to
+    the system. Set at all, it also pins glibc's mmap threshold at 128 KiB: each source read
+    then took fresh pages from the kernel, zeroed and faulted in, and gave them back after, two
+    thirds of a Dask worker's CPU on camera JPEGs (1.05 s per 100 5 MB files, 0.37 s kept).
+    When the last task ends, the environment's settings are back and the heap is trimmed.
+    Nothing changes in a process whose environment left glibc to tune itself.
+    """
+
+    _M_TRIM_THRESHOLD = -1
+    _M_MMAP_THRESHOLD = -3
+    _GLIBC_DEFAULT = 128 * 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    def _mallopt(self, trim: int, mmap: int, *, trim_now: bool = False) -> None:
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+            libc = ctypes.CDLL(None)
+            libc.mallopt(self._M_MMAP_THRESHOLD, mmap)
+            libc.mallopt(self._M_TRIM_THRESHOLD, trim)
+            if trim_now:
+                libc.malloc_trim(0)
+
+    def _pinned(self) -> tuple[int, int] | None:
+        """The environment's trim and mmap thresholds, or None if it leaves glibc to tune them."""
+        trim, mmap = os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        if trim is None and mmap is None:
+            return None
+        try:
+            return int(trim or self._GLIBC_DEFAULT), int(mmap or self._GLIBC_DEFAULT)
+        except ValueError:
+            return None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running == 1 and self._pinned() is not None:
+                self._mallopt(trim=256 << 20, mmap=32 << 20)  # 32 MiB: glibc's ceiling for it
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._running -= 1
+            pinned = self._pinned()
+            if self._running == 0 and pinned is not None:
+                self._mallopt(*pinned, trim_now=True)
+
+
+_heap_kept = _HeapKept()
 
 
 class _TaskRun:
