@@ -279,15 +279,13 @@ _METADATA_OPTION: dict[bool, dict[str, Any]] = (
 )
 
 
-def make_thumbnails(
-    data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits, *, decode_for: tuple[ThumbSpec, ...] = ()
-) -> list[Thumbnail]:
-    """Make one thumbnail per spec, in order (see `resample` for `decode_for`).
+def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
+    """Make one thumbnail per spec, in order, all from one decode (see `resample`).
 
     Raises FileRejected with a one-line reason for anything that is not a
     decodable image within `limits`, truncated ones included; never returns partial results.
     """
-    return resample(data, specs, limits, strict=True, decode_for=decode_for).thumbnails
+    return resample(data, specs, limits, strict=True).thumbnails
 
 
 def resample(
