@@ -151,13 +151,13 @@ def describe_failure(detail: str) -> str:
     return _error_line(detail)
 
 
-def _cut_short(data: bytes, source_format: str) -> bool:
+def _cut_short(data: bytes | memoryview, source_format: str) -> bool:
     """Whether `data` lacks the end its format always has (the usual damage: a half-copied file).
 
     libpng says only "read error" for a file cut short, whatever the cut.
     """
     # Near the end, not at it: some cameras and editors append data after the image.
-    tail = data[-4096:].rstrip(b"\0")
+    tail = bytes(data[-4096:]).rstrip(b"\0")
     if source_format == "jpeg":
         return b"\xff\xd9" not in tail
     if source_format == "png":
@@ -289,7 +289,7 @@ def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -
 
 
 def resample(
-    data: bytes,
+    data: bytes | memoryview,
     specs: tuple[ThumbSpec, ...],
     limits: Limits,
     *,
@@ -298,6 +298,7 @@ def resample(
 ) -> Resampled:
     """Make one thumbnail per spec from `data`; unless `strict`, from what decodes of a damaged image.
 
+    `data` may be a view of a JPEG, which libvips reads where it is; other formats are bytes.
     `decode_for` are every size of the destination (empty: `specs` are). The image is decoded
     once, as the largest of them needs, and each thumbnail is cut from that decode: a
     thumbnail's bytes depend on its source, its spec and `decode_for`, never on which
@@ -306,19 +307,22 @@ def resample(
     Raises FileRejected (DecodeFailed for what libvips refused) with a one-line reason.
     """
     plan = _decode_plan(specs, decode_for)
-    source_format = sniff_format(data[:1024])
+    head = bytes(data[:1024])
+    source_format = sniff_format(head)
     if source_format is None:
-        raise FileRejected(_describe_head(data[:16]))
-    if source_format == "tiff" and raw.is_camera_raw(data):
+        raise FileRejected(_describe_head(head[:16]))
+    if source_format != "jpeg" and not isinstance(data, bytes):
+        data = bytes(data)  # their loaders (pyvips' *_buffer) and the decoders beside libvips take bytes
+    if source_format == "tiff" and raw.is_camera_raw(bytes(data)):
         source_format = "raw"
     if source_format in ("raw", "video") or (source_format == "jxl" and not libvips_loads("jxl")):
-        return Resampled(_thumbnails_beside_libvips(data, specs, plan, limits, source_format))
+        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source_format))
     try:
         return Resampled(_make_thumbnails(data, specs, plan, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
     if source_format == "heif" and _NO_LIBVIPS_DECODER.search(detail):
-        return Resampled(_thumbnails_beside_libvips(data, specs, plan, limits, source_format))
+        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source_format))
     reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
@@ -336,7 +340,7 @@ def _decode_plan(specs: tuple[ThumbSpec, ...], decode_for: tuple[ThumbSpec, ...]
 
 
 def _make_thumbnails(
-    data: bytes,
+    data: bytes | memoryview,
     specs: tuple[ThumbSpec, ...],
     plan: tuple[ThumbSpec, ...],
     limits: Limits,
@@ -385,7 +389,7 @@ def _make_thumbnails(
     return [_cut(decoded, spec, upright_w, upright_h, origin) for spec in specs]
 
 
-def _in_place(data: bytes) -> pyvips.Source:
+def _in_place(data: bytes | memoryview) -> pyvips.Source:
     """`data` for a loader to read where it is (the caller keeps it alive until the thumbnails are made).
 
     pyvips copies a `*_buffer` loader's bytes first: for a camera JPEG opened, then decoded,
