@@ -48,7 +48,7 @@ SLOTS = 4
 #: for files of a usual size, not for the biggest one seen).
 _SLOT_KEPT_BYTES = 64 << 20
 _REPLY = struct.Struct("<I")  # reply length
-_PIPE_BYTES = 1 << 20  # pipe buffer asked for: fewer wakeups per camera JPEG
+_PIPE_BYTES = 1 << 20  # reply pipe buffer asked for: a large thumbnail in fewer wakeups
 _READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
@@ -203,9 +203,8 @@ class ResampleWorker:
     def _start(self) -> None:
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
-        for fd in (request_write, reply_write):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(reply_write, _F_SETPIPE_SZ, _PIPE_BYTES)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
