@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -300,3 +301,32 @@ def test_a_pipelined_worker_that_dies_loses_only_its_file_and_the_queued_ones_ar
         assert worker.started == 2 and worker.pid != victim
     finally:
         worker.close()
+
+
+def memory_files_bytes() -> int:
+    """The size of this process's memory files that carry sources to resample workers."""
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "thumbcli-source" in os.readlink(f"/proc/self/fd/{fd}"):
+                total += os.stat(f"/proc/self/fd/{fd}").st_size
+    return total
+
+
+def test_a_worker_keeps_memory_for_usual_sources_not_for_the_biggest_one_seen(tmp_path: Path) -> None:
+    from thumbcli.workers import SLOTS, ResampleWorker
+
+    photo = make_photo(tmp_path / "photo.jpg", 120, 80).read_bytes()
+    worker = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)
+    try:
+        assert worker.resample(b"\0" * (100 << 20), SPECS).reason.startswith("content is not a supported image")
+        assert memory_files_bytes() >= 100 << 20
+        for _ in range(SLOTS):  # every memory file used again, the big one's included
+            assert worker.resample(photo, SPECS).thumbnails
+        assert memory_files_bytes() == SLOTS * len(photo)
+        with pytest.raises(ValueError, match=f"at most {SLOTS} files"):
+            for _ in range(SLOTS + 1):
+                worker.send(photo, SPECS)
+    finally:
+        worker.close()
+    assert memory_files_bytes() == 0
