@@ -48,7 +48,7 @@ SLOTS = 4
 #: for files of a usual size, not for the biggest one seen).
 _SLOT_KEPT_BYTES = 64 << 20
 _REPLY = struct.Struct("<I")  # reply length
-_PIPE_BYTES = 1 << 20  # reply pipe buffer asked for: a large thumbnail in fewer wakeups
+_PIPE_BYTES = 1 << 20  # pipe buffer asked for: a large thumbnail's reply in fewer wakeups
 _READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
@@ -103,8 +103,6 @@ class ResampleWorker:
         self._free_slots: deque[int] = deque()
         #: Requests not yet answered, oldest first: (request, memory file) each.
         self._waiting: deque[tuple[bytes, int]] = deque()
-        #: What the current worker has yet to be sent of them.
-        self._outbox: deque[memoryview] = deque()
         self._inbox = bytearray()
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
@@ -149,8 +147,7 @@ class ResampleWorker:
         if self._process is None:
             self._start()  # sends everything waiting
         else:
-            self._outbox.append(memoryview(request[0]))
-            self._flush()
+            self._write_request(request[0])
 
     def receive(self) -> WorkerOutcome:
         """The outcome of the oldest file sent, waiting for it within the limits."""
@@ -203,8 +200,9 @@ class ResampleWorker:
     def _start(self) -> None:
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(reply_write, _F_SETPIPE_SZ, _PIPE_BYTES)
+        for fd in (request_write, reply_write):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
@@ -224,7 +222,6 @@ class ResampleWorker:
         finally:
             os.close(request_read)
             os.close(reply_write)
-        os.set_blocking(request_write, False)
         self._requests, self._replies = request_write, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
@@ -234,56 +231,35 @@ class ResampleWorker:
             raise WorkerBug(f"a resample worker did not start within {_START_SECONDS:g} s (see its output above)")
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
-        self._outbox = deque(memoryview(request) for request, _ in self._waiting)
         self._head_since = time.monotonic()
-        self._flush()
+        for request, _ in self._waiting:
+            self._write_request(request)
 
-    def _flush(self) -> None:
-        """Write what the pipe takes now of the requests not yet sent."""
-        outbox = self._outbox
-        try:
-            while outbox:
-                written = os.write(self._requests, outbox[0])
-                if written < len(outbox[0]):
-                    outbox[0] = outbox[0][written:]
-                    return
-                outbox.popleft()
-        except BlockingIOError:
-            return
-        except BrokenPipeError:
-            outbox.clear()  # the worker is gone: its end of the replies says how
+    def _write_request(self, request: bytes) -> None:
+        # A request is a few hundred bytes (the source is in its memory file): SLOTS of them
+        # fit in the pipe, so this never waits on a worker that hangs.
+        with contextlib.suppress(BrokenPipeError):  # the worker is gone: its end of the replies says how
+            _write_all(self._requests, request)
 
     def _await_reply(self) -> WorkerOutcome:
         seconds = self._limits.max_decode_seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
-        writing = False
         while (reply := self._next_reply()) is None:
-            if bool(self._outbox) != writing:
-                writing = bool(self._outbox)
-                if writing:
-                    poller.register(self._requests, select.POLLOUT)
-                else:
-                    poller.unregister(self._requests)
             left = self._head_since + seconds - time.monotonic()
             if left <= 0:
                 self._kill()
                 return WorkerOutcome([], f"timed out after {seconds:g} s")
-            events = poller.poll(min(left, _WATCH_SECONDS) * 1000)
-            if not events:
+            if not poller.poll(min(left, _WATCH_SECONDS) * 1000):
                 if self._resident_bytes() > self._memory_ceiling:
                     self._kill()
                     return WorkerOutcome([], f"needed more than {_human_bytes(self._memory_ceiling)} of memory")
                 continue
-            for fd, _ in events:
-                if fd == self._requests:
-                    self._flush()
-                    continue
-                chunk = os.read(self._replies, _READ_BYTES)
-                if not chunk:
-                    inbox = len(self._inbox)
-                    return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
-                self._inbox += chunk
+            chunk = os.read(self._replies, _READ_BYTES)
+            if not chunk:
+                inbox = len(self._inbox)
+                return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
+            self._inbox += chunk
         return _outcome(reply)
 
     def _next_reply(self) -> tuple[Any, ...] | None:
@@ -327,7 +303,6 @@ class ResampleWorker:
         os.close(self._requests)
         os.close(self._replies)
         self._process = None
-        self._outbox.clear()
         self._inbox.clear()
         return status
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
+from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.config import (
     ConfigError,
 )
@@ -99,7 +100,7 @@ def configure_logging(debug: bool) -> None:
     logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
     # Dask's client logs a lost scheduler with tracebacks, and so, now and then, do the event loops
     # under it ("Exception in callback ... StreamClosedError"); the run reports it in one line.
-    for name in ("distributed", "asyncio", "tornado"):
+    for name in DASK_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 

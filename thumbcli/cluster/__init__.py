@@ -9,3 +9,6 @@ them. A task that fails or is lost records nothing, so its folders are simply do
 
 `task` is what runs on a Dask worker; `client` is the run on the `thumbcli generate` side.
 """
+
+#: The loggers Dask and the event loops under it write to (the CLI keeps them quiet unless --debug).
+DASK_LOGGERS = ("distributed", "tornado", "asyncio")

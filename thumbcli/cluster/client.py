@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
 from thumbcli.discover import DirBatch, WalkProblem, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
@@ -49,8 +50,6 @@ TASK_SECONDS = 1.0
 CONNECT_SECONDS = 10
 
 _LOCAL = re.compile(r"local(?::(\d+))?")
-#: The loggers Dask and the event loops under it write to.
-_DASK_LOGGERS = ("distributed", "tornado", "asyncio")
 #: Dask settings for the scheduler and the workers of a cluster that makes thumbnails: the
 #: README exports them before `dask scheduler` and `dask worker`, and a `--dask local` cluster
 #: gets them. Dask's profiler samples each worker's threads every 10 ms; a task's time is spent
@@ -233,16 +232,16 @@ class ClusterRun:
         taken = []
         while pending.batches and count > 0:
             batch = pending.batches[0]
-            key = os.fsencode(signed_folder(batch))
-            split = self._split.get(key)
             if len(batch.files) <= count:
                 piece = pending.batches.popleft()
+                split = self._split_of(batch)
                 if split is not None:
                     split.all_sent = True
             else:
+                split = self._split_of(batch)
                 if split is None:
                     signature = None if self._job.run.force else self._target.folder_signature(batch)
-                    split = self._split[key] = _SplitFolder(signature)
+                    split = self._split[_folder_key(batch)] = _SplitFolder(signature)
                 piece = batch._replace(files=batch.files[:count])
                 pending.batches[0] = batch._replace(files=batch.files[count:])
             if split is not None:
@@ -375,10 +374,16 @@ class ClusterRun:
         for result in outcome.results:
             self._tally.report(result)
 
+    def _split_of(self, batch: DirBatch) -> _SplitFolder | None:
+        """The split folder `batch` is (a part of), if it is one; nothing to compute while none is split."""
+        return self._split.get(_folder_key(batch)) if self._split else None
+
     def _settle_parts(self, task: FolderTask, fresh: set[bytes]) -> None:
         """Note the parts of split folders a task had, and which it found fresh (it returned their signature)."""
+        if not self._split:
+            return
         for batch in task.batches:
-            key = os.fsencode(signed_folder(batch))
+            key = _folder_key(batch)
             split = self._split.get(key)
             if split is None:
                 continue
@@ -392,6 +397,11 @@ class ClusterRun:
     def _give_back(self, task: FolderTask, started: int) -> None:
         if self._unpromised is not None and task.budget is not None:
             self._unpromised += task.budget - started
+
+
+def _folder_key(batch: DirBatch) -> bytes:
+    """A folder as its signature names it (FolderSignature.folder)."""
+    return os.fsencode(signed_folder(batch))
 
 
 def local_workers(address: str) -> int | None:
@@ -469,14 +479,14 @@ def _connected(address: str, local: int | None) -> Iterator[Client]:
     """`_connect`'s client, with Dask's logging already quietened."""
     # Importing distributed sets levels of its own on these loggers and some of their children
     # (tornado.application: error); the levels this program chose for them hold (cli/options.py).
-    chosen = {name: logging.getLogger(name).level for name in _DASK_LOGGERS}
+    chosen = {name: logging.getLogger(name).level for name in DASK_LOGGERS}
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise CannotRunError("--dask needs Dask's distributed package: pip install 'thumbcli[dask]'") from None
     for name, level in chosen.items():
         logging.getLogger(name).setLevel(level)
-    children = tuple(f"{name}." for name in _DASK_LOGGERS)
+    children = tuple(f"{name}." for name in DASK_LOGGERS)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(children):
             logging.getLogger(name).setLevel(logging.NOTSET)
