@@ -7,7 +7,8 @@
 
 What it does, all locally and bounded (every command has a timeout):
 
-1. Makes --images photo-like 4000x3000 JPEGs (Q90, ~3 MB: blurred gradient,
+1. Makes --images 4000x3000 JPEGs (Q90) cut from real photographs (--corpus real,
+   bench/realphotos.py), or photo-like drawn ones (--corpus drawn: Q90, ~3 MB: blurred gradient,
    shapes, low-frequency texture and fine sensor-like noise) in
    WORKDIR/corpus-N-4000x3000-q90, cached between runs (a `.done` marker
    records the parameters).
@@ -59,6 +60,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import realphotos
 
 WIDTH, HEIGHT, QUALITY = 4000, 3000, 90
 TIMEOUT = 900  # seconds; no single command may run longer
@@ -423,6 +426,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--small", type=int, default=2000, help="images of 320x240 in scenario d")
+    ap.add_argument(
+        "--corpus",
+        choices=("real", "drawn"),
+        default="real",
+        help="real: cut from the photographs in Debian's plasma-workspace-wallpapers (bench/realphotos.py; "
+        "drawn when it cannot be fetched); drawn: photo-like images pyvips draws",
+    )
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench")
     ap.add_argument("--install", action="store_true", help="apt-get install libvips-tools; pip install Pillow")
     ap.add_argument("--repeat", type=int, default=3)
@@ -489,10 +499,18 @@ def main() -> None:
     extra = shlex.split(args.extra)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    corpus = make_corpus(args.workdir, args.images)
     scenarios = set(args.scenarios.split(","))
+    photos = realphotos.fetch_photos(args.workdir) if args.corpus == "real" else []
+    if args.corpus == "real" and not photos:
+        say(f"NOTE: could not fetch {realphotos.PACKAGE}: using drawn images")
+    if photos:
+        say(f"sources cut from {len(photos)} photographs of {realphotos.PACKAGE} (bench/realphotos.py)")
+        corpus = realphotos.camera_corpus(args.workdir, photos, args.images)
+        small = realphotos.small_corpus(args.workdir, photos, args.small) if "d" in scenarios else None
+    else:
+        corpus = make_corpus(args.workdir, args.images)
+        small = make_small_corpus(args.workdir, args.small) if "d" in scenarios else None
     big = make_big_corpus(args.workdir, corpus) if "c" in scenarios else None
-    small = make_small_corpus(args.workdir, args.small) if "d" in scenarios else None
     count = args.images
     say(
         f"warming the page cache: reading every source once{' (and the 4x hardlinks)' if big else ''}; "
