@@ -49,6 +49,7 @@ WORKDIR/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -65,6 +66,7 @@ import realphotos
 
 WIDTH, HEIGHT, QUALITY = 4000, 3000, 90
 TIMEOUT = 900  # seconds; no single command may run longer
+EXT4_RECENTLY_DELETED = 310  # seconds (see measure)
 HERE = Path(__file__).resolve().parent
 
 
@@ -374,18 +376,30 @@ def show(cmd: list[str] | str, env: dict[str, str]) -> str:
 def measure(tools: list[Tool], workdir: Path, repeat: int) -> None:
     """Run every tool once untimed, then REPEAT rounds of all of them, each into a fresh folder.
 
-    The outputs are removed at the end, not after each run: ext4 passes over the inodes
-    deleted in the last minute when it allocates one (find_inode_bit -> recently_deleted), and
-    a run right after 2,000 thumbnails were removed spent 39% of its main process's CPU there
-    (perf), a cost of the benchmark's cleanup rather than of the tool.
+    The outputs are removed at the end, not after each run, and a benchmark starts at least
+    5 minutes after the last one's cleanup: ext4 passes over the inodes deleted in the last 5
+    minutes when it allocates one while the inode table is dirty (find_inode_bit ->
+    recently_deleted), and a run right after 2,000 thumbnails were removed spent 39% of its
+    main process's CPU there (perf), a cost of the benchmark's cleanup rather than of the tool.
     """
     outroot = workdir / "out"
-    shutil.rmtree(outroot, ignore_errors=True)  # left by an interrupted run
+    cleaned = workdir / "out.cleaned"  # when the last run's outputs were removed
+    if outroot.exists():  # left by an interrupted run
+        shutil.rmtree(outroot, ignore_errors=True)
+        cleaned.write_text(str(time.time()))
+    # A dirty inode table skips the inodes deleted in the last 5 minutes (ext4's RECENTCY_DIRTY):
+    # right after a benchmark's cleanup, every file created costs a scan past them.
+    with contextlib.suppress(OSError, ValueError):
+        wait = float(cleaned.read_text()) + EXT4_RECENTLY_DELETED - time.time()
+        if wait > 0:
+            say(f"waiting {wait:.0f} s: the last benchmark's outputs were removed less than 5 minutes ago")
+            time.sleep(wait)
     outroot.mkdir(parents=True)
     try:
         _measure_rounds(tools, outroot, repeat)
     finally:
         shutil.rmtree(outroot, ignore_errors=True)
+        cleaned.write_text(str(time.time()))
 
 
 def _measure_rounds(tools: list[Tool], outroot: Path, repeat: int) -> None:
