@@ -387,8 +387,6 @@ def measure(tools: list[Tool], workdir: Path, repeat: int) -> None:
     if outroot.exists():  # left by an interrupted run
         shutil.rmtree(outroot, ignore_errors=True)
         cleaned.write_text(str(time.time()))
-    # A dirty inode table skips the inodes deleted in the last 5 minutes (ext4's RECENTCY_DIRTY):
-    # right after a benchmark's cleanup, every file created costs a scan past them.
     with contextlib.suppress(OSError, ValueError):
         wait = float(cleaned.read_text()) + EXT4_RECENTLY_DELETED - time.time()
         if wait > 0:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,6 +45,7 @@ PHOTOS = (
     "summer_1am",
 )
 _VERSION = 1  # of the recipes below: a corpus made by another is made again
+Job = tuple[str, list[str], int]  # output path, photographs, seed
 
 
 def fetch_photos(workdir: Path) -> list[Path]:
@@ -73,7 +75,7 @@ def fetch_photos(workdir: Path) -> list[Path]:
     return wanted
 
 
-def _camera(job: tuple[str, list[str], int]) -> None:
+def _camera(job: Job) -> None:
     import pyvips
 
     path, photos, seed = job
@@ -90,7 +92,7 @@ def _camera(job: tuple[str, list[str], int]) -> None:
     os.replace(path + ".part", path)
 
 
-def _small(job: tuple[str, list[str], int]) -> None:
+def _small(job: Job) -> None:
     import pyvips
 
     path, photos, seed = job
@@ -104,13 +106,13 @@ def _small(job: tuple[str, list[str], int]) -> None:
     os.replace(path + ".part", path)
 
 
-def _make(corpus: Path, params: dict[str, object], jobs: list[tuple[str, list[str], int]], work: object) -> Path:
+def _make(corpus: Path, params: dict[str, object], jobs: list[Job], work: Callable[[Job], None]) -> Path:
     marker = corpus / ".done"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return corpus
     corpus.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-        list(pool.map(work, jobs, chunksize=8))  # type: ignore[arg-type]
+        list(pool.map(work, jobs, chunksize=8))
     marker.write_text(json.dumps(params))
     return corpus
 
