@@ -17,7 +17,7 @@ import pytest
 import pyvips
 from imagekit import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
 
-from thumbcli.pipeline import FileResult, Pipeline, RunStats
+from thumbcli.pipeline import FileResult, Pipeline, RunStats, worker_cores
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.tree import OutputTree
 
@@ -330,3 +330,53 @@ def test_a_worker_keeps_memory_for_usual_sources_not_for_the_biggest_one_seen(tm
     finally:
         worker.close()
     assert memory_files_bytes() == 0
+
+
+def allowed_cores(pid: int) -> str:
+    """The cores process `pid` may run on, as /proc says them ("0-1", "1")."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+@pytest.mark.parametrize("pin", [True, False])
+def test_each_resample_worker_is_kept_on_a_core_of_its_own_unless_told_not_to(
+    tmp_path: Path, slow_png: Path, pin: bool
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("slow1.png", "slow2.png"):
+        os.link(slow_png, src / name)
+    flag = "--pin-workers" if pin else "--no-pin-workers"
+    command = cli_command("generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "2", flag, "--quiet")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cores: dict[int, str] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while len(cores) < 2 and process.poll() is None and time.monotonic() < deadline:
+            for pid, cpu in worker_processes(process.pid).items():
+                if cpu > 0.1:  # past its start: decoding
+                    with contextlib.suppress(OSError):
+                        cores[pid] = allowed_cores(pid)
+            time.sleep(0.02)
+        _, stderr = process.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    first_two = sorted(os.sched_getaffinity(0))[:2]
+    if pin:
+        assert sorted(cores.values()) == [str(core) for core in first_two]
+    else:
+        assert list(cores.values()) == [allowed_cores(os.getpid())] * 2
+
+
+def test_workers_are_pinned_only_when_each_can_have_a_core_of_its_own() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    assert worker_cores(RunOptions(workers=len(cores))) == cores
+    assert worker_cores(RunOptions(workers=1)) == cores[:1]
+    assert worker_cores(RunOptions(workers=len(cores) + 1)) == [None] * (len(cores) + 1)
+    assert worker_cores(RunOptions(workers=len(cores), pin_workers=False)) == [None] * len(cores)

@@ -177,6 +177,7 @@ class GenerateRequest:
     loaders: int = _DEFAULT_RUN.loaders
     workers: int | None = None
     writers: int = _DEFAULT_RUN.writers
+    pin_workers: bool = _DEFAULT_RUN.pin_workers
     max_file_size: int = _DEFAULT_LIMITS.max_file_size
     max_pixels: int = _DEFAULT_LIMITS.max_pixels
     max_decode_time: float = _DEFAULT_LIMITS.max_decode_seconds
@@ -199,6 +200,7 @@ class GenerateRequest:
         run_options = RunOptions(
             loaders=self.loaders,
             writers=self.writers,
+            pin_workers=self.pin_workers,
             limits=Limits(
                 max_file_size=self.max_file_size,
                 max_pixels=self.max_pixels,

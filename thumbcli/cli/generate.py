@@ -128,6 +128,12 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
     help="Threads writing thumbnails.",
 )
 @click.option(
+    "--pin-workers/--no-pin-workers",
+    default=_DEFAULT_RUN.pin_workers,
+    show_default=True,
+    help="Keep each resample worker on a core of its own (when there are no more workers than cores).",
+)
+@click.option(
     "--max-file-size",
     type=ByteSize(),
     default=ByteSize.label(_DEFAULT_LIMITS.max_file_size),
