@@ -207,7 +207,7 @@ class RunOptions:
     retry_failed: bool = False
     #: Bytes read from sources and not yet resampled; one file is always let through.
     queue_bytes: int = 256 * 1024 * 1024
-    #: Keep each resample worker on a core of its own, when there are no more workers than cores.
+    #: Keep each resample worker on a core of its own, when there is one worker per core.
     pin_workers: bool = True
 
     def __post_init__(self) -> None:

@@ -131,7 +131,7 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
     "--pin-workers/--no-pin-workers",
     default=_DEFAULT_RUN.pin_workers,
     show_default=True,
-    help="Keep each resample worker on a core of its own (when there are no more workers than cores).",
+    help="Keep each resample worker on a core of its own (when there is one worker per core).",
 )
 @click.option(
     "--max-file-size",
