@@ -11,7 +11,9 @@ import struct
 import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyvips
@@ -160,6 +162,18 @@ def test_a_worker_over_its_memory_ceiling_is_killed_and_the_file_reported(tmp_pa
     assert (stats.made, stats.failed) == (1, 1)
 
 
+@contextlib.contextmanager
+def running(command: list[Any], **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """`command` started with its output piped, killed on the way out if it is still running."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def worker_processes(parent: int) -> dict[int, float]:
     """Resample workers of `parent`: pid -> CPU seconds (all its threads)."""
     found = {}
@@ -187,13 +201,12 @@ def test_workers_killed_by_signals_mid_decode_lose_only_their_own_file(tmp_path:
         make_photo(src / f"b-fine{i:02d}.jpg", 120, 80, seed=i)
     command = cli_command("generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "2", "--json", "--quiet")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     seen: set[int] = set()
     cpu_before: dict[int, float] = {}
     victims: dict[int, signal.Signals] = {}
     signals = [signal.SIGKILL, signal.SIGSEGV]
     deadline = time.monotonic() + 60
-    try:
+    with running(command, env=env) as process:
         while signals and process.poll() is None and time.monotonic() < deadline:
             workers = worker_processes(process.pid)
             seen |= set(workers)
@@ -209,10 +222,6 @@ def test_workers_killed_by_signals_mid_decode_lose_only_their_own_file(tmp_path:
             seen |= set(worker_processes(process.pid))
             time.sleep(0.05)
         stdout, stderr = process.communicate(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert sorted(victims.values()) == [signal.SIGKILL, signal.SIGSEGV], (victims, seen)
     summary = json.loads(stdout)
     assert process.returncode == 1, stderr
@@ -352,18 +361,11 @@ def test_each_resample_worker_is_kept_on_a_core_of_its_own_unless_told_not_to(
     flag = "--pin-workers" if pin else "--no-pin-workers"
     command = cli_command("generate", src, "-o", tmp_path / "out", "-s", "64", flag, "--quiet")
     first_two = sorted(os.sched_getaffinity(0))[:2]
-    # On two cores, thumbcli starts a worker per core by default.
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, first_two),
-    )
     cores: dict[int, str] = {}
-    thumbcli_cores = allowed_cores(process.pid)
     deadline = time.monotonic() + 60
-    try:
+    # On two cores, thumbcli starts a worker per core by default.
+    with running(command, preexec_fn=lambda: os.sched_setaffinity(0, first_two)) as process:
+        thumbcli_cores = allowed_cores(process.pid)
         while len(cores) < 2 and process.poll() is None and time.monotonic() < deadline:
             for pid, cpu in worker_processes(process.pid).items():
                 if cpu > 0.1:  # past its start: decoding
@@ -371,10 +373,6 @@ def test_each_resample_worker_is_kept_on_a_core_of_its_own_unless_told_not_to(
                         cores[pid] = allowed_cores(pid)
             time.sleep(0.02)
         _, stderr = process.communicate(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, stderr
     if pin:
         assert sorted(cores.values()) == [str(core) for core in first_two]
