@@ -311,7 +311,7 @@ def resample(
     source_format = sniff_format(head)
     if source_format is None:
         raise FileRejected(_describe_head(head[:16]))
-    if source_format != "jpeg" and not isinstance(data, bytes):
+    if source_format != "jpeg":
         data = bytes(data)  # their loaders (pyvips' *_buffer) and the decoders beside libvips take bytes
     if source_format == "tiff" and raw.is_camera_raw(bytes(data)):
         source_format = "raw"

@@ -399,12 +399,11 @@ def serve(
         header_length, data_length, slot = _REQUEST.unpack(head)
         specs, decode_for, limits, strict = pickle.loads(_read_exactly(requests, header_length) or b"")
         mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
+        # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
         view = memoryview(mapped) if mapped is not None else memoryview(b"")
-        # libvips reads a JPEG where it is mapped; the other loaders and decoders take bytes.
-        data: bytes | memoryview = view if resample.sniff_format(bytes(view[:16])) == "jpeg" else bytes(view)
         reply: tuple[Any, ...]
         try:
-            made = resample.resample(data, specs, limits, strict=strict, decode_for=decode_for)
+            made = resample.resample(view, specs, limits, strict=strict, decode_for=decode_for)
         except resample.DecodeFailed as exc:
             reply = ("failed", str(exc), exc.detail)
         except FileRejected as exc:
@@ -418,7 +417,6 @@ def serve(
                 (t.data, t.width, t.height, t.source_width, t.source_height, t.source_format) for t in made.thumbnails
             ]
             reply = ("made", fields, made.warning, made.detail)
-        del data
         if mapped is not None:
             with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
                 view.release()

@@ -232,13 +232,12 @@ class ClusterRun:
         taken = []
         while pending.batches and count > 0:
             batch = pending.batches[0]
+            split = self._split_of(batch)
             if len(batch.files) <= count:
                 piece = pending.batches.popleft()
-                split = self._split_of(batch)
                 if split is not None:
                     split.all_sent = True
             else:
-                split = self._split_of(batch)
                 if split is None:
                     signature = None if self._job.run.force else self._target.folder_signature(batch)
                     split = self._split[_folder_key(batch)] = _SplitFolder(signature)

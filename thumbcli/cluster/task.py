@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +267,8 @@ class _HeapKept:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
+        #: The environment's trim and mmap thresholds, or None if it leaves glibc to tune them.
+        self._pinned = self._thresholds_of(os.environ)
 
     def _mallopt(self, trim: int, mmap: int, *, trim_now: bool = False) -> None:
         import ctypes
@@ -278,28 +280,27 @@ class _HeapKept:
             if trim_now:
                 libc.malloc_trim(0)
 
-    def _pinned(self) -> tuple[int, int] | None:
-        """The environment's trim and mmap thresholds, or None if it leaves glibc to tune them."""
-        trim, mmap = os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    @classmethod
+    def _thresholds_of(cls, environment: Mapping[str, str]) -> tuple[int, int] | None:
+        trim, mmap = environment.get("MALLOC_TRIM_THRESHOLD_"), environment.get("MALLOC_MMAP_THRESHOLD_")
         if trim is None and mmap is None:
             return None
         try:
-            return int(trim or self._GLIBC_DEFAULT), int(mmap or self._GLIBC_DEFAULT)
+            return int(trim or cls._GLIBC_DEFAULT), int(mmap or cls._GLIBC_DEFAULT)
         except ValueError:
             return None
 
     def __enter__(self) -> None:
         with self._lock:
             self._running += 1
-            if self._running == 1 and self._pinned() is not None:
+            if self._running == 1 and self._pinned is not None:
                 self._mallopt(trim=256 << 20, mmap=32 << 20)  # 32 MiB: glibc's ceiling for it
 
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._running -= 1
-            pinned = self._pinned()
-            if self._running == 0 and pinned is not None:
-                self._mallopt(*pinned, trim_now=True)
+            if self._running == 0 and self._pinned is not None:
+                self._mallopt(*self._pinned, trim_now=True)
 
 
 _heap_kept = _HeapKept()
