@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -178,23 +179,40 @@ def cli_command(*args: str | os.PathLike[str] | bytes, as_nobody: bool = False) 
 
 def run_cli(*args: str | os.PathLike[str] | bytes, timeout: float = 60, as_nobody: bool = False) -> CliRun:
     """Run `thumbcli ARGS` as a real subprocess and return its exit code and output."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8"}
+    env = {
+        "PYTHONFAULTHANDLER": "1",
+        # A decode that hangs ends well before the run's timeout, so a test can tell a hang from a slow file.
+        "THUMBCLI_GENERATE_MAX_DECODE_TIME": str(max(10.0, timeout / 3)),
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LC_ALL": "C.UTF-8",
+    }
     if as_nobody:
         # What a login as nobody would have: no root home to look for configuration in.
         env = {key: value for key, value in env.items() if not key.startswith("XDG_")}
         env["HOME"] = "/nonexistent"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         cli_command(*args, as_nobody=as_nobody),
-        capture_output=True,
-        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=env,
         cwd="/",
-        check=False,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # faulthandler prints every thread's stack on SIGABRT: the failure shows where it hung.
+        proc.send_signal(signal.SIGABRT)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"thumbcli {' '.join(map(str, args))} did not finish in {timeout} s:\n"
+            + stderr.decode("utf-8", "backslashreplace")[-8000:]
+        ) from None
     return CliRun(
         proc.returncode,
-        proc.stdout.decode("utf-8", "backslashreplace"),
-        proc.stderr.decode("utf-8", "backslashreplace"),
+        stdout.decode("utf-8", "backslashreplace"),
+        stderr.decode("utf-8", "backslashreplace"),
     )
 
 

@@ -19,7 +19,8 @@ from imagekit import make_photo, make_rgba_png, run_cli
 import thumbcli
 from thumbcli.discover import SourceFile
 from thumbcli.errors import LockedError
-from thumbcli.pipeline import Pipeline, RunStats
+from thumbcli.make.pipeline import Pipeline
+from thumbcli.make.results import RunStats
 from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, WalkOptions
 from thumbcli.targets.freedesktop import (

@@ -46,10 +46,10 @@ FLOORS = {
     "splitwalk": 3,
     "workers": 3,
     "cache": 4,
+    "job": 4,
     "targets": 5,
-    "pipeline": 6,
+    "make": 6,
     "metrics": 6,
-    "ondemand": 7,
     "run": 7,
     "cluster": 7,
     "serve": 8,
@@ -58,7 +58,7 @@ FLOORS = {
 }
 
 #: The one door through which `serve` may reach libvips: imported inside a function, for `--source` only.
-SERVE_GENERATES_THROUGH = "thumbcli.ondemand"
+SERVE_GENERATES_THROUGH = "thumbcli.make.ondemand"
 
 
 def module_name(path: Path) -> str:
@@ -159,7 +159,7 @@ def reaches(module: str, library: str, skipping: str = "") -> bool:
 
 def test_layers_every_module_has_a_floor() -> None:
     rooms = {room(module_name(p)) for p in MODULES}
-    assert {"cli", "resample", "pipeline", "discover", "serve", "targets", "run"} <= rooms
+    assert {"cli", "resample", "make", "discover", "serve", "targets", "run"} <= rooms
     assert rooms <= set(FLOORS), f"give these rooms a floor in FLOORS: {sorted(rooms - set(FLOORS))}"
 
 
@@ -198,7 +198,7 @@ def test_layers_serve_reaches_pyvips_only_through_on_demand_generation(path: Pat
 
 
 def test_layers_the_rule_above_can_see_a_lazy_pyvips_import() -> None:
-    assert reaches("ondemand", "pyvips")
+    assert reaches("make.ondemand", "pyvips")
     assert not reaches("cache", "pyvips")
 
 
@@ -210,3 +210,68 @@ def test_layers_nothing_below_cli_prints_or_reads_argv(path: Path) -> None:
             assert node.func.id != "print", f"{module_name(path)}:{node.lineno} prints"
         if isinstance(node, ast.Attribute) and node.attr == "argv":
             assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), f"{module_name(path)} reads argv"
+
+
+def import_graph(*, with_types: bool) -> dict[str, set[str]]:
+    """Each of the package's modules -> the package's modules it imports (lazily or, `with_types`, for types too)."""
+    known = {module_name(p) for p in MODULES}
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        imported = set()
+        for name in imports_of(path):
+            if not name.startswith("thumbcli.") or (not with_types and is_type_only(path, name)):
+                continue
+            inner = name.removeprefix("thumbcli.")
+            while inner and inner not in known:
+                inner = inner.rpartition(".")[0]
+            if inner and inner != module_name(path):
+                imported.add(inner)
+        graph[module_name(path)] = imported
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph`: each strongly connected group of two or more modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_layers_no_two_modules_import_each_other_even_for_types() -> None:
+    assert circles(import_graph(with_types=True)) == []
+
+
+def test_layers_the_circle_rule_can_see_a_circle() -> None:
+    graph = import_graph(with_types=True)
+    # A module of the run importing the cluster client, which imports the run back for a type: a circle.
+    graph["cluster.client"] = graph["cluster.client"] | {"run"}
+    assert ["cluster.client", "run"] in circles(graph)
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 from imagekit import load, make_photo, output_files
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.pipeline import PIPELINED, FileResult, Pipeline
+from thumbcli.make.pipeline import PIPELINED, Pipeline
+from thumbcli.make.results import FileResult
 from thumbcli.resample import Thumbnail
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Plan, plan_each
@@ -46,6 +48,19 @@ def make_sources(folder: Path, count: int) -> list[Path]:
     return [make_photo(folder / f"img{i:03d}.jpg", 120, 80, seed=i, Q=70) for i in range(count)]
 
 
+def make_copies(folder: Path, count: int) -> int:
+    """`count` byte-identical sources, so the bytes a run has read say how many files it has read; their size."""
+    first = make_photo(folder / "img000.jpg", 120, 80, seed=0, Q=70)
+    for i in range(1, count):
+        shutil.copyfile(first, folder / f"img{i:03d}.jpg")
+    return first.stat().st_size
+
+
+def files_read(pipeline: Pipeline, size: int) -> int:
+    """Sources the pipeline has read so far, from the bytes it counts as read (RunStats.bytes_read)."""
+    return pipeline.stats.bytes_read // size
+
+
 def run_pipeline(src: Path, target: WrappedTarget | OutputTree, run: RunOptions) -> tuple[Pipeline, list[FileResult]]:
     results: list[FileResult] = []
     pipeline = Pipeline([str(src)], target, run, WalkOptions(), on_result=results.append)
@@ -57,7 +72,8 @@ def run_pipeline(src: Path, target: WrappedTarget | OutputTree, run: RunOptions)
 
 
 def test_pipeline_memory_is_bounded_by_queues_when_the_writer_is_slow(tmp_path: Path) -> None:
-    make_sources(tmp_path / "src", 40)
+    size = make_copies(tmp_path / "src", 40)
+    written = 0
     run = RunOptions(loaders=2, workers=2, writers=1, queue_depth=2)
     # Read but not yet written: held by a loader, queued for a worker, sent to or held by a worker
     # (PIPELINED each), queued for or held by a writer.
@@ -66,9 +82,11 @@ def test_pipeline_memory_is_bounded_by_queues_when_the_writer_is_slow(tmp_path: 
 
     class SlowTarget(WrappedTarget):
         def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            nonlocal written
             time.sleep(0.02)
-            in_flight.append(pipeline.loaded - pipeline.written)
+            in_flight.append(files_read(pipeline, size) - written)
             super().write(source, made)
+            written += 1
 
     results: list[FileResult] = []
     target = SlowTarget(OutputTree(tmp_path / "out", SPECS))
@@ -77,7 +95,7 @@ def test_pipeline_memory_is_bounded_by_queues_when_the_writer_is_slow(tmp_path: 
         stats = pipeline.run()
     finally:
         target.close()
-    assert stats.made == 40 and pipeline.written == 40
+    assert stats.made == 40 and written == 40
     assert len(in_flight) == 40
     assert max(in_flight) <= bound, in_flight
     # The slow writer did hold work back: the queues filled up.
@@ -190,7 +208,8 @@ def test_pipeline_max_files_stops_after_that_many_and_the_next_run_goes_on(tmp_p
 
 
 def test_pipeline_holds_no_more_source_bytes_than_its_byte_budget(tmp_path: Path) -> None:
-    make_sources(tmp_path / "src", 30)
+    size = make_copies(tmp_path / "src", 30)
+    written = 0
     # A budget under one file: one source at a time between read and resampled.
     run = RunOptions(loaders=2, workers=2, writers=1, queue_depth=4, queue_bytes=1)
     # That one, each worker's made thumbnails waiting for the write queue, the write queue, the writer's.
@@ -200,9 +219,11 @@ def test_pipeline_holds_no_more_source_bytes_than_its_byte_budget(tmp_path: Path
 
     class SlowTarget(WrappedTarget):
         def write(self, source: SourceFile, made: list[tuple[ThumbSpec, Thumbnail]]) -> None:
+            nonlocal written
             time.sleep(0.02)
-            in_flight.append(pipeline.loaded - pipeline.written)
+            in_flight.append(files_read(pipeline, size) - written)
             super().write(source, made)
+            written += 1
 
     target = SlowTarget(OutputTree(tmp_path / "out", SPECS))
     pipeline = Pipeline([str(tmp_path / "src")], target, run, WalkOptions())

@@ -12,6 +12,7 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
 from imagekit import make_photo
 
 FRAME = re.compile(r"(\d+)%\|.*?\| (\d+)/(\d+) ")
@@ -64,3 +65,15 @@ def test_progress_bar_shows_no_total_or_eta_until_the_walk_is_over(tmp_path: Pat
     assert code == 0
     assert frames[0].startswith("0img [") and "%" not in frames[0] and "<" not in frames[0], frames
     assert FRAME.search(frames[-2]) and "1/1 [" in frames[-2], frames
+
+
+def test_progress_of_a_dask_run_shows_the_total_once_the_walk_is_over(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    for index in range(12):
+        make_photo(tmp_path / "src" / f"f{index % 3}" / f"p{index}.jpg", 64, 48, seed=index)
+    code, frames = run_on_a_terminal(["generate", "src", "-o", "out", "-s", "32", "--dask", "local:2"], tmp_path)
+    assert code == 0, frames
+    drawn = [match for frame in frames if (match := FRAME.search(frame))]
+    assert drawn, f"no bar with a total was drawn: {frames}"
+    assert {int(match.group(3)) for match in drawn} == {12}
+    assert (int(drawn[-1].group(1)), drawn[-1].group(2)) == (100, "12")

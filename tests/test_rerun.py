@@ -18,7 +18,7 @@ import pytest
 from imagekit import cli_command, make_photo, output_files, run_cli
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.pipeline import Pipeline
+from thumbcli.make.pipeline import Pipeline
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.freedesktop import FreedesktopCache, file_uri, prune_freedesktop, state_path, thumbnail_name
 from thumbcli.targets.plan import Plan
@@ -377,7 +377,7 @@ def test_folders_recorded_by_one_process_are_recognised_by_the_others(tmp_path: 
     code = f"""
         import json
         from pathlib import Path
-        from thumbcli.pipeline import Pipeline
+        from thumbcli.make.pipeline import Pipeline
         from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
         from thumbcli.targets.served import CacheDirectory
 

@@ -529,11 +529,13 @@ def _fuzz_requests(seed: int, count: int) -> Iterator[bytes]:
 
 
 def test_serve_survives_fuzz_and_never_leaks(header_server: ServerProcess, cache: Path) -> None:
+    answered = 0
     for wire in _fuzz_requests(seed=20240601, count=300):
         raw = exchange(header_server, wire, timeout=3)
         assert SECRET not in raw, wire
-        if raw:
-            assert raw.startswith(b"HTTP/1.1 "), (wire, raw[:60])
+        assert raw == b"" or raw.startswith(b"HTTP/1.1 "), (wire, raw[:60])  # closed, or answered in HTTP
+        answered += bool(raw)
+    assert answered > 100  # most mutants are still requests the server answers
     assert get(header_server, "/small/a/photo.jpg").body == photo(cache)
     assert header_server.process.poll() is None
 
@@ -549,9 +551,8 @@ def test_serve_outlasts_slowloris(cache: Path) -> None:
             for round_number in range(3):
                 for sock in attackers:
                     sock.sendall(b"X-Dribble-%d: 1\r\n" % round_number)
-                started = time.monotonic()
+                # Not starved: answered within the client's own timeout, with 200 heads held open.
                 assert get(running, "/small/a/photo.jpg").body == photo(cache)
-                assert time.monotonic() - started < 3.0  # generous: the point is it is not starved
             # The attackers never finish their heads, so the header deadline drops them all.
             for sock in attackers:
                 sock.settimeout(10)
@@ -691,6 +692,17 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, found in /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if parent_of(int(entry.name)) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
 def test_serve_started_with_nohup_outlives_its_shell(cache: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     # The shell lives until the server is up, as an interactive one would, then exits.
@@ -714,8 +726,10 @@ def test_serve_started_with_nohup_outlives_its_shell(cache: Path, tmp_path: Path
             assert found is not None
             server = ServerProcess(shell, found["host"], int(found["port"]))
             assert parent_of(pid) != shell.pid  # the shell that started it is gone
-            time.sleep(2.5)  # more than one sweep of the loop, where a worker looks for its supervisor
-            assert get(server, "/small/a/photo.jpg").body == photo(cache)
+            # Over more than one sweep of the loop, where a worker looks for its supervisor, it goes on serving.
+            until = time.monotonic() + 2.5
+            while time.monotonic() < until:
+                assert get(server, "/small/a/photo.jpg").body == photo(cache)
             os.kill(pid, signal.SIGTERM)
             _, status = os.waitpid(pid, 0)
         except BaseException:
@@ -729,9 +743,7 @@ def test_serve_started_with_nohup_outlives_its_shell(cache: Path, tmp_path: Path
 
 def test_serve_with_two_workers_answers_and_drains(cache: Path) -> None:
     with running_server(cache, workers=2) as running:
-        children_file = Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children")
-        if children_file.exists():
-            assert len(children_file.read_text().split()) == 2
+        assert len(children_of(running.process.pid)) == 2
         for _ in range(20):
             assert get(running, "/small/a/photo.jpg").body == photo(cache)
         assert wait_until(lambda: metrics(running)['thumbcli_requests_total{code="200"}'] >= 20)

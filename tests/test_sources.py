@@ -347,3 +347,13 @@ def test_readme_sources_table_example_is_a_valid_config(tmp_path: Path) -> None:
     path = tmp_path / "thumbcli.toml"
     path.write_text(example)
     assert load_config(path).sources == {"phone": "/srv/phone", "camera": "/srv/camera"}
+
+
+def test_serve_named_sources_says_at_start_that_it_makes_misses_from_each_source(tmp_path: Path) -> None:
+    two_cards(tmp_path, "phone", "camera")
+    config = named_config(tmp_path, "phone", "camera")
+    with running_server(tmp_path / "cache", config=config, named_sources=True) as server:
+        said = [line for line in server.stderr_lines if "generate on a miss" in line]
+    assert len(said) == 1, server.stderr_lines
+    assert "generate on a miss: on, small from " in said[0]
+    assert f"phone={tmp_path / 'phone'}" in said[0] and f"camera={tmp_path / 'camera'}" in said[0]

@@ -18,13 +18,21 @@ from typing import Any
 import pytest
 import pyvips
 from imagekit import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
+from servekit import wait_until
 
-from thumbcli.pipeline import FileResult, Pipeline, RunStats, worker_cores
+from thumbcli.make.pipeline import Pipeline, worker_cores
+from thumbcli.make.results import FileResult, RunStats
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.tree import OutputTree
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 SLOW_EDGE = 9999  # a 100-megapixel PNG, just under the default --max-pixels, that takes about a second
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used so far (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_pipeline(src: Path, out: Path, run: RunOptions) -> tuple[RunStats, dict[str, FileResult]]:
@@ -300,7 +308,9 @@ def test_a_pipelined_worker_that_dies_loses_only_its_file_and_the_queued_ones_ar
         assert first.thumbnails and not first.reason
         victim = worker.pid
         assert victim is not None
-        time.sleep(0.3)  # into the slow decode, with two files queued behind it
+        # Into the slow decode, with two files queued behind it: the fine files take milliseconds of CPU.
+        began = cpu_seconds(victim)
+        assert wait_until(lambda: cpu_seconds(victim) > began + 0.1, timeout=30)
         os.kill(victim, signal.SIGSEGV)
         assert worker.receive().reason == "decoder crashed (signal 11)"
         for _ in range(2):
@@ -385,5 +395,5 @@ def test_workers_are_pinned_only_with_one_worker_per_core() -> None:
     assert worker_cores(RunOptions()) == cores  # the default: one worker per core
     assert worker_cores(RunOptions(workers=len(cores) + 1)) == [None] * (len(cores) + 1)
     assert worker_cores(RunOptions(pin_workers=False)) == [None] * len(cores)
-    if len(cores) > 1:  # shards side by side with -j 1 would all get the first core
-        assert worker_cores(RunOptions(workers=1)) == [None]
+    # Shards side by side with -j 1 would all get the first core; on one core, one worker is one per core.
+    assert worker_cores(RunOptions(workers=1)) == ([None] if len(cores) > 1 else cores)

@@ -51,31 +51,44 @@ def url_path_for(preset: str, source_relpath: str, *, source_name: str = "") -> 
     return "/" + quote(preset, safe="") + "/" + quote(os.fsencode(relpath), safe="/")
 
 
-def split_url_path(raw_path: bytes | str) -> tuple[str, str] | None:
-    """Split a request path into (preset, path below it), or None if it is not a safe cache URL.
+def url_segments(raw_path: bytes) -> list[bytes] | None:
+    """The segments of a URL path below its leading slash, or None if it is not a safe cache path.
 
-    The path below the preset is the source's path relative to its root, after the
-    source's name when the cache's sources are named.
-
-    Percent escapes are decoded to bytes first, so `%2e%2e`, `%2f` and overlong
-    UTF-8 are judged as the bytes the file system would see; any `.`/`..`/empty
-    segment, backslash or NUL makes the path invalid.
+    Percent escapes are decoded to bytes first, so `%2e%2e`, `%2f` and overlong UTF-8 are
+    judged as the bytes the file system would see; any `.`/`..`/empty segment, backslash or
+    NUL makes the path unsafe. Thumbnail URLs, folder pages and generate-on-miss all use this.
     """
-    if isinstance(raw_path, str):
-        raw_path = raw_path.encode("latin-1", "replace")
-    raw_path = raw_path.split(b"?", 1)[0].split(b"#", 1)[0]
     if not raw_path.startswith(b"/"):
         return None
     decoded = unquote_to_bytes(raw_path[1:])
     if b"\x00" in decoded or b"\\" in decoded:
         return None
     segments = decoded.split(b"/")
-    if len(segments) < 2 or any(seg in (b"", b".", b"..") for seg in segments):
+    if any(seg in (b"", b".", b"..") for seg in segments):
+        return None
+    return segments
+
+
+def split_url_path(raw_path: bytes | str) -> tuple[str, str] | None:
+    """Split a request path into (preset, path below it), or None if it is not a safe cache URL (`url_segments`).
+
+    The path below the preset is the source's path relative to its root, after the
+    source's name when the cache's sources are named.
+    """
+    if isinstance(raw_path, str):
+        raw_path = raw_path.encode("latin-1", "replace")
+    segments = url_segments(raw_path.split(b"?", 1)[0].split(b"#", 1)[0])
+    if segments is None or len(segments) < 2:
         return None
     preset = segments[0]
     if preset.startswith(b".") or not preset.isascii():
         return None
     return preset.decode("ascii"), os.fsdecode(b"/".join(segments[1:]))
+
+
+def is_hidden(relpath: str) -> bool:
+    """Whether a source path has a hidden part: `generate` skips it unless --hidden, and a miss never makes it."""
+    return any(part.startswith(".") for part in relpath.split("/"))
 
 
 def is_within(root: Path, path: Path) -> bool:

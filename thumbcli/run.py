@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -13,7 +13,16 @@ from thumbcli.config import Config
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
 from thumbcli.fsutil import remove_temporary_files
-from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
+from thumbcli.job import (
+    CacheDestination,
+    Destination,
+    FreedesktopDestination,
+    GenerateJob,
+    TreeDestination,
+    choose_destination,
+)
+from thumbcli.make.pipeline import Pipeline
+from thumbcli.make.results import FileResult, RunStats, StopReason
 from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Removal, Target
 from thumbcli.targets.served import CacheDirectory
@@ -22,57 +31,6 @@ from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, source_fold
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = "256"
-
-
-@dataclass(frozen=True, slots=True)
-class TreeDestination:
-    """A plain folder tree of thumbnails (`-o`), named by a template."""
-
-    root: Path
-    name_template: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheDestination:
-    """A served cache folder (`--cache`) in the fixed layout `serve` reads."""
-
-    root: Path
-    #: Named by the config file or environment rather than on the command line.
-    configured: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class FreedesktopDestination:
-    """The desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at these sizes."""
-
-    flavours: tuple[str, ...]
-
-
-Destination = TreeDestination | CacheDestination | FreedesktopDestination
-
-
-def choose_destination(
-    output: Path | None,
-    cache_dir: Path | None,
-    flavours: tuple[str, ...],
-    name_template: str | None,
-    *,
-    cache_configured: bool = False,
-) -> Destination:
-    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
-
-    `cache_configured`: the cache was named by the config or environment, not on the command line.
-    """
-    if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
-        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
-    if name_template and output is None:
-        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
-    if flavours:
-        return FreedesktopDestination(flavours)
-    if cache_dir is not None:
-        return CacheDestination(cache_dir, configured=cache_configured)
-    assert output is not None
-    return TreeDestination(output, name_template)
 
 
 def choose_specs(config: Config, destination: Destination, request: GenerateRequest) -> tuple[ThumbSpec, ...]:
@@ -105,43 +63,6 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
         for text in (request.sizes or (DEFAULT_SIZE,))
     )
     return tuple(dict.fromkeys(specs))
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateJob:
-    """Everything one generate run needs: what to read, where to write, what to make and how."""
-
-    sources: tuple[str, ...]
-    destination: Destination
-    specs: tuple[ThumbSpec, ...]
-    run: RunOptions = field(default_factory=RunOptions)
-    walk: WalkOptions = field(default_factory=WalkOptions)
-    dry_run: bool = False
-    wait: bool = False
-    #: Failed files and their reasons are appended here, one line each.
-    fail_log: Path | None = None
-    #: The config's named sources, name -> path: a cache puts each under its name.
-    source_names: dict[str, str] = field(default_factory=dict)
-    #: A Dask scheduler's address (`tcp://host:8786`) or `local[:N]`: make the thumbnails there.
-    dask: str | None = None
-    #: Every size of the destination when `specs` are only some (`--preset` in a configured
-    #: cache; empty: the target's specs): a thumbnail's bytes depend on them (`resample.resample`).
-    decode_for: tuple[ThumbSpec, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
-        for source in self.sources:
-            _require_source(source)
-        if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
-            raise SpecError("no thumbnail sizes to make")
-        if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
-            # Each user's desktop cache on each host is its own: there is nothing to share out.
-            raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
-        if self.dask is not None:
-            from thumbcli.cluster.client import local_workers
-
-            local_workers(self.dask)  # a usage error before any output folder is made
 
 
 _DEFAULT_LIMITS = Limits()
@@ -239,16 +160,6 @@ class GenerateRequest:
         )
 
 
-def _require_source(source: str) -> None:
-    """A usage error for a source that is not there (caught before any output folder is made)."""
-    try:
-        os.lstat(source)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise SpecError(f"source {display_path(source)} does not exist ({exc.strerror})") from None
-    except OSError:
-        pass  # there but not readable: the walk reports it as a failure of that file or folder
-
-
 def open_target(job: GenerateJob) -> Target:
     """The destination's target, locked for the run."""
     destination = job.destination
@@ -258,6 +169,11 @@ def open_target(job: GenerateJob) -> Target:
         return FreedesktopCache(
             default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait, retry_failed=job.run.retry_failed
         )
+    return open_tree(job, destination)
+
+
+def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination) -> OutputTree:
+    """The -o tree or served cache of the job, locked for the run."""
     # Each source root gets a folder of its own when there are several (or, in a cache, when the
     # config names them), so the same names under two roots never meet. Files named one by one from
     # a single folder share a root: `generate photos/*.jpg` keeps the one-source layout.
@@ -420,7 +336,9 @@ def generate(
     stopper: RunStopper | None = None,
 ) -> GenerateSummary:
     """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
-    target = open_target(job)
+    destination = job.destination
+    tree = None if isinstance(destination, FreedesktopDestination) else open_tree(job, destination)
+    target: Target = tree if tree is not None else open_target(job)
     try:
         fail_log = job.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if job.fail_log else None
     except OSError as exc:
@@ -436,10 +354,19 @@ def generate(
 
     try:
         pipeline: Stoppable
-        if job.dask is not None:
+        decode_for = job.decode_for or target.specs
+        if job.dask is not None and tree is not None:  # the job refuses --dask for the desktop cache
             from thumbcli.cluster.client import ClusterRun
 
-            pipeline = ClusterRun(job, target, on_found=on_found, on_skipped=on_skipped, on_result=on_each_result)
+            pipeline = ClusterRun(
+                job,
+                tree,
+                decode_for=decode_for,
+                on_found=on_found,
+                on_skipped=on_skipped,
+                on_walked=on_walked,
+                on_result=on_each_result,
+            )
         else:
             pipeline = Pipeline(
                 job.sources,
@@ -448,7 +375,7 @@ def generate(
                 job.walk,
                 excluded_dirs=[str(target.root)],
                 dry_run=job.dry_run,
-                decode_for=job.decode_for or target.specs,
+                decode_for=decode_for,
                 on_found=on_found,
                 on_skipped=on_skipped,
                 on_walked=on_walked,
@@ -496,8 +423,7 @@ def _dry_run_plan(target: Target, stats: RunStats) -> DryRunPlan:
     total = 0
     for spec in target.specs:
         count = stats.planned_by_spec.get(spec.name, 0)
-        # Only trees keep what each thumbnail was made with; the desktop cache is estimated from the box.
-        typical = target.typical_size(spec) if isinstance(target, OutputTree) else None
+        typical = target.typical_size(spec)
         if typical is None:
             area = (spec.box.width or spec.box.height or 0) * (spec.box.height or spec.box.width or 0)
             typical = int(area * 0.75 * _BYTES_PER_PIXEL[spec.format])

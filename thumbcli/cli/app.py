@@ -182,7 +182,7 @@ def prune(
     quiet: bool,
 ) -> None:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
-    from thumbcli.run import CacheDestination, FreedesktopDestination
+    from thumbcli.job import CacheDestination, FreedesktopDestination
     from thumbcli.run import prune as run_prune
 
     if (cache_dir is None) == (not freedesktop):

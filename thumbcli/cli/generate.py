@@ -20,9 +20,10 @@ from thumbcli.discover import display_path
 from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec
 
 if TYPE_CHECKING:
-    from thumbcli.pipeline import FileResult
+    from thumbcli.job import GenerateJob
+    from thumbcli.make.results import FileResult
     from thumbcli.progress import ProgressBar
-    from thumbcli.run import GenerateJob, GenerateSummary
+    from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
     ByteSize,
     Duration,

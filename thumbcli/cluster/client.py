@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -18,17 +17,17 @@ from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
 from thumbcli.discover import DirBatch, WalkProblem, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
-from thumbcli.pipeline import FileResult, RunStats, RunTally, StopReason, start_walk
+from thumbcli.job import GenerateJob, local_workers
+from thumbcli.make.engine import start_walk
+from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
+from thumbcli.spec import ThumbSpec
 from thumbcli.splitwalk import SplitWalk, default_processes
 from thumbcli.targets.failures import failure_key
-from thumbcli.targets.plan import Target
 from thumbcli.targets.state import FolderSignature
 from thumbcli.targets.tree import OutputTree, signed_folder
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster, as_completed
-
-    from thumbcli.run import GenerateJob
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ TASK_SECONDS = 1.0
 #: Seconds to wait for the scheduler to answer when connecting.
 CONNECT_SECONDS = 10
 
-_LOCAL = re.compile(r"local(?::(\d+))?")
 #: Dask settings for the scheduler and the workers of a cluster that makes thumbnails: the
 #: README exports them before `dask scheduler` and `dask worker`, and a `--dask local` cluster
 #: gets them. Dask's profiler samples each worker's threads every 10 ms; a task's time is spent
@@ -106,23 +104,29 @@ class ClusterRun:
     def __init__(
         self,
         job: GenerateJob,
-        target: Target,
+        target: OutputTree,
         *,
+        decode_for: tuple[ThumbSpec, ...] = (),
         on_found: Callable[[int], None] | None = None,
         on_skipped: Callable[[int], None] | None = None,
+        on_walked: Callable[[], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
         task_files: int | None = None,
     ) -> None:
-        """`task_files`: files per task; None sizes tasks by how long files take (bench/bench_dask.py sets it)."""
-        if not isinstance(target, OutputTree) or job.dask is None:
-            raise SpecError("--dask writes an -o tree or a --cache")
+        """`task_files`: files per task; None sizes tasks by how long files take (bench/bench_dask.py sets it).
+
+        `decode_for`: every size of the destination (empty: the target's specs; see `resample.resample`).
+        """
+        if job.dask is None:
+            raise SpecError("a cluster run needs a Dask scheduler's address or local[:N]")
         self._job = job
         self._address = job.dask
         self._local_workers = local_workers(job.dask)
         self._target = target
-        self._state = target.state
+        self._state = target.records
         #: Every recorded decode failure, read once: tasks get those of their sources.
-        self._failures = target.state.failures()
+        self._failures = target.records.failures()
+        self._on_walked = on_walked
         self._task_files = task_files
         #: Files the finished tasks walked, and the seconds they took on their workers.
         self._worked_files = 0
@@ -143,7 +147,7 @@ class ClusterRun:
             target.specs,
             target.name_template,
             check_collisions=target.checks_collisions,
-            decode_for=job.decode_for or target.specs,
+            decode_for=decode_for or target.specs,
         )
 
     def stop(self, reason: StopReason = "interrupted") -> None:
@@ -192,6 +196,9 @@ class ClusterRun:
             self._send(connection, pending, walked_all=False)
             if self._in_flight:
                 self._collect(connection, block=False)
+        else:
+            if self._on_walked is not None:
+                self._on_walked()
         self._send(connection, pending, walked_all=True)
         while self._in_flight:
             self._collect(connection, block=True)
@@ -257,15 +264,16 @@ class ClusterRun:
         if self._unpromised is not None:
             budget = min(self._unpromised, files)
             self._unpromised -= budget
-        task = self._task(batches, budget)
+        client = connection.client()  # connected first: a task carries what the connection found
+        task = self._task(connection, batches, budget)
         key = f"thumbcli-folders-{uuid.uuid4().hex}"
-        future = connection.client().submit(make_folders, SealedTask(task), pure=False, key=key)
+        future = client.submit(make_folders, SealedTask(task), pure=False, key=key)
         self._in_flight[future] = (task, files)
         self.tasks += 1
         log.debug("sent %s: %d files in %d folders", key, files, len(batches))
         connection.completed().add(future)
 
-    def _task(self, group: list[DirBatch], budget: int | None) -> FolderTask:
+    def _task(self, connection: _Connection, group: list[DirBatch], budget: int | None) -> FolderTask:
         """The task for a group: absolute paths, and the records of every output folder its files map to."""
         target, state = self._target, self._state
         folders: set[str] = set()
@@ -301,6 +309,7 @@ class ClusterRun:
             job.dry_run,
             budget,
             self._interrupted,
+            connection.decoders_by_host,
         )
 
     def _collect(self, connection: _Connection, *, block: bool) -> None:
@@ -367,8 +376,7 @@ class ClusterRun:
             self._failures.pop(source, None)
         stats = self._tally.stats
         stats.bytes_read += outcome.bytes_read
-        for name, count in outcome.planned_by_spec.items():
-            stats.planned_by_spec[name] = stats.planned_by_spec.get(name, 0) + count
+        stats.add_planned(outcome.planned_by_spec)
         self._tally.found(0, outcome.fresh)
         for result in outcome.results:
             self._tally.report(result)
@@ -403,19 +411,6 @@ def _folder_key(batch: DirBatch) -> bytes:
     return os.fsencode(signed_folder(batch))
 
 
-def local_workers(address: str) -> int | None:
-    """For `local` or `local:N`, the number of local worker processes (0: one per core); None for an address."""
-    match = _LOCAL.fullmatch(address)
-    if match is None:
-        if not re.fullmatch(r"[a-z]+://\S+|\S+:\d+", address):
-            raise SpecError(f"--dask {address!r}: give a scheduler address (tcp://host:8786) or local[:N]")
-        return None
-    count = int(match.group(1) or 0)
-    if match.group(1) is not None and count < 1:
-        raise SpecError("--dask local:N needs at least one worker")
-    return count
-
-
 class _Connection:
     """The Dask client, connected when the first task is ready: a rerun of known-fresh folders never loads Dask."""
 
@@ -429,12 +424,17 @@ class _Connection:
         self.threads = 2
         #: Tasks in flight at most: twice the workers' threads, so each has the next task at hand.
         self.limit = 4
+        #: Threads of the workers on each host, as of connecting: each decodes in a resample worker.
+        self.decoders_by_host: dict[str, int] = {}
 
     def client(self) -> Client:
         """The client, connecting on first use."""
         if self._client is None:
             self._client = self._stack.enter_context(_connect(self._address, self._local_workers))
             self.threads = max(1, sum(self._client.nthreads().values()))
+            for info in self._client.scheduler_info()["workers"].values():
+                host = str(info["host"])
+                self.decoders_by_host[host] = self.decoders_by_host.get(host, 0) + int(info["nthreads"])
             self.limit = max(self.limit, 2 * self.threads)
         return self._client
 

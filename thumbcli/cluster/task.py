@@ -9,18 +9,25 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thumbcli.discover import DirBatch, SourceFile
-from thumbcli.errors import FileRejected, ThumbcliError
+from thumbcli.errors import ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
-from thumbcli.pipeline import PIPELINED, FileResult, read_source
+from thumbcli.make.engine import Job, SourceMaker
+from thumbcli.make.pipeline import PIPELINED
+from thumbcli.make.pool import DecoderPool, DecoderSettings
+from thumbcli.make.results import FileResult
 from thumbcli.spec import Limits, ThumbSpec
-from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Record, StateStore
+from thumbcli.targets.records import TaskRecords
+from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Record
 from thumbcli.targets.tree import OutputTree
-from thumbcli.workers import ResampleWorker, WorkerOutcome
+
+if TYPE_CHECKING:
+    from thumbcli.workers import WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,9 @@ class FolderTask:
     budget: int | None
     #: The run's Dask Event: set when the client is interrupted, so a running task stops early.
     interrupted: str
+    #: Resample workers that decode at once on each worker host (its Dask workers' threads), by host:
+    #: each may use that share of its host's memory, as in a local run.
+    decoders_by_host: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,114 +99,40 @@ class SourceUnreachable(ThumbcliError):
     """A worker host cannot see a source folder or the destination (it is not on the shared filesystem)."""
 
 
-class TaskState(StateStore):
-    """A task's records, in memory: seeded by the client, and a journal of what the task changed.
+class _TaskPools:
+    """This Dask worker process's resample workers, one per task running at once, kept from task to task.
 
-    Never touches a database: only the client writes the state store.
-    """
-
-    def __init__(  # no database: the base's is not opened
-        self, records: dict[str, dict[str, Record]], failures: dict[bytes, tuple[FailureRecord, str]]
-    ) -> None:
-        self._seeded = {folder: dict(found) for folder, found in records.items()}
-        self._failures = dict(failures)
-        self.made: list[tuple[str, Origin]] = []
-        self.signatures: list[FolderSignature] = []
-        self.failed: list[tuple[bytes, FailureRecord, str]] = []
-        self.forgotten: list[bytes] = []
-
-    def failures(self) -> dict[bytes, tuple[FailureRecord, str]]:
-        """The failures the client sent with the task, and those the task met."""
-        return dict(self._failures)
-
-    def failure(self, source: bytes) -> tuple[FailureRecord, str] | None:
-        """The failure known for one source: there is no database to read."""
-        return self._failures.get(source)
-
-    def record_failure(self, source: bytes, record: FailureRecord, reason: str) -> None:
-        """Note a decode failure for the client to record."""
-        self._failures[source] = (record, reason)
-        self.failed.append((source, record, reason))
-
-    def forget_failure(self, source: bytes) -> None:
-        """Note that a source with a recorded failure was made, for the client to forget it."""
-        if self._failures.pop(source, None) is not None:
-            self.forgotten.append(source)
-
-    def folder(self, folder: str) -> dict[str, Record]:
-        """The records of one output folder, as the client sent them plus what this task made."""
-        return self._seeded.setdefault(folder, {})
-
-    def fetch(self, out: str) -> Record | None:
-        """Like `get`: there is no database to read."""
-        return self.get(out)
-
-    def record(self, out: str, origin: Origin) -> None:
-        """Remember what the output at `out` was made from, for the client to record."""
-        folder, _, name = out.rpartition("/")
-        self.folder(folder)[name] = (origin.mtime_ns, origin.size, origin.preset, origin.digest)
-        self.made.append((out, origin))
-
-    def knows(self, signature: FolderSignature | None) -> bool:
-        """The client already skipped the folders it knew fresh: a task knows none."""
-        return False
-
-    def remember(self, signature: FolderSignature | None) -> None:
-        """Pass a settled signature of an all-fresh folder back to the client."""
-        if signature is not None and signature.settled:
-            self.signatures.append(signature)
-
-    def close(self) -> None:
-        """Nothing to commit: the client records the journal."""
-
-
-class _ResampleWorkers:
-    """This Dask worker process's resample worker processes, one per task running at once.
-
-    Kept from task to task (a worker process costs an interpreter and libvips to start), so a
-    Dask worker with N threads decodes on N cores, and one with one thread keeps one.
+    A worker process costs an interpreter and libvips to start, so a Dask worker keeps them
+    while the run's decoder settings stay the same; a Dask worker with N threads decodes on N cores.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: list[ResampleWorker] = []
-        self._settings: tuple[Limits, bool, tuple[ThumbSpec, ...]] | None = None
+        self._pool: DecoderPool | None = None
+        self._key: tuple[DecoderSettings, int] | None = None
 
-    @contextlib.contextmanager
-    def lend(self, limits: Limits, strict: bool, decode_for: tuple[ThumbSpec, ...]) -> Iterator[ResampleWorker]:
-        """A resample worker for these settings, this task's until it ends."""
-        settings = (limits, strict, decode_for)
+    def pool(self, settings: DecoderSettings, sharing: int) -> DecoderPool:
+        """The pool for these settings; a pool of other settings is closed (its lent workers leave when back)."""
         with self._lock:
-            if self._settings != settings:
-                for old in self._idle:
-                    old.close()
-                self._idle.clear()
-                self._settings = settings
-            worker = self._idle.pop() if self._idle else None
-        if worker is None:
-            ceiling = limits.worker_memory(_dask_threads())
-            worker = ResampleWorker(limits, strict=strict, memory_ceiling=ceiling, decode_for=decode_for)
-        try:
-            yield worker
-        except BaseException:
-            worker.close()  # it may hold files of this task unanswered
-            raise
-        with self._lock:
-            if self._settings == settings:
-                self._idle.append(worker)
-                return
-        worker.close()
+            if self._pool is None or self._key != (settings, sharing):
+                if self._pool is not None:
+                    self._pool.close()
+                self._pool = DecoderPool(settings, sharing=sharing)
+                self._key = (settings, sharing)
+            return self._pool
 
 
-_resample_workers = _ResampleWorkers()
+_task_pools = _TaskPools()
 
 
-def _dask_threads() -> int:
-    """The threads of the Dask worker running this task (1 outside one): each may run a task at once."""
+def _decoders_here(by_host: Mapping[str, int]) -> int:
+    """The resample workers decoding at once on this host, by the client's count (this worker's threads if none)."""
     try:
         from distributed import get_worker
+        from distributed.comm.addressing import get_address_host
 
-        return max(1, int(get_worker().state.nthreads))
+        worker = get_worker()
+        return by_host.get(get_address_host(worker.address)) or max(1, int(worker.state.nthreads))
     except (ImportError, ValueError, AttributeError):
         return 1
 
@@ -232,21 +168,21 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     _require_visible(destination.root, "destination", destination.root)
     for batch, shown in zip(task.batches, task.shown, strict=True):
         _require_visible(batch.target or batch.directory, "source", shown)
-    state = TaskState(task.records, task.failures)
+    records = TaskRecords(task.records, task.failures)
     target = OutputTree(
         Path(destination.root),
         destination.specs,
         name_template=destination.name_template,
         check_collisions=destination.check_collisions,
         locked=False,
-        state=state,
+        records=records,
         retry_failed=task.retry_failed,
     )
     # A rerun of a task whose worker was killed finds that attempt's temporary files here.
     for folder in task.records:
         remove_orphaned_temporary_files(os.path.join(destination.root, folder))
     with _heap_kept:
-        return _TaskRun(task, target, state).run()
+        return _TaskRun(task, target, records).run()
 
 
 class _HeapKept:
@@ -307,12 +243,11 @@ _heap_kept = _HeapKept()
 
 
 class _TaskRun:
-    """One task on a worker: the local pipeline's stages, in order, on one thread (a worker is one thread)."""
+    """One task on a worker: the engine's steps for each file, in order, on one thread (a worker is one thread)."""
 
-    def __init__(self, task: FolderTask, target: OutputTree, state: TaskState) -> None:
+    def __init__(self, task: FolderTask, target: OutputTree, records: TaskRecords) -> None:
         self.task = task
-        self.target = target
-        self.state = state
+        self.records = records
         self.results: list[FileResult] = []
         self.fresh = 0
         self.bytes_read = 0
@@ -322,55 +257,56 @@ class _TaskRun:
         self._shown = {
             batch.directory: shown for batch, shown in zip(task.batches, task.shown, strict=True) if not batch.target
         }
+        self.target = target
+        self.maker = SourceMaker(
+            target, task.limits, follow_symlinks=task.follow_symlinks, dry_run=task.dry_run, shown=self._as_shown
+        )
 
-    def _as_shown(self, source: SourceFile) -> str:
-        """The source's path as the client names it."""
-        directory, _, name = source.path.rpartition("/")
+    def _as_shown(self, path: str) -> str:
+        """A source's path as the client names it."""
+        directory, _, name = path.rpartition("/")
         shown = self._shown.get(directory)
-        return f"{shown.rstrip('/')}/{name}" if shown is not None else source.path
+        return f"{shown.rstrip('/')}/{name}" if shown is not None else path
 
     def run(self) -> TaskOutcome:
         """Plan every folder, then make the missing thumbnails before the stale ones, within the budget."""
         began = time.monotonic()
-        task = self.task
-        missing: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
-        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
-        for batch in task.batches:
-            fresh, todo = self.target.plan_batch(batch, task.force)
+        missing: list[Job] = []
+        stale: list[Job] = []
+        for batch in self.task.batches:
+            fresh, todo = self.target.plan_batch(batch, self.task.force)
             self.fresh += fresh
-            for source, plan in todo:
-                if plan.freshness == "rejected":
-                    self.results.append(FileResult(self._as_shown(source), "failed", plan.problem))
-                elif plan.freshness == "known-failure":
-                    self.results.append(FileResult(self._as_shown(source), "known-failure", plan.problem))
-                elif task.dry_run:
-                    for spec in plan.specs:
-                        self.planned_by_spec[spec.name] = self.planned_by_spec.get(spec.name, 0) + 1
-                    self.results.append(FileResult(self._as_shown(source), "planned", thumbnails=len(plan.specs)))
-                else:
-                    (stale if plan.freshness == "stale" else missing).append((source, plan.specs))
+            planned = self.maker.sort(todo)
+            self.results.extend(planned.results)
+            for name, count in planned.planned_by_spec.items():
+                self.planned_by_spec[name] = self.planned_by_spec.get(name, 0) + count
+            missing.extend(planned.missing)
+            stale.extend(planned.stale)
         self._make(missing + stale)
         self.target.close()
+        records = self.records
         return TaskOutcome(
             self.results,
             self.fresh,
             self.bytes_read,
             self.planned_by_spec,
-            self.state.made,
-            self.state.signatures,
-            self.state.failed,
-            self.state.forgotten,
+            records.made,
+            records.signatures,
+            records.failed,
+            records.forgotten,
             self.spent,
             self.started,
             time.monotonic() - began,
         )
 
-    def _make(self, todo: list[tuple[SourceFile, tuple[ThumbSpec, ...]]]) -> None:
+    def _make(self, todo: list[Job]) -> None:
         """Read, decode (in this host's resample worker process, PIPELINED files ahead) and write, in order."""
         task = self.task
         interrupted = _EventWatch(task.interrupted)
-        sent: deque[tuple[str, SourceFile, tuple[ThumbSpec, ...]]] = deque()
-        with _resample_workers.lend(task.limits, task.strict, task.destination.decode_for) as worker:
+        sent: deque[Job] = deque()
+        settings = DecoderSettings(task.limits, task.strict, task.destination.decode_for)
+        pool = _task_pools.pool(settings, _decoders_here(task.decoders_by_host))
+        with pool.lend() as worker:
             for source, specs in todo:
                 if task.budget is not None and self.started >= task.budget:
                     self.spent = True
@@ -378,29 +314,22 @@ class _TaskRun:
                 if interrupted.is_set():
                     break
                 self.started += 1
-                shown = self._as_shown(source)
-                try:
-                    data, read = read_source(source, task.limits, task.follow_symlinks)
-                except (OSError, FileRejected) as exc:
-                    self.results.append(FileResult(shown, "failed", _reason(exc)))
+                read = self.maker.read(source)
+                if isinstance(read, FileResult):
+                    self.results.append(read)
                     continue
+                data, source = read
                 self.bytes_read += len(data)
                 worker.send(data, specs)
-                sent.append((shown, read, specs))
+                sent.append((source, specs))
                 if len(sent) >= PIPELINED:
-                    self.results.append(self._write(worker.receive(), *sent.popleft()))
+                    self._finish(worker.receive(), *sent.popleft())
             while sent:
-                self.results.append(self._write(worker.receive(), *sent.popleft()))
+                self._finish(worker.receive(), *sent.popleft())
 
-    def _write(self, made: WorkerOutcome, shown: str, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> FileResult:
-        if made.reason:
-            self.target.record_failure(source, made.reason)
-            return FileResult(shown, "failed", made.reason, detail=made.detail)
-        try:
-            self.target.write(source, list(zip(specs, made.thumbnails, strict=True)))
-        except OSError as exc:
-            return FileResult(shown, "failed", f"cannot write thumbnail: {_reason(exc)}")
-        return FileResult(shown, "made", thumbnails=len(specs), warning=made.warning, detail=made.detail)
+    def _finish(self, outcome: WorkerOutcome, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> None:
+        refused = self.maker.refused(source, outcome)
+        self.results.append(refused or self.maker.write(source, specs, outcome))
 
 
 class _EventWatch:
@@ -420,9 +349,3 @@ class _EventWatch:
 
         self._asked = time.monotonic()
         return bool(Event(self._name).is_set())
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc)

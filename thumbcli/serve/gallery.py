@@ -17,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import parse_qs
 
-from thumbcli.cache import LAYOUT_DIR
+from thumbcli.cache import LAYOUT_DIR, url_segments
 from thumbcli.serve.imagesize import size_of_file
 from thumbcli.serve.listing import FolderLister, Sort
 from thumbcli.serve.pages import PAGE_ITEMS, GalleryItem, Page, PresetView, gallery_page, url_of
@@ -55,13 +55,10 @@ def parse_folder_url(target: bytes) -> FolderRequest | None:
     """
     path, _, query = target.partition(b"?")
     path = path.partition(b"#")[0]
-    if not path.startswith(b"/") or not path.endswith(b"/") or len(path) < 3:
+    if not path.endswith(b"/") or len(path) < 3:
         return None
-    decoded = unquote_to_bytes(path[1:-1])
-    if b"\x00" in decoded or b"\\" in decoded:
-        return None
-    segments = decoded.split(b"/")
-    if any(segment == b"" or segment.startswith(b".") for segment in segments):
+    segments = url_segments(path[:-1])
+    if segments is None or any(segment.startswith(b".") for segment in segments):
         return None
     preset = segments[0]
     if not preset.isascii():

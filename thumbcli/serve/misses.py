@@ -1,6 +1,6 @@
 """Generate on a miss (`serve --source`): requests parked in their connection's output until their thumbnail is ready.
 
-The check against the source and the making both happen on `thumbcli.ondemand`'s threads;
+The check against the source and the making both happen on `thumbcli.make.ondemand`'s threads;
 the loop only parks a request, and answers it when the completion arrives through an eventfd.
 """
 
@@ -28,11 +28,11 @@ from thumbcli.serve.protocol import Connection, Parked, Request
 from thumbcli.spec import Format
 
 if TYPE_CHECKING:
-    from thumbcli.ondemand import Completion, OnDemand
+    from thumbcli.make.ondemand import Completion, OnDemand
 
 log = logging.getLogger(__name__)
 
-#: The status answering each `thumbcli.ondemand.Outcome` (by value: that module loads only with --source).
+#: The status answering each `thumbcli.make.ondemand.Outcome` (by value: that module loads only with --source).
 _STATUS_BY_OUTCOME = {"ready": 200, "missing": 404, "failed": 500, "unchecked": 503}
 
 
@@ -59,7 +59,7 @@ class MissDesk:
     def __init__(self, options: ServeOptions, epoll: select.epoll, counters: memoryview) -> None:
         # Imported here, so that the plain server never imports the pipeline; and made here, after
         # fork, so that the generator threads are this process's.
-        from thumbcli.ondemand import OnDemand
+        from thumbcli.make.ondemand import OnDemand
 
         sources = options.on_demand_sources
         assert sources
@@ -68,6 +68,8 @@ class MissDesk:
             options.cache_root,
             {spec.name: spec for spec in options.presets},
             workers=options.generators,
+            # Every serve process has its generators, each decoding in a resample worker.
+            sharing=options.generators * options.workers,
             max_pending=options.max_pending,
             limits=options.limits,
             strict=options.strict,

@@ -83,12 +83,14 @@ def describe(options: ServeOptions, port: int) -> list[str]:
     made = {spec.name: spec for spec in options.presets}
     presets = [f"{name} ({entries[name].get('size', '?')}, {', '.join(formats[name])})" for name in sorted(formats)]
     presets += [f"{name} ({spec.box.label}, {spec.format})" for name, spec in made.items() if name not in entries]
+    sources = options.on_demand_sources
+    roots = ", ".join(f"{name}={root}" if name else str(root) for name, root in sources.items())
     return [
         f"open {url} in a browser",
         f"presets: {', '.join(presets) or 'none yet'}",
         "browsing folders: " + ("on" if options.browse else "off (--browse lists folders)"),
         "generate on a miss: "
-        + (f"on, {', '.join(sorted(made))}" if options.source_root is not None else "off (--source makes thumbnails)"),
+        + (f"on, {', '.join(sorted(made))} from {roots}" if sources else "off (--source makes thumbnails)"),
     ]
 
 

@@ -15,7 +15,8 @@ import threading
 import thumbcli
 from thumbcli.discover import SourceFile
 from thumbcli.targets.plan import Plan, judge
-from thumbcli.targets.state import FailureRecord, StateError, StateStore
+from thumbcli.targets.records import Records
+from thumbcli.targets.state import FailureRecord, StateError
 
 
 def failure_key(path: str) -> bytes:
@@ -29,7 +30,7 @@ class FailureBook:
     With `retry` (`--retry-failed`, or `--force`) no failure is known: every source is tried again.
     """
 
-    def __init__(self, state: StateStore, *, retry: bool = False, version: str | None = None) -> None:
+    def __init__(self, state: Records, *, retry: bool = False, version: str | None = None) -> None:
         self._state = state
         self._retry = retry
         self.version = version if version is not None else thumbcli.__version__

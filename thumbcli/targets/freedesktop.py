@@ -319,6 +319,10 @@ class FreedesktopCache:
             # Losing a marker only means the file is tried again next run.
             log.warning("%s: cannot write the fail marker: %s", display_path(source.path), exc.strerror or exc)
 
+    def typical_size(self, spec: ThumbSpec) -> int | None:
+        """Not known: the desktop cache keeps no record of its thumbnails' sizes."""
+        return None
+
     def close(self) -> None:
         """Commit the folder signatures and release the run lock."""
         if not self._closed:

@@ -110,6 +110,10 @@ class Target(Protocol):
         """Note that libvips rejected the source (called from resample workers)."""
         ...
 
+    def typical_size(self, spec: ThumbSpec) -> int | None:
+        """The bytes a thumbnail of `spec` usually takes here, from those made so far (None: not known)."""
+        ...
+
     def close(self) -> None:
         """Commit records and release locks."""
         ...

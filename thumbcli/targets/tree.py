@@ -18,6 +18,7 @@ from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_a
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
+from thumbcli.targets.records import Records
 from thumbcli.targets.state import FolderSignature, Origin, Record, StateError, StateStore, folder_signature
 
 if TYPE_CHECKING:
@@ -140,12 +141,12 @@ class OutputTree:
         locked: bool = True,
         source_folders: Mapping[str, str] | None = None,
         shard: tuple[int, int] = (0, 1),
-        state: StateStore | None = None,
+        records: Records | None = None,
         retry_failed: bool = False,
     ) -> None:
         """`shard` (I, N) of a `--shard` run names its own lock and state files, so N shards run at once.
 
-        `state`: records the caller keeps (a cluster task's, in memory) instead of the state file.
+        `records`: records the caller keeps (a cluster task's, in memory) instead of the state file.
         """
         check_name_template(name_template)
         self.root = root
@@ -160,7 +161,9 @@ class OutputTree:
                 raise PermissionError(13, "Permission denied")
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
             self._lock = RunLock(root / PRIVATE_DIR / f"lock{tag}", wait=wait_for_lock) if locked else None
-            self._state = state if state is not None else StateStore(root / PRIVATE_DIR / f"state{tag}.sqlite")
+            self._state: Records = (
+                records if records is not None else StateStore(root / PRIVATE_DIR / f"state{tag}.sqlite")
+            )
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
@@ -177,7 +180,7 @@ class OutputTree:
         self._source_folders = dict(source_folders) if source_folders else None
 
     @property
-    def state(self) -> StateStore:
+    def records(self) -> Records:
         """The records of what each thumbnail was made from (a cluster run's client sends them with tasks)."""
         return self._state
 

@@ -10,24 +10,22 @@ loads libvips.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
-import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from thumbcli.cache import is_within
-from thumbcli.discover import SourceFile, display_path, is_image_name
-from thumbcli.errors import FileRejected
-from thumbcli.pipeline import _reason, read_source
+from thumbcli.cache import is_hidden, is_within
+from thumbcli.discover import SourceFile, is_image_name
+from thumbcli.make.engine import SourceMaker
+from thumbcli.make.pool import DecoderPool, DecoderSettings
+from thumbcli.make.results import FileResult
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.state import StateError
-from thumbcli.workers import ResampleWorker
 
 log = logging.getLogger(__name__)
 
@@ -55,33 +53,6 @@ class Completion(NamedTuple):
 Done = Callable[[Completion], None]
 
 
-class WorkerPool:
-    """Resample worker processes for the generator threads: one each, started on first use, replaced when killed."""
-
-    def __init__(self, count: int, limits: Limits, *, strict: bool, decode_for: tuple[ThumbSpec, ...]) -> None:
-        ceiling = limits.worker_memory(count)
-        self._all = [
-            ResampleWorker(limits, strict=strict, memory_ceiling=ceiling, decode_for=decode_for) for _ in range(count)
-        ]
-        self._idle: queue.SimpleQueue[ResampleWorker] = queue.SimpleQueue()
-        for worker in self._all:
-            self._idle.put(worker)
-
-    @contextlib.contextmanager
-    def worker(self) -> Iterator[ResampleWorker]:
-        """A worker for one file, given back after (never waits: there is one per generator thread)."""
-        worker = self._idle.get()
-        try:
-            yield worker
-        finally:
-            self._idle.put(worker)
-
-    def close(self) -> None:
-        """Let every worker leave (call once no generation runs)."""
-        for worker in self._all:
-            worker.close()
-
-
 class OnDemand:
     """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
 
@@ -103,11 +74,14 @@ class OnDemand:
         presets: Mapping[str, ThumbSpec],
         *,
         workers: int = 2,
+        sharing: int = 0,
         max_pending: int = 16,
         limits: Limits | None = None,
         strict: bool = False,
         decode_for: tuple[ThumbSpec, ...] = (),
     ) -> None:
+        """`workers` generator threads, each decoding in a resample worker; `sharing` resample workers on
+        this host in all (0: `workers`), as serve's processes each have theirs."""
         from thumbcli.targets.served import CacheDirectory
 
         #: URL segment after the preset -> source root; a lone unnamed root (a Path) is under "": no such segment.
@@ -122,9 +96,9 @@ class OnDemand:
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
-        self._workers = WorkerPool(
-            workers, self._limits, strict=strict, decode_for=decode_for or tuple(self._presets.values())
-        )
+        self._maker = SourceMaker(self._target, self._limits, follow_symlinks=False)
+        settings = DecoderSettings(self._limits, strict, decode_for or tuple(self._presets.values()))
+        self._pool = DecoderPool(settings, sharing=max(workers, sharing))
         from concurrent.futures import ThreadPoolExecutor  # only `serve --source` needs it
 
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="on-demand")
@@ -135,7 +109,7 @@ class OnDemand:
         With named sources the path starts with the source's name: `phone/2024/a.jpg`.
         """
         name = url_relpath.rsplit("/", 1)[-1]
-        if any(part.startswith(".") for part in url_relpath.split("/")) or not is_image_name(name):
+        if not is_image_name(name):
             return None
         root = self._sources.get("")
         relpath = url_relpath
@@ -152,14 +126,6 @@ class OnDemand:
         if not stat.S_ISREG(st.st_mode) or not is_within(root, path):
             return None
         return SourceFile(str(path), str(root), relpath, st.st_size, st.st_mtime_ns)
-
-    def is_fresh(self, preset: str, relpath: str) -> bool | None:
-        """True if the cached thumbnail is current, False if it must be made, None if there is no source."""
-        source = self.source_for(relpath)
-        spec = self._presets.get(preset)
-        if source is None or spec is None:
-            return None
-        return self._target.is_fresh(source, spec)
 
     def request(self, preset: str, relpath: str, done: Done) -> Admission:
         """Start (or join) checking and if need be making one thumbnail; `done` is called from a worker thread."""
@@ -198,37 +164,32 @@ class OnDemand:
         try:
             if self._target.is_fresh(source, spec):
                 return Completion(Outcome.READY, made=False)
+            if is_hidden(key[1]):
+                return Completion(Outcome.MISSING, made=False)
         except (OSError, StateError) as exc:
             log.warning("cannot check the %s thumbnail of %s: %s", spec.name, key[1], exc)
             return Completion(Outcome.UNCHECKED, made=False)
         if self._target.known_failure(source) is not None:
             return Completion(Outcome.MISSING, made=False)
         # The reasons name the source: they are logged, never sent to a client.
-        try:
-            data, source = read_source(source, self._limits, follow_symlinks=False)
-        except (OSError, FileRejected) as exc:
-            log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), _reason(exc))
+        read = self._maker.read(source)
+        if isinstance(read, FileResult):
+            log.warning("cannot make %s thumbnail: %s", spec.name, read.describe())
             return Completion(Outcome.MISSING, made=True)
-        with self._workers.worker() as worker:
+        data, source = read
+        with self._pool.lend() as worker:
             outcome = worker.resample(data, (spec,))
         del data
-        if outcome.reason:
-            log.warning("cannot make %s thumbnail: %s: %s", spec.name, display_path(source.path), outcome.reason)
-            try:
-                self._target.record_failure(source, outcome.reason)
-            except StateError as exc:  # not remembering it only means one more decode
-                log.warning("cannot record the failure of %s: %s", display_path(source.path), exc)
+        refused = self._maker.refused(source, outcome)
+        if refused is not None:
+            log.warning("cannot make %s thumbnail: %s", spec.name, refused.describe())
             return Completion(Outcome.MISSING, made=True)
-        if outcome.warning:
-            log.warning(
-                "made %s thumbnail of what decodes: %s: %s", spec.name, display_path(source.path), outcome.warning
-            )
-        thumbnail = outcome.thumbnails[0]
-        try:
-            self._target.write(source, [(spec, thumbnail)])
-        except OSError as exc:
-            log.warning("cannot make %s thumbnail: cannot write thumbnail: %s", spec.name, _reason(exc))
+        result = self._maker.write(source, (spec,), outcome)
+        if result.status == "failed":
+            log.warning("cannot make %s thumbnail: %s", spec.name, result.describe())
             return Completion(Outcome.FAILED, made=True)
+        if result.warning:
+            log.warning("made %s thumbnail of what decodes: %s: %s", spec.name, result.describe(), result.warning)
         return Completion(Outcome.READY, made=True)
 
     def close(self, *, abandon: bool = False) -> None:
@@ -242,5 +203,5 @@ class OnDemand:
             self._executor.shutdown(wait=False, cancel_futures=True)
             return
         self._executor.shutdown(wait=True)
-        self._workers.close()
+        self._pool.close()
         self._target.close()

@@ -2,139 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name
-from thumbcli.errors import FileRejected
-from thumbcli.spec import Limits, RunOptions, ThumbSpec, WalkOptions
-from thumbcli.splitwalk import SplitWalk, default_processes
-from thumbcli.targets.plan import Plan, Target
+from thumbcli.discover import SourceFile, WalkProblem
+from thumbcli.make.engine import Job, SourceMaker, start_walk
+from thumbcli.make.pool import DecoderPool, DecoderSettings
+from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
+from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
+from thumbcli.splitwalk import SplitWalk
+from thumbcli.targets.plan import Target
 
 if TYPE_CHECKING:
-    from thumbcli.spec import Thumbnail
     from thumbcli.workers import WorkerOutcome
 
 log = logging.getLogger(__name__)
 
-#: "known-failure": refused by the decoder in an earlier run, unchanged since, so not tried (and not reported) again.
-Status = Literal["made", "skipped", "failed", "planned", "known-failure"]
-StopReason = Literal["interrupted", "max-time", "max-files"]
-
 _DONE = None  # queue sentinel: no more work for this stage
 #: Files sent to a worker ahead of its replies: it has the next in its pipe while we turn the last around.
 PIPELINED = 2
-
-
-class FileResult(NamedTuple):
-    """What happened to one source file (a NamedTuple: one is made per file)."""
-
-    path: str
-    status: Status
-    reason: str = ""
-    thumbnails: int = 0
-    #: Made from only part of a damaged image: what was wrong with it (a degraded thumbnail).
-    warning: str = ""
-    #: The decoder's raw text behind the reason or the warning (for the fail log).
-    detail: str = ""
-
-    def describe(self) -> str:
-        """One line naming the file and, for a failure, the reason."""
-        text = display_path(self.path)
-        return f"{text}: {self.reason}" if self.reason else text
-
-
-@dataclass(slots=True)
-class RunStats:
-    """Counts and timings of one run."""
-
-    found: int = 0
-    made: int = 0
-    thumbnails: int = 0
-    skipped: int = 0
-    failed: int = 0
-    #: Files that failed in an earlier run and were not tried again (see targets/failures.py).
-    known_failures: int = 0
-    #: Files made from only the part of them that decodes (see FileResult.warning).
-    degraded: int = 0
-    #: Resample worker processes started, replacements of killed ones included.
-    workers_started: int = 0
-    seconds: float = 0.0
-    bytes_read: int = 0
-    stopped: StopReason | None = None
-    failures: list[FileResult] = field(default_factory=list)
-    warnings: list[FileResult] = field(default_factory=list)
-    known: list[FileResult] = field(default_factory=list)
-    #: With a dry run: files that would be made, and thumbnails per spec name.
-    planned: int = 0
-    planned_by_spec: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def images_per_second(self) -> float:
-        """Source images decoded per second of wall time."""
-        return self.made / self.seconds if self.seconds > 0 else 0.0
-
-    def count(self, result: FileResult, weight: int = 1) -> None:
-        """Count one file's outcome (`weight` files for a failure that stands for several, as a lost task's)."""
-        if result.status == "made":
-            self.made += 1
-            self.thumbnails += result.thumbnails
-            if result.warning:
-                self.degraded += 1
-                self.warnings.append(result)
-        elif result.status == "skipped":
-            self.skipped += 1
-        elif result.status == "planned":
-            self.planned += 1
-        elif result.status == "known-failure":
-            self.known_failures += 1
-            self.known.append(result)
-        else:
-            self.failed += weight
-            self.failures.append(result)
-
-
-class RunTally:
-    """A run's counts and the callbacks that follow them as they change (a progress bar); safe from any thread."""
-
-    def __init__(
-        self,
-        on_found: Callable[[int], None] | None,
-        on_skipped: Callable[[int], None] | None,
-        on_result: Callable[[FileResult], None] | None,
-    ) -> None:
-        self.stats = RunStats()
-        #: Held for every change to `stats`.
-        self.lock = threading.Lock()
-        self._on_found = on_found
-        self._on_skipped = on_skipped
-        self._on_result = on_result
-
-    def found(self, found: int, skipped: int) -> None:
-        """Count files found, of which `skipped` were fresh: called per folder, not per file."""
-        with self.lock:
-            self.stats.found += found
-            self.stats.skipped += skipped
-            if self._on_found is not None and found:
-                self._on_found(found)
-            if self._on_skipped is not None and skipped:
-                self._on_skipped(skipped)
-
-    def report(self, result: FileResult, weight: int = 1) -> None:
-        """Count one file's outcome (see RunStats.count) and pass it on."""
-        with self.lock:
-            self.stats.count(result, weight)
-            if self._on_result is not None:
-                self._on_result(result)
 
 
 @dataclass(slots=True)
@@ -142,9 +37,8 @@ class _Loaded:
     source: SourceFile
     specs: tuple[ThumbSpec, ...]
     data: bytes = b""
-    made: list[tuple[ThumbSpec, Thumbnail]] = field(default_factory=list)
-    warning: str = ""
-    detail: str = ""
+    #: What the worker made of it, once it has.
+    outcome: WorkerOutcome | None = None
     #: Bytes this job holds of the run's byte budget.
     budgeted: int = 0
 
@@ -200,11 +94,13 @@ class Pipeline:
     ) -> None:
         self._sources = list(sources)
         self._target = target
+        self._maker = SourceMaker(target, run.limits, follow_symlinks=walk.follow_symlinks, dry_run=dry_run)
         self._run = run
         self._walk = walk
         self._excluded_dirs = list(excluded_dirs)
-        self._dry_run = dry_run
-        self._decode_for = decode_for
+        self._decoders = DecoderSettings(run.limits, run.strict, decode_for)
+        self._pool: DecoderPool | None = None
+        self._pool_lock = threading.Lock()
         self._on_walked = on_walked
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
@@ -215,10 +111,6 @@ class Pipeline:
         self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._byte_budget = _ByteBudget(run.queue_bytes)
-        self._memory_ceiling = run.limits.worker_memory(run.workers)
-        #: Sources read so far; with `written`, lets a test observe the backpressure.
-        self.loaded = 0
-        self.written = 0
 
     @property
     def stats(self) -> RunStats:
@@ -256,7 +148,7 @@ class Pipeline:
                 pass
 
     def _walker(self, walk: SplitWalk) -> None:
-        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]] = []
+        stale: list[Job] = []
         queued = 0
         max_files = self._run.max_files
 
@@ -281,7 +173,14 @@ class Pipeline:
                 continue
             fresh, todo = self._target.plan_batch(batch, self._run.force)
             self._tally.found(len(batch.files), fresh)
-            if self._stop.is_set() or not self._plan_each(todo, stale, enqueue):
+            planned = self._maker.sort(todo)
+            if planned.planned_by_spec:
+                with self._tally.lock:
+                    self._tally.stats.add_planned(planned.planned_by_spec)
+            for result in planned.results:
+                self._tally.report(result)
+            stale.extend(planned.stale)
+            if self._stop.is_set() or not all(enqueue(*job) for job in planned.missing):
                 break
         else:
             if self._on_walked is not None:
@@ -289,31 +188,6 @@ class Pipeline:
         for source, specs in stale:
             if self._stop.is_set() or not enqueue(source, specs):
                 break
-
-    def _plan_each(
-        self,
-        todo: list[tuple[SourceFile, Plan]],
-        stale: list[tuple[SourceFile, tuple[ThumbSpec, ...]]],
-        enqueue: Callable[[SourceFile, tuple[ThumbSpec, ...]], bool],
-    ) -> bool:
-        """Queue, defer or report each file that is not fresh; False once the budget is spent."""
-        for item, plan in todo:
-            if plan.freshness == "rejected":
-                self._tally.report(FileResult(item.path, "failed", plan.problem))
-            elif plan.freshness == "known-failure":
-                self._tally.report(FileResult(item.path, "known-failure", plan.problem))
-            elif self._dry_run:
-                with self._tally.lock:
-                    for spec in plan.specs:
-                        by_spec = self._tally.stats.planned_by_spec
-                        by_spec[spec.name] = by_spec.get(spec.name, 0) + 1
-                self._tally.report(FileResult(item.path, "planned", thumbnails=len(plan.specs)))
-            elif plan.freshness == "stale":
-                # Missing thumbnails first: budgeted runs converge on full coverage.
-                stale.append((item, plan.specs))
-            elif not enqueue(item, plan.specs):
-                return False
-        return True
 
     def _put(self, q: queue.Queue[_Loaded | None], item: _Loaded | None) -> None:
         # A timeout loop instead of a plain blocking put, so a crash elsewhere cannot wedge us.
@@ -351,26 +225,26 @@ class Pipeline:
             if not self._byte_budget.take(budget, lambda: self._crash is not None or self._stopping()):
                 continue
             job.budgeted = budget
-            try:
-                job.data, job.source = read_source(job.source, self._run.limits, self._walk.follow_symlinks)
-            except (OSError, FileRejected) as exc:
+            read = self._maker.read(job.source)
+            if isinstance(read, FileResult):
                 self._byte_budget.give_back(budget)
-                self._tally.report(FileResult(job.source.path, "failed", _reason(exc)))
+                self._tally.report(read)
                 continue
+            job.data, job.source = read
             with self._tally.lock:
-                self.loaded += 1
                 self._tally.stats.bytes_read += len(job.data)
             self._put(self._resample_queue, job)
 
-    def _resampler(self, cpu: int | None) -> None:
-        """Feed one worker process (kept on core `cpu`, if one), PIPELINED files ahead.
+    def _resampler(self) -> None:
+        """Feed one worker process of the pool, PIPELINED files ahead.
 
-        The worker is started at the first file: a run with nothing to make never starts one.
+        The worker is taken at the first file: a run with nothing to make never starts one.
         """
+        lent = contextlib.ExitStack()
         worker = None
         sent: deque[_Loaded] = deque()
         more = True
-        try:
+        with lent:
             while more or sent:
                 while more and len(sent) < PIPELINED:
                     try:
@@ -383,52 +257,36 @@ class Pipeline:
                         self._byte_budget.give_back(job.budgeted)
                     else:
                         if worker is None:
-                            # Imported at the first file: a run with nothing to make (a no-change rerun) never needs it.
-                            from thumbcli.workers import ResampleWorker
-
-                            limits, strict = self._run.limits, self._run.strict
-                            worker = ResampleWorker(
-                                limits,
-                                strict=strict,
-                                memory_ceiling=self._memory_ceiling,
-                                decode_for=self._decode_for,
-                                cpu=cpu,
-                            )
+                            worker = lent.enter_context(self._decoder_pool().lend())
                         data, job.data = job.data, b""
                         worker.send(data, job.specs)
                         sent.append(job)
                 if sent:
                     assert worker is not None
                     self._received(sent.popleft(), worker.receive())
-        finally:
-            if worker is not None:
-                worker.close()
-                with self._tally.lock:
-                    self._tally.stats.workers_started += worker.started
+
+    def _decoder_pool(self) -> DecoderPool:
+        """The run's pool, made when the first file reaches a resampler."""
+        with self._pool_lock:
+            if self._pool is None:
+                run = self._run
+                self._pool = DecoderPool(self._decoders, sharing=run.workers, cores=worker_cores(run))
+            return self._pool
 
     def _received(self, job: _Loaded, outcome: WorkerOutcome) -> None:
         self._byte_budget.give_back(job.budgeted)
         job.budgeted = 0
-        if outcome.reason:
-            self._tally.report(FileResult(job.source.path, "failed", outcome.reason, detail=outcome.detail))
-            self._target.record_failure(job.source, outcome.reason)
+        refused = self._maker.refused(job.source, outcome)
+        if refused is not None:
+            self._tally.report(refused)
             return
-        job.made = list(zip(job.specs, outcome.thumbnails, strict=True))
-        job.warning, job.detail = outcome.warning, outcome.detail
+        job.outcome = outcome
         self._put(self._write_queue, job)
 
     def _writer(self) -> None:
         while (job := self._get(self._write_queue)) is not _DONE:
-            try:
-                self._target.write(job.source, job.made)
-            except OSError as exc:
-                self._tally.report(FileResult(job.source.path, "failed", f"cannot write thumbnail: {_reason(exc)}"))
-                continue
-            with self._tally.lock:
-                self.written += 1
-            self._tally.report(
-                FileResult(job.source.path, "made", thumbnails=len(job.made), warning=job.warning, detail=job.detail)
-            )
+            assert job.outcome is not None
+            self._tally.report(self._maker.write(job.source, job.specs, job.outcome))
 
     # -- orchestration -----------------------------------------------------
 
@@ -442,6 +300,9 @@ class Pipeline:
             self._run_stages(walk, started)
         finally:
             walk.close()
+            if self._pool is not None:
+                self._pool.close()
+                self._tally.stats.workers_started = self._pool.started
         self._tally.stats.seconds = time.monotonic() - started
         self._tally.stats.stopped = self._stop_reason
         if self._crash is not None:
@@ -460,11 +321,10 @@ class Pipeline:
                 thread.start()
             return threads
 
-        resamplers = [functools.partial(self._resampler, cpu) for cpu in worker_cores(options)]
         stages = [
             (start([functools.partial(self._walker, walk)], "walker"), self._load_queue, options.loaders),
             (start([self._loader] * options.loaders, "loader"), self._resample_queue, options.workers),
-            (start(resamplers, "resample"), self._write_queue, options.writers),
+            (start([self._resampler] * options.workers, "resample"), self._write_queue, options.writers),
             (start([self._writer] * options.writers, "writer"), None, 0),
         ]
         for threads, next_queue, consumers in stages:
@@ -489,49 +349,3 @@ def worker_cores(options: RunOptions) -> list[int | None]:
     if options.pin_workers and options.workers == len(cores):
         return list(cores)
     return [None] * options.workers
-
-
-def start_walk(
-    sources: list[str] | tuple[str, ...], options: WalkOptions, excluded: list[str], target: Target, *, force: bool
-) -> SplitWalk:
-    """Fork the walk of `sources` (call before any thread starts); folders `target` knows fresh are not planned."""
-    known_fresh = target.known_fresh if not force else lambda batch: False
-    return SplitWalk(sources, options, is_image_name, excluded, known_fresh, options.processes or default_processes())
-
-
-def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:
-    """Read a whole source with blocking I/O, refusing what is not a regular file or is too big.
-
-    Returns the bytes and the source re-stated from the open file (what was read is what is recorded).
-    """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    fd = os.open(source.path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileRejected("not a regular file")
-        limit = limits.max_file_size
-        if st.st_size > limit:
-            raise FileRejected(f"file is {st.st_size} bytes, over the --max-file-size limit of {limit}")
-        chunks = []
-        remaining = limit + 1
-        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise FileRejected(f"file grew past the --max-file-size limit of {limit} while being read")
-    finally:
-        os.close(fd)
-    if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):
-        # Record what was actually read, not what the walk saw.
-        source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
-    return data, source
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[0].lower() + exc.strerror[1:]
-    return str(exc)

@@ -1,0 +1,123 @@
+"""What one generate run is asked to do: its sources, its one destination, its specs and how to run."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thumbcli.discover import display_path
+from thumbcli.errors import SpecError
+from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
+
+_LOCAL_DASK = re.compile(r"local(?::(\d+))?")
+
+
+@dataclass(frozen=True, slots=True)
+class TreeDestination:
+    """A plain folder tree of thumbnails (`-o`), named by a template."""
+
+    root: Path
+    name_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDestination:
+    """A served cache folder (`--cache`) in the fixed layout `serve` reads."""
+
+    root: Path
+    #: Named by the config file or environment rather than on the command line.
+    configured: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FreedesktopDestination:
+    """The desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at these sizes."""
+
+    flavours: tuple[str, ...]
+
+
+Destination = TreeDestination | CacheDestination | FreedesktopDestination
+
+
+def choose_destination(
+    output: Path | None,
+    cache_dir: Path | None,
+    flavours: tuple[str, ...],
+    name_template: str | None,
+    *,
+    cache_configured: bool = False,
+) -> Destination:
+    """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
+
+    `cache_configured`: the cache was named by the config or environment, not on the command line.
+    """
+    if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
+        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
+    if name_template and output is None:
+        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
+    if flavours:
+        return FreedesktopDestination(flavours)
+    if cache_dir is not None:
+        return CacheDestination(cache_dir, configured=cache_configured)
+    assert output is not None
+    return TreeDestination(output, name_template)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateJob:
+    """Everything one generate run needs: what to read, where to write, what to make and how."""
+
+    sources: tuple[str, ...]
+    destination: Destination
+    specs: tuple[ThumbSpec, ...]
+    run: RunOptions = field(default_factory=RunOptions)
+    walk: WalkOptions = field(default_factory=WalkOptions)
+    dry_run: bool = False
+    wait: bool = False
+    #: Failed files and their reasons are appended here, one line each.
+    fail_log: Path | None = None
+    #: The config's named sources, name -> path: a cache puts each under its name.
+    source_names: dict[str, str] = field(default_factory=dict)
+    #: A Dask scheduler's address (`tcp://host:8786`) or `local[:N]`: make the thumbnails there.
+    dask: str | None = None
+    #: Every size of the destination when `specs` are only some (`--preset` in a configured
+    #: cache; empty: the target's specs): a thumbnail's bytes depend on them (`resample.resample`).
+    decode_for: tuple[ThumbSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+        for source in self.sources:
+            _require_source(source)
+        if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
+            raise SpecError("no thumbnail sizes to make")
+        if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
+            # Each user's desktop cache on each host is its own: there is nothing to share out.
+            raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
+        if self.dask is not None:
+            local_workers(self.dask)  # a usage error before any output folder is made
+
+
+def local_workers(address: str) -> int | None:
+    """For `local` or `local:N`, the number of local worker processes (0: one per core); None for an address."""
+    match = _LOCAL_DASK.fullmatch(address)
+    if match is None:
+        if not re.fullmatch(r"[a-z]+://\S+|\S+:\d+", address):
+            raise SpecError(f"--dask {address!r}: give a scheduler address (tcp://host:8786) or local[:N]")
+        return None
+    count = int(match.group(1) or 0)
+    if match.group(1) is not None and count < 1:
+        raise SpecError("--dask local:N needs at least one worker")
+    return count
+
+
+def _require_source(source: str) -> None:
+    """A usage error for a source that is not there (caught before any output folder is made)."""
+    try:
+        os.lstat(source)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SpecError(f"source {display_path(source)} does not exist ({exc.strerror})") from None
+    except OSError:
+        pass  # there but not readable: the walk reports it as a failure of that file or folder
