@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -65,7 +65,6 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
     return tuple(dict.fromkeys(specs))
 
 
-_DEFAULT_LIMITS = Limits()
 _DEFAULT_RUN = RunOptions(workers=1)
 _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
@@ -99,11 +98,7 @@ class GenerateRequest:
     workers: int | None = None
     writers: int = _DEFAULT_RUN.writers
     pin_workers: bool = _DEFAULT_RUN.pin_workers
-    max_file_size: int = _DEFAULT_LIMITS.max_file_size
-    max_pixels: int = _DEFAULT_LIMITS.max_pixels
-    max_decode_time: float = _DEFAULT_LIMITS.max_decode_seconds
-    #: 0: the default share of the RAM.
-    max_worker_memory: int | None = None
+    limits: Limits = field(default_factory=Limits)
     strict: bool = False
     retry_failed: bool = False
     max_files: int | None = None
@@ -122,12 +117,7 @@ class GenerateRequest:
             loaders=self.loaders,
             writers=self.writers,
             pin_workers=self.pin_workers,
-            limits=Limits(
-                max_file_size=self.max_file_size,
-                max_pixels=self.max_pixels,
-                max_decode_seconds=self.max_decode_time,
-                max_worker_memory=self.max_worker_memory or 0,
-            ),
+            limits=self.limits,
             force=self.force,
             max_files=self.max_files,
             max_seconds=self.max_time,

@@ -17,7 +17,7 @@ from thumbcli.config import (
     Config,
 )
 from thumbcli.discover import display_path
-from thumbcli.spec import FITS, FORMATS, Limits, RunOptions, SizeBox, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, RunOptions, SizeBox, ThumbSpec
 
 if TYPE_CHECKING:
     from thumbcli.job import GenerateJob
@@ -25,20 +25,18 @@ if TYPE_CHECKING:
     from thumbcli.progress import ProgressBar
     from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
-    ByteSize,
     Duration,
-    Megapixels,
     Shard,
     configure_logging,
     debug_option,
     dry_run_option,
     exits_on_errors,
     json_option,
+    limit_options,
     quiet_option,
     wait_option,
 )
 
-_DEFAULT_LIMITS = Limits()
 _DEFAULT_RUN = RunOptions(workers=1)
 _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
@@ -135,33 +133,6 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
     help="Keep each resample worker on a core of its own (when there is one worker per core).",
 )
 @click.option(
-    "--max-file-size",
-    type=ByteSize(),
-    default=ByteSize.label(_DEFAULT_LIMITS.max_file_size),
-    show_default=True,
-    help="Refuse larger source files.",
-)
-@click.option(
-    "--max-pixels",
-    type=Megapixels(),
-    default=f"{_DEFAULT_LIMITS.max_pixels / 1_000_000:g}",
-    show_default=True,
-    help="Refuse images with more megapixels (decompression bombs).",
-)
-@click.option(
-    "--max-decode-time",
-    type=Duration(),
-    default=f"{_DEFAULT_LIMITS.max_decode_seconds:g}",
-    show_default=True,
-    help="Kill and replace a resample worker that spends longer on one file; the file is reported timed out.",
-)
-@click.option(
-    "--max-worker-memory",
-    type=ByteSize(),
-    help="Kill and replace a resample worker past this much resident memory; the file is reported."
-    "  [default: half the RAM shared among the workers, at least 1G]",
-)
-@click.option(
     "--strict",
     is_flag=True,
     help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
@@ -193,6 +164,7 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 @debug_option("Debug logging and tracebacks.")
 @click.pass_obj
 @exits_on_errors
+@limit_options()
 def generate(
     config: Config, /, *, json_summary: bool, metrics_file: Path | None, quiet: bool, debug: bool, **request: Any
 ) -> None:

@@ -16,6 +16,7 @@ from thumbcli.config import (
     ConfigError,
 )
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
+from thumbcli.spec import Limits
 
 if TYPE_CHECKING:
     pass
@@ -151,3 +152,72 @@ def quiet_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def debug_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return click.option("--debug", is_flag=True, help=help_text)
+
+
+_LIMITS = Limits()
+
+
+def limit_options(scope: str = "") -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """--max-file-size, --max-pixels, --max-decode-time and --max-worker-memory, each default stated once (`Limits`).
+
+    The command receives them as one `limits: Limits`. `scope` says when they apply (serve: "With --source").
+    Put it under `exits_on_errors`, so that limits the library refuses are usage errors.
+    """
+
+    def say(text: str) -> str:
+        return f"{scope}: {text}" if scope else text[0].upper() + text[1:]
+
+    options = [
+        click.option(
+            "--max-file-size",
+            type=ByteSize(),
+            default=ByteSize.label(_LIMITS.max_file_size),
+            show_default=True,
+            help=say("refuse larger source files."),
+        ),
+        click.option(
+            "--max-pixels",
+            type=Megapixels(),
+            default=f"{_LIMITS.max_pixels / 1_000_000:g}",
+            show_default=True,
+            help=say("refuse images with more megapixels (decompression bombs)."),
+        ),
+        click.option(
+            "--max-decode-time",
+            type=Duration(),
+            default=f"{_LIMITS.max_decode_seconds:g}",
+            show_default=True,
+            help=say("kill and replace a resample worker that spends longer on one file; the file is reported."),
+        ),
+        click.option(
+            "--max-worker-memory",
+            type=ByteSize(),
+            help=say("kill and replace a resample worker past this much resident memory; the file is reported.")
+            + "  [default: half the RAM shared among the resample workers of the host, at least 1G]",
+        ),
+    ]
+
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(command)
+        def with_limits(
+            *args: Any,
+            max_file_size: int,
+            max_pixels: int,
+            max_decode_time: float,
+            max_worker_memory: int | None,
+            **kwargs: Any,
+        ) -> R:
+            limits = Limits(
+                max_file_size=max_file_size,
+                max_pixels=max_pixels,
+                max_decode_seconds=max_decode_time,
+                max_worker_memory=max_worker_memory or 0,
+            )
+            return command(*args, limits=limits, **kwargs)
+
+        decorated: Callable[..., R] = with_limits
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate

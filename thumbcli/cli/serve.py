@@ -21,15 +21,14 @@ from thumbcli.spec import Limits, ThumbSpec
 if TYPE_CHECKING:
     pass
 from thumbcli.cli.options import (
-    ByteSize,
     Duration,
-    Megapixels,
     P,
     R,
     configure_logging,
     debug_option,
     exits_on_errors,
     fail,
+    limit_options,
 )
 
 _SERVE_DEFAULTS: dict[str, Any] = {
@@ -81,30 +80,12 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
     help="With --source: threads per worker, each with a resample worker process.",
 )
 @click.option(
-    "--max-file-size", type=ByteSize(), default="256M", show_default=True, help="With --source: refuse larger sources."
-)
-@click.option(
-    "--max-pixels", type=Megapixels(), default="100", show_default=True, help="With --source: refuse larger images."
-)
-@click.option(
-    "--max-decode-time",
-    type=Duration(),
-    default="60",
-    show_default=True,
-    help="With --source: kill and replace a resample worker that spends longer on one source (its request gets 404).",
-)
-@click.option(
-    "--max-worker-memory",
-    type=ByteSize(),
-    help="With --source: kill and replace a resample worker past this much resident memory."
-    "  [default: half the RAM shared among the workers, at least 1G]",
-)
-@click.option(
     "--strict", is_flag=True, help="With --source: refuse damaged images instead of thumbnailing what decodes."
 )
 @debug_option("Debug logging.")
 @click.pass_obj
 @exits_on_errors
+@limit_options("With --source")
 def serve(
     config: Config,
     /,
@@ -114,10 +95,7 @@ def serve(
     named_sources: bool,
     presets: tuple[str, ...],
     debug: bool,
-    max_file_size: int,
-    max_pixels: int,
-    max_decode_time: float,
-    max_worker_memory: int | None,
+    limits: Limits,
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
@@ -140,12 +118,7 @@ def serve(
         named_sources=sources,
         presets=_serve_presets(config, source_root is not None or bool(sources), presets),
         decode_for=tuple(config.presets.values()),
-        limits=Limits(
-            max_file_size=max_file_size,
-            max_pixels=max_pixels,
-            max_decode_seconds=max_decode_time,
-            max_worker_memory=max_worker_memory or 0,
-        ),
+        limits=limits,
         **listening,
     )
     try:
