@@ -275,3 +275,15 @@ def test_layers_the_circle_rule_can_see_a_circle() -> None:
     graph["cluster.client"] = graph["cluster.client"] | {"run"}
     assert ["cluster.client", "run"] in circles(graph)
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_layers_no_module_over_600_lines_class_over_400_or_function_over_100(path: Path) -> None:
+    # Past these a room asks to be split (STYLE.md): one job a module, one screen a function.
+    assert path.read_text().count("\n") <= 600, f"{module_name(path)} is over 600 lines"
+    for node in ast.walk(parsed(path)):
+        length = (node.end_lineno or node.lineno) - node.lineno + 1 if isinstance(node, ast.stmt) else 0
+        if isinstance(node, ast.ClassDef):
+            assert length <= 400, f"class {node.name} of {module_name(path)} is {length} lines"
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert length <= 100, f"{node.name} of {module_name(path)} is {length} lines"
