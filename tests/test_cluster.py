@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from daskkit import DASK, DaskCluster, dask_cluster
-from imagekit import cli_command, draw_photo, load, output_files, run_cli
+from imagekit import cli_command, draw_photo, load, make_photo, output_files, run_cli
 
 from thumbcli.cluster.task import FolderTask, SealedTask, SourceUnreachable, TaskDestination, make_folders
 from thumbcli.discover import DirBatch
@@ -277,7 +277,7 @@ def test_task_on_a_host_that_cannot_see_the_source_fails_in_one_line(tmp_path: P
     output.mkdir()
     unseen = str(tmp_path / "mounted-elsewhere" / "album")
     task = FolderTask(
-        TaskDestination(str(output), (ThumbSpec(SizeBox.parse("64")),), "{size}/{relpath}.{ext}", False, ()),
+        TaskDestination(str(output), (ThumbSpec(SizeBox.parse("64")),), "{size}/{relpath}.{ext}", False, (), ()),
         (DirBatch(str(tmp_path / "mounted-elsewhere"), "album", unseen, [("a.jpg", 1, 1)]),),
         ("photos/album",),
         {"64/album": {}},
@@ -343,3 +343,19 @@ def test_a_task_reads_its_files_into_kept_memory_where_dasks_nanny_pins_malloc(t
     plain, kept = map(int, probe.stdout.split())
     assert plain > 12 * (3 << 20) // 4096, probe.stdout  # at least a fault per page read
     assert kept < plain / 10, probe.stdout
+
+
+def test_cluster_puts_each_source_roots_thumbnails_under_its_folder_as_a_local_run_does(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    # Two cards, the same file name on each: a local run keeps them apart under each root's folder.
+    for card, seed in (("card1", 1), ("card2", 2)):
+        make_photo(tmp_path / card / "DCIM" / "IMG_0001.JPG", 96, 64, seed=seed)
+    sources = (tmp_path / "card1" / "DCIM", tmp_path / "card2" / "DCIM")
+    assert run_cli("generate", *sources, "-o", tmp_path / "local", "-s", "64").rc == 0
+    run = run_cli("generate", *sources, "-o", tmp_path / "dask", "-s", "64", "--dask", cluster.address)
+    assert run.rc == 0, run.stderr
+    same_outputs(tmp_path / "local", tmp_path / "dask")
+    assert len(output_files(tmp_path / "dask")) == 2
+    rerun = run_cli("generate", *sources, "-o", tmp_path / "dask", "-s", "64", "--json", "--dask", cluster.address)
+    assert (rerun.rc, rerun.summary["made"], rerun.summary["skipped"]) == (0, 0, 2)

@@ -147,6 +147,7 @@ class ClusterRun:
             target.specs,
             target.name_template,
             check_collisions=target.checks_collisions,
+            source_folders=tuple((os.path.abspath(root), folder) for root, folder in target.source_folders.items()),
             decode_for=decode_for or target.specs,
         )
 

@@ -40,6 +40,8 @@ class TaskDestination:
     specs: tuple[ThumbSpec, ...]
     name_template: str
     check_collisions: bool
+    #: Each source root, absolute, -> the folder its thumbnails go under (several sources); empty for one.
+    source_folders: tuple[tuple[str, str], ...]
     #: Every size of the destination: each image is decoded for the largest (see `resample.resample`).
     decode_for: tuple[ThumbSpec, ...]
 
@@ -174,6 +176,7 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
         destination.specs,
         name_template=destination.name_template,
         check_collisions=destination.check_collisions,
+        source_folders=dict(destination.source_folders),
         locked=False,
         records=records,
         retry_failed=task.retry_failed,

@@ -190,6 +190,11 @@ class OutputTree:
         return self._template
 
     @property
+    def source_folders(self) -> dict[str, str]:
+        """Each source root (as the walk spells it) -> the folder its thumbnails go under; {} for one source."""
+        return dict(self._source_folders or {})
+
+    @property
     def checks_collisions(self) -> bool:
         """Whether two sources landing on one output name are refused (several sources, or a --name)."""
         return self._claims is not None
