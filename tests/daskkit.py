@@ -46,6 +46,17 @@ def _wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], what:
         time.sleep(0.1)
 
 
+def _address_in(scheduler_file: Path, scheduler: subprocess.Popen[bytes]) -> str:
+    """The scheduler's address from its file, which it writes after logging that it is up."""
+    deadline = time.monotonic() + START_SECONDS
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return str(json.loads(scheduler_file.read_text())["address"])
+        if scheduler.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"dask scheduler wrote no {scheduler_file.name}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def dask_cluster(folder: Path, workers: int = 2, threads: int = 1) -> Iterator[DaskCluster]:
     """Start `dask scheduler` on a port it picks and `workers` `dask worker` processes; stop them all after."""
@@ -63,7 +74,7 @@ def dask_cluster(folder: Path, workers: int = 2, threads: int = 1) -> Iterator[D
             )
         processes.append(scheduler)
         _wait_for_line(scheduler_log, "Scheduler at:", scheduler, "dask scheduler")
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = _address_in(scheduler_file, scheduler)
         assert address.startswith("tcp://127.0.0.1:")
         cluster = DaskCluster(address, scheduler)
         for index in range(workers):

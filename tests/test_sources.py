@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from imagekit import draw_photo, load, make_photo, mean_abs_difference, output_files, run_cli
-from servekit import fetch, running_server
+from servekit import fetch, running_server, wait_until
 
 from thumbcli.cache import cache_path, read_manifest, resolve_url, url_path_for
 from thumbcli.config import ConfigError, load_config
@@ -353,6 +353,8 @@ def test_serve_named_sources_says_at_start_that_it_makes_misses_from_each_source
     two_cards(tmp_path, "phone", "camera")
     config = named_config(tmp_path, "phone", "camera")
     with running_server(tmp_path / "cache", config=config, named_sources=True) as server:
+        # The lines that describe the server follow the one that says where it listens.
+        assert wait_until(lambda: any("generate on a miss" in line for line in server.stderr_lines))
         said = [line for line in server.stderr_lines if "generate on a miss" in line]
     assert len(said) == 1, server.stderr_lines
     assert "generate on a miss: on, small from " in said[0]
