@@ -23,7 +23,7 @@ from thumbcli.job import (
 )
 from thumbcli.make.pipeline import Pipeline
 from thumbcli.make.results import FileResult, RunStats, StopReason
-from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.spec import Fit, Format, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Removal, Target
 from thumbcli.targets.served import CacheDirectory
 from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, source_folders
@@ -71,7 +71,7 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """What `generate` was asked, option by option (as the command line names them), before it is a job."""
+    """What `generate` was asked, before it is a job: the destination and the specs are chosen against the config."""
 
     sources: tuple[str, ...] = ()
     output: Path | None = None
@@ -87,25 +87,11 @@ class GenerateRequest:
     upscale: bool = False
     keep_metadata: bool = False
     name_template: str | None = None
-    hidden: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    follow_symlinks: bool = False
-    force: bool = False
+    walk: WalkOptions = field(default_factory=WalkOptions)
+    run: RunOptions = field(default_factory=RunOptions)
     dry_run: bool = False
-    walkers: int | None = None
-    loaders: int = _DEFAULT_RUN.loaders
-    workers: int | None = None
-    writers: int = _DEFAULT_RUN.writers
-    pin_workers: bool = _DEFAULT_RUN.pin_workers
-    limits: Limits = field(default_factory=Limits)
-    strict: bool = False
-    retry_failed: bool = False
-    max_files: int | None = None
-    max_time: float | None = None
     wait: bool = False
     fail_log: Path | None = None
-    shard: tuple[int, int] = (0, 1)
     dask: str | None = None
 
     def job(self, config: Config) -> GenerateJob:
@@ -113,34 +99,14 @@ class GenerateRequest:
         destination = choose_destination(
             self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
         )
-        run_options = RunOptions(
-            loaders=self.loaders,
-            writers=self.writers,
-            pin_workers=self.pin_workers,
-            limits=self.limits,
-            force=self.force,
-            max_files=self.max_files,
-            max_seconds=self.max_time,
-            strict=self.strict,
-            retry_failed=self.retry_failed,
-            **({"workers": self.workers} if self.workers else {}),
-        )
-        walk_options = WalkOptions(
-            hidden=self.hidden,
-            follow_symlinks=self.follow_symlinks,
-            include=self.include,
-            exclude=self.exclude,
-            processes=self.walkers or 0,
-            shard=self.shard,
-        )
         specs = choose_specs(config, destination, self)
         cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
         return GenerateJob(
             tuple(self.sources),
             destination,
             specs,
-            run_options,
-            walk_options,
+            self.run,
+            self.walk,
             dry_run=self.dry_run,
             wait=self.wait,
             fail_log=self.fail_log,

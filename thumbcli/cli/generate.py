@@ -17,7 +17,7 @@ from thumbcli.config import (
     Config,
 )
 from thumbcli.discover import display_path
-from thumbcli.spec import FITS, FORMATS, RunOptions, SizeBox, ThumbSpec
+from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 
 if TYPE_CHECKING:
     from thumbcli.job import GenerateJob
@@ -31,6 +31,7 @@ from thumbcli.cli.options import (
     debug_option,
     dry_run_option,
     exits_on_errors,
+    grouped_options,
     json_option,
     limit_options,
     quiet_option,
@@ -38,7 +39,121 @@ from thumbcli.cli.options import (
 )
 
 _DEFAULT_RUN = RunOptions(workers=1)
+_DEFAULT_WALK = WalkOptions()
 _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
+
+
+def _walk(
+    hidden: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    follow_symlinks: bool,
+    walkers: int | None,
+    shard: tuple[int, int],
+) -> WalkOptions:
+    return WalkOptions(
+        hidden=hidden,
+        follow_symlinks=follow_symlinks,
+        include=include,
+        exclude=exclude,
+        processes=walkers or _DEFAULT_WALK.processes,
+        shard=shard,
+    )
+
+
+#: Which files the walk finds, and how it walks: the command gets them as one `walk: WalkOptions`.
+walk_options = grouped_options(
+    "walk",
+    _walk,
+    click.option("--hidden", is_flag=True, help="Include hidden files and folders."),
+    click.option(
+        "--include", multiple=True, metavar="GLOB", help="Only files whose relative path or name matches; repeatable."
+    ),
+    click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable."),
+    click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported)."),
+    click.option(
+        "--walkers",
+        type=click.IntRange(1, 64),
+        help="Processes walking and stat-ing the sources; more help on network filesystems."
+        "  [default: number of cores, at most 4]",
+    ),
+    click.option(
+        "--shard",
+        type=Shard(),
+        default="0/1",
+        help="Make only share I of N of the folders (0 <= I < N), with its own lock and state; for other schedulers.",
+    ),
+)
+
+
+def _run(
+    limits: Limits,
+    force: bool,
+    retry_failed: bool,
+    loaders: int,
+    workers: int | None,
+    writers: int,
+    pin_workers: bool,
+    strict: bool,
+    max_files: int | None,
+    max_time: float | None,
+) -> RunOptions:
+    return RunOptions(
+        loaders=loaders,
+        writers=writers,
+        pin_workers=pin_workers,
+        limits=limits,
+        force=force,
+        max_files=max_files,
+        max_seconds=max_time,
+        strict=strict,
+        retry_failed=retry_failed,
+        **({"workers": workers} if workers else {}),
+    )
+
+
+#: How the run goes: threads, workers, policies and budgets; the command gets them as one `run: RunOptions`.
+run_options = grouped_options(
+    "run",
+    _run,
+    click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date."),
+    click.option(
+        "--retry-failed",
+        is_flag=True,
+        help="Try again the files that failed to decode in earlier runs (otherwise retried only once they change).",
+    ),
+    click.option(
+        "--loaders",
+        type=click.IntRange(1, 256),
+        default=_DEFAULT_RUN.loaders,
+        show_default=True,
+        help="Threads reading files.",
+    ),
+    click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]"),
+    click.option(
+        "--writers",
+        type=click.IntRange(1, 256),
+        default=_DEFAULT_RUN.writers,
+        show_default=True,
+        help="Threads writing thumbnails.",
+    ),
+    click.option(
+        "--pin-workers/--no-pin-workers",
+        default=_DEFAULT_RUN.pin_workers,
+        show_default=True,
+        help="Keep each resample worker on a core of its own (when there is one worker per core).",
+    ),
+    click.option(
+        "--strict",
+        is_flag=True,
+        help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
+    ),
+    click.option(
+        "--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on)."
+    ),
+    click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m."),
+    takes=("limits",),
+)
 
 
 @click.command()
@@ -92,59 +207,7 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
     metavar="TEMPLATE",
     help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
 )
-@click.option("--hidden", is_flag=True, help="Include hidden files and folders.")
-@click.option(
-    "--include", multiple=True, metavar="GLOB", help="Only files whose relative path or name matches; repeatable."
-)
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders that match; repeatable.")
-@click.option("-L", "--follow-symlinks", is_flag=True, help="Follow symlinks (loops are detected and reported).")
-@click.option("--force", is_flag=True, help="Remake thumbnails even when they are up to date.")
-@click.option(
-    "--retry-failed",
-    is_flag=True,
-    help="Try again the files that failed to decode in earlier runs (otherwise retried only once they change).",
-)
 @dry_run_option("Only count what would be made and estimate its disk space.")
-@click.option(
-    "--walkers",
-    type=click.IntRange(1, 64),
-    help="Processes walking and stat-ing the sources; more help on network filesystems."
-    "  [default: number of cores, at most 4]",
-)
-@click.option(
-    "--loaders",
-    type=click.IntRange(1, 256),
-    default=_DEFAULT_RUN.loaders,
-    show_default=True,
-    help="Threads reading files.",
-)
-@click.option("-j", "--workers", type=click.IntRange(1, 256), help="Resample workers.  [default: number of cores]")
-@click.option(
-    "--writers",
-    type=click.IntRange(1, 256),
-    default=_DEFAULT_RUN.writers,
-    show_default=True,
-    help="Threads writing thumbnails.",
-)
-@click.option(
-    "--pin-workers/--no-pin-workers",
-    default=_DEFAULT_RUN.pin_workers,
-    show_default=True,
-    help="Keep each resample worker on a core of its own (when there is one worker per core).",
-)
-@click.option(
-    "--strict",
-    is_flag=True,
-    help="Refuse truncated or damaged images instead of making degraded thumbnails of what decodes.",
-)
-@click.option("--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on).")
-@click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m.")
-@click.option(
-    "--shard",
-    type=Shard(),
-    default="0/1",
-    help="Make only share I of N of the folders (0 <= I < N), with its own lock and state; for other schedulers.",
-)
 @click.option(
     "--dask",
     metavar="ADDRESS",
@@ -164,9 +227,35 @@ _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 @debug_option("Debug logging and tracebacks.")
 @click.pass_obj
 @exits_on_errors
+@walk_options
 @limit_options()
+@run_options
 def generate(
-    config: Config, /, *, json_summary: bool, metrics_file: Path | None, quiet: bool, debug: bool, **request: Any
+    config: Config,
+    /,
+    *,
+    sources: tuple[str, ...],
+    output: Path | None,
+    cache_dir: Path | None,
+    flavours: tuple[str, ...],
+    presets: tuple[str, ...],
+    sizes: tuple[str, ...],
+    fit: Fit,
+    fmt: Format,
+    quality: int | None,
+    upscale: bool,
+    keep_metadata: bool,
+    name_template: str | None,
+    walk: WalkOptions,
+    run: RunOptions,
+    dry_run: bool,
+    wait: bool,
+    fail_log: Path | None,
+    dask: str | None,
+    json_summary: bool,
+    metrics_file: Path | None,
+    quiet: bool,
+    debug: bool,
 ) -> None:
     """Make thumbnails of the images in SOURCES (files or folders, walked recursively)."""
     from thumbcli.run import GenerateRequest
@@ -175,9 +264,30 @@ def generate(
     # A cache named by the config or environment gives way to a destination on the command line.
     source = click.get_current_context().get_parameter_source("cache_dir")
     cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
-    if (request["output"] or request["flavours"]) and cache_configured:
-        request["cache_dir"] = None
-    job = GenerateRequest(cache_configured=cache_configured, **request).job(config)
+    if (output or flavours) and cache_configured:
+        cache_dir = None
+    request = GenerateRequest(
+        sources=sources,
+        output=output,
+        cache_dir=cache_dir,
+        cache_configured=cache_configured,
+        flavours=flavours,
+        presets=presets,
+        sizes=sizes,
+        fit=fit,
+        fmt=fmt,
+        quality=quality,
+        upscale=upscale,
+        keep_metadata=keep_metadata,
+        name_template=name_template,
+        walk=walk,
+        run=run,
+        dry_run=dry_run,
+        wait=wait,
+        fail_log=fail_log,
+        dask=dask,
+    )
+    job = request.job(config)
     summary = _generate_with_progress(job, quiet=quiet)
     _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
     sys.exit(summary.exit_code)

@@ -156,6 +156,37 @@ def debug_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 _LIMITS = Limits()
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def grouped_options(
+    into: str, build: Callable[..., object], *options: Decorator, takes: tuple[str, ...] = ()
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Options the command receives as one typed value: `build(**their values)`, passed as the keyword `into`.
+
+    `takes` names values of groups below this one that `build` takes too (a run's options take its `limits`).
+    Put it under `exits_on_errors`, so that values the library refuses are usage errors.
+    """
+
+    def decorate(command: Callable[..., R]) -> Callable[..., R]:
+        names: list[str] = list(takes)
+
+        @functools.wraps(command)
+        def gathered(*args: Any, **kwargs: Any) -> R:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(*args, **{into: build(**values)}, **kwargs)
+
+        decorated: Callable[..., Any] = gathered
+        params: list[click.Parameter] = getattr(gathered, "__click_params__", [])
+        known = len(params)
+        for option in reversed(options):
+            decorated = option(decorated)
+        params = getattr(decorated, "__click_params__", [])
+        names.extend(str(param.name) for param in params[known:])
+        return decorated
+
+    return decorate
+
 
 def limit_options(scope: str = "") -> Callable[[Callable[..., R]], Callable[..., R]]:
     """--max-file-size, --max-pixels, --max-decode-time and --max-worker-memory, each default stated once (`Limits`).
@@ -197,27 +228,12 @@ def limit_options(scope: str = "") -> Callable[[Callable[..., R]], Callable[...,
         ),
     ]
 
-    def decorate(command: Callable[..., R]) -> Callable[..., R]:
-        @functools.wraps(command)
-        def with_limits(
-            *args: Any,
-            max_file_size: int,
-            max_pixels: int,
-            max_decode_time: float,
-            max_worker_memory: int | None,
-            **kwargs: Any,
-        ) -> R:
-            limits = Limits(
-                max_file_size=max_file_size,
-                max_pixels=max_pixels,
-                max_decode_seconds=max_decode_time,
-                max_worker_memory=max_worker_memory or 0,
-            )
-            return command(*args, limits=limits, **kwargs)
+    def limits(max_file_size: int, max_pixels: int, max_decode_time: float, max_worker_memory: int | None) -> Limits:
+        return Limits(
+            max_file_size=max_file_size,
+            max_pixels=max_pixels,
+            max_decode_seconds=max_decode_time,
+            max_worker_memory=max_worker_memory or 0,
+        )
 
-        decorated: Callable[..., R] = with_limits
-        for option in reversed(options):
-            decorated = option(decorated)
-        return decorated
-
-    return decorate
+    return grouped_options("limits", limits, *options)
