@@ -211,38 +211,54 @@ def test_serve_answers_a_good_photo_after_more_bad_sources_than_a_worker_has_slo
     assert log.count("could not decode: JPEG XL EXIF metadata is damaged (struct.error)") == len(bad), log
 
 
-#: A `pyvips` found before the real one: unloadable while FLAG exists (a broken install), else the real one.
+#: A `pyvips` found before the real one, broken while FLAG exists: with BREAK "start" it cannot be imported
+#: (a broken install), with "decode" the worker process exits (status 3) on opening a JPEG. Else the real one.
 PYVIPS_SHIM = """
 import os, sys
-if os.path.exists({flag!r}):
+FLAG, BREAK = {flag!r}, {breakage!r}
+if BREAK == "start" and os.path.exists(FLAG):
     raise ImportError("pyvips made unloadable by the test")
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != here]
 del sys.modules[__name__]
 import pyvips
+open_jpeg = pyvips.Image.new_from_source
+def exit_instead(*args, **kwargs):
+    if os.path.exists(FLAG):
+        os._exit(3)
+    return open_jpeg(*args, **kwargs)
+if BREAK == "decode":
+    pyvips.Image.new_from_source = exit_instead
 """
 
 
-def test_serve_healthz_is_not_ok_while_its_decoder_pool_cannot_start_and_recovers_with_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("breakage", "logged"),
+    [
+        ("start", "a resample worker could not start: it ended (status 1) before it was ready"),
+        ("decode", "a resample worker exited with status 3 while decoding"),
+    ],
+)
+def test_serve_healthz_is_not_ok_while_its_decoder_pool_cannot_decode_and_recovers_with_it(
+    tmp_path: Path, breakage: str, logged: str
+) -> None:
     src = tmp_path / "src"
     photos = [make_photo(src / f"p{index}.jpg", 120, 80, seed=index) for index in range(2 * SLOTS)]
     shim, flag = tmp_path / "shim", tmp_path / "pyvips-broken"
     shim.mkdir()
-    (shim / "pyvips.py").write_text(PYVIPS_SHIM.format(flag=str(flag)))
+    (shim / "pyvips.py").write_text(PYVIPS_SHIM.format(flag=str(flag), breakage=breakage))
     flag.touch()
     env = {"PYTHONPATH": f"{shim}:{REPO_ROOT}"}
     with serve_source(tmp_path, src, env=env, generators=1) as server:
         assert get(server, "/healthz") == (200, b"ok\n")
-        # More misses than the worker has slots: each one's slot is given back after its failed start.
+        # More misses than the worker has slots: each one's slot is given back after its failure.
         for photo in photos:
             assert get(server, f"/small/{photo.name}")[0] == 500
         status, body = get(server, "/healthz")
         assert (status, body) == (503, b"not ok: thumbnails cannot be made on a miss (see the server's log)\n")
         assert generations(server) == {"started": len(photos), "failed": len(photos), "broken": 1}
-        assert "a resample worker could not start: it ended (status 1) before it was ready" in "".join(
-            server.stderr_lines
-        )
-        flag.unlink()  # the install is mended: the next miss starts a worker
+        assert "".join(server.stderr_lines).count(logged) == len(photos)
+        flag.unlink()  # mended: the next miss gets a worker that decodes
         status, body = get(server, f"/small/{photos[0].name}")
         assert status == 200
         assert pyvips.Image.new_from_buffer(body, "").width == 64

@@ -176,10 +176,7 @@ class ResampleWorker:
         try:
             self._start()  # sends everything waiting
         except BaseException as exc:
-            if self._process is not None:  # started, but the requests did not all go
-                self._kill()
-            if isinstance(exc, WorkerBug):
-                self._broken = str(exc).splitlines()[0]
+            self._give_up(exc)
             # Not sent: the caller will not ask for it, so its slot must not stay taken. The
             # files queued before it stay queued, for the next start.
             self._waiting.pop()
@@ -200,10 +197,7 @@ class ResampleWorker:
                 self._start()
             outcome = self._await_reply()
         except BaseException as exc:
-            if self._process is not None:
-                self._kill()
-            if isinstance(exc, WorkerBug):
-                self._broken = str(exc).splitlines()[0]
+            self._give_up(exc)
             raise
         else:
             self._broken = ""
@@ -230,6 +224,13 @@ class ResampleWorker:
             os.close(fd)
         self._slots, self._slot_sizes = [], []
         self._free_slots.clear()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """After a request ended in `exc`: end the worker (its replies can no longer be trusted), note a WorkerBug."""
+        if self._process is not None:
+            self._kill()
+        if isinstance(exc, WorkerBug):
+            self._broken = str(exc).splitlines()[0]
 
     def _open_slots(self) -> None:
         self._slots = [os.memfd_create(f"thumbcli-source-{index}", os.MFD_CLOEXEC) for index in range(SLOTS)]
