@@ -13,6 +13,7 @@ import random
 import shutil
 import struct
 import subprocess
+import warnings
 from pathlib import Path
 
 import pillow_heif
@@ -49,7 +50,7 @@ def video_titled(folder: Path, name: str, title: bytes) -> Path:
     clip = make_video(folder / f".{name}.mp4", dark_frames=0)
     made = remux(clip, folder / name, b"-metadata", b"title=" + title)
     clip.unlink()
-    assert b"bad\xff\xfe" in made.read_bytes()  # the bytes are in the file, not a replacement character
+    assert title in made.read_bytes()  # the bytes themselves, not replacement characters
     return made
 
 
@@ -59,7 +60,7 @@ def video_of_unknown_codec(folder: Path, name: str) -> Path:
     avi = remux(clip, folder / name)
     clip.unlink()
     data = avi.read_bytes()
-    assert data.count(b"avc1") == 2  # the stream header's handler and the format's compression
+    assert b"avc1" in data  # the stream header's handler and the format's compression
     avi.write_bytes(data.replace(b"avc1", b"QQQQ"))
     return avi
 
@@ -70,9 +71,16 @@ def tiff_exif(entries: list[tuple[int, int, int, bytes]]) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0"
 
 
-#: Orientation 6 (so the image is turned and its EXIF written back) and an XResolution stored as the
-#: signed integer -1: Pillow reads it, then cannot write it back as the unsigned rational it must be.
-BAD_EXIF = tiff_exif([(0x0112, 3, 1, struct.pack("<HH", 6, 0)), (0x011A, 9, 1, struct.pack("<i", -1))])
+#: A Make whose text lies past the end (Pillow warns and skips it), orientation 6 (so the image is turned
+#: and its EXIF written back) and an XResolution stored as the signed integer -1: Pillow reads it, then
+#: cannot write it back as the unsigned rational it must be.
+BAD_EXIF = tiff_exif(
+    [
+        (0x010F, 2, 100, struct.pack("<I", 1000)),
+        (0x0112, 3, 1, struct.pack("<HH", 6, 0)),
+        (0x011A, 9, 1, struct.pack("<i", -1)),
+    ]
+)
 
 
 def jxl_with_exif(path: Path, exif: bytes) -> Path:
@@ -90,7 +98,9 @@ def assert_pillow_cannot_turn(exif: bytes) -> None:
     """The case under test happens: Pillow raises something other than the errors a decoder expects."""
     image = Image.new("RGB", (8, 6))
     image.info["exif"] = exif
-    with pytest.raises(Exception) as raised:  # any exception: which one is the point
+    # Pillow warns of the odd tag first: the warning is not the exception looked for.
+    with warnings.catch_warnings(), pytest.raises(Exception) as raised:  # any exception: which one is the point
+        warnings.simplefilter("ignore")
         ImageOps.exif_transpose(image)
     assert not isinstance(raised.value, (OSError, ValueError, SyntaxError, RuntimeError)), raised.value
 
@@ -156,8 +166,8 @@ def test_a_jxl_with_malformed_exif_fails_in_one_line_naming_its_exif(tmp_path: P
     line = assert_clean_failure(run, "bad-exif.jxl")
     assert line.endswith("bad-exif.jxl: could not decode: JPEG XL EXIF metadata is damaged (struct.error)")
     assert "PIL/TiffImagePlugin.py" in fail_log.read_text()
-    # Nothing else on stderr: Pillow's warnings about the tags stay in the worker.
-    assert run.stderr.splitlines()[1:-1] == [], run.stderr
+    # Nothing else on stderr: Pillow's warning about the Make tag stays in the worker.
+    assert run.stderr.splitlines() == [line, run.stderr.splitlines()[-1]], run.stderr
     assert len(output_files(tmp_path / "out")) == 1
 
 
