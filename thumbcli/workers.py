@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import pickle
+import re
 import resource
 import select
 import signal
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections import deque
 from typing import Any, NamedTuple, NoReturn
 
@@ -119,6 +121,9 @@ class ResampleWorker:
         self._header = b""
         #: Workers started so far (replacements included).
         self.started = 0
+        #: Why the last request ended in a WorkerBug (a worker that cannot start, or that broke
+        #: outside any file); cleared by the next reply a worker gives. See `broken`.
+        self._broken = ""
 
     @property
     def pid(self) -> int | None:
@@ -129,6 +134,15 @@ class ResampleWorker:
     def waiting(self) -> int:
         """Files sent and not yet received."""
         return len(self._waiting)
+
+    @property
+    def broken(self) -> str:
+        """Why this worker cannot decode now ("" when it can, or has not been needed): for a health check.
+
+        Set when a request ends in WorkerBug (its process could not start, or failed outside any
+        file); cleared once a worker answers a file again, whatever the file's outcome.
+        """
+        return self._broken
 
     def resample(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> WorkerOutcome:
         """Have the worker thumbnail `data` with nothing else waiting; a file that kills or overruns it fails."""
@@ -146,28 +160,52 @@ class ResampleWorker:
         if not self._free_slots:
             raise ValueError(f"a resample worker takes at most {SLOTS} files at once")
         slot = self._free_slots.popleft()
-        self._fill(slot, data)
+        try:
+            self._fill(slot, data)
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
         header = self._header
         request = (_REQUEST.pack(len(header), len(data), slot) + header, slot)
         if not self._waiting:
             self._head_since = time.monotonic()
         self._waiting.append(request)
-        if self._process is None:
-            self._start()  # sends everything waiting
-        else:
+        if self._process is not None:
             self._write_request(request[0])
+            return
+        try:
+            self._start()  # sends everything waiting
+        except BaseException as exc:
+            self._give_up(exc)
+            # Not sent: the caller will not ask for it, so its slot must not stay taken. The
+            # files queued before it stay queued, for the next start.
+            self._waiting.pop()
+            self._free_slots.append(slot)
+            raise
 
     def receive(self) -> WorkerOutcome:
-        """The outcome of the oldest file sent, waiting for it within the limits."""
+        """The outcome of the oldest file sent, waiting for it within the limits.
+
+        Whatever happens, the file is done with once this returns or raises: its slot is free
+        again. On an exception (a WorkerBug, an interrupt) the worker is ended too, since its
+        reply stream can no longer be trusted; the files behind go to its replacement.
+        """
         if not self._waiting:
             raise ValueError("nothing was sent")
-        if self._process is None:
-            self._start()
-        outcome = self._await_reply()
-        _, slot = self._waiting.popleft()
-        self._free_slots.append(slot)
-        self._head_since = time.monotonic()
-        return outcome
+        try:
+            if self._process is None:
+                self._start()
+            outcome = self._await_reply()
+        except BaseException as exc:
+            self._give_up(exc)
+            raise
+        else:
+            self._broken = ""
+            return outcome
+        finally:
+            _, slot = self._waiting.popleft()
+            self._free_slots.append(slot)
+            self._head_since = time.monotonic()
 
     def close(self) -> None:
         """Let the worker leave (end of its requests), killing it if it does not; reap it."""
@@ -186,6 +224,13 @@ class ResampleWorker:
             os.close(fd)
         self._slots, self._slot_sizes = [], []
         self._free_slots.clear()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """After a request ended in `exc`: end the worker (its replies can no longer be trusted), note a WorkerBug."""
+        if self._process is not None:
+            self._kill()
+        if isinstance(exc, WorkerBug):
+            self._broken = str(exc).splitlines()[0]
 
     def _open_slots(self) -> None:
         self._slots = [os.memfd_create(f"thumbcli-source-{index}", os.MFD_CLOEXEC) for index in range(SLOTS)]
@@ -228,6 +273,10 @@ class ResampleWorker:
                 pass_fds=(request_read, reply_write, *self._slots),
                 env=_worker_environment(),
             )
+        except OSError as exc:  # no process to be had (out of processes or memory)
+            os.close(request_write)
+            os.close(reply_read)
+            raise WorkerBug(f"a resample worker could not start: {exc.strerror or exc}") from exc
         finally:
             os.close(request_read)
             os.close(reply_write)
@@ -236,8 +285,9 @@ class ResampleWorker:
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
         if not ready or os.read(reply_read, 1) != _READY:
-            self._kill()
-            raise WorkerBug(f"a resample worker did not start within {_START_SECONDS:g} s (see its output above)")
+            status = self._kill()
+            why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
+            raise WorkerBug(f"a resample worker could not start: {why} (see its output above)")
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
         self._head_since = time.monotonic()
@@ -292,11 +342,12 @@ class ResampleWorker:
         except (OSError, ValueError, IndexError):
             return 0  # no /proc: the ceiling is not watched
 
-    def _kill(self) -> None:
+    def _kill(self) -> int:
+        """End the worker now and reap it; its exit status."""
         assert self._process is not None
         with contextlib.suppress(ProcessLookupError):
             self._process.kill()
-        self._reap()
+        return self._reap()
 
     def _lost(self, note: str) -> WorkerOutcome:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
@@ -365,6 +416,59 @@ def _human_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
+# -- the per-file boundary ---------------------------------------------------
+
+#: A format `resample.sniff_format` names -> how a reason names it.
+_FORMAT_LABEL = {
+    "jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WebP", "tiff": "TIFF", "heif": "HEIF",
+    "raw": "RAW", "video": "video", "jxl": "JPEG XL", "svg": "SVG", "svgz": "SVG",
+}  # fmt: skip
+#: A decoder beside libvips (a module of thumbcli.decoders) -> how a reason names what it reads.
+_DECODER_LABEL = {"heif": "HEIC", "raw": "RAW", "jxl": "JPEG XL", "video": "video"}
+#: Where Pillow parses EXIF: an exception from there is damaged EXIF, whichever image carries it.
+_EXIF_CODE = re.compile(r"(TiffImagePlugin|ExifTags)\.py$|exif", re.IGNORECASE)
+_DETAIL_FRAMES = 6
+
+
+def _unexpected_failure(exc: Exception, source_format: str | None) -> tuple[str, str]:
+    """A file's one-line reason for an exception no decoder expected, and the traceback on one line (the detail).
+
+    The reason names what kind of thing went wrong and the exception's type; the detail
+    says where, for the fail log.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    label = _FORMAT_LABEL.get(source_format or "", "image")
+    for frame in frames:
+        module = frame.filename.replace(os.sep, "/")
+        if "/thumbcli/decoders/" in module:
+            label = _DECODER_LABEL.get(module.rsplit("/", 1)[-1].removesuffix(".py"), label)
+    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+    if isinstance(exc, UnicodeError):
+        what = f"{label} metadata is not UTF-8"
+    elif any(_EXIF_CODE.search(frame.filename) or _EXIF_CODE.search(frame.name) for frame in frames):
+        what = f"{label} EXIF metadata is damaged"
+    elif isinstance(exc, RecursionError):
+        what = f"{label} structure nests too deeply"
+    else:
+        what = f"{label} decoder failed on its content"
+    where = " < ".join(
+        f"{_short_path(frame.filename)}:{frame.lineno} {frame.name}" for frame in frames[::-1][:_DETAIL_FRAMES]
+    )
+    message = " ".join(str(exc).split())[:300]
+    return f"could not decode: {what} ({kind})", f"{kind}: {message} (at {where})"
+
+
+def _short_path(path: str) -> str:
+    """A traceback's file name from its package on (`av/container/core.py`, `thumbcli/decoders/jxl.py`)."""
+    parts = path.replace(os.sep, "/").split("/")
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return "/".join(parts[parts.index(marker) + 1 :])
+    if "thumbcli" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("thumbcli") :])
+    return parts[-1]
+
+
 # -- worker side -----------------------------------------------------------
 
 
@@ -384,8 +488,10 @@ def serve(
             os.sched_setaffinity(0, {cpu})
     # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # What a decoder has to say about a file reaches the parent in the reply, not on stderr.
+    # What a decoder has to say about a file reaches the parent in the reply, not on stderr
+    # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
     logging.getLogger("pyvips").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
     from thumbcli import resample
     from thumbcli.errors import FileRejected
 
@@ -410,6 +516,11 @@ def serve(
             reply = ("failed", str(exc), "")
         except MemoryError:
             reply = ("failed", "ran out of memory", "MemoryError")
+        except Exception as exc:
+            # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
+            # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
+            # file's failure, recorded as such, not a bug to stop the run on.
+            reply = ("failed", *_unexpected_failure(exc, resample.sniff_format(bytes(view[:1024]))))
         except BaseException:
             reply = ("bug", traceback.format_exc())
         else:

@@ -8,6 +8,7 @@ the container before any frame is decoded; the rotation the container records is
 
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -37,17 +38,22 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
         import av
     except ImportError:
         raise MissingDecoder(_LABEL, "video") from None
+    step = "open"  # what FFmpeg was asked to do, for a failure's reason
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise FileRejected(f"{_LABEL}: no video stream")
             stream = container.streams.video[0]
+            if stream.codec_context is None:  # FFmpeg knows no decoder for the stream's codec
+                raise FileRejected(f"{_LABEL}: unknown or unsupported codec")
             stream.codec_context.thread_count = 1
             check_pixels(_LABEL, stream.codec_context.width, stream.codec_context.height, limits)
             duration = container.duration / av.time_base if container.duration else 0.0
             target = min(duration * _SEEK_FRACTION, _SEEK_LIMIT_SECONDS)
             if target > 0:
+                step = "seek in"
                 container.seek(int(target * av.time_base), backward=True, any_frame=False)
+            step = "decode"
             frame = _representative_frame(container.decode(stream))
             if frame is None:
                 raise FileRejected(f"{_LABEL}: no frame could be decoded (truncated?)")
@@ -56,7 +62,9 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
     except av.error.InvalidDataError:
         raise FileRejected(f"{_LABEL}: truncated, damaged or not a video") from None
     except av.error.FFmpegError as exc:
-        raise FileRejected(f"{_LABEL}: could not decode ({type(exc).__name__})") from None
+        # FFmpeg fails many steps with a bare -1, which reads as EPERM ("Operation not permitted"): no reason at all.
+        said = "" if exc.errno == errno.EPERM else f" ({exc.strerror})"
+        raise FileRejected(f"{_LABEL}: damaged: FFmpeg could not {step} it{said}") from None
     return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import time
 
 STATUS_CODES = (200, 206, 304, 400, 404, 405, 412, 413, 414, 416, 431, 500, 503, 505)
 STATUS_SLOT = {code: slot for slot, code in enumerate(STATUS_CODES)}
@@ -21,7 +22,19 @@ GENERATIONS_REFUSED = GENERATIONS_JOINED + 1
 GENERATIONS_FAILED = GENERATIONS_REFUSED + 1
 GENERATIONS_TIMED_OUT = GENERATIONS_FAILED + 1
 GENERATION_WAITING = GENERATIONS_TIMED_OUT + 1
-COUNTER_SLOTS = GENERATION_WAITING + 1
+#: When a worker's generate-on-miss last failed on our side (its decoder pool could not decode),
+#: in whole seconds of the monotonic clock (which every process shares), plus one; 0 once a later
+#: generation reached a decoder. Not a counter: `generation_broken` reads it.
+GENERATION_BROKEN_AT = GENERATION_WAITING + 1
+COUNTER_SLOTS = GENERATION_BROKEN_AT + 1
+#: How long /healthz says not ok after such a failure, unless a generation works first. Not for
+#: ever: a load balancer that takes the server out of rotation sends it no miss to recover on.
+BROKEN_SECONDS = 60
+
+
+def broken_now() -> int:
+    """The value a worker writes to GENERATION_BROKEN_AT when its generation fails on our side."""
+    return int(time.monotonic()) + 1
 
 
 class MetricsBoard:
@@ -41,6 +54,12 @@ class MetricsBoard:
         """Every counter summed over the workers."""
         rows = [self._all[w * COUNTER_SLOTS : (w + 1) * COUNTER_SLOTS].tolist() for w in range(self.workers)]
         return [sum(column) for column in zip(*rows, strict=True)]
+
+    def generation_broken(self) -> int:
+        """Workers whose generate-on-miss failed on our side in the last BROKEN_SECONDS and has not worked since."""
+        since = broken_now() - BROKEN_SECONDS
+        rows = range(self.workers)
+        return sum(1 for w in rows if self._all[w * COUNTER_SLOTS + GENERATION_BROKEN_AT] > since)
 
     def render(self) -> bytes:
         """The counters in the Prometheus text exposition format."""
@@ -70,8 +89,8 @@ class MetricsBoard:
             f'thumbcli_timeouts_total{{kind="header"}} {totals[TIMEOUT_HEADER]}',
             f'thumbcli_timeouts_total{{kind="idle"}} {totals[TIMEOUT_IDLE]}',
             f'thumbcli_timeouts_total{{kind="send"}} {totals[TIMEOUT_SEND]}',
-            "# HELP thumbcli_generations_total Thumbnails made on a miss (--source), by event: started,"
-            " joined (a request shared one in flight), refused (503, too many pending), failed, timed_out (503).",
+            "# HELP thumbcli_generations_total Thumbnails made on a miss (--source), by event: started, joined"
+            " (a request shared one in flight), refused (503, too many pending), failed (404 or 500), timed_out (503).",
             "# TYPE thumbcli_generations_total counter",
             f'thumbcli_generations_total{{event="started"}} {totals[GENERATIONS_STARTED]}',
             f'thumbcli_generations_total{{event="joined"}} {totals[GENERATIONS_JOINED]}',
@@ -81,6 +100,11 @@ class MetricsBoard:
             "# HELP thumbcli_generation_waiting Requests waiting now for a thumbnail being made.",
             "# TYPE thumbcli_generation_waiting gauge",
             f"thumbcli_generation_waiting {totals[GENERATION_WAITING]}",
+            "# HELP thumbcli_generation_broken Workers whose thumbnails made on a miss failed on our side"
+            f" (their decoder pool could not decode) in the last {BROKEN_SECONDS} s and not worked since;"
+            " /healthz answers 503 while above 0.",
+            "# TYPE thumbcli_generation_broken gauge",
+            f"thumbcli_generation_broken {self.generation_broken()}",
             "# HELP thumbcli_workers Worker processes configured.",
             "# TYPE thumbcli_workers gauge",
             f"thumbcli_workers {self.workers}",

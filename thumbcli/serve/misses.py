@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 from thumbcli.cache import split_url_path
 from thumbcli.serve.metrics import (
+    GENERATION_BROKEN_AT,
     GENERATION_WAITING,
     GENERATIONS_FAILED,
     GENERATIONS_JOINED,
     GENERATIONS_REFUSED,
     GENERATIONS_STARTED,
+    broken_now,
 )
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.protocol import Connection, Parked, Request
@@ -77,6 +79,7 @@ class MissDesk:
         )
         self.generated: dict[str, Format] = {spec.name: spec.format for spec in options.presets}
         self._counters = counters
+        counters[GENERATION_BROKEN_AT] = 0  # a worker started again after a crash starts with a new pool
         self.in_flight = 0  # check-and-makes this worker started and has not seen complete
         self._completions: queue.SimpleQueue[tuple[Pending, Completion]] = queue.SimpleQueue()
         self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -128,12 +131,23 @@ class MissDesk:
                 return
             if pending.started:
                 self.in_flight -= 1
-                if completion.made:
-                    self._counters[GENERATIONS_STARTED] += 1
-                    if completion.outcome.value != "ready":
-                        self._counters[GENERATIONS_FAILED] += 1
+                self._count(completion)
             if not pending.resolved:
                 yield pending, _STATUS_BY_OUTCOME[completion.outcome.value]
+
+    def _count(self, completion: Completion) -> None:
+        """Count a completed check-and-make, and judge from it whether generating works here."""
+        counters = self._counters
+        # A failure with nothing made is one outside any source (OnDemand answers a bad source
+        # made=True): a decoder pool that cannot start, a worker that broke, a bug. Its 500 counts
+        # as a failed generation, and /healthz says not ok until a generation gets through again
+        # (or BROKEN_SECONDS pass).
+        broke = completion.outcome.value == "failed" and not completion.made
+        if completion.made or broke:
+            counters[GENERATIONS_STARTED] += 1
+            if completion.outcome.value != "ready":
+                counters[GENERATIONS_FAILED] += 1
+            counters[GENERATION_BROKEN_AT] = broken_now() if broke else 0
 
     def forget(self, pending: Pending) -> None:
         """The request is answered or its client gone: a late completion is ignored."""

@@ -97,9 +97,13 @@ class Responder:
             return
         path = target.split(b"?", 1)[0]
         if path in (_HEALTHZ, _METRICS) and (conn.admin or self._serve_admin_here):
-            body = b"ok\n" if path == _HEALTHZ else self._board.render()
-            content_type = TEXT_TYPE if path == _HEALTHZ else METRICS_TYPE
-            self.send_simple(conn, request, 200, body, content_type + NO_STORE)
+            status, body, content_type = 200, b"ok\n", TEXT_TYPE
+            if path == _METRICS:
+                body, content_type = self._board.render(), METRICS_TYPE
+            elif self._board.generation_broken():
+                # RFC 9110 §15.6.4: serving the cache works, making thumbnails on a miss does not.
+                status, body = 503, b"not ok: thumbnails cannot be made on a miss (see the server's log)\n"
+            self.send_simple(conn, request, status, body, content_type + NO_STORE)
             return
         if conn.admin:
             self.send_simple(conn, request, 404, b"not found\n")
