@@ -9,6 +9,7 @@ import re
 import signal
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import pyvips
 from imagekit import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
-from servekit import wait_until
+from servekit import get, running_server, wait_until
 
 from thumbcli.make.pipeline import Pipeline, worker_cores
 from thumbcli.make.results import FileResult, RunStats
@@ -397,3 +398,60 @@ def test_workers_are_pinned_only_with_one_worker_per_core() -> None:
     assert worker_cores(RunOptions(pin_workers=False)) == [None] * len(cores)
     # Shards side by side with -j 1 would all get the first core; on one core, one worker is one per core.
     assert worker_cores(RunOptions(workers=1)) == ([None] if len(cores) > 1 else cores)
+
+
+def decoders_data_limits(root: int) -> dict[int, int]:
+    """The resample workers among `root`'s descendants, each with its private memory limit (RLIMIT_DATA)."""
+    parents: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                commands[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
+                parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    found = {}
+    for pid, command in commands.items():
+        if b"from thumbcli.workers import serve" in command and descends(pid):
+            with contextlib.suppress(OSError):
+                limit = re.search(r"Max data size\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())
+                if limit is not None:  # else still starting, before it limits itself
+                    found[pid] = int(limit[1])
+    return found
+
+
+def limits_while_decoding(process: subprocess.Popen[Any]) -> set[int]:
+    """The data limits of `process`'s resample workers, read while one is alive."""
+    seen: dict[int, int] = {}
+    assert wait_until(lambda: bool(seen.update(decoders_data_limits(process.pid)) or seen), timeout=120)
+    return set(seen.values())
+
+
+def test_every_driver_gives_each_decoder_the_same_share_of_memory(tmp_path: Path, slow_png: Path) -> None:
+    # Two resample workers on this host in each driver: each may use a quarter of the RAM
+    # (Limits.worker_memory), and the kernel refuses it private memory past twice that.
+    share = {2 * Limits().worker_memory(2)}
+    src = tmp_path / "src"
+    src.mkdir()
+    for index in range(4):
+        os.link(slow_png, src / f"slow{index}.png")
+    local = cli_command("generate", src, "-o", tmp_path / "local", "-s", "64", "--workers", "2", "--quiet")
+    with running(local) as process:
+        assert limits_while_decoding(process) == share
+    dask = cli_command("generate", src, "-o", tmp_path / "dask", "-s", "64", "--dask", "local:2", "--quiet")
+    with running(dask) as process:
+        assert limits_while_decoding(process) == share
+    (tmp_path / "thumbcli.toml").write_text('[presets.small]\nsize = "64"\n')
+    with running_server(tmp_path / "cache", config=tmp_path / "thumbcli.toml", source_root=src) as server:
+        miss = threading.Thread(target=get, args=(server, "/small/slow0.png"), daemon=True)
+        miss.start()
+        assert limits_while_decoding(server.process) == share
+        miss.join(120)

@@ -58,6 +58,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SELF = "/proc/self/exe"
 _START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
 _READY = b"R"
+#: A worker's private memory (RLIMIT_DATA) is limited to this many times its memory ceiling.
+_DATA_LIMIT_PER_CEILING = 2
 
 
 class WorkerOutcome(NamedTuple):
@@ -260,7 +262,7 @@ class ResampleWorker:
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
             f"from thumbcli.workers import serve; "
-            f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu})"
+            f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling})"
         )
         try:
             self._process = subprocess.Popen(
@@ -473,9 +475,12 @@ def _short_path(path: str) -> str:
 
 
 def serve(
-    requests: int, replies: int, parent: int, slots: list[int], cpu: int | None = None
+    requests: int, replies: int, parent: int, slots: list[int], cpu: int | None = None, memory_ceiling: int = 0
 ) -> NoReturn:  # pragma: no cover - runs in the worker
-    """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests."""
+    """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
+
+    `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
+    """
     # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
     # whole process group, and this worker finishes its file either way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -488,6 +493,14 @@ def serve(
             os.sched_setaffinity(0, {cpu})
     # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_ceiling:
+        # The parent watches the resident size ten times a second and names the ceiling when it
+        # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
+        # past twice the ceiling at once (that decode fails as out of memory), leaving the watch
+        # to act first on anything slower.
+        data = _DATA_LIMIT_PER_CEILING * memory_ceiling
+        with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
+            resource.setrlimit(resource.RLIMIT_DATA, (data, data))
     # What a decoder has to say about a file reaches the parent in the reply, not on stderr
     # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
     logging.getLogger("pyvips").setLevel(logging.ERROR)
