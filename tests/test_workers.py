@@ -455,3 +455,47 @@ def test_every_driver_gives_each_decoder_the_same_share_of_memory(tmp_path: Path
         miss.start()
         assert limits_while_decoding(server.process) == share
         miss.join(120)
+
+
+def test_max_time_gives_up_a_stuck_decode_rather_than_wait_for_the_decode_limit(tmp_path: Path, slow_png: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for index in range(3):
+        os.link(slow_png, src / f"slow{index}.png")
+    # A decode limit the test's own timeout would never reach: only giving up ends this run in time.
+    command = cli_command(
+        "generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "1", "--max-time", "1",
+        "--max-decode-time", "600", "--json", "--quiet",
+    )  # fmt: skip
+    stopped: list[int] = []
+    with running(command) as process:
+        # A decoder that hangs: its worker stopped with SIGSTOP once it is decoding (past start-up's CPU).
+        def stop_a_decoding_worker() -> bool:
+            for pid, cpu in worker_processes(process.pid).items():
+                if cpu >= 0.5:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            return bool(stopped)
+
+        assert wait_until(stop_a_decoding_worker, timeout=30)
+        stdout, stderr = process.communicate(timeout=60)
+    summary = json.loads(stdout)
+    assert process.returncode == 4, stderr  # cut short, nothing failed
+    assert (summary["stopped"], summary["failed"], summary["made"]) == ("max-time", 0, 0)
+    for pid in stopped:
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped, not left stopped
+    rerun = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--json")
+    assert (rerun.rc, rerun.summary["made"]) == (0, 3)
+
+
+def test_a_source_whose_thumbnail_name_is_too_long_fails_once_and_is_then_known(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_photo(src / "ok.jpg", 120, 80)
+    # 252 bytes is a legal source name; with ".jpg" added for the thumbnail it is past NAME_MAX (255).
+    make_photo(src / ("n" * 248 + ".jpg"), 120, 80)
+    first = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--json")
+    assert first.rc == 1
+    ((reason,),) = [[f["reason"]] for f in first.summary["failures"]]
+    assert reason == "cannot write thumbnail: file name too long"
+    again = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--json")
+    assert (again.rc, again.summary["failed"], again.summary["known_failed"]) == (0, 0, 1), again.stderr

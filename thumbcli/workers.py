@@ -37,6 +37,7 @@ import time
 import traceback
 import warnings
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
@@ -72,6 +73,8 @@ class WorkerOutcome(NamedTuple):
     detail: str = ""
     #: Made from only part of the image (truncated or damaged): what was wrong.
     warning: str = ""
+    #: Given up on by the caller (its run's time was up), not the file's fault: nothing to report of it.
+    abandoned: bool = False
 
 
 class WorkerBug(RuntimeError):
@@ -185,8 +188,11 @@ class ResampleWorker:
             self._free_slots.append(slot)
             raise
 
-    def receive(self) -> WorkerOutcome:
+    def receive(self, abandon: Callable[[], bool] | None = None) -> WorkerOutcome:
         """The outcome of the oldest file sent, waiting for it within the limits.
+
+        `abandon` is asked ten times a second while the worker decodes: once true, the worker
+        is ended and the outcome is `abandoned` (the files behind it go to a replacement, if asked for).
 
         Whatever happens, the file is done with once this returns or raises: its slot is free
         again. On an exception (a WorkerBug, an interrupt) the worker is ended too, since its
@@ -197,7 +203,7 @@ class ResampleWorker:
         try:
             if self._process is None:
                 self._start()
-            outcome = self._await_reply()
+            outcome = self._await_reply(abandon)
         except BaseException as exc:
             self._give_up(exc)
             raise
@@ -302,7 +308,7 @@ class ResampleWorker:
         with contextlib.suppress(BrokenPipeError):  # the worker is gone: its end of the replies says how
             _write_all(self._requests, request)
 
-    def _await_reply(self) -> WorkerOutcome:
+    def _await_reply(self, abandon: Callable[[], bool] | None) -> WorkerOutcome:
         seconds = self._limits.max_decode_seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
@@ -312,6 +318,9 @@ class ResampleWorker:
                 self._kill()
                 return WorkerOutcome([], f"timed out after {seconds:g} s")
             if not poller.poll(min(left, _WATCH_SECONDS) * 1000):
+                if abandon is not None and abandon():
+                    self._kill()
+                    return WorkerOutcome([], "abandoned", abandoned=True)
                 if self._resident_bytes() > self._memory_ceiling:
                     self._kill()
                     return WorkerOutcome([], f"needed more than {_human_bytes(self._memory_ceiling)} of memory")

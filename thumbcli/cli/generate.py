@@ -151,7 +151,11 @@ run_options = grouped_options(
     click.option(
         "--max-files", type=click.IntRange(1), help="Stop after starting this many files (the next run goes on)."
     ),
-    click.option("--max-time", type=Duration(), help="Stop taking new files after this long, e.g. 15m."),
+    click.option(
+        "--max-time",
+        type=Duration(),
+        help="Stop taking new files after this long, e.g. 15m; decodes still running 5 s later are given up.",
+    ),
     takes=("limits",),
 )
 

@@ -7,6 +7,7 @@ asked for it. The drivers only decide what runs when: threads and queues, a task
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -141,10 +142,7 @@ class SourceMaker:
         """The failure a worker's outcome is, recorded as the source's known failure; None if it made thumbnails."""
         if not outcome.reason:
             return None
-        try:
-            self.target.record_failure(source, outcome.reason)
-        except StateError as exc:  # not remembering it only costs one more decode, next time
-            log.warning("cannot record the failure of %s: %s", display_path(source.path), exc)
+        self._record(source, outcome.reason)
         return FileResult(self._shown(source.path), "failed", outcome.reason, detail=outcome.detail)
 
     def write(self, source: SourceFile, specs: tuple[ThumbSpec, ...], outcome: WorkerOutcome) -> FileResult:
@@ -153,5 +151,16 @@ class SourceMaker:
         try:
             self.target.write(source, list(zip(specs, outcome.thumbnails, strict=True)))
         except OSError as exc:
-            return FileResult(shown, "failed", f"cannot write thumbnail: {failure_reason(exc)}")
+            reason = f"cannot write thumbnail: {failure_reason(exc)}"
+            if exc.errno == errno.ENAMETOOLONG:
+                # The source's name, not the disk: no later run can write it either until it changes.
+                self._record(source, reason)
+            return FileResult(shown, "failed", reason)
         return FileResult(shown, "made", thumbnails=len(specs), warning=outcome.warning, detail=outcome.detail)
+
+    def _record(self, source: SourceFile, reason: str) -> None:
+        """Remember that the source cannot be made as it is now, so that later runs do not try it again."""
+        try:
+            self.target.record_failure(source, reason)
+        except StateError as exc:  # not remembering it only costs one more try, next time
+            log.warning("cannot record the failure of %s: %s", display_path(source.path), exc)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DONE = None  # queue sentinel: no more work for this stage
+#: Seconds that files in flight may take to finish once --max-time is up, before their decodes are abandoned.
+ABANDON_SECONDS = 5.0
 #: Files sent to a worker ahead of its replies: it has the next in its pipe while we turn the last around.
 PIPELINED = 2
 
@@ -104,6 +106,8 @@ class Pipeline:
         self._on_walked = on_walked
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
+        #: When decodes still running are given up on (a while after --max-time is up); None: never.
+        self._abandon_at: float | None = None
         self._tally = RunTally(on_found, on_skipped, on_result)
         self._crash: BaseException | None = None
         depth = run.queue_depth
@@ -121,6 +125,8 @@ class Pipeline:
         """Take no new files; in-flight work finishes. Safe from a signal handler."""
         if self._stop_reason is None:
             self._stop_reason = reason
+            if reason == "max-time":
+                self._abandon_at = time.monotonic() + ABANDON_SECONDS
         self._stop.set()
 
     # -- stages ------------------------------------------------------------
@@ -263,7 +269,9 @@ class Pipeline:
                         sent.append(job)
                 if sent:
                     assert worker is not None
-                    self._received(sent.popleft(), worker.receive())
+                    if not self._received(sent.popleft(), worker.receive(self._abandoning)):
+                        while sent:  # queued behind an abandoned decode: dropped with it
+                            self._byte_budget.give_back(sent.popleft().budgeted)
 
     def _decoder_pool(self) -> DecoderPool:
         """The run's pool, made when the first file reaches a resampler."""
@@ -273,15 +281,22 @@ class Pipeline:
                 self._pool = DecoderPool(self._decoders, sharing=run.workers, cores=worker_cores(run))
             return self._pool
 
-    def _received(self, job: _Loaded, outcome: WorkerOutcome) -> None:
+    def _abandoning(self) -> bool:
+        return self._abandon_at is not None and time.monotonic() > self._abandon_at
+
+    def _received(self, job: _Loaded, outcome: WorkerOutcome) -> bool:
+        """Report or pass on what a worker made of a file; False if its decode was abandoned."""
         self._byte_budget.give_back(job.budgeted)
         job.budgeted = 0
+        if outcome.abandoned:
+            return False
         refused = self._maker.refused(job.source, outcome)
         if refused is not None:
             self._tally.report(refused)
-            return
+            return True
         job.outcome = outcome
         self._put(self._write_queue, job)
+        return True
 
     def _writer(self) -> None:
         while (job := self._get(self._write_queue)) is not _DONE:
