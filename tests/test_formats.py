@@ -7,6 +7,8 @@ libx264, libjxl) and thumbnailed by the real CLI in a subprocess.
 from __future__ import annotations
 
 import ctypes.util
+import gzip
+import importlib.metadata
 import io
 import json
 import os
@@ -25,6 +27,9 @@ import tifffile
 from imagekit import draw_photo, load, mean_abs_difference, run_cli
 from PIL import Image
 
+from thumbcli import decoders, formats
+from thumbcli.discover import IMAGE_SUFFIXES, is_image_name
+from thumbcli.targets.freedesktop import file_uri, thumbnail_name
 from thumbcli.targets.pngtext import read_png_text
 
 #: The inverse of what a viewer applies for each EXIF orientation: stored pixels that show `upright`.
@@ -478,6 +483,91 @@ def test_formats_names_the_libvips_and_a_decoder_for_every_kind() -> None:
     assert ".cr2" in kinds["raw"]["suffixes"] and ".mov" in kinds["video"]["suffixes"]
     text = run_cli("formats")
     assert text.rc == 0 and text.stdout.startswith(f"libvips {report['libvips']['version']} (")
+
+
+def real_files_of_each_format(folder: Path) -> dict[str, list[Path]]:
+    """Files of every registry entry in `folder`, made by the real encoders: by format name, the same
+    content under each of its format's suffixes (one file for a format never walked)."""
+    made = folder.with_name(f"{folder.name}-made")
+    made.mkdir()
+    photo = draw_photo(96, 64)
+    originals = {
+        "heif": make_heic(made / "a.heic", photo),
+        "jxl": make_jxl(made / "a.jxl", photo),
+        "raw": make_dng(made / "a.dng", draw_photo(120, 80)),
+        "video": make_video(made / "a.mp4", dark_frames=0),
+    }
+    for name in ("jpeg", "png", "gif", "webp", "tiff"):
+        originals[name] = made / f"a.{name}"
+        photo.write_to_file(str(originals[name]))
+    svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect/></svg>\n'
+    originals["svg"] = made / "a.svg"
+    originals["svg"].write_bytes(svg)
+    originals["svgz"] = made / "a.svgz"
+    originals["svgz"].write_bytes(gzip.compress(svg))
+    folder.mkdir()
+    files: dict[str, list[Path]] = {}
+    for name, original in originals.items():
+        files[name] = [folder / f"{name}{suffix}" for suffix in formats.BY_NAME[name].suffixes or (original.suffix,)]
+        for path in files[name]:
+            path.write_bytes(original.read_bytes())
+    return files
+
+
+def test_registry_each_format_is_sniffed_from_a_real_file_of_it_and_no_other(tmp_path: Path) -> None:
+    files = real_files_of_each_format(tmp_path / "src")
+    assert set(files) == set(formats.BY_NAME)  # a new entry needs a real file here
+    avif = tmp_path / "a.avif"
+    draw_photo(96, 64).heifsave(str(avif), compression="av1")
+    for name, path in [*((name, paths[0]) for name, paths in files.items()), ("heif", avif)]:
+        data = path.read_bytes()
+        assert [source.name for source in formats.REGISTRY if source.matches(data)] == [name], path
+        sniffed = formats.sniff(memoryview(data))
+        assert sniffed is not None and sniffed.name == name
+
+
+def test_registry_suffixes_are_walked_and_mimetypes_reach_the_desktop_cache(tmp_path: Path) -> None:
+    files = real_files_of_each_format(tmp_path / "src")
+    walked = {suffix for source in formats.REGISTRY for suffix in source.suffixes}
+    assert walked == IMAGE_SUFFIXES
+    for suffix in walked:
+        assert is_image_name(f"a{suffix}") and is_image_name(f"A{suffix.upper()}"), suffix
+    assert not is_image_name("a.svg") and not is_image_name("a.svgz")  # recognised, never walked
+    cache = tmp_path / "xdg"
+    run = subprocess.run(
+        [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--freedesktop", "normal"],
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    made = 0
+    for name, paths in files.items():
+        for path in paths if formats.BY_NAME[name].suffixes else []:
+            png = cache / "thumbnails" / "normal" / thumbnail_name(file_uri(path))
+            mimetype = read_png_text(png)["Thumb::Mimetype"]
+            assert mimetype == formats.BY_NAME[name].mimetype_for(path.suffix), path
+            assert mimetype.startswith(("image/", "video/")), path
+            made += 1
+    assert made == len(walked)
+
+
+def test_registry_is_what_thumbcli_formats_lists_and_each_decoder_module_and_wheel_exist() -> None:
+    run = run_cli("formats", "--json")
+    assert run.rc == 0, run.stderr
+    listed = [
+        (kind["kind"], tuple(kind["suffixes"]), kind["mimetype"], kind["wheel"])
+        for kind in json.loads(run.stdout)["formats"]
+    ]
+    walked = [source for source in formats.REGISTRY if source.suffixes]
+    assert listed == [(source.name, source.suffixes, source.mimetype, source.wheel) for source in walked]
+    for source in formats.REGISTRY:
+        assert bool(source.decoder) == bool(source.wheel), source.name
+        if source.decoder:
+            assert decoders.load(source.decoder).version() is not None, source.name
+            assert importlib.metadata.version(source.wheel)
 
 
 SYSTEM_LIBVIPS = ctypes.util.find_library("vips")

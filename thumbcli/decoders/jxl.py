@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 
-from thumbcli.decoders import MissingDecoder, Pixels, check_pixels
+from thumbcli.decoders import MissingDecoder, Pixels, ScaleNeeded, check_pixels
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits
 
 _LABEL = "JPEG XL"
 
 
-def decode(data: bytes, limits: Limits) -> Pixels:
+def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded | None = None) -> Pixels:
     """The image, 8-bit, with its ICC profile; the size checked from the header before decoding."""
+    del scale_needed  # libjxl decodes the whole image; libvips makes every size from it
     try:
         import pillow_jxl  # noqa: F401 - registers the JPEG XL plugin with Pillow
         from PIL import Image, ImageOps

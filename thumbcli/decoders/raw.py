@@ -19,24 +19,8 @@ from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits
 
 _LABEL = "RAW"
-_DNG_VERSION, _SUB_IFDS, _MAKE = 50706, 330, 271
 #: LibRaw's flip field -> the EXIF orientation that turns the sensor image upright.
 _ORIENTATION_OF_FLIP = {0: 1, 3: 3, 5: 8, 6: 6}
-
-
-def is_camera_raw(data: bytes) -> bool:
-    """Whether a TIFF-structured file is a camera RAW (DNG, CR2, NEF, ARW, PEF, SRW), by its content."""
-    if data[8:10] == b"CR":
-        return True  # Canon CR2
-    order = "<" if data[:2] == b"II" else ">"
-    try:
-        (offset,) = struct.unpack_from(order + "I", data, 4)
-        (count,) = struct.unpack_from(order + "H", data, offset)
-        tags = {struct.unpack_from(order + "H", data, offset + 2 + 12 * i)[0] for i in range(min(count, 512))}
-    except struct.error:
-        return False
-    # A camera's TIFF keeps its raw data in sub-IFDs and names the camera; plain TIFFs do neither.
-    return _DNG_VERSION in tags or (_SUB_IFDS in tags and _MAKE in tags)
 
 
 def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels | EmbeddedImage:
