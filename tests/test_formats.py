@@ -24,7 +24,7 @@ import pillow_heif
 import pytest
 import pyvips
 import tifffile
-from imagekit import draw_photo, load, mean_abs_difference, run_cli
+from imagekit import assert_clean_failure, draw_photo, load, mean_abs_difference, run_cli
 from PIL import Image
 
 from thumbcli import decoders, formats
@@ -423,6 +423,82 @@ def test_jxl_is_thumbnailed(tmp_path: Path) -> None:
     rc, failures = generate(tmp_path / "src", tmp_path / "out")
     assert (rc, failures) == (0, [])
     assert mean_abs_difference(thumbnail_of(tmp_path / "out", "a.jxl"), upright) < 12
+
+
+def jxl_container(codestream: bytes, boxes: str) -> bytes:
+    """`codestream` in JPEG XL's ISOBMFF container: in one `jxlc` box, or split in two `jxlp` boxes
+    after its third byte, so that its size header straddles them."""
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    head = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + box(b"ftyp", b"jxl \x00\x00\x00\x00jxl ")
+    if boxes == "jxlc":
+        return head + box(b"jxlc", codestream)
+    first, last = codestream[:3], codestream[3:]
+    return head + box(b"jxlp", struct.pack(">I", 0) + first) + box(b"jxlp", struct.pack(">I", 0x80000001) + last)
+
+
+def jxl_in(codestream: bytes, variant: str) -> bytes:
+    return codestream if variant == "codestream" else jxl_container(codestream, variant)
+
+
+def jxl_size_header(width: int, height: int) -> bytes:
+    """A JPEG XL codestream's signature and SizeHeader declaring `width` x `height`, both edges as 30-bit fields.
+
+    Its bits, lowest first: small (0), selector 3, height - 1, ratio 0 (the width follows), selector 3, width - 1.
+    """
+    bits = 3 << 1 | (height - 1) << 3 | 3 << 36 | (width - 1) << 38
+    return b"\xff\x0a" + bits.to_bytes(9, "little")
+
+
+JXL_VARIANTS = ["codestream", "jxlc", "jxlp"]
+
+
+@pytest.mark.parametrize("variant", JXL_VARIANTS)
+def test_jxl_over_max_pixels_is_refused_from_its_header_before_the_plugin_decodes_it(
+    tmp_path: Path, variant: str
+) -> None:
+    codestream = make_jxl(tmp_path / "real.jxl", draw_photo(300, 200)).read_bytes()
+    assert codestream.startswith(b"\xff\x0a")  # the plugin writes a bare codestream; the container is made here
+    data = jxl_in(codestream, variant)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "a.jxl").write_bytes(data)
+    # The container and the codestream inside it are whole: under the limit, the plugin thumbnails it.
+    rc, failures = generate(tmp_path / "whole", tmp_path / "made")
+    assert (rc, failures) == (0, [])
+    assert mean_abs_difference(thumbnail_of(tmp_path / "made", "a.jxl"), draw_photo(300, 200)) < 12
+    # Over the limit, the file is refused; and so is its first bytes alone (the header and 16 bytes
+    # of codestream): the size came from the header, not from an image the plugin decoded.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jxl").write_bytes(data)
+    (tmp_path / "src" / "head.jxl").write_bytes(data[: len(data) - len(codestream) + 16])
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-pixels", "0.05")
+    assert run.rc == 1
+    for name in ("a.jxl", "head.jxl"):
+        line = assert_clean_failure(run, name)
+        assert "image is 300x200" in line and "over the --max-pixels limit of 0.05 megapixels" in line, line
+
+
+@pytest.mark.parametrize("variant", JXL_VARIANTS)
+def test_jxl_header_declaring_65500_square_is_refused_before_anything_is_decoded(tmp_path: Path, variant: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bomb.jxl").write_bytes(jxl_in(jxl_size_header(65500, 65500) + bytes(256), variant))
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-decode-time", "5")
+    line = assert_clean_failure(run, "bomb.jxl")
+    assert "image is 65500x65500 (4290 megapixels), over the --max-pixels limit of 100 megapixels" in line, line
+
+
+def test_jxl_size_header_of_every_shape_is_read_as_libjxl_wrote_it(tmp_path: Path) -> None:
+    # Small (multiples of 8 up to 256), each fixed aspect ratio, and each width of U32 field.
+    for width, height in ((64, 64), (256, 128), (8, 256), (240, 160), (300, 200), (9, 7), (123, 4567), (4000, 3000)):
+        image = Image.new("RGB", (width, height))
+        encoded = io.BytesIO()
+        image.save(encoded, format="JXL", quality=50)
+        assert formats.jxl_size(encoded.getvalue()) == (width, height)
+        assert formats.jxl_size(jxl_container(encoded.getvalue(), "jxlp")) == (width, height)
+    assert formats.jxl_size(jxl_size_header(70000, 3)) == (70000, 3)
+    assert formats.jxl_size(b"\xff\x0a\x00") is None  # cut inside its size header
 
 
 # -- damaged files: one line each, in the format's own words ---------------

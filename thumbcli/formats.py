@@ -1,8 +1,8 @@
-"""Each kind of source thumbcli reads, declared once: how to recognise it, its names, its decoder.
+"""Each kind of source thumbcli reads, declared once: how to recognise it, its names, its header size, its decoder.
 
 As Pillow's plugins register themselves, a format is one `SourceFormat` in `REGISTRY` (plus, when
 libvips cannot read it, a module under `thumbcli.decoders`). The walker takes its suffixes from
-here, `resample` its content test and decoder, the freedesktop cache its MIME type,
+here, `resample` its content test, header probe and decoder, the freedesktop cache its MIME type,
 and `thumbcli formats` all of it. Nothing here imports libvips or a decoder wheel: the CLI and the
 walker import this module at start-up.
 """
@@ -34,6 +34,9 @@ class SourceFormat:
     mimetype: str
     #: Suffixes whose file has a more precise type than `mimetype` (a .dng is image/x-adobe-dng).
     mimetypes_by_suffix: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: (width, height) from the header, for --max-pixels before anything is decoded; None when the
+    #: decoder itself reads the header first and checks it (libvips, pillow-heif, LibRaw, PyAV).
+    probe: Callable[[Buffer], tuple[int, int] | None] | None = None
     #: The libvips loader (without `_buffer`); used whenever this libvips has it, trusted.
     loader: str = ""
     #: The module under `thumbcli.decoders` for when libvips has no loader (or no codec) for a file.
@@ -104,8 +107,74 @@ def _svg_text(data: Buffer) -> bool:
     return text.startswith((b"<?xml", b"<svg", b"<!--", b"<!doctype svg")) and b"<svg" in text
 
 
+# -- JPEG XL's header ---------------------------------------------------------------
+
 _JXL_CODESTREAM = b"\xff\x0a"
 _JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+#: SizeHeader.ratio -> width / height (ISO/IEC 18181-1, libjxl's FixedAspectRatios).
+_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+#: Bytes of codestream that always hold the signature and the SizeHeader (2 + at most 68 bits).
+_JXL_HEADER_BYTES = 11
+_JXL_MAX_BOXES = 64
+
+
+def jxl_size(data: Buffer) -> tuple[int, int] | None:
+    """(width, height) from a JPEG XL file's SizeHeader, bare codestream or ISOBMFF container; None if unreadable.
+
+    libjxl, and so the Pillow plugin, decodes the whole image when the file is opened; this reads
+    the few bits that say its size without it.
+    """
+    head = _jxl_codestream_head(data) if _starts(data, _JXL_CONTAINER) else bytes(data[:_JXL_HEADER_BYTES])
+    # Every codestream is longer than its longest SizeHeader; fewer bytes are a file cut short.
+    if len(head) < _JXL_HEADER_BYTES or not head.startswith(_JXL_CODESTREAM):
+        return None
+    bits = int.from_bytes(head[2:], "little")  # fields are packed from each byte's lowest bit up
+
+    def take(count: int) -> int:
+        nonlocal bits
+        value = bits & ((1 << count) - 1)
+        bits >>= count
+        return value
+
+    def edge(small: int) -> int:
+        if small:
+            return (take(5) + 1) * 8
+        return take((9, 13, 18, 30)[take(2)]) + 1  # U32(BitsOffset(9, 1), (13, 1), (18, 1), (30, 1))
+
+    small = take(1)
+    height = edge(small)
+    ratio = take(3)
+    if ratio:
+        numerator, denominator = _JXL_RATIOS[ratio]
+        return height * numerator // denominator, height
+    return edge(small), height
+
+
+def _jxl_codestream_head(data: Buffer) -> bytes:
+    """The first bytes of the codestream in a JPEG XL container: its `jxlc` box, or its `jxlp` parts in order."""
+    head = b""
+    position = 0
+    for _ in range(_JXL_MAX_BOXES):
+        if position + 8 > len(data) or len(head) >= _JXL_HEADER_BYTES:
+            break
+        size, kind = struct.unpack_from(">I4s", data, position)
+        start = position + 8
+        if size == 1:  # a 64-bit size follows the type
+            if position + 16 > len(data):
+                break
+            (size,) = struct.unpack_from(">Q", data, start)
+            start += 8
+        elif size == 0:  # the last box runs to the end of the file
+            size = len(data) - position
+        if size < start - position:
+            break
+        end = min(position + size, len(data))
+        if kind == b"jxlc":
+            head += bytes(data[start:end])
+        elif kind == b"jxlp":  # each part starts with its 4-byte index
+            head += bytes(data[start + 4 : end])
+        position += size
+    return head[:_JXL_HEADER_BYTES]
 
 
 # -- the registry ---------------------------------------------------------------------
@@ -181,6 +250,7 @@ REGISTRY: tuple[SourceFormat, ...] = (
         lambda data: _starts(data, _JXL_CODESTREAM, _JXL_CONTAINER),
         (".jxl",),
         "image/jxl",
+        probe=jxl_size,
         loader="jxlload",
         decoder="jxl",
         wheel="pillow-jxl-plugin",

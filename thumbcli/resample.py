@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from thumbcli import decoders, formats
-from thumbcli.decoders import heif
+from thumbcli.decoders import check_pixels, heif
 from thumbcli.errors import FileRejected
 from thumbcli.formats import SourceFormat
 from thumbcli.spec import Limits, ThumbSpec
@@ -277,6 +277,11 @@ def resample(
     source_format = source.name
     if source_format != "jpeg":
         data = bytes(data)  # their loaders (pyvips' *_buffer) and the decoders beside libvips take bytes
+    if source.probe is not None:
+        size = source.probe(data)
+        if size is None:
+            raise FileRejected(f"{source.label}: no image size in its header (damaged, or not a {source.label} file)")
+        check_pixels(source.label, *size, limits)
     if source.decoder and not (source.loader and libvips_loads(source.loader)):
         return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source))
     try:
@@ -315,12 +320,7 @@ def _make_thumbnails(
         header = pyvips.Image.new_from_source(_in_place(data), load_options, access="sequential")
     else:
         header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
-    pixels = header.width * header.height
-    if pixels > limits.max_pixels:
-        raise FileRejected(
-            f"image is {header.width}x{header.height} ({pixels / 1e6:.0f} megapixels), "
-            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
-        )
+    check_pixels(formats.BY_NAME[source_format].label, header.width, header.height, limits)
     upright_w, upright_h = _upright_size(header)
     origin = (upright_w, upright_h, source_format)
     if source_format in _NO_SHRINK_ON_LOAD:

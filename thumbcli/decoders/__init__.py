@@ -68,7 +68,10 @@ class MissingDecoder(FileRejected):
 
 
 def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
-    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded."""
+    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded.
+
+    The one place the limit is judged: libvips' headers, each decoder's and the registry's probes all come here.
+    """
     if width < 1 or height < 1:
         raise FileRejected(f"{label}: image has no pixels ({width}x{height})")
     pixels = width * height
