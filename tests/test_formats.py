@@ -119,9 +119,11 @@ def make_dng(
     return path
 
 
-def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1) -> bytes:
+def dng_with_jpeg_preview(
+    jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1, *, rgb: bool = False
+) -> bytes:
     """A little-endian DNG written by hand (tifffile needs imagecodecs to write JPEG strips):
-    IFD0 the JPEG preview, its one SubIFD a 16-bit RGGB mosaic."""
+    IFD0 the JPEG preview (or, with `rgb`, uncompressed RGB bytes), its one SubIFD a 16-bit RGGB mosaic."""
     SHORT, LONG, ASCII, BYTE, SRATIONAL, RATIONAL = 3, 4, 2, 1, 10, 5
 
     def ifd(entries: list[tuple[int, int, Any]], data_at: int) -> bytes:
@@ -160,8 +162,8 @@ def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, ori
                 (256, LONG, (jw,)),
                 (257, LONG, (jh,)),
                 (258, SHORT, (8, 8, 8)),
-                (259, SHORT, (7,)),
-                (262, SHORT, (6,)),
+                (259, SHORT, (1 if rgb else 7,)),
+                (262, SHORT, (2 if rgb else 6,)),
                 (271, ASCII, "thumbcli"),
                 (273, LONG, (jpeg_at,)),
                 (274, SHORT, (orientation,)),
@@ -350,6 +352,44 @@ def test_dng_embedded_jpeg_preview_is_shrunk_on_load_and_turned_by_the_raw(tmp_p
         assert (thumbnail.width, thumbnail.height) == (size, height)
         # The sensor data is flat grey: a thumbnail that shows the photo came from the preview.
         assert mean_abs_difference(thumbnail, photo) < 12
+
+
+def jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its frame header (SOF) patched to declare `width` x `height`; its scans unchanged."""
+    patched = bytearray(jpeg)
+    position = 2
+    while patched[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + struct.unpack_from(">H", patched, position + 2)[0]
+    struct.pack_into(">HH", patched, position + 5, height, width)
+    return bytes(patched)
+
+
+def test_dng_whose_preview_declares_a_huge_size_is_refused_before_the_preview_is_decoded(tmp_path: Path) -> None:
+    preview = draw_photo(160, 107)
+    # Progressive, the costliest to decode: libjpeg keeps every coefficient of the declared size.
+    jpeg = jpeg_declaring(bytes(preview.jpegsave_buffer(Q=90, interlace=True)), 65500, 65500)
+    assert pyvips.Image.new_from_buffer(jpeg, "").width == 65500
+    sensor = np.full((48, 64), 1000, np.uint16)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "jpeg.dng").write_bytes(dng_with_jpeg_preview(jpeg, 160, 107, sensor))
+    # An uncompressed RGB preview whose IFD declares 13000x13000 (169 megapixels; the file holds 50 KB
+    # of it): LibRaw hands it over in memory it has not written, and its bytes are never copied.
+    rgb = dng_with_jpeg_preview(bytes(preview.write_to_memory()), 13000, 13000, sensor, rgb=True)
+    (tmp_path / "src" / "rgb.dng").write_bytes(rgb)
+    assert all(path.stat().st_size < 70_000 for path in (tmp_path / "src").iterdir())
+    # Five seconds to decode: a decode of either preview would be killed, and the reason would say so.
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-decode-time", "5")
+    assert run.rc == 1
+    for name, size in (("jpeg.dng", "65500x65500 (4290"), ("rgb.dng", "13000x13000 (169")):
+        line = assert_clean_failure(run, name)
+        assert f"embedded preview is {size} megapixels), over the --max-pixels limit" in line, line
+    # The same DNG with an honest preview is thumbnailed from it.
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    (honest / "a.dng").write_bytes(dng_with_jpeg_preview(bytes(preview.jpegsave_buffer(Q=90)), 160, 107, sensor))
+    run = run_cli("generate", str(honest), "-o", str(tmp_path / "made"), "-s", "64", "--format", "png")
+    assert (run.rc, run.failure_lines) == (0, [])
+    assert mean_abs_difference(load(tmp_path / "made" / "64" / "a.dng.png"), preview) < 12
 
 
 # -- video -----------------------------------------------------------------

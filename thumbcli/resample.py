@@ -469,7 +469,7 @@ def _thumbnails_beside_libvips(
     decoded = decoders.load(source.decoder).decode(data, limits, scale_needed)
     source_format = source.name
     try:
-        image, (upright_w, upright_h) = _image_of(decoded, plan)
+        image, (upright_w, upright_h) = _image_of(decoded, plan, limits, source)
         origin = (upright_w, upright_h, source_format)
         if len(plan) > 1:
             # As for a JPEG: one base at the largest scale of the plan, every size cut from it.
@@ -486,13 +486,18 @@ def _thumbnails_beside_libvips(
     return thumbnails
 
 
-def _image_of(decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
+def _image_of(
+    decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...], limits: Limits, source: SourceFormat
+) -> tuple[pyvips.Image, tuple[int, int]]:
     """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
 
-    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size of the plan allows it.
+    An embedded image (a RAW's preview) is checked against --max-pixels from its own header, as
+    any source is: a 10 KB RAW may carry a preview that declares 65500x65500. An embedded JPEG is
+    decoded shrunk on load (by 2, 4 or 8) when every size of the plan allows it.
     """
     if isinstance(decoded, decoders.EmbeddedImage):
         header = pyvips.Image.new_from_buffer(decoded.data, "")
+        check_pixels(source.label, header.width, header.height, limits, "embedded preview")
         turned = decoded.orientation in (5, 6, 7, 8)
         upright = (header.height, header.width) if turned else (header.width, header.height)
         scale = max(_scale_for(spec, *upright) for spec in plan)

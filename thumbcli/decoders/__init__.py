@@ -67,16 +67,17 @@ class MissingDecoder(FileRejected):
         super().__init__(f"{label}: no decoder installed (pip install {wheel}, or reinstall thumbcli)")
 
 
-def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
+def check_pixels(label: str, width: int, height: int, limits: Limits, what: str = "image") -> None:
     """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded.
 
-    The one place the limit is judged: libvips' headers, each decoder's and the registry's probes all come here.
+    The one place the limit is judged: libvips' headers, each decoder's, the registry's probes
+    and a RAW's embedded preview all come here.
     """
     if width < 1 or height < 1:
-        raise FileRejected(f"{label}: image has no pixels ({width}x{height})")
+        raise FileRejected(f"{label}: {what} has no pixels ({width}x{height})")
     pixels = width * height
     if pixels > limits.max_pixels:
         raise FileRejected(
-            f"image is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
+            f"{what} is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
             f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
         )

@@ -37,7 +37,7 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels | E
             upright_w, upright_h = (sizes.height, sizes.width) if flip in (5, 6) else (sizes.width, sizes.height)
             needed_edge = math.ceil(max(upright_w, upright_h) * scale_needed(upright_w, upright_h))
             orientation = _ORIENTATION_OF_FLIP.get(flip, 1)
-            preview = _preview(raw_image, rawpy, needed_edge, orientation)
+            preview = _preview(raw_image, rawpy, needed_edge, orientation, limits)
             if preview is not None:
                 return preview
             rgb = raw_image.postprocess(half_size=True, use_camera_wb=True, output_bps=8)
@@ -65,8 +65,15 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _preview(raw_image: object, rawpy: object, needed_edge: int, orientation: int) -> Pixels | EmbeddedImage | None:
-    """The embedded preview (JPEG or RGB) when its longer edge is at least `needed_edge`, else None."""
+def _preview(
+    raw_image: object, rawpy: object, needed_edge: int, orientation: int, limits: Limits
+) -> Pixels | EmbeddedImage | None:
+    """The embedded preview (JPEG or RGB) when its longer edge is at least `needed_edge`, else None.
+
+    A JPEG preview's size is checked by `resample` from its header, as every embedded image's is;
+    an RGB one's here, before its pixels are copied: LibRaw hands over the size its IFD declares
+    (a 16 KB DNG may declare 13000x13000) in memory it has not yet written.
+    """
     try:
         thumb = raw_image.extract_thumb()  # type: ignore[attr-defined]
     except rawpy.LibRawError:  # type: ignore[attr-defined]
@@ -75,6 +82,8 @@ def _preview(raw_image: object, rawpy: object, needed_edge: int, orientation: in
         jpeg = bytes(thumb.data)
         return EmbeddedImage(jpeg, orientation) if max(_jpeg_size(jpeg)) >= needed_edge else None
     rgb = thumb.data
+    if rgb.ndim == 3:
+        check_pixels(_LABEL, rgb.shape[1], rgb.shape[0], limits, "embedded preview")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype.itemsize != 1 or max(rgb.shape[:2]) < needed_edge:
         return None
     return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation)
