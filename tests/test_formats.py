@@ -392,6 +392,22 @@ def test_dng_whose_preview_declares_a_huge_size_is_refused_before_the_preview_is
     assert mean_abs_difference(load(tmp_path / "made" / "64" / "a.dng.png"), preview) < 12
 
 
+def test_dng_rgb_preview_declared_larger_than_its_strip_is_not_read_past_it(tmp_path: Path) -> None:
+    # rawpy hands LibRaw's buffer of an RGB preview over at the size the IFD declares, however short
+    # the strip: 2000x2000 over 51 KB crashed the worker on the copy, 200x200 copied whatever memory
+    # followed the buffer into the thumbnail. The flat grey sensor data is used instead.
+    preview = bytes(draw_photo(160, 107).write_to_memory())
+    sensor = np.full((48, 64), 1000, np.uint16)
+    (tmp_path / "src").mkdir()
+    for side in (200, 2000):
+        (tmp_path / "src" / f"{side}.dng").write_bytes(dng_with_jpeg_preview(preview, side, side, sensor, rgb=True))
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--format", "png")
+    assert (run.rc, run.failure_lines) == (0, []), run.stderr
+    for side in (200, 2000):
+        thumbnail = load(tmp_path / "out" / "256" / f"{side}.dng.png")
+        assert thumbnail.width < side and thumbnail.deviate() < 1, side
+
+
 # -- video -----------------------------------------------------------------
 
 
