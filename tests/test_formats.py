@@ -449,22 +449,26 @@ def test_video_without_a_video_stream_says_so(tmp_path: Path) -> None:
     assert failures == [f"failed: {tmp_path / 'src' / 'sound.mp4'}: video: no video stream"]
 
 
-def test_video_and_raw_carry_their_own_mimetype_into_the_desktop_cache(tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    make_video(tmp_path / "src" / "clip.mp4", dark_frames=0)
-    make_heic(tmp_path / "src" / "a.heic", draw_photo(120, 80))
-    make_dng(tmp_path / "src" / "b.dng", draw_photo(120, 80))
-    env_cache = tmp_path / "xdg"
+def generate_into_desktop_cache(source: Path, cache_home: Path) -> Path:
+    """Run `thumbcli generate SOURCE --freedesktop normal` with XDG_CACHE_HOME at `cache_home`; its normal/ folder."""
     run = subprocess.run(
-        [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--freedesktop", "normal"],
-        env={**os.environ, "XDG_CACHE_HOME": str(env_cache)},
+        [sys.executable, "-m", "thumbcli", "generate", str(source), "--freedesktop", "normal"],
+        env={**os.environ, "XDG_CACHE_HOME": str(cache_home)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    pngs = list((env_cache / "thumbnails" / "normal").glob("*.png"))
+    return cache_home / "thumbnails" / "normal"
+
+
+def test_video_and_raw_carry_their_own_mimetype_into_the_desktop_cache(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "clip.mp4", dark_frames=0)
+    make_heic(tmp_path / "src" / "a.heic", draw_photo(120, 80))
+    make_dng(tmp_path / "src" / "b.dng", draw_photo(120, 80))
+    pngs = list(generate_into_desktop_cache(tmp_path / "src", tmp_path / "xdg").glob("*.png"))
     mimetypes = sorted(read_png_text(png)["Thumb::Mimetype"] for png in pngs)
     assert mimetypes == ["image/heic", "image/x-adobe-dng", "video/mp4"]
 
@@ -665,20 +669,11 @@ def test_registry_suffixes_are_walked_and_mimetypes_reach_the_desktop_cache(tmp_
     for suffix in walked:
         assert is_image_name(f"a{suffix}") and is_image_name(f"A{suffix.upper()}"), suffix
     assert not is_image_name("a.svg") and not is_image_name("a.svgz")  # recognised, never walked
-    cache = tmp_path / "xdg"
-    run = subprocess.run(
-        [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--freedesktop", "normal"],
-        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
+    normal = generate_into_desktop_cache(tmp_path / "src", tmp_path / "xdg")
     made = 0
     for name, paths in files.items():
         for path in paths if formats.BY_NAME[name].suffixes else []:
-            png = cache / "thumbnails" / "normal" / thumbnail_name(file_uri(path))
+            png = normal / thumbnail_name(file_uri(path))
             mimetype = read_png_text(png)["Thumb::Mimetype"]
             assert mimetype == formats.BY_NAME[name].mimetype_for(path.suffix), path
             assert mimetype.startswith(("image/", "video/")), path
