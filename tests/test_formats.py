@@ -7,6 +7,8 @@ libx264, libjxl) and thumbnailed by the real CLI in a subprocess.
 from __future__ import annotations
 
 import ctypes.util
+import gzip
+import importlib.metadata
 import io
 import json
 import os
@@ -22,9 +24,12 @@ import pillow_heif
 import pytest
 import pyvips
 import tifffile
-from imagekit import draw_photo, load, mean_abs_difference, run_cli
+from imagekit import assert_clean_failure, draw_photo, load, mean_abs_difference, run_cli
 from PIL import Image
 
+from thumbcli import decoders, formats
+from thumbcli.discover import IMAGE_SUFFIXES, is_image_name
+from thumbcli.targets.freedesktop import file_uri, thumbnail_name
 from thumbcli.targets.pngtext import read_png_text
 
 #: The inverse of what a viewer applies for each EXIF orientation: stored pixels that show `upright`.
@@ -114,9 +119,11 @@ def make_dng(
     return path
 
 
-def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1) -> bytes:
+def dng_with_jpeg_preview(
+    jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, orientation: int = 1, *, rgb: bool = False
+) -> bytes:
     """A little-endian DNG written by hand (tifffile needs imagecodecs to write JPEG strips):
-    IFD0 the JPEG preview, its one SubIFD a 16-bit RGGB mosaic."""
+    IFD0 the JPEG preview (or, with `rgb`, uncompressed RGB bytes), its one SubIFD a 16-bit RGGB mosaic."""
     SHORT, LONG, ASCII, BYTE, SRATIONAL, RATIONAL = 3, 4, 2, 1, 10, 5
 
     def ifd(entries: list[tuple[int, int, Any]], data_at: int) -> bytes:
@@ -155,8 +162,8 @@ def dng_with_jpeg_preview(jpeg: bytes, jw: int, jh: int, mosaic: np.ndarray, ori
                 (256, LONG, (jw,)),
                 (257, LONG, (jh,)),
                 (258, SHORT, (8, 8, 8)),
-                (259, SHORT, (7,)),
-                (262, SHORT, (6,)),
+                (259, SHORT, (1 if rgb else 7,)),
+                (262, SHORT, (2 if rgb else 6,)),
                 (271, ASCII, "thumbcli"),
                 (273, LONG, (jpeg_at,)),
                 (274, SHORT, (orientation,)),
@@ -347,6 +354,60 @@ def test_dng_embedded_jpeg_preview_is_shrunk_on_load_and_turned_by_the_raw(tmp_p
         assert mean_abs_difference(thumbnail, photo) < 12
 
 
+def jpeg_declaring(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its frame header (SOF) patched to declare `width` x `height`; its scans unchanged."""
+    patched = bytearray(jpeg)
+    position = 2
+    while patched[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + struct.unpack_from(">H", patched, position + 2)[0]
+    struct.pack_into(">HH", patched, position + 5, height, width)
+    return bytes(patched)
+
+
+def test_dng_whose_preview_declares_a_huge_size_is_refused_before_the_preview_is_decoded(tmp_path: Path) -> None:
+    preview = draw_photo(160, 107)
+    # Progressive, the costliest to decode: libjpeg keeps every coefficient of the declared size.
+    jpeg = jpeg_declaring(bytes(preview.jpegsave_buffer(Q=90, interlace=True)), 65500, 65500)
+    assert pyvips.Image.new_from_buffer(jpeg, "").width == 65500
+    sensor = np.full((48, 64), 1000, np.uint16)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "jpeg.dng").write_bytes(dng_with_jpeg_preview(jpeg, 160, 107, sensor))
+    # An uncompressed RGB preview whose IFD declares 13000x13000 (169 megapixels; the file holds 50 KB
+    # of it): LibRaw hands it over in memory it has not written, and its bytes are never copied.
+    rgb = dng_with_jpeg_preview(bytes(preview.write_to_memory()), 13000, 13000, sensor, rgb=True)
+    (tmp_path / "src" / "rgb.dng").write_bytes(rgb)
+    assert all(path.stat().st_size < 70_000 for path in (tmp_path / "src").iterdir())
+    # Five seconds to decode: a decode of either preview would be killed, and the reason would say so.
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-decode-time", "5")
+    assert run.rc == 1
+    for name, size in (("jpeg.dng", "65500x65500 (4290"), ("rgb.dng", "13000x13000 (169")):
+        line = assert_clean_failure(run, name)
+        assert f"embedded preview is {size} megapixels), over the --max-pixels limit" in line, line
+    # The same DNG with an honest preview is thumbnailed from it.
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    (honest / "a.dng").write_bytes(dng_with_jpeg_preview(bytes(preview.jpegsave_buffer(Q=90)), 160, 107, sensor))
+    run = run_cli("generate", str(honest), "-o", str(tmp_path / "made"), "-s", "64", "--format", "png")
+    assert (run.rc, run.failure_lines) == (0, [])
+    assert mean_abs_difference(load(tmp_path / "made" / "64" / "a.dng.png"), preview) < 12
+
+
+def test_dng_rgb_preview_declared_larger_than_its_strip_is_not_read_past_it(tmp_path: Path) -> None:
+    # rawpy hands LibRaw's buffer of an RGB preview over at the size the IFD declares, however short
+    # the strip: 2000x2000 over 51 KB crashed the worker on the copy, 200x200 copied whatever memory
+    # followed the buffer into the thumbnail. The flat grey sensor data is used instead.
+    preview = bytes(draw_photo(160, 107).write_to_memory())
+    sensor = np.full((48, 64), 1000, np.uint16)
+    (tmp_path / "src").mkdir()
+    for side in (200, 2000):
+        (tmp_path / "src" / f"{side}.dng").write_bytes(dng_with_jpeg_preview(preview, side, side, sensor, rgb=True))
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--format", "png")
+    assert (run.rc, run.failure_lines) == (0, []), run.stderr
+    for side in (200, 2000):
+        thumbnail = load(tmp_path / "out" / "256" / f"{side}.dng.png")
+        assert thumbnail.width < side and thumbnail.deviate() < 1, side
+
+
 # -- video -----------------------------------------------------------------
 
 
@@ -388,22 +449,26 @@ def test_video_without_a_video_stream_says_so(tmp_path: Path) -> None:
     assert failures == [f"failed: {tmp_path / 'src' / 'sound.mp4'}: video: no video stream"]
 
 
-def test_video_and_raw_carry_their_own_mimetype_into_the_desktop_cache(tmp_path: Path) -> None:
-    (tmp_path / "src").mkdir()
-    make_video(tmp_path / "src" / "clip.mp4", dark_frames=0)
-    make_heic(tmp_path / "src" / "a.heic", draw_photo(120, 80))
-    make_dng(tmp_path / "src" / "b.dng", draw_photo(120, 80))
-    env_cache = tmp_path / "xdg"
+def generate_into_desktop_cache(source: Path, cache_home: Path) -> Path:
+    """Run `thumbcli generate SOURCE --freedesktop normal` with XDG_CACHE_HOME at `cache_home`; its normal/ folder."""
     run = subprocess.run(
-        [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--freedesktop", "normal"],
-        env={**os.environ, "XDG_CACHE_HOME": str(env_cache)},
+        [sys.executable, "-m", "thumbcli", "generate", str(source), "--freedesktop", "normal"],
+        env={**os.environ, "XDG_CACHE_HOME": str(cache_home)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    pngs = list((env_cache / "thumbnails" / "normal").glob("*.png"))
+    return cache_home / "thumbnails" / "normal"
+
+
+def test_video_and_raw_carry_their_own_mimetype_into_the_desktop_cache(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "clip.mp4", dark_frames=0)
+    make_heic(tmp_path / "src" / "a.heic", draw_photo(120, 80))
+    make_dng(tmp_path / "src" / "b.dng", draw_photo(120, 80))
+    pngs = list(generate_into_desktop_cache(tmp_path / "src", tmp_path / "xdg").glob("*.png"))
     mimetypes = sorted(read_png_text(png)["Thumb::Mimetype"] for png in pngs)
     assert mimetypes == ["image/heic", "image/x-adobe-dng", "video/mp4"]
 
@@ -418,6 +483,82 @@ def test_jxl_is_thumbnailed(tmp_path: Path) -> None:
     rc, failures = generate(tmp_path / "src", tmp_path / "out")
     assert (rc, failures) == (0, [])
     assert mean_abs_difference(thumbnail_of(tmp_path / "out", "a.jxl"), upright) < 12
+
+
+def jxl_container(codestream: bytes, boxes: str) -> bytes:
+    """`codestream` in JPEG XL's ISOBMFF container: in one `jxlc` box, or split in two `jxlp` boxes
+    after its third byte, so that its size header straddles them."""
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    head = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + box(b"ftyp", b"jxl \x00\x00\x00\x00jxl ")
+    if boxes == "jxlc":
+        return head + box(b"jxlc", codestream)
+    first, last = codestream[:3], codestream[3:]
+    return head + box(b"jxlp", struct.pack(">I", 0) + first) + box(b"jxlp", struct.pack(">I", 0x80000001) + last)
+
+
+def jxl_in(codestream: bytes, variant: str) -> bytes:
+    return codestream if variant == "codestream" else jxl_container(codestream, variant)
+
+
+def jxl_size_header(width: int, height: int) -> bytes:
+    """A JPEG XL codestream's signature and SizeHeader declaring `width` x `height`, both edges as 30-bit fields.
+
+    Its bits, lowest first: small (0), selector 3, height - 1, ratio 0 (the width follows), selector 3, width - 1.
+    """
+    bits = 3 << 1 | (height - 1) << 3 | 3 << 36 | (width - 1) << 38
+    return b"\xff\x0a" + bits.to_bytes(9, "little")
+
+
+JXL_VARIANTS = ["codestream", "jxlc", "jxlp"]
+
+
+@pytest.mark.parametrize("variant", JXL_VARIANTS)
+def test_jxl_over_max_pixels_is_refused_from_its_header_before_the_plugin_decodes_it(
+    tmp_path: Path, variant: str
+) -> None:
+    codestream = make_jxl(tmp_path / "real.jxl", draw_photo(300, 200)).read_bytes()
+    assert codestream.startswith(b"\xff\x0a")  # the plugin writes a bare codestream; the container is made here
+    data = jxl_in(codestream, variant)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "a.jxl").write_bytes(data)
+    # The container and the codestream inside it are whole: under the limit, the plugin thumbnails it.
+    rc, failures = generate(tmp_path / "whole", tmp_path / "made")
+    assert (rc, failures) == (0, [])
+    assert mean_abs_difference(thumbnail_of(tmp_path / "made", "a.jxl"), draw_photo(300, 200)) < 12
+    # Over the limit, the file is refused; and so is its first bytes alone (the header and 16 bytes
+    # of codestream): the size came from the header, not from an image the plugin decoded.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jxl").write_bytes(data)
+    (tmp_path / "src" / "head.jxl").write_bytes(data[: len(data) - len(codestream) + 16])
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-pixels", "0.05")
+    assert run.rc == 1
+    for name in ("a.jxl", "head.jxl"):
+        line = assert_clean_failure(run, name)
+        assert "image is 300x200" in line and "over the --max-pixels limit of 0.05 megapixels" in line, line
+
+
+@pytest.mark.parametrize("variant", JXL_VARIANTS)
+def test_jxl_header_declaring_65500_square_is_refused_before_anything_is_decoded(tmp_path: Path, variant: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bomb.jxl").write_bytes(jxl_in(jxl_size_header(65500, 65500) + bytes(256), variant))
+    run = run_cli("generate", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--max-decode-time", "5")
+    line = assert_clean_failure(run, "bomb.jxl")
+    assert "image is 65500x65500 (4290 megapixels), over the --max-pixels limit of 100 megapixels" in line, line
+
+
+def test_jxl_size_header_of_every_shape_is_read_as_libjxl_wrote_it(tmp_path: Path) -> None:
+    # Small (multiples of 8 up to 256), each fixed aspect ratio, and each width of U32 field.
+    for width, height in ((64, 64), (256, 128), (8, 256), (240, 160), (300, 200), (9, 7), (123, 4567), (4000, 3000)):
+        image = Image.new("RGB", (width, height))
+        encoded = io.BytesIO()
+        image.save(encoded, format="JXL", quality=50)
+        assert formats.jxl_size(encoded.getvalue()) == (width, height)
+        assert formats.jxl_size(jxl_container(encoded.getvalue(), "jxlp")) == (width, height)
+    assert formats.jxl_size(jxl_size_header(70000, 3)) == (70000, 3)
+    assert formats.jxl_size(b"\xff\x0a\x00") is None  # cut inside its size header
 
 
 # -- damaged files: one line each, in the format's own words ---------------
@@ -478,6 +619,82 @@ def test_formats_names_the_libvips_and_a_decoder_for_every_kind() -> None:
     assert ".cr2" in kinds["raw"]["suffixes"] and ".mov" in kinds["video"]["suffixes"]
     text = run_cli("formats")
     assert text.rc == 0 and text.stdout.startswith(f"libvips {report['libvips']['version']} (")
+
+
+def real_files_of_each_format(folder: Path) -> dict[str, list[Path]]:
+    """Files of every registry entry in `folder`, made by the real encoders: by format name, the same
+    content under each of its format's suffixes (one file for a format never walked)."""
+    made = folder.with_name(f"{folder.name}-made")
+    made.mkdir()
+    photo = draw_photo(96, 64)
+    originals = {
+        "heif": make_heic(made / "a.heic", photo),
+        "jxl": make_jxl(made / "a.jxl", photo),
+        "raw": make_dng(made / "a.dng", draw_photo(120, 80)),
+        "video": make_video(made / "a.mp4", dark_frames=0),
+    }
+    for name in ("jpeg", "png", "gif", "webp", "tiff"):
+        originals[name] = made / f"a.{name}"
+        photo.write_to_file(str(originals[name]))
+    svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect/></svg>\n'
+    originals["svg"] = made / "a.svg"
+    originals["svg"].write_bytes(svg)
+    originals["svgz"] = made / "a.svgz"
+    originals["svgz"].write_bytes(gzip.compress(svg))
+    folder.mkdir()
+    files: dict[str, list[Path]] = {}
+    for name, original in originals.items():
+        files[name] = [folder / f"{name}{suffix}" for suffix in formats.BY_NAME[name].suffixes or (original.suffix,)]
+        for path in files[name]:
+            path.write_bytes(original.read_bytes())
+    return files
+
+
+def test_registry_each_format_is_sniffed_from_a_real_file_of_it_and_no_other(tmp_path: Path) -> None:
+    files = real_files_of_each_format(tmp_path / "src")
+    assert set(files) == set(formats.BY_NAME)  # a new entry needs a real file here
+    avif = tmp_path / "a.avif"
+    draw_photo(96, 64).heifsave(str(avif), compression="av1")
+    for name, path in [*((name, paths[0]) for name, paths in files.items()), ("heif", avif)]:
+        data = path.read_bytes()
+        assert [source.name for source in formats.REGISTRY if source.matches(data)] == [name], path
+        sniffed = formats.sniff(memoryview(data))
+        assert sniffed is not None and sniffed.name == name
+
+
+def test_registry_suffixes_are_walked_and_mimetypes_reach_the_desktop_cache(tmp_path: Path) -> None:
+    files = real_files_of_each_format(tmp_path / "src")
+    walked = {suffix for source in formats.REGISTRY for suffix in source.suffixes}
+    assert walked == IMAGE_SUFFIXES
+    for suffix in walked:
+        assert is_image_name(f"a{suffix}") and is_image_name(f"A{suffix.upper()}"), suffix
+    assert not is_image_name("a.svg") and not is_image_name("a.svgz")  # recognised, never walked
+    normal = generate_into_desktop_cache(tmp_path / "src", tmp_path / "xdg")
+    made = 0
+    for name, paths in files.items():
+        for path in paths if formats.BY_NAME[name].suffixes else []:
+            png = normal / thumbnail_name(file_uri(path))
+            mimetype = read_png_text(png)["Thumb::Mimetype"]
+            assert mimetype == formats.BY_NAME[name].mimetype_for(path.suffix), path
+            assert mimetype.startswith(("image/", "video/")), path
+            made += 1
+    assert made == len(walked)
+
+
+def test_registry_is_what_thumbcli_formats_lists_and_each_decoder_module_and_wheel_exist() -> None:
+    run = run_cli("formats", "--json")
+    assert run.rc == 0, run.stderr
+    listed = [
+        (kind["kind"], tuple(kind["suffixes"]), kind["mimetype"], kind["wheel"])
+        for kind in json.loads(run.stdout)["formats"]
+    ]
+    walked = [source for source in formats.REGISTRY if source.suffixes]
+    assert listed == [(source.name, source.suffixes, source.mimetype, source.wheel) for source in walked]
+    for source in formats.REGISTRY:
+        assert bool(source.decoder) == bool(source.wheel), source.name
+        if source.decoder:
+            assert decoders.load(source.decoder).version() is not None, source.name
+            assert importlib.metadata.version(source.wheel)
 
 
 SYSTEM_LIBVIPS = ctypes.util.find_library("vips")

@@ -39,6 +39,7 @@ FLOORS = {
     "spec": 1,
     "config": 2,
     "discover": 2,
+    "formats": 2,
     "progress": 2,
     "resample": 2,
     "decoders": 2,

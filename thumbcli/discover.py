@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from thumbcli.spec import SOURCE_SUFFIXES, WalkOptions
+from thumbcli.formats import SOURCE_SUFFIXES
+from thumbcli.spec import WalkOptions
 
 log = logging.getLogger(__name__)
 
-#: Suffixes of the formats thumbcli reads (libvips and the decoders beside it; see spec.SOURCE_SUFFIXES).
-#: Not SVG: libvips marks svgload untrusted, and `resample.configure_libvips` blocks untrusted
-#: loaders, so every SVG would fail on every run ("buffer is not in a known format").
-IMAGE_SUFFIXES = frozenset(suffix for suffixes in SOURCE_SUFFIXES.values() for suffix in suffixes)
+#: Suffixes of the formats thumbcli reads, from the registry (`formats.REGISTRY`).
+IMAGE_SUFFIXES = SOURCE_SUFFIXES
 
 
 class SourceFile(NamedTuple):

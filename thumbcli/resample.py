@@ -9,10 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from thumbcli import decoders
-from thumbcli.decoders import heif, jxl, raw, video
+from thumbcli import decoders, formats
+from thumbcli.decoders import check_pixels, heif
 from thumbcli.errors import FileRejected
-from thumbcli.spec import SOURCE_SUFFIXES, Limits, ThumbSpec
+from thumbcli.formats import SourceFormat
+from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.spec import Thumbnail as Thumbnail  # re-exported: the value this module makes
 
 os.environ.setdefault("VIPS_WARNING", "0")
@@ -21,11 +22,6 @@ from pyvips.voperation import Introspect
 
 log = logging.getLogger(__name__)
 
-_FTYP_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
-_VIDEO_FTYP_BRANDS = (
-    *(b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"qt  ", b"M4V ", b"M4VH"),
-    *(b"M4VP", b"3gp4", b"3gp5", b"3g2a", b"dash", b"MSNV", b"XAVC", b"mmp4"),
-)
 # libvips' own text when its libheif lacks the HEIF file's codec (the pyvips wheel has no HEVC decoder).
 _NO_LIBVIPS_DECODER = re.compile(r"has not been built in|no decoding plugin|decoder plugin", re.IGNORECASE)
 # A first decode refuses truncated files instead of thumbnailing their grey
@@ -83,38 +79,6 @@ def log_only_libvips_errors() -> None:
         pyvips._log_handler_cb,
         pyvips.ffi.NULL,
     )
-
-
-def sniff_format(head: bytes) -> str | None:
-    """The image format the first bytes announce, or None if they announce none we load."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[4:8] == b"ftyp" and head[8:12] in _FTYP_BRANDS:
-        return "heif"
-    if head[4:8] == b"ftyp" and head[8:12] == b"crx ":
-        return "raw"  # Canon CR3
-    if head[4:8] == b"ftyp" and head[8:12] in _VIDEO_FTYP_BRANDS:
-        return "video"
-    if head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
-        return "video"  # Matroska/WebM, AVI
-    if head.startswith((b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"MMOR", b"IIU\x00")):
-        return "raw"  # Fujifilm RAF, Olympus ORF, Panasonic RW2
-    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
-        return "jxl"
-    if head.startswith(b"\x1f\x8b"):
-        return "svgz"
-    text = head[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith((b"<?xml", b"<svg", b"<!--", b"<!doctype svg")) and b"<svg" in text:
-        return "svg"
-    return None
 
 
 def _describe_head(head: bytes) -> str:
@@ -307,22 +271,25 @@ def resample(
     Raises FileRejected (DecodeFailed for what libvips refused) with a one-line reason.
     """
     plan = _decode_plan(specs, decode_for)
-    head = bytes(data[:1024])
-    source_format = sniff_format(head)
-    if source_format is None:
-        raise FileRejected(_describe_head(head[:16]))
+    source = formats.sniff(data)
+    if source is None:
+        raise FileRejected(_describe_head(bytes(data[:16])))
+    source_format = source.name
     if source_format != "jpeg":
         data = bytes(data)  # their loaders (pyvips' *_buffer) and the decoders beside libvips take bytes
-    if source_format == "tiff" and raw.is_camera_raw(bytes(data)):
-        source_format = "raw"
-    if source_format in ("raw", "video") or (source_format == "jxl" and not libvips_loads("jxl")):
-        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source_format))
+    if source.probe is not None:
+        size = source.probe(data)
+        if size is None:
+            raise FileRejected(f"{source.label}: no image size in its header (damaged, or not a {source.label} file)")
+        check_pixels(source.label, *size, limits)
+    if source.decoder and not (source.loader and libvips_loads(source.loader)):
+        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source))
     try:
         return Resampled(_make_thumbnails(data, specs, plan, limits, source_format, "truncated"))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
-    if source_format == "heif" and _NO_LIBVIPS_DECODER.search(detail):
-        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source_format))
+    if source.decoder and _NO_LIBVIPS_DECODER.search(detail):
+        return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source))
     reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
@@ -353,12 +320,7 @@ def _make_thumbnails(
         header = pyvips.Image.new_from_source(_in_place(data), load_options, access="sequential")
     else:
         header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
-    pixels = header.width * header.height
-    if pixels > limits.max_pixels:
-        raise FileRejected(
-            f"image is {header.width}x{header.height} ({pixels / 1e6:.0f} megapixels), "
-            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
-        )
+    check_pixels(formats.BY_NAME[source_format].label, header.width, header.height, limits)
     upright_w, upright_h = _upright_size(header)
     origin = (upright_w, upright_h, source_format)
     if source_format in _NO_SHRINK_ON_LOAD:
@@ -414,20 +376,17 @@ def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) 
 # -- formats decoded beside libvips -------------------------------------------------
 
 
-def libvips_loads(format_name: str) -> bool:
-    """Whether this libvips has a trusted loader for `format_name` (a `sniff_format` name), asked of the library.
+def libvips_loads(loader: str) -> bool:
+    """Whether this libvips has `loader` (a `SourceFormat.loader`, such as "jxlload"), trusted, asked of the library.
 
     Untrusted loaders count as absent: `configure_libvips` blocks them (Debian's 8.14 marks jxlload so).
     """
-    loader = _LOADERS.get(format_name, f"{format_name}load")
-    if not loader or pyvips.type_find("VipsOperation", f"{loader}_buffer") == 0:
+    if pyvips.type_find("VipsOperation", f"{loader}_buffer") == 0:
         return False
     flags = int(Introspect.get(f"{loader}_buffer").flags)
     return not flags & (_OPERATION_UNTRUSTED | _OPERATION_BLOCKED)
 
 
-#: A sniffed format -> the libvips loader that reads it ("" for none).
-_LOADERS = {"heif": "heifload", "jxl": "jxlload", "raw": "dcrawload", "video": "", "svgz": "svgload"}
 _OPERATION_UNTRUSTED, _OPERATION_BLOCKED = 16, 32  # VipsOperationFlags
 
 
@@ -443,11 +402,14 @@ class Libvips:
 
 @dataclass(frozen=True, slots=True)
 class FormatSupport:
-    """One kind of source: its suffixes, and what decodes it here (empty when nothing can)."""
+    """One kind of source: its suffixes and MIME type, and what decodes it here (empty when nothing can)."""
 
     kind: str
     suffixes: tuple[str, ...]
+    mimetype: str
     decoder: str
+    #: The distribution that brings its decoder beside libvips ("" for none).
+    wheel: str
 
 
 def libvips_in_use() -> Libvips:
@@ -465,18 +427,19 @@ def libvips_in_use() -> Libvips:
 
 
 def format_support() -> list[FormatSupport]:
-    """Every kind of source thumbcli reads, with the decoder behind it in this installation."""
+    """Every kind of source thumbcli walks, from the registry, with the decoder behind it in this installation."""
     libvips = f"libvips {libvips_in_use().version}"
-    beside = {"raw": raw.version(), "jxl": jxl.version(), "video": video.version()}
     support = []
-    for kind, suffixes in SOURCE_SUFFIXES.items():
-        if kind == "heif":
+    for source in formats.REGISTRY:
+        if not source.suffixes:
+            continue  # recognised, never walked (SVG)
+        if source.name == "heif":
             decoder = _heif_decoders(libvips)
-        elif libvips_loads(kind):
-            decoder = f"{libvips} ({_LOADERS.get(kind, kind + 'load')})"
+        elif source.loader and libvips_loads(source.loader):
+            decoder = f"{libvips} ({source.loader})"
         else:
-            decoder = beside.get(kind) or ""
-        support.append(FormatSupport(kind, suffixes, decoder))
+            decoder = (decoders.load(source.decoder).version() if source.decoder else None) or ""
+        support.append(FormatSupport(source.name, source.suffixes, source.mimetype, decoder, source.wheel))
     return support
 
 
@@ -484,39 +447,29 @@ def _heif_decoders(libvips: str) -> str:
     """AVIF through libvips; HEVC (HEIC) through libvips when its libheif decodes the bundled encoder's sample."""
     sample = heif.sample_hevc_file()
     libvips_reads_hevc = False
-    if sample is not None and libvips_loads("heif"):
+    if sample is not None and libvips_loads("heifload"):
         try:
             pyvips.Image.new_from_buffer(sample, "").avg()
             libvips_reads_hevc = True
         except pyvips.Error:
             pass
-    avif = f"AVIF: {libvips} (heifload)" if libvips_loads("heif") else "AVIF: none"
+    avif = f"AVIF: {libvips} (heifload)" if libvips_loads("heifload") else "AVIF: none"
     hevc = f"HEIC: {libvips} (heifload)" if libvips_reads_hevc else f"HEIC: {heif.version() or 'none'}"
     return f"{hevc}; {avif}"
 
 
-def _decode_beside_libvips(
-    data: bytes, plan: tuple[ThumbSpec, ...], limits: Limits, source_format: str
-) -> decoders.Decoded:
+def _thumbnails_beside_libvips(
+    data: bytes, specs: tuple[ThumbSpec, ...], plan: tuple[ThumbSpec, ...], limits: Limits, source: SourceFormat
+) -> list[Thumbnail]:
+    """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
+
     def scale_needed(width: int, height: int) -> float:
         return max(_scale_for(spec, width, height) for spec in plan)
 
-    if source_format == "heif":
-        return heif.decode(data, limits)
-    if source_format == "raw":
-        return raw.decode(data, limits, scale_needed)
-    if source_format == "jxl":
-        return jxl.decode(data, limits)
-    return video.decode(data, limits, scale_needed)
-
-
-def _thumbnails_beside_libvips(
-    data: bytes, specs: tuple[ThumbSpec, ...], plan: tuple[ThumbSpec, ...], limits: Limits, source_format: str
-) -> list[Thumbnail]:
-    """Thumbnails of a file another decoder reads: its upright pixels (or embedded image) into libvips once."""
-    decoded = _decode_beside_libvips(data, plan, limits, source_format)
+    decoded = decoders.load(source.decoder).decode(data, limits, scale_needed)
+    source_format = source.name
     try:
-        image, (upright_w, upright_h) = _image_of(decoded, plan)
+        image, (upright_w, upright_h) = _image_of(decoded, plan, limits, source)
         origin = (upright_w, upright_h, source_format)
         if len(plan) > 1:
             # As for a JPEG: one base at the largest scale of the plan, every size cut from it.
@@ -533,17 +486,22 @@ def _thumbnails_beside_libvips(
     return thumbnails
 
 
-def _image_of(decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...]) -> tuple[pyvips.Image, tuple[int, int]]:
+def _image_of(
+    decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...], limits: Limits, source: SourceFormat
+) -> tuple[pyvips.Image, tuple[int, int]]:
     """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
 
-    An embedded JPEG is decoded shrunk on load (by 2, 4 or 8) when every size of the plan allows it.
+    An embedded image (a RAW's preview) is checked against --max-pixels from its own header, as
+    any source is: a 10 KB RAW may carry a preview that declares 65500x65500. An embedded JPEG is
+    decoded shrunk on load (by 2, 4 or 8) when every size of the plan allows it.
     """
     if isinstance(decoded, decoders.EmbeddedImage):
         header = pyvips.Image.new_from_buffer(decoded.data, "")
+        check_pixels(source.label, header.width, header.height, limits, "embedded preview")
         turned = decoded.orientation in (5, 6, 7, 8)
         upright = (header.height, header.width) if turned else (header.width, header.height)
         scale = max(_scale_for(spec, *upright) for spec in plan)
-        is_jpeg = sniff_format(decoded.data[:16]) == "jpeg"
+        is_jpeg = formats.sniff(decoded.data) is formats.BY_NAME["jpeg"]
         shrink = _jpeg_shrink(header.width, header.height, scale) if is_jpeg else 1
         if shrink > 1:
             image = pyvips.Image.jpegload_buffer(decoded.data, shrink=shrink)

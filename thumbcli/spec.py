@@ -27,19 +27,6 @@ CONTENT_TYPE_BY_FORMAT: dict[Format, str] = {
     "avif": "image/avif",
     "png": "image/png",
 }
-#: The kinds of source thumbcli reads (as `resample.sniff_format` names them) and their file suffixes.
-#: A file is walked by its suffix and read by its content.
-SOURCE_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "jpeg": (".jpg", ".jpeg", ".jpe", ".jfif"),
-    "png": (".png",),
-    "gif": (".gif",),
-    "webp": (".webp",),
-    "tiff": (".tif", ".tiff"),
-    "heif": (".heic", ".heif", ".avif"),
-    "jxl": (".jxl",),
-    "raw": (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".pef", ".srw"),
-    "video": (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"),
-}
 DEFAULT_QUALITY: dict[Format, int] = {"jpeg": 80, "webp": 80, "avif": 50, "png": 100}
 
 _BOX_RE = re.compile(r"^(?:(\d+)|(\d+)?x(\d+)?)$")

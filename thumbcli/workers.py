@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
+from thumbcli import formats
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
 
 log = logging.getLogger(__name__)
@@ -430,29 +431,25 @@ def _human_bytes(count: int) -> str:
 # -- the per-file boundary ---------------------------------------------------
 
 #: A format `resample.sniff_format` names -> how a reason names it.
-_FORMAT_LABEL = {
-    "jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WebP", "tiff": "TIFF", "heif": "HEIF",
-    "raw": "RAW", "video": "video", "jxl": "JPEG XL", "svg": "SVG", "svgz": "SVG",
-}  # fmt: skip
-#: A decoder beside libvips (a module of thumbcli.decoders) -> how a reason names what it reads.
-_DECODER_LABEL = {"heif": "HEIC", "raw": "RAW", "jxl": "JPEG XL", "video": "video"}
 #: Where Pillow parses EXIF: an exception from there is damaged EXIF, whichever image carries it.
 _EXIF_CODE = re.compile(r"(TiffImagePlugin|ExifTags)\.py$|exif", re.IGNORECASE)
 _DETAIL_FRAMES = 6
 
 
-def _unexpected_failure(exc: Exception, source_format: str | None) -> tuple[str, str]:
+def _unexpected_failure(exc: Exception, source_format: formats.SourceFormat | None) -> tuple[str, str]:
     """A file's one-line reason for an exception no decoder expected, and the traceback on one line (the detail).
 
     The reason names what kind of thing went wrong and the exception's type; the detail
     says where, for the fail log.
     """
     frames = traceback.extract_tb(exc.__traceback__)
-    label = _FORMAT_LABEL.get(source_format or "", "image")
+    label = source_format.label if source_format is not None else "image"
     for frame in frames:
         module = frame.filename.replace(os.sep, "/")
         if "/thumbcli/decoders/" in module:
-            label = _DECODER_LABEL.get(module.rsplit("/", 1)[-1].removesuffix(".py"), label)
+            # The decoder that raised names what it reads (a RAW's embedded JPEG is still a RAW).
+            decoder = module.rsplit("/", 1)[-1].removesuffix(".py")
+            label = next((known.label for known in formats.REGISTRY if known.decoder == decoder), label)
     kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
     if isinstance(exc, UnicodeError):
         what = f"{label} metadata is not UTF-8"
@@ -542,7 +539,7 @@ def serve(
             # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
             # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
             # file's failure, recorded as such, not a bug to stop the run on.
-            reply = ("failed", *_unexpected_failure(exc, resample.sniff_format(bytes(view[:1024]))))
+            reply = ("failed", *_unexpected_failure(exc, formats.sniff(view[:1024])))
         except BaseException:
             reply = ("bug", traceback.format_exc())
         else:

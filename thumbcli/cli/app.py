@@ -241,7 +241,10 @@ def _effective(
 @main.command("formats")
 @json_option("Print the libvips in use and the formats as JSON on stdout.")
 def show_formats(json_summary: bool) -> None:
-    """Say which libvips is in use and which kinds of file can be read here, with the decoder behind each."""
+    """Say which libvips is in use and which kinds of file can be read here, with the decoder behind each.
+
+    The kinds, their suffixes, MIME types and wheels come from the format registry (`thumbcli.formats`).
+    """
     from thumbcli import resample  # loads libvips: only this command needs it
 
     resample.configure_libvips()  # as a resample worker sees it: untrusted loaders blocked
@@ -254,8 +257,9 @@ def show_formats(json_summary: bool) -> None:
     click.echo(f"libvips {libvips.version} ({libvips.origin}: {libvips.path or 'path unknown'})")
     click.echo(f"metadata option of its savers: {libvips.metadata_option}")
     for kind in support:
-        click.echo(f"{kind.kind:6} {' '.join(kind.suffixes)}")
-        click.echo(f"       {kind.decoder or 'not readable here'}")
+        click.echo(f"{kind.kind:6} {' '.join(kind.suffixes)}  ({kind.mimetype})")
+        missing = f"not readable here (pip install {kind.wheel})" if kind.wheel else "not readable here"
+        click.echo(f"       {kind.decoder or missing}")
 
 
 main.add_command(generate)

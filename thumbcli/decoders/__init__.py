@@ -7,9 +7,12 @@ A decoder hands `resample` either upright 8-bit pixels or an embedded image for 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
+from thumbcli import formats
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits
 
@@ -41,24 +44,40 @@ class EmbeddedImage:
 Decoded = Pixels | EmbeddedImage
 
 
-#: The wheel behind each decoder, by the format name `resample.sniff_format` gives.
-WHEELS: dict[str, str] = {"heif": "pillow-heif", "raw": "rawpy", "jxl": "pillow-jxl-plugin", "video": "av"}
+class Decoder(Protocol):
+    """What each module here offers: a file's image for libvips, and the version of the library behind it."""
+
+    def decode(self, data: bytes, limits: Limits, scale_needed: ScaleNeeded, /) -> Decoded:
+        """The image of `data`, its size checked against `limits` from the header before decoding."""
+
+    def version(self) -> str | None:
+        """The wheel's version and its library's, or None when it is not installed."""
+
+
+def load(name: str) -> Decoder:
+    """The decoder module a format names (`SourceFormat.decoder`); its wheel is imported only when it decodes."""
+    return cast(Decoder, importlib.import_module(f"{__name__}.{name}"))
 
 
 class MissingDecoder(FileRejected):
     """A file of a supported kind whose decoder wheel is not installed."""
 
     def __init__(self, label: str, format_name: str) -> None:
-        super().__init__(f"{label}: no decoder installed (pip install {WHEELS[format_name]}, or reinstall thumbcli)")
+        wheel = formats.BY_NAME[format_name].wheel
+        super().__init__(f"{label}: no decoder installed (pip install {wheel}, or reinstall thumbcli)")
 
 
-def check_pixels(label: str, width: int, height: int, limits: Limits) -> None:
-    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded."""
+def check_pixels(label: str, width: int, height: int, limits: Limits, what: str = "image") -> None:
+    """Refuse a header's `width` x `height` over --max-pixels (or empty), before anything is decoded.
+
+    The one place the limit is judged: libvips' headers, each decoder's, the registry's probes
+    and a RAW's embedded preview all come here.
+    """
     if width < 1 or height < 1:
-        raise FileRejected(f"{label}: image has no pixels ({width}x{height})")
+        raise FileRejected(f"{label}: {what} has no pixels ({width}x{height})")
     pixels = width * height
     if pixels > limits.max_pixels:
         raise FileRejected(
-            f"image is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
+            f"{what} is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
             f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
         )

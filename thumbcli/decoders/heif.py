@@ -10,15 +10,16 @@ from __future__ import annotations
 import io
 from typing import cast
 
-from thumbcli.decoders import MissingDecoder, Pixels, check_pixels
+from thumbcli.decoders import MissingDecoder, Pixels, ScaleNeeded, check_pixels
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits
 
 _LABEL = "HEIC"
 
 
-def decode(data: bytes, limits: Limits) -> Pixels:
+def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded | None = None) -> Pixels:
     """The primary image of a HEIF file, upright, 8-bit, with its ICC profile; the size checked from the header."""
+    del scale_needed  # libheif decodes the whole image; libvips makes every size from it
     try:
         import pillow_heif
     except ImportError:

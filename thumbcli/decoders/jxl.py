@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import io
 
-from thumbcli.decoders import MissingDecoder, Pixels, check_pixels
+from thumbcli.decoders import MissingDecoder, Pixels, ScaleNeeded
 from thumbcli.errors import FileRejected
 from thumbcli.spec import Limits
 
 _LABEL = "JPEG XL"
 
 
-def decode(data: bytes, limits: Limits) -> Pixels:
-    """The image, 8-bit, with its ICC profile; the size checked from the header before decoding."""
+def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded | None = None) -> Pixels:
+    """The image, 8-bit, with its ICC profile.
+
+    Opening decodes the whole image, so its size is checked before this is called, from the
+    registry's probe of the header (`formats.jxl_size`, by `resample`).
+    """
+    del limits, scale_needed  # checked before; libvips makes every size from the one decode
     try:
         import pillow_jxl  # noqa: F401 - registers the JPEG XL plugin with Pillow
         from PIL import Image, ImageOps
     except ImportError:
         raise MissingDecoder(_LABEL, "jxl") from None
-    Image.MAX_IMAGE_PIXELS = None  # --max-pixels is checked below, from the header
+    Image.MAX_IMAGE_PIXELS = None  # --max-pixels was checked from the header, before this decode
     try:
         with Image.open(io.BytesIO(data), formats=["JXL"]) as image:
-            check_pixels(_LABEL, image.width, image.height, limits)
             image.load()
             upright = ImageOps.exif_transpose(image)
             profile = image.info.get("icc_profile") or b""

@@ -22,6 +22,7 @@ from urllib.parse import unquote_to_bytes
 import thumbcli
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
+from thumbcli.formats import mimetype_of
 from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
 from thumbcli.spec import SizeBox, ThumbSpec
 from thumbcli.targets.failures import FailureBook
@@ -49,42 +50,6 @@ _NS = 1_000_000_000
 # GLib escapes ';', so this does too: the MD5 must match GNOME's and KDE's.
 _PATH_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/!$&'()*+,=:@")
 _ESCAPES = {b: chr(b) if b in _PATH_SAFE else f"%{b:02X}" for b in range(256)}
-
-_MIMETYPES: dict[str, str] = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "gif": "image/gif",
-    "webp": "image/webp",
-    "tiff": "image/tiff",
-    "heif": "image/heif",
-    "raw": "image/x-dcraw",
-    "video": "video/x-generic",
-    "svg": "image/svg+xml",
-    "svgz": "image/svg+xml-compressed",
-    "jxl": "image/jxl",
-}
-
-#: Sources whose kind has several MIME types, by suffix (shared-mime-info's names).
-_MIMETYPES_BY_SUFFIX: dict[str, str] = {
-    ".heic": "image/heic",
-    ".avif": "image/avif",
-    ".dng": "image/x-adobe-dng",
-    ".cr2": "image/x-canon-cr2",
-    ".cr3": "image/x-canon-cr3",
-    ".nef": "image/x-nikon-nef",
-    ".arw": "image/x-sony-arw",
-    ".orf": "image/x-olympus-orf",
-    ".rw2": "image/x-panasonic-rw2",
-    ".raf": "image/x-fuji-raf",
-    ".pef": "image/x-pentax-pef",
-    ".srw": "image/x-samsung-srw",
-    ".mp4": "video/mp4",
-    ".m4v": "video/mp4",
-    ".mov": "video/quicktime",
-    ".mkv": "video/x-matroska",
-    ".webm": "video/webm",
-    ".avi": "video/x-msvideo",
-}
 
 # Where desktops mount removable drives: a missing source below an absent
 # mount is an unplugged drive, not a deleted file, and its thumbnails stay.
@@ -125,12 +90,8 @@ def thumbnail_name(uri: str) -> str:
 
 
 def mimetype_for(thumbnail: Thumbnail, path: str) -> str:
-    """The MIME type of the source a thumbnail was made from."""
-    if thumbnail.source_format in ("heif", "raw", "video"):
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix in _MIMETYPES_BY_SUFFIX:
-            return _MIMETYPES_BY_SUFFIX[suffix]
-    return _MIMETYPES.get(thumbnail.source_format, "application/octet-stream")
+    """The MIME type of the source a thumbnail was made from: its format's, from the registry."""
+    return mimetype_of(thumbnail.source_format, path)
 
 
 def _parse_mtime(value: str | None) -> int | None:
