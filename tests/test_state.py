@@ -13,10 +13,10 @@ from thumbcli.targets.state import Origin, StateStore
 
 def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
-    first = StateStore(path)
+    first = StateStore(tmp_path, "state.sqlite")
     first.record("64/a.jpg.jpg", Origin(b"/src/a.jpg", 5, 10, "64", "d1"))
     first.close()
-    store = StateStore(path)
+    store = StateStore(tmp_path, "state.sqlite")
     # Recorded, not yet written: fetch must see it without flushing.
     store.record("64/b.jpg.jpg", Origin(b"/src/b.jpg", 6, 11, "64", "d1"))
     holder = sqlite3.connect(path, isolation_level=None)
@@ -34,6 +34,6 @@ def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: P
         holder.execute("ROLLBACK")
         holder.close()
     store.close()
-    reopened = StateStore(path)
+    reopened = StateStore(tmp_path, "state.sqlite")
     assert reopened.fetch("64/b.jpg.jpg") == (6, 11, "64", "d1")
     reopened.close()

@@ -67,4 +67,5 @@ def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None
             "# TYPE thumbcli_last_success_timestamp_seconds gauge",
             f"{_LAST_SUCCESS} {last_success:.3f}",
         ]
-    write_atomically(str(path), ("\n".join(lines) + "\n").encode())
+    # The folder is the user's to choose (symlinks and all); only the file's own name is never followed.
+    write_atomically(path.parent, path.name, ("\n".join(lines) + "\n").encode())

@@ -12,7 +12,7 @@ from typing import Protocol
 from thumbcli.config import Config
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
-from thumbcli.fsutil import remove_temporary_files
+from thumbcli.fsutil import open_for_append, remove_temporary_files
 from thumbcli.pipeline import FileResult, Pipeline, RunStats, StopReason
 from thumbcli.spec import Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.plan import Removal, Target
@@ -422,7 +422,11 @@ def generate(
     """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
     target = open_target(job)
     try:
-        fail_log = job.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if job.fail_log else None
+        fail_log = (
+            os.fdopen(open_for_append(job.fail_log), "a", encoding="utf-8", errors="backslashreplace")
+            if job.fail_log
+            else None
+        )
     except OSError as exc:
         target.close()
         raise CannotRunError(f"{job.fail_log}: cannot open the fail log: {exc.strerror or exc}") from exc

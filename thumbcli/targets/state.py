@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import marshal
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from thumbcli.discover import display_path
+from thumbcli.fsutil import OutsideRootError, open_folder
 
 #: What a state store raises when its database cannot be read or written (it is SQLite; no one else needs to know).
 StateError = sqlite3.Error
@@ -74,6 +79,31 @@ def _use_wal(db: sqlite3.Connection, seconds: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+#: The files SQLite keeps beside a database in WAL mode, after its name.
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def _unlinked_path(root: Path, relpath: str) -> Path:
+    """The database's path, once no symlink leads to it or to a file SQLite keeps beside it.
+
+    SQLite follows symlinks (and resolves them, to put its journal beside the target), so
+    a state file planted as a symlink would have its target overwritten. Its folder is
+    reached without following one, and the database is made here, O_NOFOLLOW; SQLite
+    opens it by name just after, which leaves only that instant for a swap.
+    """
+    reldir, _, name = relpath.rpartition("/")
+    folder = open_folder(root, reldir)
+    try:
+        for companion in _COMPANIONS:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISLNK(os.lstat(name + companion, dir_fd=folder).st_mode):
+                    raise OutsideRootError(f"{display_path(root / relpath)}{companion} is a symlink")
+        os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder))
+    finally:
+        os.close(folder)
+    return root / relpath
+
+
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
 
@@ -94,9 +124,11 @@ class StateStore:
     _SCHEMA = 3
     _CACHED_FOLDERS = 1024
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    def __init__(self, root: Path, relpath: str) -> None:
+        """Open (or make) the database at `relpath` below `root`; a symlink below `root` is refused (OSError)."""
+        self._db = sqlite3.connect(
+            _unlinked_path(root, relpath), timeout=30, check_same_thread=False, isolation_level=None
+        )
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         # One transaction, so processes opening the same store at once (serve's workers) take turns.

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from thumbcli import cache
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
-from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
+from thumbcli.fsutil import (
+    TEMP_PREFIX,
+    OutsideRootError,
+    RunLock,
+    is_temporary_name,
+    remove_if_abandoned,
+    write_atomically,
+)
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
@@ -159,8 +166,10 @@ class OutputTree:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
-            self._lock = RunLock(root / PRIVATE_DIR / f"lock{tag}", wait=wait_for_lock) if locked else None
-            self._state = state if state is not None else StateStore(root / PRIVATE_DIR / f"state{tag}.sqlite")
+            self._lock = RunLock(root, f"{PRIVATE_DIR}/lock{tag}", wait=wait_for_lock) if locked else None
+            self._state = state if state is not None else StateStore(root, f"{PRIVATE_DIR}/state{tag}.sqlite")
+        except OutsideRootError as exc:
+            raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
@@ -315,7 +324,7 @@ class OutputTree:
         """Write each thumbnail atomically, then record what it was made from."""
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
-            write_atomically(str(self.root / relative), thumbnail.data)
+            write_atomically(self.root, relative, thumbnail.data)
             origin = Origin(
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
