@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import marshal
 import os
 import sqlite3
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from thumbcli.discover import display_path
-from thumbcli.fsutil import OutsideRootError, open_folder
+from thumbcli.fsutil import OutsideRootError, open_file_beneath, open_folder, remove_beneath
+
+log = logging.getLogger(__name__)
 
 #: What a state store raises when its database cannot be read or written (it is SQLite; no one else needs to know).
 StateError = sqlite3.Error
@@ -104,6 +107,29 @@ def _unlinked_path(root: Path, relpath: str) -> Path:
     return root / relpath
 
 
+#: Disk space kept beside a database (in a file named after it with this suffix) and given up when
+#: the disk is full, so that the records of the thumbnails already written can still be committed.
+ROOM_SUFFIX = "-room"
+ROOM_BYTES = 256 * 1024
+
+
+def _keep_room(root: Path, relpath: str) -> None:
+    """Make sure the room file holds ROOM_BYTES; on a disk already full there is none to keep."""
+    try:
+        fd = open_file_beneath(root, relpath, os.O_WRONLY | os.O_CREAT, mode=0o644)
+    except OutsideRootError:
+        raise  # planted like a symlinked database: refused the same way
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_size < ROOM_BYTES:
+            os.posix_fallocate(fd, 0, ROOM_BYTES)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
 
@@ -126,9 +152,10 @@ class StateStore:
 
     def __init__(self, root: Path, relpath: str) -> None:
         """Open (or make) the database at `relpath` below `root`; a symlink below `root` is refused (OSError)."""
-        self._db = sqlite3.connect(
-            _unlinked_path(root, relpath), timeout=30, check_same_thread=False, isolation_level=None
-        )
+        self._root, self._room = root, relpath + ROOM_SUFFIX
+        self._path = _unlinked_path(root, relpath)
+        _keep_room(root, self._room)
+        self._db = sqlite3.connect(self._path, timeout=30, check_same_thread=False, isolation_level=None)
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         # One transaction, so processes opening the same store at once (serve's workers) take turns.
@@ -279,7 +306,40 @@ class StateStore:
                 _apply(cached, name, change[0] if change else None)
             self._pending.setdefault(folder, {})[name] = change
             if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
+                try:
+                    self._flush_locked()
+                except sqlite3.OperationalError as exc:
+                    # A full disk, or a writer holding the database too long: kept, and tried again
+                    # in a second; `save` at the end has the room kept for it.
+                    self._last_flush = time.monotonic()
+                    log.debug("%s: records not saved yet: %s", display_path(self._path), exc)
+
+    def _pending_count(self) -> int:
+        return sum(map(len, self._pending.values()))
+
+    def save(self) -> None:
+        """Commit what is pending now; when the disk is full, give up the room kept beside the database for it.
+
+        Records that still cannot be saved are logged, not raised: their thumbnails are made again next run.
+        """
+        with self._lock:
+            try:
                 self._flush_locked()
+                return
+            except sqlite3.OperationalError as exc:
+                failure = exc
+            if remove_beneath(self._root, self._room):
+                try:
+                    self._flush_locked()
+                    return
+                except sqlite3.OperationalError as exc:
+                    failure = exc
+            log.warning(
+                "%s: cannot save the records of %d thumbnails (%s): they will be made again",
+                display_path(self._path),
+                self._pending_count(),
+                failure,
+            )
 
     def _flush_locked(self) -> None:
         if self._pending or self._pending_signatures:
@@ -303,16 +363,20 @@ class StateStore:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (a full disk): a ROLLBACK would
+                # then fail too, hiding why.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
             self._pending.clear()
             self._pending_signatures.clear()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Commit what is pending and close the database."""
+        """Commit what is pending (see `save`) and close the database."""
+        self.save()
         with self._lock:
-            self._flush_locked()
             self._db.close()
 
 

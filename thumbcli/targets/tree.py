@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -168,6 +169,8 @@ class OutputTree:
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
             self._lock = RunLock(root, f"{PRIVATE_DIR}/lock{tag}", wait=wait_for_lock) if locked else None
             self._state = state if state is not None else StateStore(root, f"{PRIVATE_DIR}/state{tag}.sqlite")
+            #: Whether the records are this tree's own database (not records a cluster task keeps for its client).
+            self._owns_state = state is None
         except OutsideRootError as exc:
             raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
         except (OSError, StateError) as exc:
@@ -324,7 +327,14 @@ class OutputTree:
         """Write each thumbnail atomically, then record what it was made from."""
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
-            write_atomically(self.root, relative, thumbnail.data)
+            try:
+                write_atomically(self.root, relative, thumbnail.data)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC and self._owns_state:
+                    # Save the records of the thumbnails already written while there is room for them:
+                    # each later write may take what little a failed one freed.
+                    self._state.save()
+                raise
             origin = Origin(
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
