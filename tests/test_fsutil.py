@@ -14,7 +14,13 @@ import pytest
 from imagekit import make_photo, output_files, run_cli
 
 from thumbcli.errors import ExitCode
-from thumbcli.fsutil import TEMP_PREFIX, OutsideRootError, remove_orphaned_temporary_files, write_atomically
+from thumbcli.fsutil import (
+    ABANDONED_TEMP_SECONDS,
+    TEMP_PREFIX,
+    OutsideRootError,
+    remove_orphaned_temporary_files,
+    write_atomically,
+)
 
 # A writer that creates and locks a temporary file as write_atomically does, says so, then hangs mid-write.
 HANGING_WRITER = """
@@ -103,11 +109,15 @@ def sources(tmp_path: Path) -> Path:
 def test_generate_writes_nothing_through_a_symlinked_output_folder_and_makes_the_rest(tmp_path: Path) -> None:
     src, out, elsewhere = sources(tmp_path), tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # Named like an abandoned temporary file, which a run removes from its own folders.
+    lookalike = elsewhere / f"{TEMP_PREFIX}not-ours"
+    lookalike.write_bytes(b"precious")
+    os.utime(lookalike, (time.time() - 2 * ABANDONED_TEMP_SECONDS,) * 2)
     (out / "256").mkdir(parents=True)
     (out / "256" / "x").symlink_to(elsewhere)
     run = run_cli("generate", src, "-o", out, "-s", "256", "--json")
     assert run.rc == ExitCode.SOME_FAILED, run.stderr
-    assert list(elsewhere.iterdir()) == []
+    assert list(elsewhere.iterdir()) == [lookalike]
     assert run.failure_lines == [f"failed: {src}/x/a.jpg: cannot write thumbnail: {out}/256/x is a symlink"]
     assert (run.summary["made"], run.summary["failed"]) == (2, 1)
     assert [path.relative_to(out).as_posix() for path in output_files(out)] == ["256/b.jpg.jpg", "256/c.jpg.jpg"]

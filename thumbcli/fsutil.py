@@ -282,9 +282,14 @@ def remove_orphaned_temporary_files(folder: str) -> int:
     return removed
 
 
-def remove_if_abandoned(path: Path) -> None:
-    """Unlink a temporary file that a killed run left behind (never one being written now)."""
+def remove_if_abandoned(root: Path, relpath: str) -> None:
+    """Unlink a temporary file below `root` that a killed run left behind (never one being written now)."""
+    reldir, _, name = relpath.rpartition("/")
     with contextlib.suppress(OSError):
-        if time.time() - path.stat().st_mtime > ABANDONED_TEMP_SECONDS:
-            path.unlink()
-            log.info("%s: removed a temporary file left by an interrupted run", display_path(path))
+        folder = open_folder(root, reldir, create=False)
+        try:
+            if time.time() - os.stat(name, dir_fd=folder, follow_symlinks=False).st_mtime > ABANDONED_TEMP_SECONDS:
+                os.unlink(name, dir_fd=folder)
+                log.info("%s: removed a temporary file left by an interrupted run", display_path(root / relpath))
+        finally:
+            os.close(folder)

@@ -243,7 +243,7 @@ class OutputTree:
             if any(map(str.startswith, names, itertools.repeat(TEMP_PREFIX))):
                 for name in names:
                     if is_temporary_name(name):
-                        remove_if_abandoned(self.root / folder / name)
+                        remove_if_abandoned(self.root, f"{folder}/{name}")
             self._listings[folder] = names
         return names
 
