@@ -185,6 +185,7 @@ class StateStore:
         self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
         self._pending_signatures: dict[bytes, bytes | None] = {}
         self._last_flush = time.monotonic()
+        self._save_failed = False
 
     def _load(self, folder: str) -> dict[str, Record]:
         row = self._db.execute("SELECT records FROM folders WHERE folder = ?", (os.fsencode(folder),)).fetchone()
@@ -328,18 +329,25 @@ class StateStore:
                 return
             except sqlite3.OperationalError as exc:
                 failure = exc
-            if remove_beneath(self._root, self._room):
+            try:
+                released = remove_beneath(self._root, self._room)
+            except OSError:
+                released = False
+            if released:
                 try:
                     self._flush_locked()
                     return
                 except sqlite3.OperationalError as exc:
                     failure = exc
-            log.warning(
+            # Once: on a full disk every thumbnail that fails to be written asks again.
+            log.log(
+                logging.DEBUG if self._save_failed else logging.WARNING,
                 "%s: cannot save the records of %d thumbnails (%s): they will be made again",
                 display_path(self._path),
                 self._pending_count(),
                 failure,
             )
+            self._save_failed = True
 
     def _flush_locked(self) -> None:
         if self._pending or self._pending_signatures:
