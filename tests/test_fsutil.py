@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,3 +182,19 @@ def test_fail_log_and_metrics_file_planted_as_symlinks_do_not_write_their_target
     assert fail_log.rc == ExitCode.CANNOT_RUN, fail_log.stderr
     assert f"{tmp_path}/fail.log is a symlink" in fail_log.stderr
     assert victim.read_bytes() == b"precious\n"
+
+
+def test_prune_removes_nothing_through_a_symlinked_cache_folder(tmp_path: Path) -> None:
+    src, cache, elsewhere = sources(tmp_path), tmp_path / "cache", tmp_path / "elsewhere"
+    assert run_cli("generate", src, "--cache", cache, "-s", "64").rc == 0
+    (src / "x" / "a.jpg").unlink()
+    # The folder of a thumbnail whose source is gone, swapped for a symlink to a file of the same name.
+    shutil.rmtree(cache / "v1" / "64" / "x")
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg.jpg").write_bytes(b"precious")
+    (cache / "v1" / "64" / "x").symlink_to(elsewhere)
+    run = run_cli("prune", "--cache", cache, "--json")
+    assert run.rc == 0, run.stderr
+    assert [item["reason"] for item in run.summary["removed"]] == ["source is gone"]
+    assert (elsewhere / "a.jpg.jpg").read_bytes() == b"precious"
+    assert f"{cache}/v1/64/x is a symlink" in run.stderr

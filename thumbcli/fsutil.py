@@ -164,15 +164,21 @@ def write_atomically(
         os.close(folder)
 
 
-def remove_beneath(root: str | os.PathLike[str], relpath: str) -> bool:
-    """Unlink the file `relpath` below `root`, following no symlink below `root`; False if it was not there."""
+def remove_beneath(root: str | os.PathLike[str], relpath: str, *, empty_folder: bool = False) -> bool:
+    """Unlink the file (or remove the `empty_folder`) `relpath` below `root`, following no symlink below `root`.
+
+    False if it was not there; any other error (a folder not empty) is raised.
+    """
     reldir, _, name = relpath.rpartition("/")
     try:
         folder = open_folder(root, reldir, create=False)
     except FileNotFoundError:
         return False
     try:
-        os.unlink(name, dir_fd=folder)
+        if empty_folder:
+            os.rmdir(name, dir_fd=folder)
+        else:
+            os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
         return False
     finally:

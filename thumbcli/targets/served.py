@@ -125,7 +125,7 @@ class CacheDirectory(OutputTree):
         for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
             while directory != self.root and directory.is_relative_to(self.root):
                 try:
-                    directory.rmdir()
+                    remove_beneath(self.root, str(directory.relative_to(self.root)), empty_folder=True)
                 except OSError:
                     break
                 directory = directory.parent
