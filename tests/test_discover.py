@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from imagekit import make_photo, output_files, run_cli
+
 from thumbcli.discover import SourceFile, WalkProblem, display_path, is_image_name, walk_sources
 from thumbcli.spec import WalkOptions
 
@@ -83,6 +85,32 @@ def test_walk_never_enters_excluded_folders(tmp_path: Path) -> None:
     touch(tmp_path / "a.jpg")
     touch(tmp_path / "thumbs" / "256" / "a.jpg.jpg")
     assert relpaths(walk(tmp_path, excluded=(str(tmp_path / "thumbs"),))) == ["a.jpg"]
+
+
+def test_walk_with_L_never_enters_a_folder_of_an_output_through_a_symlink(tmp_path: Path) -> None:
+    touch(tmp_path / "src" / "a.jpg")
+    touch(tmp_path / "out" / "256" / "sub" / "a.jpg.jpg")
+    (tmp_path / "src" / "to-sub").symlink_to(tmp_path / "out" / "256" / "sub")
+    (tmp_path / "src" / "to-output").symlink_to(tmp_path / "out")
+    touch(tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "src" / "to-elsewhere").symlink_to(tmp_path / "elsewhere")
+    excluded = (str(tmp_path / "out"),)
+    assert relpaths(walk(tmp_path / "src", WalkOptions(follow_symlinks=True), excluded=excluded)) == [
+        "a.jpg",
+        "to-elsewhere/b.jpg",
+    ]
+
+
+def test_generate_with_L_and_a_symlink_into_the_output_makes_no_thumbnails_of_thumbnails(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_photo(src / "a.jpg", 320, 240)
+    (out / "256").mkdir(parents=True)
+    (src / "thumbs").symlink_to(out / "256")
+    first = run_cli("generate", src, "-o", out, "-s", "256", "-L", "--json")
+    second = run_cli("generate", src, "-o", out, "-s", "256", "-L", "--json")
+    assert (first.rc, second.rc) == (0, 0), first.stderr + second.stderr
+    assert (second.summary["found"], second.summary["made"]) == (1, 0)
+    assert [path.relative_to(out).as_posix() for path in output_files(out)] == ["256/a.jpg.jpg"]
 
 
 def test_walk_takes_a_file_named_on_the_command_line_whatever_its_suffix(tmp_path: Path) -> None:

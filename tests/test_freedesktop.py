@@ -18,7 +18,7 @@ from imagekit import make_photo, make_rgba_png, run_cli
 
 import thumbcli
 from thumbcli.discover import SourceFile
-from thumbcli.errors import LockedError
+from thumbcli.errors import ExitCode, LockedError
 from thumbcli.make.pipeline import Pipeline
 from thumbcli.make.results import RunStats
 from thumbcli.resample import Thumbnail
@@ -379,6 +379,59 @@ def test_a_second_cache_on_the_same_root_is_locked_out(tmp_path: Path) -> None:
             FreedesktopCache(tmp_path / "thumbnails", ("large",))
     finally:
         cache.close()
+
+
+# -- symlinks planted in the cache are never followed ------------------------
+
+
+def test_a_symlinked_flavour_folder_is_refused_and_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_home, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    elsewhere.mkdir(mode=0o755)
+    elsewhere.chmod(0o755)
+    (cache_home / "thumbnails").mkdir(parents=True)
+    (cache_home / "thumbnails" / "normal").symlink_to(elsewhere)
+    source = make_photo(tmp_path / "Pictures" / "a.jpg")
+    run = run_cli("generate", source.parent, "--freedesktop", "normal")
+    assert run.rc == ExitCode.CANNOT_RUN, run.stderr
+    assert run.stderr.splitlines() == [
+        f"thumbcli: error: {cache_home}/thumbnails: refusing the thumbnail folder: "
+        f"{cache_home}/thumbnails/normal is a symlink"
+    ]
+    assert list(elsewhere.iterdir()) == []
+    assert mode(elsewhere) == 0o755
+
+
+def test_a_symlinked_fail_folder_gets_no_marker_and_the_run_goes_on(tmp_path: Path) -> None:
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    make_photo(src / "a.jpg")
+    (src / "broken.jpg").write_bytes(b"not a JPEG at all")
+    elsewhere.mkdir(mode=0o755)
+    elsewhere.chmod(0o755)
+    root = tmp_path / "thumbnails"
+    root.mkdir()
+    (root / "fail").symlink_to(elsewhere)
+    stats = run([src], FreedesktopCache(root, ("normal",)))
+    assert (stats.made, stats.failed) == (1, 1)
+    assert list(elsewhere.iterdir()) == []
+    assert mode(elsewhere) == 0o755
+    assert thumb_of(root, "normal", src / "a.jpg").is_file()
+
+
+def test_prune_does_not_look_into_a_symlinked_flavour_folder(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    stale = elsewhere / thumbnail_name(file_uri(tmp_path / "gone.jpg"))
+    stale.write_bytes(add_png_text(black_png(), {"Thumb::URI": file_uri(tmp_path / "gone.jpg"), "Thumb::MTime": "1"}))
+    root = tmp_path / "thumbnails"
+    (root / "normal").mkdir(parents=True)
+    (root / "normal" / stale.name).write_bytes(stale.read_bytes())
+    (root / "large").symlink_to(elsewhere)
+    removed = prune_freedesktop(root, dry_run=False)
+    assert [removal.path for removal in removed] == [root / "normal" / stale.name]
+    assert stale.is_file()
 
 
 # -- pruning ---------------------------------------------------------------

@@ -650,3 +650,22 @@ def test_serve_answers_a_cached_dot_file_the_same_with_and_without_source(tree: 
         make_photo(tree / "src" / ".other.jpg")
         assert fetch(on_demand, "/small/.other.jpg")[0] == 404
         assert not thumb_file(tree, "small", ".other.jpg").exists()
+
+
+def test_serve_writes_nothing_through_a_symlinked_cache_folder(tree: Path) -> None:
+    elsewhere = tree / "elsewhere"
+    elsewhere.mkdir()
+    make_photo(tree / "src" / "evil" / "a.jpg")
+    (tree / "cache" / "v1" / "small").mkdir(parents=True)
+    (tree / "cache" / "v1" / "small" / "evil").symlink_to(elsewhere)
+    with on_demand_server(tree) as server:
+        status, _, body = fetch(server, "/small/evil/a.jpg")
+        assert status in (404, 500)
+        assert str(tree) not in body.decode()
+        # The request did reach the source and was refused at the write.
+        assert fetch(server, "/small/a/photo.jpg")[0] == 200
+    assert list(elsewhere.iterdir()) == []
+    assert any(f"{tree}/cache/v1/small/evil is a symlink" in line for line in server.stderr_lines), "".join(
+        server.stderr_lines
+    )
+    assert not any("Traceback" in line for line in server.stderr_lines), "".join(server.stderr_lines)

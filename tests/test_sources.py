@@ -34,7 +34,7 @@ def two_cards(root: Path, *folders: str) -> dict[Path, int]:
 
 def origins(root: Path) -> dict[str, bytes]:
     """Output relpath -> the absolute source path its state record names."""
-    store = StateStore(root / ".thumbcli" / "state.sqlite")
+    store = StateStore(root, ".thumbcli/state.sqlite")
     try:
         return {out: origin.source for out, origin in store.origins()}
     finally:

@@ -1,22 +1,27 @@
-"""The state store: records read while another process holds the database's write lock."""
+"""The state store: records read while another process holds the database's write lock, and kept when the disk fills."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from imagekit import make_photo, output_files, run_cli
 
+from thumbcli.errors import ExitCode
 from thumbcli.targets.state import Origin, StateStore
 
 
 def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
-    first = StateStore(path)
+    first = StateStore(tmp_path, "state.sqlite")
     first.record("64/a.jpg.jpg", Origin(b"/src/a.jpg", 5, 10, "64", "d1"))
     first.close()
-    store = StateStore(path)
+    store = StateStore(tmp_path, "state.sqlite")
     # Recorded, not yet written: fetch must see it without flushing.
     store.record("64/b.jpg.jpg", Origin(b"/src/b.jpg", 6, 11, "64", "d1"))
     holder = sqlite3.connect(path, isolation_level=None)
@@ -34,6 +39,43 @@ def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: P
         holder.execute("ROLLBACK")
         holder.close()
     store.close()
-    reopened = StateStore(path)
+    reopened = StateStore(tmp_path, "state.sqlite")
     assert reopened.fetch("64/b.jpg.jpg") == (6, 11, "64", "d1")
     reopened.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs (mounting needs root: skipped without it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_disk_filling_up_fails_each_thumbnail_keeps_earlier_records_and_still_summarises(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    src, out = tmp_path / "src", small_disk / "out"
+    for index in range(48):
+        make_photo(src / f"p{index:02d}.jpg", 1200, 800, seed=index)
+    full = run_cli("generate", src, "-o", out, "-s", "1500", "--json")
+    assert "Traceback" not in full.stderr, full.stderr
+    assert full.rc == ExitCode.SOME_FAILED, full.stderr
+    summary = full.summary
+    made = len(output_files(out))
+    assert summary["made"] == made > 0
+    assert summary["failed"] == len(full.failure_lines) == 48 - made > 0
+    assert all(line.endswith(": cannot write thumbnail: no space left on device") for line in full.failure_lines)
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)
+    # The records of what was written made it to the database: only what is missing is made.
+    again = run_cli("generate", src, "-o", out, "-s", "1500", "--json")
+    assert again.rc == ExitCode.OK, again.stderr
+    assert (again.summary["made"], again.summary["skipped"]) == (48 - made, made)

@@ -196,4 +196,4 @@ def write_manifest(cache_root: Path, presets: Mapping[str, Mapping[str, object]]
     except OSError:
         unchanged = False
     if not unchanged:  # keep its mtime, so servers do not reload it after every cron run
-        write_atomically(str(path), encoded)
+        write_atomically(cache_root, MANIFEST_NAME, encoded)

@@ -278,13 +278,19 @@ class _TreeWalk:
                         key = (st.st_dev, st.st_ino)
                         if key in self.excluded:
                             continue
+                        # A symlink may lead anywhere below an output, not only to its root: thumbnails
+                        # walked as sources would be made again one level deeper on every run.
+                        path = _join(directory, name)
+                        if self.follow and self.excluded and entry.is_symlink() and _below(path, self.excluded):
+                            log.debug("%s: leads into an output folder, not walked", path)
+                            continue
                         if key in ancestors:
                             if mine:
                                 loop = "symlink loop: folder contains itself, not followed"
-                                problems.append(WalkProblem(_join(directory, name), loop))
+                                problems.append(WalkProblem(path, loop))
                             continue
                         leaf = st.st_nlink == 2 and st.st_dev in self.leaf_devices
-                        subdirs.append((_join(directory, name), relpath, ancestors | {key}, leaf))
+                        subdirs.append((path, relpath, ancestors | {key}, leaf))
                         continue
                     if not mine or not self.is_image_name(name):
                         continue
@@ -312,6 +318,35 @@ class _TreeWalk:
         finally:
             os.close(fd)
         return files, subdirs, problems
+
+
+_CLIMB = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _below(path: str, folders: set[tuple[int, int]]) -> bool:
+    """Whether the folder at `path` (symlinks followed) is one of `folders` (dev, inode) or inside one.
+
+    Climbs '..' from the folder itself rather than comparing paths, which any symlink or bind spelling defeats.
+    """
+    try:
+        fd = os.open(path, _CLIMB)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        while (st.st_dev, st.st_ino) not in folders:
+            parent = os.open("..", _CLIMB, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            above = os.fstat(fd)
+            if (above.st_dev, above.st_ino) == (st.st_dev, st.st_ino):
+                return False  # the filesystem's root: its '..' is itself
+            st = above
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:

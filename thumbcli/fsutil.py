@@ -1,11 +1,13 @@
-"""Files that readers see whole or not at all: atomic writes, their temporary files, and the run lock."""
+"""Files written only beneath their destination root, never through a symlink: atomic writes and the run lock."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -18,36 +20,129 @@ log = logging.getLogger(__name__)
 #: How the names of `write_atomically`'s temporary files begin.
 TEMP_PREFIX = ".thumbcli-tmp-"
 
-_in_flight_lock = threading.Lock()
-_in_flight: set[str] = set()
-#: Folders this process made or found there, so a write does not ask again: a mkdir of a folder
-#: that exists takes its parent's lock, against the writes beside it (one per thumbnail).
-_folders_seen: set[str] = set()
+#: Temporary files of writes in progress: name -> descriptor of the folder it is in (open until the rename).
+#: Re-entrant: `remove_temporary_files` runs in a signal handler, perhaps in a thread inside a write.
+_in_flight_lock = threading.RLock()
+_in_flight: dict[str, int] = {}
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+class OutsideRootError(OSError):
+    """A write that would leave its destination root: through a symlink, or a '..' in its path.
 
-
-def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777) -> None:
-    """Write `data` to `path` so that readers see the whole file or nothing.
-
-    A temporary file in the same folder is renamed over the final name; the
-    permission modes are filtered by the umask like any created file.
+    Built from the message alone, so that its str() is the one-line reason (errno and strerror are None).
     """
-    directory = os.path.dirname(path) or "."
-    if directory not in _folders_seen:
-        os.makedirs(directory, mode=dir_mode, exist_ok=True)
-        _folders_seen.add(directory)
-    temp = os.path.join(directory, f"{TEMP_PREFIX}{os.urandom(16).hex()}")
-    with _in_flight_lock:
-        _in_flight.add(temp)
+
+
+def _refuse_if_symlink(folder_fd: int, name: str, shown: str) -> None:
+    """Raise OutsideRootError when `name` in the folder is a symlink (ELOOP from O_NOFOLLOW is not specific)."""
+    try:
+        st = os.lstat(name, dir_fd=folder_fd)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise OutsideRootError(f"{display_path(shown)} is a symlink")
+
+
+def _names(relpath: str, shown_root: str) -> list[str]:
+    names = [name for name in relpath.split("/") if name not in ("", ".")]
+    if ".." in names:
+        raise OutsideRootError(f"{display_path(os.path.join(shown_root, relpath))}: '..' leaves {shown_root}")
+    return names
+
+
+def open_folder(root: str | os.PathLike[str], reldir: str, *, dir_mode: int = 0o777, create: bool = True) -> int:
+    """A descriptor of the folder `reldir` below `root` (made if missing, with `create`), reached through no symlink.
+
+    `root` is opened (or made) as named: its own symlinks are the caller's choice. Each folder
+    below it is opened relative to its parent with O_NOFOLLOW, so a symlink planted in
+    the tree raises OutsideRootError instead of leading the write elsewhere.
+    """
+    shown = os.fspath(root)
+    try:
+        fd = os.open(shown, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            raise
+        os.makedirs(shown, dir_mode, exist_ok=True)
+        fd = os.open(shown, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in _names(reldir, shown):
+            shown = os.path.join(shown, name)
+            parent, fd = fd, -1  # `_open_child` closes the parent, whatever happens
+            fd = _open_child(parent, name, shown, dir_mode if create else None)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
+
+
+def _open_child(parent: int, name: str, shown: str, dir_mode: int | None) -> int:
+    """Open the folder `name` in `parent`, made if missing unless `dir_mode` is None; `parent` is closed either way."""
     try:
         try:
-            fd = os.open(temp, _CREATE, mode)
-        except FileNotFoundError:  # the folder was removed since
-            _folders_seen.discard(directory)
-            os.makedirs(directory, mode=dir_mode, exist_ok=True)
-            fd = os.open(temp, _CREATE, mode)
+            return os.open(name, _FOLDER, dir_fd=parent)
+        except FileNotFoundError:
+            if dir_mode is None:
+                raise
+            with contextlib.suppress(FileExistsError):  # made by a writer beside us meanwhile
+                os.mkdir(name, dir_mode, dir_fd=parent)
+            return os.open(name, _FOLDER, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _refuse_if_symlink(parent, name, shown)
+        raise
+    finally:
+        os.close(parent)
+
+
+def open_file_beneath(
+    root: str | os.PathLike[str], relpath: str, flags: int, *, mode: int = 0o666, dir_mode: int = 0o777
+) -> int:
+    """Open the file `relpath` below `root` (its folders made if missing) without following any symlink below `root`."""
+    reldir, _, name = relpath.rpartition("/")
+    folder = open_folder(root, reldir, dir_mode=dir_mode)
+    try:
+        return _open_in(
+            folder, name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, os.path.join(os.fspath(root), relpath)
+        )
+    finally:
+        os.close(folder)
+
+
+def _open_in(folder: int, name: str, flags: int, mode: int, shown: str) -> int:
+    try:
+        return os.open(name, flags, mode, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            _refuse_if_symlink(folder, name, shown)
+        raise
+
+
+def write_atomically(
+    root: str | os.PathLike[str], relpath: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777
+) -> None:
+    """Write `data` to `relpath` below `root` so that readers see the whole file or nothing.
+
+    A temporary file in the same folder is renamed over the final name; the
+    permission modes are filtered by the umask like any created file. Missing
+    folders are made. No symlink below `root` is followed (see `open_folder`): one
+    in the way raises OutsideRootError, naming it. A symlink at the final name is
+    replaced, as a rename does, never written through.
+    """
+    shown_root = os.fspath(root)
+    reldir, _, name = relpath.rpartition("/")
+    if not _names(name, shown_root):
+        raise OutsideRootError(f"{display_path(os.path.join(shown_root, relpath))}: not a file name")
+    folder = open_folder(root, reldir, dir_mode=dir_mode)
+    temp = f"{TEMP_PREFIX}{os.urandom(16).hex()}"
+    try:
+        with _in_flight_lock:
+            _in_flight[temp] = folder
+        fd = os.open(temp, _CREATE, mode, dir_fd=folder)
         try:
             # Held until the rename: a temporary file nobody holds locked was left by a writer
             # that died (a killed cluster worker), and `remove_orphaned_temporary_files` may take it.
@@ -56,25 +151,70 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o666, dir_mode: int
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.replace(temp, path)
+            os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
+            raise
         finally:
             os.close(fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
     finally:
         with _in_flight_lock:
-            _in_flight.discard(temp)
+            _in_flight.pop(temp, None)
+        os.close(folder)
+
+
+def remove_beneath(root: str | os.PathLike[str], relpath: str, *, empty_folder: bool = False) -> bool:
+    """Unlink the file (or remove the `empty_folder`) `relpath` below `root`, following no symlink below `root`.
+
+    False if it was not there; any other error (a folder not empty) is raised.
+    """
+    reldir, _, name = relpath.rpartition("/")
+    try:
+        folder = open_folder(root, reldir, create=False)
+    except FileNotFoundError:
+        return False
+    try:
+        if empty_folder:
+            os.rmdir(name, dir_fd=folder)
+        else:
+            os.unlink(name, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(folder)
+    return True
+
+
+def rename_beneath(root: str | os.PathLike[str], relpath: str, new_relpath: str) -> None:
+    """Rename `relpath` below `root` to `new_relpath` (folders made if missing), following no symlink below `root`."""
+    reldir, _, name = relpath.rpartition("/")
+    new_reldir, _, new_name = new_relpath.rpartition("/")
+    if not _names(new_name, os.fspath(root)):
+        raise OutsideRootError(f"{display_path(os.path.join(os.fspath(root), new_relpath))}: not a file name")
+    folder = open_folder(root, reldir, create=False)
+    try:
+        new_folder = open_folder(root, new_reldir)
+        try:
+            os.rename(name, new_name, src_dir_fd=folder, dst_dir_fd=new_folder)
+        finally:
+            os.close(new_folder)
+    finally:
+        os.close(folder)
+
+
+def open_for_append(path: str | os.PathLike[str], *, mode: int = 0o644) -> int:
+    """Open a log file (made if missing) for appending, refusing a symlink at its name (its folder is the caller's)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return open_file_beneath(directory, name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=mode)
 
 
 def remove_temporary_files() -> None:
     """Unlink the temporary files of writes still in progress (for an abrupt exit)."""
     with _in_flight_lock:
-        temps = list(_in_flight)
-    for temp in temps:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        for temp, folder in _in_flight.items():
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
 
 
 #: A temporary file older than this was left by a killed run (a live write takes seconds).
@@ -87,17 +227,26 @@ def is_temporary_name(name: str) -> bool:
 
 
 class RunLock:
-    """An exclusive `flock` on a file, so two runs never work on one output at once."""
+    """An exclusive `flock` on a file, so two runs never work on one output at once.
 
-    def __init__(self, path: Path, *, wait: bool) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    The file is `relpath` below `root`, reached without following a symlink (see
+    `open_folder`): a lock planted as a symlink would otherwise have its target truncated.
+    """
+
+    def __init__(self, root: Path, relpath: str, *, wait: bool) -> None:
+        path = root / relpath
+        self._fd = open_file_beneath(root, relpath, os.O_RDWR | os.O_CREAT, mode=0o644)
         try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise OutsideRootError(f"{display_path(path)} is not a regular file")
             fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self._fd)
             raise LockedError(f"{path} is locked by another thumbcli run (pid {holder})") from None
+        except BaseException:
+            os.close(self._fd)
+            raise
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -139,9 +288,14 @@ def remove_orphaned_temporary_files(folder: str) -> int:
     return removed
 
 
-def remove_if_abandoned(path: Path) -> None:
-    """Unlink a temporary file that a killed run left behind (never one being written now)."""
+def remove_if_abandoned(root: Path, relpath: str) -> None:
+    """Unlink a temporary file below `root` that a killed run left behind (never one being written now)."""
+    reldir, _, name = relpath.rpartition("/")
     with contextlib.suppress(OSError):
-        if time.time() - path.stat().st_mtime > ABANDONED_TEMP_SECONDS:
-            path.unlink()
-            log.info("%s: removed a temporary file left by an interrupted run", display_path(path))
+        folder = open_folder(root, reldir, create=False)
+        try:
+            if time.time() - os.stat(name, dir_fd=folder, follow_symlinks=False).st_mtime > ABANDONED_TEMP_SECONDS:
+                os.unlink(name, dir_fd=folder)
+                log.info("%s: removed a temporary file left by an interrupted run", display_path(root / relpath))
+        finally:
+            os.close(folder)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode
 from thumbcli.fsutil import write_atomically
 
 if TYPE_CHECKING:
     from thumbcli.run import GenerateSummary
+
+log = logging.getLogger(__name__)
 
 _LAST_SUCCESS = "thumbcli_last_success_timestamp_seconds"
 
@@ -67,4 +71,10 @@ def write_run_metrics(path: Path, summary: GenerateSummary, *, now: float | None
             "# TYPE thumbcli_last_success_timestamp_seconds gauge",
             f"{_LAST_SUCCESS} {last_success:.3f}",
         ]
-    write_atomically(str(path), ("\n".join(lines) + "\n").encode())
+    try:
+        # The folder is the user's to choose (symlinks and all); only the file's own name is never followed.
+        write_atomically(path.parent, path.name, ("\n".join(lines) + "\n").encode())
+    except OSError as exc:
+        # The run's summary is still printed after this (a full disk must not hide it); a scraper
+        # sees the metrics go stale.
+        log.warning("%s: cannot write the metrics: %s", display_path(path), exc.strerror or exc)

@@ -12,7 +12,7 @@ from typing import Protocol
 from thumbcli.config import Config
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
-from thumbcli.fsutil import remove_temporary_files
+from thumbcli.fsutil import open_for_append, remove_temporary_files
 from thumbcli.job import (
     CacheDestination,
     Destination,
@@ -296,7 +296,11 @@ def generate(
     tree = None if isinstance(destination, FreedesktopDestination) else open_tree(job, destination)
     target: Target = tree if tree is not None else open_target(job)
     try:
-        fail_log = job.fail_log.open("a", encoding="utf-8", errors="backslashreplace") if job.fail_log else None
+        fail_log = (
+            os.fdopen(open_for_append(job.fail_log), "a", encoding="utf-8", errors="backslashreplace")
+            if job.fail_log
+            else None
+        )
     except OSError as exc:
         target.close()
         raise CannotRunError(f"{job.fail_log}: cannot open the fail log: {exc.strerror or exc}") from exc

@@ -9,14 +9,17 @@ Only decode failures are recorded (the source's fault); I/O errors may heal and 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import thumbcli
-from thumbcli.discover import SourceFile
+from thumbcli.discover import SourceFile, display_path
 from thumbcli.targets.plan import Plan, judge
 from thumbcli.targets.records import Records
 from thumbcli.targets.state import FailureRecord, StateError
+
+log = logging.getLogger(__name__)
 
 
 def failure_key(path: str) -> bytes:
@@ -73,7 +76,10 @@ class FailureBook:
         """Remember that the decoder refused `source` as it is now."""
         key = failure_key(source.path)
         entry = (self._wanted(source), reason)
-        self._state.record_failure(key, *entry)
+        try:
+            self._state.record_failure(key, *entry)
+        except StateError as exc:  # a full disk: not remembering it only means one more decode next run
+            log.warning("%s: cannot record the failure: %s", display_path(source.path), exc)
         with self._lock:
             self._known[key] = entry
 
@@ -83,4 +89,7 @@ class FailureBook:
         with self._lock:
             if self._known.pop(key, None) is None:
                 return
-        self._state.forget_failure(key)
+        try:
+            self._state.forget_failure(key)
+        except StateError as exc:  # the failure stays known until a run can forget it: one more decode then
+            log.warning("%s: cannot forget the failure: %s", display_path(source.path), exc)

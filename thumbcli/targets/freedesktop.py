@@ -23,7 +23,14 @@ import thumbcli
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.formats import mimetype_of
-from thumbcli.fsutil import RunLock, is_temporary_name, write_atomically
+from thumbcli.fsutil import (
+    OutsideRootError,
+    RunLock,
+    is_temporary_name,
+    open_folder,
+    remove_beneath,
+    write_atomically,
+)
 from thumbcli.spec import SizeBox, ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Plan, Removal, judge, plan_each, plan_from
@@ -121,19 +128,30 @@ def _recorded(path: str | Path) -> Making | None:
     return text.get("Thumb::URI"), _parse_mtime(text.get("Thumb::MTime"))
 
 
-def _private_dir(path: Path) -> None:
-    """Create `path` (and missing parents) and make it owner-only, as the standard asks."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+def _private_dir(root: Path, reldir: str) -> None:
+    """Make the folder `reldir` below `root` (missing ones too) and owner-only, as the standard asks.
+
+    Reached without following a symlink below `root` (OutsideRootError): the chmod must not land elsewhere.
+    """
+    folder = open_folder(root, reldir, dir_mode=DIR_MODE)
     try:
-        if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
-            path.chmod(DIR_MODE)
+        if stat.S_IMODE(os.fstat(folder).st_mode) != DIR_MODE:
+            os.fchmod(folder, DIR_MODE)
     except PermissionError:
-        log.warning("%s: cannot make the folder private (not its owner)", display_path(path))
+        log.warning("%s: cannot make the folder private (not its owner)", display_path(root / reldir))
+    finally:
+        os.close(folder)
+
+
+#: Where thumbcli keeps its own files for a thumbnail root, relative to the root's parent ($XDG_CACHE_HOME).
+PRIVATE_DIR = "thumbcli"
+LOCK_NAME = f"{PRIVATE_DIR}/freedesktop.lock"
+STATE_NAME = f"{PRIVATE_DIR}/freedesktop-state.sqlite"
 
 
 def lock_path(root: Path) -> Path:
     """The run lock of a thumbnail root: beside it, in $XDG_CACHE_HOME/thumbcli/."""
-    return root.parent / "thumbcli" / "freedesktop.lock"
+    return root.parent / LOCK_NAME
 
 
 # -- the cache as a pipeline target ---------------------------------------
@@ -163,19 +181,23 @@ class FreedesktopCache:
             for f in self.flavours
         )
         self.version = version if version is not None else thumbcli.__version__
-        self.fail_dir = root / FAIL_DIR / f"{FAIL_PREFIX}{self.version}"
+        self._fail_reldir = f"{FAIL_DIR}/{FAIL_PREFIX}{self.version}"
+        self.fail_dir = root / self._fail_reldir
         self._software = f"thumbcli {self.version}"
         self._root_prefix = os.path.join(os.path.abspath(root), "")
         try:
-            _private_dir(root)
+            root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _private_dir(root, "")
             for flavour in self.flavours:
-                _private_dir(root / flavour)
+                _private_dir(root, flavour)
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "Permission denied")
             # Private like the thumbnails: the state names the folders that were thumbnailed.
-            _private_dir(lock_path(root).parent)
-            self._lock = RunLock(lock_path(root), wait=wait_for_lock)
-            self._state = StateStore(state_path(root))
+            _private_dir(root.parent, PRIVATE_DIR)
+            self._lock = RunLock(root.parent, LOCK_NAME, wait=wait_for_lock)
+            self._state = StateStore(root.parent, STATE_NAME)
+        except OutsideRootError as exc:
+            raise CannotRunError(f"{display_path(root)}: refusing the thumbnail folder: {exc}") from exc
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: thumbnail folder not writable: {reason}") from exc
@@ -260,11 +282,10 @@ class FreedesktopCache:
                 "Software": self._software,
             }
             data = add_png_text(thumbnail.data, text)
-            write_atomically(str(self.root / spec.name / name), data, mode=FILE_MODE, dir_mode=DIR_MODE)
+            write_atomically(self.root, f"{spec.name}/{name}", data, mode=FILE_MODE, dir_mode=DIR_MODE)
         if self._failures.has(source.path):
             self._failures.forget(source)
-            with contextlib.suppress(FileNotFoundError):
-                (self.fail_dir / name).unlink()
+            remove_beneath(self.root, f"{self._fail_reldir}/{name}")
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Remember the failure, and leave a fail marker so that file managers do not retry an unchanged file."""
@@ -273,9 +294,9 @@ class FreedesktopCache:
         name = thumbnail_name(uri)
         marker = blank_png({"Thumb::URI": uri, "Thumb::MTime": str(mtime), "Software": self._software})
         try:
-            _private_dir(self.fail_dir.parent)
-            _private_dir(self.fail_dir)
-            write_atomically(str(self.fail_dir / name), marker, mode=FILE_MODE, dir_mode=DIR_MODE)
+            _private_dir(self.root, FAIL_DIR)
+            _private_dir(self.root, self._fail_reldir)
+            write_atomically(self.root, f"{self._fail_reldir}/{name}", marker, mode=FILE_MODE, dir_mode=DIR_MODE)
         except OSError as exc:
             # Losing a marker only means the file is tried again next run.
             log.warning("%s: cannot write the fail marker: %s", display_path(source.path), exc.strerror or exc)
@@ -310,15 +331,16 @@ def prune_freedesktop(
     if not root.is_dir():
         return []
     try:
-        lock = RunLock(lock_path(root), wait=wait_for_lock)
+        lock = RunLock(root.parent, LOCK_NAME, wait=wait_for_lock)
     except OSError as exc:
         raise CannotRunError(f"{display_path(root)}: cannot lock the thumbnail folder: {exc.strerror or exc}") from exc
     try:
         found: list[Removal] = []
-        folders = [root / flavour for flavour in FLAVOURS]
+        # A symlinked folder is not looked into: what is removed there would be outside the root.
+        folders = [root / flavour for flavour in FLAVOURS if not (root / flavour).is_symlink()]
         fail_root = root / FAIL_DIR
         with contextlib.suppress(OSError):
-            for entry in os.scandir(fail_root):
+            for entry in os.scandir(fail_root) if not fail_root.is_symlink() else ():
                 if not entry.name.startswith(FAIL_PREFIX) or not entry.is_dir(follow_symlinks=False):
                     continue
                 if entry.name == current:
@@ -331,7 +353,7 @@ def prune_freedesktop(
         if not dry_run:
             for removal in found:
                 _remove(removal.path)
-            _forget_gone_folders(state_path(root))
+            _forget_gone_folders(root)
         return found
     finally:
         lock.release()
@@ -339,14 +361,15 @@ def prune_freedesktop(
 
 def state_path(root: Path) -> Path:
     """Where the folder signatures of a thumbnail root live: beside its lock."""
-    return lock_path(root).parent / "freedesktop-state.sqlite"
+    return root.parent / STATE_NAME
 
 
-def _forget_gone_folders(path: Path) -> None:
+def _forget_gone_folders(root: Path) -> None:
+    path = state_path(root)
     if not path.exists():
         return
     try:
-        state = StateStore(path)
+        state = StateStore(root.parent, STATE_NAME)
     except (OSError, StateError) as exc:
         log.warning("%s: cannot tidy the folder signatures: %s", display_path(path), exc)
         return

@@ -68,6 +68,10 @@ class Records(Protocol):
         """Drop the signatures of the source folders for which `keep` is false."""
         ...
 
+    def save(self) -> None:
+        """Keep what was recorded so far, now (a full disk: before it fills up further)."""
+        ...
+
     def close(self) -> None:
         """Keep what was recorded."""
         ...
@@ -152,6 +156,9 @@ class TaskRecords:
     def forget_signatures(self, keep: Callable[[bytes], bool]) -> None:
         """Drop the settled signatures of folders for which `keep` is false."""
         self.signatures = [signature for signature in self.signatures if keep(signature.folder)]
+
+    def save(self) -> None:
+        """Nothing to keep here: the client records the journal."""
 
     def close(self) -> None:
         """Nothing to keep here: the client records the journal."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from thumbcli import cache
+from thumbcli.fsutil import OutsideRootError, remove_beneath, rename_beneath
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.plan import Removal
 from thumbcli.targets.state import Origin
 from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
+
+log = logging.getLogger(__name__)
 
 
 class CacheDirectory(OutputTree):
@@ -111,8 +114,10 @@ class CacheDirectory(OutputTree):
         moved = {self.root / out: self._move(out, placed, origin) for out, placed, origin in moves}
         for removal in removals:
             if removal.path not in moved:
-                with contextlib.suppress(FileNotFoundError):
-                    removal.path.unlink()
+                try:
+                    remove_beneath(self.root, str(removal.path.relative_to(self.root)))
+                except OutsideRootError as exc:
+                    log.warning("not removed: %s", exc)
         # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
         self._state.forget(
             str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
@@ -120,7 +125,7 @@ class CacheDirectory(OutputTree):
         for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
             while directory != self.root and directory.is_relative_to(self.root):
                 try:
-                    directory.rmdir()
+                    remove_beneath(self.root, str(directory.relative_to(self.root)), empty_folder=True)
                 except OSError:
                     break
                 directory = directory.parent
@@ -146,10 +151,8 @@ class CacheDirectory(OutputTree):
 
     def _move(self, out: str, placed: str, origin: Origin) -> bool:
         """Move a thumbnail to where its named source's layout puts it, with its record; False if it cannot be."""
-        target = self.root / placed
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(self.root / out, target)
+            rename_beneath(self.root, out, placed)
         except OSError:
             return False
         self._state.record(placed, origin)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import marshal
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from thumbcli.discover import display_path
+from thumbcli.fsutil import OutsideRootError, open_file_beneath, open_folder, remove_beneath
+
+log = logging.getLogger(__name__)
 
 #: What a state store raises when its database cannot be read or written (it is SQLite; no one else needs to know).
 StateError = sqlite3.Error
@@ -74,6 +82,54 @@ def _use_wal(db: sqlite3.Connection, seconds: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+#: The files SQLite keeps beside a database in WAL mode, after its name.
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def _unlinked_path(root: Path, relpath: str) -> Path:
+    """The database's path, once no symlink leads to it or to a file SQLite keeps beside it.
+
+    SQLite follows symlinks (and resolves them, to put its journal beside the target), so
+    a state file planted as a symlink would have its target overwritten. Its folder is
+    reached without following one, and the database is made here, O_NOFOLLOW; SQLite
+    opens it by name just after, which leaves only that instant for a swap.
+    """
+    reldir, _, name = relpath.rpartition("/")
+    folder = open_folder(root, reldir)
+    try:
+        for companion in _COMPANIONS:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISLNK(os.lstat(name + companion, dir_fd=folder).st_mode):
+                    raise OutsideRootError(f"{display_path(root / relpath)}{companion} is a symlink")
+        os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder))
+    finally:
+        os.close(folder)
+    return root / relpath
+
+
+#: Disk space kept beside a database (in a file named after it with this suffix) and given up when
+#: the disk is full, so that the records of the thumbnails already written can still be committed.
+ROOM_SUFFIX = "-room"
+ROOM_BYTES = 256 * 1024
+
+
+def _keep_room(root: Path, relpath: str) -> None:
+    """Make sure the room file holds ROOM_BYTES; on a disk already full there is none to keep."""
+    try:
+        fd = open_file_beneath(root, relpath, os.O_WRONLY | os.O_CREAT, mode=0o644)
+    except OutsideRootError:
+        raise  # planted like a symlinked database: refused the same way
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_size < ROOM_BYTES:
+            os.posix_fallocate(fd, 0, ROOM_BYTES)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
 
@@ -94,9 +150,12 @@ class StateStore:
     _SCHEMA = 3
     _CACHED_FOLDERS = 1024
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    def __init__(self, root: Path, relpath: str) -> None:
+        """Open (or make) the database at `relpath` below `root`; a symlink below `root` is refused (OSError)."""
+        self._root, self._room = root, relpath + ROOM_SUFFIX
+        self._path = _unlinked_path(root, relpath)
+        _keep_room(root, self._room)
+        self._db = sqlite3.connect(self._path, timeout=30, check_same_thread=False, isolation_level=None)
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         # One transaction, so processes opening the same store at once (serve's workers) take turns.
@@ -126,6 +185,7 @@ class StateStore:
         self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
         self._pending_signatures: dict[bytes, bytes | None] = {}
         self._last_flush = time.monotonic()
+        self._save_failed = False
 
     def _load(self, folder: str) -> dict[str, Record]:
         row = self._db.execute("SELECT records FROM folders WHERE folder = ?", (os.fsencode(folder),)).fetchone()
@@ -247,7 +307,47 @@ class StateStore:
                 _apply(cached, name, change[0] if change else None)
             self._pending.setdefault(folder, {})[name] = change
             if time.monotonic() - self._last_flush >= self._FLUSH_SECONDS:
+                try:
+                    self._flush_locked()
+                except sqlite3.OperationalError as exc:
+                    # A full disk, or a writer holding the database too long: kept, and tried again
+                    # in a second; `save` at the end has the room kept for it.
+                    self._last_flush = time.monotonic()
+                    log.debug("%s: records not saved yet: %s", display_path(self._path), exc)
+
+    def _pending_count(self) -> int:
+        return sum(map(len, self._pending.values()))
+
+    def save(self) -> None:
+        """Commit what is pending now; when the disk is full, give up the room kept beside the database for it.
+
+        Records that still cannot be saved are logged, not raised: their thumbnails are made again next run.
+        """
+        with self._lock:
+            try:
                 self._flush_locked()
+                return
+            except sqlite3.OperationalError as exc:
+                failure = exc
+            try:
+                released = remove_beneath(self._root, self._room)
+            except OSError:
+                released = False
+            if released:
+                try:
+                    self._flush_locked()
+                    return
+                except sqlite3.OperationalError as exc:
+                    failure = exc
+            # Once: on a full disk every thumbnail that fails to be written asks again.
+            log.log(
+                logging.DEBUG if self._save_failed else logging.WARNING,
+                "%s: cannot save the records of %d thumbnails (%s): they will be made again",
+                display_path(self._path),
+                self._pending_count(),
+                failure,
+            )
+            self._save_failed = True
 
     def _flush_locked(self) -> None:
         if self._pending or self._pending_signatures:
@@ -271,16 +371,20 @@ class StateStore:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (a full disk): a ROLLBACK would
+                # then fail too, hiding why.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
             self._pending.clear()
             self._pending_signatures.clear()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Commit what is pending and close the database."""
+        """Commit what is pending (see `save`) and close the database."""
+        self.save()
         with self._lock:
-            self._flush_locked()
             self._db.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -14,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 from thumbcli import cache
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
-from thumbcli.fsutil import TEMP_PREFIX, RunLock, is_temporary_name, remove_if_abandoned, write_atomically
+from thumbcli.fsutil import (
+    TEMP_PREFIX,
+    OutsideRootError,
+    RunLock,
+    is_temporary_name,
+    remove_if_abandoned,
+    write_atomically,
+)
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
@@ -160,10 +168,12 @@ class OutputTree:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
-            self._lock = RunLock(root / PRIVATE_DIR / f"lock{tag}", wait=wait_for_lock) if locked else None
+            self._lock = RunLock(root, f"{PRIVATE_DIR}/lock{tag}", wait=wait_for_lock) if locked else None
             self._state: Records = (
-                records if records is not None else StateStore(root / PRIVATE_DIR / f"state{tag}.sqlite")
+                records if records is not None else StateStore(root, f"{PRIVATE_DIR}/state{tag}.sqlite")
             )
+        except OutsideRootError as exc:
+            raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
         except (OSError, StateError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
@@ -239,7 +249,7 @@ class OutputTree:
             if any(map(str.startswith, names, itertools.repeat(TEMP_PREFIX))):
                 for name in names:
                     if is_temporary_name(name):
-                        remove_if_abandoned(self.root / folder / name)
+                        remove_if_abandoned(self.root, f"{folder}/{name}")
             self._listings[folder] = names
         return names
 
@@ -323,7 +333,14 @@ class OutputTree:
         """Write each thumbnail atomically, then record what it was made from."""
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
-            write_atomically(str(self.root / relative), thumbnail.data)
+            try:
+                write_atomically(self.root, relative, thumbnail.data)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    # Save the records of the thumbnails already written while there is room for them:
+                    # each later write may take what little a failed one freed.
+                    self._state.save()
+                raise
             origin = Origin(
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
