@@ -79,3 +79,37 @@ def test_a_disk_filling_up_fails_each_thumbnail_keeps_earlier_records_and_still_
     again = run_cli("generate", src, "-o", out, "-s", "1500", "--json")
     assert again.rc == ExitCode.OK, again.stderr
     assert (again.summary["made"], again.summary["skipped"]) == (48 - made, made)
+
+
+def test_a_damaged_state_store_is_set_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 120, 80)
+    assert run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64").rc == 0
+    store = tmp_path / "out" / ".thumbcli" / "state.sqlite"
+    for companion in ("-wal", "-shm"):
+        Path(f"{store}{companion}").unlink(missing_ok=True)
+    store.write_bytes(b"not a database, whatever was here before\n" * 100)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64", "--json")
+    assert run.rc == 0, run.stderr
+    (warning,) = run.stderr.splitlines()
+    assert "state.sqlite was damaged (file is not a database): set aside as" in warning
+    assert run.summary["made"] == 1  # its freshness records were lost with it, nothing else
+    (aside,) = store.parent.glob("state.sqlite.damaged-*")
+    assert aside.read_bytes().startswith(b"not a database")
+    again = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64", "--json")
+    assert (again.rc, again.stderr, again.summary["made"], again.summary["skipped"]) == (0, "", 0, 1)
+
+
+def test_a_state_store_locked_by_another_program_is_named_in_one_line(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 120, 80)
+    assert run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64").rc == 0
+    holder = sqlite3.connect(tmp_path / "out" / ".thumbcli" / "state.sqlite", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64", timeout=120)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert run.rc == 3
+    (line,) = run.stderr.splitlines()
+    assert "state.sqlite is locked by another program (not a thumbcli run)" in line

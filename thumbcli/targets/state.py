@@ -130,6 +130,24 @@ def _keep_room(root: Path, relpath: str) -> None:
         os.close(fd)
 
 
+#: What SQLite says of a file that is not a sound database: it is set aside and a new one started.
+_CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
+def _set_aside(root: Path, relpath: str) -> Path:
+    """Rename a damaged database (and its journal files) beside it, for a person to look at; its new name."""
+    reldir, _, name = relpath.rpartition("/")
+    aside = f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = open_folder(root, reldir)
+    try:
+        for companion in _COMPANIONS:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(name + companion, aside + companion, src_dir_fd=folder, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+    return root / reldir / aside
+
+
 class StateStore:
     """What each thumbnail was made from, in SQLite: one row per output folder.
 
@@ -155,7 +173,43 @@ class StateStore:
         self._root, self._room = root, relpath + ROOM_SUFFIX
         self._path = _unlinked_path(root, relpath)
         _keep_room(root, self._room)
-        self._db = sqlite3.connect(self._path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorname not in _CORRUPT:
+                raise
+            # Freshness records only: without them every thumbnail is checked (and made) again.
+            aside = _set_aside(root, relpath)
+            log.warning(
+                "%s was damaged (%s): set aside as %s, and a new one started",
+                display_path(self._path),
+                exc,
+                display_path(aside),
+            )
+            self._db = self._open()
+        self._lock = threading.Lock()
+        self._folders: dict[str, dict[str, Record]] = {}
+        #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
+        self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
+        #: Source folder -> digest of the state in which all its thumbnails were last found
+        #: fresh; all of them are read now, so that a forked walk helper never needs the database.
+        self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
+        self._pending_signatures: dict[bytes, bytes | None] = {}
+        self._last_flush = time.monotonic()
+        self._save_failed = False
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, and set the schema up (in one transaction: serve's processes opening the store take turns)."""
+        db = sqlite3.connect(self._path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            self._set_up(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
+        self._db = db
         _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         # One transaction, so processes opening the same store at once (serve's workers) take turns.
@@ -174,18 +228,9 @@ class StateStore:
             )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._lock = threading.Lock()
-        self._folders: dict[str, dict[str, Record]] = {}
-        #: Changes not yet in the database, by folder: (record, source path), or None for a removal.
-        self._pending: dict[str, dict[str, tuple[Record, bytes] | None]] = {}
-        #: Source folder -> digest of the state in which all its thumbnails were last found
-        #: fresh; all of them are read now, so that a forked walk helper never needs the database.
-        self._signatures: dict[bytes, bytes] = dict(self._db.execute("SELECT folder, signature FROM walked"))
-        self._pending_signatures: dict[bytes, bytes | None] = {}
-        self._last_flush = time.monotonic()
-        self._save_failed = False
 
     def _load(self, folder: str) -> dict[str, Record]:
         row = self._db.execute("SELECT records FROM folders WHERE folder = ?", (os.fsencode(folder),)).fetchone()

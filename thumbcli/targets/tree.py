@@ -174,8 +174,13 @@ class OutputTree:
             )
         except OutsideRootError as exc:
             raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
-        except (OSError, StateError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
+        except StateError as exc:
+            store = display_path(root / PRIVATE_DIR / f"state{tag}.sqlite")
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise CannotRunError(f"{store} is locked by another program (not a thumbcli run): {exc}") from exc
+            raise CannotRunError(f"{store}: cannot use the state store: {exc}") from exc
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
         self._failures = FailureBook(self._state, retry=retry_failed)
         self._listings: dict[str, frozenset[str]] = {}
