@@ -11,6 +11,7 @@ from imagekit import load, make_photo, output_files
 from thumbcli.config import Config
 from thumbcli.errors import ExitCode, SpecError
 from thumbcli.job import CacheDestination, GenerateJob, TreeDestination, choose_destination
+from thumbcli.make.results import FileResult
 from thumbcli.run import DryRunPlan, GenerateRequest, RunStopper, choose_specs, generate, prune
 from thumbcli.spec import RunOptions, SizeBox, ThumbSpec, WalkOptions
 
@@ -40,15 +41,16 @@ def test_generate_returns_a_summary_of_what_it_made_and_then_skipped(tmp_path: P
     assert (again.made, again.skipped, again.exit_code) == (0, 2, ExitCode.OK)
 
 
-def test_generate_lists_a_broken_file_as_a_failure_and_appends_it_to_the_fail_log(tmp_path: Path) -> None:
+def test_generate_lists_a_broken_file_as_a_failure_and_passes_it_on_with_the_decoders_words(tmp_path: Path) -> None:
     photos(tmp_path / "src", 1)
     (tmp_path / "src" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    fail_log = tmp_path / "failed.txt"
-    summary = generate(tree_job(tmp_path / "src", tmp_path / "out", "64", fail_log=fail_log))
+    passed_on: list[FileResult] = []
+    summary = generate(tree_job(tmp_path / "src", tmp_path / "out", "64"), on_result=passed_on.append)
     assert (summary.made, summary.failed, summary.exit_code) == (1, 1, ExitCode.SOME_FAILED)
     [failure] = summary.failures
     assert failure.path.endswith("broken.jpg") and failure.reason
-    assert fail_log.read_text().startswith("failed: ") and "broken.jpg" in fail_log.read_text()
+    [failed] = [result for result in passed_on if result.status == "failed"]
+    assert (failed.reason, bool(failed.detail)) == (failure.reason, True)  # the fail log's raw text
 
 
 def test_generate_dry_run_plans_and_estimates_without_writing(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from thumbcli.cache import cache_path, read_manifest, resolve_url, url_path_for
 from thumbcli.config import ConfigError, load_config
 from thumbcli.discover import DirBatch, is_image_name, walk_batches
 from thumbcli.errors import SpecError
+from thumbcli.fsutil import open_folder
 from thumbcli.spec import SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.state import StateStore
 from thumbcli.targets.tree import OutputTree, source_folders
@@ -34,7 +35,11 @@ def two_cards(root: Path, *folders: str) -> dict[Path, int]:
 
 def origins(root: Path) -> dict[str, bytes]:
     """Output relpath -> the absolute source path its state record names."""
-    store = StateStore(root, ".thumbcli/state.sqlite")
+    folder = open_folder(root, ".thumbcli")
+    try:
+        store = StateStore(folder, "state.sqlite", root / ".thumbcli" / "state.sqlite")
+    finally:
+        os.close(folder)
     try:
         return {out: origin.source for out, origin in store.origins()}
     finally:

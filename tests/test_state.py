@@ -13,15 +13,25 @@ import pytest
 from imagekit import make_photo, output_files, run_cli
 
 from thumbcli.errors import ExitCode
+from thumbcli.fsutil import open_folder
 from thumbcli.targets.state import Origin, StateStore
+
+
+def open_store(folder: Path, name: str = "state.sqlite") -> StateStore:
+    """The state store `name` in `folder`, opened as a run opens it."""
+    fd = open_folder(folder, "")
+    try:
+        return StateStore(fd, name, folder / name)
+    finally:
+        os.close(fd)
 
 
 def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
-    first = StateStore(tmp_path, "state.sqlite")
+    first = open_store(tmp_path)
     first.record("64/a.jpg.jpg", Origin(b"/src/a.jpg", 5, 10, "64", "d1"))
     first.close()
-    store = StateStore(tmp_path, "state.sqlite")
+    store = open_store(tmp_path)
     # Recorded, not yet written: fetch must see it without flushing.
     store.record("64/b.jpg.jpg", Origin(b"/src/b.jpg", 6, 11, "64", "d1"))
     holder = sqlite3.connect(path, isolation_level=None)
@@ -39,7 +49,7 @@ def test_fetch_answers_while_another_connection_holds_the_write_lock(tmp_path: P
         holder.execute("ROLLBACK")
         holder.close()
     store.close()
-    reopened = StateStore(tmp_path, "state.sqlite")
+    reopened = open_store(tmp_path)
     assert reopened.fetch("64/b.jpg.jpg") == (6, 11, "64", "d1")
     reopened.close()
 

@@ -15,7 +15,7 @@ import pytest
 from imagekit import make_photo, output_files, run_cli
 
 from thumbcli.errors import ExitCode
-from thumbcli.fsutil import RunLock
+from thumbcli.fsutil import RunLock, open_folder
 from thumbcli.metrics import write_run_metrics
 from thumbcli.run import GenerateSummary
 
@@ -26,10 +26,19 @@ def photos(folder: Path, count: int, *, start: int = 0) -> list[Path]:
     return [make_photo(folder / f"p{index:03d}.jpg", 320, 240, seed=index) for index in range(start, start + count)]
 
 
+def lock_cache(cache: Path) -> RunLock:
+    """The run lock of a cache, taken as a run takes it."""
+    folder = open_folder(cache, ".thumbcli")
+    try:
+        return RunLock(folder, "lock", cache / ".thumbcli" / "lock", wait=False)
+    finally:
+        os.close(folder)
+
+
 def test_second_run_on_a_locked_cache_names_the_holder_and_exits_locked(tmp_path: Path) -> None:
     photos(tmp_path / "src", 2)
     cache = tmp_path / "cache"
-    lock = RunLock(cache, ".thumbcli/lock", wait=False)
+    lock = lock_cache(cache)
     try:
         run = run_cli("generate", tmp_path / "src", "--cache", cache)
     finally:
@@ -42,7 +51,7 @@ def test_second_run_on_a_locked_cache_names_the_holder_and_exits_locked(tmp_path
 def test_wait_queues_behind_the_lock_holder(tmp_path: Path) -> None:
     photos(tmp_path / "src", 2)
     cache = tmp_path / "cache"
-    lock = RunLock(cache, ".thumbcli/lock", wait=False)
+    lock = lock_cache(cache)
     threading.Timer(1.0, lock.release).start()
     started = time.monotonic()
     run = run_cli("generate", tmp_path / "src", "--cache", cache, "--wait", "--json")
@@ -68,7 +77,7 @@ def test_two_concurrent_runs_on_one_cache_never_both_work(tmp_path: Path) -> Non
     argv = [sys.executable, "-m", "thumbcli", "generate", str(tmp_path / "src"), "--cache", str(cache), "-j", "1"]
     # Held here until both runs are blocked on it, so that both are let go at the same
     # moment with all twelve thumbnails missing: only the lock keeps them from both working.
-    lock = RunLock(cache, ".thumbcli/lock", wait=False)
+    lock = lock_cache(cache)
     try:
         waiting = [
             subprocess.Popen([*argv, "--wait", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

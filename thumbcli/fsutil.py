@@ -229,13 +229,13 @@ def is_temporary_name(name: str) -> bool:
 class RunLock:
     """An exclusive `flock` on a file, so two runs never work on one output at once.
 
-    The file is `relpath` below `root`, reached without following a symlink (see
-    `open_folder`): a lock planted as a symlink would otherwise have its target truncated.
+    The file is `name` in the open `folder` (see `open_folder`), opened without following a
+    symlink: a lock planted as a symlink would otherwise have its target truncated. `path`
+    names it in messages.
     """
 
-    def __init__(self, root: Path, relpath: str, *, wait: bool) -> None:
-        path = root / relpath
-        self._fd = open_file_beneath(root, relpath, os.O_RDWR | os.O_CREAT, mode=0o644)
+    def __init__(self, folder: int, name: str, path: Path, *, wait: bool) -> None:
+        self._fd = _open_in(folder, name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, str(path))
         try:
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 raise OutsideRootError(f"{display_path(path)} is not a regular file")

@@ -76,8 +76,6 @@ class GenerateJob:
     walk: WalkOptions = field(default_factory=WalkOptions)
     dry_run: bool = False
     wait: bool = False
-    #: Failed files and their reasons are appended here, one line each.
-    fail_log: Path | None = None
     #: The config's named sources, name -> path: a cache puts each under its name.
     source_names: dict[str, str] = field(default_factory=dict)
     #: A Dask scheduler's address (`tcp://host:8786`) or `local[:N]`: make the thumbnails there.

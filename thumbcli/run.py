@@ -11,8 +11,8 @@ from typing import Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
-from thumbcli.errors import CannotRunError, ExitCode, SpecError
-from thumbcli.fsutil import open_for_append, remove_temporary_files
+from thumbcli.errors import ExitCode, SpecError
+from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import (
     CacheDestination,
     Destination,
@@ -91,7 +91,6 @@ class GenerateRequest:
     run: RunOptions = field(default_factory=RunOptions)
     dry_run: bool = False
     wait: bool = False
-    fail_log: Path | None = None
     dask: str | None = None
 
     def job(self, config: Config) -> GenerateJob:
@@ -109,7 +108,6 @@ class GenerateRequest:
             self.walk,
             dry_run=self.dry_run,
             wait=self.wait,
-            fail_log=self.fail_log,
             source_names=config.sources,
             dask=self.dask,
             decode_for=config.specs_to_make(()) if cache_presets else (),
@@ -120,12 +118,17 @@ def open_target(job: GenerateJob) -> Target:
     """The destination's target, locked for the run."""
     destination = job.destination
     if isinstance(destination, FreedesktopDestination):
-        from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
-
-        return FreedesktopCache(
-            default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait, retry_failed=job.run.retry_failed
-        )
+        return open_desktop_cache(job, destination)
     return open_tree(job, destination)
+
+
+def open_desktop_cache(job: GenerateJob, destination: FreedesktopDestination) -> Target:
+    """The desktop thumbnail cache at the job's sizes, locked for the run."""
+    from thumbcli.targets.freedesktop import FreedesktopCache, default_thumbnail_root
+
+    return FreedesktopCache(
+        default_thumbnail_root(), destination.flavours, wait_for_lock=job.wait, retry_failed=job.run.retry_failed
+    )
 
 
 def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination) -> OutputTree:
@@ -293,25 +296,11 @@ def generate(
 ) -> GenerateSummary:
     """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
     destination = job.destination
-    tree = None if isinstance(destination, FreedesktopDestination) else open_tree(job, destination)
-    target: Target = tree if tree is not None else open_target(job)
-    try:
-        fail_log = (
-            os.fdopen(open_for_append(job.fail_log), "a", encoding="utf-8", errors="backslashreplace")
-            if job.fail_log
-            else None
-        )
-    except OSError as exc:
-        target.close()
-        raise CannotRunError(f"{job.fail_log}: cannot open the fail log: {exc.strerror or exc}") from exc
-
-    def on_each_result(result: FileResult) -> None:
-        if result.status == "failed" and fail_log is not None:
-            # The decoder's own words too: the short reason is ours.
-            fail_log.write(f"failed: {result.describe()}" + (f" [{result.detail}]" if result.detail else "") + "\n")
-        if on_result is not None:
-            on_result(result)
-
+    target: Target
+    if isinstance(destination, FreedesktopDestination):
+        target, tree = open_desktop_cache(job, destination), None
+    else:
+        target = tree = open_tree(job, destination)
     try:
         pipeline: Stoppable
         decode_for = job.decode_for or target.specs
@@ -325,7 +314,7 @@ def generate(
                 on_found=on_found,
                 on_skipped=on_skipped,
                 on_walked=on_walked,
-                on_result=on_each_result,
+                on_result=on_result,
             )
         else:
             pipeline = Pipeline(
@@ -339,7 +328,7 @@ def generate(
                 on_found=on_found,
                 on_skipped=on_skipped,
                 on_walked=on_walked,
-                on_result=on_each_result,
+                on_result=on_result,
             )
         if stopper is not None:
             stopper.attach(pipeline)
@@ -349,8 +338,6 @@ def generate(
         if stopper is not None:
             stopper.attach(None)
         target.close()
-        if fail_log is not None:
-            fail_log.close()
     return _summarize(stats, target.root, plan)
 
 

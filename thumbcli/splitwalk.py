@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from thumbcli.discover import DirBatch, WalkProblem, walk_batches
+from thumbcli.discover import DirBatch, WalkProblem, is_image_name, walk_batches
 from thumbcli.spec import WalkOptions
 
 #: More stop paying off: each lists every folder that has subfolders, and their stat calls contend.
@@ -69,6 +69,24 @@ class SplitWalk:
             os.close(write_fd)
             os.set_blocking(read_fd, False)
             self._helpers[pid] = read_fd
+
+    @classmethod
+    def of_images(
+        cls,
+        sources: Sequence[str],
+        options: WalkOptions,
+        excluded_dirs: Sequence[str],
+        known_fresh: Callable[[DirBatch], bool] | None,
+    ) -> SplitWalk:
+        """A run's walk of image files, forked now (before any thread starts); `known_fresh` None: none is."""
+        return cls(
+            sources,
+            options,
+            is_image_name,
+            excluded_dirs,
+            known_fresh or (lambda batch: False),
+            options.processes or default_processes(),
+        )
 
     def __iter__(self) -> Iterator[DirBatch | WalkProblem | int]:
         buffers = {pid: bytearray() for pid in self._helpers}

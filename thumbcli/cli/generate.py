@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 from click.core import ParameterSource
@@ -17,6 +19,8 @@ from thumbcli.config import (
     Config,
 )
 from thumbcli.discover import display_path
+from thumbcli.errors import CannotRunError
+from thumbcli.fsutil import open_for_append
 from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 
 if TYPE_CHECKING:
@@ -288,17 +292,31 @@ def generate(
         run=run,
         dry_run=dry_run,
         wait=wait,
-        fail_log=fail_log,
         dask=dask,
     )
     job = request.job(config)
-    summary = _generate_with_progress(job, quiet=quiet)
+    with _opened_fail_log(fail_log) as failures:
+        summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
     _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
     sys.exit(summary.exit_code)
 
 
-def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary:
-    """Run the job with a progress bar, failures printed as they come, and signals wired to stop it."""
+@contextlib.contextmanager
+def _opened_fail_log(path: Path | None) -> Iterator[TextIO | None]:
+    """The --fail-log file, opened to append before the run starts (not through a symlink), or None."""
+    if path is None:
+        yield None
+        return
+    try:
+        fd = open_for_append(path)
+    except OSError as exc:
+        raise CannotRunError(f"{path}: cannot open the fail log: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as log:
+        yield log
+
+
+def _generate_with_progress(job: GenerateJob, *, quiet: bool, fail_log: TextIO | None) -> GenerateSummary:
+    """Run the job with a progress bar, failures printed (and added to the fail log) as they come, signals wired."""
     # Imported here so that `thumbcli --help` and completion never load libvips.
     from thumbcli.progress import ProgressBar
     from thumbcli.run import RunStopper, generate
@@ -309,6 +327,9 @@ def _generate_with_progress(job: GenerateJob, *, quiet: bool) -> GenerateSummary
     def on_result(result: FileResult) -> None:
         if result.status == "failed":
             _echo_err(progress, f"failed: {result.describe()}")
+            if fail_log is not None:
+                # The decoder's own words too: the short reason is ours.
+                fail_log.write(f"failed: {result.describe()}" + (f" [{result.detail}]" if result.detail else "") + "\n")
         elif result.warning:
             _echo_err(progress, f"warning: {display_path(result.path)}: {result.warning} (thumbnail of what decodes)")
         progress.finished(result.status)

@@ -18,7 +18,6 @@ from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskO
 from thumbcli.discover import DirBatch, WalkProblem, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
 from thumbcli.job import GenerateJob, local_workers
-from thumbcli.make.engine import start_walk
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
 from thumbcli.spec import ThumbSpec
 from thumbcli.splitwalk import SplitWalk, default_processes
@@ -121,7 +120,6 @@ class ClusterRun:
             raise SpecError("a cluster run needs a Dask scheduler's address or local[:N]")
         self._job = job
         self._address = job.dask
-        self._local_workers = local_workers(job.dask)
         self._target = target
         self._state = target.records
         #: Every recorded decode failure, read once: tasks get those of their sources.
@@ -163,8 +161,9 @@ class ClusterRun:
         started = time.monotonic()
         job = self._job
         # Forked before Dask starts its threads.
-        walk = start_walk(job.sources, job.walk, [str(self._target.root)], self._target, force=job.run.force)
-        connection = _Connection(self._address, self._local_workers)
+        known_fresh = None if job.run.force else self._target.known_fresh
+        walk = SplitWalk.of_images(job.sources, job.walk, [str(self._target.root)], known_fresh)
+        connection = _Connection(self._address)
         try:
             self._drive(connection, walk, started)
         except OSError as exc:
@@ -415,9 +414,10 @@ def _folder_key(batch: DirBatch) -> bytes:
 class _Connection:
     """The Dask client, connected when the first task is ready: a rerun of known-fresh folders never loads Dask."""
 
-    def __init__(self, address: str, local_workers: int | None) -> None:
+    def __init__(self, address: str) -> None:
         self._address = address
-        self._local_workers = local_workers
+        #: For `local[:N]`, the local worker processes to start; None for a scheduler's address.
+        self._local_workers = local_workers(address)
         self._stack = contextlib.ExitStack()
         self._client: Client | None = None
         self._completed: as_completed | None = None

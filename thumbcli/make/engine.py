@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from thumbcli.discover import SourceFile, display_path, is_image_name
+from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import FileRejected
 from thumbcli.make.results import FileResult
-from thumbcli.spec import Limits, ThumbSpec, WalkOptions
-from thumbcli.splitwalk import SplitWalk, default_processes
+from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.plan import Plan, Target
 from thumbcli.targets.state import StateError
 
@@ -37,14 +36,6 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc)
-
-
-def start_walk(
-    sources: list[str] | tuple[str, ...], options: WalkOptions, excluded: list[str], target: Target, *, force: bool
-) -> SplitWalk:
-    """Fork the walk of `sources` (call before any thread starts); folders `target` knows fresh are not planned."""
-    known_fresh = target.known_fresh if not force else lambda batch: False
-    return SplitWalk(sources, options, is_image_name, excluded, known_fresh, options.processes or default_processes())
 
 
 def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from thumbcli.discover import SourceFile, WalkProblem
-from thumbcli.make.engine import Job, SourceMaker, start_walk
+from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
@@ -96,7 +96,6 @@ class Pipeline:
     ) -> None:
         self._sources = list(sources)
         self._target = target
-        self._maker = SourceMaker(target, run.limits, follow_symlinks=walk.follow_symlinks, dry_run=dry_run)
         self._run = run
         self._walk = walk
         self._excluded_dirs = list(excluded_dirs)
@@ -115,6 +114,7 @@ class Pipeline:
         self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._byte_budget = _ByteBudget(run.queue_bytes)
+        self._maker = SourceMaker(target, run.limits, follow_symlinks=walk.follow_symlinks, dry_run=dry_run)
 
     @property
     def stats(self) -> RunStats:
@@ -308,13 +308,9 @@ class Pipeline:
     def run(self) -> RunStats:
         """Run to completion (or until stopped) and return the counts."""
         started = time.monotonic()
-        options = self._run
-        # Forked before any thread of ours starts.
-        walk = start_walk(self._sources, self._walk, self._excluded_dirs, self._target, force=options.force)
         try:
-            self._run_stages(walk, started)
+            self._run_stages(started)
         finally:
-            walk.close()
             if self._pool is not None:
                 self._pool.close()
                 self._tally.stats.workers_started = self._pool.started
@@ -324,7 +320,16 @@ class Pipeline:
             raise self._crash
         return self._tally.stats
 
-    def _run_stages(self, walk: SplitWalk, started: float) -> None:
+    def _run_stages(self, started: float) -> None:
+        options = self._run
+        # Forked before any thread of ours starts.
+        known_fresh = None if options.force else self._target.known_fresh
+        with contextlib.closing(
+            SplitWalk.of_images(self._sources, self._walk, self._excluded_dirs, known_fresh)
+        ) as walk:
+            self._stages(walk, started)
+
+    def _stages(self, walk: SplitWalk, started: float) -> None:
         options = self._run
 
         def start(bodies: Sequence[Callable[[], None]], name: str) -> list[threading.Thread]:

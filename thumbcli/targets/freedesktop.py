@@ -149,6 +149,24 @@ LOCK_NAME = f"{PRIVATE_DIR}/freedesktop.lock"
 STATE_NAME = f"{PRIVATE_DIR}/freedesktop-state.sqlite"
 
 
+def _run_lock(root: Path, *, wait: bool) -> RunLock:
+    """The run lock of a thumbnail root, taken (see `lock_path`)."""
+    folder = open_folder(root.parent, PRIVATE_DIR)
+    try:
+        return RunLock(folder, LOCK_NAME.rpartition("/")[2], lock_path(root), wait=wait)
+    finally:
+        os.close(folder)
+
+
+def _state_store(root: Path) -> StateStore:
+    """The folder signatures of a thumbnail root (see `state_path`)."""
+    folder = open_folder(root.parent, PRIVATE_DIR)
+    try:
+        return StateStore(folder, STATE_NAME.rpartition("/")[2], state_path(root))
+    finally:
+        os.close(folder)
+
+
 def lock_path(root: Path) -> Path:
     """The run lock of a thumbnail root: beside it, in $XDG_CACHE_HOME/thumbcli/."""
     return root.parent / LOCK_NAME
@@ -194,8 +212,8 @@ class FreedesktopCache:
                 raise PermissionError(errno.EACCES, "Permission denied")
             # Private like the thumbnails: the state names the folders that were thumbnailed.
             _private_dir(root.parent, PRIVATE_DIR)
-            self._lock = RunLock(root.parent, LOCK_NAME, wait=wait_for_lock)
-            self._state = StateStore(root.parent, STATE_NAME)
+            self._lock = _run_lock(root, wait=wait_for_lock)
+            self._state = _state_store(root)
         except OutsideRootError as exc:
             raise CannotRunError(f"{display_path(root)}: refusing the thumbnail folder: {exc}") from exc
         except (OSError, StateError) as exc:
@@ -331,7 +349,7 @@ def prune_freedesktop(
     if not root.is_dir():
         return []
     try:
-        lock = RunLock(root.parent, LOCK_NAME, wait=wait_for_lock)
+        lock = _run_lock(root, wait=wait_for_lock)
     except OSError as exc:
         raise CannotRunError(f"{display_path(root)}: cannot lock the thumbnail folder: {exc.strerror or exc}") from exc
     try:
@@ -369,7 +387,7 @@ def _forget_gone_folders(root: Path) -> None:
     if not path.exists():
         return
     try:
-        state = StateStore(root.parent, STATE_NAME)
+        state = _state_store(root)
     except (OSError, StateError) as exc:
         log.warning("%s: cannot tidy the folder signatures: %s", display_path(path), exc)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import marshal
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from thumbcli.discover import display_path
-from thumbcli.fsutil import OutsideRootError, open_file_beneath, open_folder, remove_beneath
+from thumbcli.fsutil import OutsideRootError
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,19 @@ def _use_wal(db: sqlite3.Connection, seconds: float = 30.0) -> None:
 _COMPANIONS = ("", "-wal", "-shm", "-journal")
 
 
-def _unlinked_path(root: Path, relpath: str) -> Path:
-    """The database's path, once no symlink leads to it or to a file SQLite keeps beside it.
+def _make_unlinked(folder: int, name: str, path: Path) -> None:
+    """Make the database `name` in `folder` unless a symlink leads to it or to a file SQLite keeps beside it.
 
     SQLite follows symlinks (and resolves them, to put its journal beside the target), so
     a state file planted as a symlink would have its target overwritten. Its folder is
     reached without following one, and the database is made here, O_NOFOLLOW; SQLite
-    opens it by name just after, which leaves only that instant for a swap.
+    opens it by name (`path`) just after, which leaves only that instant for a swap.
     """
-    reldir, _, name = relpath.rpartition("/")
-    folder = open_folder(root, reldir)
-    try:
-        for companion in _COMPANIONS:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISLNK(os.lstat(name + companion, dir_fd=folder).st_mode):
-                    raise OutsideRootError(f"{display_path(root / relpath)}{companion} is a symlink")
-        os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder))
-    finally:
-        os.close(folder)
-    return root / relpath
+    for companion in _COMPANIONS:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.lstat(name + companion, dir_fd=folder).st_mode):
+                raise OutsideRootError(f"{display_path(path)}{companion} is a symlink")
+    os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder))
 
 
 #: Disk space kept beside a database (in a file named after it with this suffix) and given up when
@@ -113,13 +108,13 @@ ROOM_SUFFIX = "-room"
 ROOM_BYTES = 256 * 1024
 
 
-def _keep_room(root: Path, relpath: str) -> None:
-    """Make sure the room file holds ROOM_BYTES; on a disk already full there is none to keep."""
+def _keep_room(folder: int, name: str, path: Path) -> None:
+    """Make sure the room file `name` in `folder` holds ROOM_BYTES; on a disk already full there is none to keep."""
     try:
-        fd = open_file_beneath(root, relpath, os.O_WRONLY | os.O_CREAT, mode=0o644)
-    except OutsideRootError:
-        raise  # planted like a symlinked database: refused the same way
-    except OSError:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # planted like a symlinked database: refused the same way
+            raise OutsideRootError(f"{display_path(path)} is a symlink") from None
         return
     try:
         if os.fstat(fd).st_size < ROOM_BYTES:
@@ -134,18 +129,13 @@ def _keep_room(root: Path, relpath: str) -> None:
 _CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
-def _set_aside(root: Path, relpath: str) -> Path:
-    """Rename a damaged database (and its journal files) beside it, for a person to look at; its new name."""
-    reldir, _, name = relpath.rpartition("/")
+def _set_aside(folder: int, name: str, path: Path) -> Path:
+    """Rename a damaged database (and its journal files) beside it, for a person to look at; its new path."""
     aside = f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = open_folder(root, reldir)
-    try:
-        for companion in _COMPANIONS:
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(name + companion, aside + companion, src_dir_fd=folder, dst_dir_fd=folder)
-    finally:
-        os.close(folder)
-    return root / reldir / aside
+    for companion in _COMPANIONS:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(name + companion, aside + companion, src_dir_fd=folder, dst_dir_fd=folder)
+    return path.with_name(aside)
 
 
 class StateStore:
@@ -168,18 +158,21 @@ class StateStore:
     _SCHEMA = 3
     _CACHED_FOLDERS = 1024
 
-    def __init__(self, root: Path, relpath: str) -> None:
-        """Open (or make) the database at `relpath` below `root`; a symlink below `root` is refused (OSError)."""
-        self._root, self._room = root, relpath + ROOM_SUFFIX
-        self._path = _unlinked_path(root, relpath)
-        _keep_room(root, self._room)
+    def __init__(self, folder: int, name: str, path: Path) -> None:
+        """Open (or make) the database `name` in the open `folder` (at `path`); a symlink there is refused (OSError)."""
+        self._path, self._room = path, name + ROOM_SUFFIX
+        _make_unlinked(folder, name, path)
+        _keep_room(folder, self._room, path.with_name(self._room))
+        #: The folder, held for giving up the room on a full disk.
+        self._folder = os.dup(folder)
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:
             if exc.sqlite_errorname not in _CORRUPT:
+                os.close(self._folder)
                 raise
             # Freshness records only: without them every thumbnail is checked (and made) again.
-            aside = _set_aside(root, relpath)
+            aside = _set_aside(folder, name, path)
             log.warning(
                 "%s was damaged (%s): set aside as %s, and a new one started",
                 display_path(self._path),
@@ -375,7 +368,8 @@ class StateStore:
             except sqlite3.OperationalError as exc:
                 failure = exc
             try:
-                released = remove_beneath(self._root, self._room)
+                os.unlink(self._room, dir_fd=self._folder)
+                released = True
             except OSError:
                 released = False
             if released:
@@ -431,6 +425,7 @@ class StateStore:
         self.save()
         with self._lock:
             self._db.close()
+            os.close(self._folder)
 
 
 def _apply(mapping: dict[str, Any], name: str, value: object | None) -> None:

@@ -20,6 +20,7 @@ from thumbcli.fsutil import (
     OutsideRootError,
     RunLock,
     is_temporary_name,
+    open_folder,
     remove_if_abandoned,
     write_atomically,
 )
@@ -168,10 +169,13 @@ class OutputTree:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
-            self._lock = RunLock(root, f"{PRIVATE_DIR}/lock{tag}", wait=wait_for_lock) if locked else None
-            self._state: Records = (
-                records if records is not None else StateStore(root, f"{PRIVATE_DIR}/state{tag}.sqlite")
-            )
+            private = open_folder(root, PRIVATE_DIR)
+            try:
+                lock, state = f"lock{tag}", f"state{tag}.sqlite"
+                self._lock = RunLock(private, lock, root / PRIVATE_DIR / lock, wait=wait_for_lock) if locked else None
+                self._state: Records = records or StateStore(private, state, root / PRIVATE_DIR / state)
+            finally:
+                os.close(private)
         except OutsideRootError as exc:
             raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
         except StateError as exc:
