@@ -237,8 +237,9 @@ def test_a_size_never_adds_a_preset_to_the_configured_cache_without_an_explicit_
     path = write(tmp_path / "thumbcli.toml", f'cache = "{cache}"\n[presets.small]\nsize = "128"\n')
     forgot_output = run_cli("--config", path, "generate", source, "-s", "64")
     assert forgot_output.rc == 2, forgot_output.stderr
-    assert f"--size 64 would add a preset to the configured cache {cache}: give -o DIR" in forgot_output.stderr
-    assert "--cache DIR to add it to a cache on purpose" in forgot_output.stderr
+    assert f"size 64 would add a preset to the configured cache {cache}: name an output tree" in forgot_output.stderr
+    assert "(--size, -o, --cache, --preset)" in forgot_output.stderr
+    assert "the cache itself to add it to the cache on purpose" in forgot_output.stderr
     assert not (cache / "v1" / "64").exists()
     assert run_cli("--config", path, "generate", source, "-s", "64", "-o", tmp_path / "out").rc == 0
     assert (tmp_path / "out" / "64" / "a.jpg.jpg").is_file() and not (cache / "v1" / "64").exists()

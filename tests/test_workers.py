@@ -288,7 +288,7 @@ def test_generate_max_decode_time_reports_the_slow_file_timed_out(tmp_path: Path
 
 def test_generate_refuses_a_max_decode_time_of_zero(tmp_path: Path) -> None:
     run = run_cli("generate", tmp_path, "-o", tmp_path / "out", "--max-decode-time", "0")
-    assert run.rc == 2 and "--max-decode-time must be positive" in run.stderr
+    assert run.rc == 2 and "--max-decode-time: must be positive" in run.stderr
 
 
 def test_a_pipelined_worker_that_dies_loses_only_its_file_and_the_queued_ones_are_made(

@@ -22,7 +22,15 @@ class ThumbcliError(Exception):
 
 
 class SpecError(ThumbcliError, ValueError):
-    """An option value that cannot describe a valid run (a usage error)."""
+    """An option value that cannot describe a valid run (a usage error).
+
+    `settings` are what the message is about, by the library's names (`name_template`,
+    `dask`): the message does not spell them as flags, the command line does (cli/options.py).
+    """
+
+    def __init__(self, message: str, *settings: str) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 class CannotRunError(ThumbcliError):

@@ -54,9 +54,14 @@ def choose_destination(
     `cache_configured`: the cache was named by the config or environment, not on the command line.
     """
     if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
-        raise SpecError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop SIZE")
+        raise SpecError(
+            "give exactly one destination: an output tree, a served cache or the desktop thumbnail cache",
+            "output",
+            "cache_dir",
+            "flavours",
+        )
     if name_template and output is None:
-        raise SpecError("--name only applies to -o/--output: the cache layouts are fixed")
+        raise SpecError("a name template only applies to an output tree: the cache layouts are fixed", "name_template")
     if flavours:
         return FreedesktopDestination(flavours)
     if cache_dir is not None:
@@ -93,7 +98,11 @@ class GenerateJob:
             raise SpecError("no thumbnail sizes to make")
         if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
             # Each user's desktop cache on each host is its own: there is nothing to share out.
-            raise SpecError("--dask and --shard write an -o tree or a --cache, not the desktop thumbnail cache")
+            raise SpecError(
+                "a cluster or sharded run writes an output tree or a cache, not the desktop thumbnail cache",
+                "dask",
+                "shard",
+            )
         if self.dask is not None:
             local_workers(self.dask)  # a usage error before any output folder is made
 
@@ -103,11 +112,11 @@ def local_workers(address: str) -> int | None:
     match = _LOCAL_DASK.fullmatch(address)
     if match is None:
         if not re.fullmatch(r"[a-z]+://\S+|\S+:\d+", address):
-            raise SpecError(f"--dask {address!r}: give a scheduler address (tcp://host:8786) or local[:N]")
+            raise SpecError(f"{address!r}: give a scheduler address (tcp://host:8786) or local[:N]", "dask")
         return None
     count = int(match.group(1) or 0)
     if match.group(1) is not None and count < 1:
-        raise SpecError("--dask local:N needs at least one worker")
+        raise SpecError("local:N needs at least one worker", "dask")
     return count
 
 

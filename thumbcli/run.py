@@ -39,7 +39,7 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
         return ()  # the desktop cache's sizes are its flavours
     if request.presets:
         if request.sizes:
-            raise SpecError("give --preset or --size, not both")
+            raise SpecError("give presets or sizes, not both", "presets", "sizes")
         return config.specs_to_make(request.presets)
     if isinstance(destination, CacheDestination) and config.presets and not request.sizes:
         return config.specs_to_make(())
@@ -47,9 +47,13 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
         # A forgotten -o must not add a preset named after a size to the configured cache.
         sizes = ", ".join(request.sizes or (DEFAULT_SIZE,))
         raise SpecError(
-            f"--size {sizes} would add a preset to the configured cache {display_path(destination.root)}: "
-            "give -o DIR to write a folder tree, --cache DIR to add it to a cache on purpose, "
-            "or --preset NAME for a configured preset"
+            f"size {sizes} would add a preset to the configured cache {display_path(destination.root)}: "
+            "name an output tree to write a folder tree, the cache itself to add it to the cache on purpose, "
+            "or a configured preset",
+            "sizes",
+            "output",
+            "cache_dir",
+            "presets",
         )
     specs = (
         ThumbSpec(

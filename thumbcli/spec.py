@@ -90,7 +90,7 @@ class ThumbSpec:
         if self.quality is not None and not 1 <= self.quality <= 100:
             raise SpecError(f"quality must be between 1 and 100, not {self.quality}")
         if self.fit != "inside" and (self.box.width is None or self.box.height is None):
-            raise SpecError(f"--fit {self.fit} needs a box with both edges, not {self.box.label}")
+            raise SpecError(f"{self.fit} needs a box with both edges, not {self.box.label}", "fit")
         if not self.name:
             object.__setattr__(self, "name", self.box.label)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -160,9 +160,9 @@ class Limits:
         if self.max_file_size < 1 or self.max_pixels < 1:
             raise SpecError("limits must be positive")
         if not self.max_decode_seconds > 0:
-            raise SpecError(f"--max-decode-time must be positive, not {self.max_decode_seconds}")
+            raise SpecError(f"must be positive, not {self.max_decode_seconds}", "max_decode_seconds")
         if self.max_worker_memory < 0:
-            raise SpecError("--max-worker-memory must not be negative")
+            raise SpecError("must not be negative", "max_worker_memory")
 
     def worker_memory(self, workers: int) -> int:
         """The memory ceiling of each of `workers` workers: the option, else half of RAM shared out, at least 1 GiB."""
@@ -202,7 +202,7 @@ class RunOptions:
             raise SpecError("the queue byte budget must be positive")
         for label, count in (("loaders", self.loaders), ("workers", self.workers), ("writers", self.writers)):
             if not 1 <= count <= 256:
-                raise SpecError(f"--{label} must be between 1 and 256, not {count}")
+                raise SpecError(f"must be between 1 and 256, not {count}", label)
         if self.queue_depth < 0:
             raise SpecError("queue depth must not be negative")
         if self.queue_depth == 0:
@@ -225,4 +225,4 @@ class WalkOptions:
     def __post_init__(self) -> None:
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
-            raise SpecError(f"--shard {index}/{count}: give I/N with 0 <= I < N")
+            raise SpecError(f"{index}/{count}: give I/N with 0 <= I < N", "shard")

@@ -119,13 +119,40 @@ def exits_on_errors(command: Callable[P, R]) -> Callable[P, R]:
         except ConfigError as exc:  # the file's fault, not the command line's: no usage text
             fail(str(exc), ExitCode.USAGE)
         except SpecError as exc:
-            raise click.UsageError(str(exc)) from exc
+            raise click.UsageError(with_flags(exc)) from exc
         except LockedError as exc:
             fail(str(exc), ExitCode.LOCKED)
         except CannotRunError as exc:
             fail(str(exc), ExitCode.CANNOT_RUN)
 
     return run_command
+
+
+#: The flag that sets each setting a library error may name (SpecError.settings).
+_FLAGS = {
+    "output": "-o",
+    "cache_dir": "--cache",
+    "flavours": "--freedesktop",
+    "presets": "--preset",
+    "sizes": "--size",
+    "fit": "--fit",
+    "name_template": "--name",
+    "dask": "--dask",
+    "shard": "--shard",
+    "max_decode_seconds": "--max-decode-time",
+    "max_worker_memory": "--max-worker-memory",
+    "loaders": "--loaders",
+    "workers": "--workers",
+    "writers": "--writers",
+}
+
+
+def with_flags(exc: SpecError) -> str:
+    """A library error as the command line says it: the flag of the one setting first, or the flags of several after."""
+    flags = [_FLAGS.get(setting, setting) for setting in exc.settings]
+    if len(flags) == 1:
+        return f"{flags[0]}: {exc}"
+    return f"{exc} ({', '.join(flags)})" if flags else str(exc)
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:

@@ -483,7 +483,7 @@ def _connected(address: str, local: int | None) -> Iterator[Client]:
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise CannotRunError("--dask needs Dask's distributed package: pip install 'thumbcli[dask]'") from None
+        raise CannotRunError("a cluster run needs Dask's distributed package: pip install 'thumbcli[dask]'") from None
     for name, level in chosen.items():
         logging.getLogger(name).setLevel(level)
     children = tuple(f"{name}." for name in DASK_LOGGERS)

@@ -79,5 +79,5 @@ def check_pixels(label: str, width: int, height: int, limits: Limits, what: str 
     if pixels > limits.max_pixels:
         raise FileRejected(
             f"{what} is {width}x{height} ({pixels / 1e6:.0f} megapixels), "
-            f"over the --max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
+            f"over the max-pixels limit of {limits.max_pixels / 1e6:g} megapixels"
         )

@@ -53,7 +53,7 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
             raise FileRejected("not a regular file")
         limit = limits.max_file_size
         if st.st_size > limit:
-            raise FileRejected(f"file is {st.st_size} bytes, over the --max-file-size limit of {limit}")
+            raise FileRejected(f"file is {st.st_size} bytes, over the max-file-size limit of {limit}")
         chunks = []
         remaining = limit + 1
         while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
@@ -61,7 +61,7 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
             remaining -= len(chunk)
         data = b"".join(chunks)
         if len(data) > limit:
-            raise FileRejected(f"file grew past the --max-file-size limit of {limit} while being read")
+            raise FileRejected(f"file grew past the max-file-size limit of {limit} while being read")
     finally:
         os.close(fd)
     if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):

@@ -114,14 +114,14 @@ def check_name_template(template: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as exc:
-        raise SpecError(f"invalid --name template {template!r}: {exc}") from None
+        raise SpecError(f"invalid template {template!r}: {exc}", "name_template") from None
     unknown = fields - TEMPLATE_FIELDS
     if unknown:
-        raise SpecError(f"unknown field(s) in --name template: {', '.join(sorted(unknown))}")
+        raise SpecError(f"unknown field(s) in the template: {', '.join(sorted(unknown))}", "name_template")
     if "ext" not in fields and "." not in template:
-        raise SpecError("--name template needs an extension, e.g. {ext}")
+        raise SpecError("the template needs an extension, e.g. {ext}", "name_template")
     if template.startswith("/"):
-        raise SpecError("--name template must be a relative path")
+        raise SpecError("the template must be a relative path", "name_template")
 
 
 def signed_folder(batch: DirBatch) -> str:
