@@ -21,7 +21,8 @@ GENERATIONS_REFUSED = GENERATIONS_JOINED + 1
 GENERATIONS_FAILED = GENERATIONS_REFUSED + 1
 GENERATIONS_TIMED_OUT = GENERATIONS_FAILED + 1
 GENERATION_WAITING = GENERATIONS_TIMED_OUT + 1
-COUNTER_SLOTS = GENERATION_WAITING + 1
+CONNECTIONS_SHED = GENERATION_WAITING + 1
+COUNTER_SLOTS = CONNECTIONS_SHED + 1
 
 
 class MetricsBoard:
@@ -61,6 +62,10 @@ class MetricsBoard:
             "# HELP thumbcli_connections_total Client connections accepted.",
             "# TYPE thumbcli_connections_total counter",
             f"thumbcli_connections_total {totals[CONNECTIONS_ACCEPTED]}",
+            "# HELP thumbcli_connections_shed_total Connections waiting on their client (a request head not"
+            " complete, or idle between requests) closed to make room for a new one at the connection limit.",
+            "# TYPE thumbcli_connections_shed_total counter",
+            f"thumbcli_connections_shed_total {totals[CONNECTIONS_SHED]}",
             "# HELP thumbcli_bodies_total Response bodies sent, by how they were sent.",
             "# TYPE thumbcli_bodies_total counter",
             f'thumbcli_bodies_total{{via="sendfile"}} {totals[SENDFILE_BODIES]}',

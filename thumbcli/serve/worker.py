@@ -7,12 +7,13 @@ One single-threaded epoll loop drives non-blocking sockets, parses with httptool
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
@@ -20,6 +21,7 @@ from thumbcli.serve.files import CacheFiles
 from thumbcli.serve.gallery import GalleryDesk, PageWait
 from thumbcli.serve.metrics import (
     CONNECTIONS_ACCEPTED,
+    CONNECTIONS_SHED,
     GENERATIONS_TIMED_OUT,
     OPEN_CONNECTIONS,
     TIMEOUT_HEADER,
@@ -45,6 +47,8 @@ ACCEPT_RETRY_SECONDS = 0.5
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Out of descriptors: closing a connection frees one, so a waiting connection is shed as at the limit.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class Worker:
@@ -254,10 +258,17 @@ class Worker:
         if listener is None:
             return
         limit = self.options.max_connections
-        for _ in range(limit if drain_backlog else ACCEPT_BATCH):
-            if len(self.connections) >= limit and not admin:
-                self._stop_accepting()
-                return
+        # At the limit, each newcomer takes the place of a connection that waits on its client;
+        # found once per batch, oldest last (popped first). Busy connections are never shed.
+        victims: list[Connection] | None = None
+        batch = limit if drain_backlog else ACCEPT_BATCH
+        for _ in range(batch):
+            full = len(self.connections) >= limit and not admin
+            if full:
+                victims = waiting_on_clients(self.connections.values(), batch) if victims is None else victims
+                if not victims:
+                    self._stop_accepting()  # until a connection waits on its client again (`_waits`)
+                    return
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -265,6 +276,11 @@ class Worker:
             except OSError as exc:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    victims = waiting_on_clients(self.connections.values(), batch) if victims is None else victims
+                    if victims:
+                        self._close(victims.pop(), shed=True)
+                        continue
                 if exc.errno in _ACCEPT_PAUSE_ERRNOS:
                     log.warning("cannot accept (%s); pausing for %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
                     if not admin:
@@ -272,15 +288,19 @@ class Worker:
                         self.accept_retry_at = self.now + ACCEPT_RETRY_SECONDS
                     return
                 raise
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = str(address[0]) if isinstance(address, tuple) else "-"
-            conn = Connection(sock, peer, admin, self.limits, self.counters, self.now)
+            if full:
+                assert victims
+                self._close(victims.pop(), shed=True)  # only now: a wakeup with nobody left in the backlog sheds no one
+            conn = Connection(sock, address, admin, self.limits, self.counters, self.now)
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, select.EPOLLIN)
             self.counters[CONNECTIONS_ACCEPTED] += 1
             self.counters[OPEN_CONNECTIONS] += 1
+
+    def _waits(self) -> None:
+        """A connection waits on its client again: if accepting stopped at the limit, it can make room."""
+        if not self.accepting and not self.draining and not self.accept_retry_at:
+            self._start_accepting()
 
     # -- connection events
 
@@ -324,6 +344,7 @@ class Worker:
             self._linger(conn)
         else:
             self._set_interest(conn, select.EPOLLIN)
+            self._waits()
 
     def _on_writable(self, conn: Connection) -> None:
         try:
@@ -342,6 +363,7 @@ class Worker:
         else:
             conn.idle_since = self.now
             self._set_interest(conn, select.EPOLLIN)
+            self._waits()
 
     def _set_interest(self, conn: Connection, interest: int) -> None:
         if conn.interest != interest:
@@ -357,11 +379,13 @@ class Worker:
         conn.lingering = True
         conn.idle_since = self.now
         self._set_interest(conn, select.EPOLLIN)
+        self._waits()
 
-    def _close(self, conn: Connection) -> None:
+    def _close(self, conn: Connection, shed: bool = False) -> None:
         if conn.closed:
             return
         conn.closed = True
+        self.counters[CONNECTIONS_SHED] += shed
         for item in conn.out:
             if isinstance(item, Body):
                 item.file.release()
@@ -419,20 +443,30 @@ class Worker:
         """Replace `parked` in the connection's output with what `answer` sends; later answers stay after it."""
         if conn.closed:
             return
-        out = conn.out
-        index = next(i for i, item in enumerate(out) if item is parked)
-        later = out[index + 1 :]
-        del out[index:]
         try:
-            answer(conn)
+            conn.answer_parked(parked, answer, self.now)
         except OSError:
-            out.extend(later)
             self._close(conn)
             return
-        out.extend(later)
-        conn.last_progress = self.now
-        if conn.in_message:
-            conn.head_start = self.now  # the rest of its head waited unread while the answer was made
         if conn.out:
             self._set_interest(conn, select.EPOLLOUT)
         self._on_writable(conn)
+
+
+def waiting_on_clients(connections: Iterable[Connection], count: int) -> list[Connection]:
+    """Up to `count` connections that wait on their client, the one to shed first last.
+
+    They have nothing to send and nothing being made: a request head not yet complete (a
+    slowloris, or a client that has not sent yet), an idle keep-alive, or a finished one
+    lingering. Lingering ones go first (answered already), then the longest waiting: a
+    newcomer that sends its request at once is answered long before enough others arrive
+    to make it the oldest. Admin connections are the operator's and never shed.
+    """
+    waiting = (conn for conn in connections if not conn.out and not conn.admin)
+    oldest = heapq.nsmallest(count, waiting, key=_shedding_order)
+    oldest.reverse()
+    return oldest
+
+
+def _shedding_order(conn: Connection) -> tuple[bool, float]:
+    return (not conn.lingering, conn.head_start if conn.in_message else conn.idle_since)
