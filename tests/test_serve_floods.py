@@ -99,6 +99,26 @@ def test_serve_answers_a_request_while_a_thousand_half_heads_are_held(cache: Pat
                 sock.close()
 
 
+def test_serve_sheds_half_heads_when_out_of_descriptors_below_the_limit(cache: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.ExitStack() as stack:
+        # Started with 128 descriptors, the server runs out of them long before its 1024 connections.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+        try:
+            running = stack.enter_context(running_server(cache, header_timeout=LONG_TIMEOUT))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        flood = [stack.enter_context(running.connect()) for _ in range(200)]
+        for sock in flood:
+            sock.sendall(HALF_HEAD)
+        answer = get(running, "/small/photo.jpg")
+        assert (answer.status, answer.body) == (200, b"a small thumbnail" * 64)
+        # Room was made by closing the oldest half heads; the rest are held.
+        held = [index for index, sock in enumerate(flood) if still_open(sock)]
+        assert held[0] > 0 and held == list(range(held[0], len(flood)))
+        assert all(closed_by_server(sock) for sock in flood[: held[0]])
+
+
 def test_serve_sheds_the_longest_idle_keep_alive_for_a_new_connection(cache: Path) -> None:
     with running_server(cache, max_connections=3, idle_timeout=LONG_TIMEOUT) as running:
         idle = [running.connect() for _ in range(3)]
