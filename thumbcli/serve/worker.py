@@ -6,17 +6,16 @@ One single-threaded epoll loop drives non-blocking sockets, parses with httptool
 
 from __future__ import annotations
 
-import errno
-import heapq
 import logging
 import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
+from thumbcli.serve.doors import Doors
 from thumbcli.serve.files import CacheFiles
 from thumbcli.serve.gallery import GalleryDesk, PageWait
 from thumbcli.serve.metrics import (
@@ -42,13 +41,8 @@ MANIFEST_CHECK_SECONDS = 1.0
 #: After a response that closes the connection, unread client bytes are drained this long
 #: so that closing does not reset the connection before the client has read the response.
 LINGER_SECONDS = 2.0
-ACCEPT_BATCH = 64
-ACCEPT_RETRY_SECONDS = 0.5
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: Out of descriptors: closing a connection frees one, so a waiting connection is shed as at the limit.
-_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class Worker:
@@ -64,11 +58,10 @@ class Worker:
     ) -> None:
         self.options = options
         self.counters = counters = board.row(index)
-        self.listener: socket.socket | None = listeners[0]
-        self.admin_listener = listeners[1]
         #: Only a forked worker watches its parent: a lone server must outlive the shell that started it.
         self.supervisor_pid = supervisor_pid
         self.epoll = select.epoll()
+        self.doors = Doors(listeners, self.epoll, options.max_connections, lambda conn: self._close(conn, shed=True))
         self.connections: dict[int, Connection] = {}
         self.limits = HeadLimits(options.max_uri_bytes, options.max_header_bytes, options.access_log is not None)
         self.misses: MissDesk | None = None
@@ -91,8 +84,6 @@ class Worker:
             options, board, counters, files, self.misses, self.gallery, self.access_log, serve_admin_here
         )
         self.now = time.monotonic()
-        self.accepting = False
-        self.accept_retry_at = 0.0
         self.draining = False
         self.drain_deadline = 0.0
         self.signals_seen = 0
@@ -103,9 +94,7 @@ class Worker:
     def run(self, signals: StopSignals | None) -> int:
         """Serve until told to stop; the exit code says whether the drain was clean."""
         try:
-            self._start_accepting()
-            if self.admin_listener is not None:
-                self.epoll.register(self.admin_listener.fileno(), select.EPOLLIN)
+            self.doors.open()
             if signals is not None:
                 self.epoll.register(signals.fileno(), select.EPOLLIN)
             return self._loop(signals)
@@ -122,9 +111,7 @@ class Worker:
             self.gallery.close()
         if self.access_log is not None:
             self.access_log.close()
-        for sock in (self.listener, self.admin_listener):
-            if sock is not None:
-                sock.close()
+        self.doors.close()
         self.epoll.close()
 
     def _loop(self, signals: StopSignals | None) -> int:
@@ -133,8 +120,7 @@ class Worker:
         monotonic = time.monotonic
         wall_clock = time.time
         respond = self.respond
-        listen_fd = self.listener.fileno() if self.listener is not None else -1
-        admin_fd = self.admin_listener.fileno() if self.admin_listener is not None else -1
+        listen_fd, admin_fd = self.doors.fds()
         signal_fd = signals.fileno() if signals is not None else -1
         done_fd = self.misses.done_fd if self.misses is not None else -1
         pages_fd = self.gallery.done_fd if self.gallery is not None else -1
@@ -150,9 +136,9 @@ class Worker:
                     if event & _READABLE and not conn.closed:
                         self._on_readable(conn)
                 elif fd == listen_fd:
-                    self._accept(self.listener, admin=False)
+                    self._accept(admin=False)
                 elif fd == admin_fd:
-                    self._accept(self.admin_listener, admin=True)
+                    self._accept(admin=True)
                 elif fd == done_fd:
                     self._on_completed()
                 elif fd == pages_fd:
@@ -180,13 +166,10 @@ class Worker:
         log.info("draining %d connections for up to %.1f s", len(self.connections), self.options.grace_period)
         self.draining = self.respond.draining = True
         self.drain_deadline = self.now + self.options.grace_period
-        for listener, admin in ((self.listener, False), (self.admin_listener, True)):
-            if listener is not None:
-                # Connections already in this socket's backlog would be reset when it closes.
-                self._accept(listener, admin=admin, drain_backlog=True)
-                listener.close()
-        self.listener = self.admin_listener = None
-        self.accepting = False
+        # Connections already in a listener's backlog would be reset when it closes.
+        self._accept(admin=False, drain_backlog=True)
+        self._accept(admin=True, drain_backlog=True)
+        self.doors.close()
         for conn in list(self.connections.values()):
             if not conn.out and not conn.in_message and not conn.lingering:
                 self._close(conn)
@@ -201,9 +184,7 @@ class Worker:
                 log.warning("grace period over: cutting %d responses short", cut)
                 return ExitCode.CUT_SHORT
             return ExitCode.OK
-        if not self.draining and not self.accepting and self.accept_retry_at and now >= self.accept_retry_at:
-            self.accept_retry_at = 0.0
-            self._start_accepting()
+        self.doors.tick(now)
         if now >= self.next_manifest_check:
             self.next_manifest_check = now + MANIFEST_CHECK_SECONDS
             self.respond.files.reload_manifest(force=False)
@@ -244,63 +225,13 @@ class Worker:
 
     # -- accepting
 
-    def _start_accepting(self) -> None:
-        if self.listener is not None and not self.accepting:
-            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
-            self.accepting = True
-
-    def _stop_accepting(self) -> None:
-        if self.listener is not None and self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
-
-    def _accept(self, listener: socket.socket | None, admin: bool, drain_backlog: bool = False) -> None:
-        if listener is None:
-            return
-        limit = self.options.max_connections
-        # At the limit, each newcomer takes the place of a connection that waits on its client;
-        # found once per batch, oldest last (popped first). Busy connections are never shed.
-        victims: list[Connection] | None = None
-        batch = limit if drain_backlog else ACCEPT_BATCH
-        for _ in range(batch):
-            full = len(self.connections) >= limit and not admin
-            if full:
-                victims = waiting_on_clients(self.connections.values(), batch) if victims is None else victims
-                if not victims:
-                    self._stop_accepting()  # until a connection waits on its client again (`_waits`)
-                    return
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    victims = waiting_on_clients(self.connections.values(), batch) if victims is None else victims
-                    if victims:
-                        self._close(victims.pop(), shed=True)
-                        continue
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    log.warning("cannot accept (%s); pausing for %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
-                    if not admin:
-                        self._stop_accepting()
-                        self.accept_retry_at = self.now + ACCEPT_RETRY_SECONDS
-                    return
-                raise
-            if full:
-                assert victims
-                self._close(victims.pop(), shed=True)  # only now: a wakeup with nobody left in the backlog sheds no one
+    def _accept(self, admin: bool, drain_backlog: bool = False) -> None:
+        for sock, address in self.doors.accept(admin, self.connections, self.now, drain_backlog):
             conn = Connection(sock, address, admin, self.limits, self.counters, self.now)
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, select.EPOLLIN)
             self.counters[CONNECTIONS_ACCEPTED] += 1
             self.counters[OPEN_CONNECTIONS] += 1
-
-    def _waits(self) -> None:
-        """A connection waits on its client again: if accepting stopped at the limit, it can make room."""
-        if not self.accepting and not self.draining and not self.accept_retry_at:
-            self._start_accepting()
 
     # -- connection events
 
@@ -344,7 +275,7 @@ class Worker:
             self._linger(conn)
         else:
             self._set_interest(conn, select.EPOLLIN)
-            self._waits()
+            self.doors.room()
 
     def _on_writable(self, conn: Connection) -> None:
         try:
@@ -363,7 +294,7 @@ class Worker:
         else:
             conn.idle_since = self.now
             self._set_interest(conn, select.EPOLLIN)
-            self._waits()
+            self.doors.room()
 
     def _set_interest(self, conn: Connection, interest: int) -> None:
         if conn.interest != interest:
@@ -379,7 +310,7 @@ class Worker:
         conn.lingering = True
         conn.idle_since = self.now
         self._set_interest(conn, select.EPOLLIN)
-        self._waits()
+        self.doors.room()
 
     def _close(self, conn: Connection, shed: bool = False) -> None:
         if conn.closed:
@@ -399,9 +330,7 @@ class Worker:
         del self.connections[conn.fd]
         conn.sock.close()  # also removes it from the epoll set
         self.counters[OPEN_CONNECTIONS] -= 1
-        below_limit = len(self.connections) < self.options.max_connections
-        if below_limit and not self.accepting and not self.draining and not self.accept_retry_at:
-            self._start_accepting()
+        self.doors.room()
 
     # -- generate on a miss
 
@@ -451,22 +380,3 @@ class Worker:
         if conn.out:
             self._set_interest(conn, select.EPOLLOUT)
         self._on_writable(conn)
-
-
-def waiting_on_clients(connections: Iterable[Connection], count: int) -> list[Connection]:
-    """Up to `count` connections that wait on their client, the one to shed first last.
-
-    They have nothing to send and nothing being made: a request head not yet complete (a
-    slowloris, or a client that has not sent yet), an idle keep-alive, or a finished one
-    lingering. Lingering ones go first (answered already), then the longest waiting: a
-    newcomer that sends its request at once is answered long before enough others arrive
-    to make it the oldest. Admin connections are the operator's and never shed.
-    """
-    waiting = (conn for conn in connections if not conn.out and not conn.admin)
-    oldest = heapq.nsmallest(count, waiting, key=_shedding_order)
-    oldest.reverse()
-    return oldest
-
-
-def _shedding_order(conn: Connection) -> tuple[bool, float]:
-    return (not conn.lingering, conn.head_start if conn.in_message else conn.idle_since)
