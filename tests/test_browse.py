@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import pyvips
@@ -34,6 +35,11 @@ HOSTILE = [
     b"&amp;lt;.jpg",
 ]
 HOSTILE_FOLDER = b"<b onmouseover=alert(2)>folder \"'&%#?\n\xff"
+#: Unicode's Bidi_Control characters: in a name, each would reorder the text shown around it.
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+#: Source names that would read as `photo-exe.jpg` with U+202E: shown escaped, linked as they are.
+BIDI_NAMES = [f"photo-{control}gpj.exe.jpg" for control in BIDI_CONTROLS]
+BIDI_FOLDER = "right\u202eto-left"
 
 
 def _image(width: int, height: int, seed: int) -> pyvips.Image:
@@ -69,6 +75,13 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
             handle.write(small)
         with open(os.path.join(hostile, HOSTILE_FOLDER, name + b".webp"), "wb") as handle:
             handle.write(tall)
+    for name in BIDI_NAMES:
+        put_thumb(root, "small", f"bidi/{name}.webp", small)
+    put_thumb(root, "small", f"bidi/{BIDI_FOLDER}/inside\u2067.jpg.webp", tall)
+    # The server refuses any URL with a backslash; beside them, one name it serves.
+    put_thumb(root, "small", "slashes/back\\slash.jpg.webp", small)
+    put_thumb(root, "small", "slashes/back\\dir/x.jpg.webp", small)
+    put_thumb(root, "small", "slashes/plain.jpg.webp", small)
     (base / "secret.txt").write_bytes(SECRET)
     os.symlink(base, root / "v1" / "small" / "linkdir")
     os.symlink(base / "secret.txt", root / "v1" / "small" / "escape.jpg.webp")
@@ -204,6 +217,42 @@ def test_gallery_escapes_hostile_names_and_links_them_correctly(browsing: Server
     inner_thumbs = [url for url in _links(inner.body, "src") if not url.startswith("/_thumbcli/")]
     assert len(inner_thumbs) == len(HOSTILE)
     assert all(size_of_header(get(browsing, url).body) == (72, 128) for url in inner_thumbs)
+
+
+def test_gallery_never_lists_a_name_whose_url_the_server_refuses(browsing: ServerProcess) -> None:
+    response = get(browsing, "/small/slashes/")
+    body = response.body.decode()
+    assert "1 image, 0 folders" in body
+    assert "back" not in body
+    linked = [
+        url.partition("?")[0]
+        for url in _links(response.body, "href") + _links(response.body, "src")
+        if not url.startswith("/_thumbcli/")
+    ]
+    assert "/small/slashes/plain.jpg" in linked
+    assert [url for url in linked if get(browsing, url).status != 200] == []
+    # What is left out is what the server refuses: listed, each would have been a dead link.
+    assert get(browsing, "/small/slashes/back%5Cslash.jpg").status == 404
+    assert get(browsing, "/small/slashes/back%5Cdir/").status == 404
+
+
+def test_gallery_shows_bidi_controls_escaped_and_links_them_as_they_are(browsing: ServerProcess) -> None:
+    response = get(browsing, "/small/bidi/")
+    body = response.body.decode()
+    assert [control for control in BIDI_CONTROLS if control in body] == []
+    for control in BIDI_CONTROLS:
+        assert body.count(f"photo-\\u{ord(control):04x}gpj.exe.jpg") == 3, control  # caption, data-name, alt
+    assert f"{len(BIDI_NAMES)} images, 1 folder" in body
+    thumbs = [url for url in _links(response.body, "src") if not url.startswith("/_thumbcli/")]
+    assert sorted(unquote(url) for url in thumbs) == sorted(f"/small/bidi/{name}" for name in BIDI_NAMES)
+    assert [url for url in thumbs if get(browsing, url).status != 200] == []
+    folder_url = next(url for url in _links(response.body, "href") if "to-left" in url)
+    assert unquote(folder_url) == f"/small/bidi/{BIDI_FOLDER}/?sort=name"
+    inner = get(browsing, folder_url).body.decode()
+    assert "<title>small / bidi / right\\u202eto-left - thumbcli</title>" in inner
+    assert 'aria-current="page">right\\u202eto-left</a>' in inner
+    assert "inside\\u2067.jpg" in inner
+    assert [control for control in BIDI_CONTROLS if control in inner] == []
 
 
 def test_gallery_never_lists_hidden_state_or_outside(browsing: ServerProcess) -> None:
@@ -385,6 +434,27 @@ def test_browser_shows_hostile_names_safely(browsing: ServerProcess, browser: An
     assert hostile_folder in browser.current_url
     shown, loaded = _wait_images(browser)
     assert shown == len(HOSTILE) and loaded == shown
+    _assert_clean(browser)
+
+
+@needs_browser
+def test_browser_shows_bidi_controls_escaped(browsing: ServerProcess, browser: Any, screenshots: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{browsing.port}"
+    _open(browser, base + "/small/bidi/")
+    shown, loaded = _wait_images(browser)
+    assert shown == len(BIDI_NAMES) and loaded == shown  # every thumbnail linked as it is named
+    captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb span")]
+    assert sorted(captions) == sorted(f"photo-\\u{ord(control):04x}gpj.exe.jpg" for control in BIDI_CONTROLS)
+    browser.save_screenshot(str(screenshots / "bidi.png"))
+    _assert_clean(browser)
+    browser.find_element(By.CSS_SELECTOR, ".folders a").click()
+    assert "/small/bidi/right%E2%80%AEto-left/" in browser.current_url
+    assert browser.title == "small / bidi / right\\u202eto-left - thumbcli"
+    assert browser.find_element(By.CSS_SELECTOR, ".thumb span").text == "inside\\u2067.jpg"
+    shown, loaded = _wait_images(browser)
+    assert shown == 1 and loaded == 1
     _assert_clean(browser)
 
 

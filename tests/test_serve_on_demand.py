@@ -333,6 +333,56 @@ def test_serve_refuses_generations_past_the_bound_with_503(tree: Path, big_png: 
         assert time.monotonic() - started < 30  # generous: no pile-up
 
 
+def test_serve_answers_cached_thumbnails_and_unknown_names_while_the_generation_queue_is_full(
+    tmp_path: Path, slow_png: bytes
+) -> None:
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(CONFIG)
+    source, cache = tmp_path / "src", tmp_path / "cache"
+    for number in range(8):
+        make_photo(source / "cached" / f"{number}.jpg", seed=number)
+    batch = run_cli("--config", config, "generate", source, "--cache", cache)
+    assert batch.rc == 0, batch.stderr
+    cached = {number: cache_path(cache, "small", f"cached/{number}.jpg", "webp").read_bytes() for number in range(8)}
+    (source / "slow.png").write_bytes(slow_png)
+    with running_server(cache, config=config, source_root=source, max_pending=1, generators=1) as server:
+        slow: list[Answer] = []
+        making = threading.Thread(target=lambda: slow.append(fetch(server, "/small/slow.png", timeout=120)))
+        making.start()
+        # The one place in the generation queue is taken: the slow source is being decoded.
+        assert wait_until(
+            lambda: any(has_a_source_mapped(pid) for pid in resample_workers(server.process.pid)), timeout=30
+        )
+        # Hundreds of misses of names with no source, and among them requests for thumbnails a
+        # batch run made (the server never opened them: each is checked against its source).
+        paths = [
+            f"/small/cached/{number % 8}.jpg" if number % 8 == 0 else f"/small/nope{number}.jpg"
+            for number in range(360)
+        ]
+        clients = []
+        try:
+            for path in paths:
+                sock = server.connect(timeout=10)
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+                clients.append(sock)
+            answers = []
+            for sock in clients:
+                with sock.makefile("rb") as reader:
+                    answers.append(read_response(reader))
+        finally:
+            for sock in clients:
+                sock.close()
+        for path, answer in zip(paths, answers, strict=True):
+            if path.startswith("/small/cached/"):
+                assert (answer.status, answer.body) == (200, cached[int(path[-5])]), path
+            else:
+                assert answer.status == 404, path
+        making.join(120)
+        assert [status for status, _, _ in slow] == [200]
+        counts = generations(server)
+        assert (counts["started"], counts["refused"], counts["waiting"]) == (1, 0, 0)
+
+
 def test_serve_bounds_the_wait_for_a_slow_generation(tree: Path, huge_png: bytes) -> None:
     (tree / "src" / "huge.png").write_bytes(huge_png)
     with on_demand_server(tree, send_timeout=0.05) as server:

@@ -157,20 +157,33 @@ class OnDemand:
             for done in waiting:
                 done(completion)
 
-    def _check_and_make(self, key: tuple[str, str], spec: ThumbSpec) -> Completion:
-        source = self.source_for(key[1])
-        if source is None:
-            return Completion(Outcome.MISSING, made=False)
+    def check(self, preset: str, relpath: str) -> Outcome | SourceFile:
+        """Judge one thumbnail without making it, on the caller's thread and outside the bounded queue.
+
+        An Outcome if that is the answer (READY: current in the cache), else the source to make it
+        from (`request` makes it). A stat of the source and a read of its record: serve checks a
+        cached thumbnail this way, so that it never waits behind generations.
+        """
+        spec = self._presets.get(preset)
+        source = self.source_for(relpath) if spec is not None else None
+        if spec is None or source is None:
+            return Outcome.MISSING
         try:
             if self._target.is_fresh(source, spec):
-                return Completion(Outcome.READY, made=False)
-            if is_hidden(key[1]):
-                return Completion(Outcome.MISSING, made=False)
+                return Outcome.READY
+            if is_hidden(relpath):
+                return Outcome.MISSING
         except (OSError, StateError) as exc:
-            log.warning("cannot check the %s thumbnail of %s: %s", spec.name, key[1], exc)
-            return Completion(Outcome.UNCHECKED, made=False)
+            log.warning("cannot check the %s thumbnail of %s: %s", preset, relpath, exc)
+            return Outcome.UNCHECKED
         if self._target.known_failure(source) is not None:
-            return Completion(Outcome.MISSING, made=False)
+            return Outcome.MISSING
+        return source
+
+    def _check_and_make(self, key: tuple[str, str], spec: ThumbSpec) -> Completion:
+        source = self.check(*key)
+        if isinstance(source, Outcome):
+            return Completion(source, made=False)
         # The reasons name the source: they are logged, never sent to a client.
         read = self._maker.read(source)
         if isinstance(read, FileResult):

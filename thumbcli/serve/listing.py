@@ -1,9 +1,10 @@
 """What a folder of the served cache holds, for gallery pages: subfolders and thumbnails, never anything else.
 
 Names stay bytes from the file system to the URL, so names that are not UTF-8 still link
-correctly. Hidden names (the `.thumbcli` state, temporary files) and symbolic links are never
-listed. A listing is kept while its folder's mtime stays the same, so paging through a folder
-of 50,000 thumbnails reads it once.
+correctly. Hidden names (the `.thumbcli` state, temporary files), symbolic links and names whose
+URL the server refuses (a backslash: `thumbcli.cache.url_segments`) are never listed. A listing
+is kept while its folder's mtime stays the same, so paging through a folder of 50,000 thumbnails
+reads it once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
+
+from thumbcli.cache import url_segments
 
 Sort = Literal["name", "date"]
 SORTS: tuple[Sort, ...] = ("name", "date")
@@ -91,11 +95,14 @@ def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | 
                 if name.startswith(b".") or entry.is_symlink():
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    folders.append(name)
+                    if _linkable(name):
+                        folders.append(name)
                     continue
                 for order, suffix in enumerate(suffixes):
                     if name.endswith(suffix) and len(name) > len(suffix) and entry.is_file(follow_symlinks=False):
                         source = name[: -len(suffix)]
+                        if not _linkable(source):
+                            break
                         # One entry per source; its file is the variant of the preferred format.
                         if source not in rank or order < rank[source]:
                             by_source[source] = name
@@ -106,6 +113,11 @@ def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | 
     folders.sort()
     thumbnails = tuple(Thumbnail(source, by_source[source]) for source in sorted(by_source))
     return FolderListing(tuple(folders), thumbnails)
+
+
+def _linkable(name: bytes) -> bool:
+    """Whether the server answers the URL segment a page links `name` by: the one URL rule judges it."""
+    return url_segments(b"/" + quote(name, safe="").encode("ascii")) == [name]
 
 
 def _newest_first(folder: bytes, thumbnails: tuple[Thumbnail, ...]) -> tuple[Thumbnail, ...]:

@@ -26,7 +26,8 @@ GENERATION_WAITING = GENERATIONS_TIMED_OUT + 1
 #: in whole seconds of the monotonic clock (which every process shares), plus one; 0 once a later
 #: generation reached a decoder. Not a counter: `generation_broken` reads it.
 GENERATION_BROKEN_AT = GENERATION_WAITING + 1
-COUNTER_SLOTS = GENERATION_BROKEN_AT + 1
+CONNECTIONS_SHED = GENERATION_BROKEN_AT + 1
+COUNTER_SLOTS = CONNECTIONS_SHED + 1
 #: How long /healthz says not ok after such a failure, unless a generation works first. Not for
 #: ever: a load balancer that takes the server out of rotation sends it no miss to recover on.
 BROKEN_SECONDS = 60
@@ -80,6 +81,10 @@ class MetricsBoard:
             "# HELP thumbcli_connections_total Client connections accepted.",
             "# TYPE thumbcli_connections_total counter",
             f"thumbcli_connections_total {totals[CONNECTIONS_ACCEPTED]}",
+            "# HELP thumbcli_connections_shed_total Connections waiting on their client (a request head not"
+            " complete, or idle between requests) closed to make room for a new one at the connection limit.",
+            "# TYPE thumbcli_connections_shed_total counter",
+            f"thumbcli_connections_shed_total {totals[CONNECTIONS_SHED]}",
             "# HELP thumbcli_bodies_total Response bodies sent, by how they were sent.",
             "# TYPE thumbcli_bodies_total counter",
             f'thumbcli_bodies_total{{via="sendfile"}} {totals[SENDFILE_BODIES]}',

@@ -1,11 +1,15 @@
 """Generate on a miss (`serve --source`): requests parked in their connection's output until their thumbnail is ready.
 
-The check against the source and the making both happen on `thumbcli.make.ondemand`'s threads;
-the loop only parks a request, and answers it when the completion arrives through an eventfd.
+A request is first checked against its source (a stat and a record read) on this module's
+check thread, apart from the generations: a thumbnail current in the cache is answered at
+once, an unknown name 404, and only a thumbnail that must be made takes a place in
+`thumbcli.make.ondemand`'s bounded queue. The loop only parks a request, and answers it
+when the check or the making completes, through an eventfd.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from thumbcli.cache import split_url_path
+from thumbcli.discover import SourceFile
 from thumbcli.serve.metrics import (
     GENERATION_BROKEN_AT,
     GENERATION_WAITING,
@@ -30,12 +35,19 @@ from thumbcli.serve.protocol import Connection, Parked, Request
 from thumbcli.spec import Format
 
 if TYPE_CHECKING:
-    from thumbcli.make.ondemand import Completion, OnDemand
+    from thumbcli.make.ondemand import Completion, OnDemand, Outcome
 
 log = logging.getLogger(__name__)
 
 #: The status answering each `thumbcli.make.ondemand.Outcome` (by value: that module loads only with --source).
 _STATUS_BY_OUTCOME = {"ready": 200, "missing": 404, "failed": 500, "unchecked": 503}
+#: Threads per worker checking thumbnails against their sources. One keeps the checks in the
+#: order the requests came (the first of a burst gets the free generation slot); a second would
+#: mostly wait for the state store's one lock.
+CHECK_THREADS = 1
+
+#: (preset, source path below it): one thumbnail.
+Thumb = tuple[str, str]
 
 
 class Pending(Parked):
@@ -44,19 +56,18 @@ class Pending(Parked):
     Responses to later pipelined requests queue behind it, so they keep their order.
     """
 
-    __slots__ = ("conn", "path", "request", "resolved", "since", "started")
+    __slots__ = ("conn", "path", "request", "resolved", "since")
 
     def __init__(self, conn: Connection, request: Request, path: bytes, since: float) -> None:
         self.conn = conn
         self.request = request
         self.path = path
         self.since = since
-        self.started = False  # this request started the check-and-make (others joined it)
         self.resolved = False  # answered (or its connection closed); a late completion is ignored
 
 
 class MissDesk:
-    """One worker's generate-on-miss: which presets are made, what is in flight, what has completed."""
+    """One worker's generate-on-miss: which presets are made, what is checked or made now, what has completed."""
 
     def __init__(self, options: ServeOptions, epoll: select.epoll, counters: memoryview) -> None:
         # Imported here, so that the plain server never imports the pipeline; and made here, after
@@ -77,63 +88,103 @@ class MissDesk:
             strict=options.strict,
             decode_for=options.decode_for,
         )
+        self._checker = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="thumbcli-check")
         self.generated: dict[str, Format] = {spec.name: spec.format for spec in options.presets}
         self._counters = counters
         counters[GENERATION_BROKEN_AT] = 0  # a worker started again after a crash starts with a new pool
-        self.in_flight = 0  # check-and-makes this worker started and has not seen complete
-        self._completions: queue.SimpleQueue[tuple[Pending, Completion]] = queue.SimpleQueue()
+        #: The requests for each thumbnail being checked, then for each being made; a later request joins them.
+        self._checking: dict[Thumb, list[Pending]] = {}
+        self._making: dict[Thumb, list[Pending]] = {}
+        self.in_flight = 0  # checks and check-and-makes this worker started and has not seen complete
+        self._closing = False
+        #: From the check thread, each verdict (None: the check failed); from the generator threads, each completion.
+        self._verdicts: queue.SimpleQueue[tuple[Thumb, Outcome | SourceFile | None]] = queue.SimpleQueue()
+        self._completions: queue.SimpleQueue[tuple[Thumb, Completion]] = queue.SimpleQueue()
         self.done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         epoll.register(self.done_fd, select.EPOLLIN)
         roots = ", ".join(f"{name}={root}" if name else str(root) for name, root in sources.items())
         log.info("making %s thumbnails from %s on a miss", ", ".join(sorted(self.generated)), roots)
 
-    def thumbnail_of(self, path: bytes) -> tuple[str, str] | None:
+    def thumbnail_of(self, path: bytes) -> Thumb | None:
         """(preset, source path) if `path` names a thumbnail of a preset made on a miss, else None."""
         parts = split_url_path(path)
         return parts if parts is not None and parts[0] in self.generated else None
 
-    def park(self, conn: Connection, request: Request, path: bytes, thumbnail: tuple[str, str], now: float) -> int:
-        """Check (and if need be make) `thumbnail` and park the request for it; 0, or the status to answer now."""
-        assert self._on_demand is not None
+    def park(self, conn: Connection, request: Request, path: bytes, thumbnail: Thumb, now: float) -> None:
+        """Park the request for `thumbnail`, to be answered once it is checked (and if need be made)."""
         pending = Pending(conn, request, path, now)
-        admission = self._on_demand.request(*thumbnail, functools.partial(self._completed, pending))
-        counters = self._counters
-        if admission == "busy":
-            # RFC 9110 §15.6.4: refuse at once instead of queueing without end; the connection stays usable.
-            counters[GENERATIONS_REFUSED] += 1
-            return 503
-        if admission == "missing":
-            return 404
-        if admission == "queued":
-            pending.started = True
-            self.in_flight += 1
-        else:
-            counters[GENERATIONS_JOINED] += 1
-        counters[GENERATION_WAITING] += 1
         conn.out.append(pending)
-        return 0
+        self._counters[GENERATION_WAITING] += 1
+        making = self._making.get(thumbnail)
+        if making is not None:
+            making.append(pending)
+            self._counters[GENERATIONS_JOINED] += 1
+            return
+        checking = self._checking.get(thumbnail)
+        if checking is not None:
+            checking.append(pending)
+            return
+        self._checking[thumbnail] = [pending]
+        self.in_flight += 1
+        self._checker.submit(self._check, thumbnail)
 
-    def _completed(self, pending: Pending, completion: Completion) -> None:
-        """OnDemand's `done`, called on a generator thread: hand the outcome to the loop thread."""
-        self._completions.put((pending, completion))
+    def _check(self, thumbnail: Thumb) -> None:
+        """On the check thread: judge the thumbnail and hand the verdict to the loop."""
+        assert self._on_demand is not None
+        verdict: Outcome | SourceFile | None = None
+        try:
+            verdict = self._on_demand.check(*thumbnail)
+        except Exception:
+            # A bug, not a bad file: loud in the log, a 500 for the waiting clients, the server stays up.
+            log.exception("cannot check the %s thumbnail of %s", *thumbnail)
+        self._verdicts.put((thumbnail, verdict))
+        os.eventfd_write(self.done_fd, 1)
+
+    def _completed(self, thumbnail: Thumb, completion: Completion) -> None:
+        """OnDemand's `done`, called on a generator thread: hand the outcome to the loop."""
+        self._completions.put((thumbnail, completion))
         os.eventfd_write(self.done_fd, 1)
 
     def completed(self) -> Iterator[tuple[Pending, int]]:
-        """The parked requests whose check-and-make has completed and still wait, with the status to answer."""
-        # Read the eventfd before emptying the queue: a completion queued after this read wakes us again.
+        """The parked requests whose check or check-and-make has completed and still wait, with the status to answer."""
+        # Read the eventfd before emptying the queue: a result queued after this read wakes us again.
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.done_fd)
-        completions = self._completions
-        while True:
-            try:
-                pending, completion = completions.get_nowait()
-            except queue.Empty:
-                return
-            if pending.started:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                thumbnail, verdict = self._verdicts.get_nowait()
                 self.in_flight -= 1
-                self._count(completion)
-            if not pending.resolved:
-                yield pending, _STATUS_BY_OUTCOME[completion.outcome.value]
+                yield from self._checked(thumbnail, verdict)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                thumbnail, completion = self._completions.get_nowait()
+                self.in_flight -= 1
+                yield from self._made(thumbnail, completion)
+
+    def _checked(self, thumbnail: Thumb, verdict: Outcome | SourceFile | None) -> Iterator[tuple[Pending, int]]:
+        waiting = self._checking.pop(thumbnail)
+        if not isinstance(verdict, SourceFile):
+            status = 500 if verdict is None else _STATUS_BY_OUTCOME[verdict.value]
+            yield from _still_waiting(waiting, status)
+            return
+        if self._closing:
+            return  # the worker stops: no new generations; the requests are cut short with their connections
+        assert self._on_demand is not None
+        admission = self._on_demand.request(*thumbnail, functools.partial(self._completed, thumbnail))
+        if admission == "busy" or admission == "missing":
+            # RFC 9110 §15.6.4: refuse at once instead of queueing without end; the connection stays usable.
+            status = 503 if admission == "busy" else 404
+            for pending, answer in _still_waiting(waiting, status):
+                self._counters[GENERATIONS_REFUSED] += status == 503
+                yield pending, answer
+            return
+        self.in_flight += 1
+        self._making[thumbnail] = waiting
+        self._counters[GENERATIONS_JOINED] += len(waiting) - 1  # those that came while it was checked share it
+
+    def _made(self, thumbnail: Thumb, completion: Completion) -> Iterator[tuple[Pending, int]]:
+        self._count(completion)
+        yield from _still_waiting(self._making.pop(thumbnail, []), _STATUS_BY_OUTCOME[completion.outcome.value])
 
     def _count(self, completion: Completion) -> None:
         """Count a completed check-and-make, and judge from it whether generating works here."""
@@ -156,17 +207,27 @@ class MissDesk:
             self._counters[GENERATION_WAITING] -= 1
 
     def close(self) -> None:
-        """Stop generating: wait for nothing if work is in flight (writes are atomic), else release all."""
+        """Stop checking and generating: wait for nothing if work is in flight (writes are atomic), else release all."""
         assert self._on_demand is not None
+        self._closing = True
         for _ in self.completed():
             pass  # count the completions that came after the loop's last look
         if self.in_flight:
             # Joining them could outlast the grace period: drop the queued ones; their threads
             # may still signal done_fd, so it stays open.
-            log.warning("leaving %d thumbnail generations unfinished", self.in_flight)
+            log.warning("leaving %d thumbnail checks and generations unfinished", self.in_flight)
+            self._checker.shutdown(wait=False, cancel_futures=True)
             self._on_demand.close(abandon=True)
             return
+        self._checker.shutdown(wait=True)
         self._on_demand.close()
         self._on_demand = None
         os.close(self.done_fd)
         self.done_fd = -1
+
+
+def _still_waiting(waiting: list[Pending], status: int) -> Iterator[tuple[Pending, int]]:
+    """Each request of `waiting` not answered meanwhile, with `status` (judged as each is reached)."""
+    for pending in waiting:
+        if not pending.resolved:
+            yield pending, status

@@ -24,7 +24,9 @@ class ServeOptions:
     admin_port: int | None = None  # /healthz and /metrics here instead of on the main port
     access_log: str | None = None  # None = off, "-" = stderr, else a file path; combined log format
     cache_control: str = "public, max-age=86400"
-    max_connections: int = 1024  # per worker; past it stop accepting (kernel backlog holds the rest)
+    # Per worker. At it, a new connection takes the place of the one that has waited longest on its
+    # client (a head not complete, or idle); when every one is busy, stop accepting (the backlog holds the rest).
+    max_connections: int = 1024
     header_timeout: float = 10.0  # seconds to receive a complete request head (slowloris)
     idle_timeout: float = 15.0  # keep-alive idle
     send_timeout: float = 30.0  # a response that makes no progress for this long is dropped

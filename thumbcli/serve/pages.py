@@ -31,7 +31,9 @@ HTML_TYPE = b"text/html; charset=utf-8"
 PAGE_CACHE_CONTROL = b"no-cache"
 #: Assets are linked with their digest in the query, so a changed asset is a new URL.
 ASSET_CACHE_CONTROL = b"public, max-age=31536000, immutable"
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Shown as escapes: controls (C0, DEL, C1), and the bidi controls (Unicode's Bidi_Control), which
+#: would reorder what is shown around them: `gpj.exe` after U+202E reads as `exe.jpg`.
+_ESCAPED = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +89,14 @@ def url_of(preset: str, segments: Sequence[bytes], *, folder: bool) -> str:
 
 
 def shown(name: bytes) -> str:
-    """A file name as text that is safe in HTML: undecodable bytes and controls shown as escapes."""
+    """A file name as text that is safe in HTML: undecodable bytes, controls and bidi controls shown as escapes."""
     text = name.decode("utf-8", "backslashreplace")
-    return html.escape(_UNPRINTABLE.sub(lambda match: f"\\x{ord(match.group()):02x}", text), quote=True)
+    return html.escape(_ESCAPED.sub(_escape, text), quote=True)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _asset(name: str, body: str, content_type: bytes) -> tuple[bytes, Page, str]:
@@ -230,7 +237,7 @@ def home_page(presets: Sequence[PresetView], *, browse: bool, generate_on_miss: 
     """The `/` page: the presets (name, size, formats), whether browsing and generate-on-miss are on."""
     rows = []
     for preset in sorted(presets, key=lambda view: view.name):
-        name = html.escape(preset.name)
+        name = shown(preset.name.encode())
         link = f'<a href="{url_of(preset.name, (), folder=True)}">{name}</a>' if browse else name
         formats = ", ".join(preset.formats)
         made = "yes" if preset.generated else "no"

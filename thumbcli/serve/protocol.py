@@ -8,6 +8,8 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httptools
 
@@ -115,11 +117,14 @@ class Connection:
     )
 
     def __init__(
-        self, sock: socket.socket, peer: str, admin: bool, limits: HeadLimits, counters: memoryview, now: float
+        self, sock: socket.socket, address: Any, admin: bool, limits: HeadLimits, counters: memoryview, now: float
     ) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.fd = sock.fileno()
-        self.peer = peer
+        self.peer = str(address[0]) if isinstance(address, tuple) else "-"
         self.admin = admin
         self.limits = limits
         self.counters = counters
@@ -273,6 +278,20 @@ class Connection:
             self.last_progress = now
         counters[SENDFILE_BODIES if body.via_sendfile else FALLBACK_BODIES] += 1
         return True
+
+    def answer_parked(self, parked: Parked, answer: Callable[[Connection], None], now: float) -> None:
+        """Put what `answer` sends in `parked`'s place in the output; later answers stay after it."""
+        out = self.out
+        index = next(i for i, item in enumerate(out) if item is parked)
+        later = out[index + 1 :]
+        del out[index:]
+        try:
+            answer(self)
+        finally:
+            out.extend(later)
+        self.last_progress = now
+        if self.in_message:
+            self.head_start = now  # the rest of its head waited unread while the answer was made
 
     def pump(self, now: float) -> bool:
         """Send queued output until the socket is full or a parked response blocks; True if parked."""

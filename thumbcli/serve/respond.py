@@ -119,9 +119,7 @@ class Responder:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
             thumbnail = misses.thumbnail_of(path)
             if thumbnail is not None:
-                status = misses.park(conn, request, path, thumbnail, self.now)
-                if status:
-                    self.send_simple(conn, request, status, *MISS_ANSWERS[status])
+                misses.park(conn, request, path, thumbnail, self.now)
                 return
         self.answer_path(conn, request, path)
 

@@ -6,7 +6,6 @@ One single-threaded epoll loop drives non-blocking sockets, parses with httptool
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -16,10 +15,12 @@ from collections.abc import Callable
 
 from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
+from thumbcli.serve.doors import Doors
 from thumbcli.serve.files import CacheFiles
 from thumbcli.serve.gallery import GalleryDesk, PageWait
 from thumbcli.serve.metrics import (
     CONNECTIONS_ACCEPTED,
+    CONNECTIONS_SHED,
     GENERATIONS_TIMED_OUT,
     OPEN_CONNECTIONS,
     TIMEOUT_HEADER,
@@ -40,11 +41,8 @@ MANIFEST_CHECK_SECONDS = 1.0
 #: After a response that closes the connection, unread client bytes are drained this long
 #: so that closing does not reset the connection before the client has read the response.
 LINGER_SECONDS = 2.0
-ACCEPT_BATCH = 64
-ACCEPT_RETRY_SECONDS = 0.5
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Worker:
@@ -60,11 +58,10 @@ class Worker:
     ) -> None:
         self.options = options
         self.counters = counters = board.row(index)
-        self.listener: socket.socket | None = listeners[0]
-        self.admin_listener = listeners[1]
         #: Only a forked worker watches its parent: a lone server must outlive the shell that started it.
         self.supervisor_pid = supervisor_pid
         self.epoll = select.epoll()
+        self.doors = Doors(listeners, self.epoll, options.max_connections, lambda conn: self._close(conn, shed=True))
         self.connections: dict[int, Connection] = {}
         self.limits = HeadLimits(options.max_uri_bytes, options.max_header_bytes, options.access_log is not None)
         self.misses: MissDesk | None = None
@@ -87,8 +84,6 @@ class Worker:
             options, board, counters, files, self.misses, self.gallery, self.access_log, serve_admin_here
         )
         self.now = time.monotonic()
-        self.accepting = False
-        self.accept_retry_at = 0.0
         self.draining = False
         self.drain_deadline = 0.0
         self.signals_seen = 0
@@ -99,9 +94,7 @@ class Worker:
     def run(self, signals: StopSignals | None) -> int:
         """Serve until told to stop; the exit code says whether the drain was clean."""
         try:
-            self._start_accepting()
-            if self.admin_listener is not None:
-                self.epoll.register(self.admin_listener.fileno(), select.EPOLLIN)
+            self.doors.open()
             if signals is not None:
                 self.epoll.register(signals.fileno(), select.EPOLLIN)
             return self._loop(signals)
@@ -118,9 +111,7 @@ class Worker:
             self.gallery.close()
         if self.access_log is not None:
             self.access_log.close()
-        for sock in (self.listener, self.admin_listener):
-            if sock is not None:
-                sock.close()
+        self.doors.close()
         self.epoll.close()
 
     def _loop(self, signals: StopSignals | None) -> int:
@@ -129,8 +120,7 @@ class Worker:
         monotonic = time.monotonic
         wall_clock = time.time
         respond = self.respond
-        listen_fd = self.listener.fileno() if self.listener is not None else -1
-        admin_fd = self.admin_listener.fileno() if self.admin_listener is not None else -1
+        listen_fd, admin_fd = self.doors.fds()
         signal_fd = signals.fileno() if signals is not None else -1
         done_fd = self.misses.done_fd if self.misses is not None else -1
         pages_fd = self.gallery.done_fd if self.gallery is not None else -1
@@ -146,9 +136,9 @@ class Worker:
                     if event & _READABLE and not conn.closed:
                         self._on_readable(conn)
                 elif fd == listen_fd:
-                    self._accept(self.listener, admin=False)
+                    self._accept(admin=False)
                 elif fd == admin_fd:
-                    self._accept(self.admin_listener, admin=True)
+                    self._accept(admin=True)
                 elif fd == done_fd:
                     self._on_completed()
                 elif fd == pages_fd:
@@ -176,13 +166,10 @@ class Worker:
         log.info("draining %d connections for up to %.1f s", len(self.connections), self.options.grace_period)
         self.draining = self.respond.draining = True
         self.drain_deadline = self.now + self.options.grace_period
-        for listener, admin in ((self.listener, False), (self.admin_listener, True)):
-            if listener is not None:
-                # Connections already in this socket's backlog would be reset when it closes.
-                self._accept(listener, admin=admin, drain_backlog=True)
-                listener.close()
-        self.listener = self.admin_listener = None
-        self.accepting = False
+        # Connections already in a listener's backlog would be reset when it closes.
+        self._accept(admin=False, drain_backlog=True)
+        self._accept(admin=True, drain_backlog=True)
+        self.doors.close()
         for conn in list(self.connections.values()):
             if not conn.out and not conn.in_message and not conn.lingering:
                 self._close(conn)
@@ -197,9 +184,7 @@ class Worker:
                 log.warning("grace period over: cutting %d responses short", cut)
                 return ExitCode.CUT_SHORT
             return ExitCode.OK
-        if not self.draining and not self.accepting and self.accept_retry_at and now >= self.accept_retry_at:
-            self.accept_retry_at = 0.0
-            self._start_accepting()
+        self.doors.tick(now)
         if now >= self.next_manifest_check:
             self.next_manifest_check = now + MANIFEST_CHECK_SECONDS
             self.respond.files.reload_manifest(force=False)
@@ -240,43 +225,9 @@ class Worker:
 
     # -- accepting
 
-    def _start_accepting(self) -> None:
-        if self.listener is not None and not self.accepting:
-            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
-            self.accepting = True
-
-    def _stop_accepting(self) -> None:
-        if self.listener is not None and self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
-
-    def _accept(self, listener: socket.socket | None, admin: bool, drain_backlog: bool = False) -> None:
-        if listener is None:
-            return
-        limit = self.options.max_connections
-        for _ in range(limit if drain_backlog else ACCEPT_BATCH):
-            if len(self.connections) >= limit and not admin:
-                self._stop_accepting()
-                return
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    log.warning("cannot accept (%s); pausing for %.1f s", exc.strerror, ACCEPT_RETRY_SECONDS)
-                    if not admin:
-                        self._stop_accepting()
-                        self.accept_retry_at = self.now + ACCEPT_RETRY_SECONDS
-                    return
-                raise
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = str(address[0]) if isinstance(address, tuple) else "-"
-            conn = Connection(sock, peer, admin, self.limits, self.counters, self.now)
+    def _accept(self, admin: bool, drain_backlog: bool = False) -> None:
+        for sock, address in self.doors.accept(admin, self.connections, self.now, drain_backlog):
+            conn = Connection(sock, address, admin, self.limits, self.counters, self.now)
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, select.EPOLLIN)
             self.counters[CONNECTIONS_ACCEPTED] += 1
@@ -324,6 +275,7 @@ class Worker:
             self._linger(conn)
         else:
             self._set_interest(conn, select.EPOLLIN)
+            self.doors.room()
 
     def _on_writable(self, conn: Connection) -> None:
         try:
@@ -342,6 +294,7 @@ class Worker:
         else:
             conn.idle_since = self.now
             self._set_interest(conn, select.EPOLLIN)
+            self.doors.room()
 
     def _set_interest(self, conn: Connection, interest: int) -> None:
         if conn.interest != interest:
@@ -357,11 +310,13 @@ class Worker:
         conn.lingering = True
         conn.idle_since = self.now
         self._set_interest(conn, select.EPOLLIN)
+        self.doors.room()
 
-    def _close(self, conn: Connection) -> None:
+    def _close(self, conn: Connection, shed: bool = False) -> None:
         if conn.closed:
             return
         conn.closed = True
+        self.counters[CONNECTIONS_SHED] += shed
         for item in conn.out:
             if isinstance(item, Body):
                 item.file.release()
@@ -375,9 +330,7 @@ class Worker:
         del self.connections[conn.fd]
         conn.sock.close()  # also removes it from the epoll set
         self.counters[OPEN_CONNECTIONS] -= 1
-        below_limit = len(self.connections) < self.options.max_connections
-        if below_limit and not self.accepting and not self.draining and not self.accept_retry_at:
-            self._start_accepting()
+        self.doors.room()
 
     # -- generate on a miss
 
@@ -419,20 +372,11 @@ class Worker:
         """Replace `parked` in the connection's output with what `answer` sends; later answers stay after it."""
         if conn.closed:
             return
-        out = conn.out
-        index = next(i for i, item in enumerate(out) if item is parked)
-        later = out[index + 1 :]
-        del out[index:]
         try:
-            answer(conn)
+            conn.answer_parked(parked, answer, self.now)
         except OSError:
-            out.extend(later)
             self._close(conn)
             return
-        out.extend(later)
-        conn.last_progress = self.now
-        if conn.in_message:
-            conn.head_start = self.now  # the rest of its head waited unread while the answer was made
         if conn.out:
             self._set_interest(conn, select.EPOLLOUT)
         self._on_writable(conn)
