@@ -144,6 +144,8 @@ _FLAGS = {
     "loaders": "--loaders",
     "workers": "--workers",
     "writers": "--writers",
+    "source_root": "--source",
+    "named_sources": "--named-sources",
 }
 
 

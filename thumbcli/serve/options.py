@@ -83,10 +83,10 @@ class ServeOptions:
         if not (math.isfinite(self.grace_period) and self.grace_period >= 0):
             raise SpecError("grace period must be zero or a positive number of seconds")
         if self.source_root is not None and self.named_sources:
-            raise SpecError("give a source folder (--source) or the named sources (--named-sources), not both")
+            raise SpecError("give a source folder or the named sources, not both", "source_root", "named_sources")
         if not self.on_demand_sources:
             if self.presets:
-                raise SpecError("presets to make on a miss need a source folder (--source)")
+                raise SpecError("presets to make on a miss need a source folder", "presets", "source_root")
         elif not self.presets:
             raise SpecError("a source folder needs at least one preset to make (define presets in thumbcli.toml)")
         names = [spec.name for spec in self.presets]
