@@ -22,5 +22,5 @@ def test_serve_source_creates_a_missing_cache_folder_as_generate_does(tmp_path: 
 
 def test_serve_without_source_still_wants_an_existing_cache_folder(tmp_path: Path) -> None:
     run = run_cli("serve", tmp_path / "nothing", "--port", "0")
-    assert run.rc == 2 and f"Directory '{tmp_path / 'nothing'}' does not exist." in run.stderr
+    assert run.rc == 2 and f"Directory '{tmp_path / 'nothing'}' does not exist" in run.stderr
     assert not (tmp_path / "nothing").exists()

@@ -457,7 +457,22 @@ def test_generate_exits_usage_error_on_bad_options(tmp_path: Path, args: tuple[s
     out = ("-o", str(tmp_path / "out")) if args else ()
     run = run_cli("generate", tmp_path, *out, *args)
     assert run.rc == 2, run.stderr
-    assert "Traceback" not in run.stderr and "Usage:" in run.stderr
+    (line,) = run.stderr.splitlines()  # one line, not Click's usage block
+    assert line.startswith("thumbcli generate: error: ") and line.endswith("; see thumbcli generate --help"), line
+
+
+def test_a_misspelt_option_is_one_line_naming_the_closest_option_only(tmp_path: Path) -> None:
+    run = run_cli("generate", tmp_path, "-o", tmp_path / "out", "--szie", "64")
+    assert (run.rc, run.stderr) == (
+        2,
+        "thumbcli generate: error: no such option --szie (did you mean --size?); see thumbcli generate --help\n",
+    )
+
+
+def test_generate_with_no_source_says_that_no_source_was_given(tmp_path: Path) -> None:
+    run = run_cli("generate", "-o", tmp_path / "out")
+    assert run.rc == 2
+    assert "error: no source given" in run.stderr and "-o" not in run.stderr.split("; see")[0]
 
 
 def test_generate_quiet_prints_failures_but_no_summary(tmp_path: Path) -> None:

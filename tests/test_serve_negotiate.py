@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pyvips
 from imagekit import run_cli
-from servekit import NGINX, ServerProcess, get, readme_nginx, running_server
+from servekit import NGINX, ServerProcess, get, readme_nginx, running_server, wait_until
 
 from thumbcli.cache import load_manifest, read_manifest
 from thumbcli.config import ConfigError, load_config
@@ -233,3 +233,33 @@ def test_chromium_receives_avif(server: ServerProcess) -> None:
         driver.quit()
     assert types[f"http://127.0.0.1:{server.port}/small/a.jpg"] == "image/avif"
     assert types[f"http://127.0.0.1:{server.port}/small/c.jpg"] == "image/avif"
+
+
+def test_serve_source_makes_and_serves_every_format_and_leaves_the_manifest_as_generate_wrote_it(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "thumbcli.toml"
+    config.write_text('[presets.small]\nsize = "64"\nformat = ["avif", "webp", "jpeg"]\n')
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    pyvips.Image.black(120, 80).draw_circle([200], 60, 40, 30, fill=True).jpegsave(str(src / "a.jpg"))
+    assert run_cli("--config", config, "generate", src, "--cache", cache).rc == 0
+    manifest = (cache / "thumbcli-cache.json").read_bytes()
+    with running_server(cache, config=config, source_root=src) as server:
+        assert wait_until(lambda: "generate on a miss" in "".join(server.stderr_lines))
+        said = "".join(server.stderr_lines)
+        made = get(server, "/small/a.jpg", {"Accept": BOTH})
+        # A miss: a photo no run has seen yet is made in every format of the preset, from one decode.
+        pyvips.Image.black(90, 60).jpegsave(str(src / "b.jpg"))
+        missed = get(server, "/small/b.jpg", {"Accept": BOTH})
+        plain_client = get(server, "/small/b.jpg", {"Accept": "*/*"})
+    assert "small (64, avif, webp, jpeg)" in said, said
+    assert (made.status, made.headers["content-type"]) == (200, "image/avif")
+    assert (missed.status, missed.headers["content-type"]) == (200, "image/avif")
+    assert (plain_client.status, plain_client.headers["content-type"]) == (200, "image/jpeg")
+    assert sorted(p.name for p in (cache / "v1" / "small").iterdir()) == [
+        *(f"{name}.jpg.{ext}" for name in "ab" for ext in ("avif", "jpg", "webp"))
+    ]
+    assert (cache / "thumbcli-cache.json").read_bytes() == manifest  # only generate changes the presets
+    with running_server(cache) as plain:
+        assert get(plain, "/small/b.jpg", {"Accept": BOTH}).headers["content-type"] == "image/avif"

@@ -41,10 +41,13 @@ def test_second_run_on_a_locked_cache_names_the_holder_and_exits_locked(tmp_path
     lock = lock_cache(cache)
     try:
         run = run_cli("generate", tmp_path / "src", "--cache", cache)
+        quiet = run_cli("generate", tmp_path / "src", "--cache", cache, "--quiet")
     finally:
         lock.release()
     assert run.rc == ExitCode.LOCKED
     assert f"locked by another thumbcli run (pid {os.getpid()})" in run.stderr
+    # From cron (--quiet), two runs meeting is no news: the exit code says it, nothing is printed.
+    assert (quiet.rc, quiet.stdout, quiet.stderr) == (ExitCode.LOCKED, "", "")
     assert run_cli("generate", tmp_path / "src", "--cache", cache).rc == 0
 
 

@@ -11,6 +11,8 @@ from thumbcli.discover import display_path
 from thumbcli.errors import SpecError
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
 
+#: Said when a run has nothing to read (checked before anything else about it).
+NO_SOURCES = "no source given: name the files or folders to thumbnail (or `sources` in the config)"
 _LOCAL_DASK = re.compile(r"local(?::(\d+))?")
 
 
@@ -91,7 +93,7 @@ class GenerateJob:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise SpecError("no SOURCES given (on the command line or as `sources` in the config)")
+            raise SpecError(NO_SOURCES)
         for source in self.sources:
             _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:

@@ -14,6 +14,7 @@ from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode, SpecError
 from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import (
+    NO_SOURCES,
     CacheDestination,
     Destination,
     FreedesktopDestination,
@@ -99,6 +100,8 @@ class GenerateRequest:
 
     def job(self, config: Config) -> GenerateJob:
         """The job this request asks for, with its specs resolved against the config's presets."""
+        if not self.sources:
+            raise SpecError(NO_SOURCES)
         destination = choose_destination(
             self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
         )

@@ -19,7 +19,7 @@ from thumbcli.config import (
     Config,
 )
 from thumbcli.discover import display_path
-from thumbcli.errors import CannotRunError
+from thumbcli.errors import CannotRunError, ExitCode, LockedError
 from thumbcli.fsutil import open_for_append
 from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 
@@ -296,7 +296,12 @@ def generate(
     )
     job = request.job(config)
     with _opened_fail_log(fail_log) as failures:
-        summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
+        try:
+            summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
+        except LockedError:
+            if quiet:  # cron: two runs meeting is routine, and the exit code says it
+                sys.exit(ExitCode.LOCKED)
+            raise
     _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
     sys.exit(summary.exit_code)
 

@@ -159,4 +159,4 @@ def _serve_presets(config: Config, makes_on_miss: bool, names: tuple[str, ...]) 
         return ()
     if not config.presets:
         raise SpecError("--source needs presets defined in the config file (thumbcli.toml)")
-    return config.select_presets(names)
+    return config.specs_to_make(names)

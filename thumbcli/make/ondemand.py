@@ -71,7 +71,7 @@ class OnDemand:
         self,
         sources: Path | Mapping[str, Path],
         cache_root: Path,
-        presets: Mapping[str, ThumbSpec],
+        presets: tuple[ThumbSpec, ...],
         *,
         workers: int = 2,
         sharing: int = 0,
@@ -86,18 +86,22 @@ class OnDemand:
 
         #: URL segment after the preset -> source root; a lone unnamed root (a Path) is under "": no such segment.
         self._sources = {"": sources} if isinstance(sources, Path) else dict(sources)
-        self._presets = dict(presets)
+        #: Preset name -> its specs, one per format: a miss makes them all, from one decode.
+        self._presets: dict[str, tuple[ThumbSpec, ...]] = {}
+        for spec in presets:
+            self._presets[spec.name] = (*self._presets.get(spec.name, ()), spec)
         self._limits = limits or Limits()
         # The cache's folder of each named root is its name, as `generate` makes it.
         folders = {str(root): name for name, root in self._sources.items()} if "" not in self._sources else None
+        # Only `generate` changes the presets of the manifest; a miss adds those it lacks.
         self._target = CacheDirectory(
-            cache_root, tuple(self._presets.values()), check_collisions=False, locked=False, source_folders=folders
+            cache_root, presets, check_collisions=False, locked=False, source_folders=folders, manifest="add"
         )
         self._max_pending = max_pending
         self._pending: dict[tuple[str, str], list[Done]] = {}
         self._lock = threading.Lock()
         self._maker = SourceMaker(self._target, self._limits, follow_symlinks=False)
-        settings = DecoderSettings(self._limits, strict, decode_for or tuple(self._presets.values()))
+        settings = DecoderSettings(self._limits, strict, decode_for or presets)
         self._pool = DecoderPool(settings, sharing=max(workers, sharing))
         from concurrent.futures import ThreadPoolExecutor  # only `serve --source` needs it
 
@@ -129,8 +133,8 @@ class OnDemand:
 
     def request(self, preset: str, relpath: str, done: Done) -> Admission:
         """Start (or join) checking and if need be making one thumbnail; `done` is called from a worker thread."""
-        spec = self._presets.get(preset)
-        if spec is None:
+        specs = self._presets.get(preset)
+        if specs is None:
             return "missing"
         key = (preset, relpath)
         with self._lock:
@@ -141,16 +145,16 @@ class OnDemand:
             if len(self._pending) >= self._max_pending:
                 return "busy"
             self._pending[key] = [done]
-        self._executor.submit(self._complete, key, spec)
+        self._executor.submit(self._complete, key, specs)
         return "queued"
 
-    def _complete(self, key: tuple[str, str], spec: ThumbSpec) -> None:
+    def _complete(self, key: tuple[str, str], specs: tuple[ThumbSpec, ...]) -> None:
         completion = Completion(Outcome.FAILED, made=False)
         try:
-            completion = self._check_and_make(key, spec)
+            completion = self._check_and_make(key, specs)
         except Exception:
             # A bug, not a bad file: loud in the log, a 500 for the waiting clients, the server stays up.
-            log.exception("on-demand %s thumbnail of %s failed", spec.name, key[1])
+            log.exception("on-demand %s thumbnail of %s failed", key[0], key[1])
         finally:
             with self._lock:
                 waiting = self._pending.pop(key, [])
@@ -164,12 +168,12 @@ class OnDemand:
         from (`request` makes it). A stat of the source and a read of its record: serve checks a
         cached thumbnail this way, so that it never waits behind generations.
         """
-        spec = self._presets.get(preset)
-        source = self.source_for(relpath) if spec is not None else None
-        if spec is None or source is None:
+        specs = self._presets.get(preset)
+        source = self.source_for(relpath) if specs is not None else None
+        if specs is None or source is None:
             return Outcome.MISSING
         try:
-            if self._target.is_fresh(source, spec):
+            if all(self._target.is_fresh(source, spec) for spec in specs):
                 return Outcome.READY
             if is_hidden(relpath):
                 return Outcome.MISSING
@@ -180,29 +184,30 @@ class OnDemand:
             return Outcome.MISSING
         return source
 
-    def _check_and_make(self, key: tuple[str, str], spec: ThumbSpec) -> Completion:
+    def _check_and_make(self, key: tuple[str, str], specs: tuple[ThumbSpec, ...]) -> Completion:
         source = self.check(*key)
+        preset = key[0]
         if isinstance(source, Outcome):
             return Completion(source, made=False)
         # The reasons name the source: they are logged, never sent to a client.
         read = self._maker.read(source)
         if isinstance(read, FileResult):
-            log.warning("cannot make %s thumbnail: %s", spec.name, read.describe())
+            log.warning("cannot make %s thumbnail: %s", preset, read.describe())
             return Completion(Outcome.MISSING, made=True)
         data, source = read
         with self._pool.lend() as worker:
-            outcome = worker.resample(data, (spec,))
+            outcome = worker.resample(data, specs)
         del data
         refused = self._maker.refused(source, outcome)
         if refused is not None:
-            log.warning("cannot make %s thumbnail: %s", spec.name, refused.describe())
+            log.warning("cannot make %s thumbnail: %s", preset, refused.describe())
             return Completion(Outcome.MISSING, made=True)
-        result = self._maker.write(source, (spec,), outcome)
+        result = self._maker.write(source, specs, outcome)
         if result.status == "failed":
-            log.warning("cannot make %s thumbnail: %s", spec.name, result.describe())
+            log.warning("cannot make %s thumbnail: %s", preset, result.describe())
             return Completion(Outcome.FAILED, made=True)
         if result.warning:
-            log.warning("made %s thumbnail of what decodes: %s: %s", spec.name, result.describe(), result.warning)
+            log.warning("made %s thumbnail of what decodes: %s: %s", preset, result.describe(), result.warning)
         return Completion(Outcome.READY, made=True)
 
     def close(self, *, abandon: bool = False) -> None:

@@ -89,7 +89,7 @@ class OpenFile:
 class CacheFiles:
     """The served cache: its presets (from the manifest, re-read when it changes) and the open thumbnails."""
 
-    def __init__(self, cache_root: Path, cache_control: str, generated: dict[str, Format]) -> None:
+    def __init__(self, cache_root: Path, cache_control: str, generated: dict[str, tuple[Format, ...]]) -> None:
         self.cache_root = cache_root
         self._real_root = os.path.realpath(cache_root)
         self._cache_control = b"Cache-Control: %s\r\n" % cache_control.encode("ascii") if cache_control else b""
@@ -205,9 +205,9 @@ class CacheFiles:
             log.warning("cache manifest unreadable; keeping the presets %s", sorted(self.presets))
             return
         presets = presets_of(entries)
-        for name, fmt in self._generated.items():
-            if fmt not in presets.get(name, ()):
-                presets[name] = (fmt,)
+        for name, formats in self._generated.items():
+            # The manifest is what `generate` made; a preset it lacks is made on a miss in the config's formats.
+            presets.setdefault(name, formats)
         self._manifest_key = key
         self.views = {
             name: PresetView(name, str(entries.get(name, {}).get("size", "")), formats, name in self._generated)

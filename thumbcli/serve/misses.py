@@ -79,7 +79,7 @@ class MissDesk:
         self._on_demand: OnDemand | None = OnDemand(
             sources,
             options.cache_root,
-            {spec.name: spec for spec in options.presets},
+            options.presets,
             workers=options.generators,
             # Every serve process has its generators, each decoding in a resample worker.
             sharing=options.generators * options.workers,
@@ -89,7 +89,10 @@ class MissDesk:
             decode_for=options.decode_for,
         )
         self._checker = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="thumbcli-check")
-        self.generated: dict[str, Format] = {spec.name: spec.format for spec in options.presets}
+        #: Each preset made on a miss, with its formats in the order the config lists them (the fallback last).
+        self.generated: dict[str, tuple[Format, ...]] = {}
+        for spec in options.presets:
+            self.generated[spec.name] = (*self.generated.get(spec.name, ()), spec.format)
         self._counters = counters
         counters[GENERATION_BROKEN_AT] = 0  # a worker started again after a crash starts with a new pool
         #: The requests for each thumbnail being checked, then for each being made; a later request joins them.

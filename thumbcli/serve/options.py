@@ -89,9 +89,9 @@ class ServeOptions:
                 raise SpecError("presets to make on a miss need a source folder", "presets", "source_root")
         elif not self.presets:
             raise SpecError("a source folder needs at least one preset to make (define presets in thumbcli.toml)")
-        names = [spec.name for spec in self.presets]
-        if len(set(names)) != len(names):
-            raise SpecError(f"preset names must be unique, not {', '.join(names)}")
+        made = [(spec.name, spec.format) for spec in self.presets]
+        if len(set(made)) != len(made):
+            raise SpecError(f"each preset is made once in each format, not {made}")
         if self.max_pending < 1:
             raise SpecError(f"max pending must be at least 1, not {self.max_pending}")
         if not 1 <= self.generators <= MAX_GENERATORS:

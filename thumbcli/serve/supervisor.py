@@ -21,6 +21,7 @@ from thumbcli.serve.metrics import MetricsBoard
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.signals import StopSignals
 from thumbcli.serve.worker import Worker
+from thumbcli.spec import ThumbSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,15 @@ def describe(options: ServeOptions, port: int) -> list[str]:
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     entries = load_manifest(options.cache_root, strict=False)
     formats = presets_of(entries)
-    made = {spec.name: spec for spec in options.presets}
+    made: dict[str, list[ThumbSpec]] = {}
+    for spec in options.presets:
+        made.setdefault(spec.name, []).append(spec)
     presets = [f"{name} ({entries[name].get('size', '?')}, {', '.join(formats[name])})" for name in sorted(formats)]
-    presets += [f"{name} ({spec.box.label}, {spec.format})" for name, spec in made.items() if name not in entries]
+    presets += [
+        f"{name} ({specs[0].box.label}, {', '.join(spec.format for spec in specs)})"
+        for name, specs in made.items()
+        if name not in entries
+    ]
     sources = options.on_demand_sources
     roots = ", ".join(f"{name}={root}" if name else str(root) for name, root in sources.items())
     return [

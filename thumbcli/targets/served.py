@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from thumbcli import cache
 from thumbcli.fsutil import OutsideRootError, remove_beneath, rename_beneath
@@ -36,7 +37,10 @@ class CacheDirectory(OutputTree):
         source_folders: Mapping[str, str] | None = None,
         shard: tuple[int, int] = (0, 1),
         retry_failed: bool = False,
+        manifest: Literal["enter", "add"] = "enter",
     ) -> None:
+        """`manifest`: "enter" this run's presets in the manifest (generate), or only "add" those it lacks
+        (generate-on-miss, which must not change what a batch run made; a fresh cache gets its presets)."""
         super().__init__(
             root,
             specs,
@@ -48,15 +52,15 @@ class CacheDirectory(OutputTree):
             shard=shard,
             retry_failed=retry_failed,
         )
-        self._write_manifest(cache.load_manifest(root, strict=False))
+        self._write_manifest(cache.load_manifest(root, strict=False), replace=manifest == "enter")
 
-    def _write_manifest(self, presets: dict[str, dict[str, object]]) -> None:
-        """Write the manifest: `presets` with this run's specs entered (or updated), one entry per preset name."""
+    def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
+        """Write the manifest: `presets` with this run's specs entered (or, without `replace`, only those it lacks)."""
         by_name: dict[str, list[ThumbSpec]] = {}
         for spec in self.specs:
             by_name.setdefault(spec.name, []).append(spec)
         entries = {name: cache.manifest_entry(*specs) for name, specs in by_name.items()}
-        cache.write_manifest(self.root, presets | entries)
+        cache.write_manifest(self.root, presets | entries if replace else entries | presets)
 
     def prune(
         self, current: dict[str, str] | None, *, dry_run: bool, sources: Mapping[str, str] | None = None
