@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pyvips
 from imagekit import (
     assert_clean_failure,
     cli_command,
@@ -575,3 +576,25 @@ def test_generate_killed_leaves_no_partial_file_and_a_rerun_completes(many_sourc
     finals = [p for p in assert_whole_outputs(out) if not p.name.startswith(".thumbcli-tmp-")]
     assert len(finals) == MANY
     assert not leftover.exists()
+
+
+def test_generate_makes_tiny_jpegs_and_one_with_a_stray_byte_after_its_start_as_libvips_does(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    pixel = pyvips.Image.black(1, 1).copy(interpretation="srgb").bandjoin([0, 0])
+    pixel.jpegsave(str(src / "one.jpg"))
+    turned = pixel.copy()
+    turned.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    turned.jpegsave(str(src / "one-exif.jpg"))
+    pyvips.Image.black(1, 40).jpegsave(str(src / "one-by-forty.jpg"))
+    # A byte between SOI and the first marker, as in files recovered from damaged cards: libvips decodes it.
+    whole = make_photo(tmp_path / "whole.jpg", 120, 80).read_bytes()
+    (src / "stray.jpg").write_bytes(whole[:2] + b"\xfe" + whole[2:])
+    run = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--json")
+    assert (run.rc, run.summary["made"], run.summary["failed"]) == (0, 4, 0), run.stderr
+    assert (
+        load(tmp_path / "out" / "64" / "one.jpg.jpg").width,
+        load(tmp_path / "out" / "64" / "one.jpg.jpg").height,
+    ) == (1, 1)
+    assert load(tmp_path / "out" / "64" / "one-by-forty.jpg.jpg").height == 40
+    assert load(tmp_path / "out" / "64" / "stray.jpg.jpg").width == 64

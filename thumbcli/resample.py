@@ -187,8 +187,13 @@ def _thumbnail_args(spec: ThumbSpec, width: int, height: int) -> tuple[int, dict
 
 
 def _jpeg_shrink(width: int, height: int, scale: float) -> int:
-    """The largest JPEG decode shrink (8, 4, 2) that still leaves at least `scale` of the image."""
+    """The largest JPEG decode shrink (8, 4, 2) that still leaves at least `scale` of the image.
+
+    Only a shrink that makes both edges smaller: libvips refuses to shrink a 1x1 (or 1xN) image.
+    """
     for factor in (8, 4, 2):
+        if min(width, height) < factor:
+            continue
         if math.ceil(width / factor) >= width * scale and math.ceil(height / factor) >= height * scale:
             return factor
     return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from thumbcli.cache import MANIFEST_NAME
 from thumbcli.config import (
     Config,
 )
@@ -138,6 +140,20 @@ def _require_cache_folder(cache_root: Path, *, create: bool) -> None:
             raise CannotRunError(f"cannot create cache folder {display_path(cache_root)}: {reason}") from exc
     elif not cache_root.is_dir():
         raise click.BadParameter(f"Directory {display_path(cache_root)!r} does not exist.", param_hint="'CACHE'")
+    elif not (cache_root / MANIFEST_NAME).exists() and _holds_anything(cache_root):
+        # A photo folder or an -o tree would start, say "presets: none yet" and answer 404 to everything.
+        raise CannotRunError(
+            f"{display_path(cache_root)} is not a thumbcli cache (no {MANIFEST_NAME}): serve a folder that "
+            "`generate --cache` wrote, an empty one, or give --source to make thumbnails into it"
+        )
+
+
+def _holds_anything(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False  # unreadable: the server says so when it reads it
 
 
 def _serve_named_sources(config: Config, source_root: Path | None, named_sources: bool) -> tuple[tuple[str, Path], ...]:
