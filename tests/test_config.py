@@ -245,3 +245,19 @@ def test_a_size_never_adds_a_preset_to_the_configured_cache_without_an_explicit_
     assert (tmp_path / "out" / "64" / "a.jpg.jpg").is_file() and not (cache / "v1" / "64").exists()
     assert run_cli("--config", path, "generate", source, "-s", "64", "--cache", cache).rc == 0
     assert (cache / "v1" / "64" / "a.jpg.jpg").is_file()
+
+
+def test_config_spells_keys_with_dashes_takes_underscores_too_and_jpg_for_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "thumbcli.toml"
+    path.write_text(
+        '[presets.a]\nsize = "64"\nformat = "jpg"\nkeep-metadata = true\n'
+        '[presets.b]\nsize = "64"\nformat = ["webp", "jpg"]\nkeep_metadata = true\n'
+    )
+    config = load_config(path)
+    assert (config.presets["a"].format, config.presets["a"].keep_metadata) == ("jpeg", True)
+    assert [spec.format for spec in config.specs_to_make(("b",))] == ["webp", "jpeg"]
+    assert config.presets["b"].keep_metadata
+    shown = run_cli("--config", path, "config")
+    assert (
+        "preset b: size=64 fit=inside format(quality)=webp:80,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
+    )

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from thumbcli.errors import SpecError
 from thumbcli.spec import FITS, FORMATS, Format, SizeBox, ThumbSpec
@@ -21,8 +21,10 @@ _PRESET_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "format": ((str, list), f"one of {', '.join(FORMATS)}, or an array of them (preferred first, fallback last)"),
     "quality": ((int,), "an integer from 1 to 100"),
     "upscale": ((bool,), "true or false"),
-    "keep_metadata": ((bool,), "true or false"),
+    "keep-metadata": ((bool,), "true or false"),
 }
+#: Other names people give a format, and the format they mean.
+_FORMAT_ALIASES: dict[str, Format] = {"jpg": "jpeg"}
 _TOP_KEYS = {"cache", "sources", "presets", "generate", "prune", "serve"}
 
 
@@ -157,11 +159,16 @@ def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
     if not isinstance(raw, dict):
         raise fail(None, table, "must be a table")
     for key, value in raw.items():
-        if key not in _PRESET_TYPES:
+        # Keys are spelt with dashes everywhere in the file (`keep-metadata`, as `max-time`); underscores work too.
+        known = key.replace("_", "-")
+        if known not in _PRESET_TYPES:
             raise fail(table, key, f"unknown preset key (known: {', '.join(sorted(_PRESET_TYPES))})")
-        types, expected = _PRESET_TYPES[key]
+        types, expected = _PRESET_TYPES[known]
         if not has_type(value, types):
             raise fail(table, key, type_mismatch(expected, value))
+    raw = {key.replace("_", "-"): value for key, value in raw.items()}
+    if isinstance(raw.get("format"), str):
+        raw["format"] = _FORMAT_ALIASES.get(raw["format"], raw["format"])
     if "size" not in raw:
         raise fail(table, "size", 'every preset needs a size, e.g. size = "256"')
     fmt = raw.get("format", "jpeg")
@@ -174,7 +181,7 @@ def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
             format=fmt,
             quality=raw.get("quality"),
             upscale=raw.get("upscale", False),
-            keep_metadata=raw.get("keep_metadata", False),
+            keep_metadata=raw.get("keep-metadata", False),
             name=name,
         )
     except SpecError as exc:
@@ -203,11 +210,11 @@ def _named_sources(table: dict[str, Any], fail: _Fail) -> dict[str, str]:
 
 def _formats(name: str, raw: dict[str, Any], fail: _Fail) -> tuple[Format, ...]:
     """A preset's list of formats: known, distinct, at least one."""
-    listed = raw["format"]
+    listed = [_FORMAT_ALIASES.get(item, item) if isinstance(item, str) else item for item in raw["format"]]
     if not listed or not all(item in FORMATS for item in listed) or len(set(listed)) != len(listed):
         expected = f"an array of distinct formats from {', '.join(FORMATS)}"
         raise fail(f"presets.{name}", "format", type_mismatch(expected, listed))
-    return tuple(listed)
+    return tuple(cast(list[Format], listed))
 
 
 def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, Any]]:

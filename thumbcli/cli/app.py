@@ -233,9 +233,11 @@ def show_config(ctx: click.Context) -> None:
     config: Config = ctx.obj
     click.echo(f"# config file: {config.path or '(none found)'}")
     for name, spec in config.presets.items():
+        made = config.specs_to_make((name,))
+        formats = ",".join(f"{variant.format}:{variant.effective_quality}" for variant in made)
         click.echo(
-            f"preset {name}: size={spec.box.label} fit={spec.fit} format={spec.format} "
-            f"quality={spec.effective_quality} upscale={spec.upscale}  # from {config.path}"
+            f"preset {name}: size={spec.box.label} fit={spec.fit} format(quality)={formats} "
+            f"upscale={spec.upscale} keep-metadata={spec.keep_metadata}  # from {config.path}"
         )
     default_map = ctx.find_root().default_map or {}
     for command_name in ("generate", "prune", "serve"):
