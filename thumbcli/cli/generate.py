@@ -20,7 +20,7 @@ from thumbcli.config import (
 )
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError
-from thumbcli.fsutil import open_for_append
+from thumbcli.fsutil import TEMP_PREFIX, open_for_append
 from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 
 if TYPE_CHECKING:
@@ -295,6 +295,8 @@ def generate(
         dask=dask,
     )
     job = request.job(config)
+    if metrics_file is not None:
+        _require_writable_folder(metrics_file, "metrics file")
     with _opened_fail_log(fail_log) as failures:
         try:
             summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
@@ -304,6 +306,16 @@ def generate(
             raise
     _report_generate(summary, json_summary=json_summary, metrics_file=metrics_file, quiet=quiet)
     sys.exit(summary.exit_code)
+
+
+def _require_writable_folder(path: Path, what: str) -> None:
+    """Refuse before the run (one line, exit 3) a file it could not write at its end: cron would see stale metrics."""
+    probe = path.parent / f"{TEMP_PREFIX}probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise CannotRunError(f"{path}: cannot write the {what} there: {exc.strerror or exc}") from exc
 
 
 @contextlib.contextmanager
