@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -359,3 +360,18 @@ def test_cluster_puts_each_source_roots_thumbnails_under_its_folder_as_a_local_r
     assert len(output_files(tmp_path / "dask")) == 2
     rerun = run_cli("generate", *sources, "-o", tmp_path / "dask", "-s", "64", "--json", "--dask", cluster.address)
     assert (rerun.rc, rerun.summary["made"], rerun.summary["skipped"]) == (0, 0, 2)
+
+
+def test_an_unreachable_scheduler_fails_at_once_and_before_any_folder_is_made(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    with socket.socket() as closed:  # a port nothing listens on once this is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    # The test's own timeout is far below Dask's connect timeout: only the early check ends the run in time.
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--dask", address, timeout=8)
+    assert run.rc == 3
+    assert run.stderr.splitlines() == [
+        f"thumbcli: error: cannot reach the Dask scheduler at {address}: Connection refused"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -528,3 +529,24 @@ def _lost_scheduler(address: str) -> CannotRunError:
     return CannotRunError(
         f"lost the Dask scheduler at {address}: what finished is recorded, and a rerun goes on from there"
     )
+
+
+#: Seconds a scheduler has to accept a connection before a run gives up on it (before any folder is made).
+REACH_SECONDS = 3.0
+
+
+def require_reachable(address: str) -> None:
+    """Refuse a scheduler address nothing listens on, in a few seconds and before the run touches the disk.
+
+    Dask's own client waits CONNECT_SECONDS and only once the first task is ready; a typo in a
+    cron line should fail at once, with the output folder left as it was.
+    """
+    if local_workers(address) is not None:
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_SECONDS).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise CannotRunError(f"cannot reach the Dask scheduler at {address}: {reason}") from None
