@@ -303,10 +303,6 @@ def generate(
 ) -> GenerateSummary:
     """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
     destination = job.destination
-    if job.dask is not None:
-        from thumbcli.cluster.client import require_reachable
-
-        require_reachable(job.dask)
     target: Target
     if isinstance(destination, FreedesktopDestination):
         target, tree = open_desktop_cache(job, destination), None

@@ -297,6 +297,10 @@ def generate(
     job = request.job(config)
     if metrics_file is not None:
         _require_writable_folder(metrics_file, "metrics file")
+    if job.dask is not None:
+        from thumbcli.cluster.client import require_reachable
+
+        require_reachable(job.dask)  # before the run makes any folder
     with _opened_fail_log(fail_log) as failures:
         try:
             summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
