@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from imagekit import load, make_photo, run_cli
@@ -45,3 +46,21 @@ def test_serve_refuses_a_folder_that_is_neither_a_cache_nor_empty(tmp_path: Path
     config.write_text('[presets.small]\nsize = "64"\n')
     with running_server(tmp_path / "tree", config=config, source_root=tmp_path / "photos") as server:
         assert get(server, "/small/a.jpg").status == 200
+
+
+def test_prune_removes_the_thumbnails_of_deleted_sources_from_an_output_tree(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "keep.jpg", 120, 80)
+    make_photo(tmp_path / "src" / "gone" / "old.jpg", 120, 80, seed=2)
+    out = tmp_path / "out"
+    assert run_cli("generate", tmp_path / "src", "-o", out, "-s", "64", "-s", "32").rc == 0
+    (tmp_path / "src" / "gone" / "old.jpg").unlink()
+    planned = run_cli("prune", "-o", out, "--dry-run")
+    assert planned.rc == 0, planned.stderr
+    listed = sorted(line.split("\t")[0] for line in planned.stdout.splitlines())
+    assert listed == [str(out / size / "gone" / "old.jpg.jpg") for size in ("32", "64")]
+    assert (out / "64" / "gone" / "old.jpg.jpg").exists()
+    pruned = run_cli("prune", "-o", out, "--json")
+    assert (pruned.rc, json.loads(pruned.stdout)["files"]) == (0, 2)
+    assert not (out / "64" / "gone").exists() and (out / "64" / "keep.jpg.jpg").exists()
+    again = run_cli("generate", tmp_path / "src", "-o", out, "-s", "64", "-s", "32", "--json")
+    assert (again.rc, again.summary["made"], again.summary["skipped"]) == (0, 0, 1)

@@ -146,7 +146,7 @@ def test_prune_forgets_the_signatures_of_folders_that_are_gone(tmp_path: Path) -
     (src / "d").rmdir()
     target = CacheDirectory(cache, SPECS)
     try:
-        assert len(target.prune(None, dry_run=False)) == 2
+        assert len(target.prune(dry_run=False)) == 2
     finally:
         target.close()
     assert signatures(cache) == 3

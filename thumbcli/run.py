@@ -404,7 +404,7 @@ class PruneSummary:
 
 
 def prune(
-    destination: CacheDestination | FreedesktopDestination,
+    destination: Destination,
     *,
     presets: dict[str, ThumbSpec] | None = None,
     sources: dict[str, str] | None = None,
@@ -419,10 +419,16 @@ def prune(
     """
     if isinstance(destination, FreedesktopDestination):
         return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
+    if isinstance(destination, TreeDestination):
+        tree = OutputTree(destination.root, (), wait_for_lock=wait)
+        try:
+            return PruneSummary(dry_run, tuple(tree.prune(dry_run=dry_run)))
+        finally:
+            tree.close()
     current = {name: spec.digest for name, spec in presets.items()} if presets else None
     target = CacheDirectory(destination.root, (), wait_for_lock=wait)
     try:
-        return PruneSummary(dry_run, tuple(target.prune(current, dry_run=dry_run, sources=sources)))
+        return PruneSummary(dry_run, tuple(target.prune(dry_run=dry_run, current=current, sources=sources)))
     finally:
         target.close()
 

@@ -186,6 +186,12 @@ def _config_value_problem(param: click.Parameter, value: object) -> str | None:
 
 @main.command()
 @click.option(
+    "-o",
+    "--output",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The output tree to prune (thumbnails whose source is gone).",
+)
+@click.option(
     "--cache",
     "cache_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -200,6 +206,7 @@ def _config_value_problem(param: click.Parameter, value: object) -> str | None:
 @exits_on_errors
 def prune(
     config: Config,
+    output: Path | None,
     cache_dir: Path | None,
     freedesktop: bool,
     dry_run: bool,
@@ -208,12 +215,18 @@ def prune(
     quiet: bool,
 ) -> None:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
-    from thumbcli.job import CacheDestination, FreedesktopDestination
+    from thumbcli.job import CacheDestination, Destination, FreedesktopDestination, TreeDestination
     from thumbcli.run import prune as run_prune
 
-    if (cache_dir is None) == (not freedesktop):
-        raise click.UsageError("give exactly one of --cache DIR or --freedesktop")
-    destination = CacheDestination(cache_dir) if cache_dir is not None else FreedesktopDestination(())
+    if sum([cache_dir is not None, output is not None, freedesktop]) != 1:
+        raise click.UsageError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop")
+    destination: Destination
+    if output is not None:
+        destination = TreeDestination(output)
+    elif cache_dir is not None:
+        destination = CacheDestination(cache_dir)
+    else:
+        destination = FreedesktopDestination(())
     summary = run_prune(destination, presets=config.presets or None, sources=config.sources, dry_run=dry_run, wait=wait)
     if json_summary:
         click.echo(json.dumps(summary.as_json()))

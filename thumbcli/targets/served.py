@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from thumbcli import cache
-from thumbcli.fsutil import OutsideRootError, remove_beneath, rename_beneath
+from thumbcli.fsutil import rename_beneath
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.plan import Removal
 from thumbcli.targets.state import Origin
@@ -63,7 +63,7 @@ class CacheDirectory(OutputTree):
         cache.write_manifest(self.root, presets | entries if replace else entries | presets)
 
     def prune(
-        self, current: dict[str, str] | None, *, dry_run: bool, sources: Mapping[str, str] | None = None
+        self, *, dry_run: bool, current: dict[str, str] | None = None, sources: Mapping[str, str] | None = None
     ) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
 
@@ -107,34 +107,11 @@ class CacheDirectory(OutputTree):
                     continue
             else:
                 continue
-            path = self.root / out
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = 0
-            removals.append(Removal(path, size, reason))
+            removals.append(self._removal(out, reason))
         if dry_run:
             return removals
         moved = {self.root / out: self._move(out, placed, origin) for out, placed, origin in moves}
-        for removal in removals:
-            if removal.path not in moved:
-                try:
-                    remove_beneath(self.root, str(removal.path.relative_to(self.root)))
-                except OutsideRootError as exc:
-                    log.warning("not removed: %s", exc)
-        # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
-        self._state.forget(
-            str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
-        )
-        for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
-            while directory != self.root and directory.is_relative_to(self.root):
-                try:
-                    remove_beneath(self.root, str(directory.relative_to(self.root)), empty_folder=True)
-                except OSError:
-                    break
-                directory = directory.parent
-        self._state.forget_signatures(os.path.isdir)
-        self._state.forget_failures(os.path.lexists)
+        self._remove(removals, moved)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
             self._write_manifest(kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
+import logging
 import os
 import stat
 import string
@@ -21,12 +22,13 @@ from thumbcli.fsutil import (
     RunLock,
     is_temporary_name,
     open_folder,
+    remove_beneath,
     remove_if_abandoned,
     write_atomically,
 )
 from thumbcli.spec import ThumbSpec
 from thumbcli.targets.failures import FailureBook
-from thumbcli.targets.plan import FRESH, Freshness, Plan, judge, plan_each, plan_from
+from thumbcli.targets.plan import FRESH, Freshness, Plan, Removal, judge, plan_each, plan_from
 from thumbcli.targets.records import Records
 from thumbcli.targets.state import FolderSignature, Origin, Record, StateError, StateStore, folder_signature
 
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 PRIVATE_DIR = cache.PRIVATE_DIR
 DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
 TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
+
+log = logging.getLogger(__name__)
 
 
 def wanted_record(mtime_ns: int, size: int, spec: ThumbSpec) -> Record:
@@ -363,6 +367,50 @@ class OutputTree:
     def known_failure(self, source: SourceFile) -> str | None:
         """Why `source` failed before as it is now (asking the database: other runs record too), or None."""
         return self._failures.known_now(source)
+
+    def prune(self, *, dry_run: bool) -> list[Removal]:
+        """Remove the thumbnails whose source is gone, with their records, and the folders left empty.
+
+        (A served cache also knows its presets: see CacheDirectory.prune.)
+        """
+        removals = [
+            self._removal(out, "source is gone")
+            for out, origin in self._state.origins()
+            if not os.path.lexists(origin.source)
+        ]
+        if not dry_run:
+            self._remove(removals, {})
+        return removals
+
+    def _removal(self, out: str, reason: str) -> Removal:
+        path = self.root / out
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        return Removal(path, size, reason)
+
+    def _remove(self, removals: list[Removal], moved: Mapping[Path, bool]) -> None:
+        """Unlink what `removals` name (not those `moved`), forget their records, remove the folders left empty."""
+        for removal in removals:
+            if removal.path not in moved:
+                try:
+                    remove_beneath(self.root, str(removal.path.relative_to(self.root)))
+                except OutsideRootError as exc:
+                    log.warning("not removed: %s", exc)
+        # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
+        self._state.forget(
+            str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
+        )
+        for directory in sorted({removal.path.parent for removal in removals}, key=lambda p: -len(p.parts)):
+            while directory != self.root and directory.is_relative_to(self.root):
+                try:
+                    remove_beneath(self.root, str(directory.relative_to(self.root)), empty_folder=True)
+                except OSError:
+                    break
+                directory = directory.parent
+        self._state.forget_signatures(os.path.isdir)
+        self._state.forget_failures(os.path.lexists)
 
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
