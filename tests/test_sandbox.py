@@ -23,11 +23,14 @@ from servekit import REPO_ROOT, get, running_server, wait_until
 from test_hostile import valid_files
 from test_workers import SLOW_EDGE, running
 
-from thumbcli import sandbox
+from thumbcli import landlock, sandbox
 from thumbcli.spec import Limits, SizeBox, ThumbSpec
 from thumbcli.workers import FORBIDDEN_CALL, MALFORMED_REPLY, ResampleWorker, WorkerOutcome
 
 SPECS = (ThumbSpec(SizeBox(64, 64)),)
+needs_landlock = pytest.mark.skipif(landlock.abi_version() < 1, reason="this kernel has no Landlock (or it is off)")
+#: The layers in force by default on this machine: every one, but Landlock where the kernel lacks it.
+IN_FORCE = tuple(layer for layer in sandbox.LAYERS if layer != "landlock" or landlock.abi_version() >= 1)
 
 #: The width of the JPEG that runs each probe inside the worker.
 PROBES = {
@@ -43,6 +46,8 @@ PROBES = {
     "append": 210,
     "secrets": 211,
     "status": 212,
+    "read": 213,
+    "list": 214,
     "reply-pickle": 221,
     "reply-garbage": 222,
     "reply-extra-thumbnail": 223,
@@ -118,6 +123,8 @@ RUN = {{
     "append": append,
     "secrets": lambda: "+".join(sorted(name for name in os.environ if "SECRET" in name or "TOKEN" in name)) or "none",
     "status": status,
+    "read": lambda: len(open(os.path.join(SCRATCH, "existing"), "rb").read()),
+    "list": lambda: len(os.listdir(os.path.dirname(SCRATCH))),
     "reply-pickle": lambda: reply(pickle.dumps(("made", [Hostile()], "", ""))),
     "reply-garbage": lambda: reply(os.urandom(64)),
     "reply-extra-thumbnail": lambda: reply(wire.encode_reply(wire.Reply(wire.MADE, (thumbnail(), thumbnail())))[4:]),
@@ -195,9 +202,20 @@ def test_a_confined_worker_may_not_open_a_file_to_write_or_read_and_write(
     with worker(None, monkeypatch) as confined:
         assert probe_result(confined.resample(photos("write"), SPECS)) == "EPERM"
         assert probe_result(confined.resample(photos("read-write"), SPECS)) == "EPERM"
-        assert confined.confinement == sandbox.LAYERS
+        assert confined.confinement == IN_FORCE
         assert confined.started == 1
     assert sorted(path.name for path in scratch.iterdir()) == ["existing"]
+
+
+@needs_landlock
+def test_a_confined_worker_may_not_read_or_list_the_users_files(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("read"), SPECS)) == "EACCES"
+        assert probe_result(confined.resample(photos("list"), SPECS)) == "EACCES"
+    with worker("none", monkeypatch) as unconfined:
+        assert probe_result(unconfined.resample(photos("read"), SPECS)) == "0"
 
 
 def test_a_confined_worker_may_not_create_a_socket_of_any_kind(
@@ -249,17 +267,20 @@ def test_a_confined_worker_sees_no_credentials_of_the_parent(
         assert probe_result(unconfined.resample(photos("secrets"), SPECS)) == "AWS_SECRET_ACCESS_KEY+GITHUB_TOKEN"
 
 
-#: Each layer alone: what each probe gets. `seccomp` brings `nonewprivs` (the kernel wants it).
+#: Each layer alone: what each probe gets. `seccomp` and `landlock` bring `nonewprivs` (the kernel wants it).
 LAYER_ALONE = {
     "none": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok", "append": "ok"},
     "nonewprivs": {"status": "NoNewPrivs=1,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok"},
     "seccomp": {"status": "NoNewPrivs=1,Seccomp=2", "write": "EPERM", "socket-inet": "EPERM", "fork": FORBIDDEN_CALL},
+    "landlock": {"status": "NoNewPrivs=1,Seccomp=0", "read": "EACCES", "write": "EACCES", "socket-unix": "ok"},
     "rlimits": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "append": "EFBIG", "fork": "ok"},
     "environment": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "secrets": "none"},
 }
 
 
-@pytest.mark.parametrize("layer", list(LAYER_ALONE))
+@pytest.mark.parametrize(
+    "layer", [pytest.param(layer, marks=[needs_landlock] if layer == "landlock" else []) for layer in LAYER_ALONE]
+)
 def test_each_layer_alone_through_thumbcli_sandbox(
     scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, layer: str
 ) -> None:
@@ -291,7 +312,7 @@ def test_every_supported_format_decodes_in_a_confined_worker(tmp_path: Path, mon
     assert {path.suffix for path in files} >= {".jpg", ".png", ".webp", ".avif", ".dng", ".jxl", ".mp4"}
     with worker(None, monkeypatch) as confined:
         outcomes = {path.name: confined.resample(path.read_bytes(), SPECS) for path in files}
-        assert confined.confinement == sandbox.LAYERS
+        assert confined.confinement == IN_FORCE
         assert confined.started == 1
     assert {name: outcome.reason for name, outcome in outcomes.items()} == dict.fromkeys(outcomes, "")
     assert all(len(outcome.thumbnails) == 1 for outcome in outcomes.values())
@@ -406,7 +427,7 @@ def test_formats_names_the_sandbox_layers_in_force(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv(sandbox.SETTING, raising=False)
     run = run_cli("formats")
     assert run.rc == 0, run.stderr
-    assert f"sandbox of the resample workers: {', '.join(sandbox.LAYERS)}" in run.stdout.splitlines()
+    assert f"sandbox of the resample workers: {', '.join(IN_FORCE)}" in run.stdout.splitlines()
     monkeypatch.setenv(sandbox.SETTING, "none")
     run = run_cli("formats")
     assert "sandbox of the resample workers: none (THUMBCLI_SANDBOX=none)" in run.stdout.splitlines()

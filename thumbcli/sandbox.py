@@ -12,6 +12,11 @@ rather than assumed:
   removing, renaming, linking or changing files (EPERM); starting a program or a process,
   tracing or reading another process, loading kernel code or keys, mounting (the worker is
   killed: SIGSYS). Threads stay allowed: libvips uses them. Implies `nonewprivs`.
+- `landlock`: where the kernel has Landlock, the worker may read only the files that late
+  loading needs (the interpreter's and the libraries' folders, fonts, its own /proc entry),
+  create or change none, and (ABI 4 on) bind or connect no TCP port, (ABI 6 on) signal no
+  process outside itself: a compromised decoder cannot read the user's files to smuggle them
+  out in a thumbnail. Implies `nonewprivs`.
 - `rlimits`: no file may grow (RLIMIT_FSIZE 0), no core dumps, a few descriptors beyond
   those open. RLIMIT_NPROC is not used: it counts every thread of the user's processes, so
   it would stop libvips' threads as readily as a fork.
@@ -26,13 +31,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import re
 import resource
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
-Layer = Literal["nonewprivs", "seccomp", "rlimits", "environment"]
+from thumbcli import landlock
+
+log = logging.getLogger(__name__)
+
+Layer = Literal["nonewprivs", "seccomp", "landlock", "rlimits", "environment"]
 LAYERS: tuple[Layer, ...] = get_args(Layer)
 #: The environment variable that chooses the layers.
 SETTING = "THUMBCLI_SANDBOX"
@@ -138,9 +149,37 @@ def chosen_layers(setting: str | None) -> tuple[Layer, ...]:
             f"{SETTING}={setting}: unknown layer {', '.join(unknown)} (choose from {', '.join(LAYERS)}, all or none)"
         )
     chosen = set(names)
-    if "seccomp" in chosen:
-        chosen.add("nonewprivs")  # the kernel loads a filter for an unprivileged process only with it
+    if chosen & {"seccomp", "landlock"}:
+        chosen.add("nonewprivs")  # the kernel confines an unprivileged process only with it
     return tuple(layer for layer in LAYERS if layer in chosen)
+
+
+def layers_for_workers() -> tuple[Layer, ...]:
+    """The layers THUMBCLI_SANDBOX chooses for workers started now (SandboxSettingError for an unknown one)."""
+    layers = chosen_layers(os.environ.get(SETTING))
+    if not layers:
+        _warn_once(
+            f"{SETTING}=none: resample workers decode untrusted files UNSANDBOXED; "
+            "a decoder exploit runs with all of this user's rights"
+        )
+    return layers
+
+
+def warn_of_missing_layers(wanted: Iterable[Layer], applied: Iterable[Layer]) -> None:
+    """Say once which chosen layers a worker could not apply (the system lacks them)."""
+    missing = [layer for layer in wanted if layer not in applied]
+    if missing:
+        _warn_once(f"resample workers run without sandbox layers this system lacks: {', '.join(missing)}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning once per process (every worker of a run would say it again)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def worker_environment(environ: Mapping[str, str], layers: Iterable[Layer]) -> dict[str, str]:
@@ -165,16 +204,48 @@ def confine(layers: Iterable[Layer]) -> tuple[Layer, ...]:  # pragma: no cover -
     libc = ctypes.CDLL(None, use_errno=True)
     if "rlimits" in wanted and _limit_resources():
         applied.append("rlimits")
-    if wanted & {"nonewprivs", "seccomp"}:
+    if wanted & {"nonewprivs", "seccomp", "landlock"}:
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         if libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1:
             applied.append("nonewprivs")
     loaded = "seccomp" in wanted and "nonewprivs" in applied and _load_filter()
     if loaded and libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) == _SECCOMP_MODE_FILTER:
         applied.append("seccomp")
+    # After the filter: loading pyseccomp looks libseccomp up with `ldconfig -p`, out of reach under Landlock.
+    if "landlock" in wanted and "nonewprivs" in applied and landlock.restrict(readable_paths()):
+        applied.append("landlock")
     if "environment" in wanted:
         applied.append("environment")
     return tuple(layer for layer in LAYERS if layer in applied)
+
+
+def readable_paths() -> list[str]:
+    """What a worker may still read under Landlock: where Python, thumbcli, the decoders and their data live."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root}
+    # sys.path, but never "" (the folder the run started in: the user's files).
+    python.update(os.path.abspath(entry) for entry in sys.path if entry)
+    return sorted(path for path in python | set(_SYSTEM_READABLE) if os.path.exists(path))
+
+
+#: Shared libraries and their data (fontconfig's fonts and cache, zoneinfo, locales), the loader's
+#: cache, and what libraries open by name.
+_SYSTEM_READABLE = (
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/local/lib",
+    "/lib",
+    "/lib64",
+    "/usr/share",
+    "/etc/fonts",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/var/cache/fontconfig",
+    "/proc/self",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+)
 
 
 def _limit_resources() -> bool:  # pragma: no cover - runs in the worker

@@ -27,7 +27,6 @@ import fcntl
 import logging
 import mmap
 import os
-import re
 import resource
 import select
 import signal
@@ -41,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
-from thumbcli import formats, sandbox, wire
+from thumbcli import formats, sandbox, unexpected, wire
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
 
 log = logging.getLogger(__name__)
@@ -271,7 +270,7 @@ class ResampleWorker:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         try:
-            layers = sandbox_layers()
+            layers = sandbox.layers_for_workers()
         except sandbox.SandboxSettingError as exc:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
@@ -311,7 +310,7 @@ class ResampleWorker:
             why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
             raise WorkerBug(f"a resample worker could not start: {why} (see its output above)")
         self.confinement = tuple(layer for bit, layer in enumerate(sandbox.LAYERS) if greeting[1] & (1 << bit))
-        _warn_of_missing_layers(layers, self.confinement)
+        sandbox.warn_of_missing_layers(layers, self.confinement)
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
         self._head_since = time.monotonic()
@@ -407,17 +406,6 @@ class ResampleWorker:
         return status
 
 
-def sandbox_layers() -> tuple[sandbox.Layer, ...]:
-    """The layers THUMBCLI_SANDBOX chooses for workers started now (SandboxSettingError for an unknown one)."""
-    layers = sandbox.chosen_layers(os.environ.get(sandbox.SETTING))
-    if not layers:
-        _warn_once(
-            f"{sandbox.SETTING}=none: resample workers decode untrusted files UNSANDBOXED; "
-            "a decoder exploit runs with all of this user's rights"
-        )
-    return layers
-
-
 def confinement_here() -> tuple[sandbox.Layer, ...]:
     """The sandbox layers a resample worker started now has in force on this machine (starts one, then ends it)."""
     worker = ResampleWorker(Limits(), strict=False, memory_ceiling=0)
@@ -427,22 +415,6 @@ def confinement_here() -> tuple[sandbox.Layer, ...]:
         return worker.confinement
     finally:
         worker.close()
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Log `message` as a warning once per process (every worker of a run would say it again)."""
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("%s", message)
-
-
-def _warn_of_missing_layers(wanted: tuple[sandbox.Layer, ...], applied: tuple[sandbox.Layer, ...]) -> None:
-    missing = [layer for layer in wanted if layer not in applied]
-    if missing:
-        _warn_once(f"resample workers run without sandbox layers this system lacks: {', '.join(missing)}")
 
 
 def _worker_environment(layers: tuple[sandbox.Layer, ...]) -> dict[str, str]:
@@ -489,55 +461,6 @@ def _human_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.3g} {unit}"
     return f"{count} bytes"
-
-
-# -- the per-file boundary ---------------------------------------------------
-
-#: A format `resample.sniff_format` names -> how a reason names it.
-#: Where Pillow parses EXIF: an exception from there is damaged EXIF, whichever image carries it.
-_EXIF_CODE = re.compile(r"(TiffImagePlugin|ExifTags)\.py$|exif", re.IGNORECASE)
-_DETAIL_FRAMES = 6
-
-
-def _unexpected_failure(exc: Exception, source_format: formats.SourceFormat | None) -> tuple[str, str]:
-    """A file's one-line reason for an exception no decoder expected, and the traceback on one line (the detail).
-
-    The reason names what kind of thing went wrong and the exception's type; the detail
-    says where, for the fail log.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    label = source_format.label if source_format is not None else "image"
-    for frame in frames:
-        module = frame.filename.replace(os.sep, "/")
-        if "/thumbcli/decoders/" in module:
-            # The decoder that raised names what it reads (a RAW's embedded JPEG is still a RAW).
-            decoder = module.rsplit("/", 1)[-1].removesuffix(".py")
-            label = next((known.label for known in formats.REGISTRY if known.decoder == decoder), label)
-    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
-    if isinstance(exc, UnicodeError):
-        what = f"{label} metadata is not UTF-8"
-    elif any(_EXIF_CODE.search(frame.filename) or _EXIF_CODE.search(frame.name) for frame in frames):
-        what = f"{label} EXIF metadata is damaged"
-    elif isinstance(exc, RecursionError):
-        what = f"{label} structure nests too deeply"
-    else:
-        what = f"{label} decoder failed on its content"
-    where = " < ".join(
-        f"{_short_path(frame.filename)}:{frame.lineno} {frame.name}" for frame in frames[::-1][:_DETAIL_FRAMES]
-    )
-    message = " ".join(str(exc).split())[:300]
-    return f"could not decode: {what} ({kind})", f"{kind}: {message} (at {where})"
-
-
-def _short_path(path: str) -> str:
-    """A traceback's file name from its package on (`av/container/core.py`, `thumbcli/decoders/jxl.py`)."""
-    parts = path.replace(os.sep, "/").split("/")
-    for marker in ("site-packages", "dist-packages"):
-        if marker in parts:
-            return "/".join(parts[parts.index(marker) + 1 :])
-    if "thumbcli" in parts:
-        return "/".join(parts[len(parts) - 1 - parts[::-1].index("thumbcli") :])
-    return parts[-1]
 
 
 # -- worker side -----------------------------------------------------------
@@ -612,7 +535,7 @@ def serve(
             # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
             # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
             # file's failure, recorded as such, not a bug to stop the run on.
-            reason, detail = _unexpected_failure(exc, formats.sniff(view[:1024]))
+            reason, detail = unexpected.reason_and_detail(exc, formats.sniff(view[:1024]))
             reply = wire.Reply(wire.FAILED, reason=reason, detail=detail)
         except BaseException:
             reply = wire.Reply(wire.BUG, detail=traceback.format_exc())
