@@ -30,6 +30,7 @@ OWNERS = {
     "av": {"decoders.video"},
     "pillow_jxl": {"decoders.jxl"},
     "PIL": {"decoders.jxl"},
+    "pyseccomp": {"sandbox"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.
@@ -43,6 +44,10 @@ FLOORS = {
     "progress": 2,
     "resample": 2,
     "decoders": 2,
+    "wire": 2,
+    "unexpected": 2,
+    "landlock": 2,
+    "sandbox": 2,
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,

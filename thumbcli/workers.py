@@ -11,8 +11,10 @@ could inherit a lock held by another thread. The interpreter and libvips load in
 a tenth of a second, once per worker per run.
 
 The transport: the source bytes go into one of a few memory files (memfd) per worker,
-which the worker maps; a pipe carries each request (a small pickled header naming the
-memory file) and another the reply (the pickled thumbnails). Through a pipe, a camera
+which the worker maps; a pipe carries each request (a small header naming the memory
+file) and another the reply (the thumbnails), both in the fixed layout of `wire`: a
+decoder is hostile, so nothing it sends is unpickled. The worker confines itself
+(`sandbox`) before it takes its first file. Through a pipe, a camera
 JPEG was copied three times (into the pipe, out of it, into bytes) into fresh pages each
 time: 13% of a worker's time. Now it is copied once, into pages that stay, and libvips
 reads a JPEG where it is mapped.
@@ -25,8 +27,6 @@ import fcntl
 import logging
 import mmap
 import os
-import pickle
-import re
 import resource
 import select
 import signal
@@ -38,9 +38,9 @@ import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn
 
-from thumbcli import formats
+from thumbcli import formats, sandbox, unexpected, wire
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ SLOTS = 4
 #: A memory file bigger than this is cut back to what the next file needs (memory is kept
 #: for files of a usual size, not for the biggest one seen).
 _SLOT_KEPT_BYTES = 64 << 20
-_REPLY = struct.Struct("<I")  # reply length
 _PIPE_BYTES = 1 << 20  # pipe buffer asked for: a large thumbnail's reply in fewer wakeups
 _READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
@@ -59,7 +58,10 @@ _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is k
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SELF = "/proc/self/exe"
 _START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
-_READY = b"R"
+_READY = b"R"  # then one byte: the sandbox layers in force, a bit each (sandbox.LAYERS order)
+#: Why a file failed when its worker was killed by the seccomp filter.
+FORBIDDEN_CALL = "decoder tried a forbidden system call"
+MALFORMED_REPLY = "decoder sent a malformed reply"
 #: A worker's private memory (RLIMIT_DATA) is limited to this many times its memory ceiling.
 _DATA_LIMIT_PER_CEILING = 2
 
@@ -117,12 +119,12 @@ class ResampleWorker:
         self._slots: list[int] = []
         self._slot_sizes: list[int] = []
         self._free_slots: deque[int] = deque()
-        #: Requests not yet answered, oldest first: (request, memory file) each.
-        self._waiting: deque[tuple[bytes, int]] = deque()
+        #: Requests not yet answered, oldest first: (request, memory file, specs asked for) each.
+        self._waiting: deque[tuple[bytes, int, tuple[ThumbSpec, ...]]] = deque()
         self._inbox = bytearray()
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
-        #: The pickled settings of the last request, and the specs they were pickled for.
+        #: The encoded settings of the last request, and the specs they were encoded for.
         self._header_specs: tuple[ThumbSpec, ...] | None = None
         self._header = b""
         #: Workers started so far (replacements included).
@@ -130,6 +132,8 @@ class ResampleWorker:
         #: Why the last request ended in a WorkerBug (a worker that cannot start, or that broke
         #: outside any file); cleared by the next reply a worker gives. See `broken`.
         self._broken = ""
+        #: The sandbox layers the running worker reported in force (empty before it starts).
+        self.confinement: tuple[sandbox.Layer, ...] = ()
 
     @property
     def pid(self) -> int | None:
@@ -159,8 +163,8 @@ class ResampleWorker:
         """Queue `data` for the worker without waiting (at most SLOTS files); `receive` gives the outcomes in order."""
         if specs != self._header_specs:  # a run sends the same specs with nearly every file
             self._header_specs = specs
-            settings = (specs, self._decode_for, self._limits, self._strict)
-            self._header = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
+            settings = wire.Settings(specs, self._decode_for, self._limits, self._strict)
+            self._header = wire.encode_settings(settings)
         if not self._slots:
             self._open_slots()
         if not self._free_slots:
@@ -172,7 +176,7 @@ class ResampleWorker:
             self._free_slots.append(slot)
             raise
         header = self._header
-        request = (_REQUEST.pack(len(header), len(data), slot) + header, slot)
+        request = (_REQUEST.pack(len(header), len(data), slot) + header, slot, specs)
         if not self._waiting:
             self._head_since = time.monotonic()
         self._waiting.append(request)
@@ -212,7 +216,7 @@ class ResampleWorker:
             self._broken = ""
             return outcome
         finally:
-            _, slot = self._waiting.popleft()
+            _, slot, _ = self._waiting.popleft()
             self._free_slots.append(slot)
             self._head_since = time.monotonic()
 
@@ -265,11 +269,18 @@ class ResampleWorker:
         for fd in (request_write, reply_write):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        try:
+            layers = sandbox.layers_for_workers()
+        except sandbox.SandboxSettingError as exc:
+            for fd in (request_read, request_write, reply_read, reply_write):
+                os.close(fd)
+            raise WorkerBug(f"a resample worker could not start: {exc}") from None
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
             f"from thumbcli.workers import serve; "
-            f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling})"
+            f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling}, "
+            f"{layers!r})"
         )
         try:
             self._process = subprocess.Popen(
@@ -280,7 +291,7 @@ class ResampleWorker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
                 pass_fds=(request_read, reply_write, *self._slots),
-                env=_worker_environment(),
+                env=_worker_environment(layers),
             )
         except OSError as exc:  # no process to be had (out of processes or memory)
             os.close(request_write)
@@ -293,14 +304,17 @@ class ResampleWorker:
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
-        if not ready or os.read(reply_read, 1) != _READY:
+        greeting = _read_exactly(reply_read, 2) if ready else None
+        if greeting is None or greeting[:1] != _READY:
             status = self._kill()
             why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
             raise WorkerBug(f"a resample worker could not start: {why} (see its output above)")
+        self.confinement = tuple(layer for bit, layer in enumerate(sandbox.LAYERS) if greeting[1] & (1 << bit))
+        sandbox.warn_of_missing_layers(layers, self.confinement)
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
         self._head_since = time.monotonic()
-        for request, _ in self._waiting:
+        for request, _, _ in self._waiting:
             self._write_request(request)
 
     def _write_request(self, request: bytes) -> None:
@@ -313,7 +327,15 @@ class ResampleWorker:
         seconds = self._limits.max_decode_seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
-        while (reply := self._next_reply()) is None:
+        while True:
+            try:
+                reply = self._next_reply()
+            except wire.MalformedMessage as exc:
+                # Whatever else the worker sends can no longer be trusted to line up with our files.
+                self._kill()
+                return WorkerOutcome([], MALFORMED_REPLY, detail=str(exc))
+            if reply is not None:
+                return _outcome(reply)
             left = self._head_since + seconds - time.monotonic()
             if left <= 0:
                 self._kill()
@@ -331,20 +353,22 @@ class ResampleWorker:
                 inbox = len(self._inbox)
                 return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
             self._inbox += chunk
-        return _outcome(reply)
 
-    def _next_reply(self) -> tuple[Any, ...] | None:
-        """The next whole reply received, taken out of the inbox; None before it is all there."""
+    def _next_reply(self) -> wire.Reply | None:
+        """The next whole reply received, parsed and taken out of the inbox; None before it is all there.
+
+        Raises wire.MalformedMessage for a reply that is not of the layout or not an answer to the specs asked.
+        """
         inbox = self._inbox
-        if len(inbox) < _REPLY.size:
+        if len(inbox) < wire.REPLY_HEAD_BYTES:
             return None
-        (length,) = _REPLY.unpack_from(inbox)
-        end = _REPLY.size + length
+        end = wire.REPLY_HEAD_BYTES + wire.reply_length(inbox)
         if len(inbox) < end:
             return None
-        reply: tuple[Any, ...] = pickle.loads(memoryview(inbox)[_REPLY.size : end])
+        # A copy (of a few thumbnails' bytes): no view of the inbox may outlive a malformed reply.
+        body = bytes(inbox[wire.REPLY_HEAD_BYTES : end])
         del inbox[:end]
-        return reply
+        return wire.decode_reply(body, self._waiting[0][2])
 
     def _resident_bytes(self) -> int:
         assert self._process is not None
@@ -364,6 +388,9 @@ class ResampleWorker:
     def _lost(self, note: str) -> WorkerOutcome:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
         status = self._reap()
+        if status == -signal.SIGSYS and "seccomp" in self.confinement:
+            # The filter kills with SIGSYS; the kernel does not tell the parent which call it was.
+            return WorkerOutcome([], FORBIDDEN_CALL, detail=f"killed by the seccomp filter (signal {-status}){note}")
         if status < 0:
             return WorkerOutcome([], f"decoder crashed (signal {-status})", detail=f"signal {-status}{note}")
         raise WorkerBug(f"a resample worker exited with status {status} while decoding{note}")
@@ -379,9 +406,20 @@ class ResampleWorker:
         return status
 
 
-def _worker_environment() -> dict[str, str]:
-    """The parent's environment, with libvips on one thread and glibc's malloc left to tune itself."""
-    environment = dict(os.environ, VIPS_CONCURRENCY="1")
+def confinement_here() -> tuple[sandbox.Layer, ...]:
+    """The sandbox layers a resample worker started now has in force on this machine (starts one, then ends it)."""
+    worker = ResampleWorker(Limits(), strict=False, memory_ceiling=0)
+    worker._open_slots()
+    try:
+        worker._start()
+        return worker.confinement
+    finally:
+        worker.close()
+
+
+def _worker_environment(layers: tuple[sandbox.Layer, ...]) -> dict[str, str]:
+    """The parent's environment (scrubbed by the sandbox), libvips on one thread, glibc's malloc tuning itself."""
+    environment = dict(sandbox.worker_environment(os.environ, layers), VIPS_CONCURRENCY="1")
     # Dask's nanny sets this for its worker processes (and so for ours under --dask). Set at
     # all, it also pins glibc's mmap threshold, so every decode buffer of a camera JPEG is
     # mapped and unmapped afresh: 25% more wall time per image, measured on 200 4000x3000 JPEGs.
@@ -389,15 +427,12 @@ def _worker_environment() -> dict[str, str]:
     return environment
 
 
-def _outcome(reply: tuple[Any, ...]) -> WorkerOutcome:
-    kind = reply[0]
-    if kind == "made":
-        _, made, warning, detail = reply
-        return WorkerOutcome([Thumbnail(*fields) for fields in made], detail=detail, warning=warning)
-    if kind == "failed":
-        _, reason, detail = reply
-        return WorkerOutcome([], reason, detail)
-    raise WorkerBug(f"a resample worker failed:\n{reply[1]}")
+def _outcome(reply: wire.Reply) -> WorkerOutcome:
+    if reply.status == wire.MADE:
+        return WorkerOutcome(list(reply.thumbnails), detail=reply.detail, warning=reply.warning)
+    if reply.status == wire.FAILED:
+        return WorkerOutcome([], reply.reason, reply.detail)
+    raise WorkerBug(f"a resample worker failed:\n{reply.detail}")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -428,64 +463,22 @@ def _human_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-# -- the per-file boundary ---------------------------------------------------
-
-#: A format `resample.sniff_format` names -> how a reason names it.
-#: Where Pillow parses EXIF: an exception from there is damaged EXIF, whichever image carries it.
-_EXIF_CODE = re.compile(r"(TiffImagePlugin|ExifTags)\.py$|exif", re.IGNORECASE)
-_DETAIL_FRAMES = 6
-
-
-def _unexpected_failure(exc: Exception, source_format: formats.SourceFormat | None) -> tuple[str, str]:
-    """A file's one-line reason for an exception no decoder expected, and the traceback on one line (the detail).
-
-    The reason names what kind of thing went wrong and the exception's type; the detail
-    says where, for the fail log.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    label = source_format.label if source_format is not None else "image"
-    for frame in frames:
-        module = frame.filename.replace(os.sep, "/")
-        if "/thumbcli/decoders/" in module:
-            # The decoder that raised names what it reads (a RAW's embedded JPEG is still a RAW).
-            decoder = module.rsplit("/", 1)[-1].removesuffix(".py")
-            label = next((known.label for known in formats.REGISTRY if known.decoder == decoder), label)
-    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
-    if isinstance(exc, UnicodeError):
-        what = f"{label} metadata is not UTF-8"
-    elif any(_EXIF_CODE.search(frame.filename) or _EXIF_CODE.search(frame.name) for frame in frames):
-        what = f"{label} EXIF metadata is damaged"
-    elif isinstance(exc, RecursionError):
-        what = f"{label} structure nests too deeply"
-    else:
-        what = f"{label} decoder failed on its content"
-    where = " < ".join(
-        f"{_short_path(frame.filename)}:{frame.lineno} {frame.name}" for frame in frames[::-1][:_DETAIL_FRAMES]
-    )
-    message = " ".join(str(exc).split())[:300]
-    return f"could not decode: {what} ({kind})", f"{kind}: {message} (at {where})"
-
-
-def _short_path(path: str) -> str:
-    """A traceback's file name from its package on (`av/container/core.py`, `thumbcli/decoders/jxl.py`)."""
-    parts = path.replace(os.sep, "/").split("/")
-    for marker in ("site-packages", "dist-packages"):
-        if marker in parts:
-            return "/".join(parts[parts.index(marker) + 1 :])
-    if "thumbcli" in parts:
-        return "/".join(parts[len(parts) - 1 - parts[::-1].index("thumbcli") :])
-    return parts[-1]
-
-
 # -- worker side -----------------------------------------------------------
 
 
 def serve(
-    requests: int, replies: int, parent: int, slots: list[int], cpu: int | None = None, memory_ceiling: int = 0
+    requests: int,
+    replies: int,
+    parent: int,
+    slots: list[int],
+    cpu: int | None = None,
+    memory_ceiling: int = 0,
+    layers: tuple[sandbox.Layer, ...] = (),
 ) -> NoReturn:  # pragma: no cover - runs in the worker
     """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
 
     `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
+    `layers`: the sandbox layers to confine itself with once its libraries are loaded.
     """
     # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
     # whole process group, and this worker finishes its file either way.
@@ -516,47 +509,47 @@ def serve(
 
     resample.configure_libvips()
     resample.log_only_libvips_errors()
-    _write_all(replies, _READY)
+    # Confined before the first file, with every library the decoders need already loaded.
+    applied = sandbox.confine(layers)
+    _write_all(replies, _READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
     while True:
         head = _read_exactly(requests, _REQUEST.size)
         if head is None:
             os._exit(0)
         header_length, data_length, slot = _REQUEST.unpack(head)
-        specs, decode_for, limits, strict = pickle.loads(_read_exactly(requests, header_length) or b"")
+        settings = wire.decode_settings(_read_exactly(requests, header_length) or b"")
+        specs, decode_for, limits, strict = settings.specs, settings.decode_for, settings.limits, settings.strict
         mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
         # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
         view = memoryview(mapped) if mapped is not None else memoryview(b"")
-        reply: tuple[Any, ...]
+        reply: wire.Reply
         try:
             made = resample.resample(view, specs, limits, strict=strict, decode_for=decode_for)
         except resample.DecodeFailed as exc:
-            reply = ("failed", str(exc), exc.detail)
+            reply = wire.Reply(wire.FAILED, reason=str(exc), detail=exc.detail)
         except FileRejected as exc:
-            reply = ("failed", str(exc), "")
+            reply = wire.Reply(wire.FAILED, reason=str(exc))
         except MemoryError:
-            reply = ("failed", "ran out of memory", "MemoryError")
+            reply = wire.Reply(wire.FAILED, reason="ran out of memory", detail="MemoryError")
         except Exception as exc:
             # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
             # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
             # file's failure, recorded as such, not a bug to stop the run on.
-            reply = ("failed", *_unexpected_failure(exc, formats.sniff(view[:1024])))
+            reason, detail = unexpected.reason_and_detail(exc, formats.sniff(view[:1024]))
+            reply = wire.Reply(wire.FAILED, reason=reason, detail=detail)
         except BaseException:
-            reply = ("bug", traceback.format_exc())
+            reply = wire.Reply(wire.BUG, detail=traceback.format_exc())
         else:
-            fields = [
-                (t.data, t.width, t.height, t.source_width, t.source_height, t.source_format) for t in made.thumbnails
-            ]
-            reply = ("made", fields, made.warning, made.detail)
+            reply = wire.Reply(wire.MADE, tuple(made.thumbnails), detail=made.detail, warning=made.warning)
         if mapped is not None:
             with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
                 view.release()
                 mapped.close()
-        body = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
         try:
-            _write_all(replies, _REPLY.pack(len(body)) + body)
+            _write_all(replies, wire.encode_reply(reply))
         except BrokenPipeError:
             os._exit(0)
-        if reply[0] == "bug":
+        if reply.status == wire.BUG:
             os._exit(1)
 
 

@@ -59,6 +59,13 @@ from thumbcli.cli.serve import serve
 @exits_on_errors
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
+    from thumbcli.sandbox import SandboxSettingError, chosen_layers
+
+    try:
+        # Checked here, where a typo is a usage error, rather than when the first worker starts.
+        chosen_layers(os.environ.get("THUMBCLI_SANDBOX"))
+    except SandboxSettingError as exc:
+        raise click.UsageError(str(exc)) from None
     path = find_config(config_path)
     config = load_config(path) if path is not None else Config()
     ctx.default_map = config_default_map(config, main) if config.path is not None else {}
@@ -287,16 +294,26 @@ def show_formats(json_summary: bool) -> None:
     The kinds, their suffixes, MIME types and wheels come from the format registry (`thumbcli.formats`).
     """
     from thumbcli import resample  # loads libvips: only this command needs it
+    from thumbcli.sandbox import SETTING, SandboxSettingError
+    from thumbcli.workers import WorkerBug, confinement_here
 
     resample.configure_libvips()  # as a resample worker sees it: untrusted loaders blocked
     libvips = resample.libvips_in_use()
     support = resample.format_support()
+    try:
+        # Asked of a real worker: each layer is in force only where this system has it.
+        layers = confinement_here()
+    except (WorkerBug, SandboxSettingError) as exc:
+        raise click.ClickException(str(exc)) from None
     if json_summary:
         formats = [dataclasses.asdict(kind) for kind in support]
-        click.echo(json.dumps({"libvips": dataclasses.asdict(libvips), "formats": formats}, indent=2))
+        summary = {"libvips": dataclasses.asdict(libvips), "sandbox": list(layers), "formats": formats}
+        click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"libvips {libvips.version} ({libvips.origin}: {libvips.path or 'path unknown'})")
     click.echo(f"metadata option of its savers: {libvips.metadata_option}")
+    in_force = ", ".join(layers) or f"none ({SETTING}={os.environ.get(SETTING, '')})"
+    click.echo(f"sandbox of the resample workers: {in_force}")
     for kind in support:
         click.echo(f"{kind.kind:6} {' '.join(kind.suffixes)}  ({kind.mimetype})")
         missing = f"not readable here (pip install {kind.wheel})" if kind.wheel else "not readable here"

@@ -61,7 +61,9 @@ def _stderr_silenced() -> Iterator[None]:
     the reason we give is the one line the user reads."""
     saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as devnull:
+        # Opened to read: a confined worker may open no file to write (thumbcli.sandbox), and
+        # LibRaw's writes to a descriptor open only for reading fail just as silently.
+        with open(os.devnull, "rb") as devnull:
             os.dup2(devnull.fileno(), 2)
         yield
     finally:

@@ -1,0 +1,455 @@
+"""Issue: decoders of untrusted files run confined, and nothing a decoder sends is unpickled.
+
+Code runs inside a real resample worker, started as thumbcli starts it and confined by the same
+code, through a pyvips shim first on PYTHONPATH (as tests/test_hostile.py does): it is imported
+when the worker starts, before the worker confines itself, and its probe runs when the worker
+opens a JPEG whose width names the probe, so after. A probe reports by raising, which the
+worker sends back as the file's failure detail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pyvips
+from imagekit import cli_command, make_photo, output_files, run_cli
+from servekit import REPO_ROOT, get, running_server, wait_until
+from test_hostile import valid_files
+from test_workers import SLOW_EDGE, running
+
+from thumbcli import landlock, sandbox
+from thumbcli.spec import Limits, SizeBox, ThumbSpec
+from thumbcli.workers import FORBIDDEN_CALL, MALFORMED_REPLY, ResampleWorker, WorkerOutcome
+
+SPECS = (ThumbSpec(SizeBox(64, 64)),)
+needs_landlock = pytest.mark.skipif(landlock.abi_version() < 1, reason="this kernel has no Landlock (or it is off)")
+#: The layers in force by default on this machine: every one, but Landlock where the kernel lacks it.
+IN_FORCE = tuple(layer for layer in sandbox.LAYERS if layer != "landlock" or landlock.abi_version() >= 1)
+
+#: The width of the JPEG that runs each probe inside the worker.
+PROBES = {
+    "write": 201,
+    "read-write": 202,
+    "socket-inet": 203,
+    "socket-unix": 204,
+    "unlink": 205,
+    "mkdir": 206,
+    "thread": 207,
+    "fork": 208,
+    "exec": 209,
+    "append": 210,
+    "secrets": 211,
+    "status": 212,
+    "read": 213,
+    "list": 214,
+    "reply-pickle": 221,
+    "reply-garbage": 222,
+    "reply-extra-thumbnail": 223,
+    "reply-over-the-box": 224,
+    "reply-huge": 225,
+    "reply-bad-format-name": 226,
+}
+
+PROBE_SHIM = """
+import errno, os, pickle, re, signal, socket, struct, sys, threading
+SCRATCH, PROBES = {scratch!r}, {probes!r}
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != here]
+del sys.modules[__name__]
+import pyvips
+from thumbcli import wire
+from thumbcli.spec import Thumbnail
+open_jpeg = pyvips.Image.new_from_source
+BY_WIDTH = {{width: name for name, width in PROBES.items()}}
+
+class Hostile:
+    # What a compromised decoder would put in a pickled reply: unpickling it runs a command.
+    def __reduce__(self):
+        return (os.system, ("touch " + os.path.join(SCRATCH, "pwned"),))
+
+def outcome(call):
+    try:
+        result = call()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return "ok" if result is None else str(result)
+
+def reply(body, length=None):
+    # Straight into the parent's reply pipe (the second descriptor serve() was given), then wait to be killed.
+    replies = int(re.search(rb"serve\\((\\d+), (\\d+),", open("/proc/self/cmdline", "rb").read())[2])
+    os.write(replies, struct.pack("<I", len(body) if length is None else length) + body)
+    signal.pause()
+
+def thumbnail(width=64, height=48, source_format="jpeg"):
+    return Thumbnail(b"not a jpeg", width, height, 640, 480, source_format)
+
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+def thread():
+    done = []
+    worker = threading.Thread(target=done.append, args=(1,))
+    worker.start()
+    worker.join()
+    return "ok" if done else "not run"
+
+def append():
+    with open(os.path.join(SCRATCH, "existing"), "ab", buffering=0) as file:
+        file.write(b"grown")
+
+def status():
+    lines = open("/proc/self/status").read().splitlines()
+    return ",".join(line.replace(":\\t", "=") for line in lines if line.startswith(("NoNewPrivs", "Seccomp:")))
+
+RUN = {{
+    "write": lambda: open(os.path.join(SCRATCH, "written"), "w").close(),
+    "read-write": lambda: os.close(os.open(os.path.join(SCRATCH, "existing"), os.O_RDWR)),
+    "socket-inet": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close(),
+    "socket-unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(),
+    "unlink": lambda: os.unlink(os.path.join(SCRATCH, "existing")),
+    "mkdir": lambda: os.mkdir(os.path.join(SCRATCH, "made")),
+    "thread": thread,
+    "fork": fork,
+    "exec": lambda: os.execv("/bin/true", ["true"]),
+    "append": append,
+    "secrets": lambda: "+".join(sorted(name for name in os.environ if "SECRET" in name or "TOKEN" in name)) or "none",
+    "status": status,
+    "read": lambda: len(open(os.path.join(SCRATCH, "existing"), "rb").read()),
+    "list": lambda: len(os.listdir(os.path.dirname(SCRATCH))),
+    "reply-pickle": lambda: reply(pickle.dumps(("made", [Hostile()], "", ""))),
+    "reply-garbage": lambda: reply(os.urandom(64)),
+    "reply-extra-thumbnail": lambda: reply(wire.encode_reply(wire.Reply(wire.MADE, (thumbnail(), thumbnail())))[4:]),
+    "reply-over-the-box": lambda: reply(wire.encode_reply(wire.Reply(wire.MADE, (thumbnail(6400, 48),)))[4:]),
+    "reply-huge": lambda: reply(b"", length=0xFFFFFFF0),
+    "reply-bad-format-name": lambda: reply(
+        wire.encode_reply(wire.Reply(wire.MADE, (thumbnail(source_format="x"),)))[4:]
+    ),
+}}
+
+def probing(*args, **kwargs):
+    image = open_jpeg(*args, **kwargs)
+    name = BY_WIDTH.get(image.width)
+    if name is not None:
+        raise RuntimeError("probe=" + outcome(RUN[name]))
+    return image
+
+pyvips.Image.new_from_source = probing
+"""
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder the probes try to change (with a file in it), the shim first on the workers' PYTHONPATH."""
+    shim, folder = tmp_path / "shim", tmp_path / "scratch"
+    shim.mkdir()
+    folder.mkdir()
+    (folder / "existing").write_bytes(b"")
+    (shim / "pyvips.py").write_text(PROBE_SHIM.format(scratch=str(folder), probes=PROBES))
+    monkeypatch.setenv("PYTHONPATH", f"{shim}:{REPO_ROOT}")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Callable[[str], bytes]:
+    """The bytes of a JPEG that runs probe `name` in the worker that opens it."""
+
+    def photo(name: str) -> bytes:
+        return make_photo(tmp_path / f"{name}.jpg", PROBES[name], 40).read_bytes()
+
+    return photo
+
+
+@contextlib.contextmanager
+def worker(layers: str | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[ResampleWorker]:
+    """A resample worker as the pool makes one, its layers chosen by THUMBCLI_SANDBOX (None: unset)."""
+    if layers is None:
+        monkeypatch.delenv(sandbox.SETTING, raising=False)
+    else:
+        monkeypatch.setenv(sandbox.SETTING, layers)
+    made = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def probe_result(outcome: WorkerOutcome) -> str:
+    """What the probe reported, or the file's reason when it reported nothing (its worker was killed)."""
+    found = re.search(r"probe=(\S*)", outcome.detail)
+    return found[1] if found else outcome.reason
+
+
+def good_photo(tmp_path: Path) -> bytes:
+    return make_photo(tmp_path / "good.jpg", 120, 80).read_bytes()
+
+
+# -- a confined worker ----------------------------------------------------------------
+
+
+def test_a_confined_worker_may_not_open_a_file_to_write_or_read_and_write(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("write"), SPECS)) == "EPERM"
+        assert probe_result(confined.resample(photos("read-write"), SPECS)) == "EPERM"
+        assert confined.confinement == IN_FORCE
+        assert confined.started == 1
+    assert sorted(path.name for path in scratch.iterdir()) == ["existing"]
+
+
+@needs_landlock
+def test_a_confined_worker_may_not_read_or_list_the_users_files(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("read"), SPECS)) == "EACCES"
+        assert probe_result(confined.resample(photos("list"), SPECS)) == "EACCES"
+    with worker("none", monkeypatch) as unconfined:
+        assert probe_result(unconfined.resample(photos("read"), SPECS)) == "0"
+
+
+def test_a_confined_worker_may_not_create_a_socket_of_any_kind(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("socket-inet"), SPECS)) == "EPERM"
+        assert probe_result(confined.resample(photos("socket-unix"), SPECS)) == "EPERM"
+
+
+def test_a_confined_worker_may_not_remove_or_make_files(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("unlink"), SPECS)) == "EPERM"
+        assert probe_result(confined.resample(photos("mkdir"), SPECS)) == "EPERM"
+    assert sorted(path.name for path in scratch.iterdir()) == ["existing"]
+
+
+def test_a_confined_worker_still_starts_threads(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("thread"), SPECS)) == "ok"
+        assert confined.started == 1
+
+
+@pytest.mark.parametrize("call", ["fork", "exec"])
+def test_a_worker_that_starts_a_process_is_killed_its_file_reported_and_the_worker_replaced(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, call: str
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        outcome = confined.resample(photos(call), SPECS)
+        assert (outcome.reason, outcome.thumbnails) == (FORBIDDEN_CALL, [])
+        assert "signal 31" in outcome.detail
+        made = confined.resample(good_photo(tmp_path), SPECS)
+        assert made.thumbnails and not made.reason
+        assert confined.started == 2
+
+
+def test_a_confined_worker_sees_no_credentials_of_the_parent(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("GITHUB_TOKEN", "hunter2")
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("secrets"), SPECS)) == "none"
+    with worker("none", monkeypatch) as unconfined:
+        assert probe_result(unconfined.resample(photos("secrets"), SPECS)) == "AWS_SECRET_ACCESS_KEY+GITHUB_TOKEN"
+
+
+#: Each layer alone: what each probe gets. `seccomp` and `landlock` bring `nonewprivs` (the kernel wants it).
+LAYER_ALONE = {
+    "none": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok", "append": "ok"},
+    "nonewprivs": {"status": "NoNewPrivs=1,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok"},
+    "seccomp": {"status": "NoNewPrivs=1,Seccomp=2", "write": "EPERM", "socket-inet": "EPERM", "fork": FORBIDDEN_CALL},
+    "landlock": {"status": "NoNewPrivs=1,Seccomp=0", "read": "EACCES", "write": "EACCES", "socket-unix": "ok"},
+    "rlimits": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "append": "EFBIG", "fork": "ok"},
+    "environment": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "secrets": "none"},
+}
+
+
+@pytest.mark.parametrize(
+    "layer", [pytest.param(layer, marks=[needs_landlock] if layer == "landlock" else []) for layer in LAYER_ALONE]
+)
+def test_each_layer_alone_through_thumbcli_sandbox(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, layer: str
+) -> None:
+    monkeypatch.setenv("MY_SECRET", "hunter2")
+    with worker(layer, monkeypatch) as alone:
+        got = {probe: probe_result(alone.resample(photos(probe), SPECS)) for probe in LAYER_ALONE[layer]}
+        assert set(alone.confinement) == set(sandbox.chosen_layers(layer))
+    assert got == LAYER_ALONE[layer]
+
+
+def test_thumbcli_sandbox_none_warns_loudly_and_an_unknown_layer_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    make_photo(src / "a.jpg", 120, 80)
+    monkeypatch.setenv(sandbox.SETTING, "none")
+    run = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "2")
+    assert run.rc == 0, run.stderr
+    assert run.stderr.count("THUMBCLI_SANDBOX=none: resample workers decode untrusted files UNSANDBOXED") == 1
+    monkeypatch.setenv(sandbox.SETTING, "seccomp,chroot")
+    run = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64")
+    assert run.rc == 2
+    assert "THUMBCLI_SANDBOX=seccomp,chroot: unknown layer chroot" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_every_supported_format_decodes_in_a_confined_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = valid_files(tmp_path / "valid")
+    assert {path.suffix for path in files} >= {".jpg", ".png", ".webp", ".avif", ".dng", ".jxl", ".mp4"}
+    with worker(None, monkeypatch) as confined:
+        outcomes = {path.name: confined.resample(path.read_bytes(), SPECS) for path in files}
+        assert confined.confinement == IN_FORCE
+        assert confined.started == 1
+    assert {name: outcome.reason for name, outcome in outcomes.items()} == dict.fromkeys(outcomes, "")
+    assert all(len(outcome.thumbnails) == 1 for outcome in outcomes.values())
+
+
+# -- nothing the worker sends is unpickled ---------------------------------------------
+
+
+@pytest.mark.parametrize("probe", [name for name in PROBES if name.startswith("reply-")])
+def test_a_crafted_reply_is_the_files_failure_runs_no_code_and_the_worker_is_replaced(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, probe: str
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        outcome = confined.resample(photos(probe), SPECS)
+        assert (outcome.reason, outcome.thumbnails) == (MALFORMED_REPLY, [])
+        made = confined.resample(good_photo(tmp_path), SPECS)
+        assert made.thumbnails and not made.reason
+        assert confined.started == 2
+    assert not (scratch / "pwned").exists()
+
+
+# -- through thumbcli --------------------------------------------------------------------
+
+
+def test_generate_reports_the_files_that_trip_the_sandbox_and_makes_every_other(
+    scratch: Path, photos: Callable[[str], bytes], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for index in range(6):
+        make_photo(src / f"good{index}.jpg", 120, 80, seed=index)
+    for name in ("fork", "reply-pickle"):
+        (src / f"{name}.jpg").write_bytes(photos(name))
+    run = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--workers", "1", "--json", timeout=120)
+    assert run.rc == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert sorted(run.failure_lines) == [
+        f"failed: {src / 'fork.jpg'}: {FORBIDDEN_CALL}",
+        f"failed: {src / 'reply-pickle.jpg'}: {MALFORMED_REPLY}",
+    ]
+    assert len(output_files(tmp_path / "out")) == 6
+    assert not (scratch / "pwned").exists()
+
+
+def confinement_of_decoding_workers(root: int) -> dict[int, str]:
+    """Resample workers below `root` that have a source mapped (they are decoding): pid -> their status lines."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if b"from thumbcli.workers import serve" not in command or not descends(int(entry), root):
+                continue
+            if "thumbcli-source" not in Path(f"/proc/{entry}/maps").read_text():
+                continue
+            lines = Path(f"/proc/{entry}/status").read_text().splitlines()
+            found[int(entry)] = ",".join(line.replace(":\t", "=") for line in lines if line.startswith(STATUS_FIELDS))
+    return found
+
+
+STATUS_FIELDS = ("NoNewPrivs", "Seccomp:")
+
+
+def descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        with contextlib.suppress(OSError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if pid == root:
+                return True
+            continue
+        return False
+    return False
+
+
+def statuses_while_decoding(root: int) -> set[str]:
+    seen: dict[int, str] = {}
+    assert wait_until(lambda: bool(seen.update(confinement_of_decoding_workers(root)) or seen), timeout=120)
+    return set(seen.values())
+
+
+@pytest.fixture
+def slow_source(tmp_path: Path) -> Path:
+    """A folder of PNGs each slow enough to decode to be seen decoding."""
+    src = tmp_path / "slow"
+    src.mkdir()
+    xy = pyvips.Image.xyz(SLOW_EDGE, SLOW_EDGE)
+    a = ((xy[0] * xy[1]) & 255).cast("uchar")
+    a.bandjoin([a, a]).copy(interpretation="srgb").pngsave(str(src / "slow0.png"), compression=6, filter="paeth")
+    for index in range(1, 3):
+        os.link(src / "slow0.png", src / f"slow{index}.png")
+    return src
+
+
+def test_generate_and_serve_source_workers_decode_with_no_new_privileges_under_seccomp(
+    tmp_path: Path, slow_source: Path
+) -> None:
+    confined = {"NoNewPrivs=1,Seccomp=2"}
+    local = cli_command("generate", slow_source, "-o", tmp_path / "local", "-s", "64", "--workers", "2", "--quiet")
+    with running(local) as process:
+        assert statuses_while_decoding(process.pid) == confined
+    (tmp_path / "thumbcli.toml").write_text('[presets.small]\nsize = "64"\n')
+    with running_server(tmp_path / "cache", config=tmp_path / "thumbcli.toml", source_root=slow_source) as server:
+        miss = threading.Thread(target=get, args=(server, "/small/slow0.png"), daemon=True)
+        miss.start()
+        assert statuses_while_decoding(server.process.pid) == confined
+        miss.join(120)
+
+
+def test_formats_names_the_sandbox_layers_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sandbox.SETTING, raising=False)
+    run = run_cli("formats")
+    assert run.rc == 0, run.stderr
+    assert f"sandbox of the resample workers: {', '.join(IN_FORCE)}" in run.stdout.splitlines()
+    monkeypatch.setenv(sandbox.SETTING, "none")
+    run = run_cli("formats")
+    assert "sandbox of the resample workers: none (THUMBCLI_SANDBOX=none)" in run.stdout.splitlines()
+
+
+def test_the_environment_layer_keeps_what_decoders_need_and_drops_credentials() -> None:
+    environ = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "VIPS_WARNING": "1",
+        "PYTHONPATH": "/x",
+        "MALLOC_ARENA_MAX": "2",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "GITHUB_TOKEN": "c",
+        "DB_PASSWORD": "d",
+        "SIGNING_KEY": "e",
+        "PYTHON_API_TOKEN": "f",
+        "SSH_AUTH_SOCK": "/tmp/agent",
+        "DISPLAY": ":0",
+    }
+    kept = sandbox.worker_environment(environ, ("environment",))
+    assert sorted(kept) == ["LANG", "LC_ALL", "MALLOC_ARENA_MAX", "PATH", "PYTHONPATH", "VIPS_WARNING"]
+    assert sandbox.worker_environment(environ, ()) == environ

@@ -1,0 +1,316 @@
+"""The confinement of a resample worker: what a compromised decoder may no longer do, layer by layer.
+
+A decoder (libvips' loaders, libheif, LibRaw, FFmpeg, libjxl) parses hostile bytes in C; one
+exploited bug there runs the attacker's code with the worker's rights. Once its libraries are
+loaded and before it takes its first file, the worker confines itself, each layer detected
+rather than assumed:
+
+- `nonewprivs`: prctl(PR_SET_NO_NEW_PRIVS): no exec can gain privileges (setuid binaries, file
+  capabilities); also what lets an unprivileged process load a seccomp filter.
+- `seccomp`: a seccomp-bpf filter (libseccomp, through pyseccomp) that allows by default and
+  refuses what a decoder never needs: sockets (EPERM), opening a file to write or create,
+  removing, renaming, linking or changing files (EPERM); starting a program or a process,
+  tracing or reading another process, loading kernel code or keys, mounting (the worker is
+  killed: SIGSYS). Threads stay allowed: libvips uses them. Implies `nonewprivs`.
+- `landlock`: where the kernel has Landlock, the worker may read only the files that late
+  loading needs (the interpreter's and the libraries' folders, fonts, its own /proc entry),
+  create or change none, and (ABI 4 on) bind or connect no TCP port, (ABI 6 on) signal no
+  process outside itself: a compromised decoder cannot read the user's files to smuggle them
+  out in a thumbnail. Implies `nonewprivs`.
+- `rlimits`: no file may grow (RLIMIT_FSIZE 0), no core dumps, a few descriptors beyond
+  those open. RLIMIT_NPROC is not used: it counts every thread of the user's processes, so
+  it would stop libvips' threads as readily as a fork.
+- `environment`: the worker starts with only the variables libvips, the decoders and Python
+  need (no credentials such as AWS_*, *_TOKEN, *_SECRET, *PASSWORD*).
+
+THUMBCLI_SANDBOX chooses them: unset or `all` for every layer, a comma-separated list of
+layers, or `none` (logged loudly).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import resource
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
+
+from thumbcli import landlock
+
+log = logging.getLogger(__name__)
+
+Layer = Literal["nonewprivs", "seccomp", "landlock", "rlimits", "environment"]
+LAYERS: tuple[Layer, ...] = get_args(Layer)
+#: The environment variable that chooses the layers.
+SETTING = "THUMBCLI_SANDBOX"
+#: Descriptors a confined worker may open beyond those it has when it confines itself.
+SPARE_DESCRIPTORS = 64
+
+_PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 38, 39, 21
+_SECCOMP_MODE_FILTER = 2
+_CLONE_THREAD = 0x00010000
+
+#: Variables a worker keeps, by name or by pattern: the interpreter's own, locale and time zone,
+#: libvips', glibc's malloc tuning, the decoders' libraries' and where fonts and temporary files are.
+_KEPT_NAMES = frozenset(
+    {"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "LIBHEIF_PLUGIN_PATH", SETTING}
+)
+_KEPT_PATTERN = re.compile(
+    r"(LC_|VIPS_|MALLOC_|GLIBC_TUNABLES$|PYTHON|OMP_|OPENBLAS_|FONTCONFIG_|G_SLICE$|G_DEBUG$|COV_CORE_|COVERAGE_)"
+)
+#: Never kept, whatever the pattern above says: what looks like a credential.
+_SECRET_PATTERN = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|^AWS_|API_KEY", re.IGNORECASE)
+
+#: Refused with EPERM: the network (a socket of any kind), and any change to the file system.
+_REFUSED = (
+    "socket",
+    "socketpair",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "creat",
+    "truncate",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "rename",
+    "renameat",
+    "renameat2",
+    "mkdir",
+    "mkdirat",
+    "mknod",
+    "mknodat",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "setrlimit",
+    "io_uring_setup",  # its requests bypass seccomp
+)
+#: The worker is killed (SIGSYS): no decoder does these, a compromised one would.
+_KILLED = (
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "setns",
+    "unshare",
+    "bpf",
+    "kexec_load",
+    "kexec_file_load",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "init_module",
+    "finit_module",
+    "delete_module",
+)
+#: Answered ENOSYS: their arguments are in memory a filter cannot read, and glibc falls back to
+#: the older call the filter can judge (clone, openat).
+_UNKNOWN_TO_CALLERS = ("clone3", "openat2")
+_WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC)
+
+
+class SandboxSettingError(ValueError):
+    """THUMBCLI_SANDBOX names something that is not a layer."""
+
+
+def chosen_layers(setting: str | None) -> tuple[Layer, ...]:
+    """The layers a THUMBCLI_SANDBOX value names: every one when unset, empty, or `all`; none for `none`."""
+    text = (setting or "").strip().lower()
+    if text in ("", "all"):
+        return LAYERS
+    if text == "none":
+        return ()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LAYERS]
+    if unknown:
+        raise SandboxSettingError(
+            f"{SETTING}={setting}: unknown layer {', '.join(unknown)} (choose from {', '.join(LAYERS)}, all or none)"
+        )
+    chosen = set(names)
+    if chosen & {"seccomp", "landlock"}:
+        chosen.add("nonewprivs")  # the kernel confines an unprivileged process only with it
+    return tuple(layer for layer in LAYERS if layer in chosen)
+
+
+def layers_for_workers() -> tuple[Layer, ...]:
+    """The layers THUMBCLI_SANDBOX chooses for workers started now (SandboxSettingError for an unknown one)."""
+    layers = chosen_layers(os.environ.get(SETTING))
+    if not layers:
+        _warn_once(
+            f"{SETTING}=none: resample workers decode untrusted files UNSANDBOXED; "
+            "a decoder exploit runs with all of this user's rights"
+        )
+    return layers
+
+
+def warn_of_missing_layers(wanted: Iterable[Layer], applied: Iterable[Layer]) -> None:
+    """Say once which chosen layers a worker could not apply (the system lacks them)."""
+    missing = [layer for layer in wanted if layer not in applied]
+    if missing:
+        _warn_once(f"resample workers run without sandbox layers this system lacks: {', '.join(missing)}")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log `message` as a warning once per process (every worker of a run would say it again)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def worker_environment(environ: Mapping[str, str], layers: Iterable[Layer]) -> dict[str, str]:
+    """`environ` as a worker gets it: scrubbed to what decoders need when `environment` is a layer."""
+    if "environment" not in layers:
+        return dict(environ)
+    return {
+        name: value
+        for name, value in environ.items()
+        if (name in _KEPT_NAMES or _KEPT_PATTERN.match(name)) and not _SECRET_PATTERN.search(name)
+    }
+
+
+def confine(layers: Iterable[Layer]) -> tuple[Layer, ...]:  # pragma: no cover - runs in the worker
+    """Apply `layers` (but `environment`, the parent's) to this process; the ones now in force, each checked.
+
+    A layer the system lacks (no libseccomp, a kernel without seccomp) is left out of the
+    answer rather than failing the worker: the parent says which layers are missing.
+    """
+    wanted = set(layers)
+    applied: list[Layer] = []
+    libc = ctypes.CDLL(None, use_errno=True)
+    if "rlimits" in wanted and _limit_resources():
+        applied.append("rlimits")
+    if wanted & {"nonewprivs", "seccomp", "landlock"}:
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1:
+            applied.append("nonewprivs")
+    loaded = "seccomp" in wanted and "nonewprivs" in applied and _load_filter()
+    if loaded and libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) == _SECCOMP_MODE_FILTER:
+        applied.append("seccomp")
+    # After the filter: loading pyseccomp looks libseccomp up with `ldconfig -p`, out of reach under Landlock.
+    if "landlock" in wanted and "nonewprivs" in applied and landlock.restrict(readable_paths()):
+        applied.append("landlock")
+    if "environment" in wanted:
+        applied.append("environment")
+    return tuple(layer for layer in LAYERS if layer in applied)
+
+
+def readable_paths() -> list[str]:
+    """What a worker may still read under Landlock: where Python, thumbcli, the decoders and their data live."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root}
+    # sys.path, but never "" (the folder the run started in: the user's files).
+    python.update(os.path.abspath(entry) for entry in sys.path if entry)
+    return sorted(path for path in python | set(_SYSTEM_READABLE) if os.path.exists(path))
+
+
+#: Shared libraries and their data (fontconfig's fonts and cache, zoneinfo, locales), the loader's
+#: cache, and what libraries open by name.
+_SYSTEM_READABLE = (
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/local/lib",
+    "/lib",
+    "/lib64",
+    "/usr/share",
+    "/etc/fonts",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/var/cache/fontconfig",
+    "/proc/self",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+)
+
+
+def _limit_resources() -> bool:  # pragma: no cover - runs in the worker
+    """No file growth, no core dump, a few descriptors beyond those open: whether all took."""
+    try:
+        highest = max((int(entry) for entry in os.listdir("/proc/self/fd")), default=2)
+    except (OSError, ValueError):
+        highest = 255
+    descriptors = highest + 1 + SPARE_DESCRIPTORS
+    try:
+        for limit, value in (
+            (resource.RLIMIT_FSIZE, 0),
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NOFILE, descriptors),
+        ):
+            _soft, hard = resource.getrlimit(limit)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(limit, (value, value))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def seccomp_library() -> Any:
+    """pyseccomp, or None where it or the libseccomp it wraps cannot be loaded."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError, RuntimeError):  # RuntimeError: no libseccomp.so on the system
+        return None
+    return pyseccomp
+
+
+def _load_filter() -> bool:  # pragma: no cover - runs in the worker
+    """Load the filter into this process (every thread started after it inherits it); whether it loaded."""
+    seccomp = seccomp_library()
+    if seccomp is None:
+        return False
+    try:
+        rules = seccomp.SyscallFilter(seccomp.ALLOW)
+        refused, killed = seccomp.ERRNO(errno.EPERM), seccomp.KILL_PROCESS
+        for name in _REFUSED:
+            _add(rules, refused, name)
+        for name in _KILLED:
+            _add(rules, killed, name)
+        for name in _UNKNOWN_TO_CALLERS:
+            _add(rules, seccomp.ERRNO(errno.ENOSYS), name)
+        # A process only as a thread of this one (pthread_create passes CLONE_THREAD).
+        _add(rules, killed, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+        # Files open to read only; each rule matches one flag, and the rules of a call add up.
+        for name, flags_arg in (("open", 1), ("openat", 2)):
+            for flag in _WRITE_FLAGS:
+                mask = os.O_ACCMODE if flag in (os.O_WRONLY, os.O_RDWR) else flag
+                _add(rules, refused, name, seccomp.Arg(flags_arg, seccomp.MASKED_EQ, mask, flag))
+        # Reading a limit stays allowed (glibc's getrlimit is prlimit64 with no new value).
+        _add(rules, refused, "prlimit64", seccomp.Arg(2, seccomp.NE, 0, 0))
+        rules.load()
+    except OSError:
+        return False
+    return True
+
+
+def _add(rules: Any, action: int, name: str, *args: Any) -> None:  # pragma: no cover - runs in the worker
+    """Add one rule, unless this architecture has no such call (aarch64 has no open, fork or creat)."""
+    seccomp = seccomp_library()
+    if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) < 0:
+        return
+    rules.add_rule(action, name, *args)
