@@ -316,6 +316,8 @@ def _require_writable_folder(path: Path, what: str) -> None:
     """Refuse before the run (one line, exit 3) a file it could not write at its end: cron would see stale metrics."""
     probe = path.parent / f"{TEMP_PREFIX}probe-{os.getpid()}"
     try:
+        with contextlib.suppress(FileExistsError):  # a file in the way: the probe says what is wrong
+            path.parent.mkdir(parents=True, exist_ok=True)  # made as its write would make it
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         os.unlink(probe)
     except OSError as exc:
