@@ -493,3 +493,13 @@ def test_the_environment_layer_keeps_what_decoders_need_and_drops_credentials() 
     kept = sandbox.worker_environment(environ, ("environment",))
     assert sorted(kept) == ["LANG", "LC_ALL", "MALLOC_ARENA_MAX", "PATH", "PYTHONPATH", "VIPS_WARNING"]
     assert sandbox.worker_environment(environ, ()) == environ
+
+
+def test_no_sandbox_is_for_debugging_and_says_so_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sandbox.SETTING, raising=False)
+    make_photo(tmp_path / "src" / "a.jpg", 120, 80)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--no-sandbox")
+    assert run.rc == 0
+    (warning,) = run.stderr.splitlines()
+    assert "UNSANDBOXED" in warning
+    assert "--no-sandbox" in run_cli("serve", "--help").stdout
