@@ -51,6 +51,7 @@ FLOORS = {
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,
+    "workerlog": 2,
     "cache": 4,
     "job": 4,
     "targets": 5,

@@ -48,6 +48,9 @@ PROBES = {
     "status": 212,
     "read": 213,
     "list": 214,
+    "network": 215,
+    "caps": 216,
+    "say": 217,
     "reply-pickle": 221,
     "reply-garbage": 222,
     "reply-extra-thumbnail": 223,
@@ -58,7 +61,7 @@ PROBES = {
 
 PROBE_SHIM = """
 import errno, os, pickle, re, signal, socket, struct, sys, threading
-SCRATCH, PROBES = {scratch!r}, {probes!r}
+SCRATCH, PROBES, PARENT_NET = {scratch!r}, {probes!r}, {parent_net!r}
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != here]
 del sys.modules[__name__]
@@ -106,6 +109,10 @@ def append():
     with open(os.path.join(SCRATCH, "existing"), "ab", buffering=0) as file:
         file.write(b"grown")
 
+def caps():
+    held = [line for line in open("/proc/self/status").read().splitlines() if line.startswith(("CapPrm", "CapEff"))]
+    return "none" if all(int(line.split()[1], 16) == 0 for line in held) else "some"
+
 def status():
     lines = open("/proc/self/status").read().splitlines()
     return ",".join(line.replace(":\\t", "=") for line in lines if line.startswith(("NoNewPrivs", "Seccomp:")))
@@ -123,6 +130,9 @@ RUN = {{
     "append": append,
     "secrets": lambda: "+".join(sorted(name for name in os.environ if "SECRET" in name or "TOKEN" in name)) or "none",
     "status": status,
+    "network": lambda: "shared" if os.readlink("/proc/self/ns/net") == PARENT_NET else "own",
+    "caps": caps,
+    "say": lambda: os.write(2, b"libfoo: bad marker 0xd9 in the scan\\n") and "said",
     "read": lambda: len(open(os.path.join(SCRATCH, "existing"), "rb").read()),
     "list": lambda: len(os.listdir(os.path.dirname(SCRATCH))),
     "reply-pickle": lambda: reply(pickle.dumps(("made", [Hostile()], "", ""))),
@@ -153,7 +163,8 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shim.mkdir()
     folder.mkdir()
     (folder / "existing").write_bytes(b"")
-    (shim / "pyvips.py").write_text(PROBE_SHIM.format(scratch=str(folder), probes=PROBES))
+    shim_text = PROBE_SHIM.format(scratch=str(folder), probes=PROBES, parent_net=os.readlink("/proc/self/ns/net"))
+    (shim / "pyvips.py").write_text(shim_text)
     monkeypatch.setenv("PYTHONPATH", f"{shim}:{REPO_ROOT}")
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     return folder
@@ -267,14 +278,43 @@ def test_a_confined_worker_sees_no_credentials_of_the_parent(
         assert probe_result(unconfined.resample(photos("secrets"), SPECS)) == "AWS_SECRET_ACCESS_KEY+GITHUB_TOKEN"
 
 
+def test_what_a_decoder_writes_on_stderr_goes_with_its_file_not_to_the_terminal(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        failed = confined.resample(photos("say"), SPECS)
+    assert probe_result(failed) == "said"
+    assert "[the decoder said: libfoo: bad marker 0xd9 in the scan]" in failed.detail
+    assert "bad marker" not in capfd.readouterr().err
+
+
+def test_a_confined_worker_has_a_network_of_its_own_and_no_capabilities(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        got = {probe: probe_result(confined.resample(photos(probe), SPECS)) for probe in ("network", "caps")}
+        assert {"netns", "caps"} <= set(confined.confinement)
+    assert got == {"network": "own", "caps": "none"}
+
+
 #: Each layer alone: what each probe gets. `seccomp` and `landlock` bring `nonewprivs` (the kernel wants it).
 LAYER_ALONE = {
-    "none": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok", "append": "ok"},
+    "none": {
+        "status": "NoNewPrivs=0,Seccomp=0",
+        "write": "ok",
+        "socket-inet": "ok",
+        "fork": "ok",
+        "append": "ok",
+        "network": "shared",
+        "caps": "some" if os.geteuid() == 0 else "none",  # CI and this machine run as root
+    },
     "nonewprivs": {"status": "NoNewPrivs=1,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok"},
     "seccomp": {"status": "NoNewPrivs=1,Seccomp=2", "write": "EPERM", "socket-inet": "EPERM", "fork": FORBIDDEN_CALL},
     "landlock": {"status": "NoNewPrivs=1,Seccomp=0", "read": "EACCES", "write": "EACCES", "socket-unix": "ok"},
     "rlimits": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "append": "EFBIG", "fork": "ok"},
     "environment": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "secrets": "none"},
+    "netns": {"status": "NoNewPrivs=0,Seccomp=0", "network": "own", "socket-inet": "ok", "write": "ok"},
+    "caps": {"status": "NoNewPrivs=0,Seccomp=0", "caps": "none", "network": "shared", "write": "ok"},
 }
 
 
@@ -453,3 +493,13 @@ def test_the_environment_layer_keeps_what_decoders_need_and_drops_credentials() 
     kept = sandbox.worker_environment(environ, ("environment",))
     assert sorted(kept) == ["LANG", "LC_ALL", "MALLOC_ARENA_MAX", "PATH", "PYTHONPATH", "VIPS_WARNING"]
     assert sandbox.worker_environment(environ, ()) == environ
+
+
+def test_no_sandbox_is_for_debugging_and_says_so_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(sandbox.SETTING, raising=False)
+    make_photo(tmp_path / "src" / "a.jpg", 120, 80)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--no-sandbox")
+    assert run.rc == 0
+    (warning,) = run.stderr.splitlines()
+    assert "UNSANDBOXED" in warning
+    assert "--no-sandbox" in run_cli("serve", "--help").stdout

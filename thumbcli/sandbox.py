@@ -22,6 +22,12 @@ rather than assumed:
   it would stop libvips' threads as readily as a fork.
 - `environment`: the worker starts with only the variables libvips, the decoders and Python
   need (no credentials such as AWS_*, *_TOKEN, *_SECRET, *PASSWORD*).
+- `netns`: a network namespace of its own, with no interface but a loopback that is down
+  (as root; otherwise inside a user namespace of its own, where the kernel allows one): a
+  socket that got past the filter reaches nothing, not even 127.0.0.1.
+- `caps`: no capabilities, in any set: a worker of a run started as root keeps uid 0 (its
+  interpreter may live where only root can read) but not one of root's powers over the system
+  (overriding file permissions, ptrace, raw sockets, mounts...).
 
 THUMBCLI_SANDBOX chooses them: unset or `all` for every layer, a comma-separated list of
 layers, or `none` (logged loudly).
@@ -43,7 +49,7 @@ from thumbcli import landlock
 
 log = logging.getLogger(__name__)
 
-Layer = Literal["nonewprivs", "seccomp", "landlock", "rlimits", "environment"]
+Layer = Literal["netns", "caps", "nonewprivs", "seccomp", "landlock", "rlimits", "environment"]
 LAYERS: tuple[Layer, ...] = get_args(Layer)
 #: The environment variable that chooses the layers.
 SETTING = "THUMBCLI_SANDBOX"
@@ -51,6 +57,12 @@ SETTING = "THUMBCLI_SANDBOX"
 SPARE_DESCRIPTORS = 64
 
 _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS, _PR_GET_SECCOMP = 38, 39, 21
+_PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
+#: capset(2)'s header for 64-bit capability sets (two 32-bit words each).
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+#: Higher than any capability number a kernel has (40 in 6.x): each is dropped from the bounding set.
+_CAP_LAST_POSSIBLE = 63
 _SECCOMP_MODE_FILTER = 2
 _CLONE_THREAD = 0x00010000
 
@@ -202,6 +214,11 @@ def confine(layers: Iterable[Layer]) -> tuple[Layer, ...]:  # pragma: no cover -
     wanted = set(layers)
     applied: list[Layer] = []
     libc = ctypes.CDLL(None, use_errno=True)
+    # First: making a namespace needs the capabilities the next layer drops, and the filter kills `unshare`.
+    if "netns" in wanted and _own_network(libc):
+        applied.append("netns")
+    if "caps" in wanted and _drop_capabilities(libc):
+        applied.append("caps")
     if "rlimits" in wanted and _limit_resources():
         applied.append("rlimits")
     if wanted & {"nonewprivs", "seccomp", "landlock"}:
@@ -246,6 +263,50 @@ _SYSTEM_READABLE = (
     "/dev/zero",
     "/dev/urandom",
 )
+
+
+def _own_network(libc: ctypes.CDLL) -> bool:  # pragma: no cover - runs in the worker
+    """Move into a network namespace of its own; whether it did (and all of this process did).
+
+    Only while the worker has one thread: a namespace is changed for the calling thread alone, and
+    threads started later inherit it.
+    """
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return False
+        before = os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+    flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWUSER | _CLONE_NEWNET
+    if libc.unshare(flags) != 0:
+        return False  # no privilege for it here (and no user namespaces): the filter still refuses sockets
+    try:
+        return os.readlink("/proc/self/ns/net") != before
+    except OSError:
+        return False
+
+
+def _drop_capabilities(libc: ctypes.CDLL) -> bool:  # pragma: no cover - runs in the worker
+    """Empty every capability set (bounding and ambient first, while it may); whether none is left."""
+    for capability in range(_CAP_LAST_POSSIBLE + 1):
+        libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)  # fails past the kernel's last one, and without CAP_SETPCAP
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: two words each, all zero
+    if libc.capset(header, data) != 0:
+        return False
+    try:
+        with open("/proc/self/status") as status:
+            sets = dict(line.split(":\t", 1) for line in status.read().splitlines() if line.startswith("Cap"))
+    except OSError:
+        return False
+    # The bounding set stays full for a process that never had CAP_SETPCAP: no exec can use it (nonewprivs).
+    held = (
+        ("CapInh", "CapPrm", "CapEff", "CapAmb")
+        if os.geteuid() != 0
+        else ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd")
+    )
+    return all(int(sets.get(name, "1"), 16) == 0 for name in held)
 
 
 def _limit_resources() -> bool:  # pragma: no cover - runs in the worker

@@ -42,6 +42,7 @@ from typing import NamedTuple, NoReturn
 
 from thumbcli import formats, sandbox, unexpected, wire
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
+from thumbcli.workerlog import WorkerStderr
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class ResampleWorker:
         #: The core the worker (and libvips' thread in it) runs on; None: wherever the kernel puts it.
         self._cpu = cpu
         self._process: subprocess.Popen[bytes] | None = None
+        self._stderr = WorkerStderr()
         self._requests = -1
         self._replies = -1
         #: The memory files that carry the source bytes, their sizes, and those not in use.
@@ -208,7 +210,7 @@ class ResampleWorker:
         try:
             if self._process is None:
                 self._start()
-            outcome = self._await_reply(abandon)
+            outcome = self._with_what_it_said(self._await_reply(abandon))
         except BaseException as exc:
             self._give_up(exc)
             raise
@@ -233,6 +235,7 @@ class ResampleWorker:
                 process.wait()
             os.close(self._replies)
             self._process = None
+        self._stderr.close()
         for fd in self._slots:
             os.close(fd)
         self._slots, self._slot_sizes = [], []
@@ -275,6 +278,7 @@ class ResampleWorker:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
             raise WorkerBug(f"a resample worker could not start: {exc}") from None
+        stderr_write = self._stderr.open()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
@@ -290,6 +294,7 @@ class ResampleWorker:
                 executable=_SELF if os.path.exists(_SELF) else None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
+                stderr=stderr_write,  # what a decoder says goes with its file, to the fail log
                 pass_fds=(request_read, reply_write, *self._slots),
                 env=_worker_environment(layers),
             )
@@ -300,6 +305,7 @@ class ResampleWorker:
         finally:
             os.close(request_read)
             os.close(reply_write)
+            os.close(stderr_write)
         self._requests, self._replies = request_write, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
@@ -308,7 +314,8 @@ class ResampleWorker:
         if greeting is None or greeting[:1] != _READY:
             status = self._kill()
             why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
-            raise WorkerBug(f"a resample worker could not start: {why} (see its output above)")
+            said = self._stderr.take()
+            raise WorkerBug(f"a resample worker could not start: {why}" + (f": it said: {said}" if said else ""))
         self.confinement = tuple(layer for bit, layer in enumerate(sandbox.LAYERS) if greeting[1] & (1 << bit))
         sandbox.warn_of_missing_layers(layers, self.confinement)
         log.debug("started resample worker %d", self._process.pid)
@@ -327,6 +334,7 @@ class ResampleWorker:
         seconds = self._limits.max_decode_seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
+        poller.register(self._stderr.fd, select.POLLIN)
         while True:
             try:
                 reply = self._next_reply()
@@ -340,7 +348,10 @@ class ResampleWorker:
             if left <= 0:
                 self._kill()
                 return WorkerOutcome([], f"timed out after {seconds:g} s")
-            if not poller.poll(min(left, _WATCH_SECONDS) * 1000):
+            ready = [fd for fd, _ in poller.poll(min(left, _WATCH_SECONDS) * 1000)]
+            if self._stderr.fd in ready and not self._stderr.drain():
+                poller.unregister(self._stderr.fd)  # the worker closed it: it is ending
+            if self._replies not in ready:
                 if abandon is not None and abandon():
                     self._kill()
                     return WorkerOutcome([], "abandoned", abandoned=True)
@@ -404,6 +415,13 @@ class ResampleWorker:
         self._process = None
         self._inbox.clear()
         return status
+
+    def _with_what_it_said(self, outcome: WorkerOutcome) -> WorkerOutcome:
+        """The outcome, with what the worker wrote on stderr meanwhile added to the detail of a failure or warning."""
+        said = self._stderr.take()
+        if not said or not (outcome.reason or outcome.warning):
+            return outcome
+        return outcome._replace(detail=f"{outcome.detail} [the decoder said: {said}]".strip())
 
 
 def confinement_here() -> tuple[sandbox.Layer, ...]:

@@ -38,6 +38,7 @@ from thumbcli.cli.options import (
     grouped_options,
     json_option,
     limit_options,
+    no_sandbox_option,
     quiet_option,
     wait_option,
 )
@@ -233,6 +234,7 @@ run_options = grouped_options(
 )
 @quiet_option("No progress bar and no summary; failures are still printed.")
 @debug_option("Debug logging and tracebacks.")
+@no_sandbox_option
 @click.pass_obj
 @exits_on_errors
 @walk_options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -181,6 +182,23 @@ def quiet_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def debug_option(help_text: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return click.option("--debug", is_flag=True, help=help_text)
+
+
+def _unsandboxed(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # the workers read it where they start, whichever driver starts them
+        from thumbcli.sandbox import SETTING  # only then: the command line never loads ctypes for it
+
+        os.environ[SETTING] = "none"
+
+
+#: For debugging a decoder only: the resample workers run without their sandbox (and it is said loudly).
+no_sandbox_option = click.option(
+    "--no-sandbox",
+    is_flag=True,
+    expose_value=False,
+    callback=_unsandboxed,
+    help="Debugging only: decode untrusted files in UNSANDBOXED resample workers (as THUMBCLI_SANDBOX=none).",
+)
 
 
 _LIMITS = Limits()

@@ -31,6 +31,7 @@ from thumbcli.cli.options import (
     exits_on_errors,
     fail,
     limit_options,
+    no_sandbox_option,
 )
 
 _SERVE_DEFAULTS: dict[str, Any] = {
@@ -85,6 +86,7 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
     "--strict", is_flag=True, help="With --source: refuse damaged images instead of thumbnailing what decodes."
 )
 @debug_option("Debug logging.")
+@no_sandbox_option
 @click.pass_obj
 @exits_on_errors
 @limit_options("With --source")
