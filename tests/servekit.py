@@ -47,6 +47,7 @@ CLI_FLAGS = {
     "max_decode_time": "--max-decode-time",
     "strict": "--strict",  # a flag: given when true
     "browse": "--browse",  # a flag: given when true
+    "user": "--user",
 }
 
 

@@ -17,6 +17,7 @@ from thumbcli.config import (
 )
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
+from thumbcli.serve.account import Account, account_to_become
 from thumbcli.serve.options import ServeOptions
 from thumbcli.spec import Limits, ThumbSpec
 
@@ -58,6 +59,11 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
 @_serve_option("--idle-timeout", type=Duration(), help="Keep-alive idle seconds.")
 @_serve_option("--send-timeout", type=Duration(), help="Drop a response stalled this long.")
 @_serve_option("--grace-period", type=Duration(), help="Drain time on SIGTERM.")
+@click.option(
+    "--user",
+    metavar="NAME",
+    help="Started as root: bind the ports, then run the HTTP workers as this user.  [default: no switch]",
+)
 @click.option("--no-sendfile", is_flag=True, help="Send bodies with plain writes instead of sendfile(2).")
 @click.option("--browse", is_flag=True, help="Gallery pages for folder URLs (off: a shop's catalogue stays unlisted).")
 @click.option(
@@ -100,6 +106,7 @@ def serve(
     presets: tuple[str, ...],
     debug: bool,
     limits: Limits,
+    user: str | None,
     **listening: Any,
 ) -> None:
     """Serve the thumbnails in CACHE over HTTP: /<preset>/<source path>."""
@@ -107,6 +114,7 @@ def serve(
     from thumbcli.serve.supervisor import serve as run_server
 
     configure_logging(debug)
+    account = _account(user)
     sources = _serve_named_sources(config, source_root, named_sources)
     _require_cache_folder(cache_root, create=source_root is not None or bool(sources))
 
@@ -123,6 +131,7 @@ def serve(
         presets=_serve_presets(config, source_root is not None or bool(sources), presets),
         decode_for=tuple(config.presets.values()),
         limits=limits,
+        user=account,
         **listening,
     )
     try:
@@ -130,6 +139,16 @@ def serve(
     except OSError as exc:
         fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}", ExitCode.CANNOT_RUN)
     sys.exit(code)
+
+
+def _account(user: str | None) -> Account | None:
+    """The account `--user` names, looked up before anything starts; a name that cannot be used is a usage error."""
+    if user is None:
+        return None
+    try:
+        return account_to_become(user)
+    except SpecError as exc:  # one line, as a config error: no usage text to bury it under
+        fail(str(exc), ExitCode.USAGE)
 
 
 def _require_cache_folder(cache_root: Path, *, create: bool) -> None:

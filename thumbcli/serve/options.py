@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thumbcli.errors import SpecError
+from thumbcli.serve.account import Account
 from thumbcli.spec import Limits, ThumbSpec
 
 MAX_WORKERS = 256
@@ -51,6 +52,9 @@ class ServeOptions:
     generators: int = 2  # per worker: threads making thumbnails, each with a resample worker process
     limits: Limits = field(default_factory=Limits)  # per source, as in generate
     strict: bool = False  # refuse damaged sources instead of thumbnailing what decodes, as in generate
+    # Started as root: the HTTP workers (and the resample workers they start) run as this
+    # account once the ports are bound; None: as whoever started the server.
+    user: Account | None = None
     # A request waits for its thumbnail at most `send_timeout` seconds, then gets 503 + Retry-After.
 
     def __post_init__(self) -> None:

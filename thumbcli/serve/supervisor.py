@@ -7,6 +7,7 @@ forwards SIGTERM/SIGINT, and replaces a worker that dies, as gunicorn's arbiter 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import select
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 from thumbcli.cache import load_manifest, presets_of, read_manifest
 from thumbcli.errors import CannotRunError, ExitCode
+from thumbcli.serve.account import become, check_account_can_serve
 from thumbcli.serve.metrics import MetricsBoard
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.signals import StopSignals
@@ -26,6 +28,16 @@ from thumbcli.spec import ThumbSpec
 log = logging.getLogger(__name__)
 
 Listeners = tuple[socket.socket, socket.socket | None]
+
+#: What generate-on-miss imports on first use, loaded before a worker switches to --user: an
+#: interpreter installed where the user cannot read (under /root) could not load it after.
+_LOADED_BEFORE_SWITCHING = (
+    "concurrent.futures.thread",
+    "thumbcli.make.ondemand",
+    "thumbcli.make.pool",
+    "thumbcli.targets.served",
+    "thumbcli.workers",
+)
 
 
 def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -62,6 +74,25 @@ def _open_listeners(host: str, port: int, admin_port: int | None, reuse_port: bo
         listener.close()
         raise
     return listener, admin
+
+
+def _worker_listeners(options: ServeOptions, port: int, admin_port: int | None, reuse_port: bool) -> Listeners:
+    """A worker's listening sockets; then, with --user, the worker becomes that user for good.
+
+    Bound first, as root: a port below 1024 needs root, and SO_REUSEPORT joins only sockets
+    of the same user (the supervisor's holders are root's).
+    """
+    listeners = _open_listeners(options.host, port, admin_port, reuse_port)
+    if options.user is not None:
+        try:
+            if options.on_demand_sources:
+                for module in _LOADED_BEFORE_SWITCHING:
+                    importlib.import_module(module)
+            become(options.user)
+        except BaseException:
+            _close_all(*listeners)
+            raise
+    return listeners
 
 
 def _close_all(*socks: socket.socket | None) -> None:
@@ -116,9 +147,17 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
                 raise CannotRunError(f"{root}: source is not a directory")
         if not os.access(options.cache_root, os.W_OK | os.X_OK):
             raise CannotRunError(f"{options.cache_root}: not writable, and --source makes thumbnails there")
+    if options.user is not None:
+        check_account_can_serve(
+            options.user,
+            options.cache_root,
+            makes_thumbnails=bool(options.on_demand_sources),
+            sources=options.on_demand_sources.values(),
+            access_log=options.access_log,
+        )
     if options.workers > 1:
         return Supervisor(options).run(ready)
-    listeners = _open_listeners(options.host, options.port, options.admin_port, reuse_port=False)
+    listeners = _worker_listeners(options, options.port, options.admin_port, reuse_port=False)
     if listeners[1] is not None:
         log.info("admin endpoints on %s:%d", options.host, listeners[1].getsockname()[1])
     try:
@@ -137,7 +176,11 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
 
 
 class Supervisor:
-    """The parent of several workers: holds the ports, forwards signals, replaces dead workers."""
+    """The parent of several workers: holds the ports, forwards signals, replaces dead workers.
+
+    With --user it stays root, as nginx's master does: a replacement worker binds the port
+    again (below 1024 only root may) before it drops to the user. It reads no request.
+    """
 
     RESPAWN_LIMIT = 5  # deaths per minute before giving up
     READY_SECONDS = 30.0
@@ -200,7 +243,7 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _close_all(*self.inherited)
             options = self.options
-            listeners = _open_listeners(options.host, self.port, self.admin_port, reuse_port=True)
+            listeners = _worker_listeners(options, self.port, self.admin_port, reuse_port=True)
             worker = Worker(options, self.board, index, listeners, supervisor_pid=self.pid)
             os.write(ready_writer, b"r")
             own_signals = StopSignals(ignore_sigint=True)
