@@ -7,7 +7,6 @@ and a few hundred mutants of one small valid file of each supported format, from
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import random
 import shutil
@@ -21,7 +20,7 @@ import pytest
 import pyvips
 from imagekit import assert_clean_failure, draw_photo, make_photo, output_files, run_cli, save
 from PIL import Image, ImageOps
-from servekit import REPO_ROOT, ServerProcess, metrics, running_server
+from servekit import REPO_ROOT, ServerProcess, fetch, metrics, running_server
 from test_formats import make_dng, make_heic, make_jxl, make_video
 
 from thumbcli.errors import ExitCode
@@ -174,16 +173,6 @@ def test_a_jxl_with_malformed_exif_fails_in_one_line_naming_its_exif(tmp_path: P
 # -- serve --source --------------------------------------------------------------
 
 
-def get(server: ServerProcess, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 def generations(server: ServerProcess) -> dict[str, float]:
     values = metrics(server)
     counts = {event: values[f'thumbcli_generations_total{{event="{event}"}}'] for event in ("started", "failed")}
@@ -207,14 +196,14 @@ def test_serve_answers_a_good_photo_after_more_bad_sources_than_a_worker_has_slo
     # One generator thread: every request goes to the same resample worker and its SLOTS slots.
     with serve_source(tmp_path, src, generators=1) as server:
         for path in bad:
-            assert get(server, f"/small/{path.name}")[0] == 404
-        status, body = get(server, "/small/good.jpg")
+            assert fetch(server, f"/small/{path.name}")[0] == 404
+        status, body = fetch(server, "/small/good.jpg")
         assert status == 200
         assert pyvips.Image.new_from_buffer(body, "").width == 64
         assert generations(server) == {"started": len(bad) + 1, "failed": len(bad), "broken": 0}
-        assert get(server, "/healthz") == (200, b"ok\n")
+        assert fetch(server, "/healthz") == (200, b"ok\n")
         # Each is a known failure now: answered without decoding it again.
-        assert get(server, f"/small/{bad[0].name}")[0] == 404
+        assert fetch(server, f"/small/{bad[0].name}")[0] == 404
         assert generations(server)["started"] == len(bad) + 1
         log = "".join(server.stderr_lines)
     assert "Traceback" not in log, log
@@ -260,19 +249,19 @@ def test_serve_healthz_is_not_ok_while_its_decoder_pool_cannot_decode_and_recove
     flag.touch()
     env = {"PYTHONPATH": f"{shim}:{REPO_ROOT}"}
     with serve_source(tmp_path, src, env=env, generators=1) as server:
-        assert get(server, "/healthz") == (200, b"ok\n")
+        assert fetch(server, "/healthz") == (200, b"ok\n")
         # More misses than the worker has slots: each one's slot is given back after its failure.
         for photo in photos:
-            assert get(server, f"/small/{photo.name}")[0] == 500
-        status, body = get(server, "/healthz")
+            assert fetch(server, f"/small/{photo.name}")[0] == 500
+        status, body = fetch(server, "/healthz")
         assert (status, body) == (503, b"not ok: thumbnails cannot be made on a miss (see the server's log)\n")
         assert generations(server) == {"started": len(photos), "failed": len(photos), "broken": 1}
         assert "".join(server.stderr_lines).count(logged) == len(photos)
         flag.unlink()  # mended: the next miss gets a worker that decodes
-        status, body = get(server, f"/small/{photos[0].name}")
+        status, body = fetch(server, f"/small/{photos[0].name}")
         assert status == 200
         assert pyvips.Image.new_from_buffer(body, "").width == 64
-        assert get(server, "/healthz") == (200, b"ok\n")
+        assert fetch(server, "/healthz") == (200, b"ok\n")
         assert generations(server) == {"started": len(photos) + 1, "failed": len(photos), "broken": 0}
 
 
@@ -353,13 +342,13 @@ def test_serve_answers_every_sampled_mutant_with_a_thumbnail_or_404_and_a_valid_
 ) -> None:
     sample = sorted(path.name for path in (fuzzed / "mutants").iterdir())[::3]
     with serve_source(tmp_path, fuzzed, max_decode_time=2) as server:
-        statuses = [get(server, f"/small/mutants/{name}")[0] for name in sample]
+        statuses = [fetch(server, f"/small/mutants/{name}")[0] for name in sample]
         assert set(statuses) <= {200, 404}, dict(zip(sample, statuses, strict=True))
-        status, body = get(server, "/small/valid/a.jpg")
+        status, body = fetch(server, "/small/valid/a.jpg")
         assert status == 200
         assert pyvips.Image.new_from_buffer(body, "").width == 64
         assert generations(server) == {"started": len(sample) + 1, "failed": statuses.count(404), "broken": 0}
-        assert get(server, "/healthz") == (200, b"ok\n")
+        assert fetch(server, "/healthz") == (200, b"ok\n")
         log = "".join(server.stderr_lines)
     assert statuses.count(200) and statuses.count(404)
     assert "Traceback" not in log, log

@@ -70,7 +70,6 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
     return tuple(dict.fromkeys(specs))
 
 
-_DEFAULT_RUN = RunOptions(workers=1)
 _DEFAULT_SPEC = ThumbSpec(SizeBox(256, 256))
 
 
