@@ -7,9 +7,9 @@
 
 What it does, all locally and bounded (every command has a timeout):
 
-1. Makes --images 4000x3000 JPEGs (Q90) cut from real photographs (--corpus real,
-   bench/realphotos.py), or photo-like drawn ones (--corpus drawn: Q90, ~3 MB: blurred gradient,
-   shapes, low-frequency texture and fine sensor-like noise) in
+1. Makes --images camera JPEGs (Q90) cut from real photographs, 8 to 24 megapixels with EXIF and ICC
+   (--corpus real, bench/realphotos.py), or photo-like drawn 4000x3000 ones (--corpus drawn: Q90,
+   ~3 MB: blurred gradient, shapes, low-frequency texture and fine sensor-like noise) in
    WORKDIR/corpus-N-4000x3000-q90, cached between runs (a `.done` marker
    records the parameters).
 2. With --install: `apt-get update && apt-get install -y libvips-tools` (for
@@ -19,7 +19,7 @@ What it does, all locally and bounded (every command has a timeout):
      thumbcli        `thumbcli generate SRC -o FRESH_OUT -s ... --json --quiet`
      pyvips-naive    one process, one libvips thread, a sequential loop of
                      pyvips.Image.thumbnail(path, 256).write_to_file(out.jpg)
-     vips-xargs      find SRC -name '*.jpg' -print0 | xargs -0 -P CORES -n 8
+     vips-xargs      find SRC -name '*.jpg' -print0 | xargs -0 -P CORES -n 50
                      vipsthumbnail -s 256 -o OUT/%s.jpg
      pillow-pool     multiprocessing.Pool(CORES): Image.open, draft('RGB', box),
                      thumbnail(box), save JPEG q80
@@ -554,7 +554,7 @@ def main() -> None:
                 mk = f"mkdir -p {shlex.quote(str(dest))} && " if len(sizes) > 1 else ""
                 passes.append(
                     f"{mk}find {shlex.quote(str(src))} \\( -name '*.jpg' -o -name '*.png' \\) -print0 | "
-                    f"xargs -0 -P {n} -n 8 vipsthumbnail -s {s} -o {shlex.quote(str(dest))}/%s.jpg"
+                    f"xargs -0 -P {n} -n 50 vipsthumbnail -s {s} -o {shlex.quote(str(dest))}/%s.jpg"
                 )
             return " && ".join(passes)
 
@@ -631,7 +631,8 @@ def main() -> None:
         ts[:] = [t for t in ts if t in all_tools]
 
     # -- report --------------------------------------------------------------------------------
-    say(f"\nmedian of {args.repeat} runs, warm page cache, {n} cores, {count} sources of {WIDTH}x{HEIGHT} Q{QUALITY}")
+    what = "camera JPEGs of 8-24 MP (EXIF, ICC)" if photos else f"sources of {WIDTH}x{HEIGHT}"
+    say(f"\nmedian of {args.repeat} runs, warm page cache, {n} cores, {count} {what} Q{QUALITY}")
     say(
         "CPU s = user+sys of the process tree; RSS = peak of the largest single process; "
         "tree MB = peak of the summed RSS of the whole process tree"

@@ -6,8 +6,11 @@ downloads that Debian package (`apt-get download`: the package registry only), k
 wallpapers that are photographs (2560x1600 JPEGs: a jetty, boats at dusk, leaves, a forest
 path, paper cups, ...), and makes from them
 
-* camera-size JPEGs: 4000x3000 mosaics of four 2000x1500 crops at native resolution (no
-  upscaling, which would smooth them), Q90 with 4:2:0 chroma like a camera's; and
+* camera JPEGs, a mix as a photo library holds them: 8, 12, 16, 20 and 24 megapixels in turn,
+  mosaics of crops at native resolution (no upscaling, which would smooth them), Q90 with 4:2:0
+  chroma like a camera's. About one in five is a portrait: half of those stored upright, half
+  stored landscape with EXIF orientation 6 as phones do; every one carries an sRGB ICC profile
+  and EXIF, as phone and camera originals do; and
 * small images: 320x240 cuts of each photo shrunk by a random factor (1/2 to 1/6), half
   JPEG Q85 and half PNG, like a web shop's product pictures.
 
@@ -44,7 +47,11 @@ PHOTOS = (
     "Path",
     "summer_1am",
 )
-_VERSION = 1  # of the recipes below: a corpus made by another is made again
+_VERSION = 2  # of the recipes below: a corpus made by another is made again
+#: The camera sizes, in turn: 8, 12, 16, 20 and 24 megapixels (4:3, and 3:2 for the largest).
+CAMERA_SIZES = ((3264, 2448), (4000, 3000), (4608, 3456), (5184, 3888), (6000, 4000))
+#: Largest crop of a 2560x1600 wallpaper a mosaic tile may be.
+_TILE = (2400, 1500)
 Job = tuple[str, list[str], int]  # output path, photographs, seed
 
 
@@ -80,15 +87,27 @@ def _camera(job: Job) -> None:
 
     path, photos, seed = job
     rnd = random.Random(seed)
+    width, height = CAMERA_SIZES[seed % len(CAMERA_SIZES)]
+    across, down = -(-width // _TILE[0]), -(-height // _TILE[1])
+    tile_w, tile_h = -(-width // across), -(-height // down)
     tiles = []
-    for _ in range(4):
+    for _ in range(across * down):
         photo = pyvips.Image.new_from_file(rnd.choice(photos))
         if rnd.random() < 0.5:
             photo = photo.fliphor()
-        left, top = rnd.randrange(photo.width - 2000 + 1), rnd.randrange(photo.height - 1500 + 1)
-        tiles.append(photo.crop(left, top, 2000, 1500))
-    image = pyvips.Image.arrayjoin(tiles, across=2)
-    image.jpegsave(path + ".part", Q=90, subsample_mode="on", keep="none")
+        left, top = rnd.randrange(photo.width - tile_w + 1), rnd.randrange(photo.height - tile_h + 1)
+        tiles.append(photo.crop(left, top, tile_w, tile_h))
+    image = pyvips.Image.arrayjoin(tiles, across=across).crop(0, 0, width, height)
+    orientation = 1
+    if rnd.random() < 0.2:  # a portrait: upright pixels, or landscape pixels turned by EXIF as a phone stores them
+        if rnd.random() < 0.5:
+            image = image.rot90()
+        else:
+            orientation = 6
+    image = image.icc_transform("srgb", embedded=False, input_profile="srgb")  # attaches the sRGB profile
+    image = image.copy()
+    image.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+    image.jpegsave(path + ".part", Q=90, subsample_mode="on", keep="icc,exif")
     os.replace(path + ".part", path)
 
 
@@ -118,8 +137,8 @@ def _make(corpus: Path, params: dict[str, object], jobs: list[Job], work: Callab
 
 
 def camera_corpus(workdir: Path, photos: list[Path], count: int) -> Path:
-    """`count` 4000x3000 JPEGs (Q90) in WORKDIR/real-COUNT-4000x3000-q90."""
-    corpus = workdir / f"real-{count}-4000x3000-q90"
+    """`count` camera JPEGs of 8 to 24 megapixels (Q90, EXIF and ICC, some portrait) in WORKDIR/real-mix-COUNT-q90."""
+    corpus = workdir / f"real-mix-{count}-q90"
     names = [str(p) for p in photos]
     jobs = [(str(corpus / f"photo_{i:04d}.jpg"), names, 9000 + i) for i in range(count)]
     return _make(corpus, {"count": count, "version": _VERSION}, jobs, _camera)
