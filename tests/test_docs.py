@@ -128,3 +128,17 @@ def test_readme_starts_cluster_processes_with_the_settings_a_local_cluster_gets(
     exported = re.search(r"^export (.+?)\n(?!\s)", README, re.MULTILINE | re.DOTALL)
     assert exported is not None, "the cluster section exports Dask's settings"
     assert dict(item.split("=", 1) for item in exported[1].replace("\\\n", " ").split()) == CLUSTER_SETTINGS
+
+
+def test_completion_offers_the_configs_presets_and_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    phone, card = tmp_path / "phone", tmp_path / "card"
+    config = tmp_path / "thumbcli.toml"
+    config.write_text(
+        f'[sources]\nphone = "{phone}"\ncard = "{card}"\n'
+        '[presets.small]\nsize = "64"\n[presets.large]\nsize = "512"\n[presets.square]\nsize = "128"\n'
+    )
+    monkeypatch.setenv("THUMBCLI_CONFIG", str(config))
+    assert _complete(["generate", "--preset"], "s") == ["small", "square"]
+    assert _complete(["serve", str(tmp_path), "--preset"], "") == ["small", "large", "square"]
+    assert _complete(["--config", str(config), "generate", "-p"], "l") == ["large"]
+    assert _complete(["generate"], str(tmp_path / "ph"))[0] == str(phone)

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 from thumbcli.cli.options import (
     Duration,
     Shard,
+    complete_presets,
+    complete_sources,
     configure_logging,
     debug_option,
     dry_run_option,
@@ -166,7 +168,7 @@ run_options = grouped_options(
 
 
 @click.command()
-@click.argument("sources", nargs=-1, type=click.Path(path_type=str))
+@click.argument("sources", nargs=-1, type=click.Path(path_type=str), shell_complete=complete_sources)
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
 )
@@ -183,7 +185,15 @@ run_options = grouped_options(
     type=click.Choice(["normal", "large", "x-large", "xx-large"]),
     help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
 )
-@click.option("-p", "--preset", "presets", multiple=True, metavar="NAME", help="A preset from the config; repeatable.")
+@click.option(
+    "-p",
+    "--preset",
+    "presets",
+    multiple=True,
+    metavar="NAME",
+    shell_complete=complete_presets,
+    help="A preset from the config; repeatable.",
+)
 @click.option(
     "-s",
     "--size",

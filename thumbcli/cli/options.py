@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
+from click.shell_completion import CompletionItem
 
 from thumbcli.cluster import DASK_LOGGERS
-from thumbcli.config import (
-    ConfigError,
-)
+from thumbcli.config import Config, ConfigError, find_config, load_config
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.spec import Limits
 
@@ -156,6 +155,28 @@ def with_flags(exc: SpecError) -> str:
     if len(flags) == 1:
         return f"{flags[0]}: {exc}"
     return f"{exc} ({', '.join(flags)})" if flags else str(exc)
+
+
+def _config_of(ctx: click.Context) -> Config:
+    """The config the command line being completed names (--config, $THUMBCLI_CONFIG, the usual places)."""
+    path = find_config(ctx.find_root().params.get("config_path"))
+    try:
+        return load_config(path) if path is not None else Config()
+    except (ConfigError, OSError):
+        return Config()  # completion says nothing rather than an error
+
+
+def complete_presets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The config's preset names, for --preset."""
+    return [CompletionItem(name) for name in _config_of(ctx).presets if name.startswith(incomplete)]
+
+
+def complete_sources(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The config's sources (named or listed), then whatever files the shell would offer."""
+    config = _config_of(ctx)
+    paths = [*config.sources.values(), *config.defaults.get("generate", {}).get("sources", [])]
+    found = [CompletionItem(path) for path in dict.fromkeys(paths) if path.startswith(incomplete)]
+    return found + param.type.shell_complete(ctx, param, incomplete)
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:

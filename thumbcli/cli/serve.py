@@ -27,6 +27,7 @@ from thumbcli.cli.options import (
     Duration,
     P,
     R,
+    complete_presets,
     configure_logging,
     debug_option,
     exits_on_errors,
@@ -78,7 +79,12 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
     help="Make them on request from the config's [sources], each under /<preset>/<name>/.",
 )
 @click.option(
-    "--preset", "presets", multiple=True, metavar="NAME", help="With --source: presets to make (default: all)."
+    "--preset",
+    "presets",
+    multiple=True,
+    metavar="NAME",
+    shell_complete=complete_presets,
+    help="With --source: presets to make (default: all).",
 )
 @_serve_option(
     "--max-pending", type=click.IntRange(1), help="With --source: generations in flight per worker; past it, 503."
