@@ -77,3 +77,15 @@ def test_progress_of_a_dask_run_shows_the_total_once_the_walk_is_over(tmp_path: 
     assert drawn, f"no bar with a total was drawn: {frames}"
     assert {int(match.group(3)) for match in drawn} == {12}
     assert (int(drawn[-1].group(1)), drawn[-1].group(2)) == (100, "12")
+
+
+def test_progress_shows_the_total_while_most_files_are_still_to_be_made(tmp_path: Path) -> None:
+    # The walk of 120 files takes milliseconds and their making seconds: the total is known early,
+    # not once the last files are queued behind the bounded queues.
+    for index in range(120):
+        make_photo(tmp_path / "src" / f"p{index:03}.jpg", 400, 300, seed=index)
+    code, frames = run_on_a_terminal(["generate", "src", "-o", "out", "-s", "64", "-j", "1"], tmp_path)
+    assert code == 0, frames
+    drawn = [match for frame in frames if (match := FRAME.search(frame))]
+    assert drawn, f"no bar with a total was drawn: {frames}"
+    assert int(drawn[0].group(2)) <= 60, drawn[0].string  # files done when the total first shows

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DONE = None  # queue sentinel: no more work for this stage
+#: Planned files the walk may run ahead of the loaders (about 20 MB of plans): a tree of up to this many
+#: files to make is walked to its end at once, so the progress bar shows the total and an ETA early.
+RUN_AHEAD = 50_000
 #: Seconds that files in flight may take to finish once --max-time is up, before their decodes are abandoned.
 ABANDON_SECONDS = 5.0
 #: Files sent to a worker ahead of its replies: it has the next in its pipe while we turn the last around.
@@ -110,6 +113,7 @@ class Pipeline:
         self._tally = RunTally(on_found, on_skipped, on_result)
         self._crash: BaseException | None = None
         depth = run.queue_depth
+        self._plan_queue: queue.Queue[_Loaded | None] = queue.Queue(RUN_AHEAD)
         self._load_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
@@ -143,7 +147,7 @@ class Pipeline:
         return run
 
     def _drain_all(self) -> None:
-        for q in (self._load_queue, self._resample_queue, self._write_queue):
+        for q in (self._plan_queue, self._load_queue, self._resample_queue, self._write_queue):
             try:
                 while True:
                     job = q.get_nowait()
@@ -154,18 +158,12 @@ class Pipeline:
                 pass
 
     def _walker(self, walk: SplitWalk) -> None:
+        """Walk and plan, up to RUN_AHEAD files ahead of the feeder; missing thumbnails before stale ones."""
         stale: list[Job] = []
-        queued = 0
-        max_files = self._run.max_files
 
         def enqueue(source: SourceFile, specs: tuple[ThumbSpec, ...]) -> bool:
-            nonlocal queued
-            if max_files is not None and queued >= max_files:
-                self.stop("max-files")
-                return False
-            queued += 1
-            self._put(self._load_queue, _Loaded(source, specs))
-            return True
+            self._put(self._plan_queue, _Loaded(source, specs))
+            return not self._stop.is_set()
 
         for batch in walk:
             if self._stop.is_set():
@@ -194,6 +192,17 @@ class Pipeline:
         for source, specs in stale:
             if self._stop.is_set() or not enqueue(source, specs):
                 break
+
+    def _feeder(self) -> None:
+        """Hand the planned files to the loaders, within --max-files."""
+        queued = 0
+        max_files = self._run.max_files
+        while (job := self._get(self._plan_queue)) is not _DONE:
+            if max_files is not None and queued >= max_files:
+                self.stop("max-files")
+                continue  # taken and dropped, so that a walk still planning never waits on a full queue
+            queued += 1
+            self._put(self._load_queue, job)
 
     def _put(self, q: queue.Queue[_Loaded | None], item: _Loaded | None) -> None:
         # A timeout loop instead of a plain blocking put, so a crash elsewhere cannot wedge us.
@@ -342,7 +351,8 @@ class Pipeline:
             return threads
 
         stages = [
-            (start([functools.partial(self._walker, walk)], "walker"), self._load_queue, options.loaders),
+            (start([functools.partial(self._walker, walk)], "walker"), self._plan_queue, 1),
+            (start([self._feeder], "feeder"), self._load_queue, options.loaders),
             (start([self._loader] * options.loaders, "loader"), self._resample_queue, options.workers),
             (start([self._resampler] * options.workers, "resample"), self._write_queue, options.writers),
             (start([self._writer] * options.writers, "writer"), None, 0),
