@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
+from imagekit import run_cli
 from servekit import (
     READY_LINE,
     REPO_ROOT,
@@ -604,6 +605,18 @@ def test_serve_writes_combined_access_log(cache: Path, tmp_path: Path) -> None:
     )
     assert re.fullmatch(combined + rf'{size} "http://ref/" "tester \\x221\\x22"', lines[0])
     assert '"GET /small/missing.jpg HTTP/1.1" 404 10 "-" "-"' in lines[1]
+
+
+def test_serve_never_appends_to_an_access_log_planted_as_a_symlink(cache: Path, tmp_path: Path) -> None:
+    target = tmp_path / "not-a-log"
+    target.write_text("precious\n")
+    (tmp_path / "access.log").symlink_to(target)
+    run = run_cli("serve", cache, "--port", "0", "--access-log", tmp_path / "access.log", timeout=30)
+    assert run.rc == 3
+    assert run.stderr.splitlines() == [
+        f"thumbcli: error: {tmp_path / 'access.log'}: cannot open access log: {tmp_path / 'access.log'} is a symlink"
+    ]
+    assert target.read_text() == "precious\n"
 
 
 def test_serve_notices_manifest_change(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from thumbcli.errors import CannotRunError
+from thumbcli.fsutil import open_for_append
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class AccessLog:
             self._fd = sys.stderr.fileno()
         else:
             try:
-                self._fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # Never through a symlink at its name: a server started as root must not append to its target.
+                self._fd = open_for_append(destination)
             except OSError as exc:
                 raise CannotRunError(f"{destination}: cannot open access log: {exc}") from exc
         self._lines: list[bytes] = []
