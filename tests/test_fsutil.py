@@ -74,6 +74,19 @@ def test_an_empty_temporary_file_an_instant_old_is_left_to_the_writer_about_to_l
     assert not fresh.exists()
 
 
+def test_orphaned_temporary_files_are_never_removed_through_a_symlinked_folder(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "256").mkdir(parents=True)
+    (root / "256" / "album").symlink_to(elsewhere)
+    stranger = elsewhere / f"{TEMP_PREFIX}someone-elses"
+    stranger.write_bytes(b"theirs")
+    past = time.time() - 5
+    os.utime(stranger, (past, past))
+    assert remove_orphaned_temporary_files(root, "256/album") == 0
+    assert stranger.read_bytes() == b"theirs"
+
+
 def test_write_atomically_refuses_a_symlinked_folder_and_a_dotdot_naming_them(tmp_path: Path) -> None:
     root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -255,36 +255,40 @@ class RunLock:
         os.close(self._fd)
 
 
-def remove_orphaned_temporary_files(folder: str) -> int:
-    """Unlink the temporary files in `folder` whose writer is gone (no one holds them locked); return how many.
+def remove_orphaned_temporary_files(root: str | os.PathLike[str], reldir: str = "") -> int:
+    """Unlink the temporary files in `reldir` below `root` whose writer is gone (no one holds them locked).
 
     A write in progress holds its temporary file locked, on this host or another sharing the
     filesystem, so it is never taken. For a rerun of a cluster task whose worker was killed.
+    The folder is reached as writes reach it (`open_folder`): a symlink below `root` is not followed.
+    Returns how many were removed.
     """
     try:
-        names = [name for name in os.listdir(folder) if is_temporary_name(name)]
+        folder = open_folder(root, reldir, create=False)
     except OSError:
         return 0
     removed = 0
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            # Read-write: over NFS an exclusive lock needs a file open for writing.
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue  # renamed or removed meanwhile
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(fd)
-            if st.st_size == 0 and time.time() - st.st_mtime < 1:
-                continue  # perhaps created an instant ago by a writer about to lock it
-            if st.st_ino == os.lstat(path).st_ino:
-                os.unlink(path)
-                removed += 1
-        except OSError:
-            continue  # held by a live writer, or gone
-        finally:
-            os.close(fd)
+    try:
+        for name in [name for name in os.listdir(folder) if is_temporary_name(name)]:
+            try:
+                # Read-write: over NFS an exclusive lock needs a file open for writing.
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            except OSError:
+                continue  # renamed or removed meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.fstat(fd)
+                if st.st_size == 0 and time.time() - st.st_mtime < 1:
+                    continue  # perhaps created an instant ago by a writer about to lock it
+                if st.st_ino == os.lstat(name, dir_fd=folder).st_ino:
+                    os.unlink(name, dir_fd=folder)
+                    removed += 1
+            except OSError:
+                continue  # held by a live writer, or gone
+            finally:
+                os.close(fd)
+    finally:
+        os.close(folder)
     return removed
 
 

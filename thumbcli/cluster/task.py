@@ -183,7 +183,7 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     )
     # A rerun of a task whose worker was killed finds that attempt's temporary files here.
     for folder in task.records:
-        remove_orphaned_temporary_files(os.path.join(destination.root, folder))
+        remove_orphaned_temporary_files(destination.root, folder)
     with _heap_kept:
         return _TaskRun(task, target, records).run()
 
