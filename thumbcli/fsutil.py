@@ -10,6 +10,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from thumbcli.discover import display_path
@@ -78,6 +79,16 @@ def open_folder(root: str | os.PathLike[str], reldir: str, *, dir_mode: int = 0o
             os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def folder_beneath(root: str | os.PathLike[str], reldir: str, *, create: bool = True) -> Iterator[int]:
+    """`open_folder` for the length of a block: the descriptor is closed at its end."""
+    folder = open_folder(root, reldir, create=create)
+    try:
+        yield folder
+    finally:
+        os.close(folder)
 
 
 def _open_child(parent: int, name: str, shown: str, dir_mode: int | None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -135,6 +136,14 @@ class Thumbnail:
     source_width: int
     source_height: int
     source_format: str
+
+
+def by_preset(specs: Iterable[ThumbSpec]) -> dict[str, tuple[ThumbSpec, ...]]:
+    """Specs grouped by preset name, in order: a preset made in several formats has one spec per format."""
+    grouped: dict[str, tuple[ThumbSpec, ...]] = {}
+    for spec in specs:
+        grouped[spec.name] = (*grouped.get(spec.name, ()), spec)
+    return grouped
 
 
 def total_memory() -> int:

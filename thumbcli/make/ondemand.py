@@ -24,7 +24,7 @@ from thumbcli.discover import SourceFile, is_image_name
 from thumbcli.make.engine import SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult
-from thumbcli.spec import Limits, ThumbSpec
+from thumbcli.spec import Limits, ThumbSpec, by_preset
 from thumbcli.targets.state import StateError
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ class OnDemand:
         #: URL segment after the preset -> source root; a lone unnamed root (a Path) is under "": no such segment.
         self._sources = {"": sources} if isinstance(sources, Path) else dict(sources)
         #: Preset name -> its specs, one per format: a miss makes them all, from one decode.
-        self._presets: dict[str, tuple[ThumbSpec, ...]] = {}
-        for spec in presets:
-            self._presets[spec.name] = (*self._presets.get(spec.name, ()), spec)
+        self._presets = by_preset(presets)
         self._limits = limits or Limits()
         # The cache's folder of each named root is its name, as `generate` makes it.
         folders = {str(root): name for name, root in self._sources.items()} if "" not in self._sources else None

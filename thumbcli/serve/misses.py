@@ -32,7 +32,7 @@ from thumbcli.serve.metrics import (
 )
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.protocol import Connection, Parked, Request
-from thumbcli.spec import Format
+from thumbcli.spec import Format, by_preset
 
 if TYPE_CHECKING:
     from thumbcli.make.ondemand import Completion, OnDemand, Outcome
@@ -90,9 +90,9 @@ class MissDesk:
         )
         self._checker = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="thumbcli-check")
         #: Each preset made on a miss, with its formats in the order the config lists them (the fallback last).
-        self.generated: dict[str, tuple[Format, ...]] = {}
-        for spec in options.presets:
-            self.generated[spec.name] = (*self.generated.get(spec.name, ()), spec.format)
+        self.generated: dict[str, tuple[Format, ...]] = {
+            name: tuple(spec.format for spec in specs) for name, specs in by_preset(options.presets).items()
+        }
         self._counters = counters
         counters[GENERATION_BROKEN_AT] = 0  # a worker started again after a crash starts with a new pool
         #: The requests for each thumbnail being checked, then for each being made; a later request joins them.

@@ -23,7 +23,7 @@ from thumbcli.serve.metrics import MetricsBoard
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.signals import StopSignals
 from thumbcli.serve.worker import Worker
-from thumbcli.spec import ThumbSpec
+from thumbcli.spec import by_preset
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ def describe(options: ServeOptions, port: int) -> list[str]:
     url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     entries = load_manifest(options.cache_root, strict=False)
     formats = presets_of(entries)
-    made: dict[str, list[ThumbSpec]] = {}
-    for spec in options.presets:
-        made.setdefault(spec.name, []).append(spec)
+    made = by_preset(options.presets)
     presets = [f"{name} ({entries[name].get('size', '?')}, {', '.join(formats[name])})" for name in sorted(formats)]
     presets += [
         f"{name} ({specs[0].box.label}, {', '.join(spec.format for spec in specs)})"

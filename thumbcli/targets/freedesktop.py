@@ -26,6 +26,7 @@ from thumbcli.formats import mimetype_of
 from thumbcli.fsutil import (
     OutsideRootError,
     RunLock,
+    folder_beneath,
     is_temporary_name,
     open_folder,
     remove_beneath,
@@ -151,20 +152,14 @@ STATE_NAME = f"{PRIVATE_DIR}/freedesktop-state.sqlite"
 
 def _run_lock(root: Path, *, wait: bool) -> RunLock:
     """The run lock of a thumbnail root, taken (see `lock_path`)."""
-    folder = open_folder(root.parent, PRIVATE_DIR)
-    try:
+    with folder_beneath(root.parent, PRIVATE_DIR) as folder:
         return RunLock(folder, LOCK_NAME.rpartition("/")[2], lock_path(root), wait=wait)
-    finally:
-        os.close(folder)
 
 
 def _state_store(root: Path) -> StateStore:
     """The folder signatures of a thumbnail root (see `state_path`)."""
-    folder = open_folder(root.parent, PRIVATE_DIR)
-    try:
+    with folder_beneath(root.parent, PRIVATE_DIR) as folder:
         return StateStore(folder, STATE_NAME.rpartition("/")[2], state_path(root))
-    finally:
-        os.close(folder)
 
 
 def lock_path(root: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from thumbcli import cache
 from thumbcli.fsutil import rename_beneath
-from thumbcli.spec import ThumbSpec
+from thumbcli.spec import ThumbSpec, by_preset
 from thumbcli.targets.plan import Removal
 from thumbcli.targets.state import Origin
 from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
@@ -56,10 +56,7 @@ class CacheDirectory(OutputTree):
 
     def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
         """Write the manifest: `presets` with this run's specs entered (or, without `replace`, only those it lacks)."""
-        by_name: dict[str, list[ThumbSpec]] = {}
-        for spec in self.specs:
-            by_name.setdefault(spec.name, []).append(spec)
-        entries = {name: cache.manifest_entry(*specs) for name, specs in by_name.items()}
+        entries = {name: cache.manifest_entry(*specs) for name, specs in by_preset(self.specs).items()}
         cache.write_manifest(self.root, presets | entries if replace else entries | presets)
 
     def prune(

@@ -20,8 +20,8 @@ from thumbcli.fsutil import (
     TEMP_PREFIX,
     OutsideRootError,
     RunLock,
+    folder_beneath,
     is_temporary_name,
-    open_folder,
     remove_beneath,
     remove_if_abandoned,
     write_atomically,
@@ -173,13 +173,10 @@ class OutputTree:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             tag = f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""
-            private = open_folder(root, PRIVATE_DIR)
-            try:
+            with folder_beneath(root, PRIVATE_DIR) as private:
                 lock, state = f"lock{tag}", f"state{tag}.sqlite"
                 self._lock = RunLock(private, lock, root / PRIVATE_DIR / lock, wait=wait_for_lock) if locked else None
                 self._state: Records = records or StateStore(private, state, root / PRIVATE_DIR / state)
-            finally:
-                os.close(private)
         except OutsideRootError as exc:
             raise CannotRunError(f"{display_path(root)}: refusing the output folder: {exc}") from exc
         except StateError as exc:
