@@ -17,12 +17,11 @@ from thumbcli.config import (
 )
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, SpecError
-from thumbcli.serve.account import Account, account_to_become
 from thumbcli.serve.options import ServeOptions
 from thumbcli.spec import Limits, ThumbSpec
 
 if TYPE_CHECKING:
-    pass
+    from thumbcli.serve.account import Account
 from thumbcli.cli.options import (
     Duration,
     P,
@@ -151,6 +150,8 @@ def _account(user: str | None) -> Account | None:
     """The account `--user` names, looked up before anything starts; a name that cannot be used is a usage error."""
     if user is None:
         return None
+    from thumbcli.serve.account import account_to_become  # ctypes and subprocess: only for --user
+
     try:
         return account_to_become(user)
     except SpecError as exc:  # one line, as a config error: no usage text to bury it under

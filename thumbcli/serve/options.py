@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thumbcli.errors import SpecError
-from thumbcli.serve.account import Account
 from thumbcli.spec import Limits, ThumbSpec
+
+if TYPE_CHECKING:  # the module that switches accounts (ctypes, subprocess) loads only for `serve --user`
+    from thumbcli.serve.account import Account
 
 MAX_WORKERS = 256
 MAX_GENERATORS = 64
