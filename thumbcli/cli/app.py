@@ -59,13 +59,15 @@ from thumbcli.cli.serve import serve
 @exits_on_errors
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
-    from thumbcli.sandbox import SandboxSettingError, chosen_layers
+    setting = os.environ.get("THUMBCLI_SANDBOX")
+    if setting:  # unset means every layer: nothing to check, and start-up loads no ctypes for it
+        from thumbcli.sandbox import SandboxSettingError, chosen_layers
 
-    try:
-        # Checked here, where a typo is a usage error, rather than when the first worker starts.
-        chosen_layers(os.environ.get("THUMBCLI_SANDBOX"))
-    except SandboxSettingError as exc:
-        raise click.UsageError(str(exc)) from None
+        try:
+            # Checked here, where a typo is a usage error, rather than when the first worker starts.
+            chosen_layers(setting)
+        except SandboxSettingError as exc:
+            raise click.UsageError(str(exc)) from None
     path = find_config(config_path)
     config = load_config(path) if path is not None else Config()
     ctx.default_map = config_default_map(config, main) if config.path is not None else {}
