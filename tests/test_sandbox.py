@@ -10,6 +10,7 @@ worker sends back as the file's failure detail.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -62,6 +63,7 @@ PROBES = {
     "uid": 218,
     "read-private": 219,
     "thread-bomb": 220,
+    "parent-memory": 227,
     "reply-pickle": 221,
     "reply-garbage": 222,
     "reply-extra-thumbnail": 223,
@@ -163,6 +165,7 @@ RUN = {{
     "say": lambda: os.write(2, b"libfoo: bad marker 0xd9 in the scan\\n") and "said",
     "read": lambda: len(open(os.path.join(SCRATCH, "existing"), "rb").read()),
     "read-private": lambda: len(open(os.path.join(SCRATCH, "private"), "rb").read()),
+    "parent-memory": lambda: os.close(os.open(f"/proc/{{os.getppid()}}/mem", os.O_RDONLY)),
     "uid": lambda: "/".join(map(str, os.getresuid() + os.getresgid())) + "+" + ",".join(map(str, os.getgroups())),
     "list": lambda: len(os.listdir(os.path.dirname(SCRATCH))),
     "reply-pickle": lambda: reply(pickle.dumps(("made", [Hostile()], "", ""))),
@@ -406,6 +409,7 @@ LAYER_ALONE = {
         "network": "shared",
         "caps": "some" if AS_ROOT else "none",  # CI and this machine run as root
         "read-private": "6",
+        **({"parent-memory": "ok"} if AS_ROOT else {}),  # elsewhere Yama may refuse it
     },
     "nonewprivs": {"status": "NoNewPrivs=1,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok"},
     "seccomp": {
@@ -423,6 +427,7 @@ LAYER_ALONE = {
     "user": {
         "status": "NoNewPrivs=0,Seccomp=0",
         "read-private": "EACCES" if AS_ROOT else "6",
+        **({"parent-memory": "EACCES"} if AS_ROOT else {}),
         "caps": "none",
         "network": "shared",
         "write": "EACCES" if AS_ROOT else "ok",
@@ -614,6 +619,54 @@ def test_generate_names_the_call_a_compromised_decoder_made_on_its_file_and_make
     assert (summary["made"], summary["failed"]) == (6, 1)
     assert len(output_files(out)) == 6
     assert "Traceback" not in stderr
+
+
+def errno_after(call: str, gdb: subprocess.CompletedProcess[str]) -> tuple[int, int]:
+    """What a `call_inside(pid, call)` that also printed errno returned: (result, errno)."""
+    values = re.findall(r"^\$\d+ = (-?\d+)$", gdb.stdout, re.MULTILINE)
+    assert len(values) == 2, (call, gdb.stdout, gdb.stderr)
+    return int(values[0]), int(values[1])
+
+
+def open_inside(pid: int, path: Path) -> tuple[int, int]:
+    """open(path, O_WRONLY | O_CREAT, 0644) made inside process `pid` through gdb: (its result, errno)."""
+    call = f'(int)open("{path}", {os.O_WRONLY | os.O_CREAT}, 420)'
+    command = ["gdb", "-p", str(pid), "-batch", "-nx", "-ex", f"call {call}", "-ex", "call *(int*)__errno_location()"]
+    gdb = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    return errno_after(call, gdb)
+
+
+@needs_gdb
+@needs_landlock
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_a_serve_worker_may_create_files_only_beneath_the_cache_and_still_generates_on_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sandboxed: bool
+) -> None:
+    if sandboxed:
+        monkeypatch.delenv(sandbox.SETTING, raising=False)
+    else:
+        monkeypatch.setenv(sandbox.SETTING, "none")
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    for name in ("a", "b"):
+        make_photo(src / f"{name}.jpg", 120, 80)
+    (tmp_path / "thumbcli.toml").write_text('[presets.small]\nsize = "64"\n')
+    outside = tmp_path / "outside"
+    with running_server(cache, config=tmp_path / "thumbcli.toml", source_root=src) as server:
+        assert fetch(server, "/small/a.jpg")[0] == 200
+        # What a flaw in the server's HTTP code could be made to do, inside the serving process.
+        opened_outside = open_inside(server.process.pid, outside)
+        opened_inside = open_inside(server.process.pid, cache / "inside")
+        assert fetch(server, "/small/b.jpg")[0] == 200
+    assert opened_inside[0] >= 0
+    assert (cache / "inside").exists()
+    if sandboxed:
+        assert opened_outside == (-1, errno.EACCES)
+        assert not outside.exists()
+    else:
+        assert opened_outside[0] >= 0
+        assert outside.exists()
+    made = sorted(path.name for path in (cache / "v1" / "small").iterdir())
+    assert made == ["a.jpg.jpg", "b.jpg.jpg"]
 
 
 def test_formats_names_the_sandbox_layers_in_force(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,7 +47,7 @@ class ForbiddenCallWatch:
         with parent_end:
             parent_end.setblocking(False)
             try:
-                _, fds, _, _ = socket.recv_fds(parent_end, 1, 1)
+                _, fds, _, _ = socket.recv_fds(parent_end, 1, 1, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, OSError):
                 return False
         if len(fds) != 1:
