@@ -32,8 +32,8 @@ rather than assumed:
 - `user`: a worker of a run started as root becomes an unprivileged user (THUMBCLI_SANDBOX_USER,
   `nobody` when unset) once its imports are done: the files only root may read are out of its
   reach, and it cannot signal, trace or open the /proc files of root's processes. Its interpreter
-  may live where that user cannot read (/root/.pyenv): it has loaded what it needs, and the
-  sources reach it as memory files it already holds. A run that is not root is unprivileged already.
+  may live where that user cannot read (/root/.pyenv): such a worker imports every decoder's wheel
+  first (`python_readable_by`), and the sources reach it as memory files it already holds. A run that is not root is unprivileged already.
 
 THUMBCLI_SANDBOX chooses them (THUMBCLI_SANDBOX_USER the user of `user`): unset or `all` for
 every layer, a comma-separated list of layers, or `none` (logged loudly).
@@ -52,6 +52,7 @@ import resource
 import socket
 import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from thumbcli import landlock
@@ -256,6 +257,29 @@ def account_for_workers(layers: Iterable[Layer]) -> tuple[int, int] | None:
     if uid == 0 or gid == 0:
         raise SandboxSettingError(f"{USER_SETTING}={name}: that is root's uid or group; name an unprivileged user")
     return uid, gid
+
+
+def python_readable_by(account: tuple[int, int]) -> bool:
+    """Whether `account` (uid, gid) may read every folder on sys.path, judged from the modes of it and its parents.
+
+    A worker switched to an account that cannot must import its decoders' wheels before it
+    switches (see `user`); one that can loads them when a file first needs them. ACLs are not
+    read: a folder an ACL opens is judged closed, which costs only an earlier import.
+    """
+    uid, gid = account
+    folders = {os.path.abspath(entry) for entry in sys.path if entry and os.path.isdir(entry)}
+    for folder in folders:
+        ancestors = [folder, *(str(parent) for parent in Path(folder).parents)]
+        for path in ancestors:
+            try:
+                info = os.stat(path)
+            except OSError:
+                return False
+            shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+            needed = 0o5 if path == folder else 0o1  # list the folder itself, search its parents
+            if (info.st_mode >> shift) & needed != needed:
+                return False
+    return True
 
 
 def confine(  # pragma: no cover - runs in the worker

@@ -519,8 +519,8 @@ def serve(
 
     resample.configure_libvips()
     resample.log_only_libvips_errors()
-    if account is not None:
-        # Its account may not be able to read where the interpreter and the wheels live: nothing loads later.
+    if account is not None and not sandbox.python_readable_by(account):
+        # Its account cannot read where the interpreter or the wheels live: nothing could load later.
         decoders.preload_every_wheel()
     if memory_ceiling:
         # The parent watches the resident size ten times a second and names the ceiling when it
