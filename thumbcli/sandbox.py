@@ -33,7 +33,8 @@ rather than assumed:
   `nobody` when unset) once its imports are done: the files only root may read are out of its
   reach, and it cannot signal, trace or open the /proc files of root's processes. Its interpreter
   may live where that user cannot read (/root/.pyenv): such a worker imports every decoder's wheel
-  first (`python_readable_by`), and the sources reach it as memory files it already holds. A run that is not root is unprivileged already.
+  first (`python_readable_by`), and the sources reach it as memory files it already holds. A run
+  that is not root is unprivileged already.
 
 THUMBCLI_SANDBOX chooses them (THUMBCLI_SANDBOX_USER the user of `user`): unset or `all` for
 every layer, a comma-separated list of layers, or `none` (logged loudly).
