@@ -239,11 +239,12 @@ if BREAK == "decode":
     ],
 )
 def test_serve_healthz_is_not_ok_while_its_decoder_pool_cannot_decode_and_recovers_with_it(
-    tmp_path: Path, breakage: str, logged: str
+    tmp_path: Path, shared_tmp: Path, breakage: str, logged: str
 ) -> None:
     src = tmp_path / "src"
     photos = [make_photo(src / f"p{index}.jpg", 120, 80, seed=index) for index in range(2 * SLOTS)]
-    shim, flag = tmp_path / "shim", tmp_path / "pyvips-broken"
+    # The flag where a worker switched to nobody can see it.
+    shim, flag = tmp_path / "shim", shared_tmp / "pyvips-broken"
     shim.mkdir()
     (shim / "pyvips.py").write_text(PYVIPS_SHIM.format(flag=str(flag), breakage=breakage))
     flag.touch()

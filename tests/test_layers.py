@@ -52,6 +52,7 @@ FLOORS = {
     "splitwalk": 3,
     "workers": 3,
     "workerlog": 2,
+    "forbiddencalls": 2,
     "cache": 4,
     "job": 4,
     "targets": 5,

@@ -10,8 +10,13 @@ worker sends back as the file's failure detail.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import pwd
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +24,9 @@ from pathlib import Path
 import pytest
 import pyvips
 from imagekit import cli_command, make_photo, output_files, run_cli
-from servekit import REPO_ROOT, get, running_server, wait_until
+from servekit import REPO_ROOT, fetch, running_server, wait_until
 from test_hostile import valid_files
-from test_workers import SLOW_EDGE, running
+from test_workers import SLOW_EDGE, decoding, running, worker_processes
 
 from thumbcli import landlock, sandbox
 from thumbcli.spec import Limits, SizeBox, ThumbSpec
@@ -29,6 +34,10 @@ from thumbcli.workers import FORBIDDEN_CALL, MALFORMED_REPLY, ResampleWorker, Wo
 
 SPECS = (ThumbSpec(SizeBox(64, 64)),)
 needs_landlock = pytest.mark.skipif(landlock.abi_version() < 1, reason="this kernel has no Landlock (or it is off)")
+AS_ROOT = os.geteuid() == 0
+NOBODY = pwd.getpwnam("nobody")
+#: What the `uid` probe says of a worker that is switched to nobody: every uid and gid, no groups.
+AS_NOBODY = f"{NOBODY.pw_uid}/{NOBODY.pw_uid}/{NOBODY.pw_uid}/{NOBODY.pw_gid}/{NOBODY.pw_gid}/{NOBODY.pw_gid}+"
 #: The layers in force by default on this machine: every one, but Landlock where the kernel lacks it.
 IN_FORCE = tuple(layer for layer in sandbox.LAYERS if layer != "landlock" or landlock.abi_version() >= 1)
 
@@ -51,6 +60,10 @@ PROBES = {
     "network": 215,
     "caps": 216,
     "say": 217,
+    "uid": 218,
+    "read-private": 219,
+    "thread-bomb": 220,
+    "parent-memory": 227,
     "reply-pickle": 221,
     "reply-garbage": 222,
     "reply-extra-thumbnail": 223,
@@ -105,6 +118,22 @@ def thread():
     worker.join()
     return "ok" if done else "not run"
 
+def thread_bomb():
+    # As many threads as will start, up to 1000, each waiting; how many started.
+    threading.stack_size(1 << 16)
+    release, started = threading.Event(), []
+    try:
+        for _ in range(1000):
+            thread = threading.Thread(target=release.wait, daemon=True)
+            thread.start()
+            started.append(thread)
+    except RuntimeError:
+        pass
+    release.set()
+    for thread in started:
+        thread.join()
+    return len(started)
+
 def append():
     with open(os.path.join(SCRATCH, "existing"), "ab", buffering=0) as file:
         file.write(b"grown")
@@ -125,6 +154,7 @@ RUN = {{
     "unlink": lambda: os.unlink(os.path.join(SCRATCH, "existing")),
     "mkdir": lambda: os.mkdir(os.path.join(SCRATCH, "made")),
     "thread": thread,
+    "thread-bomb": thread_bomb,
     "fork": fork,
     "exec": lambda: os.execv("/bin/true", ["true"]),
     "append": append,
@@ -134,6 +164,9 @@ RUN = {{
     "caps": caps,
     "say": lambda: os.write(2, b"libfoo: bad marker 0xd9 in the scan\\n") and "said",
     "read": lambda: len(open(os.path.join(SCRATCH, "existing"), "rb").read()),
+    "read-private": lambda: len(open(os.path.join(SCRATCH, "private"), "rb").read()),
+    "parent-memory": lambda: os.close(os.open(f"/proc/{{os.getppid()}}/mem", os.O_RDONLY)),
+    "uid": lambda: "/".join(map(str, os.getresuid() + os.getresgid())) + "+" + ",".join(map(str, os.getgroups())),
     "list": lambda: len(os.listdir(os.path.dirname(SCRATCH))),
     "reply-pickle": lambda: reply(pickle.dumps(("made", [Hostile()], "", ""))),
     "reply-garbage": lambda: reply(os.urandom(64)),
@@ -157,12 +190,18 @@ pyvips.Image.new_from_source = probing
 
 
 @pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder the probes try to change (with a file in it), the shim first on the workers' PYTHONPATH."""
-    shim, folder = tmp_path / "shim", tmp_path / "scratch"
+def scratch(tmp_path: Path, shared_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder the probes try to change (with a file in it), the shim first on the workers' PYTHONPATH.
+
+    The folder is one any user may enter (a worker switched to nobody reaches it): what stops
+    it is each file's mode and the sandbox.
+    """
+    shim, folder = tmp_path / "shim", shared_tmp / "scratch"
     shim.mkdir()
     folder.mkdir()
     (folder / "existing").write_bytes(b"")
+    (folder / "private").write_bytes(b"secret")
+    (folder / "private").chmod(0o600)
     shim_text = PROBE_SHIM.format(scratch=str(folder), probes=PROBES, parent_net=os.readlink("/proc/self/ns/net"))
     (shim / "pyvips.py").write_text(shim_text)
     monkeypatch.setenv("PYTHONPATH", f"{shim}:{REPO_ROOT}")
@@ -215,7 +254,7 @@ def test_a_confined_worker_may_not_open_a_file_to_write_or_read_and_write(
         assert probe_result(confined.resample(photos("read-write"), SPECS)) == "EPERM"
         assert confined.confinement == IN_FORCE
         assert confined.started == 1
-    assert sorted(path.name for path in scratch.iterdir()) == ["existing"]
+    assert sorted(path.name for path in scratch.iterdir()) == ["existing", "private"]
 
 
 @needs_landlock
@@ -229,12 +268,13 @@ def test_a_confined_worker_may_not_read_or_list_the_users_files(
         assert probe_result(unconfined.resample(photos("read"), SPECS)) == "0"
 
 
-def test_a_confined_worker_may_not_create_a_socket_of_any_kind(
+def test_a_confined_worker_that_makes_a_socket_of_any_kind_is_killed_and_the_call_named(
     scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with worker(None, monkeypatch) as confined:
-        assert probe_result(confined.resample(photos("socket-inet"), SPECS)) == "EPERM"
-        assert probe_result(confined.resample(photos("socket-unix"), SPECS)) == "EPERM"
+        assert probe_result(confined.resample(photos("socket-inet"), SPECS)) == f"{FORBIDDEN_CALL} (socket)"
+        assert probe_result(confined.resample(photos("socket-unix"), SPECS)) == f"{FORBIDDEN_CALL} (socket)"
+        assert confined.started == 2
 
 
 def test_a_confined_worker_may_not_remove_or_make_files(
@@ -243,7 +283,7 @@ def test_a_confined_worker_may_not_remove_or_make_files(
     with worker(None, monkeypatch) as confined:
         assert probe_result(confined.resample(photos("unlink"), SPECS)) == "EPERM"
         assert probe_result(confined.resample(photos("mkdir"), SPECS)) == "EPERM"
-    assert sorted(path.name for path in scratch.iterdir()) == ["existing"]
+    assert sorted(path.name for path in scratch.iterdir()) == ["existing", "private"]
 
 
 def test_a_confined_worker_still_starts_threads(
@@ -254,17 +294,78 @@ def test_a_confined_worker_still_starts_threads(
         assert confined.started == 1
 
 
-@pytest.mark.parametrize("call", ["fork", "exec"])
-def test_a_worker_that_starts_a_process_is_killed_its_file_reported_and_the_worker_replaced(
-    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, call: str
+@pytest.mark.parametrize(("call", "system_call"), [("fork", "clone"), ("exec", "execve")])
+def test_a_worker_that_starts_a_process_is_killed_its_file_reported_with_the_call_and_the_worker_replaced(
+    scratch: Path,
+    photos: Callable[[str], bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    call: str,
+    system_call: str,
 ) -> None:
     with worker(None, monkeypatch) as confined:
         outcome = confined.resample(photos(call), SPECS)
-        assert (outcome.reason, outcome.thumbnails) == (FORBIDDEN_CALL, [])
-        assert "signal 31" in outcome.detail
+        assert (outcome.reason, outcome.thumbnails) == (f"{FORBIDDEN_CALL} ({system_call})", [])
+        assert outcome.detail == f"the seccomp filter stopped {system_call}"
         made = confined.resample(good_photo(tmp_path), SPECS)
         assert made.thumbnails and not made.reason
         assert confined.started == 2
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="only a run started as root switches its workers to another user")
+def test_a_worker_of_a_root_run_decodes_as_nobody_with_no_groups(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(sandbox.USER_SETTING, raising=False)
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("uid"), SPECS)) == AS_NOBODY
+        assert probe_result(confined.resample(photos("read-private"), SPECS)) == "EACCES"
+        made = confined.resample(good_photo(tmp_path), SPECS)  # its source still reaches it, in a memory file
+        assert made.thumbnails and not made.reason
+        assert "user" in confined.confinement
+        assert confined.started == 1
+    with worker("none", monkeypatch) as unconfined:
+        assert probe_result(unconfined.resample(photos("uid"), SPECS)).startswith("0/0/0/0/0/0+")
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="only a run started as root switches its workers to another user")
+@pytest.mark.parametrize("user", ["daemon", "4242"])
+def test_thumbcli_sandbox_user_chooses_the_workers_user_by_name_or_number(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch, user: str
+) -> None:
+    uid, gid = (4242, 4242) if user.isdigit() else (pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    monkeypatch.setenv(sandbox.USER_SETTING, user)
+    with worker("user", monkeypatch) as switched:
+        assert probe_result(switched.resample(photos("uid"), SPECS)) == f"{uid}/{uid}/{uid}/{gid}/{gid}/{gid}+"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="THUMBCLI_SANDBOX_USER is looked up only by a run started as root")
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [("no-such-user", "no such user"), ("root", "that is root's uid or group"), ("0", "that is root's uid")],
+)
+def test_thumbcli_sandbox_user_that_is_root_or_nobody_known_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user: str, message: str
+) -> None:
+    make_photo(tmp_path / "src" / "a.jpg", 120, 80)
+    monkeypatch.setenv(sandbox.USER_SETTING, user)
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "-s", "64")
+    assert run.rc == 2, run.stderr
+    assert f"THUMBCLI_SANDBOX_USER={user}: {message}" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="RLIMIT_NPROC binds a worker that is not root: here, one switched to nobody")
+def test_a_worker_that_is_not_root_may_start_its_threads_but_not_a_thousand(
+    scratch: Path, photos: Callable[[str], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with worker(None, monkeypatch) as confined:
+        assert probe_result(confined.resample(photos("thread"), SPECS)) == "ok"
+        started = int(probe_result(confined.resample(photos("thread-bomb"), SPECS)))
+    assert 0 < started <= sandbox.SPARE_TASKS
+    with worker("user", monkeypatch) as unbounded:
+        assert probe_result(unbounded.resample(photos("thread-bomb"), SPECS)) == "1000"
 
 
 def test_a_confined_worker_sees_no_credentials_of_the_parent(
@@ -306,15 +407,31 @@ LAYER_ALONE = {
         "fork": "ok",
         "append": "ok",
         "network": "shared",
-        "caps": "some" if os.geteuid() == 0 else "none",  # CI and this machine run as root
+        "caps": "some" if AS_ROOT else "none",  # CI and this machine run as root
+        "read-private": "6",
+        **({"parent-memory": "ok"} if AS_ROOT else {}),  # elsewhere Yama may refuse it
     },
     "nonewprivs": {"status": "NoNewPrivs=1,Seccomp=0", "write": "ok", "socket-inet": "ok", "fork": "ok"},
-    "seccomp": {"status": "NoNewPrivs=1,Seccomp=2", "write": "EPERM", "socket-inet": "EPERM", "fork": FORBIDDEN_CALL},
+    "seccomp": {
+        "status": "NoNewPrivs=1,Seccomp=2",
+        "write": "EPERM",
+        "socket-inet": f"{FORBIDDEN_CALL} (socket)",
+        "fork": f"{FORBIDDEN_CALL} (clone)",
+    },
     "landlock": {"status": "NoNewPrivs=1,Seccomp=0", "read": "EACCES", "write": "EACCES", "socket-unix": "ok"},
     "rlimits": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "append": "EFBIG", "fork": "ok"},
     "environment": {"status": "NoNewPrivs=0,Seccomp=0", "write": "ok", "secrets": "none"},
     "netns": {"status": "NoNewPrivs=0,Seccomp=0", "network": "own", "socket-inet": "ok", "write": "ok"},
     "caps": {"status": "NoNewPrivs=0,Seccomp=0", "caps": "none", "network": "shared", "write": "ok"},
+    # A worker of a run that is not root is unprivileged already: reading its own file stays allowed.
+    "user": {
+        "status": "NoNewPrivs=0,Seccomp=0",
+        "read-private": "EACCES" if AS_ROOT else "6",
+        **({"parent-memory": "EACCES"} if AS_ROOT else {}),
+        "caps": "none",
+        "network": "shared",
+        "write": "EACCES" if AS_ROOT else "ok",
+    },
 }
 
 
@@ -390,7 +507,7 @@ def test_generate_reports_the_files_that_trip_the_sandbox_and_makes_every_other(
     assert run.rc == 1, run.stderr
     assert "Traceback" not in run.stderr
     assert sorted(run.failure_lines) == [
-        f"failed: {src / 'fork.jpg'}: {FORBIDDEN_CALL}",
+        f"failed: {src / 'fork.jpg'}: {FORBIDDEN_CALL} (clone)",
         f"failed: {src / 'reply-pickle.jpg'}: {MALFORMED_REPLY}",
     ]
     assert len(output_files(tmp_path / "out")) == 6
@@ -414,7 +531,7 @@ def confinement_of_decoding_workers(root: int) -> dict[int, str]:
     return found
 
 
-STATUS_FIELDS = ("NoNewPrivs", "Seccomp:")
+STATUS_FIELDS = ("Uid:", "NoNewPrivs", "Seccomp:")
 
 
 def descends(pid: int, root: int) -> bool:
@@ -448,19 +565,108 @@ def slow_source(tmp_path: Path) -> Path:
     return src
 
 
-def test_generate_and_serve_source_workers_decode_with_no_new_privileges_under_seccomp(
+def test_generate_and_serve_source_workers_decode_as_nobody_with_no_new_privileges_under_seccomp(
     tmp_path: Path, slow_source: Path
 ) -> None:
-    confined = {"NoNewPrivs=1,Seccomp=2"}
+    uid = NOBODY.pw_uid if AS_ROOT else os.getuid()
+    confined = {f"Uid={uid}\t{uid}\t{uid}\t{uid},NoNewPrivs=1,Seccomp=2"}
     local = cli_command("generate", slow_source, "-o", tmp_path / "local", "-s", "64", "--workers", "2", "--quiet")
     with running(local) as process:
         assert statuses_while_decoding(process.pid) == confined
     (tmp_path / "thumbcli.toml").write_text('[presets.small]\nsize = "64"\n')
     with running_server(tmp_path / "cache", config=tmp_path / "thumbcli.toml", source_root=slow_source) as server:
-        miss = threading.Thread(target=get, args=(server, "/small/slow0.png"), daemon=True)
+        miss = threading.Thread(target=fetch, args=(server, "/small/slow0.png"), daemon=True)
         miss.start()
         assert statuses_while_decoding(server.process.pid) == confined
         miss.join(120)
+
+
+needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+
+
+def call_inside(pid: int, call: str) -> subprocess.CompletedProcess[str]:
+    """Attach gdb to process `pid` and make C call `call` inside it, as a compromised library in it would."""
+    command = ["gdb", "-p", str(pid), "-batch", "-nx", "-ex", f"call {call}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+
+
+@needs_gdb
+@pytest.mark.parametrize(("call", "named"), [("(int)socket(2, 1, 0)", "socket"), ("(int)fork()", "clone")])
+def test_generate_names_the_call_a_compromised_decoder_made_on_its_file_and_makes_every_other(
+    tmp_path: Path, slow_source: Path, call: str, named: str
+) -> None:
+    for index in range(4):
+        make_photo(slow_source / f"fine{index}.jpg", 120, 80, seed=index)
+    slow_bytes = (slow_source / "slow0.png").stat().st_size
+    out = tmp_path / "out"
+    command = cli_command("generate", slow_source, "-o", out, "-s", "64", "--workers", "1", "--json", "--quiet")
+    with running(command) as process:
+        found: list[int] = []
+        # The call is made while the worker has a slow file (stopped by gdb as it attaches).
+        assert wait_until(
+            lambda: bool(
+                found.extend(pid for pid in worker_processes(process.pid) if decoding(pid, slow_bytes)) or found
+            ),
+            timeout=120,
+        )
+        gdb = call_inside(found[0], call)
+        stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, (stderr, gdb.stdout, gdb.stderr)
+    summary = json.loads(stdout)
+    failures = {Path(failure["path"]).name: failure["reason"] for failure in summary["failures"]}
+    assert list(failures.values()) == [f"{FORBIDDEN_CALL} ({named})"], (failures, gdb.stdout, gdb.stderr)
+    assert next(iter(failures)).startswith("slow")
+    assert (summary["made"], summary["failed"]) == (6, 1)
+    assert len(output_files(out)) == 6
+    assert "Traceback" not in stderr
+
+
+def errno_after(call: str, gdb: subprocess.CompletedProcess[str]) -> tuple[int, int]:
+    """What a `call_inside(pid, call)` that also printed errno returned: (result, errno)."""
+    values = re.findall(r"^\$\d+ = (-?\d+)$", gdb.stdout, re.MULTILINE)
+    assert len(values) == 2, (call, gdb.stdout, gdb.stderr)
+    return int(values[0]), int(values[1])
+
+
+def open_inside(pid: int, path: Path) -> tuple[int, int]:
+    """open(path, O_WRONLY | O_CREAT, 0644) made inside process `pid` through gdb: (its result, errno)."""
+    call = f'(int)open("{path}", {os.O_WRONLY | os.O_CREAT}, 420)'
+    command = ["gdb", "-p", str(pid), "-batch", "-nx", "-ex", f"call {call}", "-ex", "call *(int*)__errno_location()"]
+    gdb = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    return errno_after(call, gdb)
+
+
+@needs_gdb
+@needs_landlock
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_a_serve_worker_may_create_files_only_beneath_the_cache_and_still_generates_on_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sandboxed: bool
+) -> None:
+    if sandboxed:
+        monkeypatch.delenv(sandbox.SETTING, raising=False)
+    else:
+        monkeypatch.setenv(sandbox.SETTING, "none")
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    for name in ("a", "b"):
+        make_photo(src / f"{name}.jpg", 120, 80)
+    (tmp_path / "thumbcli.toml").write_text('[presets.small]\nsize = "64"\n')
+    outside = tmp_path / "outside"
+    with running_server(cache, config=tmp_path / "thumbcli.toml", source_root=src) as server:
+        assert fetch(server, "/small/a.jpg")[0] == 200
+        # What a flaw in the server's HTTP code could be made to do, inside the serving process.
+        opened_outside = open_inside(server.process.pid, outside)
+        opened_inside = open_inside(server.process.pid, cache / "inside")
+        assert fetch(server, "/small/b.jpg")[0] == 200
+    assert opened_inside[0] >= 0
+    assert (cache / "inside").exists()
+    if sandboxed:
+        assert opened_outside == (-1, errno.EACCES)
+        assert not outside.exists()
+    else:
+        assert opened_outside[0] >= 0
+        assert outside.exists()
+    made = sorted(path.name for path in (cache / "v1" / "small").iterdir())
+    assert made == ["a.jpg.jpg", "b.jpg.jpg"]
 
 
 def test_formats_names_the_sandbox_layers_in_force(monkeypatch: pytest.MonkeyPatch) -> None:

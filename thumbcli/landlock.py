@@ -15,8 +15,10 @@ import os
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same on every architecture
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
 
-_READ_FILE, _READ_DIR = 1 << 2, 1 << 3
+_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_TRUNCATE, _IOCTL_DEV = 1 << 14, 1 << 15
 #: Every file-system right of each ABI version (EXECUTE, WRITE_FILE, ... MAKE_SYM; REFER; TRUNCATE; IOCTL_DEV).
 _FS_RIGHTS_OF_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
 _NET_RIGHTS = 0b11  # BIND_TCP, CONNECT_TCP (ABI 4)
@@ -84,6 +86,56 @@ def restrict(readable: list[str]) -> bool:  # pragma: no cover - runs in the wor
     finally:
         os.close(ruleset)
     return _refused("/")
+
+
+def restrict_writes(beneath: list[str], files: list[str]) -> bool:  # pragma: no cover - runs in the server
+    """Allow this process (and what it starts) to create, change or remove only beneath `beneath` and write
+    only `files` among the others (such as /dev/null); reading and running stay as they are. Whether it took.
+
+    Sets PR_SET_NO_NEW_PRIVS (the kernel wants it of a process without CAP_SYS_ADMIN). Descriptors
+    open already keep their rights.
+    """
+    abi = abi_version()
+    if abi < 1:
+        return False
+    libc = _libc()
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    # Every right of the ABI but reading, running and device ioctls: those are not confined.
+    handled = _FS_RIGHTS_OF_ABI[max(version for version in _FS_RIGHTS_OF_ABI if version <= abi)]
+    handled &= ~(_READ_FILE | _READ_DIR | _EXECUTE | _IOCTL_DEV)
+    attr = _RulesetAttr(handled, 0, 0)
+    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return False
+    try:
+        rules = [(path, handled) for path in beneath] + [(path, handled & (_WRITE_FILE | _TRUNCATE)) for path in files]
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                rule = _PathBeneathAttr(rights, fd)
+                if libc.syscall(_ADD_RULE, ctypes.c_int(ruleset), _RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                    return False
+            finally:
+                os.close(fd)
+        if libc.syscall(_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+            return False
+    finally:
+        os.close(ruleset)
+    return _write_refused("/dev/full")
+
+
+def _write_refused(path: str) -> bool:  # pragma: no cover - runs in the server
+    """Whether opening `path` to write is now refused (a device that takes no data: nothing happens if not)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _refused(path: str) -> bool:  # pragma: no cover - runs in the worker

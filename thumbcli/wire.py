@@ -6,12 +6,14 @@ field here has a fixed type and a bound, and the parent checks a reply against w
 for (one thumbnail per spec, each within its box) before any of it is used. The worker does
 the same with its requests, so neither side ever unpickles.
 
-All integers are little-endian. A text is a 4-byte length and that many bytes of UTF-8
-(ASCII for a format name and a spec's name), each within its bound.
+The pipe reads and writes that carry them are here too. All integers are little-endian. A text
+is a 4-byte length and that many bytes of UTF-8 (ASCII for a format name and a spec's name),
+each within its bound.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -250,3 +252,25 @@ class _Reader:
     def end(self) -> None:
         if self._at != len(self._data):
             raise MalformedMessage(f"{len(self._data) - self._at} bytes past the end")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the pipe `fd`, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def read_exactly(fd: int, length: int) -> bytes | None:
+    """`length` bytes from `fd`, or None at end of file before the first byte."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    got = 0
+    while got < length:
+        count = os.readv(fd, [view[got:]])
+        if count == 0:
+            if got == 0:
+                return None
+            raise EOFError("request cut short")
+        got += count
+    return bytes(buffer)

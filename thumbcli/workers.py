@@ -40,7 +40,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
-from thumbcli import formats, sandbox, unexpected, wire
+from thumbcli import decoders, formats, sandbox, unexpected, wire
+from thumbcli.forbiddencalls import ForbiddenCallWatch
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec
 from thumbcli.workerlog import WorkerStderr
 
@@ -115,6 +116,7 @@ class ResampleWorker:
         self._cpu = cpu
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr = WorkerStderr()
+        self._forbidden = ForbiddenCallWatch()
         self._requests = -1
         self._replies = -1
         #: The memory files that carry the source bytes, their sizes, and those not in use.
@@ -236,6 +238,7 @@ class ResampleWorker:
             os.close(self._replies)
             self._process = None
         self._stderr.close()
+        self._forbidden.close()
         for fd in self._slots:
             os.close(fd)
         self._slots, self._slot_sizes = [], []
@@ -274,17 +277,18 @@ class ResampleWorker:
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         try:
             layers = sandbox.layers_for_workers()
+            account = sandbox.account_for_workers(layers)
         except sandbox.SandboxSettingError as exc:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
             raise WorkerBug(f"a resample worker could not start: {exc}") from None
-        stderr_write = self._stderr.open()
+        stderr_write, watch = self._stderr.open(), self._forbidden.open()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
             f"from thumbcli.workers import serve; "
             f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling}, "
-            f"{layers!r})"
+            f"{layers!r}, {account!r}, {watch})"
         )
         try:
             self._process = subprocess.Popen(
@@ -295,7 +299,7 @@ class ResampleWorker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
                 stderr=stderr_write,  # what a decoder says goes with its file, to the fail log
-                pass_fds=(request_read, reply_write, *self._slots),
+                pass_fds=(request_read, reply_write, watch, *self._slots),
                 env=_worker_environment(layers),
             )
         except OSError as exc:  # no process to be had (out of processes or memory)
@@ -306,17 +310,19 @@ class ResampleWorker:
             os.close(request_read)
             os.close(reply_write)
             os.close(stderr_write)
+            os.close(watch)
         self._requests, self._replies = request_write, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
-        greeting = _read_exactly(reply_read, 2) if ready else None
+        greeting = wire.read_exactly(reply_read, 2) if ready else None
         if greeting is None or greeting[:1] != _READY:
             status = self._kill()
             why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
             said = self._stderr.take()
             raise WorkerBug(f"a resample worker could not start: {why}" + (f": it said: {said}" if said else ""))
         self.confinement = tuple(layer for bit, layer in enumerate(sandbox.LAYERS) if greeting[1] & (1 << bit))
+        self._forbidden.take_listener()  # sent before the greeting, where the filter has one
         sandbox.warn_of_missing_layers(layers, self.confinement)
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
@@ -328,13 +334,15 @@ class ResampleWorker:
         # A request is a few hundred bytes (the source is in its memory file): SLOTS of them
         # fit in the pipe, so this never waits on a worker that hangs.
         with contextlib.suppress(BrokenPipeError):  # the worker is gone: its end of the replies says how
-            _write_all(self._requests, request)
+            wire.write_all(self._requests, request)
 
     def _await_reply(self, abandon: Callable[[], bool] | None) -> WorkerOutcome:
         seconds = self._limits.max_decode_seconds
         poller = select.poll()
         poller.register(self._replies, select.POLLIN)
         poller.register(self._stderr.fd, select.POLLIN)
+        if self._forbidden.fd >= 0:
+            poller.register(self._forbidden.fd, select.POLLIN)
         while True:
             try:
                 reply = self._next_reply()
@@ -348,7 +356,13 @@ class ResampleWorker:
             if left <= 0:
                 self._kill()
                 return WorkerOutcome([], f"timed out after {seconds:g} s")
-            ready = [fd for fd, _ in poller.poll(min(left, _WATCH_SECONDS) * 1000)]
+            events = poller.poll(min(left, _WATCH_SECONDS) * 1000)
+            ready = [fd for fd, _ in events]
+            # POLLIN: a thread of the worker is stopped at a forbidden call (a hang-up: the worker is ending).
+            if any(fd == self._forbidden.fd and mask & select.POLLIN for fd, mask in events):
+                call = self._forbidden.call_tried()
+                self._kill()
+                return WorkerOutcome([], f"{FORBIDDEN_CALL} ({call})", detail=f"the seccomp filter stopped {call}")
             if self._stderr.fd in ready and not self._stderr.drain():
                 poller.unregister(self._stderr.fd)  # the worker closed it: it is ending
             if self._replies not in ready:
@@ -400,7 +414,7 @@ class ResampleWorker:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
         status = self._reap()
         if status == -signal.SIGSYS and "seccomp" in self.confinement:
-            # The filter kills with SIGSYS; the kernel does not tell the parent which call it was.
+            # Killed by a filter that could not notify (a kernel before 5.0): the call is not known.
             return WorkerOutcome([], FORBIDDEN_CALL, detail=f"killed by the seccomp filter (signal {-status}){note}")
         if status < 0:
             return WorkerOutcome([], f"decoder crashed (signal {-status})", detail=f"signal {-status}{note}")
@@ -414,6 +428,7 @@ class ResampleWorker:
         os.close(self._replies)
         self._process = None
         self._inbox.clear()
+        self._forbidden.close()
         return status
 
     def _with_what_it_said(self, outcome: WorkerOutcome) -> WorkerOutcome:
@@ -438,6 +453,9 @@ def confinement_here() -> tuple[sandbox.Layer, ...]:
 def _worker_environment(layers: tuple[sandbox.Layer, ...]) -> dict[str, str]:
     """The parent's environment (scrubbed by the sandbox), libvips on one thread, glibc's malloc tuning itself."""
     environment = dict(sandbox.worker_environment(os.environ, layers), VIPS_CONCURRENCY="1")
+    # numpy (under rawpy) would start a BLAS thread per core at import, for no work of ours: a
+    # worker that has threads before it confines itself can no longer take a network of its own.
+    environment["OPENBLAS_NUM_THREADS"] = "1"
     # Dask's nanny sets this for its worker processes (and so for ours under --dask). Set at
     # all, it also pins glibc's mmap threshold, so every decode buffer of a camera JPEG is
     # mapped and unmapped afresh: 25% more wall time per image, measured on 200 4000x3000 JPEGs.
@@ -451,27 +469,6 @@ def _outcome(reply: wire.Reply) -> WorkerOutcome:
     if reply.status == wire.FAILED:
         return WorkerOutcome([], reply.reason, reply.detail)
     raise WorkerBug(f"a resample worker failed:\n{reply.detail}")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exactly(fd: int, length: int) -> bytes | None:
-    """`length` bytes from `fd`, or None at end of file before the first byte."""
-    buffer = bytearray(length)
-    view = memoryview(buffer)
-    got = 0
-    while got < length:
-        count = os.readv(fd, [view[got:]])
-        if count == 0:
-            if got == 0:
-                return None
-            raise EOFError("request cut short")
-        got += count
-    return bytes(buffer)
 
 
 def _human_bytes(count: int) -> str:
@@ -492,11 +489,14 @@ def serve(
     cpu: int | None = None,
     memory_ceiling: int = 0,
     layers: tuple[sandbox.Layer, ...] = (),
+    account: tuple[int, int] | None = None,
+    watch: int | None = None,
 ) -> NoReturn:  # pragma: no cover - runs in the worker
     """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
 
     `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
-    `layers`: the sandbox layers to confine itself with once its libraries are loaded.
+    `layers`: the sandbox layers to confine itself with once its libraries are loaded;
+    `account`: the (uid, gid) its `user` layer switches to; `watch`: a socket to hand its filter's listener to.
     """
     # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
     # whole process group, and this worker finishes its file either way.
@@ -510,14 +510,6 @@ def serve(
             os.sched_setaffinity(0, {cpu})
     # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if memory_ceiling:
-        # The parent watches the resident size ten times a second and names the ceiling when it
-        # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
-        # past twice the ceiling at once (that decode fails as out of memory), leaving the watch
-        # to act first on anything slower.
-        data = _DATA_LIMIT_PER_CEILING * memory_ceiling
-        with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
-            resource.setrlimit(resource.RLIMIT_DATA, (data, data))
     # What a decoder has to say about a file reaches the parent in the reply, not on stderr
     # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
     logging.getLogger("pyvips").setLevel(logging.ERROR)
@@ -527,15 +519,26 @@ def serve(
 
     resample.configure_libvips()
     resample.log_only_libvips_errors()
+    if account is not None and not sandbox.python_readable_by(account):
+        # Its account cannot read where the interpreter or the wheels live: nothing could load later.
+        decoders.preload_every_wheel()
+    if memory_ceiling:
+        # The parent watches the resident size ten times a second and names the ceiling when it
+        # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
+        # past twice the ceiling at once beyond what the libraries took (that decode fails as out
+        # of memory), leaving the watch to act first on anything slower.
+        data = _DATA_LIMIT_PER_CEILING * memory_ceiling + _private_data_bytes()
+        with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
+            resource.setrlimit(resource.RLIMIT_DATA, (data, data))
     # Confined before the first file, with every library the decoders need already loaded.
-    applied = sandbox.confine(layers)
-    _write_all(replies, _READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
+    applied = sandbox.confine(layers, account, watch)
+    wire.write_all(replies, _READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
     while True:
-        head = _read_exactly(requests, _REQUEST.size)
+        head = wire.read_exactly(requests, _REQUEST.size)
         if head is None:
             os._exit(0)
         header_length, data_length, slot = _REQUEST.unpack(head)
-        settings = wire.decode_settings(_read_exactly(requests, header_length) or b"")
+        settings = wire.decode_settings(wire.read_exactly(requests, header_length) or b"")
         specs, decode_for, limits, strict = settings.specs, settings.decode_for, settings.limits, settings.strict
         mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
         # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
@@ -564,11 +567,18 @@ def serve(
                 view.release()
                 mapped.close()
         try:
-            _write_all(replies, wire.encode_reply(reply))
+            wire.write_all(replies, wire.encode_reply(reply))
         except BrokenPipeError:
             os._exit(0)
         if reply.status == wire.BUG:
             os._exit(1)
+
+
+def _private_data_bytes() -> int:  # pragma: no cover - runs in the worker
+    """The private memory this process has mapped (VmData: what RLIMIT_DATA counts); 0 when unknown."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmData:")).split()[1]) * 1024
+    return 0
 
 
 def _die_with(parent: int) -> None:  # pragma: no cover - runs in the worker

@@ -60,12 +60,13 @@ from thumbcli.cli.serve import serve
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Batch thumbnailer, thumbnail-cache warmer and thumbnail server."""
     setting = os.environ.get("THUMBCLI_SANDBOX")
-    if setting:  # unset means every layer: nothing to check, and start-up loads no ctypes for it
-        from thumbcli.sandbox import SandboxSettingError, chosen_layers
+    user_setting = os.environ.get("THUMBCLI_SANDBOX_USER")
+    if setting or user_setting:  # unset means every layer as nobody: nothing to check, and no ctypes loaded for it
+        from thumbcli.sandbox import SandboxSettingError, account_for_workers, chosen_layers
 
         try:
             # Checked here, where a typo is a usage error, rather than when the first worker starts.
-            chosen_layers(setting)
+            account_for_workers(chosen_layers(setting))
         except SandboxSettingError as exc:
             raise click.UsageError(str(exc)) from None
     path = find_config(config_path)

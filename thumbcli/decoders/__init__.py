@@ -53,6 +53,15 @@ class Decoder(Protocol):
     def version(self) -> str | None:
         """The wheel's version and its library's, or None when it is not installed."""
 
+    def preload(self) -> None:
+        """Import the wheel now, if it is installed."""
+
+
+def preload_every_wheel() -> None:
+    """Import every decoder's wheel that is installed: for a worker about to lose the right to read where they live."""
+    for name in sorted({source.decoder for source in formats.REGISTRY if source.decoder}):
+        load(name).preload()
+
 
 def load(name: str) -> Decoder:
     """The decoder module a format names (`SourceFormat.decoder`); its wheel is imported only when it decodes."""

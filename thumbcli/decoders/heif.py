@@ -7,6 +7,7 @@ iPhone also writes describes the same turn, so it is not applied again.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from typing import cast
 
@@ -62,6 +63,12 @@ def _reason(text: str) -> str:
         return f"{_LABEL}: no image item"
     first = text.strip().splitlines()[0] if text.strip() else "could not decode"
     return f"{_LABEL}: {first[:200]}"
+
+
+def preload() -> None:
+    """Import pillow-heif now if it is installed (a sandboxed worker may not be able to later)."""
+    with contextlib.suppress(ImportError):
+        import pillow_heif  # noqa: F401
 
 
 def version() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 from thumbcli.decoders import MissingDecoder, Pixels, ScaleNeeded
@@ -43,6 +44,15 @@ def _reason(text: str) -> str:
     if "cannot identify" in lowered or "signature" in lowered or "generic error" in lowered:
         return f"{_LABEL}: damaged, or not a JPEG XL file"
     return f"{_LABEL}: could not decode ({text.strip().splitlines()[0][:200] if text.strip() else 'no reason given'})"
+
+
+def preload() -> None:
+    """Import the plugin and Pillow's own (Image.open loads them on first use) now, if installed."""
+    with contextlib.suppress(ImportError):
+        import pillow_jxl  # noqa: F401
+        from PIL import Image, ImageOps  # noqa: F401
+
+        Image.init()
 
 
 def version() -> str | None:

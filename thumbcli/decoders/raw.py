@@ -169,6 +169,12 @@ def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
     return 0, 0
 
 
+def preload() -> None:
+    """Import rawpy now if it is installed (a sandboxed worker may not be able to later)."""
+    with contextlib.suppress(ImportError):
+        import rawpy  # noqa: F401
+
+
 def version() -> str | None:
     """rawpy's version and its LibRaw's, or None when it is not installed."""
     try:

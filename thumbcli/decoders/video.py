@@ -8,6 +8,7 @@ the container before any frame is decoded; the rotation the container records is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 from collections.abc import Iterator
@@ -81,6 +82,12 @@ def _representative_frame(frames: Iterator[VideoFrame]) -> VideoFrame | None:
         if looked + 1 >= _FRAMES_LOOKED_AT:
             break
     return brightest
+
+
+def preload() -> None:
+    """Import PyAV now if it is installed (a sandboxed worker may not be able to later)."""
+    with contextlib.suppress(ImportError):
+        import av  # noqa: F401
 
 
 def version() -> str | None:

@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from thumbcli import landlock, sandbox
 from thumbcli.cache import load_manifest, presets_of, read_manifest
 from thumbcli.errors import CannotRunError, ExitCode
 from thumbcli.serve.account import become, check_account_can_serve
@@ -95,6 +96,20 @@ def _worker_listeners(options: ServeOptions, port: int, admin_port: int | None, 
     return listeners
 
 
+def _confine_writes(options: ServeOptions) -> None:
+    """From here on this worker may create, change or remove files only beneath the cache (Landlock).
+
+    Called once its ports are bound, it is --user, and its access log is open: a flaw in the
+    HTTP code can then overwrite nothing outside the cache, and generate-on-miss writes there
+    through the cache writer. /dev/null stays writable (a resample worker's stdin and stdout).
+    Part of the `landlock` layer of THUMBCLI_SANDBOX; a kernel without Landlock leaves it out.
+    """
+    if "landlock" not in sandbox.chosen_layers(os.environ.get(sandbox.SETTING)):
+        return
+    if not landlock.restrict_writes([str(options.cache_root)], [os.devnull]):
+        log.warning("this kernel has no Landlock: serve's workers may write outside the cache")
+
+
 def _close_all(*socks: socket.socket | None) -> None:
     for sock in socks:
         if sock is not None:
@@ -161,6 +176,7 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
     try:
         # No supervisor to watch: started with nohup from a shell, the server outlives the shell.
         worker = Worker(options, MetricsBoard(1), 0, listeners, supervisor_pid=None)
+        _confine_writes(options)
     except BaseException:
         _close_all(*listeners)
         raise
@@ -243,6 +259,7 @@ class Supervisor:
             options = self.options
             listeners = _worker_listeners(options, self.port, self.admin_port, reuse_port=True)
             worker = Worker(options, self.board, index, listeners, supervisor_pid=self.pid)
+            _confine_writes(options)
             os.write(ready_writer, b"r")
             own_signals = StopSignals(ignore_sigint=True)
             code = worker.run(own_signals if own_signals.install() else None)
