@@ -20,9 +20,10 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from thumbcli.cache import LAYOUT_DIR, url_segments
+from thumbcli.formats import BY_NAME
 from thumbcli.serve.imagesize import size_of_file
 from thumbcli.serve.listing import FolderLister, Sort
-from thumbcli.serve.pages import PAGE_ITEMS, GalleryItem, Page, PresetView, gallery_page, url_of
+from thumbcli.serve.pages import PAGE_ITEMS, FolderTile, GalleryItem, Page, PresetView, gallery_page, url_of
 from thumbcli.serve.protocol import Connection, Parked, Request
 from thumbcli.spec import SUFFIX_BY_FORMAT
 
@@ -35,6 +36,7 @@ MAX_PAGES_IN_FLIGHT = 64
 #: A made page answers the same URL again for this long (as an opened thumbnail does), then is made anew.
 MADE_PAGE_SECONDS = 1.0
 PAGES_KEPT = 64
+_VIDEO_SUFFIXES = tuple(suffix.encode("ascii") for suffix in BY_NAME["video"].suffixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,16 @@ class GalleryDesk:
         conn.out.append(wait)
         return 0
 
+    def names_folder(self, path: bytes, presets: Mapping[str, PresetView]) -> bool:
+        """Whether `path`, a URL path without its trailing slash, names a folder a gallery page lists."""
+        folder = parse_folder_url(path + b"/")
+        if folder is None or folder.preset not in presets:
+            return False
+        folder_path = os.path.join(self._layout_root, folder.preset.encode("ascii"), *folder.folder)
+        if not os.path.isdir(folder_path):
+            return False
+        return os.path.commonpath([self._real_root, os.path.realpath(folder_path)]) == self._real_root
+
     def _make(self, folder: FolderRequest, presets: Mapping[str, PresetView]) -> None:
         """On a page thread: make the page (or a status), then wake the loop."""
         try:
@@ -164,14 +176,20 @@ class GalleryDesk:
                 if candidate.generated or self._has_thumbnail(candidate, segments):
                     full_url = url_of(candidate.name, segments, folder=False)
                     break
-            items.append(
-                GalleryItem(thumbnail.source_name, thumb_url, full_url, _size_of(folder_path, thumbnail.file_name))
-            )
+            size = _size_of(folder_path, thumbnail.file_name)
+            video = thumbnail.source_name.lower().endswith(_VIDEO_SUFFIXES)
+            items.append(GalleryItem(thumbnail.source_name, thumb_url, full_url, size, video))
+        tiles = []
+        for name in shown_folders:
+            cover = self._lister.cover(os.path.join(folder_path, name), suffixes, request.sort)
+            cover_url = url_of(preset.name, (*request.folder, name, *cover), folder=False) if cover else None
+            tiles.append(FolderTile(name, cover_url))
         return gallery_page(
             preset,
             request.folder,
-            shown_folders,
+            tiles,
             items,
+            folder_count=len(folders),
             image_count=len(thumbnails),
             sort=request.sort,
             page=page,

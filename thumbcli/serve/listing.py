@@ -23,6 +23,10 @@ Sort = Literal["name", "date"]
 SORTS: tuple[Sort, ...] = ("name", "date")
 #: Folder listings each worker keeps.
 LISTINGS_KEPT = 32
+#: Folder covers each worker keeps (a few bytes each: a page of folders looks up to PAGE_ITEMS).
+COVERS_KEPT = 2048
+#: How deep a folder's cover is looked for when the folder holds only folders.
+COVER_DEPTH = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +58,48 @@ class FolderLister:
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple[bytes, tuple[bytes, ...]], _Kept] = OrderedDict()
         self._lock = threading.Lock()
+        self._covers: OrderedDict[tuple[bytes, tuple[bytes, ...], Sort], tuple[tuple[int, int, int], tuple[bytes, ...]]]
+        self._covers = OrderedDict()
+
+    def cover(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> tuple[bytes, ...] | None:
+        """A folder's cover as the path below it: its first thumbnail in `sort` order, else its first folder's cover.
+
+        Kept while the folder's mtime stays the same (a new thumbnail deeper down is seen when
+        that folder's listing is kept no longer); none when nothing is found COVER_DEPTH deep.
+        """
+        key = _stat_key(folder)
+        if key is None:
+            return None
+        with self._lock:
+            kept = self._covers.get((folder, suffixes, sort))
+        if kept is not None and kept[0] == key:
+            return kept[1] or None
+        found: tuple[bytes, ...] = ()
+        below: tuple[bytes, ...] = ()
+        path = folder
+        for _ in range(COVER_DEPTH):
+            listing = _read_folder(path, suffixes)
+            if listing is None:
+                break
+            if listing.thumbnails:
+                first = _newest_first(path, listing.thumbnails)[0] if sort == "date" else listing.thumbnails[0]
+                found = (*below, first.source_name)
+                break
+            if not listing.folders:
+                break
+            below = (*below, listing.folders[0])
+            path = os.path.join(path, listing.folders[0])
+        with self._lock:
+            self._covers[(folder, suffixes, sort)] = (key, found)
+            while len(self._covers) > COVERS_KEPT:
+                self._covers.popitem(last=False)
+        return found or None
 
     def thumbnails(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> FolderListing | None:
         """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder."""
-        try:
-            st = os.stat(folder, follow_symlinks=False)
-        except OSError:
+        key = _stat_key(folder)
+        if key is None:
             return None
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
             kept = self._kept.get((folder, suffixes))
             if kept is not None and kept.key == key:
@@ -82,6 +118,17 @@ class FolderLister:
         if kept.newest_first is None:
             kept.newest_first = _newest_first(folder, kept.listing.thumbnails)
         return FolderListing(kept.listing.folders, kept.newest_first)
+
+
+def _stat_key(folder: bytes) -> tuple[int, int, int] | None:
+    """What changes when a folder's entries change; None when it is not a folder."""
+    try:
+        st = os.stat(folder, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | None:

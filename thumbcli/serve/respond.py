@@ -114,6 +114,12 @@ class Responder:
         if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
             self._answer_page(conn, request, path)
             return
+        gallery = self._gallery
+        if gallery is not None and gallery.names_folder(path, self.files.views):
+            # RFC 9110 §15.4.2: a folder's URL is the one with its trailing slash; the query goes along.
+            query = target[len(path) :]
+            self.send_simple(conn, request, 301, b"moved permanently\n", b"Location: %s/%s\r\n" % (path, query))
+            return
         misses = self._misses
         if misses is not None and self.files.recent(path, self.now, request.headers.get(_ACCEPT)) is None:
             # A thumbnail opened less than OPEN_FILE_SECONDS ago was current then and is not checked again.
