@@ -169,7 +169,7 @@ border-color:transparent transparent transparent #fff}
 .pages{margin:1rem 0;display:flex;flex-wrap:wrap;gap:.4rem}
 .pages a,.pages b{padding:.2rem .55rem;border:1px solid var(--line);border-radius:5px}
 #viewer{position:fixed;inset:0;background:rgba(0,0,0,.9);display:flex;flex-direction:column;align-items:center;\
-justify-content:center;gap:.5rem;color:#eee;z-index:10}
+justify-content:center;gap:.5rem;color:#eee;z-index:10;touch-action:pinch-zoom;overscroll-behavior:none}
 #viewer[hidden]{display:none}
 #viewer img{max-width:96vw;max-height:86vh;object-fit:contain}
 #viewer p{margin:0;font-size:.9rem;overflow-wrap:anywhere;max-width:90vw;text-align:center}

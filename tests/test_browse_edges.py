@@ -1,0 +1,228 @@
+"""`serve --browse`, issue 25 #8: redirects, folder covers, long names, box-shaped tiles, videos, the viewer's steps.
+
+Each behaviour is checked over raw HTTP where the HTML says it, and in a real headless Chromium
+where only the layout or a click shows it (screenshots in THUMBCLI_SCREENSHOTS).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+from servekit import ServerProcess, get, put_thumb, running_server
+from test_browse import _assert_clean, _open, _wait_images, browser, needs_browser, screenshots
+
+from thumbcli import cache as cache_layout
+
+__all__ = ["browser", "screenshots"]  # the fixtures, shared with test_browse
+
+LONG_NAME = "a-very-long-file-name-from-a-phone-camera-export-IMG_20240101_123456789_HDR_portrait_final.jpg"
+
+
+def _webp(width: int, height: int, seed: int) -> bytes:
+    base = pyvips.Image.xyz(width, height)
+    image = (base[0] * 255 / width).bandjoin([base[1] * 255 / height, (base[0] * 3 + seed * 70) % 256])
+    return bytes(image.cast("uchar").copy(interpretation="srgb").webpsave_buffer(Q=70))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small (inside 128) and boxed (cover 160x120): a folder of edge cases, nested folders for covers."""
+    root = tmp_path_factory.mktemp("edges") / "cache"
+    root.mkdir()
+    cache_layout.write_manifest(
+        root,
+        {
+            "small": {"format": "webp", "size": "128", "fit": "inside"},
+            "boxed": {"format": "webp", "size": "160x120", "fit": "cover"},
+        },
+    )
+    for preset in ("small", "boxed"):
+        put_thumb(root, preset, "edges/a-full.jpg.webp", _webp(160, 120, 1) if preset == "boxed" else _webp(128, 96, 1))
+        put_thumb(root, preset, "edges/b-small.jpg.webp", _webp(40, 30, 2))  # a source smaller than the box
+        put_thumb(root, preset, "edges/c-narrow.jpg.webp", _webp(50, 100, 3))  # smaller, and another shape
+        put_thumb(root, preset, "edges/clip.mp4.webp", _webp(128, 72, 4))
+        put_thumb(root, preset, f"edges/{LONG_NAME}.webp", _webp(128, 96, 5))
+    put_thumb(root, "small", "covers/named/b.jpg.webp", _webp(64, 48, 6))
+    put_thumb(root, "small", "covers/named/a.jpg.webp", _webp(64, 48, 7))
+    put_thumb(root, "small", "covers/nested/only/deeper/x.jpg.webp", _webp(64, 48, 8))
+    (root / "v1" / "small" / "covers" / "empty").mkdir()
+    now = time.time()
+    os.utime(root / "v1" / "small" / "covers" / "named" / "b.jpg.webp", (now, now))
+    os.utime(root / "v1" / "small" / "covers" / "named" / "a.jpg.webp", (now - 3600, now - 3600))
+    return root
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["sendfile", "fallback"])
+def browsing(request: pytest.FixtureRequest, cache: Path) -> Iterator[ServerProcess]:
+    with running_server(cache, browse=True, use_sendfile=request.param) as server:
+        yield server
+
+
+def test_folder_url_without_its_slash_redirects_with_its_query(browsing: ServerProcess) -> None:
+    for path, location in (
+        ("/small/edges", "/small/edges/"),
+        ("/small/edges?sort=date&page=2", "/small/edges/?sort=date&page=2"),
+        ("/small", "/small/"),
+        ("/small/covers/nested/only", "/small/covers/nested/only/"),
+    ):
+        response = get(browsing, path)
+        assert (response.status, response.headers.get("location")) == (301, location), path
+        assert get(browsing, location).status == 200
+    assert get(browsing, "/small/edges", method="HEAD").status == 301
+    assert get(browsing, "/small/edges/a-full.jpg").status == 200  # a thumbnail is still a thumbnail
+    for path in (
+        "/small/missing",
+        "/small/edges/a-full.jpg.webp",
+        "/nopreset/edges",
+        "/small/.thumbcli",
+        "/small/a%2f..",
+    ):
+        assert get(browsing, path).status in (400, 404), path
+
+
+def test_folder_url_without_its_slash_is_404_without_browse(cache: Path) -> None:
+    with running_server(cache) as server:
+        assert get(server, "/small/edges").status == 404
+
+
+def test_folder_tiles_show_a_cover_first_by_name_or_newest(browsing: ServerProcess) -> None:
+    by_name = get(browsing, "/small/covers/").body.decode()
+    assert '<span class="cover"><img src="/small/covers/named/a.jpg"' in by_name
+    assert '<span class="cover"><img src="/small/covers/nested/only/deeper/x.jpg"' in by_name  # looked for deeper
+    assert (
+        '<a class="folder" href="/small/covers/empty/?sort=name" title="empty"><span class="cover"></span>' in by_name
+    )
+    by_date = get(browsing, "/small/covers/?sort=date").body.decode()
+    assert '<span class="cover"><img src="/small/covers/named/b.jpg"' in by_date
+
+
+def test_video_tiles_are_marked_and_badged(browsing: ServerProcess) -> None:
+    body = get(browsing, "/small/edges/").body.decode()
+    assert '<a class="thumb video" href="/boxed/edges/clip.mp4"' in body  # the larger preset's, as for images
+    assert body.count('<span class="play" aria-hidden="true"></span>') == 1
+    assert '<a class="thumb" href="/boxed/edges/a-full.jpg"' in body
+
+
+def test_cover_presets_give_every_tile_the_box_shape(browsing: ServerProcess) -> None:
+    boxed = get(browsing, "/boxed/edges/").body.decode()
+    assert boxed.count('<span class="pic boxed"><svg viewBox="0 0 160 120" aria-hidden="true"></svg>') == 5
+    inside = get(browsing, "/small/edges/").body.decode()
+    assert "<svg" not in inside and 'class="pic boxed"' not in inside
+
+
+# -- in Chromium
+
+TILE_BOXES = """
+return Array.from(document.querySelectorAll('.grid .pic')).map(pic => {
+  const box = pic.getBoundingClientRect();
+  const img = pic.querySelector('img').getBoundingClientRect();
+  return [box.width, box.height, img.width, img.height, pic.closest('li').getBoundingClientRect().height];
+});
+"""
+
+
+@needs_browser
+def test_browser_tiles_of_a_cover_preset_share_the_box_shape(
+    browsing: ServerProcess, browser: Any, screenshots: Path
+) -> None:
+    base = f"http://127.0.0.1:{browsing.port}"
+    _open(browser, base + "/boxed/edges/")
+    _wait_images(browser)
+    browser.save_screenshot(str(screenshots / "boxed.png"))
+    tiles = browser.execute_script(TILE_BOXES)
+    assert len(tiles) == 5
+    width, height = tiles[0][0], tiles[0][1]
+    assert abs(height / width - 120 / 160) < 0.02
+    assert all(abs(tile[0] - width) < 1 and abs(tile[1] - height) < 1 for tile in tiles)
+    assert len({round(tile[4]) for tile in tiles}) == 1  # every tile as tall: the grid stays even
+    images = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.grid .pic img')).map(i => [i.naturalWidth, i.naturalHeight,"
+        " getComputedStyle(i).objectFit])"
+    )
+    assert images[0][:2] == [160, 120]
+    assert [40, 30] in [image[:2] for image in images] and [50, 100] in [image[:2] for image in images]
+    assert {image[2] for image in images} == {"scale-down"}  # a smaller image is never blown up
+    _assert_clean(browser)
+
+
+@needs_browser
+def test_browser_cuts_long_names_with_an_ellipsis(browsing: ServerProcess, browser: Any, screenshots: Path) -> None:
+    base = f"http://127.0.0.1:{browsing.port}"
+    _open(browser, base + "/small/edges/")
+    _wait_images(browser)
+    browser.save_screenshot(str(screenshots / "edges.png"))
+    names = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.grid .name')).map(n => [n.textContent, n.scrollWidth,"
+        " n.clientWidth, n.getBoundingClientRect().height, getComputedStyle(n).textOverflow,"
+        " n.closest('a').title])"
+    )
+    by_text = {name[0]: name for name in names}
+    long_name, short = by_text[LONG_NAME], by_text["a-full.jpg"]
+    assert long_name[1] > long_name[2]  # cut
+    assert long_name[4] == "ellipsis"
+    assert long_name[3] == short[3]  # on one line, not wrapped
+    assert long_name[5] == LONG_NAME  # the whole name on hover
+    _assert_clean(browser)
+
+
+@needs_browser
+def test_browser_shows_a_play_badge_on_videos(browsing: ServerProcess, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{browsing.port}"
+    _open(browser, base + "/small/edges/")
+    _wait_images(browser)
+    badges = browser.find_elements(By.CSS_SELECTOR, ".grid .play")
+    assert len(badges) == 1 and badges[0].is_displayed()
+    tile = browser.find_element(By.CSS_SELECTOR, ".thumb.video img").rect
+    badge = badges[0].rect
+    centre = (badge["x"] + badge["width"] / 2, badge["y"] + badge["height"] / 2)
+    assert tile["x"] < centre[0] < tile["x"] + tile["width"] and tile["y"] < centre[1] < tile["y"] + tile["height"]
+    browser.find_element(By.CSS_SELECTOR, ".thumb.video").click()
+    assert browser.find_element(By.CSS_SELECTOR, "#viewer p").text == "clip.mp4 (video)"
+    _assert_clean(browser)
+
+
+def _swipe(browser: Any, start_x: int, end_x: int, y: int = 400) -> None:
+    for kind, x in (("touchStart", start_x), ("touchMove", (start_x + end_x) // 2), ("touchMove", end_x)):
+        browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+    browser.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+@needs_browser
+def test_browser_viewer_steps_with_buttons_and_swipes(browsing: ServerProcess, browser: Any, screenshots: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = f"http://127.0.0.1:{browsing.port}"
+    _open(browser, base + "/small/edges/")
+    _wait_images(browser)
+    order = [link.get_attribute("href") for link in browser.find_elements(By.CSS_SELECTOR, ".grid a.thumb")]
+    browser.find_element(By.CSS_SELECTOR, ".grid a.thumb").click()
+    viewer = browser.find_element(By.ID, "viewer")
+    big = viewer.find_element(By.TAG_NAME, "img")
+    previous, following = viewer.find_element(By.CSS_SELECTOR, ".prev"), viewer.find_element(By.CSS_SELECTOR, ".next")
+    assert viewer.is_displayed() and big.get_attribute("src") == order[0]
+    assert not previous.is_enabled() and following.is_enabled()
+    following.click()
+    assert big.get_attribute("src") == order[1]
+    WebDriverWait(browser, 10).until(lambda _: big.get_attribute("naturalWidth") not in (None, "0"))
+    browser.save_screenshot(str(screenshots / "viewer-steps.png"))
+    previous.click()
+    assert big.get_attribute("src") == order[0]
+    _swipe(browser, 900, 300)  # right to left: the next one
+    assert big.get_attribute("src") == order[1]
+    _swipe(browser, 300, 900)  # left to right: the previous one
+    assert big.get_attribute("src") == order[0]
+    _swipe(browser, 600, 620)  # a tap, not a swipe
+    assert big.get_attribute("src") == order[0] and viewer.is_displayed()
+    for _ in order[1:]:
+        following.click()
+    assert big.get_attribute("src") == order[-1] and not following.is_enabled()
+    _assert_clean(browser)
