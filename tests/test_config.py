@@ -13,6 +13,7 @@ import pyvips
 from imagekit import make_photo, run_cli
 
 from thumbcli.config import ConfigError, find_config, load_config
+from thumbcli.spec import DEFAULT_QUALITY
 
 
 def write(path: Path, text: str) -> Path:
@@ -181,7 +182,11 @@ def test_config_refuses_a_wrong_typed_value_for_every_option(
             "expected one of jpeg, webp, avif, png, or an array of them (preferred first, fallback last),"
             " got 3 (an integer)",
         ),
-        ("quality", '"75"', 'expected an integer from 1 to 100, got "75" (a string)'),
+        (
+            "quality",
+            '"75"',
+            'expected an integer from 1 to 100 or a table by format, got "75" (a string)',
+        ),
         ("upscale", '"false"', 'expected true or false, got "false" (a string)'),
         ("keep_metadata", "1", "expected true or false, got 1 (an integer)"),
     ],
@@ -202,7 +207,7 @@ def test_config_refuses_a_wrong_typed_value_for_every_preset_key(
     [
         (
             '[presets.small]\nsize = "64"\nquality = "75"\n',
-            ':3: presets.small.quality: expected an integer from 1 to 100, got "75"',
+            ':3: presets.small.quality: expected an integer from 1 to 100 or a table by format, got "75"',
         ),
         (
             '[presets.small]\nsize = "64"\nupscale = "false"\n',
@@ -261,3 +266,67 @@ def test_config_spells_keys_with_dashes_takes_underscores_too_and_jpg_for_jpeg(t
     assert (
         "preset b: size=64 fit=inside format(quality)=webp:80,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
     )
+
+
+def test_quality_is_per_format_from_a_preset_table_the_quality_table_or_the_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "thumbcli.toml",
+        "[quality]\navif = 60\njpg = 85\n"
+        '[presets.listed]\nsize = "64"\nformat = ["avif", "webp", "jpeg"]\nquality = { webp = 70 }\n'
+        '[presets.plain]\nsize = "64"\nformat = "avif"\n'
+        '[presets.fallback]\nsize = "64"\nformat = ["avif", "webp", "jpeg"]\nquality = 75\n'
+        '[presets.single]\nsize = "64"\nformat = "webp"\nquality = 75\n',
+    )
+    config = load_config(path)
+
+    def made(name: str) -> list[tuple[str, int]]:
+        return [(spec.format, spec.effective_quality) for spec in config.specs_to_make((name,))]
+
+    defaults = DEFAULT_QUALITY
+    assert made("listed") == [("avif", 60), ("webp", 70), ("jpeg", 85)]
+    assert made("plain") == [("avif", 60)]
+    # As imgproxy's IMGPROXY_QUALITY: a plain integer is the fallback's; the others keep their own.
+    assert made("fallback") == [("avif", 60), ("webp", defaults["webp"]), ("jpeg", 75)]
+    assert made("single") == [("webp", 75)]
+    shown = run_cli("--config", path, "config").stdout
+    assert "quality by format: avif:60, jpeg:85" in shown
+    assert "preset listed: size=64 fit=inside format(quality)=avif:60,webp:70,jpeg:85 " in shown
+    assert f"preset fallback: size=64 fit=inside format(quality)=avif:60,webp:{defaults['webp']},jpeg:75 " in shown
+
+
+def test_quality_table_applies_to_sizes_given_on_the_command_line(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    make_photo(source / "a.jpg", 400, 300)
+    path = write(tmp_path / "thumbcli.toml", "[quality]\nwebp = 40\n")
+    out = tmp_path / "out"
+    assert run_cli("--config", path, "generate", source, "-o", out, "-s", "128", "--format", "webp").rc == 0
+    low = (out / "128" / "a.jpg.webp").stat().st_size
+    assert run_cli("generate", source, "-o", tmp_path / "out2", "-s", "128", "--format", "webp").rc == 0
+    assert low < (tmp_path / "out2" / "128" / "a.jpg.webp").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[quality]\ngif = 50\n", ":2: quality.gif: unknown format 'gif' (known: jpeg, webp, avif, png)"),
+        ("[quality]\navif = 0\n", ":2: quality.avif: expected a quality for avif from 1 to 100, got 0 (an integer)"),
+        ('[quality]\nwebp = "70"\n', ':2: quality.webp: expected a quality for webp from 1 to 100, got "70"'),
+        ("quality = 70\n", ":1: quality: expected a table of qualities by format, e.g. { avif = 56, webp = 78 }"),
+        (
+            '[presets.a]\nsize = "64"\nquality = { avif = 101 }\n',
+            ":3: presets.a.quality: expected a quality for avif from 1 to 100, got 101 (an integer)",
+        ),
+        (
+            '[presets.a]\nsize = "64"\nquality = { tiff = 80 }\n',
+            ":3: presets.a.quality: unknown format 'tiff' (known: jpeg, webp, avif, png)",
+        ),
+    ],
+)
+def test_a_wrong_quality_table_is_a_usage_error_naming_its_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path / "thumbcli.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}{expected}")
+    result = run_cli("--config", path, "config")
+    assert result.rc == 2 and expected in result.stderr
