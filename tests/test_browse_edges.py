@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pyvips
+from imagekit import make_photo
 from servekit import ServerProcess, get, put_thumb, running_server
 from test_browse import _assert_clean, _open, _wait_images, browser, needs_browser, screenshots
 
@@ -226,3 +227,73 @@ def test_browser_viewer_steps_with_buttons_and_swipes(browsing: ServerProcess, b
         following.click()
     assert big.get_attribute("src") == order[-1] and not following.is_enabled()
     _assert_clean(browser)
+
+
+# -- serve --source --browse on a fresh cache
+
+
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """src/ (images, a folder, a hidden folder, a text file), an empty cache, and a config with one preset."""
+    base = tmp_path_factory.mktemp("fresh")
+    source = base / "src"
+    (source / "trip" / "deeper").mkdir(parents=True)
+    (source / ".hidden").mkdir()
+    make_photo(source / "a.jpg", 300, 200)
+    make_photo(source / "trip" / "b.png", 200, 300, seed=1)
+    make_photo(source / "trip" / "deeper" / "c.jpg", 300, 200, seed=2)
+    make_photo(source / ".hidden" / "x.jpg", 300, 200, seed=3)
+    (source / "notes.txt").write_text("not an image")
+    preset = '[presets.small]\nsize = "128"\nformat = "webp"\n'
+    (base / "thumbcli.toml").write_text(preset)
+    (base / "named.toml").write_text(f'[sources]\nphone = "{source}"\n{preset}')
+    return base
+
+
+def test_source_browse_lists_source_folders_on_a_fresh_cache(source_tree: Path) -> None:
+    cache = source_tree / "cache"
+    cache.mkdir()
+    config = source_tree / "thumbcli.toml"
+    with running_server(cache, config=config, source_root=source_tree / "src", browse=True) as server:
+        top = get(server, "/small/")
+        assert top.status == 200
+        body = top.body.decode()
+        assert "1 image, 1 folder" in body
+        folder = '<a class="folder" href="/small/trip/?sort=name" title="trip">'
+        assert folder + '<span class="cover"><img src="/small/trip/b.png"' in body
+        assert '<a class="thumb" href="/small/a.jpg"' in body
+        assert "notes.txt" not in body and ".hidden" not in body
+        assert get(server, "/small/trip").headers.get("location") == "/small/trip/"
+        assert get(server, "/small/.hidden/").status == 404
+        assert get(server, "/small/missing/").status == 404
+        thumbnail = get(server, "/small/trip/b.png")
+        assert thumbnail.status == 200 and thumbnail.headers["content-type"] == "image/webp"
+        deeper = get(server, "/small/trip/").body.decode()
+        assert '<span class="name">deeper</span>' in deeper and 'width="85" height="128"' in deeper  # b.png is made
+
+
+def test_source_browse_lists_named_sources_as_folders(source_tree: Path) -> None:
+    cache = source_tree / "named-cache"
+    cache.mkdir()
+    with running_server(cache, config=source_tree / "named.toml", named_sources=True, browse=True) as server:
+        body = get(server, "/small/").body.decode()
+        folder = '<a class="folder" href="/small/phone/?sort=name" title="phone">'
+        assert folder + '<span class="cover"><img src="/small/phone/a.jpg"' in body
+        inner = get(server, "/small/phone/").body.decode()
+        assert '<a class="thumb" href="/small/phone/a.jpg"' in inner and "1 image, 1 folder" in inner
+        assert get(server, "/small/phone/trip/deeper/c.jpg").status == 200
+        assert get(server, "/small/other/").status == 404
+
+
+@needs_browser
+def test_browser_browses_a_fresh_cache_made_on_a_miss(source_tree: Path, browser: Any, screenshots: Path) -> None:
+    cache = source_tree / "browser-cache"
+    cache.mkdir()
+    config = source_tree / "thumbcli.toml"
+    with running_server(cache, config=config, source_root=source_tree / "src", browse=True) as server:
+        _open(browser, f"http://127.0.0.1:{server.port}/small")
+        assert browser.current_url == f"http://127.0.0.1:{server.port}/small/"
+        shown, loaded = _wait_images(browser)
+        assert shown == 2 and loaded == 2  # the folder's cover and a.jpg, each made as it was asked for
+        browser.save_screenshot(str(screenshots / "fresh-source.png"))
+        _assert_clean(browser)

@@ -18,6 +18,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from thumbcli.cache import url_segments
+from thumbcli.discover import is_image_name
 
 Sort = Literal["name", "date"]
 SORTS: tuple[Sort, ...] = ("name", "date")
@@ -96,7 +97,11 @@ class FolderLister:
         return found or None
 
     def thumbnails(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> FolderListing | None:
-        """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder."""
+        """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder.
+
+        With no `suffixes`, `folder` is a source folder (`serve --source`): each image in it is
+        listed under its own name, as a thumbnail that is made when it is asked for.
+        """
         key = _stat_key(folder)
         if key is None:
             return None
@@ -144,6 +149,10 @@ def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | 
                 if entry.is_dir(follow_symlinks=False):
                     if _linkable(name):
                         folders.append(name)
+                    continue
+                if not suffixes:
+                    if is_image_name(os.fsdecode(name)) and _linkable(name) and entry.is_file(follow_symlinks=False):
+                        by_source[name] = name
                     continue
                 for order, suffix in enumerate(suffixes):
                     if name.endswith(suffix) and len(name) > len(suffix) and entry.is_file(follow_symlinks=False):

@@ -73,7 +73,7 @@ class Worker:
             if options.access_log is not None:
                 self.access_log = AccessLog(options.access_log)
             if options.browse:
-                self.gallery = GalleryDesk(options.cache_root, self.epoll)
+                self.gallery = GalleryDesk(options.cache_root, self.epoll, options.on_demand_sources)
             generated = self.misses.generated if self.misses is not None else {}
             files = CacheFiles(options.cache_root, options.cache_control, generated)
         except BaseException:
