@@ -7,6 +7,7 @@ where only the layout or a click shows it (screenshots in THUMBCLI_SCREENSHOTS).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 import pyvips
-from imagekit import make_photo
+from imagekit import draw_photo, make_photo, run_cli
 from servekit import ServerProcess, get, put_thumb, running_server
 from test_browse import _assert_clean, _open, _wait_images, browser, needs_browser, screenshots
 
@@ -296,4 +297,46 @@ def test_browser_browses_a_fresh_cache_made_on_a_miss(source_tree: Path, browser
         shown, loaded = _wait_images(browser)
         assert shown == 2 and loaded == 2  # the folder's cover and a.jpg, each made as it was asked for
         browser.save_screenshot(str(screenshots / "fresh-source.png"))
+        _assert_clean(browser)
+
+
+# -- sort by capture date, recorded when the thumbnail is made
+
+
+def _dated_photo(path: Path, when: str, seed: int) -> None:
+    image = draw_photo(320, 240, seed=seed).copy()
+    image.set_type(pyvips.GValue.gstr_type, "exif-ifd2-DateTimeOriginal", when)
+    path.write_bytes(image.jpegsave_buffer(keep="exif"))
+
+
+@needs_browser
+def test_browser_sorts_by_capture_date_recorded_at_make_time(tmp_path: Path, browser: Any, screenshots: Path) -> None:
+    source, cache = tmp_path / "src", tmp_path / "cache"
+    source.mkdir()
+    # Captured in the order c, a, b (newest first); copied, so written and modified in another order.
+    _dated_photo(source / "a.jpg", "2020:06:01 12:00:00", 1)
+    _dated_photo(source / "b.jpg", "2010:01:01 08:00:00", 2)
+    _dated_photo(source / "c.jpg", "2023:12:24 18:30:00", 3)
+    make_photo(source / "undated.png", 200, 150, seed=4)
+    now = time.time()
+    for age, name in enumerate(("b.jpg", "a.jpg", "c.jpg", "undated.png")):
+        os.utime(source / name, (now - 1000 * age, now - 1000 * age))
+    assert run_cli("generate", source, "--cache", cache, "-s", "128", "--format", "webp").rc == 0
+    folder = cache / "v1" / "128"
+    for age, name in enumerate(("a.jpg.webp", "b.jpg.webp", "c.jpg.webp")):  # written newest first: a, b, c
+        os.utime(folder / name, (now - 100 * age, now - 100 * age))
+    os.utime(folder / "undated.png.webp", (now - 10, now - 10))  # no capture date: its mtime, in 2026 or so
+    for source_file in source.iterdir():
+        source_file.unlink()  # never read at page time
+    from selenium.webdriver.common.by import By
+
+    with running_server(cache, browse=True) as server:
+        body = get(server, "/128/?sort=date").body.decode()
+        order = [name for name in re.findall(r'data-name="([^"]+)"', body)]
+        assert order == ["undated.png", "c.jpg", "a.jpg", "b.jpg"]
+        _open(browser, f"http://127.0.0.1:{server.port}/128/?sort=date")
+        _wait_images(browser)
+        browser.save_screenshot(str(screenshots / "sorted-by-capture.png"))
+        shown = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb .name")]
+        assert shown == ["undated.png", "c.jpg", "a.jpg", "b.jpg"]
         _assert_clean(browser)

@@ -136,6 +136,9 @@ class Thumbnail:
     source_width: int
     source_height: int
     source_format: str
+    #: When the source was captured (EXIF DateTimeOriginal, a video's creation time), in seconds since
+    #: 1970 as its clock read (no time zone), recorded with the thumbnail for sorting by date; 0: unknown.
+    captured: int = 0
 
 
 def by_preset(specs: Iterable[ThumbSpec]) -> dict[str, tuple[ThumbSpec, ...]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
-from thumbcli.cache import url_segments
+from thumbcli.cache import captured_of, url_segments
 from thumbcli.discover import is_image_name
 
 Sort = Literal["name", "date"]
@@ -177,9 +177,15 @@ def _linkable(name: bytes) -> bool:
 
 
 def _newest_first(folder: bytes, thumbnails: tuple[Thumbnail, ...]) -> tuple[Thumbnail, ...]:
+    """Newest capture first: the capture time a thumbnail was made with, else its file's mtime."""
+
     def modified(thumbnail: Thumbnail) -> int:
+        path = os.path.join(folder, thumbnail.file_name)
+        captured = captured_of(path)
+        if captured is not None:
+            return captured * 1_000_000_000
         try:
-            return os.stat(os.path.join(folder, thumbnail.file_name), follow_symlinks=False).st_mtime_ns
+            return os.stat(path, follow_symlinks=False).st_mtime_ns
         except OSError:
             return 0
 
