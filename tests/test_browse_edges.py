@@ -340,3 +340,86 @@ def test_browser_sorts_by_capture_date_recorded_at_make_time(tmp_path: Path, bro
         shown = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb .name")]
         assert shown == ["undated.png", "c.jpg", "a.jpg", "b.jpg"]
         _assert_clean(browser)
+
+
+# -- a video opens the video itself (serve --source --browse)
+
+
+@pytest.fixture(scope="module")
+def video_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """src/ with a video, a photo, a hidden video and a link out; a config with one preset."""
+    from test_formats import make_video
+
+    base = tmp_path_factory.mktemp("videos")
+    source = base / "src"
+    (source / "trip").mkdir(parents=True)
+    make_video(source / "trip" / "clip.mp4", dark_frames=0, width=160, height=96)
+    make_photo(source / "trip" / "photo.jpg", 300, 200)
+    make_video(source / "trip" / ".hidden.mp4", dark_frames=0)
+    (base / "outside.mp4").write_bytes((source / "trip" / "clip.mp4").read_bytes())
+    os.symlink(base / "outside.mp4", source / "trip" / "link.mp4")
+    (base / "thumbcli.toml").write_text('[presets.small]\nsize = "128"\nformat = "webp"\n')
+    (base / "cache").mkdir()
+    return base
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["sendfile", "fallback"])
+def video_server(request: pytest.FixtureRequest, video_tree: Path) -> Iterator[ServerProcess]:
+    config, source = video_tree / "thumbcli.toml", video_tree / "src"
+    with running_server(
+        video_tree / "cache", config=config, source_root=source, browse=True, use_sendfile=request.param
+    ) as server:
+        yield server
+
+
+def test_a_video_tile_links_the_video_itself_served_with_ranges(video_server: ServerProcess, video_tree: Path) -> None:
+    body = get(video_server, "/small/trip/").body.decode()
+    assert (
+        '<a class="thumb video" href="/_thumbcli/video/trip/clip.mp4" data-video="/_thumbcli/video/trip/clip.mp4"'
+        in body
+    )
+    assert '<a class="thumb" href="/small/trip/photo.jpg"' in body
+    whole = (video_tree / "src" / "trip" / "clip.mp4").read_bytes()
+    video = get(video_server, "/_thumbcli/video/trip/clip.mp4")
+    assert (video.status, video.headers["content-type"], video.body) == (200, "video/mp4", whole)
+    assert video.headers["accept-ranges"] == "bytes"
+    part = get(video_server, "/_thumbcli/video/trip/clip.mp4", {"Range": "bytes=10-109"})
+    assert (part.status, part.body) == (206, whole[10:110])
+    for refused in (
+        "/_thumbcli/video/trip/photo.jpg",  # a photo is not played: its thumbnails are what is served
+        "/_thumbcli/video/trip/.hidden.mp4",
+        "/_thumbcli/video/trip/link.mp4",  # a symlink out of the source
+        "/_thumbcli/video/trip/%2e%2e/%2e%2e/outside.mp4",
+        "/_thumbcli/video/../outside.mp4",
+        "/_thumbcli/video/trip/missing.mp4",
+    ):
+        assert get(video_server, refused).status in (400, 404), refused
+
+
+def test_no_video_is_served_without_source(cache: Path) -> None:
+    with running_server(cache, browse=True) as server:
+        body = get(server, "/small/edges/").body.decode()
+        assert "data-video" not in body and "/_thumbcli/video/" not in body
+        assert get(server, "/_thumbcli/video/edges/clip.mp4").status == 404
+
+
+@needs_browser
+def test_browser_plays_a_video_in_the_viewer(video_server: ServerProcess, browser: Any, screenshots: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = f"http://127.0.0.1:{video_server.port}"
+    _open(browser, base + "/small/trip/")
+    _wait_images(browser)
+    browser.find_element(By.CSS_SELECTOR, ".thumb.video").click()
+    player = browser.find_element(By.CSS_SELECTOR, "#viewer video")
+    assert player.is_displayed() and not browser.find_element(By.CSS_SELECTOR, "#viewer img").is_displayed()
+    assert player.get_attribute("src") == base + "/_thumbcli/video/trip/clip.mp4"
+    # Loaded and decoded: its frame size known, as only a played video's is.
+    WebDriverWait(browser, 20).until(lambda _: player.get_attribute("videoWidth") == "160")
+    assert browser.execute_script("return arguments[0].error", player) is None
+    browser.save_screenshot(str(screenshots / "viewer-video.png"))
+    browser.find_element(By.CSS_SELECTOR, "#viewer .next").click()
+    assert not player.is_displayed() and browser.find_element(By.CSS_SELECTOR, "#viewer img").is_displayed()
+    assert player.get_attribute("src") in (None, "")
+    _assert_clean(browser)

@@ -20,11 +20,11 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from thumbcli.cache import LAYOUT_DIR, url_segments
-from thumbcli.formats import BY_NAME
 from thumbcli.serve.imagesize import size_of_file
 from thumbcli.serve.listing import FolderLister, FolderListing, Sort
 from thumbcli.serve.pages import PAGE_ITEMS, FolderTile, GalleryItem, Page, PresetView, gallery_page, url_of
 from thumbcli.serve.protocol import Connection, Parked, Request
+from thumbcli.serve.videos import SourceVideos, is_video_name
 from thumbcli.spec import SUFFIX_BY_FORMAT
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ MAX_PAGES_IN_FLIGHT = 64
 #: A made page answers the same URL again for this long (as an opened thumbnail does), then is made anew.
 MADE_PAGE_SECONDS = 1.0
 PAGES_KEPT = 64
-_VIDEO_SUFFIXES = tuple(suffix.encode("ascii") for suffix in BY_NAME["video"].suffixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,9 @@ class PageWait(Parked):
 class GalleryDesk:
     """One worker's gallery pages: the page threads, pages being made, and those made a moment ago."""
 
-    def __init__(self, cache_root: Path, epoll: select.epoll, sources: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self, cache_root: Path, epoll: select.epoll, sources: Mapping[str, Path] | None = None, cache_control: str = ""
+    ) -> None:
         self._layout_root = os.fsencode(cache_root / LAYOUT_DIR)
         self._real_root = os.fsencode(os.path.realpath(cache_root))
         self._lister = FolderLister()
@@ -96,6 +97,8 @@ class GalleryDesk:
         self._sources = {
             os.fsencode(name): os.fsencode(os.path.realpath(root)) for name, root in (sources or {}).items()
         }
+        #: The videos of those folders, which a video's tile opens.
+        self.videos = SourceVideos(sources or {}, cache_control)
         #: The named sources' root, listed as their folders.
         self._source_names = FolderListing(tuple(sorted(name for name in self._sources if name)), ())
         # Made here, after fork, so that the threads are this process's.
@@ -206,8 +209,9 @@ class GalleryDesk:
                 (thumbnail.file_name,) if source is None else (thumbnail.source_name + suffix for suffix in suffixes)
             )
             size = next(filter(None, (_size_of(folder_path, name) for name in names)), None)
-            video = thumbnail.source_name.lower().endswith(_VIDEO_SUFFIXES)
-            items.append(GalleryItem(thumbnail.source_name, thumb_url, full_url, size, video))
+            video = is_video_name(thumbnail.source_name)
+            video_url = self.videos.url_of(segments) if video else None
+            items.append(GalleryItem(thumbnail.source_name, thumb_url, full_url, size, video, video_url))
         tiles = []
         for name in shown_folders:
             below = self.source_folder((*request.folder, name)) if source is not None else None

@@ -22,7 +22,8 @@ ASSET_PREFIX = b"/_thumbcli/"
 #: A page lists this many folders and thumbnails; the rest are on further pages.
 PAGE_ITEMS = 120
 CSP = (
-    b"Content-Security-Policy: default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    b"Content-Security-Policy: default-src 'none'; img-src 'self'; media-src 'self'; style-src 'self'; "
+    b"script-src 'self'; "
     b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n"
     b"X-Content-Type-Options: nosniff\r\nReferrer-Policy: same-origin\r\n"
 )
@@ -94,6 +95,8 @@ class GalleryItem:
     size: tuple[int, int] | None
     #: A video's thumbnail: shown with a play badge.
     video: bool = False
+    #: Where the video itself plays (`serve --source`), None when only its thumbnails are served.
+    video_url: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +174,8 @@ border-color:transparent transparent transparent #fff}
 #viewer{position:fixed;inset:0;background:rgba(0,0,0,.9);display:flex;flex-direction:column;align-items:center;\
 justify-content:center;gap:.5rem;color:#eee;z-index:10;touch-action:pinch-zoom;overscroll-behavior:none}
 #viewer[hidden]{display:none}
-#viewer img{max-width:96vw;max-height:86vh;object-fit:contain}
+#viewer img,#viewer video{max-width:96vw;max-height:86vh;object-fit:contain}
+#viewer [hidden]{display:none}
 #viewer p{margin:0;font-size:.9rem;overflow-wrap:anywhere;max-width:90vw;text-align:center}
 #viewer button{position:absolute;background:none;color:#eee;border:0;cursor:pointer}
 #viewer .close{top:.6rem;right:.8rem;font-size:1.4rem}
@@ -207,8 +211,12 @@ _SCRIPT = """\
   const next = button("step next", "\u203a", "Next");
   const big = document.createElement("img");
   big.alt = "";
+  const player = document.createElement("video");
+  player.controls = true;
+  player.playsInline = true;
+  player.hidden = true;
   const caption = document.createElement("p");
-  viewer.append(close, previous, next, big, caption);
+  viewer.append(close, previous, next, big, player, caption);
   document.body.append(viewer);
 
   const select = (index) => {
@@ -221,7 +229,18 @@ _SCRIPT = """\
   const show = (index) => {
     if (index < 0 || index >= links.length) return;
     select(index);
-    big.src = links[current].href;
+    const video = links[current].dataset.video;
+    player.pause();
+    if (video) {
+      big.removeAttribute("src");
+      player.src = video;
+      player.play().catch(() => {});  // a browser may ask for a click first: the controls are there
+    } else {
+      player.removeAttribute("src");
+      big.src = links[current].href;
+    }
+    big.hidden = Boolean(video);
+    player.hidden = !video;
     caption.textContent = links[current].dataset.name;
     if (links[current].classList.contains("video")) {
       const badge = document.createElement("span");
@@ -236,6 +255,8 @@ _SCRIPT = """\
   const hide = () => {
     viewer.hidden = true;
     big.removeAttribute("src");
+    player.pause();
+    player.removeAttribute("src");
     if (current >= 0) links[current].focus();
   };
   const perRow = () => {
@@ -404,8 +425,11 @@ def _thumb_tile(item: GalleryItem, box: tuple[int, int] | None) -> str:
     shape = f'<svg viewBox="0 0 {box[0]} {box[1]}" aria-hidden="true"></svg>' if box else ""
     badge = '<span class="play" aria-hidden="true"></span>' if item.video else ""
     kind = "thumb video" if item.video else "thumb"
+    # A video opens the video itself where it is served (a player, also without the script).
+    href = item.video_url.decode("ascii") if item.video_url else item.full_url
+    played = f' data-video="{href}"' if item.video_url else ""
     return (
-        f'<li><a class="{kind}" href="{item.full_url}" data-name="{caption}" title="{caption}">'
+        f'<li><a class="{kind}" href="{href}"{played} data-name="{caption}" title="{caption}">'
         f'<span class="pic{" boxed" if box else ""}">{shape}{image}{badge}</span>'
         f'<span class="name">{caption}</span></a></li>\n'
     )
