@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 import pyvips
-from imagekit import make_photo, run_cli
+from imagekit import CORPUS, make_photo, needs_corpus, run_cli
 
 from thumbcli.config import ConfigError, find_config, load_config
 from thumbcli.spec import DEFAULT_QUALITY
@@ -330,3 +330,26 @@ def test_a_wrong_quality_table_is_a_usage_error_naming_its_line(tmp_path: Path, 
     assert str(caught.value).startswith(f"{path}{expected}")
     result = run_cli("--config", path, "config")
     assert result.rc == 2 and expected in result.stderr
+
+
+@needs_corpus
+def test_a_format_list_with_one_quality_makes_each_format_smaller_than_its_fallback(tmp_path: Path) -> None:
+    """The README's `quality = 75` with a format list: AVIF and WebP keep their own defaults, below JPEG's bytes."""
+    source = tmp_path / "src"
+    source.mkdir()
+    photos = sorted((CORPUS / "orientation").glob("Landscape_*.jpg"))[:4]
+    assert photos
+    for photo in photos:
+        (source / photo.name).write_bytes(photo.read_bytes())
+    path = write(
+        tmp_path / "thumbcli.toml",
+        f'cache = "{tmp_path / "cache"}"\n[presets.small]\nsize = "256"\n'
+        'format = ["avif", "webp", "jpeg"]\nquality = 75\n',
+    )
+    assert run_cli("--config", path, "generate", source).rc == 0
+    folder = tmp_path / "cache" / "v1" / "small"
+    total = {
+        suffix: sum(file.stat().st_size for file in folder.glob(f"*.{suffix}")) for suffix in ("avif", "webp", "jpg")
+    }
+    assert len(list(folder.glob("*.jpg.jpg"))) == len(photos)
+    assert total["avif"] < total["jpg"] and total["webp"] < total["jpg"], total
