@@ -264,7 +264,7 @@ def test_config_spells_keys_with_dashes_takes_underscores_too_and_jpg_for_jpeg(t
     assert config.presets["b"].keep_metadata
     shown = run_cli("--config", path, "config")
     assert (
-        "preset b: size=64 fit=inside format(quality)=webp:80,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
+        "preset b: size=64 fit=inside format(quality)=webp:82,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
     )
 
 
@@ -285,13 +285,13 @@ def test_quality_is_per_format_from_a_preset_table_the_quality_table_or_the_defa
     defaults = DEFAULT_QUALITY
     assert made("listed") == [("avif", 60), ("webp", 70), ("jpeg", 85)]
     assert made("plain") == [("avif", 60)]
-    # As imgproxy's IMGPROXY_QUALITY: a plain integer is the fallback's; the others keep their own.
-    assert made("fallback") == [("avif", 60), ("webp", defaults["webp"]), ("jpeg", 75)]
+    # A plain integer is the fallback's; the others move by the same step from their own (85 -> 75: -10).
+    assert made("fallback") == [("avif", 50), ("webp", defaults["webp"] - 10), ("jpeg", 75)]
     assert made("single") == [("webp", 75)]
     shown = run_cli("--config", path, "config").stdout
     assert "quality by format: avif:60, jpeg:85" in shown
     assert "preset listed: size=64 fit=inside format(quality)=avif:60,webp:70,jpeg:85 " in shown
-    assert f"preset fallback: size=64 fit=inside format(quality)=avif:60,webp:{defaults['webp']},jpeg:75 " in shown
+    assert f"preset fallback: size=64 fit=inside format(quality)=avif:50,webp:{defaults['webp'] - 10},jpeg:75 " in shown
 
 
 def test_quality_table_applies_to_sizes_given_on_the_command_line(tmp_path: Path) -> None:

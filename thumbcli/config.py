@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from thumbcli.errors import SpecError
-from thumbcli.spec import FITS, FORMATS, Format, SizeBox, ThumbSpec
+from thumbcli.spec import DEFAULT_QUALITY, FITS, FORMATS, Format, SizeBox, ThumbSpec
 
 CONFIG_NAME = "thumbcli.toml"
 #: Each preset key: the TOML types it takes and how the error names them.
@@ -196,19 +196,34 @@ def _qualities(raw: object, table: str | None, key: str, fail: _Fail) -> dict[Fo
 
 
 def _preset_qualities(name: str, raw: dict[str, Any], qualities: dict[Format, int], fail: _Fail) -> dict[Format, int]:
-    """A preset's quality by format: its table's, else `[quality]`'s; an integer is its fallback format's.
-
-    As imgproxy's IMGPROXY_QUALITY beside IMGPROXY_FORMAT_QUALITY: with a format list, a plain
-    `quality = 75` is the fallback's (the last), and each other format keeps its own default, which
-    is what makes it smaller than the fallback at the same perceived quality.
-    """
+    """A preset's quality by format: its table's, else `[quality]`'s, else the default; see `_stepped`."""
     value = raw.get("quality", {})
     if isinstance(value, dict):
         return {**qualities, **_qualities(value, f"presets.{name}", "quality", fail)}
-    fmt = raw.get("format", "jpeg")
-    fallback = fmt[-1] if isinstance(fmt, list) and fmt else fmt
-    fallback = _FORMAT_ALIASES.get(fallback, fallback) if isinstance(fallback, str) else fallback
-    return {**qualities, fallback: value} if has_type(value, (int,)) and fallback in FORMATS else qualities
+    if not has_type(value, (int,)) or not 1 <= value <= 100:
+        return qualities  # `_preset` says what is wrong with it
+    listed = raw.get("format", "jpeg")
+    names = listed if isinstance(listed, list) and listed else [listed]
+    formats = [_FORMAT_ALIASES.get(item, item) for item in names if isinstance(item, str)]
+    known = [fmt for fmt in formats if fmt in FORMATS]
+    return _stepped(value, known, qualities) if known and len(known) == len(names) else qualities
+
+
+def _stepped(quality: int, formats: list[Format], qualities: dict[Format, int]) -> dict[Format, int]:
+    """A plain `quality` for a list of formats: the fallback's (the last), the others moved by the same step.
+
+    Each format's own quality (`[quality]`, else the default) stands for the same perceived
+    quality (README "Quality by format"), so `quality = 75` beside a JPEG default of 80 is WebP 77
+    and AVIF 55: each as good as the JPEG, in fewer bytes, as one number for all made AVIF bigger.
+    """
+    fallback = formats[-1]
+    step = quality - qualities.get(fallback, DEFAULT_QUALITY[fallback])
+    stepped = dict(qualities)
+    for fmt in formats[:-1]:
+        if fmt != "png":  # lossless: nothing to step
+            stepped[fmt] = min(100, max(1, qualities.get(fmt, DEFAULT_QUALITY[fmt]) + step))
+    stepped[fallback] = quality
+    return stepped
 
 
 def _preset(name: str, raw: object, fail: _Fail, qualities: dict[Format, int]) -> ThumbSpec:
