@@ -98,13 +98,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512", help="thumbnail edges, comma-separated")
     parser.add_argument("--photos", type=int, default=36)
     parser.add_argument("--reference", default="jpeg:80", help="FORMAT:QUALITY every other format is matched to")
+    parser.add_argument(
+        "--qualities", help="instead of the whole grid: FORMAT:Q,Q;FORMAT:Q (e.g. jpeg:80;webp:82,84;avif:60)"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     photos = sources(args.workdir, args.photos)
     if not photos:
         sys.exit("no photographs: apt-get download plasma-workspace-wallpapers failed")
     edges = [int(edge) for edge in args.sizes.split(",")]
-    cells = [(fmt, quality) for fmt, qualities in QUALITIES.items() for quality in qualities]
+    grid = QUALITIES
+    if args.qualities:
+        grid = {}
+        for part in args.qualities.split(";"):
+            fmt, _, listed = part.partition(":")
+            grid[cast(Format, fmt)] = tuple(int(quality) for quality in listed.split(","))
+    cells = [(fmt, quality) for fmt, qualities in grid.items() for quality in qualities]
     ref_format, _, ref_quality = args.reference.partition(":")
     reference = cast(Cell, (ref_format, int(ref_quality)))
     if reference not in cells:
@@ -128,7 +137,7 @@ def main() -> None:
 
     target = pooled(reference)
     print(f"\n# lowest quality per format whose score (mean of the sizes) reaches {args.reference}'s {target:.1f}")
-    for fmt, qualities in QUALITIES.items():
+    for fmt, qualities in grid.items():
         enough = [quality for quality in qualities if pooled((fmt, quality)) >= target]
         if not enough:
             print(f"{fmt}: none of {qualities} reaches it")
