@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from thumbcli.cache import LAYOUT_DIR, url_segments
+from thumbcli.discover import is_image_name
 from thumbcli.serve.imagesize import size_of_file
 from thumbcli.serve.listing import FolderLister, FolderListing, Sort
 from thumbcli.serve.pages import PAGE_ITEMS, FolderTile, GalleryItem, Page, PresetView, gallery_page, url_of
@@ -156,6 +157,8 @@ class GalleryDesk:
         folder = parse_folder_url(path + b"/")
         if folder is None or folder.preset not in presets:
             return False
+        if folder.folder and is_image_name(os.fsdecode(folder.folder[-1])):
+            return False  # a thumbnail's URL: no stat on the loop for it (a folder named `x.jpg` is not redirected)
         if presets[folder.preset].generated and self.source_folder(folder.folder) is not None:
             return True
         folder_path = os.path.join(self._layout_root, folder.preset.encode("ascii"), *folder.folder)
