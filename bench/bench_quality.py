@@ -38,9 +38,9 @@ from thumbcli.resample import make_thumbnails
 from thumbcli.spec import DEFAULT_QUALITY, Format, Limits, SizeBox, ThumbSpec
 
 QUALITIES: dict[Format, tuple[int, ...]] = {
-    "jpeg": (70, 75, 80, 85, 90),
-    "webp": (76, 78, 80, 82, 84, 86),
-    "avif": (50, 54, 56, 58, 60, 62, 65),
+    "jpeg": (60, 65, 70, 75, 80, 85, 90),
+    "webp": (65, 70, 72, 74, 76, 78, 80, 82, 84, 85),
+    "avif": (40, 45, 48, 50, 52, 54, 56, 58, 60, 65),
 }
 CORPUS = Path("/work/shared/corpus/orientation")
 
