@@ -105,6 +105,14 @@ def plain(request: pytest.FixtureRequest, cache: Path) -> Iterator[ServerProcess
         yield server
 
 
+def _tile_images(body: bytes) -> list[str]:
+    """The thumbnails a page shows in its grid (not its folders' covers)."""
+    return [
+        html.unescape(url)
+        for url in re.findall(r'<span class="pic[^"]*">(?:<svg[^>]*></svg>)?<img src="([^"]*)"', body.decode())
+    ]
+
+
 def _links(body: bytes, attribute: str) -> list[str]:
     return [html.unescape(url) for url in re.findall(rf'{attribute}="([^"]*)"', body.decode())]
 
@@ -179,9 +187,13 @@ def test_gallery_assets_are_immutable_and_linked_by_digest(browsing: ServerProce
 
 def test_gallery_lists_folders_and_thumbnails_with_their_sizes(browsing: ServerProcess) -> None:
     body = get(browsing, "/small/a/").body.decode()
-    assert '<a href="/small/a/b/?sort=name">b</a>' in body
+    assert '<a class="folder" href="/small/a/b/?sort=name" title="b">' in body
+    assert '<span class="cover"><img src="/small/a/b/deep.jpg"' in body  # the folder's first thumbnail
+    assert '<span class="name">b</span>' in body
     assert "2 images, 1 folder" in body
-    one = re.search(r'<a class="thumb" href="([^"]+)"[^>]*><img src="/small/a/one.jpg" ([^>]*)>', body)
+    one = re.search(
+        r'<a class="thumb" href="([^"]+)"[^>]*><span class="pic"><img src="/small/a/one.jpg" ([^>]*)>', body
+    )
     tall = re.search(r'<img src="/small/a/tall.jpg" ([^>]*)>', body)
     assert one is not None and tall is not None
     assert 'width="128" height="96"' in one.group(2) and 'loading="lazy"' in one.group(2)
@@ -205,7 +217,7 @@ def test_gallery_escapes_hostile_names_and_links_them_correctly(browsing: Server
     assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in body
     assert "bad\\xff\\xfebytes.jpg" in body and "new\\x0aline.jpg" in body
     assert f"{len(HOSTILE)} images, 1 folder" in body
-    thumbs = [url for url in _links(response.body, "src") if not url.startswith("/_thumbcli/")]
+    thumbs = _tile_images(response.body)
     assert len(thumbs) == len(HOSTILE)
     for url in thumbs:
         got = get(browsing, url)
@@ -214,7 +226,7 @@ def test_gallery_escapes_hostile_names_and_links_them_correctly(browsing: Server
     folder = next(url for url in _links(response.body, "href") if url.startswith("/small/hostile/%3Cb%20onmouseover"))
     inner = get(browsing, folder)
     assert inner.status == 200
-    inner_thumbs = [url for url in _links(inner.body, "src") if not url.startswith("/_thumbcli/")]
+    inner_thumbs = _tile_images(inner.body)
     assert len(inner_thumbs) == len(HOSTILE)
     assert all(size_of_header(get(browsing, url).body) == (72, 128) for url in inner_thumbs)
 
@@ -241,9 +253,9 @@ def test_gallery_shows_bidi_controls_escaped_and_links_them_as_they_are(browsing
     body = response.body.decode()
     assert [control for control in BIDI_CONTROLS if control in body] == []
     for control in BIDI_CONTROLS:
-        assert body.count(f"photo-\\u{ord(control):04x}gpj.exe.jpg") == 3, control  # caption, data-name, alt
+        assert body.count(f"photo-\\u{ord(control):04x}gpj.exe.jpg") == 4, control  # caption, data-name, title, alt
     assert f"{len(BIDI_NAMES)} images, 1 folder" in body
-    thumbs = [url for url in _links(response.body, "src") if not url.startswith("/_thumbcli/")]
+    thumbs = _tile_images(response.body)
     assert sorted(unquote(url) for url in thumbs) == sorted(f"/small/bidi/{name}" for name in BIDI_NAMES)
     assert [url for url in thumbs if get(browsing, url).status != 200] == []
     folder_url = next(url for url in _links(response.body, "href") if "to-left" in url)
@@ -423,8 +435,8 @@ def test_browser_shows_hostile_names_safely(browsing: ServerProcess, browser: An
     base = f"http://127.0.0.1:{browsing.port}"
     _open(browser, base + "/small/hostile/")
     shown, loaded = _wait_images(browser)
-    assert shown == len(HOSTILE) and loaded == shown
-    captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb span")]
+    assert shown == len(HOSTILE) + 1 and loaded == shown  # and the hostile folder's cover
+    captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb .name")]
     assert "<img src=x onerror=alert(1)>.jpg" in captions and "quote\"and'apos.jpg" in captions
     assert browser.execute_script("return document.querySelectorAll('.grid img[onerror]').length") == 0
     browser.save_screenshot(str(screenshots / "hostile.png"))
@@ -444,15 +456,15 @@ def test_browser_shows_bidi_controls_escaped(browsing: ServerProcess, browser: A
     base = f"http://127.0.0.1:{browsing.port}"
     _open(browser, base + "/small/bidi/")
     shown, loaded = _wait_images(browser)
-    assert shown == len(BIDI_NAMES) and loaded == shown  # every thumbnail linked as it is named
-    captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb span")]
+    assert shown == len(BIDI_NAMES) + 1 and loaded == shown  # every thumbnail linked as it is named, and a cover
+    captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".thumb .name")]
     assert sorted(captions) == sorted(f"photo-\\u{ord(control):04x}gpj.exe.jpg" for control in BIDI_CONTROLS)
     browser.save_screenshot(str(screenshots / "bidi.png"))
     _assert_clean(browser)
     browser.find_element(By.CSS_SELECTOR, ".folders a").click()
     assert "/small/bidi/right%E2%80%AEto-left/" in browser.current_url
     assert browser.title == "small / bidi / right\\u202eto-left - thumbcli"
-    assert browser.find_element(By.CSS_SELECTOR, ".thumb span").text == "inside\\u2067.jpg"
+    assert browser.find_element(By.CSS_SELECTOR, ".thumb .name").text == "inside\\u2067.jpg"
     shown, loaded = _wait_images(browser)
     assert shown == 1 and loaded == 1
     _assert_clean(browser)
@@ -475,7 +487,7 @@ def test_browser_pages_breadcrumbs_and_pagination(browsing: ServerProcess, brows
     browser.find_element(By.CSS_SELECTOR, ".crumbs").find_element(By.LINK_TEXT, "a").click()
     assert browser.current_url == base + "/small/a/"
     shown, loaded = _wait_images(browser)
-    assert shown == 2 and loaded == 2
+    assert shown == 3 and loaded == 3  # two thumbnails and the cover of folder b
     browser.save_screenshot(str(screenshots / "folder.png"))
     _assert_clean(browser)
 
@@ -568,7 +580,7 @@ def test_browser_without_javascript_still_links_and_shows_the_grid(browsing: Ser
         base = f"http://127.0.0.1:{browsing.port}"
         _open(driver, base + "/small/a/")
         shown, loaded = _wait_images(driver)
-        assert shown == 2 and loaded == 2
+        assert shown == 3 and loaded == 3  # two thumbnails and the cover of folder b
         assert driver.find_elements(By.ID, "viewer") == []  # no script ran
         driver.find_element(By.CSS_SELECTOR, ".grid a").click()
         assert driver.current_url == base + "/big/a/one.jpg"

@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 import pytest
 import pyvips
-from imagekit import make_photo, run_cli
+from imagekit import CORPUS, make_photo, needs_corpus, run_cli
 
 from thumbcli.config import ConfigError, find_config, load_config
+from thumbcli.spec import DEFAULT_QUALITY
 
 
 def write(path: Path, text: str) -> Path:
@@ -181,7 +182,11 @@ def test_config_refuses_a_wrong_typed_value_for_every_option(
             "expected one of jpeg, webp, avif, png, or an array of them (preferred first, fallback last),"
             " got 3 (an integer)",
         ),
-        ("quality", '"75"', 'expected an integer from 1 to 100, got "75" (a string)'),
+        (
+            "quality",
+            '"75"',
+            'expected an integer from 1 to 100 or a table by format, got "75" (a string)',
+        ),
         ("upscale", '"false"', 'expected true or false, got "false" (a string)'),
         ("keep_metadata", "1", "expected true or false, got 1 (an integer)"),
     ],
@@ -202,7 +207,7 @@ def test_config_refuses_a_wrong_typed_value_for_every_preset_key(
     [
         (
             '[presets.small]\nsize = "64"\nquality = "75"\n',
-            ':3: presets.small.quality: expected an integer from 1 to 100, got "75"',
+            ':3: presets.small.quality: expected an integer from 1 to 100 or a table by format, got "75"',
         ),
         (
             '[presets.small]\nsize = "64"\nupscale = "false"\n',
@@ -259,5 +264,92 @@ def test_config_spells_keys_with_dashes_takes_underscores_too_and_jpg_for_jpeg(t
     assert config.presets["b"].keep_metadata
     shown = run_cli("--config", path, "config")
     assert (
-        "preset b: size=64 fit=inside format(quality)=webp:80,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
+        "preset b: size=64 fit=inside format(quality)=webp:82,jpeg:80 upscale=False keep-metadata=True" in shown.stdout
     )
+
+
+def test_quality_is_per_format_from_a_preset_table_the_quality_table_or_the_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "thumbcli.toml",
+        "[quality]\navif = 60\njpg = 85\n"
+        '[presets.listed]\nsize = "64"\nformat = ["avif", "webp", "jpeg"]\nquality = { webp = 70 }\n'
+        '[presets.plain]\nsize = "64"\nformat = "avif"\n'
+        '[presets.fallback]\nsize = "64"\nformat = ["avif", "webp", "jpeg"]\nquality = 75\n'
+        '[presets.single]\nsize = "64"\nformat = "webp"\nquality = 75\n',
+    )
+    config = load_config(path)
+
+    def made(name: str) -> list[tuple[str, int]]:
+        return [(spec.format, spec.effective_quality) for spec in config.specs_to_make((name,))]
+
+    defaults = DEFAULT_QUALITY
+    assert made("listed") == [("avif", 60), ("webp", 70), ("jpeg", 85)]
+    assert made("plain") == [("avif", 60)]
+    # A plain integer is the fallback's; the others move by the same step from their own (85 -> 75: -10).
+    assert made("fallback") == [("avif", 50), ("webp", defaults["webp"] - 10), ("jpeg", 75)]
+    assert made("single") == [("webp", 75)]
+    shown = run_cli("--config", path, "config").stdout
+    assert "quality by format: avif:60, jpeg:85" in shown
+    assert "preset listed: size=64 fit=inside format(quality)=avif:60,webp:70,jpeg:85 " in shown
+    assert f"preset fallback: size=64 fit=inside format(quality)=avif:50,webp:{defaults['webp'] - 10},jpeg:75 " in shown
+
+
+def test_quality_table_applies_to_sizes_given_on_the_command_line(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    make_photo(source / "a.jpg", 400, 300)
+    path = write(tmp_path / "thumbcli.toml", "[quality]\nwebp = 40\n")
+    out = tmp_path / "out"
+    assert run_cli("--config", path, "generate", source, "-o", out, "-s", "128", "--format", "webp").rc == 0
+    low = (out / "128" / "a.jpg.webp").stat().st_size
+    assert run_cli("generate", source, "-o", tmp_path / "out2", "-s", "128", "--format", "webp").rc == 0
+    assert low < (tmp_path / "out2" / "128" / "a.jpg.webp").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[quality]\ngif = 50\n", ":2: quality.gif: unknown format 'gif' (known: jpeg, webp, avif, png)"),
+        ("[quality]\navif = 0\n", ":2: quality.avif: expected a quality for avif from 1 to 100, got 0 (an integer)"),
+        ('[quality]\nwebp = "70"\n', ':2: quality.webp: expected a quality for webp from 1 to 100, got "70"'),
+        ("quality = 70\n", ":1: quality: expected a table of qualities by format, e.g. { avif = 56, webp = 78 }"),
+        (
+            '[presets.a]\nsize = "64"\nquality = { avif = 101 }\n',
+            ":3: presets.a.quality: expected a quality for avif from 1 to 100, got 101 (an integer)",
+        ),
+        (
+            '[presets.a]\nsize = "64"\nquality = { tiff = 80 }\n',
+            ":3: presets.a.quality: unknown format 'tiff' (known: jpeg, webp, avif, png)",
+        ),
+    ],
+)
+def test_a_wrong_quality_table_is_a_usage_error_naming_its_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path / "thumbcli.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}{expected}")
+    result = run_cli("--config", path, "config")
+    assert result.rc == 2 and expected in result.stderr
+
+
+@needs_corpus
+def test_a_format_list_with_one_quality_makes_each_format_smaller_than_its_fallback(tmp_path: Path) -> None:
+    """The README's `quality = 75` with a format list: AVIF and WebP keep their own defaults, below JPEG's bytes."""
+    source = tmp_path / "src"
+    source.mkdir()
+    photos = sorted((CORPUS / "orientation").glob("Landscape_*.jpg"))[:4]
+    assert photos
+    for photo in photos:
+        (source / photo.name).write_bytes(photo.read_bytes())
+    path = write(
+        tmp_path / "thumbcli.toml",
+        f'cache = "{tmp_path / "cache"}"\n[presets.small]\nsize = "256"\n'
+        'format = ["avif", "webp", "jpeg"]\nquality = 75\n',
+    )
+    assert run_cli("--config", path, "generate", source).rc == 0
+    folder = tmp_path / "cache" / "v1" / "small"
+    total = {
+        suffix: sum(file.stat().st_size for file in folder.glob(f"*.{suffix}")) for suffix in ("avif", "webp", "jpg")
+    }
+    assert len(list(folder.glob("*.jpg.jpg"))) == len(photos)
+    assert total["avif"] < total["jpg"] and total["webp"] < total["jpg"], total

@@ -85,7 +85,7 @@ def test_readme_config_example_is_valid(tmp_path: Path) -> None:
         text=True,
         check=True,
     ).stdout
-    assert "preset small: size=256 fit=cover format(quality)=webp:75 upscale=False" in shown
+    assert "preset small: size=256 fit=cover format(quality)=avif:55,webp:82,jpeg:75 upscale=False" in shown
     assert f"generate.max-time = '25m'  # config {config}" in shown
 
 

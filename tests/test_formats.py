@@ -28,6 +28,7 @@ from imagekit import assert_clean_failure, draw_photo, load, mean_abs_difference
 from PIL import Image
 
 from thumbcli import decoders, formats
+from thumbcli.cache import CAPTURED_ATTRIBUTE
 from thumbcli.discover import IMAGE_SUFFIXES, is_image_name
 from thumbcli.targets.freedesktop import file_uri, thumbnail_name
 from thumbcli.targets.pngtext import read_png_text
@@ -211,11 +212,15 @@ def make_dng_with_jpeg_preview(path: Path, preview: pyvips.Image, *, orientation
     return path
 
 
-def make_video(path: Path, *, dark_frames: int, rotation: int = 0, width: int = 96, height: int = 64) -> Path:
+def make_video(
+    path: Path, *, dark_frames: int, rotation: int = 0, width: int = 96, height: int = 64, creation_time: str = ""
+) -> Path:
     """An H.264 video of 40 frames at 10 fps: `dark_frames` black ones, then `draw_photo`; rotated `rotation` CCW."""
     picture = as_array(draw_photo(width, height))
     black = np.zeros_like(picture)
     with av.open(str(path), mode="w") as container:
+        if creation_time:
+            container.metadata["creation_time"] = creation_time
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation:
@@ -434,6 +439,18 @@ def test_video_with_rotation_metadata_is_made_upright(tmp_path: Path, rotation: 
     shown = {90: coded.rot270(), 180: coded.rot180(), 270: coded.rot90()}[rotation]
     assert (thumbnail.width, thumbnail.height) == (shown.width, shown.height)
     assert mean_abs_difference(thumbnail, shown) < 20
+
+
+def test_video_thumbnail_carries_the_video_creation_time(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    make_video(tmp_path / "src" / "dated.mp4", dark_frames=0, creation_time="2019-05-01T10:20:30.000000Z")
+    make_video(tmp_path / "src" / "undated.mp4", dark_frames=0)
+    rc, failures = generate(tmp_path / "src", tmp_path / "out")
+    assert (rc, failures) == (0, [])
+    dated = os.fsencode(tmp_path / "out" / "128" / "dated.mp4.png")
+    assert os.getxattr(dated, CAPTURED_ATTRIBUTE) == b"1556706030"
+    with pytest.raises(OSError):
+        os.getxattr(os.fsencode(tmp_path / "out" / "128" / "undated.mp4.png"), CAPTURED_ATTRIBUTE)
 
 
 def test_video_without_a_video_stream_says_so(tmp_path: Path) -> None:

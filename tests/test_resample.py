@@ -224,3 +224,30 @@ def test_an_old_style_jpeg_tiff_is_refused_as_unsupported_compression() -> None:
     with pytest.raises(DecodeFailed, match=r"^unsupported TIFF compression \(old-style JPEG\)$") as info:
         resample(data, (spec("128"),), LIMITS, strict=False)
     assert "Old-style JPEG" in info.value.detail
+
+
+def _dated_jpeg(when: str) -> bytes:
+    image = draw_photo(320, 240).copy()
+    image.set_type(pyvips.GValue.gstr_type, "exif-ifd2-DateTimeOriginal", when)
+    return bytes(image.jpegsave_buffer(keep="exif"))
+
+
+@pytest.mark.parametrize(
+    ("when", "captured"),
+    [
+        ("2021:07:04 09:15:30", 1_625_390_130),  # as the camera's clock read, no time zone
+        ("1999:12:31 23:59:59", 946_684_799),
+        ("0000:00:00 00:00:00", 0),  # a camera without a clock
+        ("    :  :     :  :  ", 0),
+        ("garbage", 0),
+    ],
+)
+def test_thumbnails_carry_the_exif_capture_time(when: str, captured: int) -> None:
+    specs = (ThumbSpec(SizeBox(128, 128)), ThumbSpec(SizeBox(64, 64), format="webp"))
+    made = make_thumbnails(_dated_jpeg(when), specs, Limits())
+    assert [thumbnail.captured for thumbnail in made] == [captured, captured]
+
+
+def test_a_thumbnail_of_an_undated_image_has_no_capture_time() -> None:
+    png = bytes(draw_photo(100, 80).pngsave_buffer())
+    assert make_thumbnails(png, (ThumbSpec(SizeBox(64, 64)),), Limits())[0].captured == 0

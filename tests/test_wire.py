@@ -81,3 +81,14 @@ def test_a_worker_cuts_its_texts_to_their_bounds_on_a_character() -> None:
     decoded = wire.decode_reply(wire.encode_reply(reply)[wire.REPLY_HEAD_BYTES :], SPECS)
     assert decoded.reason == "é" * (wire.REASON_BYTES // 2)
     assert decoded.detail == "x" * wire.DETAIL_BYTES
+
+
+def test_a_thumbnail_carries_its_capture_time_and_a_wild_one_is_malformed() -> None:
+    dated = (
+        Thumbnail(b"\xff\xd8 x", 256, 192, 4000, 3000, "jpeg", 1_625_390_130),
+        Thumbnail(b"\xff\xd8 y", 171, 128, 4000, 3000, "jpeg", -86_400),  # 1969: before 1970 is a date too
+    )
+    assert wire.decode_reply(made(*dated), SPECS).thumbnails == dated
+    wild = Thumbnail(b"\xff\xd8 x", 256, 192, 4000, 3000, "jpeg", 1 << 62)
+    with pytest.raises(wire.MalformedMessage, match="a capture time of"):
+        wire.decode_reply(made(wild, dated[1]), SPECS)

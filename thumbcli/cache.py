@@ -19,6 +19,22 @@ LAYOUT_DIR = f"v{LAYOUT_VERSION}"
 MANIFEST_NAME = "thumbcli-cache.json"
 #: Thumbcli's private files (state database, lock) live here, never served.
 PRIVATE_DIR = ".thumbcli"
+#: The extended attribute a thumbnail carries its source's capture time in (decimal seconds since
+#: 1970, as the camera's clock read), for a gallery's sort by date without reading sources.
+CAPTURED_ATTRIBUTE = "user.thumbcli.captured"
+
+
+def captured_attributes(captured: int) -> dict[str, bytes]:
+    """The extended attributes of a thumbnail of a source captured at `captured` (0: unknown, none)."""
+    return {CAPTURED_ATTRIBUTE: b"%d" % captured} if captured else {}
+
+
+def captured_of(path: bytes) -> int | None:
+    """The capture time a thumbnail carries, None when it carries none (or its file system keeps none)."""
+    try:
+        return int(os.getxattr(path, CAPTURED_ATTRIBUTE, follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)

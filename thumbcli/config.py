@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from thumbcli.errors import SpecError
-from thumbcli.spec import FITS, FORMATS, Format, SizeBox, ThumbSpec
+from thumbcli.spec import DEFAULT_QUALITY, FITS, FORMATS, Format, SizeBox, ThumbSpec
 
 CONFIG_NAME = "thumbcli.toml"
 #: Each preset key: the TOML types it takes and how the error names them.
@@ -19,13 +19,13 @@ _PRESET_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "size": ((str, int), 'a box such as "256" or "320x240"'),
     "fit": ((str,), f"one of {', '.join(FITS)}"),
     "format": ((str, list), f"one of {', '.join(FORMATS)}, or an array of them (preferred first, fallback last)"),
-    "quality": ((int,), "an integer from 1 to 100"),
+    "quality": ((int, dict), "an integer from 1 to 100 or a table by format"),
     "upscale": ((bool,), "true or false"),
     "keep-metadata": ((bool,), "true or false"),
 }
 #: Other names people give a format, and the format they mean.
 _FORMAT_ALIASES: dict[str, Format] = {"jpg": "jpeg"}
-_TOP_KEYS = {"cache", "sources", "presets", "generate", "prune", "serve"}
+_TOP_KEYS = {"cache", "sources", "presets", "quality", "generate", "prune", "serve"}
 
 
 class ConfigError(SpecError):
@@ -45,6 +45,14 @@ class Config:
     #: Presets made in several formats (`format = ["avif", "webp", "jpeg"]`): name -> formats,
     #: preferred first. Such a preset's spec in `presets` is its fallback format's, the last.
     formats: dict[str, tuple[Format, ...]] = field(default_factory=dict)
+    #: Each format's quality from the top-level `[quality]` table, for every preset and size that sets none.
+    qualities: dict[Format, int] = field(default_factory=dict)
+    #: Each preset's qualities by format (`_preset_qualities`); a format it lacks takes the built-in default.
+    preset_qualities: dict[str, dict[Format, int]] = field(default_factory=dict)
+
+    def quality_for(self, fmt: Format) -> int | None:
+        """The configured quality of `fmt` outside any preset, None for the built-in default."""
+        return self.qualities.get(fmt)
 
     def select_presets(self, names: tuple[str, ...]) -> tuple[ThumbSpec, ...]:
         """The presets named (all of them for none); a usage error names any that are not configured."""
@@ -59,7 +67,10 @@ class Config:
         specs: list[ThumbSpec] = []
         for spec in self.select_presets(names):
             formats = self.formats.get(spec.name, (spec.format,))
-            specs += [spec if fmt == spec.format else dataclasses.replace(spec, format=fmt) for fmt in formats]
+            qualities = self.preset_qualities.get(spec.name, {})
+            for fmt in formats:
+                quality = qualities.get(fmt)
+                specs.append(spec if fmt == spec.format else dataclasses.replace(spec, format=fmt, quality=quality))
         return tuple(specs)
 
 
@@ -143,18 +154,79 @@ def load_config(path: Path) -> Config:
     raw_presets = data.get("presets", {})
     if not isinstance(raw_presets, dict):
         raise fail(None, "presets", "must be a table of [presets.NAME] tables")
-    presets = {name: _preset(name, raw, fail) for name, raw in raw_presets.items()}
+    qualities = _qualities(data.get("quality", {}), None, "quality", fail)
+    preset_qualities = {
+        name: _preset_qualities(name, raw, qualities, fail)
+        for name, raw in raw_presets.items()
+        if isinstance(raw, dict)
+    }
+    presets = {name: _preset(name, raw, fail, preset_qualities.get(name, {})) for name, raw in raw_presets.items()}
     sources = data.get("sources", [])
     named = _named_sources(sources, fail) if isinstance(sources, dict) else {}
     listed = {name: raw for name, raw in raw_presets.items() if isinstance(raw.get("format"), list)}
     formats = {name: _formats(name, raw, fail) for name, raw in listed.items()}
-    return Config(path=path, presets=presets, sources=named, defaults=_option_defaults(data, fail), formats=formats)
+    return Config(
+        path=path,
+        presets=presets,
+        sources=named,
+        defaults=_option_defaults(data, fail),
+        formats=formats,
+        qualities=qualities,
+        preset_qualities=preset_qualities,
+    )
 
 
 _Fail = Callable[[str | None, str, str], ConfigError]
 
 
-def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
+def _qualities(raw: object, table: str | None, key: str, fail: _Fail) -> dict[Format, int]:
+    """A table of qualities by format (`[quality]`, or a preset's `quality = {avif = 56, webp = 78}`)."""
+    if not isinstance(raw, dict):
+        raise fail(table, key, type_mismatch("a table of qualities by format, e.g. { avif = 56, webp = 78 }", raw))
+    qualities: dict[Format, int] = {}
+    for name, value in raw.items():
+        fmt = _FORMAT_ALIASES.get(name, name)
+        where_table, where_key = (table, key) if table is not None else ("quality", name)
+        if fmt not in FORMATS:
+            raise fail(where_table, where_key, f"unknown format {name!r} (known: {', '.join(FORMATS)})")
+        if not has_type(value, (int,)) or not 1 <= value <= 100:
+            raise fail(where_table, where_key, type_mismatch(f"a quality for {fmt} from 1 to 100", value))
+        qualities[fmt] = value
+    return qualities
+
+
+def _preset_qualities(name: str, raw: dict[str, Any], qualities: dict[Format, int], fail: _Fail) -> dict[Format, int]:
+    """A preset's quality by format: its table's, else `[quality]`'s, else the default; see `_stepped`."""
+    value = raw.get("quality", {})
+    if isinstance(value, dict):
+        return {**qualities, **_qualities(value, f"presets.{name}", "quality", fail)}
+    if not has_type(value, (int,)) or not 1 <= value <= 100:
+        return qualities  # `_preset` says what is wrong with it
+    listed = raw.get("format", "jpeg")
+    names = listed if isinstance(listed, list) and listed else [listed]
+    formats = [_FORMAT_ALIASES.get(item, item) for item in names if isinstance(item, str)]
+    known = [fmt for fmt in formats if fmt in FORMATS]
+    return _stepped(value, known, qualities) if known and len(known) == len(names) else qualities
+
+
+def _stepped(quality: int, formats: list[Format], qualities: dict[Format, int]) -> dict[Format, int]:
+    """A plain `quality` for a list of formats: the fallback's (the last), the others moved by the same step.
+
+    Each format's own quality (`[quality]`, else the default) stands for the same perceived
+    quality (README "Quality by format"), so `quality = 75` beside a JPEG default of 80 is WebP 77
+    and AVIF 55: each as good as the JPEG, in fewer bytes, as one number for all made AVIF bigger.
+    """
+    fallback = formats[-1]
+    step = quality - qualities.get(fallback, DEFAULT_QUALITY[fallback])
+    stepped = dict(qualities)
+    for fmt in formats[:-1]:
+        if fmt != "png":  # lossless: nothing to step
+            stepped[fmt] = min(100, max(1, qualities.get(fmt, DEFAULT_QUALITY[fmt]) + step))
+    stepped[fallback] = quality
+    return stepped
+
+
+def _preset(name: str, raw: object, fail: _Fail, qualities: dict[Format, int]) -> ThumbSpec:
     table = f"presets.{name}"
     if not isinstance(raw, dict):
         raise fail(None, table, "must be a table")
@@ -179,7 +251,7 @@ def _preset(name: str, raw: object, fail: _Fail) -> ThumbSpec:
             SizeBox.parse(str(raw["size"])),
             fit=raw.get("fit", "inside"),
             format=fmt,
-            quality=raw.get("quality"),
+            quality=qualities.get(fmt),
             upscale=raw.get("upscale", False),
             keep_metadata=raw.get("keep-metadata", False),
             name=name,

@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from thumbcli.discover import display_path
@@ -134,9 +134,18 @@ def _open_in(folder: int, name: str, flags: int, mode: int, shown: str) -> int:
 
 
 def write_atomically(
-    root: str | os.PathLike[str], relpath: str, data: bytes, *, mode: int = 0o666, dir_mode: int = 0o777
+    root: str | os.PathLike[str],
+    relpath: str,
+    data: bytes,
+    *,
+    mode: int = 0o666,
+    dir_mode: int = 0o777,
+    attributes: Mapping[str, bytes] | None = None,
 ) -> None:
     """Write `data` to `relpath` below `root` so that readers see the whole file or nothing.
+
+    `attributes` are extended attributes the file appears with, where the file system keeps them
+    (a file system without them, or without `user.` ones, drops them silently).
 
     A temporary file in the same folder is renamed over the final name; the
     permission modes are filtered by the umask like any created file. Missing
@@ -162,6 +171,9 @@ def write_atomically(
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            for key, value in (attributes or {}).items():
+                with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: one attribute only, never the file
+                    os.setxattr(fd, key, value)
             os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import logging
 import math
 import os
@@ -327,7 +329,7 @@ def _make_thumbnails(
         header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
     check_pixels(formats.BY_NAME[source_format].label, header.width, header.height, limits)
     upright_w, upright_h = _upright_size(header)
-    origin = (upright_w, upright_h, source_format)
+    origin = (upright_w, upright_h, source_format, capture_time(header))
     if source_format in _NO_SHRINK_ON_LOAD:
         # Nothing to shrink on load: every size is cut from the image opened for the header,
         # which spares thumbnail_buffer a second parse (a tenth of the cost of a small image).
@@ -365,15 +367,32 @@ def _in_place(data: bytes | memoryview) -> pyvips.Source:
     return pyvips.Source.new_from_memory(data)
 
 
-def _cut(
-    image: pyvips.Image, spec: ThumbSpec, upright_w: int, upright_h: int, origin: tuple[int, int, str]
-) -> Thumbnail:
+def _cut(image: pyvips.Image, spec: ThumbSpec, upright_w: int, upright_h: int, origin: Origin) -> Thumbnail:
     """The thumbnail for `spec` of an opened (or decoded) image."""
     width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
     return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin)
 
 
-def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:
+#: What each thumbnail of one source says of it: upright width and height, format, capture time.
+Origin = tuple[int, int, str, int]
+_CAPTURED = re.compile(r"(\d{4}):(\d\d):(\d\d)[ T](\d\d):(\d\d):(\d\d)")
+
+
+def capture_time(header: pyvips.Image) -> int:
+    """When the image was taken, from its EXIF DateTimeOriginal (as the camera's clock read), 0 if it does not say."""
+    try:
+        if header.get_typeof("exif-ifd2-DateTimeOriginal") == 0:
+            return 0
+        match = _CAPTURED.match(header.get("exif-ifd2-DateTimeOriginal"))
+        if match is None:
+            return 0
+        year, month, day, hour, minute, second = map(int, match.groups())
+        return calendar.timegm(datetime.datetime(year, month, day, hour, minute, second).timetuple())
+    except (pyvips.Error, ValueError, TypeError):  # "0000:00:00 00:00:00", as cameras without a clock write
+        return 0
+
+
+def _finish(image: pyvips.Image, spec: ThumbSpec, origin: Origin) -> Thumbnail:
     image = _to_8bit_srgb(image, spec)
     return Thumbnail(_encode(image, spec), image.width, image.height, *origin)
 
@@ -475,7 +494,7 @@ def _thumbnails_beside_libvips(
     source_format = source.name
     try:
         image, (upright_w, upright_h) = _image_of(decoded, plan, limits, source)
-        origin = (upright_w, upright_h, source_format)
+        origin = (upright_w, upright_h, source_format, decoded.captured if isinstance(decoded, decoders.Pixels) else 0)
         if len(plan) > 1:
             # As for a JPEG: one base at the largest scale of the plan, every size cut from it.
             scale = max(_scale_for(spec, upright_w, upright_h) for spec in plan)

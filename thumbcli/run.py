@@ -61,7 +61,7 @@ def choose_specs(config: Config, destination: Destination, request: GenerateRequ
             SizeBox.parse(text),
             fit=request.fit,
             format=request.fmt,
-            quality=request.quality,
+            quality=request.quality if request.quality is not None else config.quality_for(request.fmt),
             upscale=request.upscale,
             keep_metadata=request.keep_metadata,
         )

@@ -28,7 +28,10 @@ CONTENT_TYPE_BY_FORMAT: dict[Format, str] = {
     "avif": "image/avif",
     "png": "image/png",
 }
-DEFAULT_QUALITY: dict[Format, int] = {"jpeg": 80, "webp": 80, "avif": 50, "png": 100}
+#: Each format's default quality: at JPEG 80's SSIMULACRA2 score on real photographs (mean of the
+#: 256 and 512 thumbnails), in fewer bytes; README "Quality by format", `bench/bench_quality.py`.
+#: PNG is lossless: its number only goes into the settings digest.
+DEFAULT_QUALITY: dict[Format, int] = {"jpeg": 80, "webp": 82, "avif": 60, "png": 100}
 
 _BOX_RE = re.compile(r"^(?:(\d+)|(\d+)?x(\d+)?)$")
 MAX_EDGE = 16384
@@ -136,6 +139,9 @@ class Thumbnail:
     source_width: int
     source_height: int
     source_format: str
+    #: When the source was captured (EXIF DateTimeOriginal, a video's creation time), in seconds since
+    #: 1970 as its clock read (no time zone), recorded with the thumbnail for sorting by date; 0: unknown.
+    captured: int = 0
 
 
 def by_preset(specs: Iterable[ThumbSpec]) -> dict[str, tuple[ThumbSpec, ...]]:

@@ -42,7 +42,9 @@ _COUNTS = struct.Struct("<HH")  # specs, decode_for
 _SPEC = struct.Struct("<IIBBB???")  # box width, height (0: none), fit, format, quality (0: default), flags
 _STATUS = struct.Struct("<B")
 _LENGTH = struct.Struct("<I")
-_THUMBNAIL = struct.Struct("<IIIIQ")  # width, height, source width, source height, data length
+_THUMBNAIL = struct.Struct("<IIIIqQ")  # width, height, source width, source height, captured, data length
+#: Capture times (seconds since 1970) a reply may carry: years 1 to 9999, as Python's datetime can show them.
+_CAPTURED_RANGE = range(-62135596800, 253402300800)
 _MAX_SOURCE_EDGE = (1 << 31) - 1
 
 
@@ -157,6 +159,7 @@ def encode_reply(reply: Reply) -> bytes:
                 thumbnail.height,
                 thumbnail.source_width,
                 thumbnail.source_height,
+                thumbnail.captured,
                 len(thumbnail.data),
             )
         )
@@ -198,7 +201,7 @@ def decode_reply(body: bytes | bytearray | memoryview, specs: tuple[ThumbSpec, .
 
 
 def _read_thumbnail(reader: _Reader, spec: ThumbSpec) -> Thumbnail:
-    width, height, source_width, source_height, length = reader.unpack(_THUMBNAIL)
+    width, height, source_width, source_height, captured, length = reader.unpack(_THUMBNAIL)
     for edge, bound in ((width, spec.box.width), (height, spec.box.height)):
         if not 1 <= edge <= (bound or MAX_EDGE * MAX_EDGE):
             raise MalformedMessage(f"a thumbnail of {width}x{height} for a box of {spec.box.label}")
@@ -209,7 +212,9 @@ def _read_thumbnail(reader: _Reader, spec: ThumbSpec) -> Thumbnail:
         raise MalformedMessage(f"an unknown source format {source_format!r}")
     if length == 0:
         raise MalformedMessage("an empty thumbnail")
-    return Thumbnail(reader.take(length), width, height, source_width, source_height, source_format)
+    if captured not in _CAPTURED_RANGE:
+        raise MalformedMessage(f"a capture time of {captured}")
+    return Thumbnail(reader.take(length), width, height, source_width, source_height, source_format, captured)
 
 
 # -- fields -----------------------------------------------------------------------------

@@ -255,6 +255,9 @@ def show_config(ctx: click.Context) -> None:
     """Print the effective configuration and where each value comes from."""
     config: Config = ctx.obj
     click.echo(f"# config file: {config.path or '(none found)'}")
+    if config.qualities:
+        table = ", ".join(f"{fmt}:{quality}" for fmt, quality in config.qualities.items())
+        click.echo(f"quality by format: {table}  # from {config.path}")
     for name, spec in config.presets.items():
         made = config.specs_to_make((name,))
         formats = ",".join(f"{variant.format}:{variant.effective_quality}" for variant in made)

@@ -217,7 +217,9 @@ run_options = grouped_options(
     show_default=True,
     help="Output format.",
 )
-@click.option("-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg/webp 80, avif 50]")
+@click.option(
+    "-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg 80, webp 82, avif 60]"
+)
 @click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box.")
 @click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default).")
 @click.option(

@@ -31,6 +31,8 @@ class Pixels:
     icc_profile: bytes = b""
     #: EXIF orientation (1-8) that turns these pixels upright; 1 when they already are.
     orientation: int = 1
+    #: When it was captured (a video's creation time), seconds since 1970; 0: unknown.
+    captured: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ the container before any frame is decoded; the rotation the container records is
 
 from __future__ import annotations
 
+import calendar
 import contextlib
+import datetime
 import errno
 import io
 from collections.abc import Iterator
@@ -60,13 +62,27 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
                 raise FileRejected(f"{_LABEL}: no frame could be decoded (truncated?)")
             rgb = frame.to_ndarray(format="rgb24")
             orientation = _ORIENTATION_OF_ROTATION.get(frame.rotation % 360, 1)
+            captured = creation_time({**stream.metadata, **container.metadata})
     except av.error.InvalidDataError:
         raise FileRejected(f"{_LABEL}: truncated, damaged or not a video") from None
     except av.error.FFmpegError as exc:
         # FFmpeg fails many steps with a bare -1, which reads as EPERM ("Operation not permitted"): no reason at all.
         said = "" if exc.errno == errno.EPERM else f" ({exc.strerror})"
         raise FileRejected(f"{_LABEL}: damaged: FFmpeg could not {step} it{said}") from None
-    return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation)
+    return Pixels(rgb.tobytes(), rgb.shape[1], rgb.shape[0], 3, orientation=orientation, captured=captured)
+
+
+def creation_time(metadata: dict[str, str]) -> int:
+    """A container's `creation_time` tag (ISO 8601, as cameras and phones write it) in seconds since 1970; 0: none."""
+    text = metadata.get("creation_time", "")
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.UTC).replace(tzinfo=None)
+    # An unset QuickTime date reads as 1904 or 1970: nothing to sort by.
+    return calendar.timegm(when.timetuple()) if when.year > 1970 else 0
 
 
 def _representative_frame(frames: Iterator[VideoFrame]) -> VideoFrame | None:

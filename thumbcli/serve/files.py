@@ -210,7 +210,13 @@ class CacheFiles:
             presets.setdefault(name, formats)
         self._manifest_key = key
         self.views = {
-            name: PresetView(name, str(entries.get(name, {}).get("size", "")), formats, name in self._generated)
+            name: PresetView(
+                name,
+                str(entries.get(name, {}).get("size", "")),
+                formats,
+                name in self._generated,
+                str(entries.get(name, {}).get("fit", "inside")),
+            )
             for name, formats in presets.items()
         }
         if presets != self.presets:

@@ -20,10 +20,12 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from thumbcli.cache import LAYOUT_DIR, url_segments
+from thumbcli.discover import is_image_name
 from thumbcli.serve.imagesize import size_of_file
-from thumbcli.serve.listing import FolderLister, Sort
-from thumbcli.serve.pages import PAGE_ITEMS, GalleryItem, Page, PresetView, gallery_page, url_of
+from thumbcli.serve.listing import FolderLister, FolderListing, Sort
+from thumbcli.serve.pages import PAGE_ITEMS, FolderTile, GalleryItem, Page, PresetView, gallery_page, url_of
 from thumbcli.serve.protocol import Connection, Parked, Request
+from thumbcli.serve.videos import SourceVideos, is_video_name
 from thumbcli.spec import SUFFIX_BY_FORMAT
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,20 @@ class PageWait(Parked):
 class GalleryDesk:
     """One worker's gallery pages: the page threads, pages being made, and those made a moment ago."""
 
-    def __init__(self, cache_root: Path, epoll: select.epoll) -> None:
+    def __init__(
+        self, cache_root: Path, epoll: select.epoll, sources: Mapping[str, Path] | None = None, cache_control: str = ""
+    ) -> None:
         self._layout_root = os.fsencode(cache_root / LAYOUT_DIR)
         self._real_root = os.fsencode(os.path.realpath(cache_root))
         self._lister = FolderLister()
+        #: The folders `serve --source` makes from, by URL segment (b"": the one unnamed source), resolved.
+        self._sources = {
+            os.fsencode(name): os.fsencode(os.path.realpath(root)) for name, root in (sources or {}).items()
+        }
+        #: The videos of those folders, which a video's tile opens.
+        self.videos = SourceVideos(sources or {}, cache_control)
+        #: The named sources' root, listed as their folders.
+        self._source_names = FolderListing(tuple(sorted(name for name in self._sources if name)), ())
         # Made here, after fork, so that the threads are this process's.
         self._threads = concurrent.futures.ThreadPoolExecutor(PAGE_THREADS, thread_name_prefix="thumbcli-page")
         self._completions: queue.SimpleQueue[tuple[FolderRequest, Page | int]] = queue.SimpleQueue()
@@ -125,6 +137,35 @@ class GalleryDesk:
         conn.out.append(wait)
         return 0
 
+    def source_folder(self, folder: tuple[bytes, ...]) -> bytes | None:
+        """The source folder a folder URL names (`serve --source`), b"" for the named sources' root, or None."""
+        root = self._sources.get(b"")
+        below = folder
+        if root is None:
+            if not folder:
+                return b"" if self._sources else None
+            root, below = self._sources.get(folder[0]), folder[1:]
+            if root is None:
+                return None
+        path = os.path.join(root, *below)
+        if not os.path.isdir(path) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+            return None
+        return path
+
+    def names_folder(self, path: bytes, presets: Mapping[str, PresetView]) -> bool:
+        """Whether `path`, a URL path without its trailing slash, names a folder a gallery page lists."""
+        folder = parse_folder_url(path + b"/")
+        if folder is None or folder.preset not in presets:
+            return False
+        if folder.folder and is_image_name(os.fsdecode(folder.folder[-1])):
+            return False  # a thumbnail's URL: no stat on the loop for it (a folder named `x.jpg` is not redirected)
+        if presets[folder.preset].generated and self.source_folder(folder.folder) is not None:
+            return True
+        folder_path = os.path.join(self._layout_root, folder.preset.encode("ascii"), *folder.folder)
+        if not os.path.isdir(folder_path):
+            return False
+        return os.path.commonpath([self._real_root, os.path.realpath(folder_path)]) == self._real_root
+
     def _make(self, folder: FolderRequest, presets: Mapping[str, PresetView]) -> None:
         """On a page thread: make the page (or a status), then wake the loop."""
         try:
@@ -136,14 +177,17 @@ class GalleryDesk:
         os.eventfd_write(self.done_fd, 1)
 
     def folder_page(self, request: FolderRequest, presets: Mapping[str, PresetView]) -> Page | int:
-        """The page of one folder of one preset, or 404 when there is no such folder in the cache."""
+        """The page of one folder of one preset, or 404 when there is no such folder in the cache (or source)."""
         preset = presets[request.preset]
         folder_path = os.path.join(self._layout_root, request.preset.encode("ascii"), *request.folder)
         real = os.path.realpath(folder_path)
         if os.path.commonpath([self._real_root, real]) != self._real_root:
             return 404
         suffixes = tuple(b"." + SUFFIX_BY_FORMAT[fmt].encode("ascii") for fmt in preset.formats)
-        listing = self._lister.thumbnails(folder_path, suffixes, request.sort)
+        # A preset made on a miss lists its source, so a fresh cache is browsed as its source is.
+        source = self.source_folder(request.folder) if preset.generated else None
+        listed_from, listed_by = (source, ()) if source is not None else (folder_path, suffixes)
+        listing = self._source_names if source == b"" else self._lister.thumbnails(listed_from, listed_by, request.sort)
         if listing is None:
             return 404
         folders, thumbnails = listing.folders, listing.thumbnails
@@ -164,14 +208,28 @@ class GalleryDesk:
                 if candidate.generated or self._has_thumbnail(candidate, segments):
                     full_url = url_of(candidate.name, segments, folder=False)
                     break
-            items.append(
-                GalleryItem(thumbnail.source_name, thumb_url, full_url, _size_of(folder_path, thumbnail.file_name))
+            names = (
+                (thumbnail.file_name,) if source is None else (thumbnail.source_name + suffix for suffix in suffixes)
             )
+            size = next(filter(None, (_size_of(folder_path, name) for name in names)), None)
+            video = is_video_name(thumbnail.source_name)
+            video_url = self.videos.url_of(segments) if video else None
+            items.append(GalleryItem(thumbnail.source_name, thumb_url, full_url, size, video, video_url))
+        tiles = []
+        for name in shown_folders:
+            below = self.source_folder((*request.folder, name)) if source is not None else None
+            if below is not None:
+                cover = self._lister.cover(below, (), request.sort)
+            else:
+                cover = self._lister.cover(os.path.join(folder_path, name), suffixes, request.sort)
+            cover_url = url_of(preset.name, (*request.folder, name, *cover), folder=False) if cover else None
+            tiles.append(FolderTile(name, cover_url))
         return gallery_page(
             preset,
             request.folder,
-            shown_folders,
+            tiles,
             items,
+            folder_count=len(folders),
             image_count=len(thumbnails),
             sort=request.sort,
             page=page,

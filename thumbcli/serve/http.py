@@ -16,6 +16,7 @@ RETRY_AFTER_SECONDS = 1
 REASONS = {
     200: b"OK",
     206: b"Partial Content",
+    301: b"Moved Permanently",
     304: b"Not Modified",
     400: b"Bad Request",
     404: b"Not Found",

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
-from thumbcli.cache import url_segments
+from thumbcli.cache import captured_of, url_segments
+from thumbcli.discover import is_image_name
 
 Sort = Literal["name", "date"]
 SORTS: tuple[Sort, ...] = ("name", "date")
 #: Folder listings each worker keeps.
 LISTINGS_KEPT = 32
+#: Folder covers each worker keeps (a few bytes each: a page of folders looks up to PAGE_ITEMS).
+COVERS_KEPT = 2048
+#: How deep a folder's cover is looked for when the folder holds only folders.
+COVER_DEPTH = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +59,52 @@ class FolderLister:
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple[bytes, tuple[bytes, ...]], _Kept] = OrderedDict()
         self._lock = threading.Lock()
+        self._covers: OrderedDict[tuple[bytes, tuple[bytes, ...], Sort], tuple[tuple[int, int, int], tuple[bytes, ...]]]
+        self._covers = OrderedDict()
+
+    def cover(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> tuple[bytes, ...] | None:
+        """A folder's cover as the path below it: its first thumbnail in `sort` order, else its first folder's cover.
+
+        Kept while the folder's mtime stays the same (a new thumbnail deeper down is seen when
+        that folder's listing is kept no longer); none when nothing is found COVER_DEPTH deep.
+        """
+        key = _stat_key(folder)
+        if key is None:
+            return None
+        with self._lock:
+            kept = self._covers.get((folder, suffixes, sort))
+        if kept is not None and kept[0] == key:
+            return kept[1] or None
+        found: tuple[bytes, ...] = ()
+        below: tuple[bytes, ...] = ()
+        path = folder
+        for _ in range(COVER_DEPTH):
+            listing = _read_folder(path, suffixes)
+            if listing is None:
+                break
+            if listing.thumbnails:
+                first = _newest_first(path, listing.thumbnails)[0] if sort == "date" else listing.thumbnails[0]
+                found = (*below, first.source_name)
+                break
+            if not listing.folders:
+                break
+            below = (*below, listing.folders[0])
+            path = os.path.join(path, listing.folders[0])
+        with self._lock:
+            self._covers[(folder, suffixes, sort)] = (key, found)
+            while len(self._covers) > COVERS_KEPT:
+                self._covers.popitem(last=False)
+        return found or None
 
     def thumbnails(self, folder: bytes, suffixes: tuple[bytes, ...], sort: Sort) -> FolderListing | None:
-        """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder."""
-        try:
-            st = os.stat(folder, follow_symlinks=False)
-        except OSError:
+        """The listing of `folder` (thumbnails ending in one of `suffixes`), None if it is not a folder.
+
+        With no `suffixes`, `folder` is a source folder (`serve --source`): each image in it is
+        listed under its own name, as a thumbnail that is made when it is asked for.
+        """
+        key = _stat_key(folder)
+        if key is None:
             return None
-        if not stat.S_ISDIR(st.st_mode):
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
             kept = self._kept.get((folder, suffixes))
             if kept is not None and kept.key == key:
@@ -84,6 +125,17 @@ class FolderLister:
         return FolderListing(kept.listing.folders, kept.newest_first)
 
 
+def _stat_key(folder: bytes) -> tuple[int, int, int] | None:
+    """What changes when a folder's entries change; None when it is not a folder."""
+    try:
+        st = os.stat(folder, follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | None:
     folders: list[bytes] = []
     by_source: dict[bytes, bytes] = {}
@@ -97,6 +149,10 @@ def _read_folder(folder: bytes, suffixes: tuple[bytes, ...]) -> FolderListing | 
                 if entry.is_dir(follow_symlinks=False):
                     if _linkable(name):
                         folders.append(name)
+                    continue
+                if not suffixes:
+                    if is_image_name(os.fsdecode(name)) and _linkable(name) and entry.is_file(follow_symlinks=False):
+                        by_source[name] = name
                     continue
                 for order, suffix in enumerate(suffixes):
                     if name.endswith(suffix) and len(name) > len(suffix) and entry.is_file(follow_symlinks=False):
@@ -121,9 +177,15 @@ def _linkable(name: bytes) -> bool:
 
 
 def _newest_first(folder: bytes, thumbnails: tuple[Thumbnail, ...]) -> tuple[Thumbnail, ...]:
+    """Newest capture first: the capture time a thumbnail was made with, else its file's mtime."""
+
     def modified(thumbnail: Thumbnail) -> int:
+        path = os.path.join(folder, thumbnail.file_name)
+        captured = captured_of(path)
+        if captured is not None:
+            return captured * 1_000_000_000
         try:
-            return os.stat(os.path.join(folder, thumbnail.file_name), follow_symlinks=False).st_mtime_ns
+            return os.stat(path, follow_symlinks=False).st_mtime_ns
         except OSError:
             return 0
 

@@ -22,7 +22,8 @@ ASSET_PREFIX = b"/_thumbcli/"
 #: A page lists this many folders and thumbnails; the rest are on further pages.
 PAGE_ITEMS = 120
 CSP = (
-    b"Content-Security-Policy: default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    b"Content-Security-Policy: default-src 'none'; img-src 'self'; media-src 'self'; style-src 'self'; "
+    b"script-src 'self'; "
     b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n"
     b"X-Content-Type-Options: nosniff\r\nReferrer-Policy: same-origin\r\n"
 )
@@ -60,6 +61,7 @@ class PresetView:
     size: str  # the box label ("256", "320x240"), "" when the manifest does not say
     formats: tuple[Format, ...]
     generated: bool = False
+    fit: str = "inside"  # the manifest's fit: a `cover` or `smart` box is every tile's shape
 
     @property
     def area(self) -> int:
@@ -71,6 +73,17 @@ class PresetView:
         width = box.width or box.height or 0
         return width * (box.height or width)
 
+    @property
+    def tile_box(self) -> tuple[int, int] | None:
+        """The box every tile takes the shape of (a `cover` or `smart` preset's), None to keep each image's shape."""
+        if self.fit not in ("cover", "smart"):
+            return None
+        try:
+            box = SizeBox.parse(self.size)
+        except SpecError:
+            return None
+        return (box.width, box.height) if box.width and box.height else None
+
 
 @dataclass(frozen=True, slots=True)
 class GalleryItem:
@@ -80,6 +93,18 @@ class GalleryItem:
     thumb_url: str
     full_url: str
     size: tuple[int, int] | None
+    #: A video's thumbnail: shown with a play badge.
+    video: bool = False
+    #: Where the video itself plays (`serve --source`), None when only its thumbnails are served.
+    video_url: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FolderTile:
+    """One subfolder on a gallery page, with the thumbnail shown as its cover (None when it has none yet)."""
+
+    name: bytes
+    cover_url: str | None
 
 
 def url_of(preset: str, segments: Sequence[bytes], *, folder: bool) -> str:
@@ -119,26 +144,47 @@ a{color:var(--accent)}
 .meta a[aria-current]{color:var(--fg);font-weight:600;text-decoration:none}
 table{border-collapse:collapse}
 th,td{text-align:left;padding:.3rem .9rem .3rem 0;border-bottom:1px solid var(--line)}
-.folders{list-style:none;padding:0;margin:.5rem 0 1rem;display:flex;flex-wrap:wrap;gap:.5rem}
-.folders a{display:block;padding:.35rem .7rem;border:1px solid var(--line);border-radius:6px;background:var(--card);\
-text-decoration:none;overflow-wrap:anywhere}
-.folders a::after{content:"/";color:var(--muted)}
+.folders{list-style:none;padding:0;margin:.5rem 0 1rem;display:grid;\
+grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.75rem}
+.folder{display:flex;flex-direction:column;gap:.3rem;height:100%;padding:.5rem;border:1px solid var(--line);\
+border-radius:8px;background:var(--card);color:inherit;text-decoration:none}
+.folder:focus{outline:3px solid var(--accent);outline-offset:1px}
+.folder .cover{display:block;aspect-ratio:4/3;border-radius:5px;overflow:hidden;background:var(--line)}
+.folder .cover img{display:block;width:100%;height:100%;object-fit:cover}
+.folder .name{font-weight:600}
+.folder .name::after{content:"/";color:var(--muted)}
 .grid{list-style:none;padding:0;margin:0;display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));\
 gap:.75rem}
-.thumb{display:flex;flex-direction:column;align-items:center;gap:.3rem;height:100%;padding:.5rem;border-radius:8px;\
-background:var(--card);border:1px solid var(--line);color:inherit;text-decoration:none}
+.thumb{display:flex;flex-direction:column;align-items:center;justify-content:space-between;gap:.3rem;height:100%;\
+padding:.5rem;border-radius:8px;background:var(--card);border:1px solid var(--line);color:inherit;text-decoration:none}
 .thumb:focus,.thumb.selected{outline:3px solid var(--accent);outline-offset:1px}
-.thumb img{display:block;max-width:100%;height:auto}
-.thumb span{font-size:.8rem;color:var(--muted);overflow-wrap:anywhere;text-align:center}
+.pic{position:relative;display:block;max-width:100%;margin:auto 0}
+.pic img{display:block;max-width:100%;height:auto}
+.pic.boxed{width:100%}
+.pic.boxed svg{display:block;width:100%;height:auto}
+.pic.boxed img{position:absolute;inset:0;width:100%;height:100%;object-fit:scale-down}
+.play{position:absolute;left:50%;top:50%;width:2.6rem;height:2.6rem;margin:-1.3rem 0 0 -1.3rem;border-radius:50%;\
+background:rgba(0,0,0,.6);box-shadow:0 0 0 2px rgba(255,255,255,.85)}
+.play::after{content:"";position:absolute;left:1rem;top:.7rem;border-style:solid;border-width:.6rem 0 .6rem 1rem;\
+border-color:transparent transparent transparent #fff}
+.name{display:block;max-width:100%;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.thumb .name{font-size:.8rem;color:var(--muted)}
 .pages{margin:1rem 0;display:flex;flex-wrap:wrap;gap:.4rem}
 .pages a,.pages b{padding:.2rem .55rem;border:1px solid var(--line);border-radius:5px}
 #viewer{position:fixed;inset:0;background:rgba(0,0,0,.9);display:flex;flex-direction:column;align-items:center;\
-justify-content:center;gap:.5rem;color:#eee;z-index:10}
+justify-content:center;gap:.5rem;color:#eee;z-index:10;touch-action:pinch-zoom;overscroll-behavior:none}
 #viewer[hidden]{display:none}
-#viewer img{max-width:96vw;max-height:86vh;object-fit:contain}
+#viewer img,#viewer video{max-width:96vw;max-height:86vh;object-fit:contain}
+#viewer [hidden]{display:none}
 #viewer p{margin:0;font-size:.9rem;overflow-wrap:anywhere;max-width:90vw;text-align:center}
-#viewer button{position:absolute;top:.6rem;right:.8rem;font-size:1.4rem;background:none;color:#eee;border:0;\
-cursor:pointer}
+#viewer button{position:absolute;background:none;color:#eee;border:0;cursor:pointer}
+#viewer .close{top:.6rem;right:.8rem;font-size:1.4rem}
+#viewer .step{top:50%;transform:translateY(-50%);font-size:2.2rem;line-height:1;padding:.6rem .9rem;border-radius:8px;\
+background:rgba(0,0,0,.45)}
+#viewer .step:disabled{opacity:.2;cursor:default}
+#viewer .prev{left:.6rem}
+#viewer .next{right:.6rem}
+#viewer .badge{font-size:.8rem;color:#bbb}
 """
 
 _SCRIPT = """\
@@ -152,14 +198,25 @@ _SCRIPT = """\
   viewer.hidden = true;
   viewer.setAttribute("role", "dialog");
   viewer.setAttribute("aria-modal", "true");
-  const close = document.createElement("button");
-  close.type = "button";
-  close.textContent = "\\u00d7";
-  close.setAttribute("aria-label", "Close");
+  const button = (name, text, label) => {
+    const made = document.createElement("button");
+    made.type = "button";
+    made.className = name;
+    made.textContent = text;
+    made.setAttribute("aria-label", label);
+    return made;
+  };
+  const close = button("close", "\u00d7", "Close");
+  const previous = button("step prev", "\u2039", "Previous");
+  const next = button("step next", "\u203a", "Next");
   const big = document.createElement("img");
   big.alt = "";
+  const player = document.createElement("video");
+  player.controls = true;
+  player.playsInline = true;
+  player.hidden = true;
   const caption = document.createElement("p");
-  viewer.append(close, big, caption);
+  viewer.append(close, previous, next, big, player, caption);
   document.body.append(viewer);
 
   const select = (index) => {
@@ -170,14 +227,36 @@ _SCRIPT = """\
     links[current].focus();
   };
   const show = (index) => {
+    if (index < 0 || index >= links.length) return;
     select(index);
-    big.src = links[current].href;
+    const video = links[current].dataset.video;
+    player.pause();
+    if (video) {
+      big.removeAttribute("src");
+      player.src = video;
+      player.play().catch(() => {});  // a browser may ask for a click first: the controls are there
+    } else {
+      player.removeAttribute("src");
+      big.src = links[current].href;
+    }
+    big.hidden = Boolean(video);
+    player.hidden = !video;
     caption.textContent = links[current].dataset.name;
+    if (links[current].classList.contains("video")) {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = " (video)";
+      caption.append(badge);
+    }
+    previous.disabled = current === 0;
+    next.disabled = current === links.length - 1;
     viewer.hidden = false;
   };
   const hide = () => {
     viewer.hidden = true;
     big.removeAttribute("src");
+    player.pause();
+    player.removeAttribute("src");
     if (current >= 0) links[current].focus();
   };
   const perRow = () => {
@@ -194,6 +273,20 @@ _SCRIPT = """\
     link.addEventListener("focus", () => select(index));
   });
   close.addEventListener("click", hide);
+  previous.addEventListener("click", () => show(current - 1));
+  next.addEventListener("click", () => show(current + 1));
+  // A swipe: a touch that moves sideways further than it moves up or down, and far enough.
+  let touch = null;
+  viewer.addEventListener("touchstart", (event) => {
+    touch = event.touches.length === 1 ? [event.touches[0].clientX, event.touches[0].clientY] : null;
+  }, { passive: true });
+  viewer.addEventListener("touchend", (event) => {
+    if (touch === null || event.changedTouches.length !== 1) return;
+    const dx = event.changedTouches[0].clientX - touch[0];
+    const dy = event.changedTouches[0].clientY - touch[1];
+    touch = null;
+    if (Math.abs(dx) > 40 && Math.abs(dx) > 1.5 * Math.abs(dy)) show(current + (dx < 0 ? 1 : -1));
+  });
   viewer.addEventListener("click", (event) => { if (event.target === viewer) hide(); });
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey) return;
@@ -267,9 +360,10 @@ def home_page(presets: Sequence[PresetView], *, browse: bool, generate_on_miss: 
 def gallery_page(
     preset: PresetView,
     folder: Sequence[bytes],
-    subfolders: Sequence[bytes],
+    subfolders: Sequence[FolderTile],
     items: Sequence[GalleryItem],
     *,
+    folder_count: int,
     image_count: int,
     sort: str,
     page: int,
@@ -291,27 +385,27 @@ def gallery_page(
     images = f"{image_count} image{'s' if image_count != 1 else ''}"
     header = (
         f'<header>\n<nav class="crumbs" aria-label="Breadcrumbs">{"<span>/</span>".join(crumbs)}</nav>\n'
-        f'<p class="meta">{images}, {len(subfolders)} folder{"s" if len(subfolders) != 1 else ""}'
+        f'<p class="meta">{images}, {folder_count} folder{"s" if folder_count != 1 else ""}'
         f" &middot; {html.escape(preset.size or '?')} {', '.join(preset.formats)}"
         f" &middot; sort by {sorts}" + (f" &middot; page {page} of {pages}" if pages > 1 else "") + "</p>\n</header>\n"
     )
     parts = [header, "<main>\n"]
     if subfolders:
         parts.append('<ul class="folders">\n')
-        for name in subfolders:
-            url = url_of(preset.name, (*folder, name), folder=True)
-            parts.append(f'<li><a href="{url}?sort={sort}">{shown(name)}</a></li>\n')
+        for tile in subfolders:
+            url = url_of(preset.name, (*folder, tile.name), folder=True)
+            name = shown(tile.name)
+            cover = f'<img src="{tile.cover_url}" loading="lazy" decoding="async" alt="">' if tile.cover_url else ""
+            parts.append(
+                f'<li><a class="folder" href="{url}?sort={sort}" title="{name}">'
+                f'<span class="cover">{cover}</span><span class="name">{name}</span></a></li>\n'
+            )
         parts.append("</ul>\n")
     if items:
+        box = preset.tile_box
         parts.append('<ul class="grid">\n')
         for item in items:
-            caption = shown(item.name)
-            dims = f' width="{item.size[0]}" height="{item.size[1]}"' if item.size else ""
-            parts.append(
-                f'<li><a class="thumb" href="{item.full_url}" data-name="{caption}">'
-                f'<img src="{item.thumb_url}"{dims} loading="lazy" decoding="async" alt="{caption}">'
-                f"<span>{caption}</span></a></li>\n"
-            )
+            parts.append(_thumb_tile(item, box))
         parts.append("</ul>\n")
     elif not subfolders:
         parts.append('<p class="muted">This folder is empty.</p>\n')
@@ -320,6 +414,25 @@ def gallery_page(
     parts.append("</main>\n")
     title = " / ".join(shown(label) for label, _ in trail) + " - thumbcli"
     return Page.of(_document(title, "".join(parts), script=bool(items)), HTML_TYPE, PAGE_CACHE_CONTROL)
+
+
+def _thumb_tile(item: GalleryItem, box: tuple[int, int] | None) -> str:
+    """One thumbnail's tile: in the preset's box shape when it has one, so smaller images keep the grid even."""
+    caption = shown(item.name)
+    dims = f' width="{item.size[0]}" height="{item.size[1]}"' if item.size else ""
+    image = f'<img src="{item.thumb_url}"{dims} loading="lazy" decoding="async" alt="{caption}">'
+    # An inline SVG's viewBox gives the tile its shape: no inline style, which the CSP forbids.
+    shape = f'<svg viewBox="0 0 {box[0]} {box[1]}" aria-hidden="true"></svg>' if box else ""
+    badge = '<span class="play" aria-hidden="true"></span>' if item.video else ""
+    kind = "thumb video" if item.video else "thumb"
+    # A video opens the video itself where it is served (a player, also without the script).
+    href = item.video_url.decode("ascii") if item.video_url else item.full_url
+    played = f' data-video="{href}"' if item.video_url else ""
+    return (
+        f'<li><a class="{kind}" href="{href}"{played} data-name="{caption}" title="{caption}">'
+        f'<span class="pic{" boxed" if box else ""}">{shape}{image}{badge}</span>'
+        f'<span class="name">{caption}</span></a></li>\n'
+    )
 
 
 def _page_links(here: str, sort: str, page: int, pages: int) -> str:

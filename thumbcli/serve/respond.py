@@ -33,6 +33,7 @@ from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
+from thumbcli.serve.videos import VIDEO_PREFIX
 
 _FULL = Verdict.FULL
 _NOT_MODIFIED = Verdict.NOT_MODIFIED
@@ -111,8 +112,22 @@ class Responder:
         if path == _HOME:
             self.send_page(conn, request, self._home_page())
             return
+        gallery = self._gallery
+        if gallery is not None and path.startswith(VIDEO_PREFIX):
+            video = gallery.videos.open(path, self.now)
+            if video is None:
+                self.send_simple(conn, request, 404, b"not found\n")
+            else:
+                self._answer_file(conn, request, video)
+                video.evict()  # opened for this answer only: closed once its body is sent
+            return
         if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
             self._answer_page(conn, request, path)
+            return
+        if gallery is not None and gallery.names_folder(path, self.files.views):
+            # RFC 9110 §15.4.2: a folder's URL is the one with its trailing slash; the query goes along.
+            query = target[len(path) :]
+            self.send_simple(conn, request, 301, b"moved permanently\n", b"Location: %s/%s\r\n" % (path, query))
             return
         misses = self._misses
         if misses is not None and self.files.recent(path, self.now, request.headers.get(_ACCEPT)) is None:

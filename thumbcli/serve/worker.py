@@ -73,7 +73,8 @@ class Worker:
             if options.access_log is not None:
                 self.access_log = AccessLog(options.access_log)
             if options.browse:
-                self.gallery = GalleryDesk(options.cache_root, self.epoll)
+                sources = options.on_demand_sources
+                self.gallery = GalleryDesk(options.cache_root, self.epoll, sources, options.cache_control)
             generated = self.misses.generated if self.misses is not None else {}
             files = CacheFiles(options.cache_root, options.cache_control, generated)
         except BaseException:

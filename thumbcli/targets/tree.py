@@ -344,7 +344,9 @@ class OutputTree:
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
             try:
-                write_atomically(self.root, relative, thumbnail.data)
+                write_atomically(
+                    self.root, relative, thumbnail.data, attributes=cache.captured_attributes(thumbnail.captured)
+                )
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     # Save the records of the thumbnails already written while there is room for them:
