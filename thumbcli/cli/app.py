@@ -42,6 +42,7 @@ from thumbcli.cli.options import (
     wait_option,
 )
 from thumbcli.cli.serve import serve
+from thumbcli.cli.watch import watch
 
 
 @click.group(
@@ -324,3 +325,4 @@ def show_formats(json_summary: bool) -> None:
 
 main.add_command(generate)
 main.add_command(serve)
+main.add_command(watch)

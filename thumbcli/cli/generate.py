@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
     Duration,
+    P,
+    R,
     Shard,
     complete_presets,
     complete_sources,
@@ -167,65 +169,83 @@ run_options = grouped_options(
 )
 
 
+#: Where the thumbnails go and what they are: the same options for `generate` and `watch`.
+_WHAT_TO_MAKE = [
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write thumbnails into this folder tree.",
+    ),
+    click.option(
+        "--cache",
+        "cache_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write into a served cache folder (see `thumbcli serve`).",
+    ),
+    click.option(
+        "--freedesktop",
+        "flavours",
+        multiple=True,
+        type=click.Choice(["normal", "large", "x-large", "xx-large"]),
+        help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
+    ),
+    click.option(
+        "-p",
+        "--preset",
+        "presets",
+        multiple=True,
+        metavar="NAME",
+        shell_complete=complete_presets,
+        help="A preset from the config; repeatable.",
+    ),
+    click.option(
+        "-s",
+        "--size",
+        "sizes",
+        multiple=True,
+        metavar="BOX",
+        help="256, 320x240, 200x or x200; repeatable.  [default: 256]",
+    ),
+    click.option(
+        "--fit",
+        type=click.Choice(FITS),
+        default=_DEFAULT_SPEC.fit,
+        show_default=True,
+        help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
+    ),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default=_DEFAULT_SPEC.format,
+        show_default=True,
+        help="Output format.",
+    ),
+    click.option(
+        "-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg/webp 80, avif 50]"
+    ),
+    click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box."),
+    click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default)."),
+    click.option(
+        "--name",
+        "name_template",
+        metavar="TEMPLATE",
+        help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
+    ),
+]
+
+
+def what_to_make_options(command: Callable[P, R]) -> Callable[P, R]:
+    """-o/--cache/--freedesktop, presets, sizes and encoder settings, as `generate` takes them."""
+    for option in reversed(_WHAT_TO_MAKE):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=str), shell_complete=complete_sources)
-@click.option(
-    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
-)
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write into a served cache folder (see `thumbcli serve`).",
-)
-@click.option(
-    "--freedesktop",
-    "flavours",
-    multiple=True,
-    type=click.Choice(["normal", "large", "x-large", "xx-large"]),
-    help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
-)
-@click.option(
-    "-p",
-    "--preset",
-    "presets",
-    multiple=True,
-    metavar="NAME",
-    shell_complete=complete_presets,
-    help="A preset from the config; repeatable.",
-)
-@click.option(
-    "-s",
-    "--size",
-    "sizes",
-    multiple=True,
-    metavar="BOX",
-    help="256, 320x240, 200x or x200; repeatable.  [default: 256]",
-)
-@click.option(
-    "--fit",
-    type=click.Choice(FITS),
-    default=_DEFAULT_SPEC.fit,
-    show_default=True,
-    help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default=_DEFAULT_SPEC.format,
-    show_default=True,
-    help="Output format.",
-)
-@click.option("-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg/webp 80, avif 50]")
-@click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box.")
-@click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default).")
-@click.option(
-    "--name",
-    "name_template",
-    metavar="TEMPLATE",
-    help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
-)
+@what_to_make_options
 @dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
     "--dask",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from thumbcli.discover import SourceFile, WalkProblem
+from thumbcli.discover import DirBatch, SourceFile, WalkProblem
 from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
@@ -96,8 +96,14 @@ class Pipeline:
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
         on_walked: Callable[[], None] | None = None,
+        batches: Iterable[DirBatch | WalkProblem | int] | None = None,
     ) -> None:
+        """`batches`: folders to make as they come (watch mode), instead of a walk of `sources`.
+
+        They are planned and made in the order they come: none is held back for the walk's end.
+        """
         self._sources = list(sources)
+        self._batches = batches
         self._target = target
         self._run = run
         self._walk = walk
@@ -157,9 +163,11 @@ class Pipeline:
             except queue.Empty:
                 pass
 
-    def _walker(self, walk: SplitWalk) -> None:
+    def _walker(self, walk: Iterable[DirBatch | WalkProblem | int]) -> None:
         """Walk and plan, up to RUN_AHEAD files ahead of the feeder; missing thumbnails before stale ones."""
         stale: list[Job] = []
+        #: Fed batch by batch (watch): a stale file waits for no walk's end.
+        hold_stale = self._batches is None
 
         def enqueue(source: SourceFile, specs: tuple[ThumbSpec, ...]) -> bool:
             self._put(self._plan_queue, _Loaded(source, specs))
@@ -186,6 +194,10 @@ class Pipeline:
             stale.extend(planned.stale)
             if self._stop.is_set() or not all(enqueue(*job) for job in planned.missing):
                 break
+            if not hold_stale:
+                if not all(enqueue(*job) for job in stale):
+                    break
+                stale.clear()
         else:
             if self._on_walked is not None:
                 self._on_walked()
@@ -332,13 +344,16 @@ class Pipeline:
     def _run_stages(self, started: float) -> None:
         options = self._run
         # Forked before any thread of ours starts.
+        if self._batches is not None:
+            self._stages(self._batches, started)
+            return
         known_fresh = None if options.force else self._target.known_fresh
         with contextlib.closing(
             SplitWalk.of_images(self._sources, self._walk, self._excluded_dirs, known_fresh)
         ) as walk:
             self._stages(walk, started)
 
-    def _stages(self, walk: SplitWalk, started: float) -> None:
+    def _stages(self, walk: Iterable[DirBatch | WalkProblem | int], started: float) -> None:
         options = self._run
 
         def start(bodies: Sequence[Callable[[], None]], name: str) -> list[threading.Thread]:
