@@ -263,7 +263,7 @@ def show_config(ctx: click.Context) -> None:
             f"upscale={spec.upscale} keep-metadata={spec.keep_metadata}  # from {config.path}"
         )
     default_map = ctx.find_root().default_map or {}
-    for command_name in ("generate", "prune", "serve"):
+    for command_name in ("generate", "prune", "serve", "watch"):
         command = main.commands[command_name]
         for param in command.params:
             if param.name is None:

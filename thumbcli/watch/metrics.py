@@ -33,6 +33,11 @@ class WatchMetrics:
         self.started = time.time()
         self._changed = True
 
+    @property
+    def changed(self) -> bool:
+        """Whether anything changed since the textfile was last written."""
+        return self._changed
+
     def count_events(self, events: dict[str, int]) -> None:
         """Add inotify events read, by kind (close_write, moved_to, ...)."""
         with self._lock:

@@ -240,8 +240,9 @@ class WatchRun:
         while self._ending is None and self._crash is None:
             now = time.monotonic()
             wait = None if next_rescan is None else max(0.0, next_rescan - now)
-            if self._options.metrics_file is not None and self._pending:
-                wait = METRICS_EVERY if wait is None else min(wait, METRICS_EVERY)
+            if self._options.metrics_file is not None and self.metrics.changed:
+                due = max(0.0, next_metrics - now)
+                wait = due if wait is None else min(wait, due)
             ready = watcher.readable([self._wake_read], wait)
             if self._wake_read in ready:
                 with contextlib.suppress(BlockingIOError):
