@@ -66,7 +66,8 @@ class Watcher:
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        self._stderr = self.proc.stderr.read()
+        for line in self.proc.stderr:
+            self._stderr += line
 
     @property
     def stderr(self) -> str:
@@ -263,6 +264,50 @@ def test_watch_rescans_after_the_event_queue_overflows(tmp_path: Path, watching:
     wait_for(lambda: 'thumbcli_watch_events_total{kind="overflow"} 1' in metrics.read_text(), "overflow counted")
     assert watcher.stop() == ExitCode.OK
     assert "overflowed" in watcher.stderr
+
+
+def inotify_watches_of(uid: int) -> int:
+    """The inotify watches the processes of `uid` hold now (from /proc/PID/fdinfo)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+                    total += sum(line.startswith("inotify wd:") for line in info)
+        except OSError:
+            continue
+    return total
+
+
+MAX_USER_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+@pytest.mark.skipif(not os.access(MAX_USER_WATCHES, os.W_OK), reason="needs root to lower max_user_watches")
+def test_watch_past_max_user_watches_says_the_limit_and_loses_no_file(
+    tmp_path: Path, watching: Callable[..., Watcher]
+) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    for index in range(12):
+        (source / f"f{index:02}").mkdir(parents=True)
+    original = MAX_USER_WATCHES.read_text()
+    # Room for five of the thirteen folders, only while the watch starts (the limit is shared).
+    MAX_USER_WATCHES.write_text(str(inotify_watches_of(os.geteuid()) + 5))
+    try:
+        watcher = watching(source, "-o", out, "-s", "32", "--rescan", "1s")
+        watcher.caught_up()
+    finally:
+        MAX_USER_WATCHES.write_text(original)
+    wait_for(lambda: "max_user_watches" in watcher.stderr, "the limit named")
+    for index in range(12):
+        make_photo(source / f"f{index:02}" / "late.jpg", 64, 48, seed=index)
+    wanted = {out / "32" / f"f{index:02}" / "late.jpg.jpg" for index in range(12)}
+    wait_for(lambda: set(output_files(out)) == wanted, "the files in folders not watched made by the rescans")
+    assert watcher.stop() == ExitCode.OK
+    said = [line for line in watcher.stderr.splitlines() if "max_user_watches" in line]
+    assert len(said) == 1, watcher.stderr
+    assert "sysctl fs.inotify.max_user_watches=" in said[0]
 
 
 def test_watch_writes_desktop_thumbnails_valid_for_gio(tmp_path: Path, watching: Callable[..., Watcher]) -> None:

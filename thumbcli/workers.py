@@ -156,6 +156,17 @@ class ResampleWorker:
         """
         return self._broken
 
+    def start(self) -> None:
+        """Start the worker process now rather than at its first file (watch: the first arrival finds it ready)."""
+        if self._process is None:
+            if not self._slots:
+                self._open_slots()
+            try:
+                self._start()
+            except BaseException as exc:
+                self._give_up(exc)
+                raise
+
     def resample(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> WorkerOutcome:
         """Have the worker thumbnail `data` with nothing else waiting; a file that kills or overruns it fails."""
         self.send(data, specs)

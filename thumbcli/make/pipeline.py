@@ -266,12 +266,21 @@ class Pipeline:
         """Feed one worker process of the pool, PIPELINED files ahead.
 
         The worker is taken at the first file: a run with nothing to make never starts one.
+        Fed batches (watch), it is started at once: the first file to arrive finds it ready.
         """
         lent = contextlib.ExitStack()
         worker = None
         sent: deque[_Loaded] = deque()
         more = True
         with lent:
+            if self._batches is not None:
+                from thumbcli.workers import WorkerBug
+
+                worker = lent.enter_context(self._decoder_pool().lend())
+                try:
+                    worker.start()
+                except WorkerBug as exc:  # tried again at the first file, which then fails with it
+                    log.warning("%s", exc)
             while more or sent:
                 while more and len(sent) < PIPELINED:
                     try:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -317,6 +318,27 @@ class FreedesktopCache:
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """Not known: the desktop cache keeps no record of its thumbnails' sizes."""
         return None
+
+    def prune_sources(self, paths: Iterable[str]) -> list[Removal]:
+        """`prune`'s judgement on the thumbnails and fail markers of these sources only (watch: files just deleted).
+
+        The whole cache is every desktop application's: reading all its thumbnails per delete would cost.
+        """
+        folders = [self.root / flavour for flavour in FLAVOURS] + [self.fail_dir]
+        found = []
+        for path in paths:
+            name = thumbnail_name(file_uri(path))
+            for folder in folders:
+                thumbnail = folder / name
+                if folder.is_symlink() or not thumbnail.is_file():
+                    continue
+                reason = _why_orphaned(str(thumbnail))
+                with contextlib.suppress(OSError):  # gone meanwhile: nothing to remove
+                    if reason is not None:
+                        found.append(Removal(thumbnail, thumbnail.stat().st_size, reason))
+        for removal in found:
+            _remove(removal.path)
+        return found
 
     def prune(self, *, dry_run: bool) -> list[Removal]:
         """`prune_freedesktop` under this cache's own run lock (watch mode holds it for its whole life)."""

@@ -59,6 +59,8 @@ class Changes:
     folders: set[Folder] = field(default_factory=set)
     #: Sources or folders deleted or moved away: their thumbnails are to be removed.
     gone: int = 0
+    #: The files among them (a folder gone is only counted: what it held is not known here).
+    gone_files: set[str] = field(default_factory=set)
     #: The kernel's queue overflowed: events were lost, every tree is walked again.
     overflowed: bool = False
     #: Each file to make -> when its event was read (time.monotonic), for the arrival-to-thumbnail latency.
@@ -284,6 +286,7 @@ class TreeWatcher:
                 names.discard(name)
             found.arrived.pop(_join(root, child), None)
             found.gone += 1
+            found.gone_files.add(_join(root, child))
 
     def _is_excluded(self, path: str) -> bool:
         try:

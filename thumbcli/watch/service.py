@@ -288,7 +288,8 @@ class WatchRun:
                 watcher.watch_tree(root, "")
             self._rescan(target, roots, feed, excluded, prune=False)
         if changes.gone or changes.overflowed:
-            self._prune(target)
+            only_files = changes.gone == len(changes.gone_files) and not changes.overflowed
+            self._prune(target, changes.gone_files if only_files else None)
 
     def _rescan(
         self, target: Target, folders: set[Folder], feed: BatchFeed, excluded: list[str], *, prune: bool = True
@@ -303,15 +304,18 @@ class WatchRun:
         if prune:
             self._prune(target)
 
-    def _prune(self, target: Target) -> None:
-        """Remove the thumbnails whose source is gone (prune's own judgement, under the lock already held)."""
+    def _prune(self, target: Target, sources: set[str] | None = None) -> None:
+        """Remove the thumbnails whose source is gone (prune's own judgement, under the lock already held).
+
+        `sources`: only files were deleted, these: the desktop cache looks only at their thumbnails.
+        """
         if isinstance(target, OutputTree):  # a served cache too
             removals = target.prune(dry_run=False)
         else:
             from thumbcli.targets.freedesktop import FreedesktopCache
 
             assert isinstance(target, FreedesktopCache)
-            removals = target.prune(dry_run=False)
+            removals = target.prune(dry_run=False) if sources is None else target.prune_sources(sources)
         self._removed += len(removals)
         self.metrics.count(removed=len(removals))
         if self._on_removed is not None:
