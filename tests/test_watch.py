@@ -246,8 +246,10 @@ def test_watch_rescans_after_the_event_queue_overflows(tmp_path: Path, watching:
     source.mkdir()
     staging.mkdir()
     metrics = tmp_path / "metrics.prom"
+    for index in range(5):
+        make_photo(source / f"before{index}.jpg", 64, 48, seed=index)
     watcher = watching(source, "-o", out, "-s", "32", "--metrics-file", metrics)
-    watcher.caught_up()
+    assert watcher.caught_up()["made"] == 5
     photo = make_photo(staging / "p.jpg", 64, 48)
     # A stopped process reads nothing: the kernel's queue (16384 events by default) overflows.
     watcher.proc.send_signal(signal.SIGSTOP)
@@ -260,10 +262,14 @@ def test_watch_rescans_after_the_event_queue_overflows(tmp_path: Path, watching:
     finally:
         watcher.proc.send_signal(signal.SIGCONT)
     wanted = {out / "32" / f"p{index}.jpg.jpg" for index in range(20)}
+    wanted |= {out / "32" / f"before{index}.jpg.jpg" for index in range(5)}
     wait_for(lambda: set(output_files(out)) == wanted, "every file made after the overflow", timeout=60)
     wait_for(lambda: 'thumbcli_watch_events_total{kind="overflow"} 1' in metrics.read_text(), "overflow counted")
     assert watcher.stop() == ExitCode.OK
     assert "overflowed" in watcher.stderr
+    # The rescan judged the folder's files one by one: those made before were not made again.
+    assert sorted(Path(event["path"]).name for event in watcher.of("made"))[:5] == [f"before{i}.jpg" for i in range(5)]
+    assert len(watcher.of("made")) == 25
 
 
 def inotify_watches_of(uid: int) -> int:

@@ -75,7 +75,7 @@ def require_watchable(job: GenerateJob) -> None:
     """Refuse a job that watch cannot follow: a source that is not a folder, a shard, a dry run or a cluster."""
     for source in job.sources:
         if not os.path.isdir(source):
-            raise SpecError(f"{source}: watch follows folders: name the folder that holds it", "sources")
+            raise SpecError(f"{source}: watch follows folders: name the folder that holds it")
     if job.walk.shard[1] > 1 or job.dask is not None or job.dry_run:
         raise SpecError("watch runs on this host, whole and for real: no --shard, --dask or --dry-run", "shard")
 
