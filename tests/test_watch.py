@@ -430,3 +430,26 @@ def test_the_readme_watch_unit_passes_systemd_analyze_verify(tmp_path: Path) -> 
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--max-time", "10m"), "--max-files and --max-time budget a run"),
+        (("--dry-run",), "No such option"),
+        (("--shard", "0/2"), "no --shard, --dask or --dry-run"),
+    ],
+)
+def test_watch_refuses_what_only_a_run_that_ends_can_do(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    (tmp_path / "src").mkdir()
+    refused = run_cli("watch", tmp_path / "src", "-o", tmp_path / "out", *args)
+    assert refused.rc == ExitCode.USAGE
+    assert said.lower() in refused.stderr.lower()
+    assert not (tmp_path / "out").exists()
+
+
+def test_watch_refuses_a_source_that_is_not_a_folder(tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "a.jpg")
+    refused = run_cli("watch", photo, "-o", tmp_path / "out")
+    assert refused.rc == ExitCode.USAGE
+    assert "watch follows folders" in refused.stderr

@@ -72,12 +72,14 @@ class WatchSummary:
 
 
 def require_watchable(job: GenerateJob) -> None:
-    """Refuse a job that watch cannot follow: a source that is not a folder, a shard, a dry run or a cluster."""
+    """Refuse a job that watch cannot follow: a source that is not a folder, a shard, a dry run, a cluster, a budget."""
     for source in job.sources:
         if not os.path.isdir(source):
             raise SpecError(f"{source}: watch follows folders: name the folder that holds it")
     if job.walk.shard[1] > 1 or job.dask is not None or job.dry_run:
-        raise SpecError("watch runs on this host, whole and for real: no --shard, --dask or --dry-run", "shard")
+        raise SpecError("watch runs on this host, whole and for real: no --shard, --dask or --dry-run")
+    if job.run.max_files is not None or job.run.max_seconds is not None:
+        raise SpecError("--max-files and --max-time budget a run that ends; a watch runs until it is stopped")
 
 
 class BatchFeed:
