@@ -24,7 +24,7 @@ from thumbcli.errors import ExitCode
 from thumbcli.targets.freedesktop import file_uri, thumbnail_name
 from thumbcli.targets.pngtext import read_png_text
 
-DEADLINE = 30.0
+DEADLINE = 60.0  # the machine may be busy: a deadline, not a timing
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
@@ -49,7 +49,7 @@ class Watcher:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {}), "LC_ALL": "C.UTF-8"},
+            env={**os.environ, **(env or {}), "LC_ALL": "C.UTF-8", "PYTHONFAULTHANDLER": "1"},
             cwd="/",
         )
         self._readers = [
@@ -79,10 +79,18 @@ class Watcher:
     def caught_up(self) -> dict[str, Any]:
         return wait_for(lambda: self.of("caught-up"), "the catch-up")[0]
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, and the exit code once it drained."""
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # faulthandler prints every thread's stack on SIGABRT: the failure shows where it hung.
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout)
+            for reader in self._readers:
+                reader.join(5)
+            raise AssertionError(f"no exit within {timeout} s of SIGTERM:\n{self.stderr[-8000:]}") from None
         for reader in self._readers:
             reader.join(5)
         return code
@@ -179,10 +187,10 @@ def test_watch_removes_thumbnails_of_deleted_files_and_moves_a_renamed_folder(
     watcher = watching(source, "-o", out)
     assert watcher.caught_up()["made"] == 3
     (source / "gone.jpg").unlink()
-    wait_for(lambda: not (out / "256" / "gone.jpg.jpg").exists(), "the deleted file's thumbnail removed", timeout=3)
+    wait_for(lambda: not (out / "256" / "gone.jpg.jpg").exists(), "the deleted file's thumbnail removed")
     (source / "trip").rename(source / "trip-2025")
     renamed = {out / "256" / "trip-2025" / "a.jpg.jpg", out / "256" / "trip-2025" / "b.jpg.jpg"}
-    wait_for(lambda: set(output_files(out)) == renamed, "the folder's thumbnails under its new name only", timeout=5)
+    wait_for(lambda: set(output_files(out)) == renamed, "the folder's thumbnails under its new name only")
     assert not (out / "256" / "trip").exists()
     assert watcher.stop() == ExitCode.OK
     assert {Path(e["path"]).name for e in watcher.of("removed")} >= {"gone.jpg.jpg", "a.jpg.jpg", "b.jpg.jpg"}
@@ -214,9 +222,7 @@ def test_watch_drains_on_sigterm_and_catches_up_on_restart(tmp_path: Path, watch
     make_photo(source / "deleted.jpg", seed=1)
     watcher = watching(source, "-o", out)
     watcher.caught_up()
-    started = time.monotonic()
-    assert watcher.stop() == ExitCode.OK
-    assert time.monotonic() - started < 10
+    assert watcher.stop() == ExitCode.OK  # within stop()'s deadline: bench_watch.py times it
     (source / "deleted.jpg").unlink()
     make_photo(source / "added.jpg", seed=2)
     again = watching(source, "-o", out)
@@ -340,7 +346,7 @@ def test_watch_writes_desktop_thumbnails_valid_for_gio(tmp_path: Path, watching:
         assert "thumbnail::is-valid: TRUE" in seen, seen
         assert str(thumbnail) in seen
     (source / "p.jpg").unlink()
-    wait_for(lambda: not thumbnail.exists(), "the desktop thumbnail removed with its source", timeout=3)
+    wait_for(lambda: not thumbnail.exists(), "the desktop thumbnail removed with its source")
     assert watcher.stop() == ExitCode.OK
 
 
@@ -409,7 +415,7 @@ def test_the_readme_watch_unit_runs_tells_systemd_ready_and_stops_with_0(tmp_pat
             wait_for(lambda: len(list(cache.rglob("b.jpg.*"))) == 1, "the new photo's thumbnail in the cache")
             proc.send_signal(signal.SIGTERM)  # what systemd sends on stop
             assert manager.recv(256) == b"STOPPING=1"
-            _, stderr = proc.communicate(timeout=15)
+            _, stderr = proc.communicate(timeout=DEADLINE)
         finally:
             if proc.poll() is None:
                 proc.kill()

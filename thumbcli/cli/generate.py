@@ -328,12 +328,12 @@ def generate(
     )
     job = request.job(config)
     if metrics_file is not None:
-        _require_writable_folder(metrics_file, "metrics file")
+        require_writable_folder(metrics_file, "metrics file")
     if job.dask is not None:
         from thumbcli.cluster.client import require_reachable
 
         require_reachable(job.dask)  # before the run makes any folder
-    with _opened_fail_log(fail_log) as failures:
+    with opened_fail_log(fail_log) as failures:
         try:
             summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
         except LockedError:
@@ -344,7 +344,7 @@ def generate(
     sys.exit(summary.exit_code)
 
 
-def _require_writable_folder(path: Path, what: str) -> None:
+def require_writable_folder(path: Path, what: str) -> None:
     """Refuse before the run (one line, exit 3) a file it could not write at its end: cron would see stale metrics."""
     probe = path.parent / f"{TEMP_PREFIX}probe-{os.getpid()}"
     try:
@@ -357,7 +357,7 @@ def _require_writable_folder(path: Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _opened_fail_log(path: Path | None) -> Iterator[TextIO | None]:
+def opened_fail_log(path: Path | None) -> Iterator[TextIO | None]:
     """The --fail-log file, opened to append before the run starts (not through a symlink), or None."""
     if path is None:
         yield None

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 from click.core import ParameterSource
 
 from thumbcli.cli.generate import (
-    _opened_fail_log,
-    _require_writable_folder,
+    opened_fail_log,
+    require_writable_folder,
     run_options,
     walk_options,
     what_to_make_options,
@@ -31,7 +32,7 @@ from thumbcli.cli.options import (
     quiet_option,
     wait_option,
 )
-from thumbcli.config import Config, load_config
+from thumbcli.config import Config, ConfigError, load_config
 from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode
 from thumbcli.spec import Fit, Format, RunOptions, WalkOptions
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from thumbcli.make.results import FileResult
     from thumbcli.run import GenerateRequest, GenerateSummary
     from thumbcli.targets.plan import Removal
+    from thumbcli.watch.service import WatchOptions
 
 
 @click.command()
@@ -129,9 +131,9 @@ def watch(
     )
     request.job(config)  # a usage error now, before anything is opened
     if metrics_file is not None:
-        _require_writable_folder(metrics_file, "metrics file")
+        require_writable_folder(metrics_file, "metrics file")
     options = WatchOptions(rescan_seconds=rescan, metrics_file=metrics_file)
-    with _opened_fail_log(fail_log) as failures:
+    with opened_fail_log(fail_log) as failures:
         _watch_until_stopped(request, config, options, json_events=json_summary, quiet=quiet, fail_log=failures)
     sys.exit(ExitCode.OK)
 
@@ -139,16 +141,15 @@ def watch(
 def _watch_until_stopped(
     request: GenerateRequest,
     config: Config,
-    options: object,
+    options: WatchOptions,
     *,
     json_events: bool,
     quiet: bool,
     fail_log: TextIO | None,
 ) -> None:
     """Run watches until a stop: each SIGHUP ends one (files in flight finished) and starts the next, config reread."""
-    from thumbcli.watch.service import WatchOptions, WatchRun
+    from thumbcli.watch.service import WatchRun
 
-    assert isinstance(options, WatchOptions)
     while True:
         run = WatchRun(
             request.job(config),
@@ -166,12 +167,15 @@ def _watch_until_stopped(
             _emit(summary.as_json())
         if summary.ended == "stopped":
             return
-        if config.path is not None:
-            try:
-                config = load_config(config.path)
-            except Exception as exc:  # a broken edit keeps the config that worked
-                click.echo(f"thumbcli: config not reloaded: {exc}", err=True)
-        click.echo("thumbcli: reloaded the config", err=True)
+        path = config.path
+        if path is None:
+            continue
+        try:
+            config = load_config(path)
+        except (ConfigError, OSError) as exc:  # a broken edit: go on with the config that worked
+            click.echo(f"thumbcli: config not reloaded: {exc}", err=True)
+        else:
+            click.echo(f"thumbcli: reloaded {display_path(path)}", err=True)
 
 
 def _on_result(result: FileResult, latency: float | None, json_events: bool, fail_log: TextIO | None) -> None:
@@ -211,15 +215,17 @@ def _emit(event: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
-_Handler = signal.Handlers | int | None | object
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
-def _install_signal_handlers(stop: object, reload: object) -> dict[int, _Handler]:
+def _install_signal_handlers(stop: Callable[[], None], reload: Callable[[], None]) -> dict[int, _Handler]:
+    """TERM and INT stop the watch (files in flight finish), HUP reloads; the handlers they replace."""
+
     def on_stop(signum: int, frame: FrameType | None) -> None:
-        stop()  # type: ignore[operator]
+        stop()
 
     def on_reload(signum: int, frame: FrameType | None) -> None:
-        reload()  # type: ignore[operator]
+        reload()
 
     handlers = {signal.SIGINT: on_stop, signal.SIGTERM: on_stop, signal.SIGHUP: on_reload}
     return {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
@@ -227,4 +233,4 @@ def _install_signal_handlers(stop: object, reload: object) -> dict[int, _Handler
 
 def _restore_signal_handlers(previous: dict[int, _Handler]) -> None:
     for signum, handler in previous.items():
-        signal.signal(signum, handler)  # type: ignore[arg-type]
+        signal.signal(signum, handler)

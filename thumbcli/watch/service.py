@@ -20,6 +20,7 @@ from typing import Literal
 
 from thumbcli.discover import DirBatch, WalkProblem, is_image_name, walk_below
 from thumbcli.errors import SpecError
+from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import GenerateJob
 from thumbcli.make.pipeline import Pipeline
 from thumbcli.make.results import FileResult
@@ -219,7 +220,11 @@ class WatchRun:
             thread.join(self._options.drain_seconds)
             if thread.is_alive():
                 pipeline.stop("interrupted")
-                thread.join()
+                thread.join(self._options.drain_seconds)
+            if thread.is_alive():
+                # A stop must not wait on a decode that hangs: what is left is made by the next start.
+                log.warning("files still in flight after %g s: left to the next start", 2 * self._options.drain_seconds)
+                remove_temporary_files()
             if self._options.metrics_file is not None:
                 self.metrics.write(self._options.metrics_file, force=True)
         if self._crash is not None:
