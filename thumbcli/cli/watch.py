@@ -159,10 +159,13 @@ def _watch_until_stopped(
             on_caught_up=lambda summary: _on_caught_up(summary, json_events, quiet),
         )
         previous = _install_signal_handlers(run.request_stop, run.request_reload)
+        previous_fd = signal.set_wakeup_fd(run.wakeup_fd, warn_on_full_buffer=False)
         try:
             summary = run.run()
         finally:
+            signal.set_wakeup_fd(previous_fd)
             _restore_signal_handlers(previous)
+            run.close()
         if json_events:
             _emit(summary.as_json())
         if summary.ended == "stopped":

@@ -144,6 +144,15 @@ class WatchRun:
         self._removed = 0
         self._crash: BaseException | None = None
 
+    @property
+    def wakeup_fd(self) -> int:
+        """A descriptor for `signal.set_wakeup_fd`: a signal that lands on any thread then wakes the loop.
+
+        Without it, a signal delivered to a pipeline thread leaves the main thread asleep in
+        `select`, where Python never gets to run its handler.
+        """
+        return self._wake_write
+
     def request_stop(self) -> None:
         """Finish the files in flight and end (a second request during the catch-up abandons it)."""
         self._request("stopped")
@@ -167,8 +176,11 @@ class WatchRun:
             return self._run(target)
         finally:
             target.close()
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+
+    def close(self) -> None:
+        """Close the wake-up pipe (after `signal.set_wakeup_fd` no longer names it)."""
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     def _run(self, target: Target) -> WatchSummary:
         job = self._job
