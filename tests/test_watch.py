@@ -156,6 +156,32 @@ def test_watch_makes_files_written_in_chunks_and_renamed_in_like_generate(
         assert (out / "256" / f"{name}.jpg").read_bytes() == (reference / "256" / f"{name}.jpg").read_bytes()
 
 
+def test_watch_makes_a_file_changed_twice_in_one_burst_once(tmp_path: Path, watching: Callable[..., Watcher]) -> None:
+    source, out, staging = tmp_path / "src", tmp_path / "out", tmp_path / "staging"
+    source.mkdir()
+    staging.mkdir()
+    watcher = watching(source, "-o", out)
+    watcher.caught_up()
+    first = make_photo(staging / "first.jpg", seed=1).read_bytes()
+    second = make_photo(staging / "second.jpg", seed=2).read_bytes()
+    # Both writes land while the watch is stopped: their events are read in one burst.
+    watcher.proc.send_signal(signal.SIGSTOP)
+    try:
+        (source / "twice.jpg").write_bytes(first)
+        (source / "twice.jpg").write_bytes(second)
+    finally:
+        watcher.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: watcher.of("made"), "the file made")
+    make_photo(source / "after.jpg", seed=3)  # a later event, so a second make of twice.jpg would be seen
+    wait_for(lambda: len(watcher.of("made")) >= 2, "the next file made")
+    assert watcher.stop() == ExitCode.OK
+    assert [Path(e["path"]).name for e in watcher.of("made")] == ["twice.jpg", "after.jpg"]
+    reference = tmp_path / "reference"
+    assert run_cli("generate", source, "-o", reference, "--quiet").rc == 0
+    made = (out / "256" / "twice.jpg.jpg").read_bytes()
+    assert made == (reference / "256" / "twice.jpg.jpg").read_bytes()  # of the second content
+
+
 def test_watch_makes_a_burst_of_hundreds_into_new_subfolders(tmp_path: Path, watching: Callable[..., Watcher]) -> None:
     source, out, staging = tmp_path / "src", tmp_path / "out", tmp_path / "staging"
     source.mkdir()
