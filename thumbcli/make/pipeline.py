@@ -352,10 +352,10 @@ class Pipeline:
 
     def _run_stages(self, started: float) -> None:
         options = self._run
-        # Forked before any thread of ours starts.
         if self._batches is not None:
             self._stages(self._batches, started)
             return
+        # Forked before any thread of ours starts.
         known_fresh = None if options.force else self._target.known_fresh
         with contextlib.closing(
             SplitWalk.of_images(self._sources, self._walk, self._excluded_dirs, known_fresh)
