@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 UNWATCHED_RESCAN = 60.0
 #: Seconds between metrics writes while files come in.
 METRICS_EVERY = 1.0
+#: Arrival times kept for the latency before the oldest are forgotten (ARRIVAL_FORGOTTEN seconds old).
+ARRIVALS_KEPT = 10_000
+ARRIVAL_FORGOTTEN = 600.0
 
 WatchEnd = Literal["stopped", "reload"]
 
@@ -285,6 +288,10 @@ class WatchRun:
         with self._lock:
             for path, when in changes.arrived.items():
                 self._arrived.setdefault(path, when)
+            if len(self._arrived) > ARRIVALS_KEPT:
+                # Arrivals that never became a result (found fresh, gone before read) are not kept forever.
+                oldest = time.monotonic() - ARRIVAL_FORGOTTEN
+                self._arrived = {path: when for path, when in self._arrived.items() if when > oldest}
         walk = self._job.walk
         folders = _outermost(changes.folders)
         for (root, reldir), names in changes.files.items():
