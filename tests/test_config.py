@@ -149,7 +149,7 @@ def config_keys() -> list[tuple[str, str, bool]]:
     from thumbcli.cli import main
 
     keys = []
-    for command_name in ("generate", "prune", "serve"):
+    for command_name in ("generate", "prune", "serve", "watch"):
         for param in main.commands[command_name].params:
             long_names = [opt[2:] for opt in param.opts if opt.startswith("--")]
             is_flag = isinstance(param, click.Option) and param.is_flag

@@ -61,6 +61,7 @@ FLOORS = {
     "run": 7,
     "cluster": 7,
     "serve": 8,
+    "watch": 8,
     "cli": 9,
     "__main__": 10,
 }

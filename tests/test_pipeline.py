@@ -234,3 +234,48 @@ def test_pipeline_holds_no_more_source_bytes_than_its_byte_budget(tmp_path: Path
     assert stats.made == 30 and len(in_flight) == 30
     assert max(in_flight) <= bound, in_flight
     assert max(in_flight) >= run.queue_depth
+
+
+def test_pipeline_fed_batches_makes_each_as_it_comes_stale_ones_included(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    first, second = make_sources(src, 2)
+    made_before = OutputTree(tmp_path / "out", SPECS)
+    assert Pipeline([str(src)], made_before, RunOptions(workers=1), WalkOptions()).run().made == 2
+    made_before.close()
+    target = OutputTree(tmp_path / "out", SPECS)
+    fed: list[DirBatch | int] = []
+    closed = threading.Event()
+
+    def batch_of(path: Path) -> DirBatch:
+        st = path.stat()
+        return DirBatch(str(src), "", str(src), [(path.name, st.st_size, st.st_mtime_ns)])
+
+    def batches():  # type: ignore[no-untyped-def]
+        # Each folder as watch feeds it, then nothing until told: the feed has not ended.
+        while not closed.is_set():
+            if fed:
+                yield fed.pop(0)
+            else:
+                time.sleep(0.01)
+                yield 0
+
+    results: list[FileResult] = []
+    run = RunOptions(workers=1)
+    pipeline = Pipeline([str(src)], target, run, WalkOptions(), on_result=results.append, batches=batches())
+    runner = threading.Thread(target=pipeline.run)
+    runner.start()
+    try:
+        # Changed in place: its thumbnail is stale, not missing; made while the feed goes on, not held for its end.
+        make_photo(first, 120, 80, seed=9, Q=70)
+        fed.extend([batch_of(first), batch_of(second)])
+        deadline = time.monotonic() + 60
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [(Path(r.path).name, r.status) for r in results] == [("img000.jpg", "made")]
+        assert runner.is_alive()  # the feed had not ended
+    finally:
+        closed.set()
+        runner.join(60)
+        target.close()
+    assert (pipeline.stats.made, pipeline.stats.skipped) == (1, 1)

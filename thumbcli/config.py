@@ -25,7 +25,7 @@ _PRESET_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 #: Other names people give a format, and the format they mean.
 _FORMAT_ALIASES: dict[str, Format] = {"jpg": "jpeg"}
-_TOP_KEYS = {"cache", "sources", "presets", "quality", "generate", "prune", "serve"}
+_TOP_KEYS = {"cache", "sources", "presets", "quality", "generate", "prune", "serve", "watch"}
 
 
 class ConfigError(SpecError):
@@ -290,9 +290,9 @@ def _formats(name: str, raw: dict[str, Any], fail: _Fail) -> tuple[Format, ...]:
 
 
 def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, Any]]:
-    """The [generate], [prune] and [serve] tables, with `cache` and `sources` as their options' defaults."""
+    """The [generate], [prune], [serve] and [watch] tables, with `cache` and `sources` as their options' defaults."""
     defaults: dict[str, dict[str, Any]] = {}
-    for command in ("generate", "prune", "serve"):
+    for command in ("generate", "prune", "serve", "watch"):
         section = data.get(command, {})
         if not isinstance(section, dict):
             raise fail(None, command, "must be a table")
@@ -308,6 +308,7 @@ def _option_defaults(data: dict[str, Any], fail: _Fail) -> dict[str, dict[str, A
             if key == "cache" and not isinstance(value, str):
                 raise fail(None, key, "must be a path: " + type_mismatch("a string", value))
             defaults["generate"].setdefault(option, value)
+            defaults["watch"].setdefault(option, value)
             if key == "cache":
                 defaults["prune"].setdefault("cache_dir", value)
                 defaults["serve"].setdefault("cache_root", value)

@@ -117,6 +117,51 @@ def walk_batches(
         yield from _walk_one(source, options, is_image_name, excluded, part)
 
 
+def walk_below(
+    root: str,
+    reldir: str,
+    options: WalkOptions,
+    is_image_name: Callable[[str], bool],
+    excluded_dirs: Iterable[str] = (),
+    *,
+    recursive: bool = True,
+) -> Iterator[DirBatch | WalkProblem]:
+    """Like `walk_batches` from one folder of a source tree (and, `recursive`, those below it), named from `root`.
+
+    What watch mode walks again when a folder appears, moves or may have changed unseen.
+    """
+    excluded = {(st.st_dev, st.st_ino) for st in _stats(excluded_dirs)}
+    walk = _TreeWalk(options, is_image_name, excluded, frozenset())
+    root = root.rstrip("/") or "/"
+    top = _join(root, reldir) if reldir else root
+    try:
+        st = os.stat(top) if options.follow_symlinks else os.lstat(top)
+    except OSError as exc:
+        yield WalkProblem(top, f"cannot read: {exc.strerror or exc}")
+        return
+    if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in excluded:
+        return
+    stack: list[_Folder] = [(top, reldir, frozenset({(st.st_dev, st.st_ino)}), False)]
+    while stack:
+        directory, folder, ancestors, _leaf = stack.pop()
+        files, subdirs, problems = walk.list_folder(directory, folder, ancestors, True)
+        yield from problems
+        if files:
+            files.sort()
+            yield DirBatch(root, folder, directory, files)
+        if recursive:
+            subdirs.sort(reverse=True)
+            stack.extend(subdirs)
+
+
+def _stats(paths: Iterable[str]) -> Iterator[os.stat_result]:
+    for path in paths:
+        try:
+            yield os.stat(path)
+        except OSError:
+            continue
+
+
 def owner(reldir: str, parts: int) -> int:
     """Which of `parts` walking processes stats the files of the folder at `reldir`."""
     return zlib.crc32(os.fsencode(reldir)) % parts if parts > 1 else 0

@@ -299,11 +299,18 @@ def generate(
     on_walked: Callable[[], None] | None = None,
     on_result: ResultCallback | None = None,
     stopper: RunStopper | None = None,
+    opened: Target | None = None,
 ) -> GenerateSummary:
-    """Make the job's thumbnails (or, in a dry run, count them) and summarise the run."""
+    """Make the job's thumbnails (or, in a dry run, count them) and summarise the run.
+
+    `opened`: the job's target, opened and locked by the caller, who keeps it open after (watch mode).
+    """
     destination = job.destination
     target: Target
-    if isinstance(destination, FreedesktopDestination):
+    tree: OutputTree | None
+    if opened is not None:
+        target, tree = opened, opened if isinstance(opened, OutputTree) else None
+    elif isinstance(destination, FreedesktopDestination):
         target, tree = open_desktop_cache(job, destination), None
     else:
         target = tree = open_tree(job, destination)
@@ -343,7 +350,8 @@ def generate(
     finally:
         if stopper is not None:
             stopper.attach(None)
-        target.close()
+        if opened is None:
+            target.close()
     return _summarize(stats, target.root, plan)
 
 

@@ -152,6 +152,14 @@ def by_preset(specs: Iterable[ThumbSpec]) -> dict[str, tuple[ThumbSpec, ...]]:
     return grouped
 
 
+def human_bytes(count: int) -> str:
+    """A byte count as people read it: 200 MiB, 1.5 GiB, 812 bytes."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
 def total_memory() -> int:
     """Bytes of physical memory, or 0 where the system does not say."""
     try:

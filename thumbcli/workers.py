@@ -42,7 +42,7 @@ from typing import NamedTuple, NoReturn
 
 from thumbcli import decoders, formats, sandbox, unexpected, wire
 from thumbcli.forbiddencalls import ForbiddenCallWatch
-from thumbcli.spec import Limits, Thumbnail, ThumbSpec
+from thumbcli.spec import Limits, Thumbnail, ThumbSpec, human_bytes
 from thumbcli.workerlog import WorkerStderr
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,17 @@ class ResampleWorker:
         file); cleared once a worker answers a file again, whatever the file's outcome.
         """
         return self._broken
+
+    def start(self) -> None:
+        """Start the worker process now rather than at its first file (watch: the first arrival finds it ready)."""
+        if self._process is None:
+            if not self._slots:
+                self._open_slots()
+            try:
+                self._start()
+            except BaseException as exc:
+                self._give_up(exc)
+                raise
 
     def resample(self, data: bytes, specs: tuple[ThumbSpec, ...]) -> WorkerOutcome:
         """Have the worker thumbnail `data` with nothing else waiting; a file that kills or overruns it fails."""
@@ -371,7 +382,7 @@ class ResampleWorker:
                     return WorkerOutcome([], "abandoned", abandoned=True)
                 if self._resident_bytes() > self._memory_ceiling:
                     self._kill()
-                    return WorkerOutcome([], f"needed more than {_human_bytes(self._memory_ceiling)} of memory")
+                    return WorkerOutcome([], f"needed more than {human_bytes(self._memory_ceiling)} of memory")
                 continue
             chunk = os.read(self._replies, _READ_BYTES)
             if not chunk:
@@ -469,13 +480,6 @@ def _outcome(reply: wire.Reply) -> WorkerOutcome:
     if reply.status == wire.FAILED:
         return WorkerOutcome([], reply.reason, reply.detail)
     raise WorkerBug(f"a resample worker failed:\n{reply.detail}")
-
-
-def _human_bytes(count: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{count} bytes"
 
 
 # -- worker side -----------------------------------------------------------

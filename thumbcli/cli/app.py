@@ -27,10 +27,11 @@ from thumbcli.config import (
 )
 from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode
+from thumbcli.spec import human_bytes
 
 if TYPE_CHECKING:
     pass
-from thumbcli.cli.generate import generate, human_bytes
+from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
     Duration,
@@ -42,6 +43,7 @@ from thumbcli.cli.options import (
     wait_option,
 )
 from thumbcli.cli.serve import serve
+from thumbcli.cli.watch import watch
 
 
 @click.group(
@@ -266,7 +268,7 @@ def show_config(ctx: click.Context) -> None:
             f"upscale={spec.upscale} keep-metadata={spec.keep_metadata}  # from {config.path}"
         )
     default_map = ctx.find_root().default_map or {}
-    for command_name in ("generate", "prune", "serve"):
+    for command_name in ("generate", "prune", "serve", "watch"):
         command = main.commands[command_name]
         for param in command.params:
             if param.name is None:
@@ -328,3 +330,4 @@ def show_formats(json_summary: bool) -> None:
 
 main.add_command(generate)
 main.add_command(serve)
+main.add_command(watch)

@@ -21,7 +21,7 @@ from thumbcli.config import (
 from thumbcli.discover import display_path
 from thumbcli.errors import CannotRunError, ExitCode, LockedError
 from thumbcli.fsutil import TEMP_PREFIX, open_for_append
-from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
+from thumbcli.spec import FITS, FORMATS, Fit, Format, Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions, human_bytes
 
 if TYPE_CHECKING:
     from thumbcli.job import GenerateJob
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
     Duration,
+    P,
+    R,
     Shard,
     complete_presets,
     complete_sources,
@@ -167,67 +169,83 @@ run_options = grouped_options(
 )
 
 
+#: Where the thumbnails go and what they are: the same options for `generate` and `watch`.
+_WHAT_TO_MAKE = [
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write thumbnails into this folder tree.",
+    ),
+    click.option(
+        "--cache",
+        "cache_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Write into a served cache folder (see `thumbcli serve`).",
+    ),
+    click.option(
+        "--freedesktop",
+        "flavours",
+        multiple=True,
+        type=click.Choice(["normal", "large", "x-large", "xx-large"]),
+        help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
+    ),
+    click.option(
+        "-p",
+        "--preset",
+        "presets",
+        multiple=True,
+        metavar="NAME",
+        shell_complete=complete_presets,
+        help="A preset from the config; repeatable.",
+    ),
+    click.option(
+        "-s",
+        "--size",
+        "sizes",
+        multiple=True,
+        metavar="BOX",
+        help="256, 320x240, 200x or x200; repeatable.  [default: 256]",
+    ),
+    click.option(
+        "--fit",
+        type=click.Choice(FITS),
+        default=_DEFAULT_SPEC.fit,
+        show_default=True,
+        help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
+    ),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default=_DEFAULT_SPEC.format,
+        show_default=True,
+        help="Output format.",
+    ),
+    click.option(
+        "-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg 80, webp 82, avif 60]"
+    ),
+    click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box."),
+    click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default)."),
+    click.option(
+        "--name",
+        "name_template",
+        metavar="TEMPLATE",
+        help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
+    ),
+]
+
+
+def what_to_make_options(command: Callable[P, R]) -> Callable[P, R]:
+    """-o/--cache/--freedesktop, presets, sizes and encoder settings, as `generate` takes them."""
+    for option in reversed(_WHAT_TO_MAKE):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=str), shell_complete=complete_sources)
-@click.option(
-    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
-)
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write into a served cache folder (see `thumbcli serve`).",
-)
-@click.option(
-    "--freedesktop",
-    "flavours",
-    multiple=True,
-    type=click.Choice(["normal", "large", "x-large", "xx-large"]),
-    help="Warm the desktop thumbnail cache ($XDG_CACHE_HOME/thumbnails) at this size; repeatable.",
-)
-@click.option(
-    "-p",
-    "--preset",
-    "presets",
-    multiple=True,
-    metavar="NAME",
-    shell_complete=complete_presets,
-    help="A preset from the config; repeatable.",
-)
-@click.option(
-    "-s",
-    "--size",
-    "sizes",
-    multiple=True,
-    metavar="BOX",
-    help="256, 320x240, 200x or x200; repeatable.  [default: 256]",
-)
-@click.option(
-    "--fit",
-    type=click.Choice(FITS),
-    default=_DEFAULT_SPEC.fit,
-    show_default=True,
-    help="inside: whole image; cover: fill and centre-crop; smart: fill and attention-crop.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default=_DEFAULT_SPEC.format,
-    show_default=True,
-    help="Output format.",
-)
-@click.option(
-    "-q", "--quality", type=click.IntRange(1, 100), help="Encoder quality.  [default: jpeg 80, webp 82, avif 60]"
-)
-@click.option("--upscale", is_flag=True, help="Enlarge images smaller than the box.")
-@click.option("--keep-metadata", is_flag=True, help="Keep EXIF/XMP/ICC metadata (stripped by default).")
-@click.option(
-    "--name",
-    "name_template",
-    metavar="TEMPLATE",
-    help="Output path template (fields in README).  [default: {size}/{relpath}.{ext}]",
-)
+@what_to_make_options
 @dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
     "--dask",
@@ -310,12 +328,12 @@ def generate(
     )
     job = request.job(config)
     if metrics_file is not None:
-        _require_writable_folder(metrics_file, "metrics file")
+        require_writable_folder(metrics_file, "metrics file")
     if job.dask is not None:
         from thumbcli.cluster.client import require_reachable
 
         require_reachable(job.dask)  # before the run makes any folder
-    with _opened_fail_log(fail_log) as failures:
+    with opened_fail_log(fail_log) as failures:
         try:
             summary = _generate_with_progress(job, quiet=quiet, fail_log=failures)
         except LockedError:
@@ -326,7 +344,7 @@ def generate(
     sys.exit(summary.exit_code)
 
 
-def _require_writable_folder(path: Path, what: str) -> None:
+def require_writable_folder(path: Path, what: str) -> None:
     """Refuse before the run (one line, exit 3) a file it could not write at its end: cron would see stale metrics."""
     probe = path.parent / f"{TEMP_PREFIX}probe-{os.getpid()}"
     try:
@@ -339,7 +357,7 @@ def _require_writable_folder(path: Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _opened_fail_log(path: Path | None) -> Iterator[TextIO | None]:
+def opened_fail_log(path: Path | None) -> Iterator[TextIO | None]:
     """The --fail-log file, opened to append before the run starts (not through a symlink), or None."""
     if path is None:
         yield None
@@ -418,17 +436,6 @@ def _report_generate(summary: GenerateSummary, *, json_summary: bool, metrics_fi
 def _echo_err(progress: ProgressBar, line: str) -> None:
     if not progress.write_line(line):
         click.echo(line, err=True)
-
-
-def human_bytes(count: int) -> str:
-    if count < 1024:
-        return f"{count} B"
-    size = float(count)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"
 
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None

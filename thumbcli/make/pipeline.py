@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from thumbcli.discover import SourceFile, WalkProblem
+from thumbcli.discover import DirBatch, SourceFile, WalkProblem
 from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
@@ -96,8 +96,14 @@ class Pipeline:
         on_skipped: Callable[[int], None] | None = None,
         on_result: Callable[[FileResult], None] | None = None,
         on_walked: Callable[[], None] | None = None,
+        batches: Iterable[DirBatch | WalkProblem | int] | None = None,
     ) -> None:
+        """`batches`: folders to make as they come (watch mode), instead of a walk of `sources`.
+
+        They are planned and made in the order they come: none is held back for the walk's end.
+        """
         self._sources = list(sources)
+        self._batches = batches
         self._target = target
         self._run = run
         self._walk = walk
@@ -157,9 +163,11 @@ class Pipeline:
             except queue.Empty:
                 pass
 
-    def _walker(self, walk: SplitWalk) -> None:
+    def _walker(self, walk: Iterable[DirBatch | WalkProblem | int]) -> None:
         """Walk and plan, up to RUN_AHEAD files ahead of the feeder; missing thumbnails before stale ones."""
         stale: list[Job] = []
+        #: Fed batch by batch (watch): a stale file waits for no walk's end.
+        hold_stale = self._batches is None
 
         def enqueue(source: SourceFile, specs: tuple[ThumbSpec, ...]) -> bool:
             self._put(self._plan_queue, _Loaded(source, specs))
@@ -186,6 +194,10 @@ class Pipeline:
             stale.extend(planned.stale)
             if self._stop.is_set() or not all(enqueue(*job) for job in planned.missing):
                 break
+            if not hold_stale:
+                if not all(enqueue(*job) for job in stale):
+                    break
+                stale.clear()
         else:
             if self._on_walked is not None:
                 self._on_walked()
@@ -254,12 +266,21 @@ class Pipeline:
         """Feed one worker process of the pool, PIPELINED files ahead.
 
         The worker is taken at the first file: a run with nothing to make never starts one.
+        Fed batches (watch), it is started at once: the first file to arrive finds it ready.
         """
         lent = contextlib.ExitStack()
         worker = None
         sent: deque[_Loaded] = deque()
         more = True
         with lent:
+            if self._batches is not None:
+                from thumbcli.workers import WorkerBug
+
+                worker = lent.enter_context(self._decoder_pool().lend())
+                try:
+                    worker.start()
+                except WorkerBug as exc:  # tried again at the first file, which then fails with it
+                    log.warning("%s", exc)
             while more or sent:
                 while more and len(sent) < PIPELINED:
                     try:
@@ -331,6 +352,9 @@ class Pipeline:
 
     def _run_stages(self, started: float) -> None:
         options = self._run
+        if self._batches is not None:
+            self._stages(self._batches, started)
+            return
         # Forked before any thread of ours starts.
         known_fresh = None if options.force else self._target.known_fresh
         with contextlib.closing(
@@ -338,7 +362,7 @@ class Pipeline:
         ) as walk:
             self._stages(walk, started)
 
-    def _stages(self, walk: SplitWalk, started: float) -> None:
+    def _stages(self, walk: Iterable[DirBatch | WalkProblem | int], started: float) -> None:
         options = self._run
 
         def start(bodies: Sequence[Callable[[], None]], name: str) -> list[threading.Thread]:

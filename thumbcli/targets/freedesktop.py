@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -318,6 +319,31 @@ class FreedesktopCache:
         """Not known: the desktop cache keeps no record of its thumbnails' sizes."""
         return None
 
+    def prune_sources(self, paths: Iterable[str]) -> list[Removal]:
+        """`prune`'s judgement on the thumbnails and fail markers of these sources only (watch: files just deleted).
+
+        The whole cache is every desktop application's: reading all its thumbnails per delete would cost.
+        """
+        folders = [self.root / flavour for flavour in FLAVOURS] + [self.fail_dir]
+        found = []
+        for path in paths:
+            name = thumbnail_name(file_uri(path))
+            for folder in folders:
+                thumbnail = folder / name
+                if folder.is_symlink() or not thumbnail.is_file():
+                    continue
+                reason = _why_orphaned(str(thumbnail))
+                with contextlib.suppress(OSError):  # gone meanwhile: nothing to remove
+                    if reason is not None:
+                        found.append(Removal(thumbnail, thumbnail.stat().st_size, reason))
+        for removal in found:
+            _remove(removal.path)
+        return found
+
+    def prune(self, *, dry_run: bool) -> list[Removal]:
+        """`prune_freedesktop` under this cache's own run lock (watch mode holds it for its whole life)."""
+        return _prune_unlocked(self.root, dry_run=dry_run, current=f"{FAIL_PREFIX}{self.version}")
+
     def close(self) -> None:
         """Commit the folder signatures and release the run lock."""
         if not self._closed:
@@ -348,28 +374,33 @@ def prune_freedesktop(
     except OSError as exc:
         raise CannotRunError(f"{display_path(root)}: cannot lock the thumbnail folder: {exc.strerror or exc}") from exc
     try:
-        found: list[Removal] = []
-        # A symlinked folder is not looked into: what is removed there would be outside the root.
-        folders = [root / flavour for flavour in FLAVOURS if not (root / flavour).is_symlink()]
-        fail_root = root / FAIL_DIR
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(fail_root) if not fail_root.is_symlink() else ():
-                if not entry.name.startswith(FAIL_PREFIX) or not entry.is_dir(follow_symlinks=False):
-                    continue
-                if entry.name == current:
-                    folders.append(Path(entry.path))
-                else:
-                    found.append(Removal(Path(entry.path), _tree_size(entry.path), "made by another thumbcli version"))
-        for folder in folders:
-            found.extend(_prunable_in(folder))
-        found.sort(key=lambda removal: removal.path)
-        if not dry_run:
-            for removal in found:
-                _remove(removal.path)
-            _forget_gone_folders(root)
-        return found
+        return _prune_unlocked(root, dry_run=dry_run, current=current)
     finally:
         lock.release()
+
+
+def _prune_unlocked(root: Path, *, dry_run: bool, current: str) -> list[Removal]:
+    """`prune_freedesktop`'s work, by a caller holding the run lock; `current`: this version's fail folder."""
+    found: list[Removal] = []
+    # A symlinked folder is not looked into: what is removed there would be outside the root.
+    folders = [root / flavour for flavour in FLAVOURS if not (root / flavour).is_symlink()]
+    fail_root = root / FAIL_DIR
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(fail_root) if not fail_root.is_symlink() else ():
+            if not entry.name.startswith(FAIL_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name == current:
+                folders.append(Path(entry.path))
+            else:
+                found.append(Removal(Path(entry.path), _tree_size(entry.path), "made by another thumbcli version"))
+    for folder in folders:
+        found.extend(_prunable_in(folder))
+    found.sort(key=lambda removal: removal.path)
+    if not dry_run:
+        for removal in found:
+            _remove(removal.path)
+        _forget_gone_folders(root)
+    return found
 
 
 def state_path(root: Path) -> Path:

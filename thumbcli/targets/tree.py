@@ -357,6 +357,11 @@ class OutputTree:
                 os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
             self._state.record(relative, origin)
+            folder, _, name = relative.rpartition("/")
+            listed = self._listings.get(folder)
+            if listed is not None and name not in listed:
+                # A folder planned again in the same run (watch) must see what was written since it was listed.
+                self._listings[folder] = listed | {name}
         self._failures.forget(source)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
