@@ -65,27 +65,8 @@ def restrict(readable: list[str]) -> bool:  # pragma: no cover - runs in the wor
     fs_rights = _FS_RIGHTS_OF_ABI[max(version for version in _FS_RIGHTS_OF_ABI if version <= abi)]
     attr = _RulesetAttr(fs_rights, _NET_RIGHTS if abi >= 4 else 0, _SCOPES if abi >= 6 else 0)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # older kernels refuse the fields they do not know
-    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        return False
-    try:
-        for path in readable:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                rights = _READ_FILE | (_READ_DIR if os.path.isdir(path) else 0)
-                rule = _PathBeneathAttr(rights, fd)
-                if libc.syscall(_ADD_RULE, ctypes.c_int(ruleset), _RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
-                    return False
-            finally:
-                os.close(fd)
-        if libc.syscall(_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            return False
-    finally:
-        os.close(ruleset)
-    return _refused("/")
+    rules = [(path, _READ_FILE | (_READ_DIR if os.path.isdir(path) else 0)) for path in readable]
+    return _restrict_self(libc, attr, size, rules, missing_ok=True) and _refused("/")
 
 
 def restrict_writes(beneath: list[str], files: list[str]) -> bool:  # pragma: no cover - runs in the server
@@ -104,15 +85,25 @@ def restrict_writes(beneath: list[str], files: list[str]) -> bool:  # pragma: no
     handled = _FS_RIGHTS_OF_ABI[max(version for version in _FS_RIGHTS_OF_ABI if version <= abi)]
     handled &= ~(_READ_FILE | _READ_DIR | _EXECUTE | _IOCTL_DEV)
     attr = _RulesetAttr(handled, 0, 0)
-    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8), ctypes.c_uint32(0))
+    rules = [(path, handled) for path in beneath] + [(path, handled & (_WRITE_FILE | _TRUNCATE)) for path in files]
+    return _restrict_self(libc, attr, 8, rules, missing_ok=False) and _write_refused("/dev/full")
+
+
+def _restrict_self(  # pragma: no cover - runs confined
+    libc: ctypes.CDLL, attr: _RulesetAttr, size: int, rules: list[tuple[str, int]], *, missing_ok: bool
+) -> bool:
+    """Create a ruleset from `attr` (`size` bytes of it), allow each (path, rights) beneath it, restrict
+    this process to it. Whether all of it took; a path that cannot be opened is skipped when `missing_ok`."""
+    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
         return False
     try:
-        rules = [(path, handled) for path in beneath] + [(path, handled & (_WRITE_FILE | _TRUNCATE)) for path in files]
         for path, rights in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except OSError:
+                if missing_ok:
+                    continue
                 return False
             try:
                 rule = _PathBeneathAttr(rights, fd)
@@ -120,11 +111,9 @@ def restrict_writes(beneath: list[str], files: list[str]) -> bool:  # pragma: no
                     return False
             finally:
                 os.close(fd)
-        if libc.syscall(_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            return False
+        return bool(libc.syscall(_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) >= 0)
     finally:
         os.close(ruleset)
-    return _write_refused("/dev/full")
 
 
 def _write_refused(path: str) -> bool:  # pragma: no cover - runs in the server
