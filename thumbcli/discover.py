@@ -130,7 +130,7 @@ def walk_below(
 
     What watch mode walks again when a folder appears, moves or may have changed unseen.
     """
-    excluded = {(st.st_dev, st.st_ino) for st in _stats(excluded_dirs)}
+    excluded = identities(excluded_dirs)
     walk = _TreeWalk(options, is_image_name, excluded, frozenset())
     root = root.rstrip("/") or "/"
     top = _join(root, reldir) if reldir else root
@@ -154,12 +154,16 @@ def walk_below(
             stack.extend(subdirs)
 
 
-def _stats(paths: Iterable[str]) -> Iterator[os.stat_result]:
+def identities(paths: Iterable[str]) -> set[tuple[int, int]]:
+    """The (device, inode) of each of `paths` that exists: what a walk compares folders with to skip them."""
+    found = set()
     for path in paths:
         try:
-            yield os.stat(path)
+            st = os.stat(path)
         except OSError:
             continue
+        found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def owner(reldir: str, parts: int) -> int:

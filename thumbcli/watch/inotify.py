@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from inotify_simple import INotify, flags
 
-from thumbcli.discover import display_path
+from thumbcli.discover import display_path, identities
 from thumbcli.errors import CannotRunError
 from thumbcli.spec import WalkOptions
 
@@ -114,7 +114,7 @@ class TreeWatcher:
     ) -> None:
         self._options = options
         self._is_image_name = is_image_name
-        self._excluded = {(st.st_dev, st.st_ino) for st in _stats(excluded_dirs)}
+        self._excluded = identities(excluded_dirs)
         try:
             self._inotify = INotify()
         except OSError as exc:
@@ -294,11 +294,3 @@ class TreeWatcher:
         except OSError:
             return True
         return not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in self._excluded
-
-
-def _stats(paths: Sequence[str]) -> Iterator[os.stat_result]:
-    for path in paths:
-        try:
-            yield os.stat(path)
-        except OSError:
-            continue
