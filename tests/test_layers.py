@@ -31,6 +31,7 @@ OWNERS = {
     "pillow_jxl": {"decoders.jxl"},
     "PIL": {"decoders.jxl"},
     "pyseccomp": {"sandbox"},
+    "simplejpeg": {"decoders.jpeg"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.

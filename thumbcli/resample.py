@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from thumbcli import decoders, formats
-from thumbcli.decoders import check_pixels, heif
+from thumbcli.decoders import check_pixels, heif, jpeg
 from thumbcli.errors import FileRejected
 from thumbcli.formats import SourceFormat
 from thumbcli.spec import Limits, ThumbSpec
@@ -347,13 +347,42 @@ def _make_thumbnails(
     # a 256 thumbnail); the DCT scaling of a decode straight at 1/8 is as good for a thumbnail,
     # and the decode is most of the cost of the whole run.
     shrink = min(_jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h)) for spec in plan)
+    decoded = None
     if shrink == 1:  # full size: the image opened for the header is that decode
         decoded = header
-    else:
+    elif fail_on == "truncated" and not any(spec.keep_metadata for spec in specs):
+        decoded = _decoded_by_libjpeg_turbo(data, header, shrink)
+    if decoded is None:
         decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
     if len(specs) > 1:
         decoded = decoded.copy_memory()
     return [_cut(decoded, spec, upright_w, upright_h, origin) for spec in specs]
+
+
+def _decoded_by_libjpeg_turbo(data: bytes | memoryview, header: pyvips.Image, shrink: int) -> pyvips.Image | None:
+    """The JPEG decoded at 1/`shrink` by libjpeg-turbo itself, as libvips' `jpegload` would; None to let libvips do it.
+
+    The same pixels as libvips' decode at that shrink, cut to its size, with what the thumbnail
+    reads from the header: orientation, ICC profile, resolution. (Only for thumbnails that keep
+    no metadata: libvips' loader attaches EXIF, XMP and IPTC too.)
+    """
+    if header.interpretation not in ("srgb", "b-w"):  # CMYK and YCCK: libvips inverts Adobe's CMYK
+        return None
+    if not str(header.get("vips-loader")).startswith("jpegload"):
+        return None  # another loader read the header (uhdrload: Ultra HDR), with other metadata
+    pixels = jpeg.scaled_pixels(data, shrink, header.bands)
+    if pixels is None:
+        return None
+    height, width, bands = pixels.shape
+    image = pyvips.Image.new_from_memory(pixels, width, height, bands, "uchar")
+    image = image.copy(interpretation=header.interpretation, xres=header.xres, yres=header.yres)
+    if width != header.width // shrink or height != header.height // shrink:
+        image = image.crop(0, 0, header.width // shrink, header.height // shrink)
+    for name in ("orientation", "icc-profile-data"):
+        kind = header.get_typeof(name)
+        if kind:
+            image.set_type(kind, name, header.get(name))
+    return image
 
 
 def _in_place(data: bytes | memoryview) -> pyvips.Source:
