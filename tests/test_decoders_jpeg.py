@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from imagekit import CORPUS, draw_photo, make_cmyk_jpeg, make_oriented_jpeg, needs_corpus, save
+from imagekit import CORPUS, draw_photo, make_cmyk_jpeg, make_oriented_jpeg, mean_abs_difference, needs_corpus, save
 
+from thumbcli import icc
 from thumbcli.decoders import jpeg
 from thumbcli.errors import FileRejected
 from thumbcli.resample import DecodeFailed, resample
@@ -26,6 +27,10 @@ def pixels(data: bytes) -> bytes:
     return bytes(pyvips.Image.new_from_buffer(data, "").write_to_memory())
 
 
+def load_png(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
+
+
 def libvips_thumbnail(data: bytes, width: int, height: int) -> bytes:
     """What libvips makes of the JPEG on its own: its `jpegload` at the shrink thumbcli picks, then its thumbnail.
 
@@ -41,7 +46,11 @@ def libvips_thumbnail(data: bytes, width: int, height: int) -> bytes:
         ),
         1,
     )
-    thumbnail = pyvips.Image.jpegload_buffer(data, shrink=shrink).thumbnail_image(width, height=height, size="force")
+    loaded = pyvips.Image.jpegload_buffer(data, shrink=shrink)
+    # An embedded profile but sRGB is converted to sRGB (libvips' thumbnail converts only CMYK on its own).
+    profile = loaded.get("icc-profile-data") if loaded.get_typeof("icc-profile-data") else b""
+    to_srgb = {"output_profile": "srgb"} if profile and not icc.is_srgb(profile) else {}
+    thumbnail = loaded.thumbnail_image(width, height=height, size="force", **to_srgb)
     if thumbnail.interpretation not in ("srgb", "b-w"):
         thumbnail = thumbnail.colourspace("srgb")
     return bytes(thumbnail.cast("uchar").write_to_memory())
@@ -91,12 +100,31 @@ def test_real_camera_orientations_match_libvips(name: str) -> None:
     assert pixels(thumb.data) == libvips_thumbnail(data, thumb.width, thumb.height)
 
 
-def test_an_embedded_icc_profile_is_handled_as_libvips_handles_it(tmp_path: Path) -> None:
+def test_an_embedded_icc_profile_is_converted_to_srgb(tmp_path: Path) -> None:
     in_p3 = draw_photo(1200, 800).icc_transform("p3", input_profile="srgb")
     data = save(in_p3, tmp_path / "p3.jpg", Q=90, keep="icc").read_bytes()
     assert pyvips.Image.new_from_buffer(data, "").get_typeof("icc-profile-data")
     (thumb,) = resample(data, (png_spec("150"),), LIMITS, strict=True).thumbnails
     assert pixels(thumb.data) == libvips_thumbnail(data, 150, 100)
+    # The profile was applied: the same pixels read as sRGB give other colours, and the
+    # converted thumbnail is close to the sRGB original's.
+    untagged = save(in_p3, tmp_path / "untagged.jpg", Q=90, keep="none").read_bytes()
+    (plain,) = resample(untagged, (png_spec("150"),), LIMITS, strict=True).thumbnails
+    original = save(draw_photo(1200, 800), tmp_path / "srgb.jpg", Q=90, keep="none").read_bytes()
+    (truth,) = resample(original, (png_spec("150"),), LIMITS, strict=True).thumbnails
+    assert mean_abs_difference(load_png(thumb.data), load_png(truth.data)) < 1.5
+    assert mean_abs_difference(load_png(plain.data), load_png(truth.data)) > 3 * max(
+        0.5, mean_abs_difference(load_png(thumb.data), load_png(truth.data))
+    )
+
+
+def test_an_srgb_profile_is_not_transformed(tmp_path: Path) -> None:
+    tagged = draw_photo(1200, 800).icc_transform("srgb", input_profile="srgb")
+    data = save(tagged, tmp_path / "srgb.jpg", Q=90, keep="icc").read_bytes()
+    assert icc.is_srgb(pyvips.Image.new_from_buffer(data, "").get("icc-profile-data"))
+    untagged = save(tagged, tmp_path / "untagged.jpg", Q=90, keep="none").read_bytes()
+    made = [resample(d, (png_spec("150"),), LIMITS, strict=True).thumbnails[0] for d in (data, untagged)]
+    assert pixels(made[0].data) == pixels(made[1].data)
 
 
 def test_grey_progressive_and_cmyk_jpegs_give_libvips_thumbnails(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ FLOORS = {
     "__init__": 0,
     "errors": 0,
     "spec": 1,
+    "icc": 1,
     "config": 2,
     "discover": 2,
     "formats": 2,

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from thumbcli import decoders, formats
+from thumbcli import decoders, formats, icc
 from thumbcli.decoders import check_pixels, heif, jpeg
 from thumbcli.errors import FileRejected
 from thumbcli.formats import SourceFormat
@@ -339,6 +339,7 @@ def _make_thumbnails(
         thumbnails = []
         for spec in specs:
             width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+            kwargs.update(_to_srgb(header))
             image = pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
             thumbnails.append(_finish(image, spec, origin))
         return thumbnails
@@ -399,7 +400,18 @@ def _cut(
 ) -> Thumbnail:
     """The thumbnail for `spec` of an opened (or decoded) image."""
     width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-    return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin)
+    return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs, **_to_srgb(image)), spec, origin)
+
+
+def _to_srgb(image: pyvips.Image) -> dict[str, str]:
+    """The `thumbnail` option that converts `image`'s embedded ICC profile to sRGB (none when it is sRGB already).
+
+    libvips' thumbnail converts only CMYK on its own: without it, a JPEG in Adobe RGB or
+    Display P3 would be shown with the wrong colours once its profile is stripped.
+    """
+    if not image.get_typeof("icc-profile-data") or icc.is_srgb(image.get("icc-profile-data")):
+        return {}
+    return {"output_profile": "srgb"}
 
 
 def _finish(image: pyvips.Image, spec: ThumbSpec, origin: tuple[int, int, str]) -> Thumbnail:
@@ -513,7 +525,8 @@ def _thumbnails_beside_libvips(
         thumbnails = []
         for spec in specs:
             width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-            thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
+            cut = pyvips.Image.thumbnail_image(image, width, **kwargs, **_to_srgb(image))
+            thumbnails.append(_finish(cut, spec, origin))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
         raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None
