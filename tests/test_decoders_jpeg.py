@@ -175,21 +175,25 @@ def test_max_pixels_refuses_a_camera_jpeg_before_its_decode(tmp_path: Path) -> N
     assert resample(data, (png_spec("256"),), Limits(max_pixels=2400 * 1600), strict=True).thumbnails
 
 
-def test_a_confined_worker_decodes_with_libjpeg_turbo_loaded_before_its_confinement(
+def test_a_confined_worker_imports_libjpeg_turbo_for_its_first_camera_jpeg_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("THUMBCLI_SANDBOX", raising=False)  # every layer the system has
-    data = make_oriented_jpeg(tmp_path / "o6.jpg", 6, 2400, 1600).read_bytes()
+    small = save(draw_photo(320, 240), tmp_path / "small.jpg", Q=85).read_bytes()
+    camera = make_oriented_jpeg(tmp_path / "o6.jpg", 6, 2400, 1600).read_bytes()
     specs = (png_spec("256"),)
     worker = ResampleWorker(LIMITS, strict=True, memory_ceiling=1 << 34)
     try:
-        outcome = worker.resample(data, specs)
-        assert outcome.thumbnails and not outcome.reason, outcome.reason
-        assert "seccomp" in worker.confinement
+        assert worker.resample(small, specs).thumbnails  # decoded whole: libvips alone
+        assert "seccomp" in worker.confinement and "landlock" in worker.confinement
         assert worker.pid is not None
-        assert "simplejpeg" in Path(f"/proc/{worker.pid}/maps").read_text()
+        maps = Path(f"/proc/{worker.pid}/maps")
+        assert "simplejpeg" not in maps.read_text()
+        outcome = worker.resample(camera, specs)
+        assert outcome.thumbnails and not outcome.reason, outcome.reason
+        assert "simplejpeg" in maps.read_text()  # imported under seccomp and Landlock
     finally:
         worker.close()
     assert [thumb.data for thumb in outcome.thumbnails] == [
-        thumb.data for thumb in resample(data, specs, LIMITS, strict=True).thumbnails
+        thumb.data for thumb in resample(camera, specs, LIMITS, strict=True).thumbnails
     ]

@@ -5,26 +5,38 @@ and thread hand-offs; calling libjpeg-turbo directly gives the same pixels (chec
 for about 10% less CPU per camera JPEG, the largest part of a thumbnail's cost. Only the plain
 case comes here: the first, strict decode of a 1- or 3-band JPEG. Anything libjpeg-turbo warns
 about (truncated, corrupt data) is declined and left to libvips, so every odd file is decoded,
-and fails, exactly as before. The only `import simplejpeg`; imported with `resample`, so a
-worker loads it before it is confined.
+and fails, exactly as before.
+
+The only `import simplejpeg`, imported when a file first needs it, as every decoder here is: it
+brings numpy, a tenth of a second of CPU at a worker's start that a run of small images (never
+shrunk on load) would pay for nothing.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; libvips decodes every JPEG without it
-    simplejpeg = None
 
 #: A decode's band count -> the colour space libjpeg-turbo is asked for.
 _COLORSPACE = {1: "GRAY", 3: "RGB"}
 
+#: simplejpeg once imported, or None when it cannot be; empty until a file first needs it.
+_imported: list[ModuleType | None] = []
+
+
+def _simplejpeg() -> ModuleType | None:
+    if not _imported:
+        try:
+            _imported.append(importlib.import_module("simplejpeg"))
+        except (ImportError, OSError):  # a dependency; without it libvips decodes every JPEG
+            _imported.append(None)
+    return _imported[0]
+
 
 def available() -> bool:
-    """Whether simplejpeg (and its libjpeg-turbo) is installed here."""
-    return simplejpeg is not None
+    """Whether simplejpeg (and its libjpeg-turbo) can be imported here."""
+    return _simplejpeg() is not None
 
 
 def scaled_pixels(data: bytes | memoryview, shrink: int, bands: int) -> Any | None:
@@ -35,7 +47,8 @@ def scaled_pixels(data: bytes | memoryview, shrink: int, bands: int) -> Any | No
     Declined: no simplejpeg, another band count, or any libjpeg-turbo warning or error.
     """
     colorspace = _COLORSPACE.get(bands)
-    if simplejpeg is None or colorspace is None:
+    simplejpeg = _simplejpeg() if colorspace else None
+    if simplejpeg is None:
         return None
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
