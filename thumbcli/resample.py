@@ -349,14 +349,15 @@ def _make_thumbnails(
     # and the decode is most of the cost of the whole run.
     shrink = min(_jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h)) for spec in plan)
     decoded = None
-    if shrink == 1:  # full size: the image opened for the header is that decode
-        decoded = header
-    elif fail_on == "truncated" and not any(spec.keep_metadata for spec in specs):
-        decoded = _decoded_by_libjpeg_turbo(data, header, shrink)
+    if shrink > 1 and fail_on == "truncated" and not any(spec.keep_metadata for spec in specs):
+        decoded = _decoded_by_libjpeg_turbo(data, header, shrink)  # its pixels are in memory already
     if decoded is None:
-        decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
-    if len(specs) > 1:
-        decoded = decoded.copy_memory()
+        if shrink == 1:  # full size: the image opened for the header is that decode
+            decoded = header
+        else:
+            decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
+        if len(specs) > 1:  # several cuts of one lazy decode: decode once
+            decoded = decoded.copy_memory()
     return [_cut(decoded, spec, upright_w, upright_h, origin) for spec in specs]
 
 
