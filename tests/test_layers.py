@@ -31,6 +31,7 @@ OWNERS = {
     "pillow_jxl": {"decoders.jxl"},
     "PIL": {"decoders.jxl"},
     "pyseccomp": {"sandbox"},
+    "simplejpeg": {"decoders.jpeg"},
 }
 
 #: Each room's floor: a room may import rooms on its own floor or below, never above.
@@ -38,6 +39,7 @@ FLOORS = {
     "__init__": 0,
     "errors": 0,
     "spec": 1,
+    "icc": 1,
     "config": 2,
     "discover": 2,
     "formats": 2,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from imagekit import draw_photo, load, make_photo, run_cli
+from imagekit import draw_photo, load, make_oriented_jpeg, make_photo, run_cli, save
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
 
 from thumbcli.cache import cache_path
@@ -660,8 +660,13 @@ def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_pat
     src = tmp_path / "src"
     make_photo(src / "camera.jpg", 1600, 1200, seed=5)  # JPEG: decodes at 1/8, 1/4 and 1/2
     make_photo(src / "drawing.png", 900, 700, seed=6)
+    # A phone's: turned by EXIF, in Display P3 (decoded by libjpeg-turbo, converted to sRGB).
+    phone = make_oriented_jpeg(tmp_path / "upright.jpg", 6, 1600, 1200)
+    in_p3 = pyvips.Image.new_from_file(str(phone)).icc_transform("p3", input_profile="srgb")
+    save(in_p3, src / "phone.jpg", Q=90, keep="icc,exif")
+    sources = ("camera.jpg", "drawing.png", "phone.jpg")
     batch = run_cli("--config", config, "generate", src, "--cache", tmp_path / "made", "--json")
-    assert (batch.rc, batch.summary["made"], batch.summary["thumbnails"]) == (0, 2, 2 * len(presets)), batch.stderr
+    assert (batch.rc, batch.summary["made"], batch.summary["thumbnails"]) == (0, 3, 3 * len(presets)), batch.stderr
     some = ("inside-jpeg-0", "cover-webp-1")  # not the largest size: decoded for it all the same
     partial = run_cli(
         "--config", config, "generate", src, "--cache", tmp_path / "some", *(f"--preset={name}" for name in some)
@@ -669,19 +674,19 @@ def test_serve_makes_the_same_bytes_as_generate_for_every_fit_and_format(tmp_pat
     assert partial.rc == 0, partial.stderr
     for name in some:
         fmt = name.split("-")[1]
-        for relpath in ("camera.jpg", "drawing.png"):
+        for relpath in sources:
             made = cache_path(tmp_path / "made", name, relpath, fmt).read_bytes()
             assert cache_path(tmp_path / "some", name, relpath, fmt).read_bytes() == made, (name, relpath)
     compared = 0
     with running_server(tmp_path / "served", config=config, source_root=src, generators=2) as server:
         for name, _size, _fit, fmt in presets:
-            for relpath in ("camera.jpg", "drawing.png"):
+            for relpath in sources:
                 status, _, body = fetch(server, f"/{name}/{relpath}")
                 assert status == 200, (name, relpath)
                 made = cache_path(tmp_path / "made", name, relpath, fmt).read_bytes()
                 assert body == made, (name, relpath)
                 compared += 1
-    assert compared == 2 * len(presets)
+    assert compared == 3 * len(presets)
 
 
 def test_serve_answers_a_cached_dot_file_the_same_with_and_without_source(tree: Path) -> None:

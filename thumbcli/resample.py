@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from thumbcli import decoders, formats
-from thumbcli.decoders import check_pixels, heif
+from thumbcli import decoders, formats, icc
+from thumbcli.decoders import check_pixels, heif, jpeg
 from thumbcli.errors import FileRejected
 from thumbcli.formats import SourceFormat
 from thumbcli.spec import Limits, ThumbSpec
@@ -341,6 +341,7 @@ def _make_thumbnails(
         thumbnails = []
         for spec in specs:
             width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
+            kwargs.update(_to_srgb(header))
             image = pyvips.Image.thumbnail_buffer(data, width, option_string=load_options, **kwargs)
             thumbnails.append(_finish(image, spec, origin))
         return thumbnails
@@ -349,13 +350,43 @@ def _make_thumbnails(
     # a 256 thumbnail); the DCT scaling of a decode straight at 1/8 is as good for a thumbnail,
     # and the decode is most of the cost of the whole run.
     shrink = min(_jpeg_shrink(upright_w, upright_h, _scale_for(spec, upright_w, upright_h)) for spec in plan)
-    if shrink == 1:  # full size: the image opened for the header is that decode
-        decoded = header
-    else:
-        decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
-    if len(specs) > 1:
-        decoded = decoded.copy_memory()
+    decoded = None
+    if shrink > 1 and fail_on == "truncated" and not any(spec.keep_metadata for spec in specs):
+        decoded = _decoded_by_libjpeg_turbo(data, header, shrink)  # its pixels are in memory already
+    if decoded is None:
+        if shrink == 1:  # full size: the image opened for the header is that decode
+            decoded = header
+        else:
+            decoded = pyvips.Image.jpegload_source(_in_place(data), shrink=shrink, fail_on=fail_on, access="sequential")
+        if len(specs) > 1:  # several cuts of one lazy decode: decode once
+            decoded = decoded.copy_memory()
     return [_cut(decoded, spec, upright_w, upright_h, origin) for spec in specs]
+
+
+def _decoded_by_libjpeg_turbo(data: bytes | memoryview, header: pyvips.Image, shrink: int) -> pyvips.Image | None:
+    """The JPEG decoded at 1/`shrink` by libjpeg-turbo itself, as libvips' `jpegload` would; None to let libvips do it.
+
+    The same pixels as libvips' decode at that shrink, cut to its size, with what the thumbnail
+    reads from the header: orientation, ICC profile, resolution. (Only for thumbnails that keep
+    no metadata: libvips' loader attaches EXIF, XMP and IPTC too.)
+    """
+    if header.interpretation not in ("srgb", "b-w"):  # CMYK and YCCK: libvips inverts Adobe's CMYK
+        return None
+    if not str(header.get("vips-loader")).startswith("jpegload"):
+        return None  # another loader read the header (uhdrload: Ultra HDR), with other metadata
+    pixels = jpeg.scaled_pixels(data, shrink, header.bands)
+    if pixels is None:
+        return None
+    height, width, bands = pixels.shape
+    image = pyvips.Image.new_from_memory(pixels, width, height, bands, "uchar")
+    image = image.copy(interpretation=header.interpretation, xres=header.xres, yres=header.yres)
+    if width != header.width // shrink or height != header.height // shrink:
+        image = image.crop(0, 0, header.width // shrink, header.height // shrink)
+    for name in ("orientation", "icc-profile-data"):
+        kind = header.get_typeof(name)
+        if kind:
+            image.set_type(kind, name, header.get(name))
+    return image
 
 
 def _in_place(data: bytes | memoryview) -> pyvips.Source:
@@ -370,7 +401,18 @@ def _in_place(data: bytes | memoryview) -> pyvips.Source:
 def _cut(image: pyvips.Image, spec: ThumbSpec, upright_w: int, upright_h: int, origin: Origin) -> Thumbnail:
     """The thumbnail for `spec` of an opened (or decoded) image."""
     width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-    return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin)
+    return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs, **_to_srgb(image)), spec, origin)
+
+
+def _to_srgb(image: pyvips.Image) -> dict[str, str]:
+    """The `thumbnail` option that converts `image`'s embedded ICC profile to sRGB (none when it is sRGB already).
+
+    libvips' thumbnail converts only CMYK on its own: without it, a JPEG in Adobe RGB or
+    Display P3 would be shown with the wrong colours once its profile is stripped.
+    """
+    if not image.get_typeof("icc-profile-data") or icc.is_srgb(image.get("icc-profile-data")):
+        return {}
+    return {"output_profile": "srgb"}
 
 
 #: What each thumbnail of one source says of it: upright width and height, format, capture time.
@@ -503,7 +545,8 @@ def _thumbnails_beside_libvips(
         thumbnails = []
         for spec in specs:
             width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-            thumbnails.append(_finish(pyvips.Image.thumbnail_image(image, width, **kwargs), spec, origin))
+            cut = pyvips.Image.thumbnail_image(image, width, **kwargs, **_to_srgb(image))
+            thumbnails.append(_finish(cut, spec, origin))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
         raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None

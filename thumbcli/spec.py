@@ -19,7 +19,7 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 
 #: Bumped whenever the same settings would produce different pixels or bytes,
 #: so that every existing thumbnail is seen as stale.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: an embedded ICC profile other than sRGB is converted to sRGB
 
 SUFFIX_BY_FORMAT: dict[Format, str] = {"jpeg": "jpg", "webp": "webp", "avif": "avif", "png": "png"}
 CONTENT_TYPE_BY_FORMAT: dict[Format, str] = {

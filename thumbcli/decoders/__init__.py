@@ -61,7 +61,8 @@ class Decoder(Protocol):
 
 def preload_every_wheel() -> None:
     """Import every decoder's wheel that is installed: for a worker about to lose the right to read where they live."""
-    for name in sorted({source.decoder for source in formats.REGISTRY if source.decoder}):
+    # `jpeg` is no format's decoder: it is libjpeg-turbo's fast path beside libvips' own JPEG load.
+    for name in sorted({source.decoder for source in formats.REGISTRY if source.decoder} | {"jpeg"}):
         load(name).preload()
 
 
