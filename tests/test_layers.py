@@ -39,6 +39,7 @@ FLOORS = {
     "errors": 0,
     "spec": 1,
     "config": 2,
+    "bucket": 2,
     "discover": 2,
     "formats": 2,
     "progress": 2,

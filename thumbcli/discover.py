@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from thumbcli.bucket import ObjectError, is_bucket_url, list_folders, parse
 from thumbcli.formats import SOURCE_SUFFIXES
 from thumbcli.spec import WalkOptions
 
@@ -114,7 +115,51 @@ def walk_batches(
             continue
         excluded.add((st.st_dev, st.st_ino))
     for source in sources:
-        yield from _walk_one(source, options, is_image_name, excluded, part)
+        if is_bucket_url(source):
+            yield from _walk_bucket(source, options, is_image_name, part)
+        else:
+            yield from _walk_one(source, options, is_image_name, excluded, part)
+
+
+def _walk_bucket(
+    source: str, options: WalkOptions, is_image_name: Callable[[str], bool], part: tuple[int, int]
+) -> Iterator[DirBatch | WalkProblem]:
+    """A bucket prefix's objects as folders, by the same filters and shards as a tree; listed by part 0 alone.
+
+    One listing gives every object's size and version: there are no stat calls to share out.
+    """
+    if part[0] != 0:
+        return
+    shard, shards = options.shard
+    place = parse(source)
+    root = place.url
+    try:
+        for reldir, files in list_folders(place):
+            if shards > 1 and shard_of(reldir, shards) != shard:
+                continue
+            folders = [reldir.rsplit("/", depth)[0] for depth in range(reldir.count("/") + 1)] if reldir else []
+            if not options.hidden and any(name.startswith(".") for name in reldir.split("/") if name):
+                continue
+            if options.exclude and any(_matches(options.exclude, folder) for folder in folders):
+                continue
+            kept = [
+                file
+                for file in files
+                if (options.hidden or file[0][0] != ".")
+                and is_image_name(file[0])
+                and _filtered_in(options, f"{reldir}/{file[0]}" if reldir else file[0])
+            ]
+            if kept:
+                yield DirBatch(root, reldir, f"{root}/{reldir}" if reldir else root, kept)
+    except ObjectError as exc:
+        yield WalkProblem(root, f"cannot list: {exc.strerror}")
+
+
+def _filtered_in(options: WalkOptions, relpath: str) -> bool:
+    """Whether --include and --exclude let the file at `relpath` through."""
+    if options.include and not _matches(options.include, relpath):
+        return False
+    return not (options.exclude and _matches(options.exclude, relpath))
 
 
 def owner(reldir: str, parts: int) -> int:

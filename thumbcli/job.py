@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thumbcli.bucket import is_bucket_url, parse
 from thumbcli.discover import display_path
 from thumbcli.errors import SpecError
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
@@ -123,7 +124,13 @@ def local_workers(address: str) -> int | None:
 
 
 def _require_source(source: str) -> None:
-    """A usage error for a source that is not there (caught before any output folder is made)."""
+    """A usage error for a source that is not there (caught before any output folder is made).
+
+    A bucket is asked only by the walk's listing, which reports what it cannot list.
+    """
+    if is_bucket_url(source):
+        parse(source)
+        return
     try:
         os.lstat(source)
     except (FileNotFoundError, NotADirectoryError) as exc:

@@ -13,7 +13,7 @@ from thumbcli.fsutil import rename_beneath
 from thumbcli.spec import ThumbSpec, by_preset
 from thumbcli.targets.plan import Removal
 from thumbcli.targets.state import Origin
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, source_presence
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,14 @@ class CacheDirectory(OutputTree):
         }
         removals: list[Removal] = []
         moves: list[tuple[str, str, Origin]] = []
-        for out, origin in self._state.origins():
+        origins = self._state.origins()
+        exists = source_presence(origin.source for _, origin in origins)
+        for out, origin in origins:
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
             elif origin.digest not in digests[origin.preset]:
                 reason = f"preset {origin.preset} settings changed"
-            elif not os.path.lexists(origin.source):
+            elif not exists(origin.source):
                 reason = "source is gone"
             elif named_roots:
                 placed = self._placement(out, origin.source, origin.preset, named_roots)

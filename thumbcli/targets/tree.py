@@ -9,11 +9,12 @@ import logging
 import os
 import stat
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
+from thumbcli.bucket import SCHEME, existing_objects, is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 #: Folder of thumbcli's own bookkeeping inside an output tree or cache.
 PRIVATE_DIR = cache.PRIVATE_DIR
 DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
+SCHEME_BYTES = SCHEME.encode()
 TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,8 @@ def source_folders(
     gets its folder, and a root that is not named is a usage error: every URL then starts
     with its source's name, whichever sources a run walks.
     """
-    name_of_path = {os.path.abspath(path): name for name, path in (names or {}).items()}
-    by_root = {root: os.path.abspath(root) for root in map(source_root, sources)}
+    name_of_path = {_absolute(path): name for name, path in (names or {}).items()}
+    by_root = {root: _absolute(root) for root in map(source_root, sources)}
     absolute_roots = set(by_root.values())
     if len(absolute_roots) < 2 and not named_only:
         return {}
@@ -90,6 +92,27 @@ def source_folders(
     for path in unnamed:
         folder_of_path[path] = _unique_folder(path, [other for other in unnamed if other != path], name_of_path)
     return {root: folder_of_path[path] for root, path in by_root.items()}
+
+
+def source_presence(sources: Iterable[bytes]) -> Callable[[bytes], bool]:
+    """Whether a source (as the state store spells it) still exists: a file, or an object in a listing.
+
+    The objects among `sources` are listed once, up front: a bucket has no cheap per-key test.
+    """
+    objects = {os.fsdecode(source) for source in sources if source.startswith(SCHEME_BYTES)}
+    found = existing_objects(objects) if objects else set()
+
+    def exists(source: bytes) -> bool:
+        if source.startswith(SCHEME_BYTES):
+            return os.fsdecode(source) in found
+        return os.path.lexists(source)
+
+    return exists
+
+
+def _absolute(root: str) -> str:
+    """A source root as an absolute path, or as its bucket URL."""
+    return root.rstrip("/") if is_bucket_url(root) else os.path.abspath(root)
 
 
 def _folder_name(path: str, depth: int) -> str:
@@ -370,11 +393,9 @@ class OutputTree:
 
         (A served cache also knows its presets: see CacheDirectory.prune.)
         """
-        removals = [
-            self._removal(out, "source is gone")
-            for out, origin in self._state.origins()
-            if not os.path.lexists(origin.source)
-        ]
+        origins = self._state.origins()
+        exists = source_presence(origin.source for _, origin in origins)
+        removals = [self._removal(out, "source is gone") for out, origin in origins if not exists(origin.source)]
         if not dry_run:
             self._remove(removals, {})
         return removals
@@ -407,7 +428,8 @@ class OutputTree:
                     break
                 directory = directory.parent
         self._state.forget_signatures(os.path.isdir)
-        self._state.forget_failures(os.path.lexists)
+        failed = self._state.failures()
+        self._state.forget_failures(source_presence(failed))
 
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""
