@@ -28,7 +28,7 @@ FAKE_ENV = {
     "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-_REQUEST = re.compile(r'"([A-Z]+) (\S+) HTTP/1\.[01]" (\d{3})')
+_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/1\.[01]')
 _bucket_names = itertools.count()
 
 
@@ -146,13 +146,13 @@ class Bucket:
         ]
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """One moto S3 server for the session (skipped where moto is not installed)."""
+@contextlib.contextmanager
+def moto_running(folder: Path) -> Iterator[MotoServer]:
+    """A moto S3 server while the block runs (the test skips where moto, boto3 or obstore is missing)."""
     pytest.importorskip("moto.server")
     pytest.importorskip("boto3")
     pytest.importorskip("obstore")
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "requests.log")
+    server = MotoServer(folder / "requests.log")
     try:
         yield server
     finally:
@@ -168,8 +168,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
-@pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    """A fresh bucket, with the AWS environment set to reach it."""
-    aws_env(monkeypatch, moto_server.endpoint)
-    return Bucket(moto_server, f"test-bucket-{os.getpid()}-{next(_bucket_names)}")
+def fresh_bucket(server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A new bucket on `server`, with the AWS environment set to reach it."""
+    aws_env(monkeypatch, server.endpoint)
+    return Bucket(server, f"test-bucket-{os.getpid()}-{next(_bucket_names)}")

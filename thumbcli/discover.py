@@ -408,6 +408,11 @@ def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:
 is_image_name = image_name_predicate(IMAGE_SUFFIXES)
 
 
+def absolute_source(path: str) -> str:
+    """A source's path made absolute, as records name it; a bucket URL is already."""
+    return path if is_bucket_url(path) else os.path.abspath(path)
+
+
 def display_path(path: str | Path) -> str:
     """A path made printable on one line: undecodable bytes and control characters escaped."""
     text = os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from thumbcli import cache
+from thumbcli.discover import absolute_source
 from thumbcli.fsutil import rename_beneath
 from thumbcli.spec import ThumbSpec, by_preset
 from thumbcli.targets.plan import Removal
@@ -74,7 +75,7 @@ class CacheDirectory(OutputTree):
         if current is None:
             current = {name: str(entry.get("digest")) for name, entry in manifest.items()}
         named_roots = sorted(
-            ((os.fsencode(os.path.abspath(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
+            ((os.fsencode(absolute_source(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
             key=lambda root_name: -len(root_name[0]),
         )
         # A preset made in several formats is current in each of them while its fallback is unchanged.

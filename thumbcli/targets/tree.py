@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
-from thumbcli.bucket import SCHEME, existing_objects, is_bucket_url
-from thumbcli.discover import DirBatch, SourceFile, display_path
+from thumbcli.bucket import SCHEME, existing_objects
+from thumbcli.discover import DirBatch, SourceFile, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
     TEMP_PREFIX,
@@ -112,7 +112,7 @@ def source_presence(sources: Iterable[bytes]) -> Callable[[bytes], bool]:
 
 def _absolute(root: str) -> str:
     """A source root as an absolute path, or as its bucket URL."""
-    return root.rstrip("/") if is_bucket_url(root) else os.path.abspath(root)
+    return absolute_source(root).rstrip("/") or "/"
 
 
 def _folder_name(path: str, depth: int) -> str:
@@ -153,7 +153,7 @@ def check_name_template(template: str) -> None:
 
 def signed_folder(batch: DirBatch) -> str:
     """The folder a batch's signature names: its absolute path, as client and workers both spell it."""
-    return os.path.join(os.path.abspath(batch.root), batch.reldir)
+    return os.path.join(absolute_source(batch.root), batch.reldir)
 
 
 class OutputTree:
@@ -375,7 +375,7 @@ class OutputTree:
                     self._state.save()
                 raise
             origin = Origin(
-                os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
+                os.fsencode(absolute_source(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
             self._state.record(relative, origin)
         self._failures.forget(source)

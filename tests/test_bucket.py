@@ -1,0 +1,164 @@
+"""Object storage as a source: `generate s3://bucket/prefix`, against a real S3 server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from imagekit import draw_photo, load, make_photo, output_files, run_cli, save
+from s3kit import Bucket, MotoServer, fresh_bucket, moto_running
+
+from thumbcli import bucket as bucket_module
+from thumbcli.formats import header_size
+
+#: Keys a person might give photos, each a test of the URL's quoting: spaces, non-ASCII, '+' and '%'.
+AWKWARD_KEYS = (
+    "lib/top.jpg",
+    "lib/summer 2024/beach day.jpg",
+    "lib/summer 2024/Ölberg + café/naïve 100%.jpg",
+    "lib/a+b/c%20d.jpg",
+    "lib/日本/写真.jpg",
+)
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with moto_running(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    return fresh_bucket(moto_server, monkeypatch)
+
+
+def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, **options: object) -> bytes:
+    """A real JPEG photo's bytes."""
+    data: bytes = draw_photo(width, height, seed=seed).jpegsave_buffer(**options)
+    return data
+
+
+def fill(target: Bucket, keys: tuple[str, ...] | list[str]) -> None:
+    for seed, key in enumerate(keys):
+        target.put(key, jpeg_bytes(seed=seed))
+
+
+def test_generate_reads_awkward_keys_from_a_bucket_into_a_local_tree(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, AWKWARD_KEYS)
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "64")
+    assert run.rc == 0, run.stderr
+    made = {path.relative_to(tmp_path / "out").as_posix() for path in output_files(tmp_path / "out")}
+    assert made == {f"64/{key.removeprefix('lib/')}.jpg" for key in AWKWARD_KEYS}
+    thumb = load(tmp_path / "out" / "64" / "summer 2024" / "Ölberg + café" / "naïve 100%.jpg.jpg")
+    assert max(thumb.width, thumb.height) == 64
+
+
+def test_a_no_change_rerun_lists_the_bucket_and_gets_no_object(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, AWKWARD_KEYS)
+    before = len(bucket.server.requests())
+    assert run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "64").rc == 0
+    assert len(bucket.source_gets(before)) == len(AWKWARD_KEYS)
+    again = len(bucket.server.requests())
+    rerun = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "64", "--json")
+    assert rerun.rc == 0, rerun.stderr
+    assert rerun.summary["made"] == 0 and rerun.summary["skipped"] == len(AWKWARD_KEYS)
+    requests = bucket.server.requests()[again:]
+    assert bucket.source_gets(again) == []
+    assert [method for method, path in requests if f"/{bucket.name}" in path] == ["GET"]  # the one listing
+    assert "list-type=2" in requests[-1][1]
+
+
+def test_garbage_objects_fail_one_line_each_and_the_photos_are_made(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/good 1.jpg", "lib/sub/good 2.jpg"])
+    bucket.put("lib/sub/empty.jpg", b"")
+    bucket.put("lib/text + notes.png", b"just some text, not a PNG at all\n")
+    bucket.put("lib/truncated.jpg", jpeg_bytes()[:300])
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "64")
+    assert run.rc == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    failed = sorted(run.failure_lines)
+    assert len(failed) == 3, run.stderr
+    for line, key in zip(failed, ["lib/sub/empty.jpg", "lib/text + notes.png", "lib/truncated.jpg"], strict=True):
+        assert line.startswith(f"failed: s3://{bucket.name}/{key}: "), line
+    assert len(output_files(tmp_path / "out")) == 2
+
+
+def test_more_than_a_thousand_objects_are_listed_across_pages(bucket: Bucket, tmp_path: Path) -> None:
+    tiny = jpeg_bytes(16, 16)
+    keys = [f"many/d{i % 7}/img {i:04d}.jpg" for i in range(1_050)]
+    for key in keys:
+        bucket.put(key, tiny)
+    before = len(bucket.server.requests())
+    run = run_cli("generate", bucket.url("many"), "-o", tmp_path / "out", "-s", "8", "--dry-run", "--json")
+    assert run.rc == 0, run.stderr
+    assert run.summary["found"] == 1_050
+    listings = [path for _, path in bucket.server.requests()[before:] if "list-type=2" in path]
+    assert len(listings) == 2  # 1,000 keys a page
+    assert bucket.source_gets(before) == []
+
+
+def test_a_replaced_object_is_remade_and_a_deleted_ones_thumbnail_is_pruned(bucket: Bucket, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    bucket.put("lib/kept.jpg", jpeg_bytes(seed=1))
+    bucket.put("lib/replaced.jpg", jpeg_bytes(seed=2))
+    bucket.put("lib/old/deleted.jpg", jpeg_bytes(seed=3))
+    assert run_cli("generate", bucket.url("lib"), "-o", out, "-s", "64").rc == 0
+    first = (out / "64" / "replaced.jpg.jpg").read_bytes()
+    # The same size and, very likely, the same second: only the ETag tells the objects apart.
+    bucket.put("lib/replaced.jpg", jpeg_bytes(seed=9))
+    assert len(bucket.get("lib/replaced.jpg")) != 0
+    rerun = run_cli("generate", bucket.url("lib"), "-o", out, "-s", "64", "--json")
+    assert rerun.rc == 0, rerun.stderr
+    assert rerun.summary["made"] == 1
+    assert (out / "64" / "replaced.jpg.jpg").read_bytes() != first
+    bucket.delete("lib/old/deleted.jpg")
+    pruned = run_cli("prune", "-o", out)
+    assert pruned.rc == 0, pruned.stderr
+    assert not (out / "64" / "old").exists()
+    assert sorted(p.name for p in output_files(out)) == ["kept.jpg.jpg", "replaced.jpg.jpg"]
+
+
+def test_max_file_size_is_judged_from_the_listing_before_any_byte_is_read(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("lib/big.jpg", jpeg_bytes(800, 600, Q=95))
+    bucket.put("lib/small.jpg", jpeg_bytes(32, 32))
+    before = len(bucket.server.requests())
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16", "--max-file-size", "10000")
+    assert run.rc == 1
+    assert len(run.failure_lines) == 1 and "big.jpg" in run.failure_lines[0] and "max-file-size" in run.stderr
+    assert [path.rsplit("/", 1)[1] for path in bucket.source_gets(before)] == ["small.jpg"]
+
+
+def test_max_pixels_is_judged_from_a_ranged_read_of_the_header(bucket: Bucket, tmp_path: Path) -> None:
+    big = jpeg_bytes(1600, 1200, Q=98)
+    assert len(big) > bucket_module.HEADER_BYTES and header_size(big) == ("JPEG", 1600, 1200)
+    bucket.put("lib/huge.jpg", big)
+    before = len(bucket.server.requests())
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16", "--max-pixels", "1")
+    assert run.rc == 1
+    assert len(run.failure_lines) == 1 and "1600x1200" in run.stderr and "max-pixels" in run.stderr
+    assert len(bucket.source_gets(before)) == 1  # the header only, never the rest
+
+
+def test_a_missing_key_is_named_in_one_line(bucket: Bucket) -> None:
+    with pytest.raises(bucket_module.ObjectError) as raised:
+        bucket_module.read_object(f"{bucket.url()}/no such photo.jpg", 100, 1_000_000)
+    assert raised.value.strerror == "no such key"
+
+
+def test_a_missing_bucket_is_one_failure_line(bucket: Bucket, tmp_path: Path) -> None:
+    run = run_cli("generate", f"s3://{bucket.name}-absent/lib", "-o", tmp_path / "out")
+    assert run.rc == 1
+    assert "Traceback" not in run.stderr
+    assert run.failure_lines == [f"failed: s3://{bucket.name}-absent/lib: cannot list: no such bucket"]
+
+
+def test_header_size_reads_common_formats(tmp_path: Path) -> None:
+    image = draw_photo(123, 45)
+    for suffix in (".jpg", ".png", ".gif", ".webp"):
+        data = save(image, tmp_path / f"x{suffix}").read_bytes()
+        found = header_size(data)
+        assert found is not None and found[1:] == (123, 45), suffix
+    assert header_size(io.BytesIO(b"not an image").getvalue()) is None
+    assert make_photo(tmp_path / "y.jpg").exists()
