@@ -30,7 +30,8 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
 
 
 @pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a bucket destination keeps its records
     return fresh_bucket(moto_server, monkeypatch)
 
 
@@ -162,3 +163,57 @@ def test_header_size_reads_common_formats(tmp_path: Path) -> None:
         assert found is not None and found[1:] == (123, 45), suffix
     assert header_size(io.BytesIO(b"not an image").getvalue()) is None
     assert make_photo(tmp_path / "y.jpg").exists()
+
+
+def test_local_photos_go_to_a_bucket_tree_with_content_type_and_cache_control(bucket: Bucket, tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a b" / "ü+%.jpg")
+    make_photo(tmp_path / "src" / "top.jpg", seed=1)
+    run = run_cli("generate", tmp_path / "src", "-o", bucket.url("thumbs/"), "-s", "64", "-s", "32", "--format", "webp")
+    assert run.rc == 0, run.stderr
+    assert sorted(bucket.keys()) == [
+        "thumbs/32/a b/ü+%.jpg.webp",
+        "thumbs/32/top.jpg.webp",
+        "thumbs/64/a b/ü+%.jpg.webp",
+        "thumbs/64/top.jpg.webp",
+    ]
+    head = bucket.head("thumbs/64/top.jpg.webp")
+    assert head["ContentType"] == "image/webp" and head["CacheControl"] == "public, max-age=86400"
+    assert not Path("/s3:").exists() and not (tmp_path / "s3:").exists()
+    # The records stay with the client, under the state folder: a rerun PUTs nothing.
+    assert list((tmp_path / "state" / "thumbcli" / "buckets" / bucket.name).glob("*/.thumbcli/state.sqlite"))
+    before = len(bucket.server.requests())
+    rerun = run_cli(
+        "generate", tmp_path / "src", "-o", bucket.url("thumbs"), "-s", "64", "-s", "32", "--format", "webp"
+    )
+    assert rerun.rc == 0, rerun.stderr
+    assert bucket.server.requests()[before:] == []
+
+
+def test_a_bucket_cache_holds_what_a_local_cache_would_byte_for_byte(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, AWKWARD_KEYS)
+    local = run_cli("generate", bucket.url("lib"), "--cache", tmp_path / "cache", "-s", "64")
+    remote = run_cli(
+        "generate", bucket.url("lib"), "--cache", bucket.url("cache"), "-s", "64", "--cache-control", "no-cache"
+    )
+    assert local.rc == 0 and remote.rc == 0, local.stderr + remote.stderr
+    on_disk = {
+        path.relative_to(tmp_path / "cache").as_posix(): path.read_bytes()
+        for path in (tmp_path / "cache").rglob("*")
+        if path.is_file() and ".thumbcli" not in path.parts
+    }
+    in_bucket = {key.removeprefix("cache/"): bucket.get(key) for key in bucket.keys("cache/")}
+    assert len(in_bucket) == len(AWKWARD_KEYS) + 1  # and the manifest
+    assert in_bucket == on_disk
+    assert bucket.head("cache/v1/64/top.jpg.jpg")["CacheControl"] == "no-cache"
+    assert bucket.head("cache/thumbcli-cache.json")["ContentType"] == "application/json"
+
+
+def test_prune_of_a_bucket_cache_deletes_the_thumbnails_of_deleted_sources(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/keep.jpg", "lib/gone/away.jpg"])
+    assert run_cli("generate", bucket.url("lib"), "--cache", bucket.url("cache"), "-s", "64").rc == 0
+    bucket.delete("lib/gone/away.jpg")
+    dry = run_cli("prune", "--cache", bucket.url("cache"), "--dry-run")
+    assert dry.rc == 0 and "away.jpg" in dry.stdout and len(bucket.keys("cache/v1/")) == 2
+    pruned = run_cli("prune", "--cache", bucket.url("cache"))
+    assert pruned.rc == 0, pruned.stderr
+    assert bucket.keys("cache/v1/") == ["cache/v1/64/keep.jpg.jpg"]

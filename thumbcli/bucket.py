@@ -333,3 +333,17 @@ def delete_objects(urls: Iterable[str]) -> None:
             obstore.delete(_store(bucket), keys)
         except Exception as exc:
             raise _failed(exc, f"cannot delete from {SCHEME}{bucket}") from None
+
+
+def state_folder(url: str) -> str:
+    """The local folder that keeps the records (and lock) of a bucket destination, one per bucket and prefix.
+
+    $XDG_STATE_HOME/thumbcli/buckets/<bucket>/<prefix with '/' as '_'>-<hash>: the records stay
+    with the client that writes, as a tree's stay beside it; the hash keeps two prefixes that
+    spell alike apart.
+    """
+    place = parse(url)
+    home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", place.prefix)[:80] or "_"
+    digest = zlib.crc32(place.url.encode()) & 0xFFFFFFFF
+    return os.path.join(home, "thumbcli", "buckets", place.bucket, f"{readable}-{digest:08x}")

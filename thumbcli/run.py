@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
@@ -78,8 +78,11 @@ class GenerateRequest:
     """What `generate` was asked, before it is a job: the destination and the specs are chosen against the config."""
 
     sources: tuple[str, ...] = ()
-    output: Path | None = None
-    cache_dir: Path | None = None
+    #: A folder, or a bucket URL as a str (`s3://bucket/prefix`).
+    output: Path | str | None = None
+    cache_dir: Path | str | None = None
+    #: The Cache-Control of each thumbnail PUT to a bucket ("": the default).
+    cache_control: str = ""
     #: The cache was named by the config or environment, not on the command line.
     cache_configured: bool = False
     flavours: tuple[str, ...] = ()
@@ -102,7 +105,12 @@ class GenerateRequest:
         if not self.sources:
             raise SpecError(NO_SOURCES)
         destination = choose_destination(
-            self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
+            self.output,
+            self.cache_dir,
+            self.flavours,
+            self.name_template,
+            cache_configured=self.cache_configured,
+            cache_control=self.cache_control,
         )
         specs = choose_specs(config, destination, self)
         cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
@@ -146,6 +154,24 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     folders = source_folders(job.sources, job.source_names, named_only=is_cache and bool(job.source_names))
     # Without root folders, several sources (files named one by one) may still claim one name.
     several_sources = len(job.sources) > 1 and not folders
+    if destination.bucket:
+        from thumbcli.targets.objects import BucketCache, BucketTree
+
+        bucket_type = BucketCache if isinstance(destination, CacheDestination) else BucketTree
+        options: dict[str, Any] = {
+            "wait_for_lock": job.wait,
+            "check_collisions": several_sources or getattr(destination, "name_template", None) is not None,
+            "source_folders": folders,
+            "shard": job.walk.shard,
+            "retry_failed": job.run.retry_failed,
+        }
+        if isinstance(destination, CacheDestination):
+            options["check_collisions"] = several_sources
+        else:
+            options["name_template"] = destination.name_template or DEFAULT_NAME_TEMPLATE
+        if destination.cache_control:
+            options["cache_control"] = destination.cache_control
+        return bucket_type(destination.bucket, destination.root, job.specs, **options)
     if isinstance(destination, CacheDestination):
         return CacheDirectory(
             destination.root,
@@ -418,14 +444,23 @@ def prune(
     """
     if isinstance(destination, FreedesktopDestination):
         return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
+    if destination.bucket:
+        from thumbcli.targets.objects import BucketCache, BucketTree
+
     if isinstance(destination, TreeDestination):
-        tree = OutputTree(destination.root, (), wait_for_lock=wait)
+        if destination.bucket:
+            tree: OutputTree = BucketTree(destination.bucket, destination.root, (), wait_for_lock=wait)
+        else:
+            tree = OutputTree(destination.root, (), wait_for_lock=wait)
         try:
             return PruneSummary(dry_run, tuple(tree.prune(dry_run=dry_run)))
         finally:
             tree.close()
     current = {name: spec.digest for name, spec in presets.items()} if presets else None
-    target = CacheDirectory(destination.root, (), wait_for_lock=wait)
+    if destination.bucket:
+        target: CacheDirectory = BucketCache(destination.bucket, destination.root, (), wait_for_lock=wait)
+    else:
+        target = CacheDirectory(destination.root, (), wait_for_lock=wait)
     try:
         return PruneSummary(dry_run, tuple(target.prune(dry_run=dry_run, current=current, sources=sources)))
     finally:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
     Duration,
+    FolderOrBucket,
     Shard,
     complete_presets,
     complete_sources,
@@ -170,13 +171,22 @@ run_options = grouped_options(
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=str), shell_complete=complete_sources)
 @click.option(
-    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write thumbnails into this folder tree."
+    "-o",
+    "--output",
+    type=FolderOrBucket(file_okay=False, path_type=Path),
+    help="Write thumbnails into this folder tree (or bucket: s3://bucket/prefix).",
 )
 @click.option(
     "--cache",
     "cache_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write into a served cache folder (see `thumbcli serve`).",
+    type=FolderOrBucket(file_okay=False, path_type=Path),
+    help="Write into a served cache folder or bucket (see `thumbcli serve`).",
+)
+@click.option(
+    "--cache-control",
+    default="",
+    metavar="VALUE",
+    help="The Cache-Control of each thumbnail written to a bucket  [default: public, max-age=86400].",
 )
 @click.option(
     "--freedesktop",
@@ -255,8 +265,9 @@ def generate(
     /,
     *,
     sources: tuple[str, ...],
-    output: Path | None,
-    cache_dir: Path | None,
+    output: Path | str | None,
+    cache_dir: Path | str | None,
+    cache_control: str,
     flavours: tuple[str, ...],
     presets: tuple[str, ...],
     sizes: tuple[str, ...],
@@ -291,6 +302,7 @@ def generate(
         output=output,
         cache_dir=cache_dir,
         cache_configured=cache_configured,
+        cache_control=cache_control,
         flavours=flavours,
         presets=presets,
         sizes=sizes,

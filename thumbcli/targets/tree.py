@@ -367,7 +367,7 @@ class OutputTree:
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
             try:
-                write_atomically(self.root, relative, thumbnail.data)
+                self._put(relative, spec, thumbnail.data)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     # Save the records of the thumbnails already written while there is room for them:
@@ -379,6 +379,17 @@ class OutputTree:
             )
             self._state.record(relative, origin)
         self._failures.forget(source)
+
+    def _put(self, relative: str, spec: ThumbSpec, data: bytes) -> None:
+        """Store one thumbnail whole at `relative` (a file written atomically; a bucket's output PUTs it)."""
+        write_atomically(self.root, relative, data)
+
+    def _unlink(self, relative: str) -> None:
+        """Remove one thumbnail (refusing a path that leads out of the root)."""
+        try:
+            remove_beneath(self.root, relative)
+        except OutsideRootError as exc:
+            log.warning("not removed: %s", exc)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Remember that the decoder refused the source: it is not tried again until it changes."""
@@ -412,10 +423,7 @@ class OutputTree:
         """Unlink what `removals` name (not those `moved`), forget their records, remove the folders left empty."""
         for removal in removals:
             if removal.path not in moved:
-                try:
-                    remove_beneath(self.root, str(removal.path.relative_to(self.root)))
-                except OutsideRootError as exc:
-                    log.warning("not removed: %s", exc)
+                self._unlink(str(removal.path.relative_to(self.root)))
         # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
         self._state.forget(
             str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
