@@ -217,3 +217,49 @@ def test_prune_of_a_bucket_cache_deletes_the_thumbnails_of_deleted_sources(bucke
     pruned = run_cli("prune", "--cache", bucket.url("cache"))
     assert pruned.rc == 0, pruned.stderr
     assert bucket.keys("cache/v1/") == ["cache/v1/64/keep.jpg.jpg"]
+
+
+def test_a_dask_run_from_bucket_to_bucket_is_byte_identical_to_a_local_one(bucket: Bucket, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    keys = [*AWKWARD_KEYS, "lib/more/one.jpg", "lib/more/two.jpg", "lib/more/deeper/three.jpg"]
+    fill(bucket, keys)
+    bucket.put("lib/more/broken.jpg", b"\xff\xd8\xff garbage")
+    local = run_cli("generate", bucket.url("lib"), "-o", bucket.url("local"), "-s", "64", "-s", "32")
+    cluster = run_cli(
+        "generate",
+        bucket.url("lib"),
+        "-o",
+        bucket.url("dask"),
+        "-s",
+        "64",
+        "-s",
+        "32",
+        "--dask",
+        "local:2",
+        timeout=180,
+    )
+    assert local.rc == 1 and cluster.rc == 1, local.stderr + cluster.stderr
+    assert len(cluster.failure_lines) == 1 and "lib/more/broken.jpg" in cluster.failure_lines[0]
+    made_locally = {key.removeprefix("local/"): bucket.get(key) for key in bucket.keys("local/")}
+    made_by_dask = {key.removeprefix("dask/"): bucket.get(key) for key in bucket.keys("dask/")}
+    assert len(made_by_dask) == 2 * len(keys)
+    assert made_by_dask == made_locally
+    # The client kept the records its tasks returned: a rerun makes nothing and GETs no source.
+    before = len(bucket.server.requests())
+    again = run_cli(
+        "generate", bucket.url("lib"), "-o", bucket.url("dask"), "-s", "64", "-s", "32", "--dask", "local:2", "--json"
+    )
+    assert again.summary["made"] == 0, again.stderr
+    assert bucket.source_gets(before) == []
+
+
+def test_shards_of_a_bucket_share_its_folders_out_and_together_make_all(bucket: Bucket, tmp_path: Path) -> None:
+    keys = [f"lib/folder {i}/photo.jpg" for i in range(6)]
+    fill(bucket, keys)
+    made = []
+    for shard in ("0/2", "1/2"):
+        run = run_cli("generate", bucket.url("lib"), "-o", bucket.url("out"), "-s", "16", "--shard", shard, "--json")
+        assert run.rc == 0, run.stderr
+        made.append(run.summary["made"])
+    assert sum(made) == len(keys) and all(made)
+    assert len(bucket.keys("out/")) == len(keys)

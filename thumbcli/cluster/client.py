@@ -148,6 +148,7 @@ class ClusterRun:
             check_collisions=target.checks_collisions,
             source_folders=tuple((absolute_source(root), folder) for root, folder in target.source_folders.items()),
             decode_for=decode_for or target.specs,
+            bucket=getattr(target, "url", ""),  # a bucket's tree or cache (targets/objects.py)
         )
 
     def stop(self, reason: StopReason = "interrupted") -> None:

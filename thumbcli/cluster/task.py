@@ -6,14 +6,16 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from thumbcli.bucket import is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.errors import ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
@@ -44,6 +46,8 @@ class TaskDestination:
     source_folders: tuple[tuple[str, str], ...]
     #: Every size of the destination: each image is decoded for the largest (see `resample.resample`).
     decode_for: tuple[ThumbSpec, ...]
+    #: `s3://bucket/prefix` when the thumbnails go to a bucket: workers PUT them there, `root` is unused.
+    bucket: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,23 +171,32 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     """Run on a worker: plan the task's folders, make what is not fresh, and say what was done."""
     task = sealed.task
     destination = task.destination
-    _require_visible(destination.root, "destination", destination.root)
+    if not destination.bucket:
+        _require_visible(destination.root, "destination", destination.root)
     for batch, shown in zip(task.batches, task.shown, strict=True):
-        _require_visible(batch.target or batch.directory, "source", shown)
+        if not is_bucket_url(batch.directory):
+            _require_visible(batch.target or batch.directory, "source", shown)
     records = TaskRecords(task.records, task.failures)
-    target = OutputTree(
-        Path(destination.root),
-        destination.specs,
-        name_template=destination.name_template,
-        check_collisions=destination.check_collisions,
-        source_folders=dict(destination.source_folders),
-        locked=False,
-        records=records,
-        retry_failed=task.retry_failed,
-    )
-    # A rerun of a task whose worker was killed finds that attempt's temporary files here.
-    for folder in task.records:
-        remove_orphaned_temporary_files(destination.root, folder)
+    options: dict[str, Any] = {
+        "name_template": destination.name_template,
+        "check_collisions": destination.check_collisions,
+        "source_folders": dict(destination.source_folders),
+        "locked": False,
+        "records": records,
+        "retry_failed": task.retry_failed,
+    }
+    target: OutputTree
+    if destination.bucket:
+        from thumbcli.targets.objects import BucketTree
+
+        # The records travel with the task; the tree's folder on this host only holds nothing of note.
+        scratch = Path(tempfile.gettempdir()) / f"thumbcli-task-{os.getuid()}"
+        target = BucketTree(destination.bucket, scratch, destination.specs, **options)
+    else:
+        target = OutputTree(Path(destination.root), destination.specs, **options)
+        # A rerun of a task whose worker was killed finds that attempt's temporary files here.
+        for folder in task.records:
+            remove_orphaned_temporary_files(destination.root, folder)
     with _heap_kept:
         return _TaskRun(task, target, records).run()
 
