@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagekit import draw_photo, load, make_photo, output_files, run_cli, save
-from s3kit import Bucket, MotoServer, fresh_bucket, moto_running
+import pyvips
+from imagekit import cli_command, draw_photo, load, make_photo, output_files, run_cli, save
+from s3kit import Bucket, MotoServer, Relay, fresh_bucket, moto_running
 
 from thumbcli import bucket as bucket_module
 from thumbcli.formats import header_size
+from thumbcli.fsutil import TEMP_PREFIX
 
 #: Keys a person might give photos, each a test of the URL's quoting: spaces, non-ASCII, '+' and '%'.
 AWKWARD_KEYS = (
@@ -263,3 +267,46 @@ def test_shards_of_a_bucket_share_its_folders_out_and_together_make_all(bucket: 
         made.append(run.summary["made"])
     assert sum(made) == len(keys) and all(made)
     assert len(bucket.keys("out/")) == len(keys)
+
+
+@pytest.mark.parametrize("destination", ["folder", "bucket"])
+def test_the_endpoint_stopping_mid_run_exits_3_and_a_rerun_resumes(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, destination: str
+) -> None:
+    keys = [f"lib/photo {i:03d}.jpg" for i in range(60)]
+    for seed, key in enumerate(keys):
+        bucket.put(key, jpeg_bytes(1200, 900, seed=seed))
+    relay = Relay(bucket.server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
+    out = tmp_path / "out" if destination == "folder" else bucket.url("out")
+
+    def made() -> list[str]:
+        if destination == "folder":
+            return [path.name for path in (tmp_path / "out").rglob("*.jpg") if ".thumbcli" not in path.parts]
+        return bucket.keys("out/")
+
+    args = ("generate", bucket.url("lib"), "-o", out, "-s", "64", "-j", "1", "--json")
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while len(made()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    relay.stop()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr.decode()
+    assert b"Traceback" not in stderr and b"object store not reachable" in stderr
+    first = made()
+    assert 3 <= len(first) < len(keys)
+    if destination == "folder":
+        assert not [path for path in (tmp_path / "out").rglob(f"{TEMP_PREFIX}*")]
+    else:
+        assert all(load_bytes(bucket.get(key)).width == 64 for key in first)  # each PUT whole or not at all
+    relay.restart()
+    rerun = run_cli(*args)
+    assert rerun.rc == 0, rerun.stderr
+    # A PUT the server took as the connection was cut never reached the records: made again, no harm.
+    assert len(keys) - len(first) <= rerun.summary["made"] <= len(keys) - 3
+    assert len(made()) == len(keys)
+
+
+def load_bytes(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
