@@ -310,3 +310,25 @@ def test_the_endpoint_stopping_mid_run_exits_3_and_a_rerun_resumes(
 
 def load_bytes(data: bytes) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(data, "")
+
+
+def test_serve_makes_thumbnails_of_a_bucket_on_a_miss_into_a_local_cache(bucket: Bucket, tmp_path: Path) -> None:
+    from servekit import running_server
+    from test_serve_on_demand import CONFIG, fetch, fetch_until_new
+
+    (tmp_path / "thumbcli.toml").write_text(CONFIG)
+    (tmp_path / "cache").mkdir()
+    bucket.put("lib/a b/ü+%.jpg", jpeg_bytes(600, 400, seed=1))
+    bucket.put("lib/text.jpg", b"not a JPEG at all")
+    with running_server(tmp_path / "cache", config=tmp_path / "thumbcli.toml", source_root=bucket.url("lib")) as server:
+        status, headers, body = fetch(server, "/small/a%20b/%C3%BC%2B%25.jpg")
+        assert (status, headers["content-type"]) == (200, "image/webp")
+        assert pyvips.Image.new_from_buffer(body, "").width == 64
+        assert (tmp_path / "cache" / "v1" / "small" / "a b" / "ü+%.jpg.webp").read_bytes() == body
+        assert fetch(server, "/small/absent.jpg")[0] == 404
+        assert fetch(server, "/small/text.jpg")[0] == 404
+        assert fetch(server, "/small/a%20b/..%2F..%2Fsecret.jpg")[0] == 404
+        # A replaced object is made again (the server checks an open thumbnail's source now and then).
+        bucket.put("lib/a b/ü+%.jpg", jpeg_bytes(400, 600, seed=2))
+        status, _, body = fetch_until_new(server, "/small/a%20b/%C3%BC%2B%25.jpg", (status, headers, body))
+        assert status == 200 and pyvips.Image.new_from_buffer(body, "").height == 64

@@ -347,3 +347,18 @@ def state_folder(url: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", place.prefix)[:80] or "_"
     digest = zlib.crc32(place.url.encode()) & 0xFFFFFFFF
     return os.path.join(home, "thumbcli", "buckets", place.bucket, f"{readable}-{digest:08x}")
+
+
+def stat_object(url: str) -> tuple[int, int] | None:
+    """An object's (size, version_ns) from a HEAD request; None when there is no such key."""
+    import obstore
+
+    place = parse(url)
+    try:
+        meta = obstore.head(_store(place.bucket), place.prefix)
+    except Exception as exc:
+        failure = _failed(exc, f"cannot look up {url}")
+        if failure.strerror == "no such key":
+            return None
+        raise failure from None
+    return meta["size"], version_ns(meta["last_modified"], meta["e_tag"])

@@ -115,6 +115,8 @@ class GenerateJob:
             _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
             raise SpecError("no thumbnail sizes to make")
+        if isinstance(self.destination, FreedesktopDestination) and any(map(is_bucket_url, self.sources)):
+            raise SpecError("the desktop thumbnail cache is of local files: write a bucket's to -o or --cache")
         if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
             # Each user's desktop cache on each host is its own: there is nothing to share out.
             raise SpecError(
