@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_a_no_change_rerun_lists_the_bucket_and_gets_no_object(bucket: Bucket, t
     rerun = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "64", "--json")
     assert rerun.rc == 0, rerun.stderr
     assert rerun.summary["made"] == 0 and rerun.summary["skipped"] == len(AWKWARD_KEYS)
+    assert rerun.summary["output"] == str(tmp_path / "out")
     requests = bucket.server.requests()[again:]
     assert bucket.source_gets(again) == []
     assert [method for method, path in requests if f"/{bucket.name}" in path] == ["GET"]  # the one listing
@@ -186,11 +188,11 @@ def test_local_photos_go_to_a_bucket_tree_with_content_type_and_cache_control(bu
     # The records stay with the client, under the state folder: a rerun PUTs nothing.
     assert list((tmp_path / "state" / "thumbcli" / "buckets" / bucket.name).glob("*/.thumbcli/state.sqlite"))
     before = len(bucket.server.requests())
-    rerun = run_cli(
-        "generate", tmp_path / "src", "-o", bucket.url("thumbs"), "-s", "64", "-s", "32", "--format", "webp"
-    )
+    sizes = ("-s", "64", "-s", "32", "--format", "webp")
+    rerun = run_cli("generate", tmp_path / "src", "-o", bucket.url("thumbs"), *sizes, "--json")
     assert rerun.rc == 0, rerun.stderr
     assert bucket.server.requests()[before:] == []
+    assert rerun.summary["output"] == bucket.url("thumbs")
 
 
 def test_a_bucket_cache_holds_what_a_local_cache_would_byte_for_byte(bucket: Bucket, tmp_path: Path) -> None:
@@ -332,3 +334,13 @@ def test_serve_makes_thumbnails_of_a_bucket_on_a_miss_into_a_local_cache(bucket:
         bucket.put("lib/a b/ü+%.jpg", jpeg_bytes(400, 600, seed=2))
         status, _, body = fetch_until_new(server, "/small/a%20b/%C3%BC%2B%25.jpg", (status, headers, body))
         assert status == 200 and pyvips.Image.new_from_buffer(body, "").height == 64
+
+
+def test_without_obstore_a_bucket_run_says_which_extra_to_install(tmp_path: Path) -> None:
+    # As an install without the s3 extra: the import of obstore fails.
+    script = "import sys; sys.modules['obstore'] = None; from thumbcli.cli import run; run()"
+    args = ["generate", "s3://photos/lib", "-o", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "pip install 'thumbcli[s3]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

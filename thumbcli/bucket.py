@@ -17,6 +17,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from thumbcli.errors import CannotRunError, FileRejected, SpecError
@@ -88,6 +89,15 @@ class EndpointUnreachable(CannotRunError):
     """The object store does not answer at all (after retries): the run cannot go on."""
 
 
+def _obstore() -> ModuleType:
+    """The obstore module, or the one-line error that names the extra to install."""
+    try:
+        import obstore
+    except ImportError:
+        raise CannotRunError(f"object storage needs the obstore module: {EXTRA}") from None
+    return obstore
+
+
 _stores: dict[str, S3Store] = {}
 _stores_lock = threading.Lock()
 
@@ -135,10 +145,9 @@ def _store(bucket: str) -> S3Store:
     with _stores_lock:
         store = _stores.get(bucket)
         if store is None:
-            try:
-                from obstore.store import S3Store
-            except ImportError:
-                raise CannotRunError(f"object storage needs the obstore module: {EXTRA}") from None
+            _obstore()
+            from obstore.store import S3Store
+
             config: dict[str, Any] = _profile_settings()
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
             endpoint = endpoint or config.get("endpoint", "")
@@ -219,6 +228,7 @@ def list_folders(place: BucketPlace) -> Iterator[tuple[str, list[ListedFile]]]:
     everything under it, so each batch holds all of a folder's objects. Keys ending in '/'
     (folder markers) are left out. Raises ObjectError when the listing fails.
     """
+    _obstore()  # the one-line error when it is missing
     import obstore
 
     store = _store(place.bucket)
@@ -279,6 +289,7 @@ def read_object(
     An object over HEADER_BYTES is read as its header first and then the rest, both pinned to
     the same ETag: a replacement between the two reads fails the object rather than mixing them.
     """
+    _obstore()  # the one-line error when it is missing
     import obstore
 
     if size > max_file_size:
@@ -308,6 +319,7 @@ def read_object(
 
 def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> None:
     """Store `data` at `url` in one PUT (whole or not at all, as object stores write), with its headers."""
+    _obstore()  # the one-line error when it is missing
     import obstore
 
     place = parse(url)
@@ -322,6 +334,7 @@ def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> 
 
 def delete_objects(urls: Iterable[str]) -> None:
     """Delete objects (an absent one is no error)."""
+    _obstore()  # the one-line error when it is missing
     import obstore
 
     by_bucket: dict[str, list[str]] = {}
@@ -351,6 +364,7 @@ def state_folder(url: str) -> str:
 
 def stat_object(url: str) -> tuple[int, int] | None:
     """An object's (size, version_ns) from a HEAD request; None when there is no such key."""
+    _obstore()  # the one-line error when it is missing
     import obstore
 
     place = parse(url)

@@ -227,7 +227,7 @@ class GenerateSummary:
     bytes_read: int
     stopped: StopReason | None
     exit_code: ExitCode
-    output: Path
+    output: Path | str  # a folder, or a bucket URL
     failures: tuple[Failure, ...] = ()
     #: Failed in an earlier run and unchanged since: not tried, not reported, not failing the run.
     known_failures: int = 0
@@ -370,10 +370,11 @@ def generate(
         if stopper is not None:
             stopper.attach(None)
         target.close()
-    return _summarize(stats, target.root, plan)
+    # A bucket's tree or cache (targets/objects.py) is named by its URL, not its local records' folder.
+    return _summarize(stats, getattr(target, "url", target.root), plan)
 
 
-def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> GenerateSummary:
+def _summarize(stats: RunStats, output: Path | str, plan: DryRunPlan | None) -> GenerateSummary:
     return GenerateSummary(
         found=stats.found,
         made=stats.made,
