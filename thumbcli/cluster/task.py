@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -10,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,15 +324,14 @@ class _TaskRun:
         sent: deque[Job] = deque()
         settings = DecoderSettings(task.limits, task.strict, task.destination.decode_for)
         pool = _task_pools.pool(settings, _decoders_here(task.decoders_by_host))
-        with pool.lend() as worker:
-            for source, specs in todo:
+        with pool.lend() as worker, _ReadAhead(self.maker, todo) as reads:
+            for (source, specs), read in reads:
                 if task.budget is not None and self.started >= task.budget:
                     self.spent = True
                     break
                 if interrupted.is_set():
                     break
                 self.started += 1
-                read = self.maker.read(source)
                 if isinstance(read, FileResult):
                     self.results.append(read)
                     continue
@@ -346,6 +347,47 @@ class _TaskRun:
     def _finish(self, outcome: WorkerOutcome, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> None:
         refused = self.maker.refused(source, outcome)
         self.results.append(refused or self.maker.write(source, specs, outcome))
+
+
+class _ReadAhead:
+    """A task's files with their bytes, read in order; objects in a bucket a few ahead, on threads of their own.
+
+    A GET waits out a round trip that a local read does not: read one at a time, a worker's
+    decoder would wait for each. Files on disk are read when their turn comes, as before.
+    """
+
+    #: Objects in flight ahead of the one being decoded (at most this many sources' bytes held).
+    AHEAD = 4
+
+    def __init__(self, maker: SourceMaker, todo: list[Job]) -> None:
+        self._maker = maker
+        self._todo = todo
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if any(is_bucket_url(source.path) for source, _ in todo):
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.AHEAD, thread_name_prefix="thumbcli-read")
+
+    def __enter__(self) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
+        if self._executor is None:
+            return ((job, self._maker.read(job[0])) for job in self._todo)
+        return self._ahead(self._executor)
+
+    def _ahead(
+        self, executor: concurrent.futures.ThreadPoolExecutor
+    ) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
+        pending: deque[tuple[Job, concurrent.futures.Future[tuple[bytes, SourceFile] | FileResult]]] = deque()
+        jobs = iter(self._todo)
+        for job in itertools.islice(jobs, self.AHEAD):
+            pending.append((job, executor.submit(self._maker.read, job[0])))
+        while pending:
+            job, future = pending.popleft()
+            for later in itertools.islice(jobs, 1):
+                pending.append((later, executor.submit(self._maker.read, later[0])))
+            yield job, future.result()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._executor is not None:
+            # Reads begun for files the task will not make (a budget, an interrupt) are let go.
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _EventWatch:
