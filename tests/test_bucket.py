@@ -344,3 +344,16 @@ def test_without_obstore_a_bucket_run_says_which_extra_to_install(tmp_path: Path
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "pip install 'thumbcli[s3]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hidden_keys_filters_and_a_destination_inside_the_source_are_not_walked(bucket: Bucket) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/.hidden.jpg", "lib/.cache/b.jpg", "lib/raw/c.jpg", "lib/keep/d.jpg", "lib/x.txt"])
+    first = run_cli("generate", bucket.url("lib"), "-o", bucket.url("lib/thumbs"), "-s", "16", "--exclude", "raw")
+    assert first.rc == 0, first.stderr
+    assert sorted(bucket.keys("lib/thumbs/")) == ["lib/thumbs/16/a.jpg.jpg", "lib/thumbs/16/keep/d.jpg.jpg"]
+    # The thumbnails now under the source prefix are not sources of the next run.
+    rerun = run_cli(
+        "generate", bucket.url("lib"), "-o", bucket.url("lib/thumbs"), "-s", "16", "--exclude", "raw", "--json"
+    )
+    assert rerun.rc == 0, rerun.stderr
+    assert (rerun.summary["found"], rerun.summary["made"]) == (2, 0)

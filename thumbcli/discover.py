@@ -114,19 +114,25 @@ def walk_batches(
         except OSError:
             continue
         excluded.add((st.st_dev, st.st_ino))
+    excluded_urls = tuple(f"{path.rstrip('/')}/" for path in excluded_dirs if is_bucket_url(path))
     for source in sources:
         if is_bucket_url(source):
-            yield from _walk_bucket(source, options, is_image_name, part)
+            yield from _walk_bucket(source, options, is_image_name, part, excluded_urls)
         else:
             yield from _walk_one(source, options, is_image_name, excluded, part)
 
 
 def _walk_bucket(
-    source: str, options: WalkOptions, is_image_name: Callable[[str], bool], part: tuple[int, int]
+    source: str,
+    options: WalkOptions,
+    is_image_name: Callable[[str], bool],
+    part: tuple[int, int],
+    excluded: tuple[str, ...],
 ) -> Iterator[DirBatch | WalkProblem]:
     """A bucket prefix's objects as folders, by the same filters and shards as a tree; listed by part 0 alone.
 
     One listing gives every object's size and version: there are no stat calls to share out.
+    `excluded` are destinations in buckets (each URL ending in '/'): never walked, wherever they sit.
     """
     if part[0] != 0:
         return
@@ -149,8 +155,11 @@ def _walk_bucket(
                 and is_image_name(file[0])
                 and _filtered_in(options, f"{reldir}/{file[0]}" if reldir else file[0])
             ]
+            directory = f"{root}/{reldir}" if reldir else root
+            if excluded and f"{directory}/".startswith(excluded):
+                continue
             if kept:
-                yield DirBatch(root, reldir, f"{root}/{reldir}" if reldir else root, kept)
+                yield DirBatch(root, reldir, directory, kept)
     except ObjectError as exc:
         yield WalkProblem(root, f"cannot list: {exc.strerror}")
 

@@ -354,7 +354,7 @@ def generate(
                 target,
                 job.run,
                 job.walk,
-                excluded_dirs=[str(target.root)],
+                excluded_dirs=[str(target.root), *destination_urls(target)],
                 dry_run=job.dry_run,
                 decode_for=decode_for,
                 on_found=on_found,
@@ -372,6 +372,12 @@ def generate(
         target.close()
     # A bucket's tree or cache (targets/objects.py) is named by its URL, not its local records' folder.
     return _summarize(stats, getattr(target, "url", target.root), plan)
+
+
+def destination_urls(target: Target) -> list[str]:
+    """The URL of a destination in a bucket (targets/objects.py), which a walk of the same bucket must not enter."""
+    url = getattr(target, "url", "")
+    return [url] if url else []
 
 
 def _summarize(stats: RunStats, output: Path | str, plan: DryRunPlan | None) -> GenerateSummary:

@@ -164,7 +164,8 @@ class ClusterRun:
         job = self._job
         # Forked before Dask starts its threads.
         known_fresh = None if job.run.force else self._target.known_fresh
-        walk = SplitWalk.of_images(job.sources, job.walk, [str(self._target.root)], known_fresh)
+        excluded = [str(self._target.root), *([self._destination.bucket] if self._destination.bucket else [])]
+        walk = SplitWalk.of_images(job.sources, job.walk, excluded, known_fresh)
         connection = _Connection(self._address)
         try:
             self._drive(connection, walk, started)
