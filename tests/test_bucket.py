@@ -357,3 +357,26 @@ def test_hidden_keys_filters_and_a_destination_inside_the_source_are_not_walked(
     )
     assert rerun.rc == 0, rerun.stderr
     assert (rerun.summary["found"], rerun.summary["made"]) == (2, 0)
+
+
+def test_a_profile_in_the_aws_files_gives_keys_region_and_endpoint_and_no_secret_is_printed(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(bucket, ["lib/a.jpg"])
+    bucket.put("lib/broken.jpg", b"garbage")
+    secret = "profile-secret-never-printed"
+    (tmp_path / "credentials").write_text(
+        f"[thumbs]\naws_access_key_id = profile-key\naws_secret_access_key = {secret}\n"
+    )
+    (tmp_path / "config").write_text(f"[profile thumbs]\nregion = us-east-1\nendpoint_url = {bucket.server.endpoint}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_PROFILE", "thumbs")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16", "--debug")
+    assert run.rc == 1, run.stderr
+    assert len(output_files(tmp_path / "out")) == 1 and len(run.failure_lines) == 1
+    assert secret not in run.stderr + run.stdout
+    shown = run_cli("config")
+    assert secret not in shown.stdout + shown.stderr
