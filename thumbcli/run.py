@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
@@ -155,23 +155,7 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     # Without root folders, several sources (files named one by one) may still claim one name.
     several_sources = len(job.sources) > 1 and not folders
     if destination.bucket:
-        from thumbcli.targets.objects import BucketCache, BucketTree
-
-        bucket_type = BucketCache if isinstance(destination, CacheDestination) else BucketTree
-        options: dict[str, Any] = {
-            "wait_for_lock": job.wait,
-            "check_collisions": several_sources or getattr(destination, "name_template", None) is not None,
-            "source_folders": folders,
-            "shard": job.walk.shard,
-            "retry_failed": job.run.retry_failed,
-        }
-        if isinstance(destination, CacheDestination):
-            options["check_collisions"] = several_sources
-        else:
-            options["name_template"] = destination.name_template or DEFAULT_NAME_TEMPLATE
-        if destination.cache_control:
-            options["cache_control"] = destination.cache_control
-        return bucket_type(destination.bucket, destination.root, job.specs, **options)
+        return _open_bucket(job, destination, folders, several_sources)
     if isinstance(destination, CacheDestination):
         return CacheDirectory(
             destination.root,
@@ -185,6 +169,39 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     return OutputTree(
         destination.root,
         job.specs,
+        name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
+        wait_for_lock=job.wait,
+        check_collisions=several_sources or destination.name_template is not None,
+        source_folders=folders,
+        shard=job.walk.shard,
+        retry_failed=job.run.retry_failed,
+    )
+
+
+def _open_bucket(
+    job: GenerateJob, destination: TreeDestination | CacheDestination, folders: dict[str, str], several_sources: bool
+) -> OutputTree:
+    """The tree or cache of a destination in a bucket, as `open_tree` opens one on disk."""
+    from thumbcli.targets.objects import DEFAULT_CACHE_CONTROL, BucketCache, BucketTree
+
+    cache_control = destination.cache_control or DEFAULT_CACHE_CONTROL
+    if isinstance(destination, CacheDestination):
+        return BucketCache(
+            destination.bucket,
+            destination.root,
+            job.specs,
+            cache_control=cache_control,
+            wait_for_lock=job.wait,
+            check_collisions=several_sources,
+            source_folders=folders,
+            shard=job.walk.shard,
+            retry_failed=job.run.retry_failed,
+        )
+    return BucketTree(
+        destination.bucket,
+        destination.root,
+        job.specs,
+        cache_control=cache_control,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
         wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,

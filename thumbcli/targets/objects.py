@@ -27,9 +27,18 @@ DEFAULT_CACHE_CONTROL = "public, max-age=86400"
 class BucketTree(OutputTree):
     """An output tree (`-o s3://bucket/prefix`): thumbnails PUT under the URL, records in `state_root`."""
 
-    def __init__(self, url: str, state_root: Path, specs: tuple[ThumbSpec, ...], **options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        state_root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        cache_control: str = DEFAULT_CACHE_CONTROL,
+        **options: Any,
+    ) -> None:
+        """`options` are the folder tree's (or cache's); its records and lock are kept in `state_root`."""
         self.url = url.rstrip("/")
-        self.cache_control: str = options.pop("cache_control", DEFAULT_CACHE_CONTROL)
+        self.cache_control = cache_control
         super().__init__(state_root, specs, **options)
 
     def object_url(self, relative: str) -> str:
