@@ -380,3 +380,10 @@ def test_a_profile_in_the_aws_files_gives_keys_region_and_endpoint_and_no_secret
     assert secret not in run.stderr + run.stdout
     shown = run_cli("config")
     assert secret not in shown.stdout + shown.stderr
+
+
+def test_a_bucket_is_refused_for_the_desktop_cache_and_a_bad_url_is_a_usage_error(tmp_path: Path) -> None:
+    desktop = run_cli("generate", "s3://photos/lib", "--freedesktop", "normal")
+    assert desktop.rc == 2 and "desktop thumbnail cache is of local files" in desktop.stderr
+    no_bucket = run_cli("generate", "s3://", "-o", tmp_path / "out")
+    assert no_bucket.rc == 2 and "name a bucket" in no_bucket.stderr
