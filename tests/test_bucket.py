@@ -387,3 +387,13 @@ def test_a_bucket_is_refused_for_the_desktop_cache_and_a_bad_url_is_a_usage_erro
     assert desktop.rc == 2 and "desktop thumbnail cache is of local files" in desktop.stderr
     no_bucket = run_cli("generate", "s3://", "-o", tmp_path / "out")
     assert no_bucket.rc == 2 and "name a bucket" in no_bucket.stderr
+
+
+def test_a_key_object_store_cannot_name_is_one_line_naming_it(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/a.jpg"])
+    bucket.put("lib/x/../escape.jpg", jpeg_bytes())
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16")
+    assert run.rc == 1 and "Traceback" not in run.stderr
+    assert len(run.failure_lines) == 1
+    assert "key lib/x/../escape.jpg cannot be named" in run.failure_lines[0]
+    assert not (tmp_path / "escape.jpg.jpg").exists() and not (tmp_path / "out" / "escape.jpg.jpg").exists()

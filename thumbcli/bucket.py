@@ -188,6 +188,14 @@ _CODES = {
 def _reason(exc: Exception) -> str:
     """The one-line reason of a failed request, without the request's URL or signature."""
     text = str(exc)
+    invalid = re.search(r'(?:Error parsing Path|invalid path: Path) "(.*?)"', text)
+    if invalid is not None:
+        # object_store refuses to name such a key, and with it the whole page of the listing it is in.
+        key = invalid.group(1).encode("unicode_escape").decode("ascii")
+        return (
+            f"key {key} cannot be named through object_store (an empty, '.' or '..' segment, or a control "
+            "character): the listing stopped there"
+        )
     code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
     if code is not None:
         return _CODES.get(code.group(1), code.group(1))
