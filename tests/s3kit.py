@@ -37,7 +37,8 @@ _bucket_names = itertools.count()
 class MotoServer:
     """moto's S3 server in its own process, on a port it chose; its log lists every request it answered."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: settings of the server's own (INITIAL_NO_AUTH_ACTION_COUNT: check keys after that many requests)."""
         self.log_path = log
         self._log = log.open("wb")
         executable = shutil.which("moto_server", path=os.path.dirname(sys.executable))
@@ -47,6 +48,7 @@ class MotoServer:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 30
         while (port := self._port()) is None:

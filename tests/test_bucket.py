@@ -397,3 +397,19 @@ def test_a_key_object_store_cannot_name_is_one_line_naming_it(bucket: Bucket, tm
     assert len(run.failure_lines) == 1
     assert "key lib/x/../escape.jpg cannot be named" in run.failure_lines[0]
     assert not (tmp_path / "escape.jpg.jpg").exists() and not (tmp_path / "out" / "escape.jpg.jpg").exists()
+
+
+def test_keys_the_store_does_not_know_are_one_line_access_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("moto.server")
+    # A server that checks keys against its IAM users after the first two requests (the test's own).
+    server = MotoServer(tmp_path / "requests.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "2"})
+    try:
+        guarded = fresh_bucket(server, monkeypatch)
+        guarded.put("lib/a.jpg", jpeg_bytes())
+        run = run_cli("generate", guarded.url("lib"), "-o", tmp_path / "out")
+    finally:
+        server.stop()
+    assert run.rc == 1 and "Traceback" not in run.stderr
+    assert run.failure_lines == [f"failed: {guarded.url('lib')}: cannot list: access denied (unknown access key)"]
