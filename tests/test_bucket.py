@@ -413,3 +413,14 @@ def test_keys_the_store_does_not_know_are_one_line_access_denied(
         server.stop()
     assert run.rc == 1 and "Traceback" not in run.stderr
     assert run.failure_lines == [f"failed: {guarded.url('lib')}: cannot list: access denied (unknown access key)"]
+
+
+def test_prune_removes_nothing_when_the_source_bucket_cannot_be_listed(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/a.jpg"])
+    assert run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16").rc == 0
+    bucket.delete("lib/a.jpg")
+    bucket.s3.delete_bucket(Bucket=bucket.name)
+    pruned = run_cli("prune", "-o", tmp_path / "out")
+    assert pruned.rc == 3 and "Traceback" not in pruned.stderr
+    assert "cannot tell which objects are gone, nothing pruned: no such bucket" in pruned.stderr
+    assert len(output_files(tmp_path / "out")) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
-from thumbcli.bucket import SCHEME, existing_objects
+from thumbcli.bucket import SCHEME, ObjectError, existing_objects
 from thumbcli.discover import DirBatch, SourceFile, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
@@ -100,7 +100,10 @@ def source_presence(sources: Iterable[bytes]) -> Callable[[bytes], bool]:
     The objects among `sources` are listed once, up front: a bucket has no cheap per-key test.
     """
     objects = {os.fsdecode(source) for source in sources if source.startswith(SCHEME_BYTES)}
-    found = existing_objects(objects) if objects else set()
+    try:
+        found = existing_objects(objects) if objects else set()
+    except ObjectError as exc:  # not listed is not gone: nothing is removed on a failed listing
+        raise CannotRunError(f"cannot tell which objects are gone, nothing pruned: {exc.strerror}") from None
 
     def exists(source: bytes) -> bool:
         if source.startswith(SCHEME_BYTES):
