@@ -448,7 +448,7 @@ class PruneSummary:
 
     def as_json(self) -> dict[str, object]:
         """The summary as `prune --json` prints it."""
-        items = [{"path": display_path(r.path), "bytes": r.bytes, "reason": r.reason} for r in self.removals]
+        items = [{"path": r.shown, "bytes": r.bytes, "reason": r.reason} for r in self.removals]
         return {"dry_run": self.dry_run, "files": len(self.removals), "bytes": self.bytes, "removed": items}
 
 

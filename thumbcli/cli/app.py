@@ -25,7 +25,6 @@ from thumbcli.config import (
     located_error,
     type_mismatch,
 )
-from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -241,7 +240,7 @@ def prune(
     elif not quiet:
         if dry_run:
             for removal in summary.removals:
-                click.echo(f"{display_path(removal.path)}\t{removal.bytes}\t{removal.reason}")
+                click.echo(f"{removal.shown}\t{removal.bytes}\t{removal.reason}")
         if dry_run or sys.stderr.isatty():
             verb = "would remove" if dry_run else "removed"
             click.echo(f"thumbcli: {verb} {len(summary.removals)} files, {human_bytes(summary.bytes)}", err=True)

@@ -15,7 +15,7 @@ from thumbcli import cache
 from thumbcli.bucket import delete_objects, put_object
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, ThumbSpec
-from thumbcli.targets.plan import judge
+from thumbcli.targets.plan import Removal, judge
 from thumbcli.targets.served import CacheDirectory
 from thumbcli.targets.state import FolderSignature
 from thumbcli.targets.tree import OutputTree, wanted_record
@@ -50,6 +50,9 @@ class BucketTree(OutputTree):
 
     def _unlink(self, relative: str) -> None:
         delete_objects([self.object_url(relative)])
+
+    def _removal(self, out: str, reason: str) -> Removal:
+        return Removal(self.root / out, 0, reason, self.object_url(out))
 
     def _names_in(self, folder: str) -> frozenset[str]:
         # The records are what the bucket holds: listing it per folder would cost a request each.
