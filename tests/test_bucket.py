@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import signal
 import subprocess
 import sys
 import time
@@ -425,3 +427,29 @@ def test_prune_removes_nothing_when_the_source_bucket_cannot_be_listed(bucket: B
     assert pruned.rc == 3 and "Traceback" not in pruned.stderr
     assert "cannot tell which objects are gone, nothing pruned: no such bucket" in pruned.stderr
     assert len(output_files(tmp_path / "out")) == 1
+
+
+def test_a_dask_worker_killed_mid_run_loses_nothing_with_buckets_on_both_sides(bucket: Bucket, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    from daskkit import dask_cluster
+
+    keys = [f"lib/folder {i % 12}/photo {i:03d}.jpg" for i in range(120)]
+    for seed, key in enumerate(keys):
+        bucket.put(key, jpeg_bytes(1200, 900, seed=seed))
+    with dask_cluster(tmp_path / "dask-cluster") as cluster:
+        args = ("generate", bucket.url("lib"), "-o", bucket.url("out"), "-s", "64", "--json", "--dask", cluster.address)
+        run = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        deadline = time.monotonic() + 120
+        while len(bucket.keys("out/")) < 10 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        made_when_killed = len(bucket.keys("out/"))
+        victim = cluster.workers[0]
+        assert victim.poll() is None and run.poll() is None
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=180)
+    assert 10 <= made_when_killed < len(keys)  # the kill came mid-run
+    assert run.returncode == 0, stderr.decode()
+    summary = json.loads(stdout.decode().splitlines()[-1])
+    assert (summary["made"], summary["failed"]) == (len(keys), 0)
+    assert len(bucket.keys("out/")) == len(keys)
+    assert all(load_bytes(bucket.get(key)).width == 64 for key in bucket.keys("out/"))
