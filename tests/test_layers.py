@@ -41,6 +41,7 @@ FLOORS = {
     "spec": 1,
     "icc": 1,
     "config": 2,
+    "bucket": 2,
     "discover": 2,
     "formats": 2,
     "progress": 2,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from thumbcli.bucket import ObjectError, is_bucket_url, list_folders, parse
 from thumbcli.formats import SOURCE_SUFFIXES
 from thumbcli.spec import WalkOptions
 
@@ -113,8 +114,61 @@ def walk_batches(
         except OSError:
             continue
         excluded.add((st.st_dev, st.st_ino))
+    excluded_urls = tuple(f"{path.rstrip('/')}/" for path in excluded_dirs if is_bucket_url(path))
     for source in sources:
-        yield from _walk_one(source, options, is_image_name, excluded, part)
+        if is_bucket_url(source):
+            yield from _walk_bucket(source, options, is_image_name, part, excluded_urls)
+        else:
+            yield from _walk_one(source, options, is_image_name, excluded, part)
+
+
+def _walk_bucket(
+    source: str,
+    options: WalkOptions,
+    is_image_name: Callable[[str], bool],
+    part: tuple[int, int],
+    excluded: tuple[str, ...],
+) -> Iterator[DirBatch | WalkProblem]:
+    """A bucket prefix's objects as folders, by the same filters and shards as a tree; listed by part 0 alone.
+
+    One listing gives every object's size and version: there are no stat calls to share out.
+    `excluded` are destinations in buckets (each URL ending in '/'): never walked, wherever they sit.
+    """
+    if part[0] != 0:
+        return
+    shard, shards = options.shard
+    place = parse(source)
+    root = place.url
+    try:
+        for reldir, files in list_folders(place):
+            if shards > 1 and shard_of(reldir, shards) != shard:
+                continue
+            folders = [reldir.rsplit("/", depth)[0] for depth in range(reldir.count("/") + 1)] if reldir else []
+            if not options.hidden and any(name.startswith(".") for name in reldir.split("/") if name):
+                continue
+            if options.exclude and any(_matches(options.exclude, folder) for folder in folders):
+                continue
+            kept = [
+                file
+                for file in files
+                if (options.hidden or file[0][0] != ".")
+                and is_image_name(file[0])
+                and _filtered_in(options, f"{reldir}/{file[0]}" if reldir else file[0])
+            ]
+            directory = f"{root}/{reldir}" if reldir else root
+            if excluded and f"{directory}/".startswith(excluded):
+                continue
+            if kept:
+                yield DirBatch(root, reldir, directory, kept)
+    except ObjectError as exc:
+        yield WalkProblem(root, f"cannot list: {exc.strerror}")
+
+
+def _filtered_in(options: WalkOptions, relpath: str) -> bool:
+    """Whether --include and --exclude let the file at `relpath` through."""
+    if options.include and not _matches(options.include, relpath):
+        return False
+    return not (options.exclude and _matches(options.exclude, relpath))
 
 
 def walk_below(
@@ -410,6 +464,11 @@ def image_name_predicate(suffixes: frozenset[str]) -> Callable[[str], bool]:
 
 #: Whether a file name has a suffix of an image format thumbcli loads.
 is_image_name = image_name_predicate(IMAGE_SUFFIXES)
+
+
+def absolute_source(path: str) -> str:
+    """A source's path made absolute, as records name it; a bucket URL is already."""
+    return path if is_bucket_url(path) else os.path.abspath(path)
 
 
 def display_path(path: str | Path) -> str:

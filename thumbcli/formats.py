@@ -301,3 +301,60 @@ def mimetype_of(name: str, path: str | os.PathLike[str]) -> str:
     if source is None:
         return "application/octet-stream"
     return source.mimetype_for(os.path.splitext(path)[1].lower())
+
+
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic; not DHT, JPG or DAC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
+    """A JPEG's frame size from its SOF segment, walking the segments before it."""
+    at = 2
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack_from(">HH", data, at + 5)
+            return width, height
+        at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
+
+
+def _webp_size(data: Buffer) -> tuple[int, int] | None:
+    chunk = bytes(data[12:16])
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def header_size(data: Buffer) -> tuple[str, int, int] | None:
+    """(format label, width, height) from a source's first bytes, for --max-pixels before the rest is fetched.
+
+    JPEG, PNG, GIF and WebP say it in their first bytes (a format's `probe` covers others);
+    None when the bytes do not tell (then the decoder's own header check still judges it).
+    """
+    source = sniff(data)
+    if source is None:
+        return None
+    size: tuple[int, int] | None = None
+    if source.probe is not None:
+        size = source.probe(data)
+    elif source.name == "jpeg":
+        size = _jpeg_size(data)
+    elif source.name == "png" and len(data) >= 24:
+        size = struct.unpack_from(">II", data, 16)
+    elif source.name == "gif" and len(data) >= 10:
+        size = struct.unpack_from("<HH", data, 6)
+    elif source.name == "webp":
+        size = _webp_size(data)
+    return None if size is None else (source.label, size[0], size[1])

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thumbcli.bucket import is_bucket_url, parse, state_folder
 from thumbcli.discover import display_path
 from thumbcli.errors import SpecError
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
@@ -22,6 +23,10 @@ class TreeDestination:
 
     root: Path
     name_template: str | None = None
+    #: `s3://bucket/prefix` when the tree is in a bucket: `root` is then the local folder of its records.
+    bucket: str = ""
+    #: The Cache-Control of each thumbnail PUT to a bucket.
+    cache_control: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,10 @@ class CacheDestination:
     root: Path
     #: Named by the config file or environment rather than on the command line.
     configured: bool = False
+    #: `s3://bucket/prefix` when the cache is in a bucket: `root` is then the local folder of its records.
+    bucket: str = ""
+    #: The Cache-Control of each thumbnail PUT to a bucket.
+    cache_control: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +53,17 @@ Destination = TreeDestination | CacheDestination | FreedesktopDestination
 
 
 def choose_destination(
-    output: Path | None,
-    cache_dir: Path | None,
+    output: Path | str | None,
+    cache_dir: Path | str | None,
     flavours: tuple[str, ...],
     name_template: str | None,
     *,
     cache_configured: bool = False,
+    cache_control: str = "",
 ) -> Destination:
     """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
 
+    A bucket URL (`s3://bucket/prefix`, a str) names a destination in object storage.
     `cache_configured`: the cache was named by the config or environment, not on the command line.
     """
     if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
@@ -67,9 +78,15 @@ def choose_destination(
     if flavours:
         return FreedesktopDestination(flavours)
     if cache_dir is not None:
-        return CacheDestination(cache_dir, configured=cache_configured)
+        if isinstance(cache_dir, str) and is_bucket_url(cache_dir):
+            url = parse(cache_dir).url
+            return CacheDestination(Path(state_folder(url)), cache_configured, url, cache_control)
+        return CacheDestination(Path(cache_dir), configured=cache_configured)
     assert output is not None
-    return TreeDestination(output, name_template)
+    if isinstance(output, str) and is_bucket_url(output):
+        url = parse(output).url
+        return TreeDestination(Path(state_folder(url)), name_template, url, cache_control)
+    return TreeDestination(Path(output), name_template)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +115,8 @@ class GenerateJob:
             _require_source(source)
         if not isinstance(self.destination, FreedesktopDestination) and not self.specs:
             raise SpecError("no thumbnail sizes to make")
+        if isinstance(self.destination, FreedesktopDestination) and any(map(is_bucket_url, self.sources)):
+            raise SpecError("the desktop thumbnail cache is of local files: write a bucket's to -o or --cache")
         if isinstance(self.destination, FreedesktopDestination) and (self.dask or self.walk.shard[1] > 1):
             # Each user's desktop cache on each host is its own: there is nothing to share out.
             raise SpecError(
@@ -123,7 +142,13 @@ def local_workers(address: str) -> int | None:
 
 
 def _require_source(source: str) -> None:
-    """A usage error for a source that is not there (caught before any output folder is made)."""
+    """A usage error for a source that is not there (caught before any output folder is made).
+
+    A bucket is asked only by the walk's listing, which reports what it cannot list.
+    """
+    if is_bucket_url(source):
+        parse(source)
+        return
     try:
         os.lstat(source)
     except (FileNotFoundError, NotADirectoryError) as exc:

@@ -78,8 +78,11 @@ class GenerateRequest:
     """What `generate` was asked, before it is a job: the destination and the specs are chosen against the config."""
 
     sources: tuple[str, ...] = ()
-    output: Path | None = None
-    cache_dir: Path | None = None
+    #: A folder, or a bucket URL as a str (`s3://bucket/prefix`).
+    output: Path | str | None = None
+    cache_dir: Path | str | None = None
+    #: The Cache-Control of each thumbnail PUT to a bucket ("": the default).
+    cache_control: str = ""
     #: The cache was named by the config or environment, not on the command line.
     cache_configured: bool = False
     flavours: tuple[str, ...] = ()
@@ -102,7 +105,12 @@ class GenerateRequest:
         if not self.sources:
             raise SpecError(NO_SOURCES)
         destination = choose_destination(
-            self.output, self.cache_dir, self.flavours, self.name_template, cache_configured=self.cache_configured
+            self.output,
+            self.cache_dir,
+            self.flavours,
+            self.name_template,
+            cache_configured=self.cache_configured,
+            cache_control=self.cache_control,
         )
         specs = choose_specs(config, destination, self)
         cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
@@ -146,6 +154,8 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     folders = source_folders(job.sources, job.source_names, named_only=is_cache and bool(job.source_names))
     # Without root folders, several sources (files named one by one) may still claim one name.
     several_sources = len(job.sources) > 1 and not folders
+    if destination.bucket:
+        return _open_bucket(job, destination, folders, several_sources)
     if isinstance(destination, CacheDestination):
         return CacheDirectory(
             destination.root,
@@ -159,6 +169,39 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     return OutputTree(
         destination.root,
         job.specs,
+        name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
+        wait_for_lock=job.wait,
+        check_collisions=several_sources or destination.name_template is not None,
+        source_folders=folders,
+        shard=job.walk.shard,
+        retry_failed=job.run.retry_failed,
+    )
+
+
+def _open_bucket(
+    job: GenerateJob, destination: TreeDestination | CacheDestination, folders: dict[str, str], several_sources: bool
+) -> OutputTree:
+    """The tree or cache of a destination in a bucket, as `open_tree` opens one on disk."""
+    from thumbcli.targets.objects import DEFAULT_CACHE_CONTROL, BucketCache, BucketTree
+
+    cache_control = destination.cache_control or DEFAULT_CACHE_CONTROL
+    if isinstance(destination, CacheDestination):
+        return BucketCache(
+            destination.bucket,
+            destination.root,
+            job.specs,
+            cache_control=cache_control,
+            wait_for_lock=job.wait,
+            check_collisions=several_sources,
+            source_folders=folders,
+            shard=job.walk.shard,
+            retry_failed=job.run.retry_failed,
+        )
+    return BucketTree(
+        destination.bucket,
+        destination.root,
+        job.specs,
+        cache_control=cache_control,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
         wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,
@@ -201,7 +244,7 @@ class GenerateSummary:
     bytes_read: int
     stopped: StopReason | None
     exit_code: ExitCode
-    output: Path
+    output: Path | str  # a folder, or a bucket URL
     failures: tuple[Failure, ...] = ()
     #: Failed in an earlier run and unchanged since: not tried, not reported, not failing the run.
     known_failures: int = 0
@@ -335,7 +378,7 @@ def generate(
                 target,
                 job.run,
                 job.walk,
-                excluded_dirs=[str(target.root)],
+                excluded_dirs=[str(target.root), *destination_urls(target)],
                 dry_run=job.dry_run,
                 decode_for=decode_for,
                 on_found=on_found,
@@ -352,10 +395,17 @@ def generate(
             stopper.attach(None)
         if opened is None:
             target.close()
-    return _summarize(stats, target.root, plan)
+    # A bucket's tree or cache (targets/objects.py) is named by its URL, not its local records' folder.
+    return _summarize(stats, getattr(target, "url", target.root), plan)
 
 
-def _summarize(stats: RunStats, output: Path, plan: DryRunPlan | None) -> GenerateSummary:
+def destination_urls(target: Target) -> list[str]:
+    """The URL of a destination in a bucket (targets/objects.py), which a walk of the same bucket must not enter."""
+    url = getattr(target, "url", "")
+    return [url] if url else []
+
+
+def _summarize(stats: RunStats, output: Path | str, plan: DryRunPlan | None) -> GenerateSummary:
     return GenerateSummary(
         found=stats.found,
         made=stats.made,
@@ -406,7 +456,7 @@ class PruneSummary:
 
     def as_json(self) -> dict[str, object]:
         """The summary as `prune --json` prints it."""
-        items = [{"path": display_path(r.path), "bytes": r.bytes, "reason": r.reason} for r in self.removals]
+        items = [{"path": r.shown, "bytes": r.bytes, "reason": r.reason} for r in self.removals]
         return {"dry_run": self.dry_run, "files": len(self.removals), "bytes": self.bytes, "removed": items}
 
 
@@ -426,14 +476,23 @@ def prune(
     """
     if isinstance(destination, FreedesktopDestination):
         return PruneSummary(dry_run, tuple(_prune_freedesktop(dry_run=dry_run, wait=wait)))
+    if destination.bucket:
+        from thumbcli.targets.objects import BucketCache, BucketTree
+
     if isinstance(destination, TreeDestination):
-        tree = OutputTree(destination.root, (), wait_for_lock=wait)
+        if destination.bucket:
+            tree: OutputTree = BucketTree(destination.bucket, destination.root, (), wait_for_lock=wait)
+        else:
+            tree = OutputTree(destination.root, (), wait_for_lock=wait)
         try:
             return PruneSummary(dry_run, tuple(tree.prune(dry_run=dry_run)))
         finally:
             tree.close()
     current = {name: spec.digest for name, spec in presets.items()} if presets else None
-    target = CacheDirectory(destination.root, (), wait_for_lock=wait)
+    if destination.bucket:
+        target: CacheDirectory = BucketCache(destination.bucket, destination.root, (), wait_for_lock=wait)
+    else:
+        target = CacheDirectory(destination.root, (), wait_for_lock=wait)
     try:
         return PruneSummary(dry_run, tuple(target.prune(dry_run=dry_run, current=current, sources=sources)))
     finally:

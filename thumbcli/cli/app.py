@@ -25,7 +25,6 @@ from thumbcli.config import (
     located_error,
     type_mismatch,
 )
-from thumbcli.discover import display_path
 from thumbcli.errors import ExitCode
 from thumbcli.spec import human_bytes
 
@@ -35,6 +34,7 @@ from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
     Duration,
+    FolderOrBucket,
     Megapixels,
     dry_run_option,
     exits_on_errors,
@@ -200,14 +200,14 @@ def _config_value_problem(param: click.Parameter, value: object) -> str | None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The output tree to prune (thumbnails whose source is gone).",
+    type=FolderOrBucket(exists=True, file_okay=False, path_type=Path),
+    help="The output tree (folder or bucket) to prune (thumbnails whose source is gone).",
 )
 @click.option(
     "--cache",
     "cache_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The served cache to prune.",
+    type=FolderOrBucket(exists=True, file_okay=False, path_type=Path),
+    help="The served cache (folder or bucket) to prune.",
 )
 @click.option("--freedesktop", is_flag=True, help="Prune the desktop thumbnail cache instead.")
 @dry_run_option("List what would be removed, with sizes; remove nothing.")
@@ -218,8 +218,8 @@ def _config_value_problem(param: click.Parameter, value: object) -> str | None:
 @exits_on_errors
 def prune(
     config: Config,
-    output: Path | None,
-    cache_dir: Path | None,
+    output: Path | str | None,
+    cache_dir: Path | str | None,
     freedesktop: bool,
     dry_run: bool,
     wait: bool,
@@ -227,16 +227,14 @@ def prune(
     quiet: bool,
 ) -> None:
     """Remove thumbnails whose source, preset or settings are gone, and the empty folders left."""
-    from thumbcli.job import CacheDestination, Destination, FreedesktopDestination, TreeDestination
+    from thumbcli.job import Destination, FreedesktopDestination, choose_destination
     from thumbcli.run import prune as run_prune
 
     if sum([cache_dir is not None, output is not None, freedesktop]) != 1:
         raise click.UsageError("give exactly one of -o/--output DIR, --cache DIR or --freedesktop")
     destination: Destination
-    if output is not None:
-        destination = TreeDestination(output)
-    elif cache_dir is not None:
-        destination = CacheDestination(cache_dir)
+    if output is not None or cache_dir is not None:
+        destination = choose_destination(output, cache_dir, (), None)
     else:
         destination = FreedesktopDestination(())
     summary = run_prune(destination, presets=config.presets or None, sources=config.sources, dry_run=dry_run, wait=wait)
@@ -245,7 +243,7 @@ def prune(
     elif not quiet:
         if dry_run:
             for removal in summary.removals:
-                click.echo(f"{display_path(removal.path)}\t{removal.bytes}\t{removal.reason}")
+                click.echo(f"{removal.shown}\t{removal.bytes}\t{removal.reason}")
         if dry_run or sys.stderr.isatty():
             verb = "would remove" if dry_run else "removed"
             click.echo(f"thumbcli: {verb} {len(summary.removals)} files, {human_bytes(summary.bytes)}", err=True)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from thumbcli.run import GenerateSummary
 from thumbcli.cli.options import (
     Duration,
+    FolderOrBucket,
     P,
     R,
     Shard,
@@ -174,14 +175,20 @@ _WHAT_TO_MAKE = [
     click.option(
         "-o",
         "--output",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Write thumbnails into this folder tree.",
+        type=FolderOrBucket(file_okay=False, path_type=Path),
+        help="Write thumbnails into this folder tree (or bucket: s3://bucket/prefix).",
     ),
     click.option(
         "--cache",
         "cache_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Write into a served cache folder (see `thumbcli serve`).",
+        type=FolderOrBucket(file_okay=False, path_type=Path),
+        help="Write into a served cache folder or bucket (see `thumbcli serve`).",
+    ),
+    click.option(
+        "--cache-control",
+        default="",
+        metavar="VALUE",
+        help="The Cache-Control of each thumbnail written to a bucket  [default: public, max-age=86400].",
     ),
     click.option(
         "--freedesktop",
@@ -236,6 +243,18 @@ _WHAT_TO_MAKE = [
 ]
 
 
+def cache_asked(
+    cache_dir: Path | str | None, output: Path | str | None, flavours: tuple[str, ...]
+) -> tuple[Path | str | None, bool]:
+    """The --cache to write to, and whether the config or environment named it rather than the command line.
+
+    A cache named by the config or environment gives way to a destination on the command line.
+    """
+    source = click.get_current_context().get_parameter_source("cache_dir")
+    configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
+    return (None if (output or flavours) and configured else cache_dir), configured
+
+
 def what_to_make_options(command: Callable[P, R]) -> Callable[P, R]:
     """-o/--cache/--freedesktop, presets, sizes and encoder settings, as `generate` takes them."""
     for option in reversed(_WHAT_TO_MAKE):
@@ -275,8 +294,9 @@ def generate(
     /,
     *,
     sources: tuple[str, ...],
-    output: Path | None,
-    cache_dir: Path | None,
+    output: Path | str | None,
+    cache_dir: Path | str | None,
+    cache_control: str,
     flavours: tuple[str, ...],
     presets: tuple[str, ...],
     sizes: tuple[str, ...],
@@ -301,16 +321,13 @@ def generate(
     from thumbcli.run import GenerateRequest
 
     configure_logging(debug)
-    # A cache named by the config or environment gives way to a destination on the command line.
-    source = click.get_current_context().get_parameter_source("cache_dir")
-    cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
-    if (output or flavours) and cache_configured:
-        cache_dir = None
+    cache_dir, cache_configured = cache_asked(cache_dir, output, flavours)
     request = GenerateRequest(
         sources=sources,
         output=output,
         cache_dir=cache_dir,
         cache_configured=cache_configured,
+        cache_control=cache_control,
         flavours=flavours,
         presets=presets,
         sizes=sizes,

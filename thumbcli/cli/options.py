@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 import click
 from click.shell_completion import CompletionItem
 
+from thumbcli.bucket import is_bucket_url
 from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.config import Config, ConfigError, find_config, load_config
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
@@ -89,6 +90,15 @@ class Shard(click.ParamType[tuple[int, int], Any]):
         if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
             self.fail(f"{value!r} is not a share such as 0/3 (I/N with 0 <= I < N)", param, ctx)
         return int(match.group(1)), int(match.group(2))
+
+
+class FolderOrBucket(click.Path):
+    """A folder, or a bucket URL (`s3://bucket/prefix`) kept as a str: as a path, `s3://b` is the folder `s3:/b`."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and is_bucket_url(value):
+            return value
+        return super().convert(value, param, ctx)
 
 
 def configure_logging(debug: bool) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from thumbcli.serve.account import Account
 from thumbcli.cli.options import (
     Duration,
+    FolderOrBucket,
     P,
     R,
     complete_presets,
@@ -69,8 +70,8 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
 @click.option(
     "--source",
     "source_root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Make missing or stale thumbnails from this source tree on request.",
+    type=FolderOrBucket(exists=True, file_okay=False, path_type=Path),
+    help="Make missing or stale thumbnails from this source tree (or bucket: s3://bucket/prefix) on request.",
 )
 @click.option(
     "--named-sources",
@@ -106,7 +107,7 @@ def serve(
     /,
     cache_root: Path,
     no_sendfile: bool,
-    source_root: Path | None,
+    source_root: Path | str | None,
     named_sources: bool,
     presets: tuple[str, ...],
     debug: bool,
@@ -184,7 +185,9 @@ def _holds_anything(folder: Path) -> bool:
         return False  # unreadable: the server says so when it reads it
 
 
-def _serve_named_sources(config: Config, source_root: Path | None, named_sources: bool) -> tuple[tuple[str, Path], ...]:
+def _serve_named_sources(
+    config: Config, source_root: Path | str | None, named_sources: bool
+) -> tuple[tuple[str, Path], ...]:
     """The config's named sources for `serve --named-sources`; a cache of named sources wants them, not --source."""
     if source_root is not None and config.sources:
         raise SpecError("the config names its sources ([sources]): give --named-sources, not --source DIR")

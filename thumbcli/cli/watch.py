@@ -11,9 +11,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from click.core import ParameterSource
 
 from thumbcli.cli.generate import (
+    cache_asked,
     opened_fail_log,
     require_writable_folder,
     run_options,
@@ -76,8 +76,9 @@ def watch(
     /,
     *,
     sources: tuple[str, ...],
-    output: Path | None,
-    cache_dir: Path | None,
+    output: Path | str | None,
+    cache_dir: Path | str | None,
+    cache_control: str,
     flavours: tuple[str, ...],
     presets: tuple[str, ...],
     sizes: tuple[str, ...],
@@ -107,15 +108,13 @@ def watch(
     from thumbcli.watch.service import WatchOptions
 
     configure_logging(debug)
-    source = click.get_current_context().get_parameter_source("cache_dir")
-    cache_configured = source in (ParameterSource.DEFAULT_MAP, ParameterSource.ENVIRONMENT)
-    if (output or flavours) and cache_configured:
-        cache_dir = None
+    cache_dir, cache_configured = cache_asked(cache_dir, output, flavours)
     request = GenerateRequest(
         sources=sources,
         output=output,
         cache_dir=cache_dir,
         cache_configured=cache_configured,
+        cache_control=cache_control,
         flavours=flavours,
         presets=presets,
         sizes=sizes,

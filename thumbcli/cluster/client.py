@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.cluster.task import FolderTask, SealedTask, TaskDestination, TaskOutcome, make_folders
-from thumbcli.discover import DirBatch, WalkProblem, display_path
+from thumbcli.discover import DirBatch, WalkProblem, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError, ThumbcliError
 from thumbcli.job import GenerateJob, local_workers
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
@@ -146,8 +146,9 @@ class ClusterRun:
             target.specs,
             target.name_template,
             check_collisions=target.checks_collisions,
-            source_folders=tuple((os.path.abspath(root), folder) for root, folder in target.source_folders.items()),
+            source_folders=tuple((absolute_source(root), folder) for root, folder in target.source_folders.items()),
             decode_for=decode_for or target.specs,
+            bucket=getattr(target, "url", ""),  # a bucket's tree or cache (targets/objects.py)
         )
 
     def stop(self, reason: StopReason = "interrupted") -> None:
@@ -163,7 +164,8 @@ class ClusterRun:
         job = self._job
         # Forked before Dask starts its threads.
         known_fresh = None if job.run.force else self._target.known_fresh
-        walk = SplitWalk.of_images(job.sources, job.walk, [str(self._target.root)], known_fresh)
+        excluded = [str(self._target.root), *([self._destination.bucket] if self._destination.bucket else [])]
+        walk = SplitWalk.of_images(job.sources, job.walk, excluded, known_fresh)
         connection = _Connection(self._address)
         try:
             self._drive(connection, walk, started)
@@ -290,9 +292,9 @@ class ClusterRun:
                     folders.add(target.relative_output(source, spec).rpartition("/")[0])
             batches.append(
                 batch._replace(
-                    root=os.path.abspath(batch.root),
-                    directory=os.path.abspath(batch.directory),
-                    target=os.path.abspath(batch.target) if batch.target else "",
+                    root=absolute_source(batch.root),
+                    directory=absolute_source(batch.directory),
+                    target=absolute_source(batch.target) if batch.target else "",
                 )
             )
         job = self._job

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from thumbcli.bucket import is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.errors import ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
@@ -44,6 +48,8 @@ class TaskDestination:
     source_folders: tuple[tuple[str, str], ...]
     #: Every size of the destination: each image is decoded for the largest (see `resample.resample`).
     decode_for: tuple[ThumbSpec, ...]
+    #: `s3://bucket/prefix` when the thumbnails go to a bucket: workers PUT them there, `root` is unused.
+    bucket: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,23 +173,32 @@ def make_folders(sealed: SealedTask) -> TaskOutcome:
     """Run on a worker: plan the task's folders, make what is not fresh, and say what was done."""
     task = sealed.task
     destination = task.destination
-    _require_visible(destination.root, "destination", destination.root)
+    if not destination.bucket:
+        _require_visible(destination.root, "destination", destination.root)
     for batch, shown in zip(task.batches, task.shown, strict=True):
-        _require_visible(batch.target or batch.directory, "source", shown)
+        if not is_bucket_url(batch.directory):
+            _require_visible(batch.target or batch.directory, "source", shown)
     records = TaskRecords(task.records, task.failures)
-    target = OutputTree(
-        Path(destination.root),
-        destination.specs,
-        name_template=destination.name_template,
-        check_collisions=destination.check_collisions,
-        source_folders=dict(destination.source_folders),
-        locked=False,
-        records=records,
-        retry_failed=task.retry_failed,
-    )
-    # A rerun of a task whose worker was killed finds that attempt's temporary files here.
-    for folder in task.records:
-        remove_orphaned_temporary_files(destination.root, folder)
+    options: dict[str, Any] = {
+        "name_template": destination.name_template,
+        "check_collisions": destination.check_collisions,
+        "source_folders": dict(destination.source_folders),
+        "locked": False,
+        "records": records,
+        "retry_failed": task.retry_failed,
+    }
+    target: OutputTree
+    if destination.bucket:
+        from thumbcli.targets.objects import BucketTree
+
+        # The records travel with the task; the tree's folder on this host only holds nothing of note.
+        scratch = Path(tempfile.gettempdir()) / f"thumbcli-task-{os.getuid()}"
+        target = BucketTree(destination.bucket, scratch, destination.specs, **options)
+    else:
+        target = OutputTree(Path(destination.root), destination.specs, **options)
+        # A rerun of a task whose worker was killed finds that attempt's temporary files here.
+        for folder in task.records:
+            remove_orphaned_temporary_files(destination.root, folder)
     with _heap_kept:
         return _TaskRun(task, target, records).run()
 
@@ -309,15 +324,14 @@ class _TaskRun:
         sent: deque[Job] = deque()
         settings = DecoderSettings(task.limits, task.strict, task.destination.decode_for)
         pool = _task_pools.pool(settings, _decoders_here(task.decoders_by_host))
-        with pool.lend() as worker:
-            for source, specs in todo:
+        with pool.lend() as worker, _ReadAhead(self.maker, todo) as reads:
+            for (source, specs), read in reads:
                 if task.budget is not None and self.started >= task.budget:
                     self.spent = True
                     break
                 if interrupted.is_set():
                     break
                 self.started += 1
-                read = self.maker.read(source)
                 if isinstance(read, FileResult):
                     self.results.append(read)
                     continue
@@ -333,6 +347,47 @@ class _TaskRun:
     def _finish(self, outcome: WorkerOutcome, source: SourceFile, specs: tuple[ThumbSpec, ...]) -> None:
         refused = self.maker.refused(source, outcome)
         self.results.append(refused or self.maker.write(source, specs, outcome))
+
+
+class _ReadAhead:
+    """A task's files with their bytes, read in order; objects in a bucket a few ahead, on threads of their own.
+
+    A GET waits out a round trip that a local read does not: read one at a time, a worker's
+    decoder would wait for each. Files on disk are read when their turn comes, as before.
+    """
+
+    #: Objects in flight ahead of the one being decoded (at most this many sources' bytes held).
+    AHEAD = 4
+
+    def __init__(self, maker: SourceMaker, todo: list[Job]) -> None:
+        self._maker = maker
+        self._todo = todo
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if any(is_bucket_url(source.path) for source, _ in todo):
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.AHEAD, thread_name_prefix="thumbcli-read")
+
+    def __enter__(self) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
+        if self._executor is None:
+            return ((job, self._maker.read(job[0])) for job in self._todo)
+        return self._ahead(self._executor)
+
+    def _ahead(
+        self, executor: concurrent.futures.ThreadPoolExecutor
+    ) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
+        pending: deque[tuple[Job, concurrent.futures.Future[tuple[bytes, SourceFile] | FileResult]]] = deque()
+        jobs = iter(self._todo)
+        for job in itertools.islice(jobs, self.AHEAD):
+            pending.append((job, executor.submit(self._maker.read, job[0])))
+        while pending:
+            job, future = pending.popleft()
+            for later in itertools.islice(jobs, 1):
+                pending.append((later, executor.submit(self._maker.read, later[0])))
+            yield job, future.result()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._executor is not None:
+            # Reads begun for files the task will not make (a budget, an interrupt) are let go.
+            self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _EventWatch:

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from thumbcli import bucket
+from thumbcli.decoders import check_pixels
 from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import FileRejected
+from thumbcli.formats import header_size
 from thumbcli.make.results import FileResult
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.plan import Plan, Target
@@ -42,7 +45,13 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
     """Read a whole source with blocking I/O, refusing what is not a regular file or is too big.
 
     Returns the bytes and the source re-stated from the open file (what was read is what is recorded).
+    An object in a bucket is read by its URL, its size and version as the read found them.
     """
+    if bucket.is_bucket_url(source.path):
+        read = bucket.read_object(source.path, source.size, limits.max_file_size, header_limit(limits))
+        if (read.version_ns, read.size) != (source.mtime_ns, source.size):
+            source = SourceFile(source.path, source.root, source.relpath, read.size, read.version_ns)
+        return read.data, source
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -68,6 +77,17 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
         # Record what was actually read, not what the walk saw.
         source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
     return data, source
+
+
+def header_limit(limits: Limits) -> Callable[[bytes], None]:
+    """A check of a source's first bytes against --max-pixels, where its header says its size."""
+
+    def check(head: bytes) -> None:
+        found = header_size(head)
+        if found is not None:
+            check_pixels(*found, limits)
+
+    return check
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from thumbcli.bucket import ObjectError, stat_object
 from thumbcli.cache import is_hidden, is_within
 from thumbcli.discover import SourceFile, is_image_name
 from thumbcli.make.engine import SourceMaker
@@ -53,6 +54,19 @@ class Completion(NamedTuple):
 Done = Callable[[Completion], None]
 
 
+def _object_for(root: str, relpath: str) -> SourceFile | None:
+    """The object of a bucket source a URL's path names, by a HEAD request; None if there is none."""
+    if any(segment in ("", ".", "..") for segment in relpath.split("/")):
+        return None
+    url = f"{root.rstrip('/')}/{relpath}"
+    try:
+        found = stat_object(url)
+    except ObjectError as exc:
+        log.warning("cannot look up %s: %s", url, exc.strerror)
+        return None
+    return None if found is None else SourceFile(url, root, relpath, *found)
+
+
 class OnDemand:
     """Makes single thumbnails on request (serve's generate-on-miss) with the pipeline's stages.
 
@@ -69,7 +83,7 @@ class OnDemand:
 
     def __init__(
         self,
-        sources: Path | Mapping[str, Path],
+        sources: Path | str | Mapping[str, Path | str],
         cache_root: Path,
         presets: tuple[ThumbSpec, ...],
         *,
@@ -85,7 +99,7 @@ class OnDemand:
         from thumbcli.targets.served import CacheDirectory
 
         #: URL segment after the preset -> source root; a lone unnamed root (a Path) is under "": no such segment.
-        self._sources = {"": sources} if isinstance(sources, Path) else dict(sources)
+        self._sources = {"": sources} if isinstance(sources, (Path, str)) else dict(sources)
         #: Preset name -> its specs, one per format: a miss makes them all, from one decode.
         self._presets = by_preset(presets)
         self._limits = limits or Limits()
@@ -120,6 +134,8 @@ class OnDemand:
             root = self._sources.get(source_name)
             if root is None or not relpath:
                 return None
+        if isinstance(root, str):
+            return _object_for(root, relpath)
         path = root / relpath
         try:
             st = os.lstat(path)

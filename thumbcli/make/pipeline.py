@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from thumbcli.bucket import is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile, WalkProblem
 from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
@@ -35,6 +36,9 @@ RUN_AHEAD = 50_000
 ABANDON_SECONDS = 5.0
 #: Files sent to a worker ahead of its replies: it has the next in its pipe while we turn the last around.
 PIPELINED = 2
+#: Loader threads at least, when a source is a bucket: each waits out a request's round trip, where a
+#: disk needs few readers (the byte budget, not the count, bounds the memory they hold).
+BUCKET_LOADERS = 16
 
 
 @dataclass(slots=True)
@@ -364,6 +368,9 @@ class Pipeline:
 
     def _stages(self, walk: Iterable[DirBatch | WalkProblem | int], started: float) -> None:
         options = self._run
+        loaders = options.loaders
+        if any(is_bucket_url(source) for source in self._sources):
+            loaders = max(loaders, BUCKET_LOADERS)
 
         def start(bodies: Sequence[Callable[[], None]], name: str) -> list[threading.Thread]:
             threads = [
@@ -376,8 +383,8 @@ class Pipeline:
 
         stages = [
             (start([functools.partial(self._walker, walk)], "walker"), self._plan_queue, 1),
-            (start([self._feeder], "feeder"), self._load_queue, options.loaders),
-            (start([self._loader] * options.loaders, "loader"), self._resample_queue, options.workers),
+            (start([self._feeder], "feeder"), self._load_queue, loaders),
+            (start([self._loader] * loaders, "loader"), self._resample_queue, options.workers),
             (start([self._resampler] * options.workers, "resample"), self._write_queue, options.writers),
             (start([self._writer] * options.writers, "writer"), None, 0),
         ]

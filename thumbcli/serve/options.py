@@ -44,7 +44,7 @@ class ServeOptions:
     browse: bool = False
     # Generate on a miss: with a source folder, a missing or stale thumbnail of one of
     # `presets` is made on request; other presets are served from the cache only.
-    source_root: Path | None = None
+    source_root: Path | str | None = None  # a folder, or a bucket URL (s3://bucket/prefix)
     # Or the config's named sources, (name, folder) each: made under /<preset>/<name>/ as generate makes them.
     named_sources: tuple[tuple[str, Path], ...] = ()
     presets: tuple[ThumbSpec, ...] = ()
@@ -105,8 +105,8 @@ class ServeOptions:
             raise SpecError(f"generators must be between 1 and {MAX_GENERATORS}, not {self.generators}")
 
     @property
-    def on_demand_sources(self) -> dict[str, Path]:
+    def on_demand_sources(self) -> dict[str, Path | str]:
         """The folders made from on a miss, by their URL segment after the preset ("": none); {} for none."""
         if self.source_root is not None:
             return {"": self.source_root}
-        return dict(self.named_sources)
+        return {name: path for name, path in self.named_sources}

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from thumbcli import landlock, sandbox
 from thumbcli.cache import load_manifest, presets_of, read_manifest
@@ -156,7 +157,7 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
     read_manifest(options.cache_root)  # a broken manifest stops us before we listen
     if options.on_demand_sources:
         for root in options.on_demand_sources.values():
-            if not root.is_dir():
+            if isinstance(root, Path) and not root.is_dir():  # a bucket is asked at each miss
                 raise CannotRunError(f"{root}: source is not a directory")
         if not os.access(options.cache_root, os.W_OK | os.X_OK):
             raise CannotRunError(f"{options.cache_root}: not writable, and --source makes thumbnails there")
@@ -165,7 +166,7 @@ def serve(options: ServeOptions, ready: Callable[[str, int], None] | None = None
             options.user,
             options.cache_root,
             makes_thumbnails=bool(options.on_demand_sources),
-            sources=options.on_demand_sources.values(),
+            sources=[root for root in options.on_demand_sources.values() if isinstance(root, Path)],
             access_log=options.access_log,
         )
     if options.workers > 1:

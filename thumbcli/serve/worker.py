@@ -12,6 +12,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from thumbcli.errors import ExitCode
 from thumbcli.serve.accesslog import AccessLog
@@ -73,7 +74,8 @@ class Worker:
             if options.access_log is not None:
                 self.access_log = AccessLog(options.access_log)
             if options.browse:
-                sources = options.on_demand_sources
+                # A bucket source is not listed as folders (its thumbnails are, once made).
+                sources = {name: root for name, root in options.on_demand_sources.items() if isinstance(root, Path)}
                 self.gallery = GalleryDesk(options.cache_root, self.epoll, sources, options.cache_control)
             generated = self.misses.generated if self.misses is not None else {}
             files = CacheFiles(options.cache_root, options.cache_control, generated)

@@ -14,7 +14,7 @@ import os
 import threading
 
 import thumbcli
-from thumbcli.discover import SourceFile, display_path
+from thumbcli.discover import SourceFile, absolute_source, display_path
 from thumbcli.targets.plan import Plan, judge
 from thumbcli.targets.records import Records
 from thumbcli.targets.state import FailureRecord, StateError
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def failure_key(path: str) -> bytes:
     """How a source is named in the failure records: its absolute path, as bytes."""
-    return os.fsencode(os.path.abspath(path))
+    return os.fsencode(absolute_source(path))
 
 
 class FailureBook:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from thumbcli.discover import DirBatch, SourceFile
+from thumbcli.discover import DirBatch, SourceFile, display_path
 from thumbcli.spec import ThumbSpec
 
 if TYPE_CHECKING:
@@ -36,6 +36,13 @@ class Removal:
     path: Path
     bytes: int
     reason: str
+    #: A thumbnail in a bucket by its URL (`path` is then under the local folder of its records).
+    url: str = ""
+
+    @property
+    def shown(self) -> str:
+        """Where the thumbnail is, as a person would look for it: its URL or its path."""
+        return self.url or display_path(self.path)
 
 
 def judge(recorded: Hashable | None, wanted: Hashable, force: bool) -> Freshness:

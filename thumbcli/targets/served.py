@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 from thumbcli import cache
+from thumbcli.discover import absolute_source
 from thumbcli.fsutil import rename_beneath
 from thumbcli.spec import ThumbSpec, by_preset
 from thumbcli.targets.plan import Removal
 from thumbcli.targets.state import Origin
-from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree
+from thumbcli.targets.tree import DEFAULT_NAME_TEMPLATE, OutputTree, source_presence
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CacheDirectory(OutputTree):
         if current is None:
             current = {name: str(entry.get("digest")) for name, entry in manifest.items()}
         named_roots = sorted(
-            ((os.fsencode(os.path.abspath(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
+            ((os.fsencode(absolute_source(path)).rstrip(b"/") + b"/", name) for name, path in (sources or {}).items()),
             key=lambda root_name: -len(root_name[0]),
         )
         # A preset made in several formats is current in each of them while its fallback is unchanged.
@@ -83,12 +84,14 @@ class CacheDirectory(OutputTree):
         }
         removals: list[Removal] = []
         moves: list[tuple[str, str, Origin]] = []
-        for out, origin in self._state.origins():
+        origins = self._state.origins()
+        exists = source_presence(origin.source for _, origin in origins)
+        for out, origin in origins:
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
             elif origin.digest not in digests[origin.preset]:
                 reason = f"preset {origin.preset} settings changed"
-            elif not os.path.lexists(origin.source):
+            elif not exists(origin.source):
                 reason = "source is gone"
             elif named_roots:
                 placed = self._placement(out, origin.source, origin.preset, named_roots)

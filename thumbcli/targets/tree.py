@@ -9,12 +9,13 @@ import logging
 import os
 import stat
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
-from thumbcli.discover import DirBatch, SourceFile, display_path
+from thumbcli.bucket import SCHEME, ObjectError, existing_objects
+from thumbcli.discover import DirBatch, SourceFile, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
     TEMP_PREFIX,
@@ -26,7 +27,7 @@ from thumbcli.fsutil import (
     remove_if_abandoned,
     write_atomically,
 )
-from thumbcli.spec import ThumbSpec
+from thumbcli.spec import Thumbnail, ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, Removal, judge, plan_each, plan_from
 from thumbcli.targets.records import Records
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 #: Folder of thumbcli's own bookkeeping inside an output tree or cache.
 PRIVATE_DIR = cache.PRIVATE_DIR
 DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
+SCHEME_BYTES = SCHEME.encode()
 TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,8 @@ def source_folders(
     gets its folder, and a root that is not named is a usage error: every URL then starts
     with its source's name, whichever sources a run walks.
     """
-    name_of_path = {os.path.abspath(path): name for name, path in (names or {}).items()}
-    by_root = {root: os.path.abspath(root) for root in map(source_root, sources)}
+    name_of_path = {_absolute(path): name for name, path in (names or {}).items()}
+    by_root = {root: _absolute(root) for root in map(source_root, sources)}
     absolute_roots = set(by_root.values())
     if len(absolute_roots) < 2 and not named_only:
         return {}
@@ -90,6 +92,30 @@ def source_folders(
     for path in unnamed:
         folder_of_path[path] = _unique_folder(path, [other for other in unnamed if other != path], name_of_path)
     return {root: folder_of_path[path] for root, path in by_root.items()}
+
+
+def source_presence(sources: Iterable[bytes]) -> Callable[[bytes], bool]:
+    """Whether a source (as the state store spells it) still exists: a file, or an object in a listing.
+
+    The objects among `sources` are listed once, up front: a bucket has no cheap per-key test.
+    """
+    objects = {os.fsdecode(source) for source in sources if source.startswith(SCHEME_BYTES)}
+    try:
+        found = existing_objects(objects) if objects else set()
+    except ObjectError as exc:  # not listed is not gone: nothing is removed on a failed listing
+        raise CannotRunError(f"cannot tell which objects are gone, nothing pruned: {exc.strerror}") from None
+
+    def exists(source: bytes) -> bool:
+        if source.startswith(SCHEME_BYTES):
+            return os.fsdecode(source) in found
+        return os.path.lexists(source)
+
+    return exists
+
+
+def _absolute(root: str) -> str:
+    """A source root as an absolute path, or as its bucket URL."""
+    return absolute_source(root).rstrip("/") or "/"
 
 
 def _folder_name(path: str, depth: int) -> str:
@@ -130,7 +156,7 @@ def check_name_template(template: str) -> None:
 
 def signed_folder(batch: DirBatch) -> str:
     """The folder a batch's signature names: its absolute path, as client and workers both spell it."""
-    return os.path.join(os.path.abspath(batch.root), batch.reldir)
+    return os.path.join(absolute_source(batch.root), batch.reldir)
 
 
 class OutputTree:
@@ -344,9 +370,7 @@ class OutputTree:
         for spec, thumbnail in made:
             relative = self.relative_output(source, spec)
             try:
-                write_atomically(
-                    self.root, relative, thumbnail.data, attributes=cache.captured_attributes(thumbnail.captured)
-                )
+                self._put(relative, spec, thumbnail)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     # Save the records of the thumbnails already written while there is room for them:
@@ -354,7 +378,7 @@ class OutputTree:
                     self._state.save()
                 raise
             origin = Origin(
-                os.fsencode(os.path.abspath(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
+                os.fsencode(absolute_source(source.path)), source.mtime_ns, source.size, spec.name, spec.digest
             )
             self._state.record(relative, origin)
             folder, _, name = relative.rpartition("/")
@@ -363,6 +387,17 @@ class OutputTree:
                 # A folder planned again in the same run (watch) must see what was written since it was listed.
                 self._listings[folder] = listed | {name}
         self._failures.forget(source)
+
+    def _put(self, relative: str, spec: ThumbSpec, thumbnail: Thumbnail) -> None:
+        """Store one thumbnail whole at `relative` (a file written atomically; a bucket's output PUTs it)."""
+        write_atomically(self.root, relative, thumbnail.data, attributes=cache.captured_attributes(thumbnail.captured))
+
+    def _unlink(self, relative: str) -> None:
+        """Remove one thumbnail (refusing a path that leads out of the root)."""
+        try:
+            remove_beneath(self.root, relative)
+        except OutsideRootError as exc:
+            log.warning("not removed: %s", exc)
 
     def record_failure(self, source: SourceFile, reason: str) -> None:
         """Remember that the decoder refused the source: it is not tried again until it changes."""
@@ -377,11 +412,9 @@ class OutputTree:
 
         (A served cache also knows its presets: see CacheDirectory.prune.)
         """
-        removals = [
-            self._removal(out, "source is gone")
-            for out, origin in self._state.origins()
-            if not os.path.lexists(origin.source)
-        ]
+        origins = self._state.origins()
+        exists = source_presence(origin.source for _, origin in origins)
+        removals = [self._removal(out, "source is gone") for out, origin in origins if not exists(origin.source)]
         if not dry_run:
             self._remove(removals, {})
         return removals
@@ -398,10 +431,7 @@ class OutputTree:
         """Unlink what `removals` name (not those `moved`), forget their records, remove the folders left empty."""
         for removal in removals:
             if removal.path not in moved:
-                try:
-                    remove_beneath(self.root, str(removal.path.relative_to(self.root)))
-                except OutsideRootError as exc:
-                    log.warning("not removed: %s", exc)
+                self._unlink(str(removal.path.relative_to(self.root)))
         # A thumbnail that could not be moved keeps its record: it stays known, and a later prune tries again.
         self._state.forget(
             str(removal.path.relative_to(self.root)) for removal in removals if moved.get(removal.path, True)
@@ -414,7 +444,8 @@ class OutputTree:
                     break
                 directory = directory.parent
         self._state.forget_signatures(os.path.isdir)
-        self._state.forget_failures(os.path.lexists)
+        failed = self._state.failures()
+        self._state.forget_failures(source_presence(failed))
 
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""

@@ -1,0 +1,386 @@
+"""Object storage (`s3://bucket/prefix`) to read sources from and write thumbnails to: the only `import obstore`.
+
+A bucket has no folders, inodes or mtimes: its listing gives each object's key, size, ETag and
+Last-Modified, and that is all a rerun needs to know an object is unchanged, so a run that has
+nothing to make lists and never GETs. Credentials, region and endpoint come from the standard
+AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...), read by
+`object_store`; nothing here logs or prints them.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import os
+import re
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from thumbcli.errors import CannotRunError, FileRejected, SpecError
+
+if TYPE_CHECKING:
+    from obstore.store import S3Store
+
+SCHEME = "s3://"
+#: What to install when obstore is missing, said in the one-line error.
+EXTRA = "pip install 'thumbcli[s3]'"
+#: Bytes of an object read first to judge --max-pixels from its header before fetching the rest.
+HEADER_BYTES = 64 * 1024
+#: Seconds a request may take in all (connect, send, read the body) before it is retried.
+REQUEST_SECONDS = 60
+#: Retries of a failed request (5xx, throttling, dropped connections, timeouts), with backoff.
+RETRIES = 4
+#: Seconds after which retrying a request is given up, whatever the count.
+RETRY_SECONDS = 30
+
+
+def is_bucket_url(path: str) -> bool:
+    """Whether `path` names a place in object storage rather than on a filesystem."""
+    return path.startswith(SCHEME)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketPlace:
+    """A bucket and a key prefix in it (no leading or trailing '/'; empty: the whole bucket)."""
+
+    bucket: str
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        """The place as `s3://bucket/prefix`, without a trailing '/'."""
+        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+
+    def key(self, relpath: str) -> str:
+        """The key of `relpath` below the prefix."""
+        return f"{self.prefix}/{relpath}" if self.prefix else relpath
+
+
+def parse(url: str) -> BucketPlace:
+    """`s3://bucket/some/prefix/` as a BucketPlace; a usage error without a bucket."""
+    bucket, _, prefix = url.removeprefix(SCHEME).partition("/")
+    if not bucket:
+        raise SpecError(f"{url}: name a bucket (s3://bucket/prefix)")
+    return BucketPlace(bucket, prefix.strip("/"))
+
+
+def version_ns(last_modified: datetime.datetime, etag: str | None) -> int:
+    """An object's version as the `mtime_ns` the state store keeps for a file.
+
+    Last-Modified has whole seconds, so its nanoseconds are free to carry a fingerprint of the
+    ETag: an object replaced within the same second by one of the same size is still seen as changed.
+    """
+    seconds = int(last_modified.timestamp())
+    return seconds * 1_000_000_000 + zlib.crc32((etag or "").encode()) % 1_000_000_000
+
+
+class ObjectError(OSError):
+    """A request about one object failed; its text is the one-line reason (`no such key`, `access denied`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(0, reason)
+
+
+class EndpointUnreachable(CannotRunError):
+    """The object store does not answer at all (after retries): the run cannot go on."""
+
+
+def _obstore() -> ModuleType:
+    """The obstore module, or the one-line error that names the extra to install."""
+    try:
+        import obstore
+    except ImportError:
+        raise CannotRunError(f"object storage needs the obstore module: {EXTRA}") from None
+    return obstore
+
+
+_stores: dict[str, S3Store] = {}
+_stores_lock = threading.Lock()
+
+#: The settings of a profile read from the AWS files, by their name there and object_store's.
+_PROFILE_SETTINGS = (
+    ("aws_access_key_id", "access_key_id"),
+    ("aws_secret_access_key", "secret_access_key"),
+    ("aws_session_token", "session_token"),
+    ("region", "region"),
+    ("endpoint_url", "endpoint"),
+)
+
+
+def _profile_settings() -> dict[str, str]:
+    """Keys, region and endpoint of AWS_PROFILE from ~/.aws/credentials and ~/.aws/config (object_store's names).
+
+    object_store reads the environment only; profiles are how many people keep their keys.
+    What the environment sets wins.
+    """
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    if not profile and "AWS_ACCESS_KEY_ID" in os.environ:
+        return {}
+    profile = profile or "default"
+    home = os.path.expanduser("~/.aws")
+    config_section = profile if profile == "default" else f"profile {profile}"
+    found: dict[str, str] = {}
+    for path, section in (
+        (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", f"{home}/credentials"), profile),
+        (os.environ.get("AWS_CONFIG_FILE", f"{home}/config"), config_section),
+    ):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path, encoding="utf-8")
+        except (OSError, configparser.Error):
+            continue
+        if parser.has_section(section):
+            for name, key in _PROFILE_SETTINGS:
+                if parser.has_option(section, name) and not os.environ.get(f"AWS_{key.upper()}"):
+                    found.setdefault(key, parser.get(section, name))
+    return found
+
+
+def _store(bucket: str) -> S3Store:
+    """The client of one bucket, made once per process and shared by every thread."""
+    with _stores_lock:
+        store = _stores.get(bucket)
+        if store is None:
+            _obstore()
+            from obstore.store import S3Store
+
+            config: dict[str, Any] = _profile_settings()
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+            endpoint = endpoint or config.get("endpoint", "")
+            store = S3Store(
+                bucket,
+                config=config,  # type: ignore[arg-type]
+                client_options={
+                    "allow_http": endpoint.startswith("http://"),
+                    "timeout": datetime.timedelta(seconds=REQUEST_SECONDS),
+                    "connect_timeout": datetime.timedelta(seconds=5),
+                },
+                retry_config={
+                    "max_retries": RETRIES,
+                    "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
+                    "backoff": {
+                        "init_backoff": datetime.timedelta(milliseconds=100),
+                        "max_backoff": datetime.timedelta(seconds=5),
+                        "base": 2,
+                    },
+                },
+            )
+            _stores[bucket] = store
+        return store
+
+
+#: S3 error codes as the one-line reason of an object's failure.
+_CODES = {
+    "NoSuchKey": "no such key",
+    "NoSuchBucket": "no such bucket",
+    "AccessDenied": "access denied",
+    "InvalidAccessKeyId": "access denied (unknown access key)",
+    "SignatureDoesNotMatch": "access denied (wrong secret key)",
+    "SlowDown": "throttled by the object store (after retries)",
+    "PreconditionFailed": "changed while being read",
+}
+
+
+def _reason(exc: Exception) -> str:
+    """The one-line reason of a failed request, without the request's URL or signature."""
+    text = str(exc)
+    invalid = re.search(r'(?:Error parsing Path|invalid path: Path) "(.*?)"', text)
+    if invalid is not None:
+        # object_store refuses to name such a key, and with it the whole page of the listing it is in.
+        key = invalid.group(1).encode("unicode_escape").decode("ascii")
+        return (
+            f"key {key} cannot be named through object_store (an empty, '.' or '..' segment, or a control "
+            "character): the listing stopped there"
+        )
+    code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
+    if code is not None:
+        return _CODES.get(code.group(1), code.group(1))
+    if isinstance(exc, FileNotFoundError) or "NotFound" in type(exc).__name__:
+        return "no such key"
+    if isinstance(exc, PermissionError) or type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "access denied"
+    if _unreachable(text):
+        return "object store not reachable (connection refused)"
+    if "kind: Timeout" in text or "timed out" in text.lower():
+        return "timed out"
+    status = re.search(r"status code: (\d{3}[^:<]*)", text)
+    if status is not None:
+        return f"object store answered {status.group(1).strip()}"
+    return text.splitlines()[0].strip()[:200] if text.strip() else type(exc).__name__
+
+
+def _unreachable(text: str) -> bool:
+    return "ConnectionRefused" in text or "Connection refused" in text
+
+
+def _failed(exc: Exception, what: str) -> OSError:
+    """The exception to raise for a failed request: the whole run stops if the endpoint itself is gone."""
+    if _unreachable(str(exc)):
+        raise EndpointUnreachable(f"{what}: {_reason(exc)}") from None
+    return ObjectError(_reason(exc))
+
+
+#: One object of a listing: (name within its folder, size, version_ns).
+ListedFile = tuple[str, int, int]
+
+
+def list_folders(place: BucketPlace) -> Iterator[tuple[str, list[ListedFile]]]:
+    """Every object below `place` as (folder relative to the prefix, its objects), one whole folder at a time.
+
+    A listing comes in key order, where a folder's own objects may sit on either side of its
+    subfolders' ('a/m', 'a/sub/x', 'a/z'): a folder is yielded once the listing has moved past
+    everything under it, so each batch holds all of a folder's objects. Keys ending in '/'
+    (folder markers) are left out. Raises ObjectError when the listing fails.
+    """
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    store = _store(place.bucket)
+    start = f"{place.prefix}/" if place.prefix else ""
+    # Folders still open, outermost first: each is an ancestor of (or is) the last key's folder.
+    open_folders: list[tuple[str, list[ListedFile]]] = []
+    try:
+        for chunk in obstore.list(store, prefix=start or None, chunk_size=1000):
+            for meta in chunk:
+                relpath = meta["path"][len(start) :]
+                reldir, _, name = relpath.rpartition("/")
+                if not name:
+                    continue
+                while open_folders and not _contains(open_folders[-1][0], reldir):
+                    yield open_folders.pop()
+                if not open_folders or open_folders[-1][0] != reldir:
+                    open_folders.append((reldir, []))
+                open_folders[-1][1].append((name, meta["size"], version_ns(meta["last_modified"], meta["e_tag"])))
+    except Exception as exc:  # obstore raises its own family and plain OSError subclasses alike
+        raise _failed(exc, f"cannot list {place.url}") from None
+    while open_folders:
+        yield open_folders.pop()
+
+
+def _contains(folder: str, reldir: str) -> bool:
+    return not folder or reldir == folder or reldir.startswith(folder + "/")
+
+
+def existing_objects(urls: Iterable[str]) -> set[str]:
+    """Which of `urls` name an object that exists, from one listing per bucket (of the keys' common folder)."""
+    keys_by_bucket: dict[str, list[str]] = {}
+    for url in urls:
+        place = parse(url)
+        keys_by_bucket.setdefault(place.bucket, []).append(place.prefix)
+    found: set[str] = set()
+    for bucket, keys in keys_by_bucket.items():
+        place = BucketPlace(bucket, os.path.commonpath([key.rpartition("/")[0] for key in keys]))
+        for reldir, files in list_folders(place):
+            folder = BucketPlace(bucket, place.key(reldir) if reldir else place.prefix)
+            found.update(f"{folder.url}/{name}" for name, _, _ in files)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class ReadObject:
+    """An object's bytes as read, and its size and version at the time."""
+
+    data: bytes
+    size: int
+    version_ns: int
+
+
+def read_object(
+    url: str, size: int, max_file_size: int, header_check: Callable[[bytes], None] | None = None
+) -> ReadObject:
+    """Read a whole object, refusing it by its listed size before any byte, and by `header_check` on its header.
+
+    An object over HEADER_BYTES is read as its header first and then the rest, both pinned to
+    the same ETag: a replacement between the two reads fails the object rather than mixing them.
+    """
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    if size > max_file_size:
+        raise FileRejected(f"file is {size} bytes, over the max-file-size limit of {max_file_size}")
+    place = parse(url)
+    store = _store(place.bucket)
+    try:
+        if header_check is None or size <= HEADER_BYTES:
+            got = obstore.get(store, place.prefix)
+            data = bytes(got.bytes())
+        else:
+            got = obstore.get(store, place.prefix, options={"range": (0, HEADER_BYTES)})
+            head = bytes(got.bytes())
+            header_check(head)
+            pinned = {"range": (HEADER_BYTES, size), "if_match": got.meta["e_tag"]}
+            rest = obstore.get(store, place.prefix, options=pinned)  # type: ignore[arg-type]
+            data = head + bytes(rest.bytes())
+    except (FileRejected, EndpointUnreachable):
+        raise
+    except Exception as exc:
+        raise _failed(exc, f"cannot read {url}") from None
+    meta = got.meta
+    if len(data) > max_file_size:
+        raise FileRejected(f"file grew past the max-file-size limit of {max_file_size} while being read")
+    return ReadObject(data, meta["size"], version_ns(meta["last_modified"], meta["e_tag"]))
+
+
+def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> None:
+    """Store `data` at `url` in one PUT (whole or not at all, as object stores write), with its headers."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    place = parse(url)
+    attributes: dict[str, str] = {"Content-Type": content_type}
+    if cache_control:
+        attributes["Cache-Control"] = cache_control
+    try:
+        obstore.put(_store(place.bucket), place.prefix, data, attributes=attributes)
+    except Exception as exc:
+        raise _failed(exc, f"cannot write {url}") from None
+
+
+def delete_objects(urls: Iterable[str]) -> None:
+    """Delete objects (an absent one is no error)."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    by_bucket: dict[str, list[str]] = {}
+    for url in urls:
+        place = parse(url)
+        by_bucket.setdefault(place.bucket, []).append(place.prefix)
+    for bucket, keys in by_bucket.items():
+        try:
+            obstore.delete(_store(bucket), keys)
+        except Exception as exc:
+            raise _failed(exc, f"cannot delete from {SCHEME}{bucket}") from None
+
+
+def state_folder(url: str) -> str:
+    """The local folder that keeps the records (and lock) of a bucket destination, one per bucket and prefix.
+
+    $XDG_STATE_HOME/thumbcli/buckets/<bucket>/<prefix with '/' as '_'>-<hash>: the records stay
+    with the client that writes, as a tree's stay beside it; the hash keeps two prefixes that
+    spell alike apart.
+    """
+    place = parse(url)
+    home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", place.prefix)[:80] or "_"
+    digest = zlib.crc32(place.url.encode()) & 0xFFFFFFFF
+    return os.path.join(home, "thumbcli", "buckets", place.bucket, f"{readable}-{digest:08x}")
+
+
+def stat_object(url: str) -> tuple[int, int] | None:
+    """An object's (size, version_ns) from a HEAD request; None when there is no such key."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    place = parse(url)
+    try:
+        meta = obstore.head(_store(place.bucket), place.prefix)
+    except Exception as exc:
+        failure = _failed(exc, f"cannot look up {url}")
+        if failure.strerror == "no such key":
+            return None
+        raise failure from None
+    return meta["size"], version_ns(meta["last_modified"], meta["e_tag"])

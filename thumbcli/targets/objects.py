@@ -1,0 +1,81 @@
+"""The output tree and the served cache in a bucket: each thumbnail one PUT, the records in a local state folder.
+
+The layout, names and manifest are those of the folder destinations, so a CDN in front of the
+bucket serves the URLs `thumbcli serve` would. What a bucket lacks is cheap per-folder listings
+and folder mtimes: the records alone say what the bucket holds (this client is its one writer,
+under the local lock), and folders are never skipped whole by signature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from thumbcli import cache
+from thumbcli.bucket import delete_objects, put_object
+from thumbcli.discover import DirBatch, SourceFile
+from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Thumbnail, ThumbSpec
+from thumbcli.targets.plan import Removal, judge
+from thumbcli.targets.served import CacheDirectory
+from thumbcli.targets.state import FolderSignature
+from thumbcli.targets.tree import OutputTree, wanted_record
+
+#: Cache-Control of a thumbnail in a bucket unless told otherwise: as `thumbcli serve` sends it.
+DEFAULT_CACHE_CONTROL = "public, max-age=86400"
+
+
+class BucketTree(OutputTree):
+    """An output tree (`-o s3://bucket/prefix`): thumbnails PUT under the URL, records in `state_root`."""
+
+    def __init__(
+        self,
+        url: str,
+        state_root: Path,
+        specs: tuple[ThumbSpec, ...],
+        *,
+        cache_control: str = DEFAULT_CACHE_CONTROL,
+        **options: Any,
+    ) -> None:
+        """`options` are the folder tree's (or cache's); its records and lock are kept in `state_root`."""
+        self.url = url.rstrip("/")
+        self.cache_control = cache_control
+        super().__init__(state_root, specs, **options)
+
+    def object_url(self, relative: str) -> str:
+        """The URL of the thumbnail at `relative`."""
+        return f"{self.url}/{relative}"
+
+    def _put(self, relative: str, spec: ThumbSpec, thumbnail: Thumbnail) -> None:
+        put_object(self.object_url(relative), thumbnail.data, CONTENT_TYPE_BY_FORMAT[spec.format], self.cache_control)
+
+    def _unlink(self, relative: str) -> None:
+        delete_objects([self.object_url(relative)])
+
+    def _removal(self, out: str, reason: str) -> Removal:
+        return Removal(self.root / out, 0, reason, self.object_url(out))
+
+    def _names_in(self, folder: str) -> frozenset[str]:
+        # The records are what the bucket holds: listing it per folder would cost a request each.
+        return frozenset(self._state.folder(folder))
+
+    def folder_signature(self, batch: DirBatch) -> FolderSignature | None:
+        """None: with no folder mtimes to notice a thumbnail removed, every folder is planned file by file."""
+        return None
+
+    def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
+        """Whether `spec`'s thumbnail of `source` is current by the records (asking the database)."""
+        recorded = self._state.fetch(self.relative_output(source, spec))
+        return judge(recorded, wanted_record(source.mtime_ns, source.size, spec), False) == "fresh"
+
+
+class BucketCache(BucketTree, CacheDirectory):
+    """A served cache (`--cache s3://bucket/prefix`): its layout and manifest in the bucket, records kept locally."""
+
+    def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
+        """The manifest written as on disk (the local copy in the state folder), and PUT when it changed."""
+        path = self.root / cache.MANIFEST_NAME
+        before = path.read_bytes() if path.exists() else b""
+        super()._write_manifest(presets, replace=replace)
+        after = path.read_bytes()
+        if after != before:
+            put_object(self.object_url(cache.MANIFEST_NAME), after, "application/json", "no-cache")
