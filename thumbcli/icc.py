@@ -6,6 +6,9 @@ them costs about 2 ms a thumbnail, for pixels that would come out (nearly) the s
 
 from __future__ import annotations
 
+# The codec of v4 descriptions, loaded with this module: a resample worker reads profiles after it
+# has lost the right to read where the standard library lives (the sandbox's `user` layer).
+import encodings.utf_16_be  # noqa: F401
 import struct
 
 _HEADER_BYTES = 128
