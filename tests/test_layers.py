@@ -53,6 +53,7 @@ FLOORS = {
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,
+    "workerloop": 2,
     "workerlog": 2,
     "forbiddencalls": 2,
     "cache": 4,

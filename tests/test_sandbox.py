@@ -522,7 +522,7 @@ def confinement_of_decoding_workers(root: int) -> dict[int, str]:
             continue
         with contextlib.suppress(OSError):
             command = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"from thumbcli.workers import serve" not in command or not descends(int(entry), root):
+            if b"from thumbcli.workerloop import serve" not in command or not descends(int(entry), root):
                 continue
             if "thumbcli-source" not in Path(f"/proc/{entry}/maps").read_text():
                 continue
