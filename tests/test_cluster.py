@@ -164,7 +164,7 @@ def test_a_dask_worker_with_two_threads_decodes_in_two_resample_workers(
         # Kept between tasks: one per thread that ran a task at once.
         threads = Path(f"/proc/{cluster.workers[0].pid}/task").iterdir()
         children = [pid for thread in threads for pid in (thread / "children").read_text().split()]
-        decoders = [pid for pid in children if "thumbcli.workers" in Path(f"/proc/{pid}/cmdline").read_text()]
+        decoders = [pid for pid in children if "thumbcli.workerloop" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(decoders) == 2
     same_outputs(local, tmp_path / "dask")
 

@@ -54,6 +54,7 @@ FLOORS = {
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,
+    "workerloop": 2,
     "workerlog": 2,
     "forbiddencalls": 2,
     "cache": 4,

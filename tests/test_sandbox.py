@@ -28,7 +28,7 @@ from servekit import REPO_ROOT, fetch, running_server, wait_until
 from test_hostile import valid_files
 from test_workers import SLOW_EDGE, decoding, running, worker_processes
 
-from thumbcli import landlock, sandbox
+from thumbcli import decoders, landlock, sandbox
 from thumbcli.spec import Limits, SizeBox, ThumbSpec
 from thumbcli.workers import FORBIDDEN_CALL, MALFORMED_REPLY, ResampleWorker, WorkerOutcome
 
@@ -470,7 +470,8 @@ def test_every_supported_format_decodes_in_a_confined_worker(tmp_path: Path, mon
     with worker(None, monkeypatch) as confined:
         outcomes = {path.name: confined.resample(path.read_bytes(), SPECS) for path in files}
         assert confined.confinement == IN_FORCE
-        assert confined.started == 1
+        # Replaced only to import a wheel its account could not import late: once per wheel at most.
+        assert confined.started <= 1 + len(set(decoders.EVERY_DECODER) - decoders.COMMON_DECODERS)
     assert {name: outcome.reason for name, outcome in outcomes.items()} == dict.fromkeys(outcomes, "")
     assert all(len(outcome.thumbnails) == 1 for outcome in outcomes.values())
 
@@ -522,7 +523,7 @@ def confinement_of_decoding_workers(root: int) -> dict[int, str]:
             continue
         with contextlib.suppress(OSError):
             command = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"from thumbcli.workers import serve" not in command or not descends(int(entry), root):
+            if b"from thumbcli.workerloop import serve" not in command or not descends(int(entry), root):
                 continue
             if "thumbcli-source" not in Path(f"/proc/{entry}/maps").read_text():
                 continue

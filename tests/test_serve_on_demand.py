@@ -132,7 +132,7 @@ def has_a_source_mapped(pid: int) -> bool:
 
 
 def resample_workers(server_pid: int) -> list[int]:
-    """The resample worker processes the server started (its children running thumbcli.workers)."""
+    """The resample worker processes the server started (its children running thumbcli.workerloop)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -142,7 +142,7 @@ def resample_workers(server_pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == server_pid and b"thumbcli.workers" in cmdline:
+        if ppid == server_pid and b"thumbcli.workerloop" in cmdline:
             found.append(int(entry.name))
     return found
 

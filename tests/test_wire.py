@@ -63,6 +63,7 @@ def test_a_reply_comes_back_equal_when_it_answers_what_was_asked() -> None:
         (made(thumbnail(256, 256), thumbnail(200, 128))[:-1], "cut short"),
         (struct.pack("<BI", wire.FAILED, 3) + b"\xff\xfe\xfd", "not utf-8"),
         (struct.pack("<BI", wire.FAILED, wire.REASON_BYTES + 1), "a text of 1025 bytes"),
+        (wire.encode_reply(wire.Reply(wire.NEEDS_WHEEL))[wire.REPLY_HEAD_BYTES :], "without its decoder's name"),
     ],
 )
 def test_a_reply_that_does_not_answer_what_was_asked_is_malformed(body: bytes, why: str) -> None:

@@ -195,7 +195,7 @@ def worker_processes(parent: int) -> dict[int, float]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == parent and b"thumbcli.workers" in cmdline:
+        if int(fields[1]) == parent and b"thumbcli.workerloop" in cmdline:
             found[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return found
 
@@ -438,7 +438,7 @@ def decoders_data_limits(root: int) -> dict[int, int]:
 
     found = {}
     for pid, command in commands.items():
-        if b"from thumbcli.workers import serve" in command and descends(pid):
+        if b"from thumbcli.workerloop import serve" in command and descends(pid):
             with contextlib.suppress(OSError):
                 limit = re.search(r"Max data size\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())
                 if limit is not None:  # else still starting, before it limits itself

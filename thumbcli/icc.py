@@ -6,9 +6,7 @@ them costs about 2 ms a thumbnail, for pixels that would come out (nearly) the s
 
 from __future__ import annotations
 
-# The codec of v4 descriptions, loaded with this module: a resample worker reads profiles after it
-# has lost the right to read where the standard library lives (the sandbox's `user` layer).
-import encodings.utf_16_be  # noqa: F401
+import codecs
 import struct
 
 _HEADER_BYTES = 128
@@ -44,5 +42,8 @@ def _text(tag: bytes) -> str:
         (records,) = struct.unpack_from(">I", tag, 8)
         if records:
             length, offset = struct.unpack_from(">II", tag, 20)
-            return tag[offset : offset + length].decode("utf-16-be", "replace").split("\0", 1)[0]
+            # The codec itself, not `.decode("utf-16-be")`: that looks its module up by name on first
+            # use, and a worker switched to a user who cannot read the standard library cannot import it.
+            text, _ = codecs.utf_16_be_decode(tag[offset : offset + length], "replace")
+            return text.split("\0", 1)[0]
     return ""

@@ -32,8 +32,9 @@ rather than assumed:
 - `user`: a worker of a run started as root becomes an unprivileged user (THUMBCLI_SANDBOX_USER,
   `nobody` when unset) once its imports are done: the files only root may read are out of its
   reach, and it cannot signal, trace or open the /proc files of root's processes. Its interpreter
-  may live where that user cannot read (/root/.pyenv): such a worker imports every decoder's wheel
-  first (`python_readable_by`), and the sources reach it as memory files it already holds. A run
+  may live where that user cannot read (/root/.pyenv): such a worker imports what plain JPEGs need
+  first (`python_readable_by`), and is replaced by one that imports another decoder's wheel too
+  when a file needs it (`workerloop`); the sources reach it as memory files it already holds. A run
   that is not root is unprivileged already.
 
 THUMBCLI_SANDBOX chooses them (THUMBCLI_SANDBOX_USER the user of `user`): unset or `all` for

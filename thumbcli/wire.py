@@ -22,8 +22,10 @@ from thumbcli import formats
 from thumbcli.errors import SpecError
 from thumbcli.spec import FITS, FORMATS, MAX_EDGE, Limits, SizeBox, Thumbnail, ThumbSpec
 
-#: A reply's first byte after its length.
-MADE, FAILED, BUG = 0, 1, 2
+#: A reply's first byte after its length. NEEDS_WHEEL: the file needs a decoder whose wheel the
+#: worker could not import after it switched accounts (its reason names the decoder); the parent
+#: starts a worker that imports it first and sends the file again.
+MADE, FAILED, BUG, NEEDS_WHEEL = 0, 1, 2, 3
 
 #: Bounds of a reply's texts: a reason is one line, a detail a traceback on one line, a bug's text a traceback.
 REASON_BYTES = 1024
@@ -185,7 +187,7 @@ def decode_reply(body: bytes | bytearray | memoryview, specs: tuple[ThumbSpec, .
     """The reply in `body`, checked against the `specs` asked for; MalformedMessage for anything else."""
     reader = _Reader(body)
     (status,) = reader.unpack(_STATUS)
-    if status not in (MADE, FAILED, BUG):
+    if status not in (MADE, FAILED, BUG, NEEDS_WHEEL):
         raise MalformedMessage(f"unknown status {status}")
     reason = reader.text(REASON_BYTES, "utf-8")
     detail = reader.text(BUG_BYTES if status == BUG else DETAIL_BYTES, "utf-8")
@@ -195,6 +197,8 @@ def decode_reply(body: bytes | bytearray | memoryview, specs: tuple[ThumbSpec, .
         raise MalformedMessage(f"{count} thumbnails for {len(specs)} sizes asked, status {status}")
     if status == FAILED and not reason:
         raise MalformedMessage("a failure without a reason")
+    if status == NEEDS_WHEEL and not reason:
+        raise MalformedMessage("a wheel needed without its decoder's name")
     thumbnails = tuple(_read_thumbnail(reader, spec) for spec in specs[:count])
     reader.end()
     return Reply(status, thumbnails, reason, detail, warning)

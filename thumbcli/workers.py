@@ -25,29 +25,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import mmap
 import os
-import resource
 import select
 import signal
-import struct
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
-from thumbcli import decoders, formats, sandbox, unexpected, wire
+from thumbcli import decoders, sandbox, wire
 from thumbcli.forbiddencalls import ForbiddenCallWatch
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec, human_bytes
 from thumbcli.workerlog import WorkerStderr
+from thumbcli.workerloop import READY, REQUEST
 
 log = logging.getLogger(__name__)
 
-_REQUEST = struct.Struct("<IQI")  # header length, source length, memory file
 #: Files a worker may have waiting at once, each in a memory file of its own.
 SLOTS = 4
 #: A memory file bigger than this is cut back to what the next file needs (memory is kept
@@ -60,12 +55,9 @@ _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is k
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SELF = "/proc/self/exe"
 _START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
-_READY = b"R"  # then one byte: the sandbox layers in force, a bit each (sandbox.LAYERS order)
 #: Why a file failed when its worker was killed by the seccomp filter.
 FORBIDDEN_CALL = "decoder tried a forbidden system call"
 MALFORMED_REPLY = "decoder sent a malformed reply"
-#: A worker's private memory (RLIMIT_DATA) is limited to this many times its memory ceiling.
-_DATA_LIMIT_PER_CEILING = 2
 
 
 class WorkerOutcome(NamedTuple):
@@ -136,6 +128,9 @@ class ResampleWorker:
         #: Why the last request ended in a WorkerBug (a worker that cannot start, or that broke
         #: outside any file); cleared by the next reply a worker gives. See `broken`.
         self._broken = ""
+        #: The decoders whose wheels a worker imports before it switches accounts; grown when a file
+        #: needs another (see `_start_with_wheel`), for the rest of the run.
+        self._wheels = decoders.COMMON_DECODERS
         #: The sandbox layers the running worker reported in force (empty before it starts).
         self.confinement: tuple[sandbox.Layer, ...] = ()
 
@@ -191,7 +186,7 @@ class ResampleWorker:
             self._free_slots.append(slot)
             raise
         header = self._header
-        request = (_REQUEST.pack(len(header), len(data), slot) + header, slot, specs)
+        request = (REQUEST.pack(len(header), len(data), slot) + header, slot, specs)
         if not self._waiting:
             self._head_since = time.monotonic()
         self._waiting.append(request)
@@ -297,9 +292,9 @@ class ResampleWorker:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_root!r}); "
-            f"from thumbcli.workers import serve; "
+            f"from thumbcli.workerloop import serve; "
             f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling}, "
-            f"{layers!r}, {account!r}, {watch})"
+            f"{layers!r}, {account!r}, {watch}, {sorted(self._wheels)!r})"
         )
         try:
             self._process = subprocess.Popen(
@@ -327,7 +322,7 @@ class ResampleWorker:
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
         greeting = wire.read_exactly(reply_read, 2) if ready else None
-        if greeting is None or greeting[:1] != _READY:
+        if greeting is None or greeting[:1] != READY:
             status = self._kill()
             why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
             said = self._stderr.take()
@@ -361,6 +356,10 @@ class ResampleWorker:
                 # Whatever else the worker sends can no longer be trusted to line up with our files.
                 self._kill()
                 return WorkerOutcome([], MALFORMED_REPLY, detail=str(exc))
+            if reply is not None and reply.status == wire.NEEDS_WHEEL:
+                # Polled afresh: the new worker's pipes are not the ones registered here. At most
+                # once per decoder, since the wheel asked for is never asked for again.
+                return self._start_with_wheel(reply.reason) or self._await_reply(abandon)
             if reply is not None:
                 return _outcome(reply)
             left = self._head_since + seconds - time.monotonic()
@@ -405,6 +404,23 @@ class ResampleWorker:
         body = bytes(inbox[wire.REPLY_HEAD_BYTES : end])
         del inbox[:end]
         return wire.decode_reply(body, self._waiting[0][2])
+
+    def _start_with_wheel(self, decoder: str) -> WorkerOutcome | None:
+        """The worker could not import `decoder`'s wheel: start one that imports it first; None once started.
+
+        The files waiting (the one that needed it first) go to the new worker, which has the wheel
+        or knows it is not installed: a file is sent again once. The worker keeps no way back to
+        the account that could read the wheel; the parent, which never decodes, starts another.
+        """
+        self._kill()
+        if decoder not in decoders.EVERY_DECODER or decoder in self._wheels:
+            return WorkerOutcome(
+                [], MALFORMED_REPLY, detail=f"asked for a wheel it had, or of no decoder: {decoder[:64]!r}"
+            )
+        self._wheels |= {decoder}
+        log.debug("starting a resample worker that imports the wheel of %s", decoder)
+        self._start()
+        return None
 
     def _resident_bytes(self) -> int:
         assert self._process is not None
@@ -480,119 +496,3 @@ def _outcome(reply: wire.Reply) -> WorkerOutcome:
     if reply.status == wire.FAILED:
         return WorkerOutcome([], reply.reason, reply.detail)
     raise WorkerBug(f"a resample worker failed:\n{reply.detail}")
-
-
-# -- worker side -----------------------------------------------------------
-
-
-def serve(
-    requests: int,
-    replies: int,
-    parent: int,
-    slots: list[int],
-    cpu: int | None = None,
-    memory_ceiling: int = 0,
-    layers: tuple[sandbox.Layer, ...] = (),
-    account: tuple[int, int] | None = None,
-    watch: int | None = None,
-) -> NoReturn:  # pragma: no cover - runs in the worker
-    """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
-
-    `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
-    `layers`: the sandbox layers to confine itself with once its libraries are loaded;
-    `account`: the (uid, gid) its `user` layer switches to; `watch`: a socket to hand its filter's listener to.
-    """
-    # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
-    # whole process group, and this worker finishes its file either way.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with(parent)
-    if cpu is not None:
-        # libvips hands every image between this thread and a thread of its own about 25
-        # times: on one core those hand-offs need no cross-core wakeup.
-        with contextlib.suppress(OSError):  # the core went offline since
-            os.sched_setaffinity(0, {cpu})
-    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # What a decoder has to say about a file reaches the parent in the reply, not on stderr
-    # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
-    logging.getLogger("pyvips").setLevel(logging.ERROR)
-    warnings.simplefilter("ignore")
-    from thumbcli import resample
-    from thumbcli.errors import FileRejected
-
-    resample.configure_libvips()
-    resample.log_only_libvips_errors()
-    if account is not None and not sandbox.python_readable_by(account):
-        # Its account cannot read where the interpreter or the wheels live: nothing could load later.
-        decoders.preload_every_wheel()
-    if memory_ceiling:
-        # The parent watches the resident size ten times a second and names the ceiling when it
-        # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
-        # past twice the ceiling at once beyond what the libraries took (that decode fails as out
-        # of memory), leaving the watch to act first on anything slower.
-        data = _DATA_LIMIT_PER_CEILING * memory_ceiling + _private_data_bytes()
-        with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
-            resource.setrlimit(resource.RLIMIT_DATA, (data, data))
-    # Confined before the first file, with every library the decoders need already loaded.
-    applied = sandbox.confine(layers, account, watch)
-    wire.write_all(replies, _READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
-    while True:
-        head = wire.read_exactly(requests, _REQUEST.size)
-        if head is None:
-            os._exit(0)
-        header_length, data_length, slot = _REQUEST.unpack(head)
-        settings = wire.decode_settings(wire.read_exactly(requests, header_length) or b"")
-        specs, decode_for, limits, strict = settings.specs, settings.decode_for, settings.limits, settings.strict
-        mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
-        # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
-        view = memoryview(mapped) if mapped is not None else memoryview(b"")
-        reply: wire.Reply
-        try:
-            made = resample.resample(view, specs, limits, strict=strict, decode_for=decode_for)
-        except resample.DecodeFailed as exc:
-            reply = wire.Reply(wire.FAILED, reason=str(exc), detail=exc.detail)
-        except FileRejected as exc:
-            reply = wire.Reply(wire.FAILED, reason=str(exc))
-        except MemoryError:
-            reply = wire.Reply(wire.FAILED, reason="ran out of memory", detail="MemoryError")
-        except Exception as exc:
-            # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
-            # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
-            # file's failure, recorded as such, not a bug to stop the run on.
-            reason, detail = unexpected.reason_and_detail(exc, formats.sniff(view[:1024]))
-            reply = wire.Reply(wire.FAILED, reason=reason, detail=detail)
-        except BaseException:
-            reply = wire.Reply(wire.BUG, detail=traceback.format_exc())
-        else:
-            reply = wire.Reply(wire.MADE, tuple(made.thumbnails), detail=made.detail, warning=made.warning)
-        if mapped is not None:
-            with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
-                view.release()
-                mapped.close()
-        try:
-            wire.write_all(replies, wire.encode_reply(reply))
-        except BrokenPipeError:
-            os._exit(0)
-        if reply.status == wire.BUG:
-            os._exit(1)
-
-
-def _private_data_bytes() -> int:  # pragma: no cover - runs in the worker
-    """The private memory this process has mapped (VmData: what RLIMIT_DATA counts); 0 when unknown."""
-    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith("VmData:")).split()[1]) * 1024
-    return 0
-
-
-def _die_with(parent: int) -> None:  # pragma: no cover - runs in the worker
-    """Be killed when the parent ends, even mid-decode (Linux); leave now if it already has."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(0)

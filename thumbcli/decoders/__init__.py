@@ -8,7 +8,7 @@ A decoder hands `resample` either upright 8-bit pixels or an embedded image for 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -59,11 +59,20 @@ class Decoder(Protocol):
         """Import the wheel now, if it is installed."""
 
 
-def preload_every_wheel() -> None:
-    """Import every decoder's wheel that is installed: for a worker about to lose the right to read where they live."""
-    # `jpeg` is no format's decoder: it is libjpeg-turbo's fast path beside libvips' own JPEG load.
-    for name in sorted({source.decoder for source in formats.REGISTRY if source.decoder} | {"jpeg"}):
-        load(name).preload()
+#: Every decoder module here. `jpeg` is no format's decoder: libjpeg-turbo's fast path beside libvips' JPEG load.
+EVERY_DECODER = tuple(sorted({source.decoder for source in formats.REGISTRY if source.decoder} | {"jpeg"}))
+#: The wheels a worker that cannot import later loads before it switches accounts: what plain JPEGs
+#: need. The others (rawpy with numpy, PyAV, Pillow, pillow-heif) cost about 0.18 s of CPU and 50 MB
+#: per worker; a worker loads one when a file first needs it (see `workers`).
+COMMON_DECODERS = frozenset({"jpeg"})
+
+
+def preload(names: Iterable[str]) -> None:
+    """Import every decoder module and the installed wheels of `names` (for a worker about to lose read access)."""
+    for name in EVERY_DECODER:
+        decoder = load(name)
+        if name in names:
+            decoder.preload()
 
 
 def load(name: str) -> Decoder:
@@ -75,7 +84,10 @@ class MissingDecoder(FileRejected):
     """A file of a supported kind whose decoder wheel is not installed."""
 
     def __init__(self, label: str, format_name: str) -> None:
-        wheel = formats.BY_NAME[format_name].wheel
+        source = formats.BY_NAME[format_name]
+        wheel = source.wheel
+        #: The decoder module (under `thumbcli.decoders`) that could not import its wheel.
+        self.decoder = source.decoder
         super().__init__(f"{label}: no decoder installed (pip install {wheel}, or reinstall thumbcli)")
 
 

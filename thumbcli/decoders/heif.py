@@ -23,7 +23,7 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded | None = None)
     del scale_needed  # libheif decodes the whole image; libvips makes every size from it
     try:
         import pillow_heif
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a worker's account may not read the wheel
         raise MissingDecoder(_LABEL, "heif") from None
     pillow_heif.options.THUMBNAILS = False
     pillow_heif.options.DEPTH_IMAGES = False

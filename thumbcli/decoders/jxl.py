@@ -22,7 +22,7 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded | None = None)
     try:
         import pillow_jxl  # noqa: F401 - registers the JPEG XL plugin with Pillow
         from PIL import Image, ImageOps
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a worker's account may not read the wheel
         raise MissingDecoder(_LABEL, "jxl") from None
     Image.MAX_IMAGE_PIXELS = None  # --max-pixels was checked from the header, before this decode
     try:

@@ -31,7 +31,7 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels | E
     """The embedded preview when it is large enough, else a half-size demosaic; size checked from the header."""
     try:
         import rawpy
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a worker's account may not read the wheel
         raise MissingDecoder(_LABEL, "raw") from None
     try:
         with _stderr_silenced(), rawpy.imread(io.BytesIO(data)) as raw_image:

@@ -39,7 +39,7 @@ def decode(data: bytes, limits: Limits, scale_needed: ScaleNeeded) -> Pixels:
     del scale_needed  # a frame is decoded whole; libvips makes every size from it
     try:
         import av
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a worker's account may not read the wheel
         raise MissingDecoder(_LABEL, "video") from None
     step = "open"  # what FFmpeg was asked to do, for a failure's reason
     try:

@@ -1,0 +1,162 @@
+"""A resample worker's side of the pipes: load, confine itself, then resample each file the parent names, to the end.
+
+Kept apart from `workers` (the parent's side) because it runs in another interpreter: what it
+imports is what every worker pays for at its start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import resource
+import signal
+import struct
+import traceback
+import warnings
+from collections.abc import Iterable
+from typing import NoReturn
+
+from thumbcli import decoders, formats, sandbox, unexpected, wire
+
+REQUEST = struct.Struct("<IQI")  # header length, source length, memory file
+READY = b"R"  # then one byte: the sandbox layers in force, a bit each (sandbox.LAYERS order)
+#: A worker's private memory (RLIMIT_DATA) is limited to this many times its memory ceiling.
+_DATA_LIMIT_PER_CEILING = 2
+
+
+def serve(
+    requests: int,
+    replies: int,
+    parent: int,
+    slots: list[int],
+    cpu: int | None = None,
+    memory_ceiling: int = 0,
+    layers: tuple[sandbox.Layer, ...] = (),
+    account: tuple[int, int] | None = None,
+    watch: int | None = None,
+    wheels: Iterable[str] = decoders.COMMON_DECODERS,
+) -> NoReturn:  # pragma: no cover - runs in the worker
+    """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
+
+    `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
+    `layers`: the sandbox layers to confine itself with once its libraries are loaded;
+    `account`: the (uid, gid) its `user` layer switches to; `watch`: a socket to hand its filter's listener to.
+    `wheels`: the decoders whose wheels to import before switching to an account that could not
+    import them later; a file needing another is answered NEEDS_WHEEL, and this worker leaves.
+    """
+    # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
+    # whole process group, and this worker finishes its file either way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with(parent)
+    if cpu is not None:
+        # libvips hands every image between this thread and a thread of its own about 25
+        # times: on one core those hand-offs need no cross-core wakeup.
+        with contextlib.suppress(OSError):  # the core went offline since
+            os.sched_setaffinity(0, {cpu})
+    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # What a decoder has to say about a file reaches the parent in the reply, not on stderr
+    # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
+    logging.getLogger("pyvips").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    from thumbcli import resample
+
+    resample.configure_libvips()
+    resample.log_only_libvips_errors()
+    preloaded = frozenset(wheels)
+    imports_closed = account is not None and not sandbox.python_readable_by(account)
+    if imports_closed:
+        # Its account cannot read where the interpreter or the wheels live: nothing could load later.
+        decoders.preload(preloaded)
+    if memory_ceiling:
+        # The parent watches the resident size ten times a second and names the ceiling when it
+        # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
+        # past twice the ceiling at once beyond what the libraries took (that decode fails as out
+        # of memory), leaving the watch to act first on anything slower.
+        data = _DATA_LIMIT_PER_CEILING * memory_ceiling + _private_data_bytes()
+        with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
+            resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+    # Confined before the first file, with every library the decoders need already loaded.
+    applied = sandbox.confine(layers, account, watch)
+    wire.write_all(replies, READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
+    while True:
+        head = wire.read_exactly(requests, REQUEST.size)
+        if head is None:
+            os._exit(0)
+        header_length, data_length, slot = REQUEST.unpack(head)
+        settings = wire.decode_settings(wire.read_exactly(requests, header_length) or b"")
+        mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
+        # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
+        view = memoryview(mapped) if mapped is not None else memoryview(b"")
+        reply = _reply_for(view, settings, preloaded if imports_closed else None)
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
+                view.release()
+                mapped.close()
+        try:
+            wire.write_all(replies, wire.encode_reply(reply))
+        except BrokenPipeError:
+            os._exit(0)
+        if reply.status == wire.BUG:
+            os._exit(1)
+        if reply.status == wire.NEEDS_WHEEL:
+            os._exit(0)  # the parent starts a worker with that wheel, and sends this file and those behind it again
+
+
+def _reply_for(
+    view: memoryview, settings: wire.Settings, loaded_before_switch: frozenset[str] | None
+) -> wire.Reply:  # pragma: no cover - runs in the worker
+    """The reply to one file: its thumbnails, or why not (NEEDS_WHEEL: a wheel not in `loaded_before_switch`).
+
+    `loaded_before_switch`: the wheels imported before switching to an account that cannot
+    import others; None when imports stay open.
+    """
+    from thumbcli import resample
+    from thumbcli.errors import FileRejected
+
+    try:
+        made = resample.resample(
+            view, settings.specs, settings.limits, strict=settings.strict, decode_for=settings.decode_for
+        )
+    except resample.DecodeFailed as exc:
+        return wire.Reply(wire.FAILED, reason=str(exc), detail=exc.detail)
+    except decoders.MissingDecoder as exc:
+        if loaded_before_switch is not None and exc.decoder not in loaded_before_switch:
+            return wire.Reply(wire.NEEDS_WHEEL, reason=exc.decoder)
+        return wire.Reply(wire.FAILED, reason=str(exc))
+    except FileRejected as exc:
+        return wire.Reply(wire.FAILED, reason=str(exc))
+    except MemoryError:
+        return wire.Reply(wire.FAILED, reason="ran out of memory", detail="MemoryError")
+    except Exception as exc:
+        # Inside the per-file boundary: a third-party parser raises anything on hostile bytes
+        # (a UnicodeDecodeError from a video's tags, a struct.error from EXIF). That is this
+        # file's failure, recorded as such, not a bug to stop the run on.
+        reason, detail = unexpected.reason_and_detail(exc, formats.sniff(view[:1024]))
+        return wire.Reply(wire.FAILED, reason=reason, detail=detail)
+    except BaseException:
+        return wire.Reply(wire.BUG, detail=traceback.format_exc())
+    return wire.Reply(wire.MADE, tuple(made.thumbnails), detail=made.detail, warning=made.warning)
+
+
+def _private_data_bytes() -> int:  # pragma: no cover - runs in the worker
+    """The private memory this process has mapped (VmData: what RLIMIT_DATA counts); 0 when unknown."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmData:")).split()[1]) * 1024
+    return 0
+
+
+def _die_with(parent: int) -> None:  # pragma: no cover - runs in the worker
+    """Be killed when the parent ends, even mid-decode (Linux); leave now if it already has."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
