@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -109,8 +110,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(cache_root: Path, env: dict[str, str] | None = None, **options: Any) -> Iterator[ServerProcess]:
+def running_server(
+    cache_root: Path, env: dict[str, str] | None = None, descriptors: int | None = None, **options: Any
+) -> Iterator[ServerProcess]:
     """Run a server on 127.0.0.1 (port 0 unless given) until the block ends.
+
+    `descriptors`: the server's soft RLIMIT_NOFILE, set in the child alone (the test process may
+    hold more descriptors than that: clients of other tests' servers, kept alive).
 
     Uses `python -m thumbcli serve` when every option has a flag, else the library directly;
     `config` (a thumbcli.toml, where `--source` finds its presets) needs the command line.
@@ -151,7 +157,19 @@ def running_server(cache_root: Path, env: dict[str, str] | None = None, **option
     child_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     child_env.pop("THUMBCLI_NO_SENDFILE", None)
     child_env.update(env or {})
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env, cwd=REPO_ROOT)
+
+    def limit_descriptors() -> None:
+        if descriptors is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=child_env,
+        cwd=REPO_ROOT,
+        preexec_fn=limit_descriptors if descriptors is not None else None,
+    )
     assert process.stderr is not None
     lines: list[str] = []
     found = threading.Event()

@@ -100,14 +100,9 @@ def test_serve_answers_a_request_while_a_thousand_half_heads_are_held(cache: Pat
 
 
 def test_serve_sheds_half_heads_when_out_of_descriptors_below_the_limit(cache: Path) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.ExitStack() as stack:
         # Started with 128 descriptors, the server runs out of them long before its 1024 connections.
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
-        try:
-            running = stack.enter_context(running_server(cache, header_timeout=LONG_TIMEOUT))
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        running = stack.enter_context(running_server(cache, descriptors=128, header_timeout=LONG_TIMEOUT))
         flood = [stack.enter_context(running.connect()) for _ in range(200)]
         for sock in flood:
             sock.sendall(HALF_HEAD)
