@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 @click.option(
     "--rescan",
     type=Duration(),
-    help="Also walk the sources again this often, e.g. 60s (NFS, CIFS: changes made on other hosts).  "
-    "[default: only folders inotify cannot follow, every 60s]",
+    help="Also walk the sources again this often, e.g. 60s (NFS, CIFS: changes made on other hosts); "
+    "bucket sources (s3://...) are listed again this often.  "
+    "[default: only folders inotify cannot follow, every 60s; buckets every 60s]",
 )
 @wait_option
 @json_option("Print one JSON line per file made, failed or removed, and at the catch-up and the end.")
@@ -98,11 +99,11 @@ def watch(
     quiet: bool,
     debug: bool,
 ) -> None:
-    """Make thumbnails of SOURCES (folders), then of every image that lands in them, until stopped.
+    """Make thumbnails of SOURCES (folders or buckets), then of every image that lands in them, until stopped.
 
     First catches up as `generate` would (and removes the thumbnails of files deleted meanwhile),
-    then follows the folders through inotify. SIGTERM finishes the files in flight and exits 0;
-    SIGHUP reads the config file again.
+    then follows the folders through inotify and lists the buckets (s3://bucket/prefix) again
+    every --rescan. SIGTERM finishes the files in flight and exits 0; SIGHUP reads the config file again.
     """
     from thumbcli.run import GenerateRequest
     from thumbcli.watch.service import WatchOptions
