@@ -200,7 +200,7 @@ def _on_result(result: FileResult, latency: float | None, json_events: bool, fai
 
 def _on_removed(removal: Removal, json_events: bool) -> None:
     if json_events:
-        _emit({"event": "removed", "path": display_path(removal.path), "reason": removal.reason})
+        _emit({"event": "removed", "path": removal.shown, "reason": removal.reason})
 
 
 def _on_caught_up(summary: GenerateSummary, json_events: bool, quiet: bool) -> None:
