@@ -11,7 +11,7 @@ import pytest
 import pyvips
 from imagekit import draw_photo, make_photo, output_files
 from s3kit import Bucket, MotoServer, Relay, fresh_bucket, moto_running
-from test_watch import Watcher, wait_for, watching  # noqa: F401 (the fixture)
+from test_watch import Watcher, wait_for
 
 from thumbcli.errors import ExitCode
 
@@ -26,6 +26,20 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
 def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a bucket destination keeps its records
     return fresh_bucket(moto_server, monkeypatch)
+
+
+@pytest.fixture
+def watching() -> Iterator[Callable[..., Watcher]]:
+    """Start `thumbcli watch --json` processes, each killed at the end if it still runs."""
+    started: list[Watcher] = []
+
+    def start(*args: str | os.PathLike[str]) -> Watcher:
+        started.append(Watcher(*args))
+        return started[-1]
+
+    yield start
+    for watcher in started:
+        watcher.kill()
 
 
 def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0) -> bytes:
