@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,41 @@ def test_watch_goes_on_through_an_endpoint_outage_and_loses_nothing(
     assert len(said) == 1, watcher.stderr  # once for the whole outage, not at every try
     assert "Traceback" not in watcher.stderr and "not reachable" in before
     assert watcher.of("failed") == []
+
+
+def test_a_garbage_object_is_named_once_across_rescans(
+    bucket: Bucket, tmp_path: Path, watching: Callable[..., Watcher]
+) -> None:
+    metrics = tmp_path / "watch.prom"
+    watcher = watching(
+        bucket.url("lib"), "-o", tmp_path / "out", "-s", "64", "--rescan", "1s", "--metrics-file", metrics
+    )
+    watcher.caught_up()
+    bucket.put("lib/garbage.jpg", b"\xff\xd8\xff\xe0 this is not a JPEG at all" * 20)
+    bucket.put("lib/good.jpg", jpeg_bytes(seed=1))
+    wait_for(lambda: (tmp_path / "out" / "64" / "good.jpg.jpg").exists(), "the good object made")
+    named_at = rescans_in(metrics)
+    wait_for(lambda: rescans_in(metrics) >= named_at + 3, "three more rescans")
+    assert watcher.stop() == ExitCode.OK
+    failures = [line for line in watcher.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failures) == 1 and "garbage.jpg" in failures[0], watcher.stderr
+    assert [event["path"] for event in watcher.of("failed")] == [bucket.url("lib/garbage.jpg")]
+
+
+def test_watch_of_a_bucket_starts_again_on_sighup_and_follows_it(
+    bucket: Bucket, tmp_path: Path, watching: Callable[..., Watcher]
+) -> None:
+    out = tmp_path / "out"
+    bucket.put("lib/first.jpg", jpeg_bytes(seed=1))
+    watcher = watching(bucket.url("lib"), "-o", out, "-s", "64", "--rescan", "1s")
+    watcher.caught_up()
+    watcher.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(watcher.of("caught-up")) == 2, "the second catch-up")
+    bucket.put("lib/second.jpg", jpeg_bytes(seed=2))
+    wait_for(lambda: thumbs(out) == {"64/first.jpg.jpg", "64/second.jpg.jpg"}, "the object put after the reload")
+    assert watcher.stop() == ExitCode.OK
+    assert [event["event"] for event in watcher.events].count("reloading") == 1
+    assert "Traceback" not in watcher.stderr
 
 
 def test_watch_refuses_a_source_that_is_neither_a_folder_nor_a_bucket(tmp_path: Path) -> None:
