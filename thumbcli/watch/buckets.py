@@ -109,8 +109,12 @@ class BucketRescans:
 
     def _rescan(self) -> None:
         listings: Listings | None = None
+        started = time.monotonic()
         try:
             listings = self._list_all()
+            if listings is not None:
+                objects = sum(len(found) for found in listings.values())
+                log.debug("rescan: %d objects listed and fed in %.3f s", objects, time.monotonic() - started)
         except EndpointUnreachable as exc:  # or a listing refused: `cannot list s3://...: <why>`
             self._trouble.failed(str(exc))
         else:
