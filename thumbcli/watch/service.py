@@ -431,6 +431,8 @@ class WatchRun:
             elif result.status == "failed":
                 self._failed += 1
         latency = now - arrived if arrived is not None else None
+        if result.status == "made":
+            self._trouble.answered()  # an outage that only met PUTs (folders into a bucket) ends here
         self.metrics.count_file(result.status, latency)
         if self._on_result is not None:
             self._on_result(result, latency)
