@@ -127,25 +127,32 @@ def rescans_in(metrics: Path) -> int:
     return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("thumbcli_watch_rescans_total "))
 
 
-def test_watch_of_a_folder_into_a_bucket_deletes_the_thumbnails_of_a_deleted_file(
-    bucket: Bucket, tmp_path: Path, watching: Callable[..., Watcher]
+@pytest.mark.parametrize(("option", "layout"), [("-o", "thumbs/64/"), ("--cache", "thumbs/v1/64/")])
+def test_watch_of_a_folder_into_a_bucket_deletes_the_thumbnails_of_a_deleted_or_renamed_file(
+    bucket: Bucket, tmp_path: Path, watching: Callable[..., Watcher], option: str, layout: str
 ) -> None:
     source = tmp_path / "src"
     (source / "trip").mkdir(parents=True)
     make_photo(source / "kept.jpg")
     make_photo(source / "trip" / "gone.jpg", seed=1)
-    watcher = watching(source, "-o", bucket.url("thumbs"), "-s", "64")
+    watcher = watching(source, option, bucket.url("thumbs"), "-s", "64")
     assert watcher.caught_up()["made"] == 2
-    assert sorted(bucket.keys("thumbs/")) == ["thumbs/64/kept.jpg.jpg", "thumbs/64/trip/gone.jpg.jpg"]
+    assert sorted(bucket.keys(layout)) == [f"{layout}kept.jpg.jpg", f"{layout}trip/gone.jpg.jpg"]
     make_photo(source / "trip" / "new.jpg", seed=2)
-    wait_for(lambda: "thumbs/64/trip/new.jpg.jpg" in bucket.keys("thumbs/"), "the new file's thumbnail PUT")
+    wait_for(lambda: f"{layout}trip/new.jpg.jpg" in bucket.keys(layout), "the new file's thumbnail PUT")
     (source / "trip" / "gone.jpg").unlink()
     wait_for(
-        lambda: sorted(bucket.keys("thumbs/")) == ["thumbs/64/kept.jpg.jpg", "thumbs/64/trip/new.jpg.jpg"],
+        lambda: sorted(bucket.keys(layout)) == [f"{layout}kept.jpg.jpg", f"{layout}trip/new.jpg.jpg"],
         "the deleted file's thumbnail deleted from the bucket",
     )
+    (source / "trip").rename(source / "trip 2025")
+    wait_for(
+        lambda: sorted(bucket.keys(layout)) == [f"{layout}kept.jpg.jpg", f"{layout}trip 2025/new.jpg.jpg"],
+        "the renamed folder's thumbnails under its new name only",
+    )
     assert watcher.stop() == ExitCode.OK
-    assert [event["path"] for event in watcher.of("removed")] == [bucket.url("thumbs/64/trip/gone.jpg.jpg")]
+    removed = [event["path"] for event in watcher.of("removed")]
+    assert removed == [bucket.url(f"{layout}trip/gone.jpg.jpg"), bucket.url(f"{layout}trip/new.jpg.jpg")]
 
 
 def test_watch_goes_on_through_an_endpoint_outage_and_loses_nothing(
