@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,20 @@ def test_watch_of_a_bucket_starts_again_on_sighup_and_follows_it(
     assert watcher.stop() == ExitCode.OK
     assert [event["event"] for event in watcher.events].count("reloading") == 1
     assert "Traceback" not in watcher.stderr
+
+
+def test_watch_of_a_bucket_that_does_not_answer_at_the_start_exits_3_in_one_line(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagekit import run_cli
+
+    with socket.socket() as closed:  # bound and not listening: every connection to it is refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        refused = run_cli("watch", bucket.url("lib"), "-o", tmp_path / "out", "--rescan", "1s", timeout=120)
+    assert refused.rc == ExitCode.CANNOT_RUN, refused.stderr
+    assert "not reachable" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_watch_refuses_a_source_that_is_neither_a_folder_nor_a_bucket(tmp_path: Path) -> None:
