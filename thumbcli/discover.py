@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from thumbcli.bucket import ObjectError, is_bucket_url, list_folders, parse
+from thumbcli.bucket import ListedFile, ObjectError, is_bucket_url, list_folders, parse
 from thumbcli.formats import SOURCE_SUFFIXES
 from thumbcli.spec import WalkOptions
 
@@ -136,32 +136,45 @@ def _walk_bucket(
     """
     if part[0] != 0:
         return
-    shard, shards = options.shard
-    place = parse(source)
-    root = place.url
     try:
-        for reldir, files in list_folders(place):
-            if shards > 1 and shard_of(reldir, shards) != shard:
-                continue
-            folders = [reldir.rsplit("/", depth)[0] for depth in range(reldir.count("/") + 1)] if reldir else []
-            if not options.hidden and any(name.startswith(".") for name in reldir.split("/") if name):
-                continue
-            if options.exclude and any(_matches(options.exclude, folder) for folder in folders):
-                continue
-            kept = [
-                file
-                for file in files
-                if (options.hidden or file[0][0] != ".")
-                and is_image_name(file[0])
-                and _filtered_in(options, f"{reldir}/{file[0]}" if reldir else file[0])
-            ]
-            directory = f"{root}/{reldir}" if reldir else root
-            if excluded and f"{directory}/".startswith(excluded):
-                continue
-            if kept:
-                yield DirBatch(root, reldir, directory, kept)
+        yield from bucket_batches(source, list_folders(parse(source)), options, is_image_name, excluded)
     except ObjectError as exc:
-        yield WalkProblem(root, f"cannot list: {exc.strerror}")
+        yield WalkProblem(parse(source).url, f"cannot list: {exc.strerror}")
+
+
+def bucket_batches(
+    source: str,
+    folders: Iterable[tuple[str, list[ListedFile]]],
+    options: WalkOptions,
+    is_image_name: Callable[[str], bool],
+    excluded: tuple[str, ...] = (),
+) -> Iterator[DirBatch]:
+    """The folders of a bucket source's listing (`list_folders`) as batches, by the walk's filters and shard.
+
+    Apart from the listing, so that watch's rescans can also keep what was listed for prune.
+    """
+    shard, shards = options.shard
+    root = parse(source).url
+    for reldir, files in folders:
+        if shards > 1 and shard_of(reldir, shards) != shard:
+            continue
+        parents = [reldir.rsplit("/", depth)[0] for depth in range(reldir.count("/") + 1)] if reldir else []
+        if not options.hidden and any(name.startswith(".") for name in reldir.split("/") if name):
+            continue
+        if options.exclude and any(_matches(options.exclude, folder) for folder in parents):
+            continue
+        kept = [
+            file
+            for file in files
+            if (options.hidden or file[0][0] != ".")
+            and is_image_name(file[0])
+            and _filtered_in(options, f"{reldir}/{file[0]}" if reldir else file[0])
+        ]
+        directory = f"{root}/{reldir}" if reldir else root
+        if excluded and f"{directory}/".startswith(excluded):
+            continue
+        if kept:
+            yield DirBatch(root, reldir, directory, kept)
 
 
 def _filtered_in(options: WalkOptions, relpath: str) -> bool:

@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 @click.option(
     "--rescan",
     type=Duration(),
-    help="Also walk the sources again this often, e.g. 60s (NFS, CIFS: changes made on other hosts).  "
-    "[default: only folders inotify cannot follow, every 60s]",
+    help="Also walk the sources again this often, e.g. 60s (NFS, CIFS: changes made on other hosts); "
+    "bucket sources (s3://...) are listed again this often.  "
+    "[default: only folders inotify cannot follow, every 60s; buckets every 60s]",
 )
 @wait_option
 @json_option("Print one JSON line per file made, failed or removed, and at the catch-up and the end.")
@@ -98,11 +99,11 @@ def watch(
     quiet: bool,
     debug: bool,
 ) -> None:
-    """Make thumbnails of SOURCES (folders), then of every image that lands in them, until stopped.
+    """Make thumbnails of SOURCES (folders or buckets), then of every image that lands in them, until stopped.
 
     First catches up as `generate` would (and removes the thumbnails of files deleted meanwhile),
-    then follows the folders through inotify. SIGTERM finishes the files in flight and exits 0;
-    SIGHUP reads the config file again.
+    then follows the folders through inotify and lists the buckets (s3://bucket/prefix) again
+    every --rescan. SIGTERM finishes the files in flight and exits 0; SIGHUP reads the config file again.
     """
     from thumbcli.run import GenerateRequest
     from thumbcli.watch.service import WatchOptions
@@ -199,7 +200,7 @@ def _on_result(result: FileResult, latency: float | None, json_events: bool, fai
 
 def _on_removed(removal: Removal, json_events: bool) -> None:
     if json_events:
-        _emit({"event": "removed", "path": display_path(removal.path), "reason": removal.reason})
+        _emit({"event": "removed", "path": removal.shown, "reason": removal.reason})
 
 
 def _on_caught_up(summary: GenerateSummary, json_events: bool, quiet: bool) -> None:

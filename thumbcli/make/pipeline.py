@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from thumbcli.bucket import is_bucket_url
+from thumbcli.bucket import EndpointUnreachable, is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile, WalkProblem
 from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
@@ -101,10 +101,13 @@ class Pipeline:
         on_result: Callable[[FileResult], None] | None = None,
         on_walked: Callable[[], None] | None = None,
         batches: Iterable[DirBatch | WalkProblem | int] | None = None,
+        on_unreachable: Callable[[SourceFile, EndpointUnreachable], None] | None = None,
     ) -> None:
         """`batches`: folders to make as they come (watch mode), instead of a walk of `sources`.
 
         They are planned and made in the order they come: none is held back for the walk's end.
+        `on_unreachable`: an object store that does not answer drops the file to it (watch tries again
+        later) instead of stopping the run.
         """
         self._sources = list(sources)
         self._batches = batches
@@ -116,6 +119,7 @@ class Pipeline:
         self._pool: DecoderPool | None = None
         self._pool_lock = threading.Lock()
         self._on_walked = on_walked
+        self._on_unreachable = on_unreachable
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
         #: When decodes still running are given up on (a while after --max-time is up); None: never.
@@ -256,7 +260,12 @@ class Pipeline:
             if not self._byte_budget.take(budget, lambda: self._crash is not None or self._stopping()):
                 continue
             job.budgeted = budget
-            read = self._maker.read(job.source)
+            try:
+                read = self._maker.read(job.source)
+            except EndpointUnreachable as exc:
+                self._byte_budget.give_back(budget)
+                self._dropped(job.source, exc)
+                continue
             if isinstance(read, FileResult):
                 self._byte_budget.give_back(budget)
                 self._tally.report(read)
@@ -335,7 +344,16 @@ class Pipeline:
     def _writer(self) -> None:
         while (job := self._get(self._write_queue)) is not _DONE:
             assert job.outcome is not None
-            self._tally.report(self._maker.write(job.source, job.specs, job.outcome))
+            try:
+                self._tally.report(self._maker.write(job.source, job.specs, job.outcome))
+            except EndpointUnreachable as exc:
+                self._dropped(job.source, exc)
+
+    def _dropped(self, source: SourceFile, exc: EndpointUnreachable) -> None:
+        """A file the object store's outage kept from being made: the run's end, unless a driver takes it."""
+        if self._on_unreachable is None:
+            raise exc
+        self._on_unreachable(source, exc)
 
     # -- orchestration -----------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal
 
@@ -61,7 +62,12 @@ class CacheDirectory(OutputTree):
         cache.write_manifest(self.root, presets | entries if replace else entries | presets)
 
     def prune(
-        self, *, dry_run: bool, current: dict[str, str] | None = None, sources: Mapping[str, str] | None = None
+        self,
+        *,
+        dry_run: bool,
+        current: dict[str, str] | None = None,
+        sources: Mapping[str, str] | None = None,
+        listed: Mapping[str, AbstractSet[str]] | None = None,
     ) -> list[Removal]:
         """Remove thumbnails whose source is gone, whose preset is gone or whose settings changed.
 
@@ -70,6 +76,7 @@ class CacheDirectory(OutputTree):
         `sources` (the config's named sources, name -> path), a thumbnail of a
         source outside them is removed, and one not under its source's name (a
         cache made before the sources were named) is moved there, not remade.
+        `listed`: what bucket places hold, as just listed (see `source_presence`).
         """
         manifest = cache.load_manifest(self.root, strict=False)
         if current is None:
@@ -85,7 +92,7 @@ class CacheDirectory(OutputTree):
         removals: list[Removal] = []
         moves: list[tuple[str, str, Origin]] = []
         origins = self._state.origins()
-        exists = source_presence(origin.source for _, origin in origins)
+        exists = source_presence((origin.source for _, origin in origins), listed)
         for out, origin in origins:
             if origin.preset not in current:
                 reason = f"preset {origin.preset} is no longer configured"
@@ -111,7 +118,7 @@ class CacheDirectory(OutputTree):
         if dry_run:
             return removals
         moved = {self.root / out: self._move(out, placed, origin) for out, placed, origin in moves}
-        self._remove(removals, moved)
+        self._remove(removals, moved, listed)
         kept = {name: entry for name, entry in manifest.items() if name in current}
         if kept != manifest:
             self._write_manifest(kept)

@@ -10,6 +10,7 @@ import os
 import stat
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,20 +95,31 @@ def source_folders(
     return {root: folder_of_path[path] for root, path in by_root.items()}
 
 
-def source_presence(sources: Iterable[bytes]) -> Callable[[bytes], bool]:
+def source_presence(
+    sources: Iterable[bytes], listed: Mapping[str, AbstractSet[str]] | None = None
+) -> Callable[[bytes], bool]:
     """Whether a source (as the state store spells it) still exists: a file, or an object in a listing.
 
     The objects among `sources` are listed once, up front: a bucket has no cheap per-key test.
+    `listed`: objects (URLs) by the bucket place just listed whole (watch's rescan): no second listing of those.
     """
+    listed = listed or {}
+
+    def listing_of(url: str) -> AbstractSet[str] | None:
+        return next((objects for place, objects in listed.items() if url.startswith(f"{place}/")), None)
+
     objects = {os.fsdecode(source) for source in sources if source.startswith(SCHEME_BYTES)}
+    unlisted = {url for url in objects if listing_of(url) is None}
     try:
-        found = existing_objects(objects) if objects else set()
+        found = existing_objects(unlisted) if unlisted else set()
     except ObjectError as exc:  # not listed is not gone: nothing is removed on a failed listing
         raise CannotRunError(f"cannot tell which objects are gone, nothing pruned: {exc.strerror}") from None
 
     def exists(source: bytes) -> bool:
         if source.startswith(SCHEME_BYTES):
-            return os.fsdecode(source) in found
+            url = os.fsdecode(source)
+            listing = listing_of(url)
+            return url in (found if listing is None else listing)
         return os.path.lexists(source)
 
     return exists
@@ -407,16 +419,17 @@ class OutputTree:
         """Why `source` failed before as it is now (asking the database: other runs record too), or None."""
         return self._failures.known_now(source)
 
-    def prune(self, *, dry_run: bool) -> list[Removal]:
+    def prune(self, *, dry_run: bool, listed: Mapping[str, AbstractSet[str]] | None = None) -> list[Removal]:
         """Remove the thumbnails whose source is gone, with their records, and the folders left empty.
 
+        `listed`: what bucket places hold, as just listed (see `source_presence`).
         (A served cache also knows its presets: see CacheDirectory.prune.)
         """
         origins = self._state.origins()
-        exists = source_presence(origin.source for _, origin in origins)
+        exists = source_presence((origin.source for _, origin in origins), listed)
         removals = [self._removal(out, "source is gone") for out, origin in origins if not exists(origin.source)]
         if not dry_run:
-            self._remove(removals, {})
+            self._remove(removals, {}, listed)
         return removals
 
     def _removal(self, out: str, reason: str) -> Removal:
@@ -427,7 +440,12 @@ class OutputTree:
             size = 0
         return Removal(path, size, reason)
 
-    def _remove(self, removals: list[Removal], moved: Mapping[Path, bool]) -> None:
+    def _remove(
+        self,
+        removals: list[Removal],
+        moved: Mapping[Path, bool],
+        listed: Mapping[str, AbstractSet[str]] | None = None,
+    ) -> None:
         """Unlink what `removals` name (not those `moved`), forget their records, remove the folders left empty."""
         for removal in removals:
             if removal.path not in moved:
@@ -445,7 +463,7 @@ class OutputTree:
                 directory = directory.parent
         self._state.forget_signatures(os.path.isdir)
         failed = self._state.failures()
-        self._state.forget_failures(source_presence(failed))
+        self._state.forget_failures(source_presence(failed, listed))
 
     def typical_size(self, spec: ThumbSpec) -> int | None:
         """The mean size of up to 100 existing thumbnails made with `spec`'s settings."""

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from thumbcli.discover import DirBatch, WalkProblem, is_image_name, walk_below
-from thumbcli.errors import SpecError
+from thumbcli.bucket import EndpointUnreachable, is_bucket_url
+from thumbcli.discover import DirBatch, SourceFile, WalkProblem, is_image_name, walk_below
+from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import GenerateJob
 from thumbcli.make.pipeline import Pipeline
 from thumbcli.make.results import FileResult
-from thumbcli.run import GenerateSummary, RunStopper, generate, open_target
+from thumbcli.run import GenerateSummary, RunStopper, destination_urls, generate, open_target
 from thumbcli.targets.plan import Removal, Target
 from thumbcli.targets.tree import OutputTree
+from thumbcli.watch.buckets import BUCKET_RESCAN, BucketRescans, Listings, ObjectStoreTrouble
 from thumbcli.watch.inotify import Changes, Folder, TreeWatcher
 from thumbcli.watch.metrics import WatchMetrics
 from thumbcli.watch.systemd import notify
@@ -48,7 +50,8 @@ WatchEnd = Literal["stopped", "reload"]
 class WatchOptions:
     """How a watch runs beside its job: rescans, the drain on stop, the metrics file."""
 
-    #: Walk every source again this often (filesystems without inotify); None: only what is not watched.
+    #: Walk every source again this often (filesystems without inotify); None: only what is not watched,
+    #: and list bucket sources every BUCKET_RESCAN seconds.
     rescan_seconds: float | None = None
     #: Seconds that the files in flight may take to finish once a stop is asked for.
     drain_seconds: float = 5.0
@@ -76,10 +79,10 @@ class WatchSummary:
 
 
 def require_watchable(job: GenerateJob) -> None:
-    """Refuse a job that watch cannot follow: a source that is not a folder, a shard, a dry run, a cluster, a budget."""
+    """Refuse what watch cannot follow: a source not a folder or bucket, a shard, a dry run, a cluster, a budget."""
     for source in job.sources:
-        if not os.path.isdir(source):
-            raise SpecError(f"{source}: watch follows folders: name the folder that holds it")
+        if not is_bucket_url(source) and not os.path.isdir(source):
+            raise SpecError(f"{source}: watch follows folders and buckets: name the folder that holds it")
     if job.walk.shard[1] > 1 or job.dask is not None or job.dry_run:
         raise SpecError("watch runs on this host, whole and for real: no --shard, --dask or --dry-run")
     if job.run.max_files is not None or job.run.max_seconds is not None:
@@ -146,6 +149,11 @@ class WatchRun:
         self._failed = 0
         self._removed = 0
         self._crash: BaseException | None = None
+        self._folders = [source for source in job.sources if not is_bucket_url(source)]
+        self._buckets = [source for source in job.sources if is_bucket_url(source)]
+        self._trouble = ObjectStoreTrouble(options.rescan_seconds or BUCKET_RESCAN)
+        #: When to walk the folder sources again for files an object store's outage kept from being made.
+        self._retry_at: float | None = None
 
     @property
     def wakeup_fd(self) -> int:
@@ -169,6 +177,9 @@ class WatchRun:
             self._ending = ending
         if self._catching_up is not None:
             self._catching_up.request_stop()
+        self._wake()
+
+    def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, b".")
 
@@ -187,9 +198,9 @@ class WatchRun:
 
     def _run(self, target: Target) -> WatchSummary:
         job = self._job
-        excluded = [str(target.root)]
+        excluded = [str(target.root), *destination_urls(target)]
         # Watching before the catch-up: what lands while it runs is in the queue, not lost.
-        watcher = TreeWatcher(job.sources, job.walk, is_image_name, excluded)
+        watcher = TreeWatcher(self._folders, job.walk, is_image_name, excluded)
         try:
             self._catching_up = RunStopper()
             caught_up = generate(job, on_result=self._caught_up_result, stopper=self._catching_up, opened=target)
@@ -223,13 +234,26 @@ class WatchRun:
             on_skipped=lambda count: self._count_pending(-count),
             on_result=self._live_result,
             batches=feed,
+            on_unreachable=self._unreachable,
         )
         thread = threading.Thread(target=self._run_pipeline, args=(pipeline,), name="watch-pipeline", daemon=True)
         thread.start()
         notify("READY=1")
         log.info("watching %d folders", watcher.watches)
+        buckets = None
+        if self._buckets:
+            buckets = BucketRescans(
+                self._buckets,
+                job.walk,
+                tuple(f"{url.rstrip('/')}/" for url in destination_urls(target)),
+                interval=self._options.rescan_seconds or BUCKET_RESCAN,
+                feed=feed.put,
+                trouble=self._trouble,
+                wake=self._wake,
+                stopping=lambda: self._ending is not None,
+            )
         try:
-            self._loop(target, watcher, feed, excluded)
+            self._loop(target, watcher, feed, excluded, buckets)
         finally:
             feed.close()
             thread.join(self._options.drain_seconds)
@@ -253,15 +277,21 @@ class WatchRun:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_write, b"!")
 
-    def _loop(self, target: Target, watcher: TreeWatcher, feed: BatchFeed, excluded: list[str]) -> None:
-        rescan_every = self._options.rescan_seconds
+    def _loop(
+        self, target: Target, watcher: TreeWatcher, feed: BatchFeed, excluded: list[str], buckets: BucketRescans | None
+    ) -> None:
+        rescan_every = self._options.rescan_seconds if self._folders else None
         if rescan_every is None and watcher.unwatched:
             rescan_every = UNWATCHED_RESCAN
         next_rescan = time.monotonic() + rescan_every if rescan_every is not None else None
         next_metrics = 0.0
+        roots = {(root.rstrip("/") or "/", "") for root in self._folders}
         while self._ending is None and self._crash is None:
             now = time.monotonic()
-            wait = None if next_rescan is None else max(0.0, next_rescan - now)
+            waits = [max(0.0, due - now) for due in (next_rescan, self._retry_at) if due is not None]
+            if buckets is not None and (bucket_wait := buckets.seconds_to_next(now)) is not None:
+                waits.append(bucket_wait)
+            wait = min(waits) if waits else None
             if self._options.metrics_file is not None and self.metrics.changed:
                 due = max(0.0, next_metrics - now)
                 wait = due if wait is None else min(wait, due)
@@ -273,9 +303,13 @@ class WatchRun:
                 self._apply(target, watcher, watcher.changes(0), feed, excluded)
             if next_rescan is not None and rescan_every is not None and time.monotonic() >= next_rescan:
                 everything = self._options.rescan_seconds is not None
-                folders = {(root.rstrip("/") or "/", "") for root in self._job.sources} if everything else set()
-                self._rescan(target, folders | watcher.unwatched, feed, excluded)
+                self._rescan(target, (roots if everything else set()) | watcher.unwatched, feed, excluded)
                 next_rescan = time.monotonic() + rescan_every
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._retry_at = None
+                self._rescan(target, roots, feed, excluded)
+            if buckets is not None:
+                self._follow_buckets(target, buckets)
             if self._options.metrics_file is not None and time.monotonic() >= next_metrics:
                 self.metrics.write(self._options.metrics_file)
                 next_metrics = time.monotonic() + METRICS_EVERY
@@ -309,7 +343,7 @@ class WatchRun:
                 feed.put(item)
         if changes.overflowed:
             log.warning("inotify's event queue overflowed: walking the sources again")
-            roots = {(root.rstrip("/") or "/", "") for root in self._job.sources}
+            roots = {(root.rstrip("/") or "/", "") for root in self._folders}
             for root, _ in roots:
                 watcher.watch_tree(root, "")
             self._rescan(target, roots, feed, excluded, prune=False)
@@ -330,23 +364,56 @@ class WatchRun:
         if prune:
             self._prune(target)
 
-    def _prune(self, target: Target, sources: set[str] | None = None) -> None:
+    def _follow_buckets(self, target: Target, buckets: BucketRescans) -> None:
+        """Start a listing of the bucket sources when one is due; prune by those that ended whole."""
+        for listings in buckets.ended():
+            self.metrics.count(rescans=1)
+            if listings is not None:
+                self._prune(target, listed=listings)
+        buckets.start_if_due(time.monotonic())
+
+    def _unreachable(self, source: SourceFile, exc: EndpointUnreachable) -> None:
+        """A file the object store's outage kept from being made (a pipeline thread): made at the next try."""
+        self._trouble.failed(str(exc))
+        self._count_pending(-1)
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        """Walk the folder sources again (and prune) at the next try, for what an object store's outage left undone.
+
+        A bucket source's objects come again with its next listing; a file of a folder needs a walk.
+        """
+        if self._folders and self._retry_at is None:
+            self._retry_at = time.monotonic() + (self._options.rescan_seconds or BUCKET_RESCAN)
+            self._wake()
+
+    def _prune(self, target: Target, sources: set[str] | None = None, listed: Listings | None = None) -> None:
         """Remove the thumbnails whose source is gone (prune's own judgement, under the lock already held).
 
         `sources`: only files were deleted, these: the desktop cache looks only at their thumbnails.
+        `listed`: what the bucket sources hold, as a rescan just listed them.
+        An object store that cannot say which objects are gone (or take the deletes) leaves all to the next prune.
         """
-        if isinstance(target, OutputTree):  # a served cache too
-            removals = target.prune(dry_run=False)
-        else:
-            from thumbcli.targets.freedesktop import FreedesktopCache
-
-            assert isinstance(target, FreedesktopCache)
-            removals = target.prune(dry_run=False) if sources is None else target.prune_sources(sources)
+        try:
+            removals = self._removals(target, sources, listed)
+        except CannotRunError as exc:
+            self._trouble.failed(str(exc))
+            self._retry_later()
+            return
         self._removed += len(removals)
         self.metrics.count(removed=len(removals))
         if self._on_removed is not None:
             for removal in removals:
                 self._on_removed(removal)
+
+    @staticmethod
+    def _removals(target: Target, sources: set[str] | None, listed: Listings | None) -> list[Removal]:
+        if isinstance(target, OutputTree):  # a served cache too
+            return target.prune(dry_run=False, listed=listed)
+        from thumbcli.targets.freedesktop import FreedesktopCache
+
+        assert isinstance(target, FreedesktopCache)
+        return target.prune(dry_run=False) if sources is None else target.prune_sources(sources)
 
     def _count_pending(self, change: int) -> None:
         with self._lock:
@@ -364,6 +431,8 @@ class WatchRun:
             elif result.status == "failed":
                 self._failed += 1
         latency = now - arrived if arrived is not None else None
+        if result.status == "made":
+            self._trouble.answered()  # an outage that only met PUTs (folders into a bucket) ends here
         self.metrics.count_file(result.status, latency)
         if self._on_result is not None:
             self._on_result(result, latency)
