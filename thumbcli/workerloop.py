@@ -117,6 +117,12 @@ def _reply_for(
     from thumbcli import resample
     from thumbcli.errors import FileRejected
 
+    if loaded_before_switch is not None:
+        # Asked before the decode, not when its import fails: a wheel may import from a folder this
+        # account reads (a virtualenv) and still need standard modules from one it cannot (/root).
+        needed = formats.sniff(view[:1024])
+        if needed is not None and needed.decoder and needed.decoder not in loaded_before_switch:
+            return wire.Reply(wire.NEEDS_WHEEL, reason=needed.decoder)
     try:
         made = resample.resample(
             view, settings.specs, settings.limits, strict=settings.strict, decode_for=settings.decode_for
