@@ -307,8 +307,8 @@ def mimetype_of(name: str, path: str | os.PathLike[str]) -> str:
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
-    """A JPEG's frame size from its SOF segment, walking the segments before it."""
+def jpeg_size(data: Buffer) -> tuple[int, int] | None:
+    """A JPEG's frame size from its SOF segment, walking the segments before it; None when its bytes do not say."""
     at = 2
     while at + 9 <= len(data):
         if data[at] != 0xFF:
@@ -317,21 +317,25 @@ def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             at += 1
             continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
         if marker in _JPEG_SOF:
             height, width = struct.unpack_from(">HH", data, at + 5)
-            return width, height
+            return (width, height) if width and height else None
         at += 2 + struct.unpack_from(">H", data, at + 2)[0]
     return None
 
 
-def _webp_size(data: Buffer) -> tuple[int, int] | None:
+def webp_size(data: Buffer) -> tuple[int, int] | None:
+    """A WebP's canvas size from its first chunk (VP8X, VP8 or VP8L); None when its bytes do not say."""
     chunk = bytes(data[12:16])
     if chunk == b"VP8X" and len(data) >= 30:
         return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-    if chunk == b"VP8 " and len(data) >= 30:
+    if chunk == b"VP8 " and len(data) >= 30 and bytes(data[23:26]) == b"\x9d\x01\x2a":
         width, height = struct.unpack_from("<HH", data, 26)
         return width & 0x3FFF, height & 0x3FFF
-    if chunk == b"VP8L" and len(data) >= 25:
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
         bits = int.from_bytes(data[21:25], "little")
         return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
     return None
@@ -350,11 +354,11 @@ def header_size(data: Buffer) -> tuple[str, int, int] | None:
     if source.probe is not None:
         size = source.probe(data)
     elif source.name == "jpeg":
-        size = _jpeg_size(data)
+        size = jpeg_size(data)
     elif source.name == "png" and len(data) >= 24:
         size = struct.unpack_from(">II", data, 16)
     elif source.name == "gif" and len(data) >= 10:
         size = struct.unpack_from("<HH", data, 6)
     elif source.name == "webp":
-        size = _webp_size(data)
+        size = webp_size(data)
     return None if size is None else (source.label, size[0], size[1])

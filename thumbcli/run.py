@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
@@ -154,32 +154,31 @@ def open_tree(job: GenerateJob, destination: TreeDestination | CacheDestination)
     folders = source_folders(job.sources, job.source_names, named_only=is_cache and bool(job.source_names))
     # Without root folders, several sources (files named one by one) may still claim one name.
     several_sources = len(job.sources) > 1 and not folders
+    # What every kind of tree is opened with: where the walk's folders go, the lock, the shard, failures.
+    opened_with: dict[str, Any] = {
+        "wait_for_lock": job.wait,
+        "source_folders": folders,
+        "shard": job.walk.shard,
+        "retry_failed": job.run.retry_failed,
+    }
     if destination.bucket:
-        return _open_bucket(job, destination, folders, several_sources)
+        return _open_bucket(job, destination, several_sources, opened_with)
     if isinstance(destination, CacheDestination):
-        return CacheDirectory(
-            destination.root,
-            job.specs,
-            wait_for_lock=job.wait,
-            check_collisions=several_sources,
-            source_folders=folders,
-            shard=job.walk.shard,
-            retry_failed=job.run.retry_failed,
-        )
+        return CacheDirectory(destination.root, job.specs, check_collisions=several_sources, **opened_with)
     return OutputTree(
         destination.root,
         job.specs,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
-        wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,
-        source_folders=folders,
-        shard=job.walk.shard,
-        retry_failed=job.run.retry_failed,
+        **opened_with,
     )
 
 
 def _open_bucket(
-    job: GenerateJob, destination: TreeDestination | CacheDestination, folders: dict[str, str], several_sources: bool
+    job: GenerateJob,
+    destination: TreeDestination | CacheDestination,
+    several_sources: bool,
+    opened_with: dict[str, Any],
 ) -> OutputTree:
     """The tree or cache of a destination in a bucket, as `open_tree` opens one on disk."""
     from thumbcli.targets.objects import DEFAULT_CACHE_CONTROL, BucketCache, BucketTree
@@ -191,11 +190,8 @@ def _open_bucket(
             destination.root,
             job.specs,
             cache_control=cache_control,
-            wait_for_lock=job.wait,
             check_collisions=several_sources,
-            source_folders=folders,
-            shard=job.walk.shard,
-            retry_failed=job.run.retry_failed,
+            **opened_with,
         )
     return BucketTree(
         destination.bucket,
@@ -203,11 +199,8 @@ def _open_bucket(
         job.specs,
         cache_control=cache_control,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
-        wait_for_lock=job.wait,
         check_collisions=several_sources or destination.name_template is not None,
-        source_folders=folders,
-        shard=job.walk.shard,
-        retry_failed=job.run.retry_failed,
+        **opened_with,
     )
 
 

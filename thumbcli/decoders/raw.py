@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from thumbcli.decoders import EmbeddedImage, MissingDecoder, Pixels, ScaleNeeded, check_pixels
 from thumbcli.errors import FileRejected
+from thumbcli.formats import jpeg_size
 from thumbcli.spec import Limits
 
 _LABEL = "RAW"
@@ -87,7 +88,7 @@ def _preview(
         return None
     if thumb.format == rawpy.ThumbFormat.JPEG:  # type: ignore[attr-defined]
         jpeg = bytes(thumb.data)
-        return EmbeddedImage(jpeg, orientation) if max(_jpeg_size(jpeg)) >= needed_edge else None
+        return EmbeddedImage(jpeg, orientation) if max(jpeg_size(jpeg) or (0, 0)) >= needed_edge else None
     rgb = thumb.data
     if rgb.ndim == 3:
         check_pixels(_LABEL, rgb.shape[1], rgb.shape[0], limits, "embedded preview")
@@ -149,24 +150,6 @@ def _ifd(data: bytes, order: str, offset: int) -> tuple[dict[int, tuple[int, ...
         tags[tag] = struct.unpack_from(f"{order}{values}{code}", data, at)
     (next_ifd,) = struct.unpack_from(order + "I", data, offset + 2 + 12 * count)
     return tags, next_ifd
-
-
-def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
-    """A JPEG's width and height from its frame header (0, 0 if it has none), without decoding it."""
-    position = 2
-    while position + 9 < len(jpeg):
-        if jpeg[position] != 0xFF:
-            return 0, 0
-        marker = jpeg[position + 1]
-        if marker == 0xFF:
-            position += 1
-            continue
-        (length,) = struct.unpack_from(">H", jpeg, position + 2)
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack_from(">HH", jpeg, position + 5)
-            return width, height
-        position += 2 + length
-    return 0, 0
 
 
 def preload() -> None:
