@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from imagekit import make_photo
@@ -26,3 +27,21 @@ def shared_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 endpoint (moto's server) on 127.0.0.1 for a test module's bucket tests."""
+    from s3kit import moto_running  # only the bucket tests need moto and obstore
+
+    with moto_running(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(moto_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """An empty bucket on `moto_server`, the AWS environment pointing at it."""
+    from s3kit import fresh_bucket
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a bucket destination keeps its records
+    return fresh_bucket(moto_server, monkeypatch)

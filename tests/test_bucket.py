@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pyvips
 from imagekit import cli_command, draw_photo, load, make_photo, output_files, run_cli, save
-from s3kit import Bucket, MotoServer, Relay, fresh_bucket, moto_running
+from s3kit import Bucket, MotoServer, Relay, fresh_bucket
 
 from thumbcli import bucket as bucket_module
 from thumbcli.formats import header_size
@@ -28,18 +27,6 @@ AWKWARD_KEYS = (
     "lib/a+b/c%20d.jpg",
     "lib/日本/写真.jpg",
 )
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    with moto_running(tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a bucket destination keeps its records
-    return fresh_bucket(moto_server, monkeypatch)
 
 
 def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, **options: object) -> bytes:

@@ -12,22 +12,10 @@ from typing import Any
 import pytest
 import pyvips
 from imagekit import draw_photo, make_photo, output_files
-from s3kit import Bucket, MotoServer, Relay, fresh_bucket, moto_running
+from s3kit import Bucket, Relay
 from test_watch import Watcher, wait_for
 
 from thumbcli.errors import ExitCode
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    with moto_running(tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Bucket:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where a bucket destination keeps its records
-    return fresh_bucket(moto_server, monkeypatch)
 
 
 @pytest.fixture
