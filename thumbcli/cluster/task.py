@@ -31,7 +31,7 @@ from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Recor
 from thumbcli.targets.tree import OutputTree
 
 if TYPE_CHECKING:
-    from thumbcli.workers import WorkerOutcome
+    from thumbcli.workers import SourceData, WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -366,15 +366,15 @@ class _ReadAhead:
         if any(is_bucket_url(source.path) for source, _ in todo):
             self._executor = concurrent.futures.ThreadPoolExecutor(self.AHEAD, thread_name_prefix="thumbcli-read")
 
-    def __enter__(self) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
+    def __enter__(self) -> Iterator[tuple[Job, tuple[SourceData, SourceFile] | FileResult]]:
         if self._executor is None:
             return ((job, self._maker.read(job[0])) for job in self._todo)
         return self._ahead(self._executor)
 
     def _ahead(
         self, executor: concurrent.futures.ThreadPoolExecutor
-    ) -> Iterator[tuple[Job, tuple[bytes, SourceFile] | FileResult]]:
-        pending: deque[tuple[Job, concurrent.futures.Future[tuple[bytes, SourceFile] | FileResult]]] = deque()
+    ) -> Iterator[tuple[Job, tuple[SourceData, SourceFile] | FileResult]]:
+        pending: deque[tuple[Job, concurrent.futures.Future[tuple[SourceData, SourceFile] | FileResult]]] = deque()
         jobs = iter(self._todo)
         for job in itertools.islice(jobs, self.AHEAD):
             pending.append((job, executor.submit(self._maker.read, job[0])))

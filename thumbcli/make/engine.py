@@ -7,13 +7,13 @@ asked for it. The drivers only decide what runs when: threads and queues, a task
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from thumbcli import bucket
 from thumbcli.decoders import check_pixels
@@ -24,9 +24,7 @@ from thumbcli.make.results import FileResult
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.plan import Plan, Target
 from thumbcli.targets.state import StateError
-
-if TYPE_CHECKING:
-    from thumbcli.workers import WorkerOutcome
+from thumbcli.workers import OpenedFile, SourceData, WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +39,13 @@ def failure_reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[bytes, SourceFile]:
-    """Read a whole source with blocking I/O, refusing what is not a regular file or is too big.
+def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[SourceData, SourceFile]:
+    """A source to hand to a worker, refusing what is not a regular file or is too big.
 
-    Returns the bytes and the source re-stated from the open file (what was read is what is recorded).
-    An object in a bucket is read by its URL, its size and version as the read found them.
+    A local file is opened and checked, and the kernel starts reading it ahead: its bytes go
+    into the worker's memory file without passing through this process. An object in a bucket
+    is read (by its URL), its size and version as the read found them. Either way the source
+    comes back re-stated as it was opened or read: what is decoded is what is recorded.
     """
     if bucket.is_bucket_url(source.path):
         read = bucket.read_object(source.path, source.size, limits.max_file_size, header_limit(limits))
@@ -63,20 +63,15 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
         limit = limits.max_file_size
         if st.st_size > limit:
             raise FileRejected(f"file is {st.st_size} bytes, over the max-file-size limit of {limit}")
-        chunks = []
-        remaining = limit + 1
-        while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 22))):
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise FileRejected(f"file grew past the max-file-size limit of {limit} while being read")
-    finally:
+        with contextlib.suppress(OSError):  # only a hint
+            os.posix_fadvise(fd, 0, st.st_size, os.POSIX_FADV_WILLNEED)
+    except BaseException:
         os.close(fd)
+        raise
     if (st.st_mtime_ns, st.st_size) != (source.mtime_ns, source.size):
-        # Record what was actually read, not what the walk saw.
+        # Record what was actually opened, not what the walk saw.
         source = SourceFile(source.path, source.root, source.relpath, st.st_size, st.st_mtime_ns)
-    return data, source
+    return OpenedFile(fd, st.st_size), source
 
 
 def header_limit(limits: Limits) -> Callable[[bytes], None]:
@@ -142,8 +137,8 @@ class SourceMaker:
                 (found.stale if plan.freshness == "stale" else found.missing).append((source, plan.specs))
         return found
 
-    def read(self, source: SourceFile) -> tuple[bytes, SourceFile] | FileResult:
-        """The source's bytes and its stat as read, or the failure that reading it was."""
+    def read(self, source: SourceFile) -> tuple[SourceData, SourceFile] | FileResult:
+        """The source to hand to a worker and its stat as read, or the failure that reading it was."""
         try:
             return read_source(source, self._limits, self._follow_symlinks)
         except (OSError, FileRejected) as exc:

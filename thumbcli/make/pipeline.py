@@ -24,7 +24,7 @@ from thumbcli.splitwalk import SplitWalk
 from thumbcli.targets.plan import Target
 
 if TYPE_CHECKING:
-    from thumbcli.workers import WorkerOutcome
+    from thumbcli.workers import SourceData, WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ BUCKET_LOADERS = 16
 class _Loaded:
     source: SourceFile
     specs: tuple[ThumbSpec, ...]
-    data: bytes = b""
+    data: SourceData = b""
     #: What the worker made of it, once it has.
     outcome: WorkerOutcome | None = None
     #: Bytes this job holds of the run's byte budget.
