@@ -312,23 +312,32 @@ from thumbcli.spec import Limits
 paths = sys.argv[1:]
 sources = [SourceFile(p, "/", p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
 
-def page_faults_reading_all():
+def page_faults(read):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for source in sources:
-        read_source(source, Limits(), False)
+        read(source)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-plain = page_faults_reading_all()
+def opened(source):  # a local file: opened, its bytes copied into a worker's memory by the kernel
+    read_source(source, Limits(), False)
+
+def read_whole(source):  # an object from a bucket arrives as bytes of this size
+    with open(source.path, "rb") as file:
+        return file.read()
+
+local = page_faults(opened)
+plain = page_faults(read_whole)
 with _heap_kept:
-    page_faults_reading_all()
-    kept = page_faults_reading_all()
-print(plain, kept)
+    page_faults(read_whole)
+    kept = page_faults(read_whole)
+print(local, plain, kept)
 """
 
 
 def test_a_task_reads_its_files_into_kept_memory_where_dasks_nanny_pins_malloc(tmp_path: Path) -> None:
     # The nanny's environment, in a real process (glibc reads it at start): every 3 MB read
-    # faults in fresh pages unless the task keeps freed memory for the next file.
+    # faults in fresh pages unless the task keeps freed memory for the next file. A local
+    # file's bytes never enter the task's memory at all.
     paths = []
     for index in range(12):
         path = tmp_path / f"{index}.jpg"
@@ -341,7 +350,8 @@ def test_a_task_reads_its_files_into_kept_memory_where_dasks_nanny_pins_malloc(t
         text=True,
         check=True,
     )
-    plain, kept = map(int, probe.stdout.split())
+    local, plain, kept = map(int, probe.stdout.split())
+    assert local < 12 * (3 << 20) // 4096 // 10, probe.stdout
     assert plain > 12 * (3 << 20) // 4096, probe.stdout  # at least a fault per page read
     assert kept < plain / 10, probe.stdout
 
