@@ -10,26 +10,11 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from thumbcli import __version__
-from thumbcli.config import (
-    Config,
-    ConfigError,
-    find_config,
-    has_type,
-    line_of,
-    load_config,
-    located_error,
-    type_mismatch,
-)
-from thumbcli.errors import ExitCode
-from thumbcli.spec import human_bytes
-
-if TYPE_CHECKING:
-    pass
 from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
@@ -44,6 +29,18 @@ from thumbcli.cli.options import (
 )
 from thumbcli.cli.serve import serve
 from thumbcli.cli.watch import watch
+from thumbcli.config import (
+    Config,
+    ConfigError,
+    find_config,
+    has_type,
+    line_of,
+    load_config,
+    located_error,
+    type_mismatch,
+)
+from thumbcli.errors import ExitCode
+from thumbcli.spec import human_bytes
 
 
 @click.group(

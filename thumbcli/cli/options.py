@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 from click.shell_completion import CompletionItem
@@ -18,10 +18,6 @@ from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.config import Config, ConfigError, find_config, load_config
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
 from thumbcli.spec import Limits
-
-if TYPE_CHECKING:
-    pass
-
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
