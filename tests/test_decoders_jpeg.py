@@ -60,7 +60,7 @@ def test_libjpeg_turbo_is_installed() -> None:
     assert jpeg.available()
 
 
-@pytest.mark.parametrize("shrink", [2, 4, 8])
+@pytest.mark.parametrize("shrink", [1, 2, 4, 8])
 @pytest.mark.parametrize("bands", [1, 3])
 def test_scaled_pixels_are_libvips_jpegload_pixels_at_the_same_shrink(tmp_path: Path, shrink: int, bands: int) -> None:
     # Odd edges: libjpeg-turbo rounds the scaled size up, libvips cuts the last part-pixel off.
@@ -81,6 +81,15 @@ def test_scaled_pixels_decline_what_libjpeg_turbo_warns_about_or_cannot_give(tmp
     assert jpeg.scaled_pixels(data[: len(data) // 2], 4, 3) is None  # truncated
     assert jpeg.scaled_pixels(b"\xff\xd8\xff\xe0 not a jpeg", 4, 3) is None
     assert jpeg.scaled_pixels(make_cmyk_jpeg(tmp_path / "cmyk.jpg").read_bytes(), 4, 4) is None
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_small_jpeg_decoded_at_full_size_gives_libvips_own_thumbnail(tmp_path: Path, orientation: int) -> None:
+    # 320x240 to 256: no shrink on load, so libjpeg-turbo decodes it whole, as libvips would.
+    data = make_oriented_jpeg(tmp_path / f"small{orientation}.jpg", orientation, 320, 240).read_bytes()
+    (thumb,) = resample(data, (png_spec("256"),), LIMITS, strict=True).thumbnails
+    assert (thumb.source_width, thumb.source_height) == (320, 240)
+    assert pixels(thumb.data) == libvips_thumbnail(data, thumb.width, thumb.height)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
