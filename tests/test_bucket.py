@@ -440,3 +440,28 @@ def test_a_dask_worker_killed_mid_run_loses_nothing_with_buckets_on_both_sides(b
     assert (summary["made"], summary["failed"]) == (len(keys), 0)
     assert len(bucket.keys("out/")) == len(keys)
     assert all(load_bytes(bucket.get(key)).width == 64 for key in bucket.keys("out/"))
+
+
+def test_an_object_whose_read_stalls_is_one_line_timed_out_and_the_others_are_made(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/stalls.jpg", "lib/sub/b.jpg", "lib/z.jpg"])
+    relay = Relay(bucket.server.port, stall=f"GET /{bucket.name}/lib/stalls.jpg ".encode())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
+    monkeypatch.setenv(bucket_module.TIMEOUT_SETTING, "1")
+    try:
+        run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16", "--json", timeout=50)
+    finally:
+        relay.stop()
+    assert run.rc == 1, run.stderr
+    assert run.failure_lines == [f"failed: {bucket.url('lib/stalls.jpg')}: timed out"], run.stderr
+    assert sorted(p.name for p in output_files(tmp_path / "out")) == ["a.jpg.jpg", "b.jpg.jpg", "z.jpg.jpg"]
+    # Retried a bounded number of times (each after a wait of the setting's second), then given up.
+    assert 2 <= relay.stalled <= 1 + bucket_module.RETRIES
+
+
+def test_a_timeout_setting_not_in_seconds_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for setting in ("soon", "0", "-3", "100000"):
+        monkeypatch.setenv(bucket_module.TIMEOUT_SETTING, setting)
+        run = run_cli("generate", "s3://photos/lib", "-o", tmp_path / "out")
+        assert run.rc == 2 and f"{bucket_module.TIMEOUT_SETTING}={setting}: give seconds" in run.stderr, setting

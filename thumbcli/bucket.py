@@ -30,12 +30,16 @@ SCHEME = "s3://"
 EXTRA = "pip install 'thumbcli[s3]'"
 #: Bytes of an object read first to judge --max-pixels from its header before fetching the rest.
 HEADER_BYTES = 64 * 1024
-#: Seconds a request may take in all (connect, send, read the body) before it is retried.
-REQUEST_SECONDS = 60
+#: The setting (seconds) of how long a request may wait for the store's next byte before it is retried.
+TIMEOUT_SETTING = "THUMBCLI_S3_TIMEOUT"
+#: Seconds a request may wait for the store's next byte (a response that stalls) unless told otherwise.
+STALL_SECONDS = 20.0
+#: Seconds a whole request may take (connect, send, read the body), however steadily the bytes come.
+REQUEST_SECONDS = 600
 #: Retries of a failed request (5xx, throttling, dropped connections, timeouts), with backoff.
 RETRIES = 4
-#: Seconds after which retrying a request is given up, whatever the count.
-RETRY_SECONDS = 30
+#: Retrying a request is given up after this many stall timeouts' worth of seconds, whatever the count.
+RETRY_STALLS = 3
 
 
 def is_bucket_url(path: str) -> bool:
@@ -140,6 +144,25 @@ def _profile_settings() -> dict[str, str]:
     return found
 
 
+def stall_seconds() -> float:
+    """How long a request may wait for the store's next byte: $THUMBCLI_S3_TIMEOUT seconds, else STALL_SECONDS.
+
+    A stalled response (the store took the request and sends nothing) fails that one object with
+    `timed out` after about RETRY_STALLS such waits, while a large object read steadily takes as
+    long as it needs (up to REQUEST_SECONDS).
+    """
+    setting = os.environ.get(TIMEOUT_SETTING, "").strip()
+    if not setting:
+        return STALL_SECONDS
+    try:
+        seconds = float(setting)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= REQUEST_SECONDS:
+        raise SpecError(f"{TIMEOUT_SETTING}={setting}: give seconds, more than 0 and at most {REQUEST_SECONDS}")
+    return seconds
+
+
 def _store(bucket: str) -> S3Store:
     """The client of one bucket, made once per process and shared by every thread."""
     with _stores_lock:
@@ -151,17 +174,19 @@ def _store(bucket: str) -> S3Store:
             config: dict[str, Any] = _profile_settings()
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
             endpoint = endpoint or config.get("endpoint", "")
+            stall = stall_seconds()
             store = S3Store(
                 bucket,
                 config=config,  # type: ignore[arg-type]
                 client_options={
                     "allow_http": endpoint.startswith("http://"),
-                    "timeout": datetime.timedelta(seconds=REQUEST_SECONDS),
-                    "connect_timeout": datetime.timedelta(seconds=5),
+                    "timeout": datetime.timedelta(seconds=max(REQUEST_SECONDS, stall)),
+                    "read_timeout": datetime.timedelta(seconds=stall),
+                    "connect_timeout": datetime.timedelta(seconds=min(5.0, stall)),
                 },
                 retry_config={
                     "max_retries": RETRIES,
-                    "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
+                    "retry_timeout": datetime.timedelta(seconds=RETRY_STALLS * stall),
                     "backoff": {
                         "init_backoff": datetime.timedelta(milliseconds=100),
                         "max_backoff": datetime.timedelta(seconds=5),
