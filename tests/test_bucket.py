@@ -16,6 +16,7 @@ from imagekit import cli_command, draw_photo, load, make_photo, output_files, ru
 from s3kit import Bucket, MotoServer, Relay, fresh_bucket
 
 from thumbcli import bucket as bucket_module
+from thumbcli.cache import read_manifest, resolve_url, url_path_for
 from thumbcli.formats import header_size
 from thumbcli.fsutil import TEMP_PREFIX
 
@@ -465,3 +466,53 @@ def test_a_timeout_setting_not_in_seconds_is_a_usage_error(tmp_path: Path, monke
         monkeypatch.setenv(bucket_module.TIMEOUT_SETTING, setting)
         run = run_cli("generate", "s3://photos/lib", "-o", tmp_path / "out")
         assert run.rc == 2 and f"{bucket_module.TIMEOUT_SETTING}={setting}: give seconds" in run.stderr, setting
+
+
+PRESETS = '[presets.small]\nsize = "64"\nformat = "webp"\n\n[presets.large]\nsize = "200"\nformat = "jpeg"\n'
+
+
+def test_a_second_client_into_a_bucket_cache_keeps_the_presets_the_first_entered(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_photo(tmp_path / "src" / "a b.jpg")
+    (tmp_path / "thumbcli.toml").write_text(PRESETS)
+    cache_url = bucket.url("cdn/thumbs")
+    for preset, host in (("small", "one"), ("large", "two")):
+        # Each client with its own records: a fresh state home, as another machine.
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / f"state-{host}"))
+        run = run_cli(
+            "--config", tmp_path / "thumbcli.toml", "generate", tmp_path / "src", "--cache", cache_url, "-p", preset
+        )
+        assert run.rc == 0, run.stderr
+    manifest = json.loads(bucket.get("cdn/thumbs/thumbcli-cache.json"))
+    assert sorted(manifest["presets"]) == ["large", "small"]
+    assert {name: entry["format"] for name, entry in manifest["presets"].items()} == {"large": "jpeg", "small": "webp"}
+    assert sorted(bucket.keys("cdn/thumbs/v1/")) == [
+        "cdn/thumbs/v1/large/a b.jpg.jpg",
+        "cdn/thumbs/v1/small/a b.jpg.webp",
+    ]
+    # What a CDN serves from the bucket resolves both presets' URLs, as `thumbcli serve` would on a copy.
+    served = tmp_path / "copy"
+    for key in bucket.keys("cdn/thumbs/"):
+        target = served / key.removeprefix("cdn/thumbs/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bucket.get(key))
+    manifest_formats = read_manifest(served)
+    for preset in ("small", "large"):
+        found = resolve_url(served, url_path_for(preset, "a b.jpg"), manifest_formats)
+        assert found is not None and found.path.is_file(), preset
+    # The first client, back again, keeps the second's preset too.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-one"))
+    again = run_cli(
+        "--config",
+        tmp_path / "thumbcli.toml",
+        "generate",
+        tmp_path / "src",
+        "--cache",
+        cache_url,
+        "-p",
+        "small",
+        "--json",
+    )
+    assert again.rc == 0 and again.summary["made"] == 0, again.stderr
+    assert sorted(json.loads(bucket.get("cdn/thumbs/thumbcli-cache.json"))["presets"]) == ["large", "small"]

@@ -350,6 +350,22 @@ def read_object(
     return ReadObject(data, meta["size"], version_ns(meta["last_modified"], meta["e_tag"]))
 
 
+def fetch_object(url: str) -> bytes | None:
+    """A small object's bytes (a manifest), or None when there is no such key."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    place = parse(url)
+    store = _store(place.bucket)
+    try:
+        return bytes(obstore.get(store, place.prefix).bytes())
+    except Exception as exc:
+        failure = _failed(exc, f"cannot read {url}")
+        if failure.strerror == "no such key":
+            return None
+        raise failure from None
+
+
 def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> None:
     """Store `data` at `url` in one PUT (whole or not at all, as object stores write), with its headers."""
     _obstore()  # the one-line error when it is missing

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from thumbcli import cache
-from thumbcli.bucket import delete_objects, put_object
+from thumbcli.bucket import delete_objects, fetch_object, put_object
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Thumbnail, ThumbSpec
 from thumbcli.targets.plan import Removal, judge
@@ -71,11 +71,22 @@ class BucketTree(OutputTree):
 class BucketCache(BucketTree, CacheDirectory):
     """A served cache (`--cache s3://bucket/prefix`): its layout and manifest in the bucket, records kept locally."""
 
+    def _recorded_presets(self) -> dict[str, dict[str, object]]:
+        """The presets of the local copy and of the manifest in the bucket, the bucket's winning.
+
+        The bucket's manifest is what a CDN serves from, and other clients (with records of their
+        own) may have entered presets there: a client that knew only its local copy would drop them.
+        """
+        url = self.object_url(cache.MANIFEST_NAME)
+        in_bucket = fetch_object(url)
+        local = super()._recorded_presets()
+        return local if in_bucket is None else local | cache.manifest_presets(in_bucket, url, strict=False)
+
     def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
-        """The manifest written as on disk (the local copy in the state folder), and PUT when it changed."""
-        path = self.root / cache.MANIFEST_NAME
-        before = path.read_bytes() if path.exists() else b""
+        """The manifest written as on disk (the local copy in the state folder), and PUT when the bucket's differs."""
+        url = self.object_url(cache.MANIFEST_NAME)
+        in_bucket = fetch_object(url)
         super()._write_manifest(presets, replace=replace)
-        after = path.read_bytes()
-        if after != before:
-            put_object(self.object_url(cache.MANIFEST_NAME), after, "application/json", "no-cache")
+        written = (self.root / cache.MANIFEST_NAME).read_bytes()
+        if written != in_bucket:
+            put_object(url, written, "application/json", "no-cache")

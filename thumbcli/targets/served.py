@@ -54,7 +54,11 @@ class CacheDirectory(OutputTree):
             shard=shard,
             retry_failed=retry_failed,
         )
-        self._write_manifest(cache.load_manifest(root, strict=False), replace=manifest == "enter")
+        self._write_manifest(self._recorded_presets(), replace=manifest == "enter")
+
+    def _recorded_presets(self) -> dict[str, dict[str, object]]:
+        """The presets the manifest records now ({} when it is missing or unreadable: written anew)."""
+        return cache.load_manifest(self.root, strict=False)
 
     def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
         """Write the manifest: `presets` with this run's specs entered (or, without `replace`, only those it lacks)."""
