@@ -516,3 +516,33 @@ def test_a_second_client_into_a_bucket_cache_keeps_the_presets_the_first_entered
     )
     assert again.rc == 0 and again.summary["made"] == 0, again.stderr
     assert sorted(json.loads(bucket.get("cdn/thumbs/thumbcli-cache.json"))["presets"]) == ["large", "small"]
+
+
+def test_prune_moves_a_bucket_cache_made_before_its_sources_were_named(bucket: Bucket, tmp_path: Path) -> None:
+    names = ("IMG_0001.JPG", "sub/IMG_0002.JPG")
+    for seed, name in enumerate(names):
+        make_photo(tmp_path / "phone" / name, seed=seed)
+    cache_url = bucket.url("cdn")
+    config = tmp_path / "thumbcli.toml"
+    preset = '[presets.small]\nsize = "64"\nformat = "webp"\n'
+    config.write_text(f'cache = "{cache_url}"\nsources = ["{tmp_path / "phone"}"]\n{preset}')
+    first = run_cli("--config", config, "generate", "--cache-control", "public, max-age=60")
+    assert first.rc == 0, first.stderr
+    before = {key: bucket.get(key) for key in bucket.keys("cdn/v1/")}
+    assert sorted(before) == [f"cdn/v1/small/{name}.webp" for name in names]
+    config.write_text(f'cache = "{cache_url}"\n[sources]\nphone = "{tmp_path / "phone"}"\n{preset}')
+    planned = run_cli("--config", config, "prune", "--cache", cache_url, "--dry-run")
+    assert planned.rc == 0, planned.stderr
+    assert sorted(planned.stdout.splitlines()) == [
+        f"{bucket.url(f'cdn/v1/small/{name}.webp')}\t0\tmoved to v1/small/phone/{name}.webp" for name in names
+    ]
+    assert sorted(bucket.keys("cdn/v1/")) == sorted(before)
+    moved = run_cli("--config", config, "prune", "--cache", cache_url)
+    assert moved.rc == 0, moved.stderr
+    after = {key: bucket.get(key) for key in bucket.keys("cdn/v1/")}
+    assert after == {key.replace("cdn/v1/small/", "cdn/v1/small/phone/"): data for key, data in before.items()}
+    head = bucket.head("cdn/v1/small/phone/IMG_0001.JPG.webp")
+    assert (head["ContentType"], head["CacheControl"]) == ("image/webp", "public, max-age=60")
+    again = run_cli("--config", config, "generate", "--json")
+    assert (again.rc, again.summary["made"], again.summary["skipped"]) == (0, 0, len(names)), again.stderr
+    assert sorted(bucket.keys("cdn/v1/")) == sorted(after)

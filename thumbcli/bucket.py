@@ -381,6 +381,21 @@ def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> 
         raise _failed(exc, f"cannot write {url}") from None
 
 
+def copy_object(from_url: str, to_url: str) -> None:
+    """Copy an object to another key of its bucket, on the store's side (its headers go with it)."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    source, target = parse(from_url), parse(to_url)
+    if source.bucket != target.bucket:
+        raise ValueError(f"{from_url} -> {to_url}: a copy stays in its bucket")
+    store = _store(source.bucket)
+    try:
+        obstore.copy(store, source.prefix, target.prefix)
+    except Exception as exc:
+        raise _failed(exc, f"cannot copy {from_url}") from None
+
+
 def delete_objects(urls: Iterable[str]) -> None:
     """Delete objects (an absent one is no error)."""
     _obstore()  # the one-line error when it is missing

@@ -8,17 +8,20 @@ under the local lock), and folders are never skipped whole by signature.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from thumbcli import cache
-from thumbcli.bucket import delete_objects, fetch_object, put_object
+from thumbcli.bucket import ObjectError, copy_object, delete_objects, fetch_object, put_object
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Thumbnail, ThumbSpec
 from thumbcli.targets.plan import Removal, judge
 from thumbcli.targets.served import CacheDirectory
-from thumbcli.targets.state import FolderSignature
+from thumbcli.targets.state import FolderSignature, Origin
 from thumbcli.targets.tree import OutputTree, wanted_record
+
+log = logging.getLogger(__name__)
 
 #: Cache-Control of a thumbnail in a bucket unless told otherwise: as `thumbcli serve` sends it.
 DEFAULT_CACHE_CONTROL = "public, max-age=86400"
@@ -81,6 +84,21 @@ class BucketCache(BucketTree, CacheDirectory):
         in_bucket = fetch_object(url)
         local = super()._recorded_presets()
         return local if in_bucket is None else local | cache.manifest_presets(in_bucket, url, strict=False)
+
+    def _holds(self, relative: str) -> bool:
+        """Whether the records know a thumbnail at `relative` (they alone say what the bucket holds)."""
+        return self._state.fetch(relative) is not None
+
+    def _move(self, out: str, placed: str, origin: Origin) -> bool:
+        """Copy a thumbnail to its named source's place in the bucket (headers and all), then delete it there."""
+        try:
+            copy_object(self.object_url(out), self.object_url(placed))
+        except ObjectError as exc:
+            log.warning("not moved: %s: %s", self.object_url(out), exc.strerror)
+            return False
+        self._state.record(placed, origin)
+        self._unlink(out)
+        return True
 
     def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
         """The manifest written as on disk (the local copy in the state folder), and PUT when the bucket's differs."""
