@@ -380,14 +380,53 @@ def test_a_bucket_is_refused_for_the_desktop_cache_and_a_bad_url_is_a_usage_erro
     assert no_bucket.rc == 2 and "name a bucket" in no_bucket.stderr
 
 
-def test_a_key_object_store_cannot_name_is_one_line_naming_it(bucket: Bucket, tmp_path: Path) -> None:
-    fill(bucket, ["lib/a.jpg"])
-    bucket.put("lib/x/../escape.jpg", jpeg_bytes())
-    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16")
+def test_a_key_object_store_cannot_name_costs_only_itself_and_hides_nothing_from_prune(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/d/-dash.jpg", "lib/d/ok.jpg", "lib/e/f.jpg"])
+    out = tmp_path / "out"
+    assert run_cli("generate", bucket.url("lib"), "-o", out, "-s", "16").rc == 0
+    bucket.put("lib/d//empty.jpg", jpeg_bytes())
+    bucket.put("lib/x/../escape.jpg", jpeg_bytes(seed=1))
+    fill(bucket, ["lib/z.jpg"])
+    run = run_cli("generate", bucket.url("lib"), "-o", out, "-s", "16", "--json")
     assert run.rc == 1 and "Traceback" not in run.stderr
-    assert len(run.failure_lines) == 1
-    assert "key lib/x/../escape.jpg cannot be named" in run.failure_lines[0]
-    assert not (tmp_path / "escape.jpg.jpg").exists() and not (tmp_path / "out" / "escape.jpg.jpg").exists()
+    assert sorted(run.failure_lines) == [
+        f"failed: {bucket.url('lib/d//empty.jpg')}: key cannot be read by this client (empty path segment)",
+        f"failed: {bucket.url('lib/x/../escape.jpg')}: key cannot be read by this client (a '..' path segment)",
+    ]
+    assert run.summary["made"] == 1  # lib/z.jpg, past them
+    assert not (tmp_path / "escape.jpg.jpg").exists() and not (out / "escape.jpg.jpg").exists()
+    made = sorted(path.relative_to(out / "16").as_posix() for path in output_files(out))
+    assert made == ["a.jpg.jpg", "d/-dash.jpg.jpg", "d/ok.jpg.jpg", "e/f.jpg.jpg", "z.jpg.jpg"]
+    # '-dash.jpg' sorts before 'd//' in its folder on the same page: the listing cannot see it, and
+    # prune does not take that for gone.
+    pruned = run_cli("prune", "-o", out, "--json")
+    assert pruned.rc == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["files"] == 0
+    assert len(output_files(out)) == len(made)
+
+
+def test_keys_object_store_cannot_name_on_the_first_page_of_many_cost_only_themselves(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    tiny = jpeg_bytes(16, 16)
+    good = [f"many/d{i % 7}/img {i:04d}.jpg" for i in range(1_050)] + ["many/a.jpg", "many/c/x.jpg", "many/zz.jpg"]
+    bad = ["many/d0//first page.jpg", "many/d5/../up.jpg", "many/zz/./later page.jpg"]
+    for key in good + bad:
+        bucket.put(key, tiny)
+    listed = bucket.keys("many/")
+    assert listed.index(bad[0]) < 1_000 and listed.index(bad[1]) < 1_000 and listed.index(bad[2]) > 1_000
+    before = len(bucket.server.requests())
+    run = run_cli("generate", bucket.url("many"), "-o", tmp_path / "out", "-s", "8", "--dry-run", "--json")
+    assert run.rc == 1, run.stderr
+    assert sorted(run.failure_lines) == sorted(
+        f"failed: {bucket.url(key)}: key cannot be read by this client ({why})"
+        for key, why in zip(bad, ["empty path segment", "a '..' path segment", "a '.' path segment"], strict=True)
+    )
+    assert run.summary["found"] == len(good) + len(bad)  # each failure among them
+    assert bucket.source_gets(before) == []
+    assert run.summary["planned"] == len(good)  # each good key once: none lost beside the bad ones, none twice
 
 
 def test_keys_the_store_does_not_know_are_one_line_access_denied(
