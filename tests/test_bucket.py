@@ -585,3 +585,31 @@ def test_prune_moves_a_bucket_cache_made_before_its_sources_were_named(bucket: B
     again = run_cli("--config", config, "generate", "--json")
     assert (again.rc, again.summary["made"], again.summary["skipped"]) == (0, 0, len(names)), again.stderr
     assert sorted(bucket.keys("cdn/v1/")) == sorted(after)
+
+
+@pytest.mark.parametrize("destination", ["-o", "--cache"])
+def test_verify_destination_makes_again_a_thumbnail_deleted_from_the_bucket(
+    bucket: Bucket, tmp_path: Path, destination: str
+) -> None:
+    make_photo(tmp_path / "src" / "kept.jpg")
+    make_photo(tmp_path / "src" / "sub" / "deleted behind our back.jpg", seed=1)
+    args = ("generate", tmp_path / "src", destination, bucket.url("thumbs"), "-s", "32", "--json")
+    assert run_cli(*args).rc == 0
+    layout = "thumbs/32/" if destination == "-o" else "thumbs/v1/32/"
+    gone = f"{layout}sub/deleted behind our back.jpg.jpg"
+    first = bucket.get(gone)
+    bucket.delete(gone)
+    trusting = run_cli(*args)
+    assert (trusting.rc, trusting.summary["made"]) == (0, 0), trusting.stderr  # the records alone say it is there
+    before = len(bucket.server.requests())
+    verified = run_cli(*args, "--verify-destination")
+    assert (verified.rc, verified.summary["made"], verified.summary["skipped"]) == (0, 1, 1), verified.stderr
+    assert bucket.get(gone) == first
+    listings = [path for _, path in bucket.server.requests()[before:] if "list-type=2" in path]
+    assert len(listings) == 1 and "prefix=thumbs/" in listings[0]
+
+
+def test_verify_destination_is_for_a_bucket_destination(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg")
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--verify-destination")
+    assert run.rc == 2 and "--verify-destination is for a destination in a bucket" in run.stderr

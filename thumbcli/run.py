@@ -83,6 +83,8 @@ class GenerateRequest:
     cache_dir: Path | str | None = None
     #: The Cache-Control of each thumbnail PUT to a bucket ("": the default).
     cache_control: str = ""
+    #: List a bucket destination at the start (a thumbnail deleted there is made again).
+    verify_destination: bool = False
     #: The cache was named by the config or environment, not on the command line.
     cache_configured: bool = False
     flavours: tuple[str, ...] = ()
@@ -111,6 +113,7 @@ class GenerateRequest:
             self.name_template,
             cache_configured=self.cache_configured,
             cache_control=self.cache_control,
+            verify_destination=self.verify_destination,
         )
         specs = choose_specs(config, destination, self)
         cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
@@ -190,6 +193,7 @@ def _open_bucket(
             destination.root,
             job.specs,
             cache_control=cache_control,
+            verify=destination.verify,
             check_collisions=several_sources,
             **opened_with,
         )
@@ -198,6 +202,7 @@ def _open_bucket(
         destination.root,
         job.specs,
         cache_control=cache_control,
+        verify=destination.verify,
         name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
         check_collisions=several_sources or destination.name_template is not None,
         **opened_with,

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from thumbcli import cache
-from thumbcli.bucket import ObjectError, copy_object, delete_objects, fetch_object, put_object
+from thumbcli.bucket import (
+    ObjectError,
+    UnreadableKey,
+    copy_object,
+    delete_objects,
+    fetch_object,
+    list_folders,
+    parse,
+    put_object,
+)
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Thumbnail, ThumbSpec
 from thumbcli.targets.plan import Removal, judge
@@ -37,12 +46,18 @@ class BucketTree(OutputTree):
         specs: tuple[ThumbSpec, ...],
         *,
         cache_control: str = DEFAULT_CACHE_CONTROL,
+        verify: bool = False,
         **options: Any,
     ) -> None:
-        """`options` are the folder tree's (or cache's); its records and lock are kept in `state_root`."""
+        """`options` are the folder tree's (or cache's); its records and lock are kept in `state_root`.
+
+        `verify`: list the bucket once, now, and take a thumbnail that is not there for missing,
+        whatever the records say (one request per 1,000 objects; else the records alone are trusted).
+        """
         self.url = url.rstrip("/")
         self.cache_control = cache_control
         super().__init__(state_root, specs, **options)
+        self._held = _names_by_folder(self.url) if verify else None
 
     def object_url(self, relative: str) -> str:
         """The URL of the thumbnail at `relative`."""
@@ -58,6 +73,8 @@ class BucketTree(OutputTree):
         return Removal(self.root / out, 0, reason, self.object_url(out))
 
     def _names_in(self, folder: str) -> frozenset[str]:
+        if self._held is not None:
+            return self._held.get(folder, frozenset())
         # The records are what the bucket holds: listing it per folder would cost a request each.
         return frozenset(self._state.folder(folder))
 
@@ -67,8 +84,21 @@ class BucketTree(OutputTree):
 
     def is_fresh(self, source: SourceFile, spec: ThumbSpec) -> bool:
         """Whether `spec`'s thumbnail of `source` is current by the records (asking the database)."""
-        recorded = self._state.fetch(self.relative_output(source, spec))
+        relative = self.relative_output(source, spec)
+        if self._held is not None and relative.rpartition("/")[2] not in self._names_in(relative.rpartition("/")[0]):
+            return False
+        recorded = self._state.fetch(relative)
         return judge(recorded, wanted_record(source.mtime_ns, source.size, spec), False) == "fresh"
+
+
+def _names_by_folder(url: str) -> dict[str, frozenset[str]]:
+    """The names of the objects under `url`, by folder relative to it, from one listing."""
+    held: dict[str, frozenset[str]] = {}
+    for listed in list_folders(parse(url)):
+        if not isinstance(listed, UnreadableKey):
+            reldir, files = listed
+            held[reldir] = frozenset(name for name, _, _ in files)
+    return held
 
 
 class BucketCache(BucketTree, CacheDirectory):
