@@ -1,7 +1,8 @@
 """`thumbcli generate` with object storage against a local moto S3 server, side by side with its references.
 
     python bench/bench_s3.py [--objects 10000] [--images 200] [--repeat 3] [--latency-ms 50]
-                             [--scenarios rerun,verify,camera,latency] [--workdir DIR]
+                             [--scenarios rerun,verify,camera,latency] [--verify-sizes 1]
+                             [--workdir DIR]
 
 Starts `moto_server` on 127.0.0.1 (the network is never left) and times, each command once
 untimed first, the median of REPEAT interleaved runs:
@@ -170,7 +171,9 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def rerun_scenario(port: int, env: dict[str, str], work: Path, objects: int, repeat: int, verify: bool) -> None:
+def rerun_scenario(
+    port: int, env: dict[str, str], work: Path, objects: int, repeat: int, verify: bool, verify_sizes: int = 1
+) -> None:
     client = s3_client(port)
     client.create_bucket(Bucket="rerun")  # type: ignore[attr-defined]
     tiny: bytes = make_photo(16, 12, 0).jpegsave_buffer()
@@ -184,9 +187,10 @@ def rerun_scenario(port: int, env: dict[str, str], work: Path, objects: int, rep
     }
     if verify:
         # The same rerun into a bucket destination, trusting the records and listing the destination.
-        bucket_out = ("s3://rerun/thumbs", "-s", "8")
+        sizes = [arg for size in range(verify_sizes) for arg in ("-s", str(8 + size))]
+        bucket_out = ("s3://rerun/thumbs", *sizes)
         first = run_measured(thumbcli("s3://rerun/lib", "-o", *bucket_out), env)
-        print(f"verify: first run into the bucket made {objects} in {first['wall']:.1f} s")
+        print(f"verify: first run into the bucket made {objects * verify_sizes} in {first['wall']:.1f} s")
         runs["rerun into bucket"] = lambda: run_measured(thumbcli("s3://rerun/lib", "-o", *bucket_out), env)
         runs["... --verify-dest"] = lambda: run_measured(
             thumbcli("s3://rerun/lib", "-o", *bucket_out, "--verify-destination"), env
@@ -201,7 +205,7 @@ def rerun_scenario(port: int, env: dict[str, str], work: Path, objects: int, rep
         trusting = figures["rerun into bucket"]["wall"] / listing
         verified = figures["... --verify-dest"]["wall"] / listing
         print(
-            f"RESULT rerun into a bucket / bare listing: {trusting:.2f}x wall; "
+            f"RESULT rerun into a bucket at {verify_sizes} size(s) / bare listing: {trusting:.2f}x wall; "
             f"with --verify-destination {verified:.2f}x (target <= 1.5x)"
         )
 
@@ -286,6 +290,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=50)
     ap.add_argument("--scenarios", default="rerun,camera,latency")
+    ap.add_argument("--verify-sizes", type=int, default=1, help="thumbnail sizes of the verify scenario's bucket")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench")
     args = ap.parse_args()
     scenarios = set(args.scenarios.split(","))
@@ -296,7 +301,7 @@ def main() -> None:
         with moto_server(work) as port:
             env = dict(FAKE_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", XDG_STATE_HOME=str(work / "state"))
             if scenarios & {"rerun", "verify"}:
-                rerun_scenario(port, env, work, args.objects, args.repeat, "verify" in scenarios)
+                rerun_scenario(port, env, work, args.objects, args.repeat, "verify" in scenarios, args.verify_sizes)
             if scenarios & {"camera", "latency"}:
                 images = camera_set(args.workdir, args.images)
                 camera_scenario(port, env, work, images, args.repeat)

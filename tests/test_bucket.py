@@ -613,3 +613,14 @@ def test_verify_destination_is_for_a_bucket_destination(tmp_path: Path) -> None:
     make_photo(tmp_path / "src" / "a.jpg")
     run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--verify-destination")
     assert run.rc == 2 and "--verify-destination is for a destination in a bucket" in run.stderr
+
+
+@pytest.mark.parametrize("destination", [("-o", "--verify-destination"), ("--cache",)])
+def test_a_destination_bucket_that_is_not_there_is_one_line_and_exit_3(
+    bucket: Bucket, tmp_path: Path, destination: tuple[str, ...]
+) -> None:
+    make_photo(tmp_path / "src" / "a.jpg")
+    option, *flags = destination
+    run = run_cli("generate", tmp_path / "src", option, f"s3://{bucket.name}-absent/thumbs", *flags)
+    assert run.rc == 3 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"thumbcli: error: s3://{bucket.name}-absent/thumbs: no such bucket"
