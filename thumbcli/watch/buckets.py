@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from thumbcli.bucket import EndpointUnreachable, ListedFile, ObjectError, UnreadableKey, list_folders, parse
-from thumbcli.discover import DirBatch, bucket_batches, is_image_name
+from thumbcli.discover import DirBatch, WalkProblem, bucket_batches, is_image_name
 from thumbcli.spec import WalkOptions
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,16 @@ class BucketRescans:
         excluded: tuple[str, ...],
         *,
         interval: float,
-        feed: Callable[[DirBatch], None],
+        feed: Callable[[DirBatch | WalkProblem], None],
+        named: set[str] | None = None,
         trouble: ObjectStoreTrouble,
         wake: Callable[[], None],
         stopping: Callable[[], bool],
     ) -> None:
-        """`excluded`: destinations in buckets, each URL ending in '/'; `wake` tells the loop a rescan ended."""
+        """`excluded`: destinations in buckets, each URL ending in '/'; `wake` tells the loop a rescan ended.
+
+        `named`: failures already said (the catch-up's), an unreadable key among them not said again.
+        """
         self._sources = list(sources)
         self._walk = walk
         self._excluded = excluded
@@ -83,7 +87,7 @@ class BucketRescans:
         self._ended: queue.SimpleQueue[Listings | None] = queue.SimpleQueue()
         self._due = time.monotonic() + interval
         #: Unreadable keys already named: once each, not at every rescan.
-        self._named: set[str] = set()
+        self._named: set[str] = set(named or ())
 
     def seconds_to_next(self, now: float) -> float | None:
         """Seconds until the next rescan is due; None while one runs (its end wakes the loop)."""
@@ -139,11 +143,10 @@ class BucketRescans:
                 ):
                     if self._stopping():
                         return None
-                    if isinstance(batch, DirBatch):
+                    if isinstance(batch, DirBatch) or batch.path not in self._named:
                         self._feed(batch)
-                    elif batch.path not in self._named:
+                    if isinstance(batch, WalkProblem):
                         self._named.add(batch.path)
-                        log.warning("failed: %s: %s", batch.path, batch.reason)
             except ObjectError as exc:
                 raise EndpointUnreachable(f"cannot list {url}: {exc.strerror}") from None
             if not unreadable:  # else keys beside one may have gone unseen: prune asks the store itself
