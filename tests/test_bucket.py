@@ -407,6 +407,17 @@ def test_a_key_object_store_cannot_name_costs_only_itself_and_hides_nothing_from
     assert len(output_files(out)) == len(made)
 
 
+def test_a_key_with_a_control_character_is_named_escaped_and_the_rest_made(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/s/c\x01d.jpg", "lib/s/z.jpg", "lib/t/u.jpg"])
+    run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16")
+    assert run.rc == 1 and "Traceback" not in run.stderr
+    assert run.failure_lines == [
+        f"failed: {bucket.url('lib/s/c')}\\x01d.jpg: key cannot be read by this client (a control character)"
+    ]
+    made = sorted(path.relative_to(tmp_path / "out" / "16").as_posix() for path in output_files(tmp_path / "out"))
+    assert made == ["a.jpg.jpg", "s/z.jpg.jpg", "t/u.jpg.jpg"]
+
+
 def test_keys_object_store_cannot_name_on_the_first_page_of_many_cost_only_themselves(
     bucket: Bucket, tmp_path: Path
 ) -> None:
