@@ -1,13 +1,16 @@
 """`thumbcli generate` with object storage against a local moto S3 server, side by side with its references.
 
     python bench/bench_s3.py [--objects 10000] [--images 200] [--repeat 3] [--latency-ms 50]
-                             [--scenarios rerun,camera,latency] [--workdir DIR]
+                             [--scenarios rerun,verify,camera,latency] [--verify-sizes 1]
+                             [--workdir DIR]
 
 Starts `moto_server` on 127.0.0.1 (the network is never left) and times, each command once
 untimed first, the median of REPEAT interleaved runs:
 
 * rerun: the no-change rerun over OBJECTS small objects (bucket -> local tree), against listing
   the same prefix with obstore alone in a fresh interpreter (target: <= 1.5x);
+* verify: the same rerun into a bucket destination (-o s3://...), trusting the records and with
+  --verify-destination (one more listing, of the thumbnails), against the same bare listing;
 * camera: IMAGES camera JPEGs (bench/realphotos.py; drawn photos where apt-get cannot fetch them)
   bucket -> bucket against local disk -> local disk, one 256 thumbnail each: thumbcli's own CPU
   per image (its process tree from wait4: client, loaders, resample workers; not the server's)
@@ -168,7 +171,9 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def rerun_scenario(port: int, env: dict[str, str], work: Path, objects: int, repeat: int) -> None:
+def rerun_scenario(
+    port: int, env: dict[str, str], work: Path, objects: int, repeat: int, verify: bool, verify_sizes: int = 1
+) -> None:
     client = s3_client(port)
     client.create_bucket(Bucket="rerun")  # type: ignore[attr-defined]
     tiny: bytes = make_photo(16, 12, 0).jpegsave_buffer()
@@ -176,17 +181,33 @@ def rerun_scenario(port: int, env: dict[str, str], work: Path, objects: int, rep
     out = fresh(work / "rerun-out")
     first = run_measured(thumbcli("s3://rerun/lib", "-o", out, "-s", "8"), env)
     print(f"rerun: first run made {objects} in {first['wall']:.1f} s")
-    figures = median_of(
-        {
-            "thumbcli rerun": lambda: run_measured(thumbcli("s3://rerun/lib", "-o", out, "-s", "8"), env),
-            "obstore listing": lambda: run_measured([PYTHON, "-c", BARE_LISTING, "rerun", "lib"], env),
-        },
-        repeat,
-    )
+    runs = {
+        "thumbcli rerun": lambda: run_measured(thumbcli("s3://rerun/lib", "-o", out, "-s", "8"), env),
+        "obstore listing": lambda: run_measured([PYTHON, "-c", BARE_LISTING, "rerun", "lib"], env),
+    }
+    if verify:
+        # The same rerun into a bucket destination, trusting the records and listing the destination.
+        sizes = [arg for size in range(verify_sizes) for arg in ("-s", str(8 + size))]
+        bucket_out = ("s3://rerun/thumbs", *sizes)
+        first = run_measured(thumbcli("s3://rerun/lib", "-o", *bucket_out), env)
+        print(f"verify: first run into the bucket made {objects * verify_sizes} in {first['wall']:.1f} s")
+        runs["rerun into bucket"] = lambda: run_measured(thumbcli("s3://rerun/lib", "-o", *bucket_out), env)
+        runs["... --verify-dest"] = lambda: run_measured(
+            thumbcli("s3://rerun/lib", "-o", *bucket_out, "--verify-destination"), env
+        )
+    figures = median_of(runs, repeat)
     for name, got in figures.items():
         print(f"  {name:<18} wall {got['wall']:.3f} s  cpu {got['cpu']:.3f} s")
-    ratio = figures["thumbcli rerun"]["wall"] / figures["obstore listing"]["wall"]
+    listing = figures["obstore listing"]["wall"]
+    ratio = figures["thumbcli rerun"]["wall"] / listing
     print(f"RESULT rerun over {objects} objects / bare listing: {ratio:.2f}x wall (target <= 1.5x)")
+    if verify:
+        trusting = figures["rerun into bucket"]["wall"] / listing
+        verified = figures["... --verify-dest"]["wall"] / listing
+        print(
+            f"RESULT rerun into a bucket at {verify_sizes} size(s) / bare listing: {trusting:.2f}x wall; "
+            f"with --verify-destination {verified:.2f}x (target <= 1.5x)"
+        )
 
 
 def camera_set(work: Path, count: int) -> list[Path]:
@@ -269,6 +290,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=50)
     ap.add_argument("--scenarios", default="rerun,camera,latency")
+    ap.add_argument("--verify-sizes", type=int, default=1, help="thumbnail sizes of the verify scenario's bucket")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "thumbcli-bench")
     args = ap.parse_args()
     scenarios = set(args.scenarios.split(","))
@@ -278,8 +300,8 @@ def main() -> None:
     try:
         with moto_server(work) as port:
             env = dict(FAKE_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", XDG_STATE_HOME=str(work / "state"))
-            if "rerun" in scenarios:
-                rerun_scenario(port, env, work, args.objects, args.repeat)
+            if scenarios & {"rerun", "verify"}:
+                rerun_scenario(port, env, work, args.objects, args.repeat, "verify" in scenarios, args.verify_sizes)
             if scenarios & {"camera", "latency"}:
                 images = camera_set(args.workdir, args.images)
                 camera_scenario(port, env, work, images, args.repeat)

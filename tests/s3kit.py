@@ -182,10 +182,15 @@ class Relay:
     """A TCP relay in front of the server, on a port of its own: stopping it is the endpoint going away.
 
     `restart` listens again on the same port, as an endpoint that comes back at its address.
+    `stall`: a request whose first bytes hold it is taken and never answered (the connection stays
+    open, silent, until the client gives up), as a store that hangs on one object.
     """
 
-    def __init__(self, upstream_port: int, port: int = 0) -> None:
+    def __init__(self, upstream_port: int, port: int = 0, stall: bytes | None = None) -> None:
         self._upstream = upstream_port
+        self._stall = stall
+        #: How many requests were held unanswered.
+        self.stalled = 0
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
@@ -206,13 +211,18 @@ class Relay:
                 continue
             with self._lock:
                 self._connections += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, self._stall), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, stall: bytes | None = None) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if stall is not None and stall in data:
+                    with self._lock:
+                        self.stalled += 1
+                    while source.recv(65536):  # hold it: read on, answer nothing, until the client hangs up
+                        pass
+                    break
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)

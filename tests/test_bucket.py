@@ -16,6 +16,7 @@ from imagekit import cli_command, draw_photo, load, make_photo, output_files, ru
 from s3kit import Bucket, MotoServer, Relay, fresh_bucket
 
 from thumbcli import bucket as bucket_module
+from thumbcli.cache import read_manifest, resolve_url, url_path_for
 from thumbcli.formats import header_size
 from thumbcli.fsutil import TEMP_PREFIX
 
@@ -379,14 +380,64 @@ def test_a_bucket_is_refused_for_the_desktop_cache_and_a_bad_url_is_a_usage_erro
     assert no_bucket.rc == 2 and "name a bucket" in no_bucket.stderr
 
 
-def test_a_key_object_store_cannot_name_is_one_line_naming_it(bucket: Bucket, tmp_path: Path) -> None:
-    fill(bucket, ["lib/a.jpg"])
-    bucket.put("lib/x/../escape.jpg", jpeg_bytes())
+def test_a_key_object_store_cannot_name_costs_only_itself_and_hides_nothing_from_prune(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/d/-dash.jpg", "lib/d/ok.jpg", "lib/e/f.jpg"])
+    out = tmp_path / "out"
+    assert run_cli("generate", bucket.url("lib"), "-o", out, "-s", "16").rc == 0
+    bucket.put("lib/d//empty.jpg", jpeg_bytes())
+    bucket.put("lib/x/../escape.jpg", jpeg_bytes(seed=1))
+    fill(bucket, ["lib/z.jpg"])
+    run = run_cli("generate", bucket.url("lib"), "-o", out, "-s", "16", "--json")
+    assert run.rc == 1 and "Traceback" not in run.stderr
+    assert sorted(run.failure_lines) == [
+        f"failed: {bucket.url('lib/d//empty.jpg')}: key cannot be read by this client (empty path segment)",
+        f"failed: {bucket.url('lib/x/../escape.jpg')}: key cannot be read by this client (a '..' path segment)",
+    ]
+    assert run.summary["made"] == 1  # lib/z.jpg, past them
+    assert not (tmp_path / "escape.jpg.jpg").exists() and not (out / "escape.jpg.jpg").exists()
+    made = sorted(path.relative_to(out / "16").as_posix() for path in output_files(out))
+    assert made == ["a.jpg.jpg", "d/-dash.jpg.jpg", "d/ok.jpg.jpg", "e/f.jpg.jpg", "z.jpg.jpg"]
+    # '-dash.jpg' sorts before 'd//' in its folder on the same page: the listing cannot see it, and
+    # prune does not take that for gone.
+    pruned = run_cli("prune", "-o", out, "--json")
+    assert pruned.rc == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["files"] == 0
+    assert len(output_files(out)) == len(made)
+
+
+def test_a_key_with_a_control_character_is_named_escaped_and_the_rest_made(bucket: Bucket, tmp_path: Path) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/s/c\x01d.jpg", "lib/s/z.jpg", "lib/t/u.jpg"])
     run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16")
     assert run.rc == 1 and "Traceback" not in run.stderr
-    assert len(run.failure_lines) == 1
-    assert "key lib/x/../escape.jpg cannot be named" in run.failure_lines[0]
-    assert not (tmp_path / "escape.jpg.jpg").exists() and not (tmp_path / "out" / "escape.jpg.jpg").exists()
+    assert run.failure_lines == [
+        f"failed: {bucket.url('lib/s/c')}\\x01d.jpg: key cannot be read by this client (a control character)"
+    ]
+    made = sorted(path.relative_to(tmp_path / "out" / "16").as_posix() for path in output_files(tmp_path / "out"))
+    assert made == ["a.jpg.jpg", "s/z.jpg.jpg", "t/u.jpg.jpg"]
+
+
+def test_keys_object_store_cannot_name_on_the_first_page_of_many_cost_only_themselves(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    tiny = jpeg_bytes(16, 16)
+    good = [f"many/d{i % 7}/img {i:04d}.jpg" for i in range(1_050)] + ["many/a.jpg", "many/c/x.jpg", "many/zz.jpg"]
+    bad = ["many/d0//first page.jpg", "many/d5/../up.jpg", "many/zz/./later page.jpg"]
+    for key in good + bad:
+        bucket.put(key, tiny)
+    listed = bucket.keys("many/")
+    assert listed.index(bad[0]) < 1_000 and listed.index(bad[1]) < 1_000 and listed.index(bad[2]) > 1_000
+    before = len(bucket.server.requests())
+    run = run_cli("generate", bucket.url("many"), "-o", tmp_path / "out", "-s", "8", "--dry-run", "--json")
+    assert run.rc == 1, run.stderr
+    assert sorted(run.failure_lines) == sorted(
+        f"failed: {bucket.url(key)}: key cannot be read by this client ({why})"
+        for key, why in zip(bad, ["empty path segment", "a '..' path segment", "a '.' path segment"], strict=True)
+    )
+    assert run.summary["found"] == len(good) + len(bad)  # each failure among them
+    assert bucket.source_gets(before) == []
+    assert run.summary["planned"] == len(good)  # each good key once: none lost beside the bad ones, none twice
 
 
 def test_keys_the_store_does_not_know_are_one_line_access_denied(
@@ -440,3 +491,147 @@ def test_a_dask_worker_killed_mid_run_loses_nothing_with_buckets_on_both_sides(b
     assert (summary["made"], summary["failed"]) == (len(keys), 0)
     assert len(bucket.keys("out/")) == len(keys)
     assert all(load_bytes(bucket.get(key)).width == 64 for key in bucket.keys("out/"))
+
+
+def test_an_object_whose_read_stalls_is_one_line_timed_out_and_the_others_are_made(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(bucket, ["lib/a.jpg", "lib/stalls.jpg", "lib/sub/b.jpg", "lib/z.jpg"])
+    relay = Relay(bucket.server.port, stall=f"GET /{bucket.name}/lib/stalls.jpg ".encode())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
+    monkeypatch.setenv(bucket_module.TIMEOUT_SETTING, "1")
+    try:
+        run = run_cli("generate", bucket.url("lib"), "-o", tmp_path / "out", "-s", "16", "--json", timeout=50)
+    finally:
+        relay.stop()
+    assert run.rc == 1, run.stderr
+    assert run.failure_lines == [f"failed: {bucket.url('lib/stalls.jpg')}: timed out"], run.stderr
+    assert sorted(p.name for p in output_files(tmp_path / "out")) == ["a.jpg.jpg", "b.jpg.jpg", "z.jpg.jpg"]
+    # Retried a bounded number of times (each after a wait of the setting's second), then given up.
+    assert 2 <= relay.stalled <= 1 + bucket_module.RETRIES
+
+
+def test_a_timeout_setting_not_in_seconds_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for setting in ("soon", "0", "-3", "100000"):
+        monkeypatch.setenv(bucket_module.TIMEOUT_SETTING, setting)
+        run = run_cli("generate", "s3://photos/lib", "-o", tmp_path / "out")
+        assert run.rc == 2 and f"{bucket_module.TIMEOUT_SETTING}={setting}: give seconds" in run.stderr, setting
+
+
+PRESETS = '[presets.small]\nsize = "64"\nformat = "webp"\n\n[presets.large]\nsize = "200"\nformat = "jpeg"\n'
+
+
+def test_a_second_client_into_a_bucket_cache_keeps_the_presets_the_first_entered(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_photo(tmp_path / "src" / "a b.jpg")
+    (tmp_path / "thumbcli.toml").write_text(PRESETS)
+    cache_url = bucket.url("cdn/thumbs")
+    for preset, host in (("small", "one"), ("large", "two")):
+        # Each client with its own records: a fresh state home, as another machine.
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / f"state-{host}"))
+        run = run_cli(
+            "--config", tmp_path / "thumbcli.toml", "generate", tmp_path / "src", "--cache", cache_url, "-p", preset
+        )
+        assert run.rc == 0, run.stderr
+    manifest = json.loads(bucket.get("cdn/thumbs/thumbcli-cache.json"))
+    assert sorted(manifest["presets"]) == ["large", "small"]
+    assert {name: entry["format"] for name, entry in manifest["presets"].items()} == {"large": "jpeg", "small": "webp"}
+    assert sorted(bucket.keys("cdn/thumbs/v1/")) == [
+        "cdn/thumbs/v1/large/a b.jpg.jpg",
+        "cdn/thumbs/v1/small/a b.jpg.webp",
+    ]
+    # What a CDN serves from the bucket resolves both presets' URLs, as `thumbcli serve` would on a copy.
+    served = tmp_path / "copy"
+    for key in bucket.keys("cdn/thumbs/"):
+        target = served / key.removeprefix("cdn/thumbs/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bucket.get(key))
+    manifest_formats = read_manifest(served)
+    for preset in ("small", "large"):
+        found = resolve_url(served, url_path_for(preset, "a b.jpg"), manifest_formats)
+        assert found is not None and found.path.is_file(), preset
+    # The first client, back again, keeps the second's preset too.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-one"))
+    again = run_cli(
+        "--config",
+        tmp_path / "thumbcli.toml",
+        "generate",
+        tmp_path / "src",
+        "--cache",
+        cache_url,
+        "-p",
+        "small",
+        "--json",
+    )
+    assert again.rc == 0 and again.summary["made"] == 0, again.stderr
+    assert sorted(json.loads(bucket.get("cdn/thumbs/thumbcli-cache.json"))["presets"]) == ["large", "small"]
+
+
+def test_prune_moves_a_bucket_cache_made_before_its_sources_were_named(bucket: Bucket, tmp_path: Path) -> None:
+    names = ("IMG_0001.JPG", "sub/IMG_0002.JPG")
+    for seed, name in enumerate(names):
+        make_photo(tmp_path / "phone" / name, seed=seed)
+    cache_url = bucket.url("cdn")
+    config = tmp_path / "thumbcli.toml"
+    preset = '[presets.small]\nsize = "64"\nformat = "webp"\n'
+    config.write_text(f'cache = "{cache_url}"\nsources = ["{tmp_path / "phone"}"]\n{preset}')
+    first = run_cli("--config", config, "generate", "--cache-control", "public, max-age=60")
+    assert first.rc == 0, first.stderr
+    before = {key: bucket.get(key) for key in bucket.keys("cdn/v1/")}
+    assert sorted(before) == [f"cdn/v1/small/{name}.webp" for name in names]
+    config.write_text(f'cache = "{cache_url}"\n[sources]\nphone = "{tmp_path / "phone"}"\n{preset}')
+    planned = run_cli("--config", config, "prune", "--cache", cache_url, "--dry-run")
+    assert planned.rc == 0, planned.stderr
+    assert sorted(planned.stdout.splitlines()) == [
+        f"{bucket.url(f'cdn/v1/small/{name}.webp')}\t0\tmoved to v1/small/phone/{name}.webp" for name in names
+    ]
+    assert sorted(bucket.keys("cdn/v1/")) == sorted(before)
+    moved = run_cli("--config", config, "prune", "--cache", cache_url)
+    assert moved.rc == 0, moved.stderr
+    after = {key: bucket.get(key) for key in bucket.keys("cdn/v1/")}
+    assert after == {key.replace("cdn/v1/small/", "cdn/v1/small/phone/"): data for key, data in before.items()}
+    head = bucket.head("cdn/v1/small/phone/IMG_0001.JPG.webp")
+    assert (head["ContentType"], head["CacheControl"]) == ("image/webp", "public, max-age=60")
+    again = run_cli("--config", config, "generate", "--json")
+    assert (again.rc, again.summary["made"], again.summary["skipped"]) == (0, 0, len(names)), again.stderr
+    assert sorted(bucket.keys("cdn/v1/")) == sorted(after)
+
+
+@pytest.mark.parametrize("destination", ["-o", "--cache"])
+def test_verify_destination_makes_again_a_thumbnail_deleted_from_the_bucket(
+    bucket: Bucket, tmp_path: Path, destination: str
+) -> None:
+    make_photo(tmp_path / "src" / "kept.jpg")
+    make_photo(tmp_path / "src" / "sub" / "deleted behind our back.jpg", seed=1)
+    args = ("generate", tmp_path / "src", destination, bucket.url("thumbs"), "-s", "32", "--json")
+    assert run_cli(*args).rc == 0
+    layout = "thumbs/32/" if destination == "-o" else "thumbs/v1/32/"
+    gone = f"{layout}sub/deleted behind our back.jpg.jpg"
+    first = bucket.get(gone)
+    bucket.delete(gone)
+    trusting = run_cli(*args)
+    assert (trusting.rc, trusting.summary["made"]) == (0, 0), trusting.stderr  # the records alone say it is there
+    before = len(bucket.server.requests())
+    verified = run_cli(*args, "--verify-destination")
+    assert (verified.rc, verified.summary["made"], verified.summary["skipped"]) == (0, 1, 1), verified.stderr
+    assert bucket.get(gone) == first
+    listings = [path for _, path in bucket.server.requests()[before:] if "list-type=2" in path]
+    assert len(listings) == 1 and "prefix=thumbs/" in listings[0]
+
+
+def test_verify_destination_is_for_a_bucket_destination(tmp_path: Path) -> None:
+    make_photo(tmp_path / "src" / "a.jpg")
+    run = run_cli("generate", tmp_path / "src", "-o", tmp_path / "out", "--verify-destination")
+    assert run.rc == 2 and "--verify-destination is for a destination in a bucket" in run.stderr
+
+
+@pytest.mark.parametrize("destination", [("-o", "--verify-destination"), ("--cache",)])
+def test_a_destination_bucket_that_is_not_there_is_one_line_and_exit_3(
+    bucket: Bucket, tmp_path: Path, destination: tuple[str, ...]
+) -> None:
+    make_photo(tmp_path / "src" / "a.jpg")
+    option, *flags = destination
+    run = run_cli("generate", tmp_path / "src", option, f"s3://{bucket.name}-absent/thumbs", *flags)
+    assert run.rc == 3 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"thumbcli: error: s3://{bucket.name}-absent/thumbs: no such bucket"

@@ -227,3 +227,26 @@ def test_watch_refuses_a_source_that_is_neither_a_folder_nor_a_bucket(tmp_path: 
     refused = run_cli("watch", photo, "-o", tmp_path / "out")
     assert refused.rc == ExitCode.USAGE
     assert "watch follows folders and buckets" in refused.stderr
+
+
+def test_a_key_the_client_cannot_name_is_named_once_and_the_watch_goes_on(
+    bucket: Bucket, tmp_path: Path, watching: Callable[..., Watcher]
+) -> None:
+    out, metrics = tmp_path / "out", tmp_path / "watch.prom"
+    bucket.put("lib/a.jpg", jpeg_bytes(seed=1))
+    bucket.put("lib/d//bad.jpg", jpeg_bytes(seed=2))
+    bucket.put("lib/e.jpg", jpeg_bytes(seed=3))
+    watcher = watching(bucket.url("lib"), "-o", out, "-s", "64", "--rescan", "1s", "--metrics-file", metrics)
+    assert watcher.caught_up()["made"] == 2
+    bucket.put("lib/x/../later.jpg", jpeg_bytes(seed=4))
+    bucket.put("lib/z.jpg", jpeg_bytes(seed=5))
+    wait_for(lambda: thumbs(out) == {"64/a.jpg.jpg", "64/e.jpg.jpg", "64/z.jpg.jpg"}, "the object added later made")
+    named_at = rescans_in(metrics)
+    wait_for(lambda: rescans_in(metrics) >= named_at + 3, "three more rescans")
+    assert watcher.stop() == ExitCode.OK
+    assert sorted(event["path"] for event in watcher.of("failed")) == [
+        bucket.url("lib/d//bad.jpg"),
+        bucket.url("lib/x/../later.jpg"),
+    ], watcher.stderr
+    assert "Traceback" not in watcher.stderr
+    assert thumbs(out) == {"64/a.jpg.jpg", "64/e.jpg.jpg", "64/z.jpg.jpg"}  # nothing pruned beside the bad keys

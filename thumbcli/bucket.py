@@ -18,11 +18,12 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 from thumbcli.errors import CannotRunError, FileRejected, SpecError
 
 if TYPE_CHECKING:
+    from obstore import ObjectMeta
     from obstore.store import S3Store
 
 SCHEME = "s3://"
@@ -30,12 +31,16 @@ SCHEME = "s3://"
 EXTRA = "pip install 'thumbcli[s3]'"
 #: Bytes of an object read first to judge --max-pixels from its header before fetching the rest.
 HEADER_BYTES = 64 * 1024
-#: Seconds a request may take in all (connect, send, read the body) before it is retried.
-REQUEST_SECONDS = 60
+#: The setting (seconds) of how long a request may wait for the store's next byte before it is retried.
+TIMEOUT_SETTING = "THUMBCLI_S3_TIMEOUT"
+#: Seconds a request may wait for the store's next byte (a response that stalls) unless told otherwise.
+STALL_SECONDS = 20.0
+#: Seconds a whole request may take (connect, send, read the body), however steadily the bytes come.
+REQUEST_SECONDS = 600
 #: Retries of a failed request (5xx, throttling, dropped connections, timeouts), with backoff.
 RETRIES = 4
-#: Seconds after which retrying a request is given up, whatever the count.
-RETRY_SECONDS = 30
+#: Retrying a request is given up after this many stall timeouts' worth of seconds, whatever the count.
+RETRY_STALLS = 3
 
 
 def is_bucket_url(path: str) -> bool:
@@ -140,6 +145,25 @@ def _profile_settings() -> dict[str, str]:
     return found
 
 
+def stall_seconds() -> float:
+    """How long a request may wait for the store's next byte: $THUMBCLI_S3_TIMEOUT seconds, else STALL_SECONDS.
+
+    A stalled response (the store took the request and sends nothing) fails that one object with
+    `timed out` after about RETRY_STALLS such waits, while a large object read steadily takes as
+    long as it needs (up to REQUEST_SECONDS).
+    """
+    setting = os.environ.get(TIMEOUT_SETTING, "").strip()
+    if not setting:
+        return STALL_SECONDS
+    try:
+        seconds = float(setting)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= REQUEST_SECONDS:
+        raise SpecError(f"{TIMEOUT_SETTING}={setting}: give seconds, more than 0 and at most {REQUEST_SECONDS}")
+    return seconds
+
+
 def _store(bucket: str) -> S3Store:
     """The client of one bucket, made once per process and shared by every thread."""
     with _stores_lock:
@@ -151,17 +175,19 @@ def _store(bucket: str) -> S3Store:
             config: dict[str, Any] = _profile_settings()
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
             endpoint = endpoint or config.get("endpoint", "")
+            stall = stall_seconds()
             store = S3Store(
                 bucket,
                 config=config,  # type: ignore[arg-type]
                 client_options={
                     "allow_http": endpoint.startswith("http://"),
-                    "timeout": datetime.timedelta(seconds=REQUEST_SECONDS),
-                    "connect_timeout": datetime.timedelta(seconds=5),
+                    "timeout": datetime.timedelta(seconds=max(REQUEST_SECONDS, stall)),
+                    "read_timeout": datetime.timedelta(seconds=stall),
+                    "connect_timeout": datetime.timedelta(seconds=min(5.0, stall)),
                 },
                 retry_config={
                     "max_retries": RETRIES,
-                    "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
+                    "retry_timeout": datetime.timedelta(seconds=RETRY_STALLS * stall),
                     "backoff": {
                         "init_backoff": datetime.timedelta(milliseconds=100),
                         "max_backoff": datetime.timedelta(seconds=5),
@@ -185,17 +211,21 @@ _CODES = {
 }
 
 
+#: object_store's words for a key it cannot name (an empty, '.' or '..' segment, a control character).
+_UNNAMABLE = re.compile(r'(?:Error parsing Path|invalid path: Path) "(.*?)"(?= contained|: Encountered)', re.DOTALL)
+
+
+def _shown(key: str) -> str:
+    """A key for one line: its control characters escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda found: f"\\x{ord(found.group()):02x}", key)
+
+
 def _reason(exc: Exception) -> str:
     """The one-line reason of a failed request, without the request's URL or signature."""
     text = str(exc)
-    invalid = re.search(r'(?:Error parsing Path|invalid path: Path) "(.*?)"', text)
+    invalid = _UNNAMABLE.search(text)
     if invalid is not None:
-        # object_store refuses to name such a key, and with it the whole page of the listing it is in.
-        key = invalid.group(1).encode("unicode_escape").decode("ascii")
-        return (
-            f"key {key} cannot be named through object_store (an empty, '.' or '..' segment, or a control "
-            "character): the listing stopped there"
-        )
+        return f"key {_shown(invalid.group(1))} cannot be read by this client"
     code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
     if code is not None:
         return _CODES.get(code.group(1), code.group(1))
@@ -228,33 +258,154 @@ def _failed(exc: Exception, what: str) -> OSError:
 ListedFile = tuple[str, int, int]
 
 
-def list_folders(place: BucketPlace) -> Iterator[tuple[str, list[ListedFile]]]:
+@dataclass(frozen=True, slots=True)
+class UnreadableKey:
+    """A key object_store cannot name (S3 allows `a//b.jpg`, `x/../y.jpg`), met in a listing that goes on past it.
+
+    object_store refuses the whole page of 1,000 keys it is on. The page's keys outside `folder`
+    are listed again folder by folder; those in `folder` that sort between `after` and it cannot
+    be, and count as present (nothing of theirs is pruned). The keys that begin as it does, up to
+    `resume`, cannot be named either, and are passed over with it.
+    """
+
+    bucket: str
+    key: str
+    why: str
+    folder: str
+    after: str
+    resume: str
+
+    @property
+    def url(self) -> str:
+        """The key's URL, its control characters escaped."""
+        return f"{SCHEME}{self.bucket}/{_shown(self.key)}"
+
+    @property
+    def reason(self) -> str:
+        """The one-line reason of its failure."""
+        return f"key cannot be read by this client ({self.why})"
+
+    def hides(self, key: str) -> bool:
+        """Whether `key` may exist unseen beside it."""
+        return key.startswith(self.folder) and self.after < key < self.resume
+
+
+def _is_control(char: str) -> bool:
+    return char < " " or char == "\x7f"
+
+
+def _unnamable_part(key: str) -> tuple[str, str, str]:
+    """Why object_store cannot name `key`, the folder where it goes wrong, and the first name past every
+    key beginning as it does, where the listing goes on: (why, folder, resume). ValueError if it can."""
+    segments = key.split("/")
+    for index, segment in enumerate(segments):
+        folder = "".join(f"{part}/" for part in segments[:index])
+        if segment in (".", "..") or (segment == "" and 0 < index < len(segments) - 1):
+            why = "empty path segment" if segment == "" else f"a '{segment}' path segment"
+            return why, folder, f"{folder}{segment}0"  # '0' sorts right after '/'
+        control = next((at for at, char in enumerate(segment) if _is_control(char)), None)
+        if control is not None:
+            after = ord(segment[control]) + 1
+            while _is_control(chr(after)):
+                after += 1
+            return "a control character", folder, f"{folder}{segment[:control]}{chr(after)}"
+    raise ValueError(f"object_store names {key!r}")
+
+
+#: An object's metadata as obstore lists it, or a key it cannot name.
+_Listed = Union["ObjectMeta", UnreadableKey]
+
+
+def _listed(store: S3Store, bucket: str, folder: str, after: str) -> Iterator[_Listed]:
+    """Every object under `folder` ('' or ending in '/') after the key `after`, in key order, past unreadable keys."""
+    import obstore
+
+    while True:
+        try:
+            for chunk in obstore.list(store, prefix=folder or None, offset=after or None, chunk_size=1000):
+                for meta in chunk:
+                    after = meta["path"]
+                    yield meta
+            return
+        except Exception as exc:
+            invalid = _UNNAMABLE.search(str(exc))
+            if invalid is None:
+                raise
+            key = invalid.group(1)
+            try:
+                why, bad_folder, resume = _unnamable_part(key)
+            except ValueError:
+                raise exc from None
+            if not key.startswith(folder) or key <= after:
+                raise
+        around, hidden_in = _around(store, bucket, folder, bad_folder, after, key)
+        yield from sorted(around, key=lambda item: item.key if isinstance(item, UnreadableKey) else item["path"])
+        yield UnreadableKey(bucket, key, why, hidden_in, after, resume)
+        after = resume  # a listing starts after a key: `resume` itself is looked up
+        try:
+            yield obstore.head(store, resume)
+        except Exception as exc:
+            if _failed(exc, f"cannot look up {SCHEME}{bucket}/{resume}").strerror != "no such key":
+                raise
+
+
+def _around(
+    store: S3Store, bucket: str, folder: str, bad_folder: str, after: str, key: str
+) -> tuple[list[_Listed], str]:
+    """The objects between `after` and `key` outside `bad_folder`, from listings of each folder from `folder`
+    down to it, and the folder whose own objects in that range could not be listed."""
+    import obstore
+
+    found: list[_Listed] = []
+    current = folder
+    while current != bad_folder:
+        try:
+            listing = obstore.list_with_delimiter(store, prefix=current.rstrip("/") or None)
+        except Exception as exc:
+            if _UNNAMABLE.search(str(exc)) is None:
+                raise
+            return found, current  # another key it cannot name sits right here
+        found.extend(meta for meta in listing["objects"] if after < meta["path"] < key)
+        toward = bad_folder[: bad_folder.index("/", len(current)) + 1]
+        for sub in (f"{prefix}/" for prefix in listing["common_prefixes"]):
+            if sub == toward or sub > key:
+                continue
+            if after.startswith(sub):
+                found.extend(_listed(store, bucket, sub, after))
+            elif sub > after:
+                found.extend(_listed(store, bucket, sub, ""))
+        current = toward
+    return found, bad_folder
+
+
+def list_folders(place: BucketPlace) -> Iterator[tuple[str, list[ListedFile]] | UnreadableKey]:
     """Every object below `place` as (folder relative to the prefix, its objects), one whole folder at a time.
 
     A listing comes in key order, where a folder's own objects may sit on either side of its
     subfolders' ('a/m', 'a/sub/x', 'a/z'): a folder is yielded once the listing has moved past
     everything under it, so each batch holds all of a folder's objects. Keys ending in '/'
-    (folder markers) are left out. Raises ObjectError when the listing fails.
+    (folder markers) are left out; a key object_store cannot name is yielded as an UnreadableKey
+    where it is met. Raises ObjectError when the listing fails.
     """
     _obstore()  # the one-line error when it is missing
-    import obstore
-
     store = _store(place.bucket)
     start = f"{place.prefix}/" if place.prefix else ""
     # Folders still open, outermost first: each is an ancestor of (or is) the last key's folder.
     open_folders: list[tuple[str, list[ListedFile]]] = []
     try:
-        for chunk in obstore.list(store, prefix=start or None, chunk_size=1000):
-            for meta in chunk:
-                relpath = meta["path"][len(start) :]
-                reldir, _, name = relpath.rpartition("/")
-                if not name:
-                    continue
-                while open_folders and not _contains(open_folders[-1][0], reldir):
-                    yield open_folders.pop()
-                if not open_folders or open_folders[-1][0] != reldir:
-                    open_folders.append((reldir, []))
-                open_folders[-1][1].append((name, meta["size"], version_ns(meta["last_modified"], meta["e_tag"])))
+        for meta in _listed(store, place.bucket, start, ""):
+            if isinstance(meta, UnreadableKey):
+                yield meta
+                continue
+            relpath = meta["path"][len(start) :]
+            reldir, _, name = relpath.rpartition("/")
+            if not name:
+                continue
+            while open_folders and not _contains(open_folders[-1][0], reldir):
+                yield open_folders.pop()
+            if not open_folders or open_folders[-1][0] != reldir:
+                open_folders.append((reldir, []))
+            open_folders[-1][1].append((name, meta["size"], version_ns(meta["last_modified"], meta["e_tag"])))
     except Exception as exc:  # obstore raises its own family and plain OSError subclasses alike
         raise _failed(exc, f"cannot list {place.url}") from None
     while open_folders:
@@ -266,7 +417,8 @@ def _contains(folder: str, reldir: str) -> bool:
 
 
 def existing_objects(urls: Iterable[str]) -> set[str]:
-    """Which of `urls` name an object that exists, from one listing per bucket (of the keys' common folder)."""
+    """Which of `urls` name an object that exists (or may: unseen beside a key the listing could not read),
+    from one listing per bucket (of the keys' common folder)."""
     keys_by_bucket: dict[str, list[str]] = {}
     for url in urls:
         place = parse(url)
@@ -274,9 +426,15 @@ def existing_objects(urls: Iterable[str]) -> set[str]:
     found: set[str] = set()
     for bucket, keys in keys_by_bucket.items():
         place = BucketPlace(bucket, os.path.commonpath([key.rpartition("/")[0] for key in keys]))
-        for reldir, files in list_folders(place):
+        unreadable: list[UnreadableKey] = []
+        for listed in list_folders(place):
+            if isinstance(listed, UnreadableKey):
+                unreadable.append(listed)
+                continue
+            reldir, files = listed
             folder = BucketPlace(bucket, place.key(reldir) if reldir else place.prefix)
             found.update(f"{folder.url}/{name}" for name, _, _ in files)
+        found.update(f"{SCHEME}{bucket}/{key}" for key in keys if any(bad.hides(key) for bad in unreadable))
     return found
 
 
@@ -325,6 +483,22 @@ def read_object(
     return ReadObject(data, meta["size"], version_ns(meta["last_modified"], meta["e_tag"]))
 
 
+def fetch_object(url: str) -> bytes | None:
+    """A small object's bytes (a manifest), or None when there is no such key."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    place = parse(url)
+    store = _store(place.bucket)
+    try:
+        return bytes(obstore.get(store, place.prefix).bytes())
+    except Exception as exc:
+        failure = _failed(exc, f"cannot read {url}")
+        if failure.strerror == "no such key":
+            return None
+        raise failure from None
+
+
 def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> None:
     """Store `data` at `url` in one PUT (whole or not at all, as object stores write), with its headers."""
     _obstore()  # the one-line error when it is missing
@@ -338,6 +512,21 @@ def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> 
         obstore.put(_store(place.bucket), place.prefix, data, attributes=attributes)
     except Exception as exc:
         raise _failed(exc, f"cannot write {url}") from None
+
+
+def copy_object(from_url: str, to_url: str) -> None:
+    """Copy an object to another key of its bucket, on the store's side (its headers go with it)."""
+    _obstore()  # the one-line error when it is missing
+    import obstore
+
+    source, target = parse(from_url), parse(to_url)
+    if source.bucket != target.bucket:
+        raise ValueError(f"{from_url} -> {to_url}: a copy stays in its bucket")
+    store = _store(source.bucket)
+    try:
+        obstore.copy(store, source.prefix, target.prefix)
+    except Exception as exc:
+        raise _failed(exc, f"cannot copy {from_url}") from None
 
 
 def delete_objects(urls: Iterable[str]) -> None:

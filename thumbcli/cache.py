@@ -165,17 +165,28 @@ def load_manifest(cache_root: Path, *, strict: bool = True) -> dict[str, dict[st
     """
     manifest = cache_root / MANIFEST_NAME
     try:
-        data = json.loads(manifest.read_bytes())
+        encoded = manifest.read_bytes()
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         if strict:
             raise CannotRunError(f"{manifest}: cannot read cache manifest: {exc}") from exc
+        return {}
+    return manifest_presets(encoded, str(manifest), strict=strict)
+
+
+def manifest_presets(encoded: bytes, where: str, *, strict: bool = True) -> dict[str, dict[str, object]]:
+    """The presets of a manifest's bytes (read from `where`), as `load_manifest` returns them."""
+    try:
+        data = json.loads(encoded)
+    except ValueError as exc:
+        if strict:
+            raise CannotRunError(f"{where}: cannot read cache manifest: {exc}") from exc
         return {}
     presets = data.get("presets", {}) if isinstance(data, dict) and data.get("layout") == LAYOUT_VERSION else None
     if not isinstance(presets, dict):
         if strict:
-            raise CannotRunError(f"{manifest}: not a layout {LAYOUT_VERSION} thumbcli cache")
+            raise CannotRunError(f"{where}: not a layout {LAYOUT_VERSION} thumbcli cache")
         return {}
     return {str(name): dict(entry) for name, entry in presets.items() if isinstance(entry, dict)}
 

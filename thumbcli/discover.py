@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from thumbcli.bucket import ListedFile, ObjectError, is_bucket_url, list_folders, parse
+from thumbcli.bucket import ListedFile, ObjectError, UnreadableKey, is_bucket_url, list_folders, parse
 from thumbcli.formats import SOURCE_SUFFIXES
 from thumbcli.spec import WalkOptions
 
@@ -144,18 +144,27 @@ def _walk_bucket(
 
 def bucket_batches(
     source: str,
-    folders: Iterable[tuple[str, list[ListedFile]]],
+    folders: Iterable[tuple[str, list[ListedFile]] | UnreadableKey],
     options: WalkOptions,
     is_image_name: Callable[[str], bool],
     excluded: tuple[str, ...] = (),
-) -> Iterator[DirBatch]:
+) -> Iterator[DirBatch | WalkProblem]:
     """The folders of a bucket source's listing (`list_folders`) as batches, by the walk's filters and shard.
 
-    Apart from the listing, so that watch's rescans can also keep what was listed for prune.
+    A key the listing could not read is a problem of its own (part 0's, as the listing is), if the
+    filters would have let it in. Apart from the listing, so that watch's rescans can also keep
+    what was listed for prune.
     """
     shard, shards = options.shard
-    root = parse(source).url
-    for reldir, files in folders:
+    root, prefix = parse(source).url, parse(source).prefix
+    for listed in folders:
+        if isinstance(listed, UnreadableKey):
+            reldir, _, name = listed.key.removeprefix(f"{prefix}/").rpartition("/")
+            mine = shards == 1 or shard_of(reldir, shards) == shard
+            if mine and is_image_name(name) and (options.hidden or not name.startswith(".")):
+                yield WalkProblem(listed.url, listed.reason)
+            continue
+        reldir, files = listed
         if shards > 1 and shard_of(reldir, shards) != shard:
             continue
         parents = [reldir.rsplit("/", depth)[0] for depth in range(reldir.count("/") + 1)] if reldir else []

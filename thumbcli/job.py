@@ -27,6 +27,8 @@ class TreeDestination:
     bucket: str = ""
     #: The Cache-Control of each thumbnail PUT to a bucket.
     cache_control: str = ""
+    #: List the bucket at the start: a thumbnail deleted there behind thumbcli's back is made again.
+    verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class CacheDestination:
     bucket: str = ""
     #: The Cache-Control of each thumbnail PUT to a bucket.
     cache_control: str = ""
+    #: List the bucket at the start: a thumbnail deleted there behind thumbcli's back is made again.
+    verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +64,13 @@ def choose_destination(
     *,
     cache_configured: bool = False,
     cache_control: str = "",
+    verify_destination: bool = False,
 ) -> Destination:
     """The one destination named by -o, --cache or --freedesktop; a usage error for none or several.
 
     A bucket URL (`s3://bucket/prefix`, a str) names a destination in object storage.
     `cache_configured`: the cache was named by the config or environment, not on the command line.
+    `verify_destination`: list a bucket destination at the start rather than trust the records alone.
     """
     if sum([output is not None, cache_dir is not None, bool(flavours)]) != 1:
         raise SpecError(
@@ -75,17 +81,20 @@ def choose_destination(
         )
     if name_template and output is None:
         raise SpecError("a name template only applies to an output tree: the cache layouts are fixed", "name_template")
+    bucket_named = any(isinstance(place, str) and is_bucket_url(place) for place in (output, cache_dir))
+    if verify_destination and not bucket_named:
+        raise SpecError("--verify-destination is for a destination in a bucket (a folder is checked anyway)")
     if flavours:
         return FreedesktopDestination(flavours)
     if cache_dir is not None:
         if isinstance(cache_dir, str) and is_bucket_url(cache_dir):
             url = parse(cache_dir).url
-            return CacheDestination(Path(state_folder(url)), cache_configured, url, cache_control)
+            return CacheDestination(Path(state_folder(url)), cache_configured, url, cache_control, verify_destination)
         return CacheDestination(Path(cache_dir), configured=cache_configured)
     assert output is not None
     if isinstance(output, str) and is_bucket_url(output):
         url = parse(output).url
-        return TreeDestination(Path(state_folder(url)), name_template, url, cache_control)
+        return TreeDestination(Path(state_folder(url)), name_template, url, cache_control, verify_destination)
     return TreeDestination(Path(output), name_template)
 
 

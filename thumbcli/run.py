@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from thumbcli.config import Config
 from thumbcli.discover import display_path
-from thumbcli.errors import ExitCode, SpecError
+from thumbcli.errors import CannotRunError, ExitCode, SpecError
 from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import (
     NO_SOURCES,
@@ -83,6 +83,8 @@ class GenerateRequest:
     cache_dir: Path | str | None = None
     #: The Cache-Control of each thumbnail PUT to a bucket ("": the default).
     cache_control: str = ""
+    #: List a bucket destination at the start (a thumbnail deleted there is made again).
+    verify_destination: bool = False
     #: The cache was named by the config or environment, not on the command line.
     cache_configured: bool = False
     flavours: tuple[str, ...] = ()
@@ -111,6 +113,7 @@ class GenerateRequest:
             self.name_template,
             cache_configured=self.cache_configured,
             cache_control=self.cache_control,
+            verify_destination=self.verify_destination,
         )
         specs = choose_specs(config, destination, self)
         cache_presets = isinstance(destination, CacheDestination) and bool(self.presets)
@@ -181,27 +184,33 @@ def _open_bucket(
     opened_with: dict[str, Any],
 ) -> OutputTree:
     """The tree or cache of a destination in a bucket, as `open_tree` opens one on disk."""
+    from thumbcli.bucket import ObjectError
     from thumbcli.targets.objects import DEFAULT_CACHE_CONTROL, BucketCache, BucketTree
 
     cache_control = destination.cache_control or DEFAULT_CACHE_CONTROL
-    if isinstance(destination, CacheDestination):
-        return BucketCache(
+    try:
+        if isinstance(destination, CacheDestination):
+            return BucketCache(
+                destination.bucket,
+                destination.root,
+                job.specs,
+                cache_control=cache_control,
+                verify=destination.verify,
+                check_collisions=several_sources,
+                **opened_with,
+            )
+        return BucketTree(
             destination.bucket,
             destination.root,
             job.specs,
             cache_control=cache_control,
-            check_collisions=several_sources,
+            verify=destination.verify,
+            name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
+            check_collisions=several_sources or destination.name_template is not None,
             **opened_with,
         )
-    return BucketTree(
-        destination.bucket,
-        destination.root,
-        job.specs,
-        cache_control=cache_control,
-        name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
-        check_collisions=several_sources or destination.name_template is not None,
-        **opened_with,
-    )
+    except ObjectError as exc:  # its manifest or (verifying) its listing: the run cannot write there
+        raise CannotRunError(f"{destination.bucket}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, slots=True)

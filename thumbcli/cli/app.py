@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from thumbcli import __version__
+from thumbcli.bucket import TIMEOUT_SETTING, stall_seconds
 from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
@@ -68,6 +69,8 @@ def main(ctx: click.Context, config_path: str | None) -> None:
             account_for_workers(chosen_layers(setting))
         except SandboxSettingError as exc:
             raise click.UsageError(str(exc)) from None
+    if os.environ.get(TIMEOUT_SETTING):
+        stall_seconds()  # a typo is a usage error now, not a failure of every object later
     path = find_config(config_path)
     config = load_config(path) if path is not None else Config()
     ctx.default_map = config_default_map(config, main) if config.path is not None else {}

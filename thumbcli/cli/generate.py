@@ -267,6 +267,11 @@ def what_to_make_options(command: Callable[P, R]) -> Callable[P, R]:
 @what_to_make_options
 @dry_run_option("Only count what would be made and estimate its disk space.")
 @click.option(
+    "--verify-destination",
+    is_flag=True,
+    help="List a bucket destination first and make again what was deleted there (one request per 1,000 objects).",
+)
+@click.option(
     "--dask",
     metavar="ADDRESS",
     help="Make the thumbnails on the Dask scheduler at ADDRESS (tcp://host:8786), or on `local[:N]` worker processes.",
@@ -297,6 +302,7 @@ def generate(
     output: Path | str | None,
     cache_dir: Path | str | None,
     cache_control: str,
+    verify_destination: bool,
     flavours: tuple[str, ...],
     presets: tuple[str, ...],
     sizes: tuple[str, ...],
@@ -328,6 +334,7 @@ def generate(
         cache_dir=cache_dir,
         cache_configured=cache_configured,
         cache_control=cache_control,
+        verify_destination=verify_destination,
         flavours=flavours,
         presets=presets,
         sizes=sizes,

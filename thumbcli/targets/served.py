@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -54,7 +55,11 @@ class CacheDirectory(OutputTree):
             shard=shard,
             retry_failed=retry_failed,
         )
-        self._write_manifest(cache.load_manifest(root, strict=False), replace=manifest == "enter")
+        self._write_manifest(self._recorded_presets(), replace=manifest == "enter")
+
+    def _recorded_presets(self) -> dict[str, dict[str, object]]:
+        """The presets the manifest records now ({} when it is missing or unreadable: written anew)."""
+        return cache.load_manifest(self.root, strict=False)
 
     def _write_manifest(self, presets: dict[str, dict[str, object]], *, replace: bool = True) -> None:
         """Write the manifest: `presets` with this run's specs entered (or, without `replace`, only those it lacks)."""
@@ -106,11 +111,11 @@ class CacheDirectory(OutputTree):
                     reason = "source is not one of the config's [sources]"
                 elif placed == out:
                     continue
-                elif os.path.lexists(self.root / placed):
+                elif self._holds(placed):
                     reason = f"made again as {placed}"
                 else:
                     moves.append((out, placed, origin))
-                    removals.append(Removal(self.root / out, 0, f"moved to {placed}"))
+                    removals.append(dataclasses.replace(self._removal(out, f"moved to {placed}"), bytes=0))
                     continue
             else:
                 continue
@@ -136,6 +141,10 @@ class CacheDirectory(OutputTree):
         if out in placements:
             return out
         return placements[0] if placements else None
+
+    def _holds(self, relative: str) -> bool:
+        """Whether there is a thumbnail (or anything) at `relative` already."""
+        return os.path.lexists(self.root / relative)
 
     def _move(self, out: str, placed: str, origin: Origin) -> bool:
         """Move a thumbnail to where its named source's layout puts it, with its record; False if it cannot be."""

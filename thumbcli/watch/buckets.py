@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from thumbcli.bucket import EndpointUnreachable, ListedFile, ObjectError, list_folders, parse
-from thumbcli.discover import DirBatch, bucket_batches, is_image_name
+from thumbcli.bucket import EndpointUnreachable, ListedFile, ObjectError, UnreadableKey, list_folders, parse
+from thumbcli.discover import DirBatch, WalkProblem, bucket_batches, is_image_name
 from thumbcli.spec import WalkOptions
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,16 @@ class BucketRescans:
         excluded: tuple[str, ...],
         *,
         interval: float,
-        feed: Callable[[DirBatch], None],
+        feed: Callable[[DirBatch | WalkProblem], None],
+        named: set[str] | None = None,
         trouble: ObjectStoreTrouble,
         wake: Callable[[], None],
         stopping: Callable[[], bool],
     ) -> None:
-        """`excluded`: destinations in buckets, each URL ending in '/'; `wake` tells the loop a rescan ended."""
+        """`excluded`: destinations in buckets, each URL ending in '/'; `wake` tells the loop a rescan ended.
+
+        `named`: failures already said (the catch-up's), an unreadable key among them not said again.
+        """
         self._sources = list(sources)
         self._walk = walk
         self._excluded = excluded
@@ -82,6 +86,8 @@ class BucketRescans:
         self._thread: threading.Thread | None = None
         self._ended: queue.SimpleQueue[Listings | None] = queue.SimpleQueue()
         self._due = time.monotonic() + interval
+        #: Unreadable keys already named: once each, not at every rescan.
+        self._named: set[str] = set(named or ())
 
     def seconds_to_next(self, now: float) -> float | None:
         """Seconds until the next rescan is due; None while one runs (its end wakes the loop)."""
@@ -130,20 +136,33 @@ class BucketRescans:
         for source in self._sources:
             url = parse(source).url
             found: set[str] = set()
+            unreadable: list[UnreadableKey] = []
             try:
-                for batch in bucket_batches(source, _noting(url, found), self._walk, is_image_name, self._excluded):
+                for batch in bucket_batches(
+                    source, _noting(url, found, unreadable), self._walk, is_image_name, self._excluded
+                ):
                     if self._stopping():
                         return None
-                    self._feed(batch)
+                    if isinstance(batch, DirBatch) or batch.path not in self._named:
+                        self._feed(batch)
+                    if isinstance(batch, WalkProblem):
+                        self._named.add(batch.path)
             except ObjectError as exc:
                 raise EndpointUnreachable(f"cannot list {url}: {exc.strerror}") from None
-            listings[url] = frozenset(found)
+            if not unreadable:  # else keys beside one may have gone unseen: prune asks the store itself
+                listings[url] = frozenset(found)
         return listings
 
 
-def _noting(url: str, found: set[str]) -> Iterator[tuple[str, list[ListedFile]]]:
+def _noting(
+    url: str, found: set[str], unreadable: list[UnreadableKey]
+) -> Iterator[tuple[str, list[ListedFile]] | UnreadableKey]:
     """The listing of a bucket source, folder by folder, adding each object's URL to `found` on the way."""
-    for reldir, files in list_folders(parse(url)):
-        folder = url + (f"/{reldir}" if reldir else "")
-        found.update(f"{folder}/{name}" for name, _, _ in files)
-        yield reldir, files
+    for listed in list_folders(parse(url)):
+        if isinstance(listed, UnreadableKey):
+            unreadable.append(listed)
+        else:
+            reldir, files = listed
+            folder = url + (f"/{reldir}" if reldir else "")
+            found.update(f"{folder}/{name}" for name, _, _ in files)
+        yield listed

@@ -147,6 +147,8 @@ class WatchRun:
         self._pending = 0
         self._made = 0
         self._failed = 0
+        #: What the catch-up named as failed: a rescan does not name an unreadable key among them again.
+        self._failed_at_catch_up: set[str] = set()
         self._removed = 0
         self._crash: BaseException | None = None
         self._folders = [source for source in job.sources if not is_bucket_url(source)]
@@ -218,6 +220,8 @@ class WatchRun:
 
     def _caught_up_result(self, result: FileResult) -> None:
         self.metrics.count_file(result.status, None)
+        if result.status == "failed":
+            self._failed_at_catch_up.add(result.path)
         if self._on_result is not None:
             self._on_result(result, None)
 
@@ -248,6 +252,7 @@ class WatchRun:
                 tuple(f"{url.rstrip('/')}/" for url in destination_urls(target)),
                 interval=self._options.rescan_seconds or BUCKET_RESCAN,
                 feed=feed.put,
+                named=self._failed_at_catch_up,
                 trouble=self._trouble,
                 wake=self._wake,
                 stopping=lambda: self._ending is not None,
