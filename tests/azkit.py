@@ -27,6 +27,7 @@ ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 _REQUEST = re.compile(r'"([A-Z]+) (\S+) HTTP/1\.[01]" (\d{3})')
 _container_names = itertools.count()
+_marks = itertools.count()
 #: Every AZURE_* setting object_store reads that a test's environment must not inherit.
 _AZURE_SETTINGS = (
     "AZURE_STORAGE_ACCOUNT_NAME",
@@ -81,6 +82,24 @@ class Azurite:
         """Every request answered so far: (method, path with its query, unquoted; status)."""
         text = self.log_path.read_text(errors="replace")
         return [(m[1], urllib.parse.unquote(m[2]), int(m[3])) for m in _REQUEST.finditer(text)]
+
+    def mark(self) -> int:
+        """The count of requests logged once all made so far are (Azurite writes its log late): a GET of
+        a path of its own is sent, and the log is read until it shows it."""
+        path = f"/{ACCOUNT}/mark-{next(_marks)}"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request("GET", path)
+            connection.getresponse().read()
+        finally:
+            connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            requests = self.requests()
+            if any(logged == path for _, logged, _ in requests):
+                return len(requests)
+            time.sleep(0.02)
+        raise RuntimeError(f"azurite did not log {path}")
 
     def create_container(self, name: str) -> None:
         """Create a container, by a request signed with the account's Shared Key (obstore has no call for it)."""
@@ -186,9 +205,10 @@ class Container:
 
     def blob_gets(self, since: int = 0) -> list[str]:
         """The GETs of blobs (not listings) in this container among the server's requests from index `since`."""
+        until = self.server.mark()
         return [
             path
-            for method, path, _ in self.server.requests()[since:]
+            for method, path, _ in self.server.requests()[since:until]
             if method == "GET" and path.startswith(f"/{ACCOUNT}/{self.name}/") and "comp=list" not in path
         ]
 

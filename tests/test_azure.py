@@ -104,11 +104,11 @@ def test_a_no_change_rerun_from_az_into_az_makes_nothing_and_gets_no_blob(contai
     args = ("generate", container.url("lib"), "-o", container.url("thumbs"), "-s", "64", "--json")
     first = run_cli(*args)
     assert first.rc == 0 and first.summary["made"] == len(AWKWARD_KEYS), first.stderr
-    before = len(container.server.requests())
+    before = container.server.mark()
     rerun = run_cli(*args)
     assert rerun.rc == 0, rerun.stderr
     assert (rerun.summary["made"], rerun.summary["skipped"]) == (0, len(AWKWARD_KEYS))
-    requests = [(method, path) for method, path, _ in container.server.requests()[before:]]
+    requests = [(method, path) for method, path, _ in container.server.requests()[before : container.server.mark() - 1]]
     assert container.blob_gets(before) == []
     assert requests == [("GET", f"/{ACCOUNT}/{container.name}?restype=container&comp=list&prefix=lib/")]
     assert len(container.keys("thumbs/")) == len(AWKWARD_KEYS)
@@ -217,3 +217,60 @@ def test_gs_urls_are_refused_in_one_line_rather_than_taken_for_a_folder(tmp_path
     assert not (tmp_path / "gs:").exists() and not (tmp_path / "out").exists()
     no_container = run_cli("generate", "az://", "-o", tmp_path / "out")
     assert no_container.rc == 2 and "name a container (az://container/prefix)" in no_container.stderr
+
+
+def test_a_dask_run_from_az_into_az_is_byte_identical_to_a_local_one(container: Container, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    keys = [*AWKWARD_KEYS, "lib/more/deeper/three.jpg"]
+    fill(container, keys)
+    container.put("lib/more/broken.jpg", b"\xff\xd8\xff garbage")
+    local = run_cli("generate", container.url("lib"), "-o", container.url("local"), "-s", "64")
+    args = ("generate", container.url("lib"), "-o", container.url("dask"), "-s", "64", "--dask", "local:2", "--json")
+    cluster = run_cli(*args, timeout=180)
+    assert local.rc == 1 and cluster.rc == 1, local.stderr + cluster.stderr
+    assert len(cluster.failure_lines) == 1 and "lib/more/broken.jpg" in cluster.failure_lines[0]
+    made_locally = {key.removeprefix("local/"): container.get(key) for key in container.keys("local/")}
+    made_by_dask = {key.removeprefix("dask/"): container.get(key) for key in container.keys("dask/")}
+    assert len(made_by_dask) == len(keys)
+    assert made_by_dask == made_locally
+    before = container.server.mark()
+    again = run_cli(*args, timeout=180)
+    assert again.summary["made"] == 0, again.stderr
+    assert container.blob_gets(before) == []
+
+
+def test_serve_makes_thumbnails_of_a_container_on_a_miss_into_a_local_cache(
+    container: Container, tmp_path: Path
+) -> None:
+    from servekit import running_server
+    from test_serve_on_demand import CONFIG, fetch
+
+    (tmp_path / "thumbcli.toml").write_text(CONFIG)
+    (tmp_path / "cache").mkdir()
+    container.put("lib/a b/ü+%.jpg", jpeg_bytes(600, 400, seed=1))
+    container.put("lib/text.jpg", b"not a JPEG at all")
+    source = container.url("lib")
+    with running_server(tmp_path / "cache", config=tmp_path / "thumbcli.toml", source_root=source) as server:
+        status, headers, body = fetch(server, "/small/a%20b/%C3%BC%2B%25.jpg")
+        assert (status, headers["content-type"]) == (200, "image/webp")
+        assert pyvips.Image.new_from_buffer(body, "").width == 64
+        assert (tmp_path / "cache" / "v1" / "small" / "a b" / "ü+%.jpg.webp").read_bytes() == body
+        assert fetch(server, "/small/absent.jpg")[0] == 404
+        assert fetch(server, "/small/text.jpg")[0] == 404
+
+
+def test_watch_makes_a_blob_added_to_a_container_at_the_next_rescan(container: Container, tmp_path: Path) -> None:
+    from test_watch import Watcher, wait_for
+
+    out = tmp_path / "out"
+    container.put("lib/first.jpg", jpeg_bytes(seed=1))
+    watcher = Watcher(container.url("lib"), "-o", out, "-s", "64", "--rescan", "1s")
+    try:
+        assert watcher.caught_up()["made"] == 1
+        container.put("lib/trip/added.jpg", jpeg_bytes(seed=2))
+        container.delete("lib/first.jpg")
+        wait_for(lambda: list(files_under(out)) == ["64/trip/added.jpg.jpg"], "the added blob made, the deleted gone")
+        assert watcher.stop() == 0
+    finally:
+        watcher.kill()
+    assert "Traceback" not in watcher.stderr and watcher.of("failed") == []
