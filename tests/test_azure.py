@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pyvips
-from azkit import ACCOUNT, ACCOUNT_KEY, Azurite, Container, azurite_running, fresh_container
+from azkit import ACCOUNT, ACCOUNT_KEY, Azurite, Container, account_sas, azurite_running, fresh_container
 from imagekit import cli_command, draw_photo, output_files, run_cli
 from s3kit import Relay
 
@@ -200,6 +201,29 @@ def test_an_account_key_and_endpoint_from_the_environment_work_and_are_never_pri
     assert denied.rc == 1 and "Traceback" not in denied.stderr, denied.stderr
     assert denied.failure_lines == [f"failed: {container.url('lib')}: cannot list: access denied"]
     assert "d3Jvbmcta2V5" not in denied.stderr + denied.stdout
+
+
+def test_a_sas_token_from_the_environment_works_and_is_never_printed(
+    container: Container, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(container, ["lib/a.jpg"])
+    container.put("lib/broken.jpg", b"garbage")
+    token = account_sas()
+    signature = urllib.parse.parse_qs(token)["sig"][0]
+    monkeypatch.delenv("AZURE_STORAGE_USE_EMULATOR")
+    monkeypatch.delenv("AZURITE_BLOB_STORAGE_URL")
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
+    monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", token)
+    monkeypatch.setenv("AZURE_STORAGE_ENDPOINT", f"{container.server.endpoint}/{ACCOUNT}")
+    run = run_cli("generate", container.url("lib"), "--cache", container.url("cache"), "-s", "16", "--debug")
+    assert run.rc == 1, run.stderr
+    assert len(run.failure_lines) == 1 and container.keys("cache/v1/") == ["cache/v1/16/a.jpg.jpg"]
+    # A request refused (a container not there) says so in one line, without the token.
+    absent = f"az://{container.name}-absent/t"
+    missing = run_cli("generate", container.url("lib"), "-o", absent, "--verify-destination", "--debug")
+    assert missing.rc == 3 and "no such container" in missing.stderr, missing.stderr
+    for output in (run.stderr, run.stdout, missing.stderr, missing.stdout):
+        assert signature not in output and urllib.parse.quote(signature, safe="") not in output
 
 
 def test_an_s3_bucket_and_an_az_container_of_one_name_keep_separate_records(tmp_path: Path) -> None:
