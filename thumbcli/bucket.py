@@ -92,7 +92,7 @@ def version_ns(last_modified: datetime.datetime, etag: str | None) -> int:
     The ETag is taken quoted, as S3 gives it everywhere and Azure in a GET but not in a listing.
     """
     seconds = int(last_modified.timestamp())
-    quoted = f'"{etag.strip(chr(34))}"' if etag else ""
+    quoted = '"' + etag.strip('"') + '"' if etag else ""
     return seconds * 1_000_000_000 + zlib.crc32(quoted.encode()) % 1_000_000_000
 
 
