@@ -42,6 +42,7 @@ FLOORS = {
     "icc": 1,
     "config": 2,
     "bucket": 2,
+    "objectstores": 1,
     "discover": 2,
     "formats": 2,
     "progress": 2,

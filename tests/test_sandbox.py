@@ -694,6 +694,9 @@ def test_the_environment_layer_keeps_what_decoders_need_and_drops_credentials() 
         "DB_PASSWORD": "d",
         "SIGNING_KEY": "e",
         "PYTHON_API_TOKEN": "f",
+        "AZURE_STORAGE_ACCOUNT_KEY": "g",
+        "AZURE_STORAGE_SAS_TOKEN": "h",
+        "AZURE_STORAGE_ACCOUNT_NAME": "i",
         "SSH_AUTH_SOCK": "/tmp/agent",
         "DISPLAY": ":0",
     }

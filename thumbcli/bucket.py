@@ -1,15 +1,16 @@
-"""Object storage (`s3://bucket/prefix`) to read sources from and write thumbnails to: the only `import obstore`.
+"""Object storage (`s3://bucket/prefix`, `az://container/prefix`) for sources and thumbnails: the only `import obstore`.
 
 A bucket has no folders, inodes or mtimes: its listing gives each object's key, size, ETag and
 Last-Modified, and that is all a rerun needs to know an object is unchanged, so a run that has
-nothing to make lists and never GETs. Credentials, region and endpoint come from the standard
-AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...), read by
-`object_store`; nothing here logs or prints them.
+nothing to make lists and never GETs. Credentials, region and endpoint come from each store's
+standard environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...;
+`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, ...), read by `object_store` as
+`objectstores` tells; nothing here logs or prints them.
 """
 
 from __future__ import annotations
 
-import configparser
+import contextlib
 import datetime
 import os
 import re
@@ -21,12 +22,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
 
 from thumbcli.errors import CannotRunError, FileRejected, SpecError
+from thumbcli.objectstores import SCHEMES, kind_of
 
 if TYPE_CHECKING:
     from obstore import ObjectMeta
-    from obstore.store import S3Store
+    from obstore.store import ObjectStore
 
-SCHEME = "s3://"
 #: What to install when obstore is missing, said in the one-line error.
 EXTRA = "pip install 'thumbcli[s3]'"
 #: Bytes of an object read first to judge --max-pixels from its header before fetching the rest.
@@ -45,20 +46,25 @@ RETRY_STALLS = 3
 
 def is_bucket_url(path: str) -> bool:
     """Whether `path` names a place in object storage rather than on a filesystem."""
-    return path.startswith(SCHEME)
+    return path.startswith(SCHEMES)
 
 
 @dataclass(frozen=True, slots=True)
 class BucketPlace:
-    """A bucket and a key prefix in it (no leading or trailing '/'; empty: the whole bucket)."""
+    """A bucket (or container) of a store and a key prefix in it (no leading or trailing '/'; empty: all of it)."""
 
+    scheme: str
     bucket: str
     prefix: str
 
     @property
     def url(self) -> str:
         """The place as `s3://bucket/prefix`, without a trailing '/'."""
-        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+        return f"{self.scheme}{self.bucket}/{self.prefix}" if self.prefix else f"{self.scheme}{self.bucket}"
+
+    def at(self, prefix: str) -> BucketPlace:
+        """Another prefix of the same bucket."""
+        return BucketPlace(self.scheme, self.bucket, prefix)
 
     def key(self, relpath: str) -> str:
         """The key of `relpath` below the prefix."""
@@ -66,11 +72,16 @@ class BucketPlace:
 
 
 def parse(url: str) -> BucketPlace:
-    """`s3://bucket/some/prefix/` as a BucketPlace; a usage error without a bucket."""
-    bucket, _, prefix = url.removeprefix(SCHEME).partition("/")
+    """`s3://bucket/some/prefix/` as a BucketPlace; a usage error without a bucket or for a store refused."""
+    kind = kind_of(url)
+    if kind is None:
+        raise ValueError(f"{url}: not a bucket URL")
+    if kind.refusal:
+        raise SpecError(f"{url}: {kind.refusal}")
+    bucket, _, prefix = url.removeprefix(kind.scheme).partition("/")
     if not bucket:
-        raise SpecError(f"{url}: name a bucket (s3://bucket/prefix)")
-    return BucketPlace(bucket, prefix.strip("/"))
+        raise SpecError(f"{url}: name a {kind.holder} ({kind.scheme}{kind.holder}/prefix)")
+    return BucketPlace(kind.scheme, bucket, prefix.strip("/"))
 
 
 def version_ns(last_modified: datetime.datetime, etag: str | None) -> int:
@@ -78,9 +89,11 @@ def version_ns(last_modified: datetime.datetime, etag: str | None) -> int:
 
     Last-Modified has whole seconds, so its nanoseconds are free to carry a fingerprint of the
     ETag: an object replaced within the same second by one of the same size is still seen as changed.
+    The ETag is taken quoted, as S3 gives it everywhere and Azure in a GET but not in a listing.
     """
     seconds = int(last_modified.timestamp())
-    return seconds * 1_000_000_000 + zlib.crc32((etag or "").encode()) % 1_000_000_000
+    quoted = '"' + etag.strip('"') + '"' if etag else ""
+    return seconds * 1_000_000_000 + zlib.crc32(quoted.encode()) % 1_000_000_000
 
 
 class ObjectError(OSError):
@@ -103,46 +116,8 @@ def _obstore() -> ModuleType:
     return obstore
 
 
-_stores: dict[str, S3Store] = {}
+_stores: dict[tuple[str, str], ObjectStore] = {}
 _stores_lock = threading.Lock()
-
-#: The settings of a profile read from the AWS files, by their name there and object_store's.
-_PROFILE_SETTINGS = (
-    ("aws_access_key_id", "access_key_id"),
-    ("aws_secret_access_key", "secret_access_key"),
-    ("aws_session_token", "session_token"),
-    ("region", "region"),
-    ("endpoint_url", "endpoint"),
-)
-
-
-def _profile_settings() -> dict[str, str]:
-    """Keys, region and endpoint of AWS_PROFILE from ~/.aws/credentials and ~/.aws/config (object_store's names).
-
-    object_store reads the environment only; profiles are how many people keep their keys.
-    What the environment sets wins.
-    """
-    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
-    if not profile and "AWS_ACCESS_KEY_ID" in os.environ:
-        return {}
-    profile = profile or "default"
-    home = os.path.expanduser("~/.aws")
-    config_section = profile if profile == "default" else f"profile {profile}"
-    found: dict[str, str] = {}
-    for path, section in (
-        (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", f"{home}/credentials"), profile),
-        (os.environ.get("AWS_CONFIG_FILE", f"{home}/config"), config_section),
-    ):
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(path, encoding="utf-8")
-        except (OSError, configparser.Error):
-            continue
-        if parser.has_section(section):
-            for name, key in _PROFILE_SETTINGS:
-                if parser.has_option(section, name) and not os.environ.get(f"AWS_{key.upper()}"):
-                    found.setdefault(key, parser.get(section, name))
-    return found
 
 
 def stall_seconds() -> float:
@@ -164,21 +139,19 @@ def stall_seconds() -> float:
     return seconds
 
 
-def _store(bucket: str) -> S3Store:
+def _store(place: BucketPlace) -> ObjectStore:
     """The client of one bucket, made once per process and shared by every thread."""
     with _stores_lock:
-        store = _stores.get(bucket)
+        store = _stores.get((place.scheme, place.bucket))
         if store is None:
-            _obstore()
-            from obstore.store import S3Store
-
-            config: dict[str, Any] = _profile_settings()
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-            endpoint = endpoint or config.get("endpoint", "")
+            kind = kind_of(place.scheme)
+            assert kind is not None and kind.client, place.scheme  # parse() refuses the rest
+            client: Any = getattr(_obstore().store, kind.client)
+            config, endpoint = kind.settings()
             stall = stall_seconds()
-            store = S3Store(
-                bucket,
-                config=config,  # type: ignore[arg-type]
+            store = client(
+                place.bucket,
+                config=config,
                 client_options={
                     "allow_http": endpoint.startswith("http://"),
                     "timeout": datetime.timedelta(seconds=max(REQUEST_SECONDS, stall)),
@@ -195,7 +168,7 @@ def _store(bucket: str) -> S3Store:
                     },
                 },
             )
-            _stores[bucket] = store
+            _stores[(place.scheme, place.bucket)] = store
         return store
 
 
@@ -208,6 +181,15 @@ _CODES = {
     "SignatureDoesNotMatch": "access denied (wrong secret key)",
     "SlowDown": "throttled by the object store (after retries)",
     "PreconditionFailed": "changed while being read",
+    # Azure Blob Storage's
+    "BlobNotFound": "no such key",
+    "ContainerNotFound": "no such container",
+    "AuthenticationFailed": "access denied",
+    "AuthorizationFailure": "access denied",
+    "AuthorizationPermissionMismatch": "access denied",
+    "InvalidAuthenticationInfo": "access denied",
+    "ServerBusy": "throttled by the object store (after retries)",
+    "ConditionNotMet": "changed while being read",
 }
 
 
@@ -268,7 +250,8 @@ class UnreadableKey:
     `resume`, cannot be named either, and are passed over with it.
     """
 
-    bucket: str
+    #: The bucket's URL, `s3://bucket`.
+    bucket_url: str
     key: str
     why: str
     folder: str
@@ -278,7 +261,7 @@ class UnreadableKey:
     @property
     def url(self) -> str:
         """The key's URL, its control characters escaped."""
-        return f"{SCHEME}{self.bucket}/{_shown(self.key)}"
+        return f"{self.bucket_url}/{_shown(self.key)}"
 
     @property
     def reason(self) -> str:
@@ -316,7 +299,7 @@ def _unnamable_part(key: str) -> tuple[str, str, str]:
 _Listed = Union["ObjectMeta", UnreadableKey]
 
 
-def _listed(store: S3Store, bucket: str, folder: str, after: str) -> Iterator[_Listed]:
+def _listed(store: ObjectStore, bucket_url: str, folder: str, after: str) -> Iterator[_Listed]:
     """Every object under `folder` ('' or ending in '/') after the key `after`, in key order, past unreadable keys."""
     import obstore
 
@@ -338,19 +321,19 @@ def _listed(store: S3Store, bucket: str, folder: str, after: str) -> Iterator[_L
                 raise exc from None
             if not key.startswith(folder) or key <= after:
                 raise
-        around, hidden_in = _around(store, bucket, folder, bad_folder, after, key)
+        around, hidden_in = _around(store, bucket_url, folder, bad_folder, after, key)
         yield from sorted(around, key=lambda item: item.key if isinstance(item, UnreadableKey) else item["path"])
-        yield UnreadableKey(bucket, key, why, hidden_in, after, resume)
+        yield UnreadableKey(bucket_url, key, why, hidden_in, after, resume)
         after = resume  # a listing starts after a key: `resume` itself is looked up
         try:
             yield obstore.head(store, resume)
         except Exception as exc:
-            if _failed(exc, f"cannot look up {SCHEME}{bucket}/{resume}").strerror != "no such key":
+            if _failed(exc, f"cannot look up {bucket_url}/{resume}").strerror != "no such key":
                 raise
 
 
 def _around(
-    store: S3Store, bucket: str, folder: str, bad_folder: str, after: str, key: str
+    store: ObjectStore, bucket_url: str, folder: str, bad_folder: str, after: str, key: str
 ) -> tuple[list[_Listed], str]:
     """The objects between `after` and `key` outside `bad_folder`, from listings of each folder from `folder`
     down to it, and the folder whose own objects in that range could not be listed."""
@@ -371,9 +354,9 @@ def _around(
             if sub == toward or sub > key:
                 continue
             if after.startswith(sub):
-                found.extend(_listed(store, bucket, sub, after))
+                found.extend(_listed(store, bucket_url, sub, after))
             elif sub > after:
-                found.extend(_listed(store, bucket, sub, ""))
+                found.extend(_listed(store, bucket_url, sub, ""))
         current = toward
     return found, bad_folder
 
@@ -388,12 +371,12 @@ def list_folders(place: BucketPlace) -> Iterator[tuple[str, list[ListedFile]] | 
     where it is met. Raises ObjectError when the listing fails.
     """
     _obstore()  # the one-line error when it is missing
-    store = _store(place.bucket)
+    store = _store(place)
     start = f"{place.prefix}/" if place.prefix else ""
     # Folders still open, outermost first: each is an ancestor of (or is) the last key's folder.
     open_folders: list[tuple[str, list[ListedFile]]] = []
     try:
-        for meta in _listed(store, place.bucket, start, ""):
+        for meta in _listed(store, place.at("").url, start, ""):
             if isinstance(meta, UnreadableKey):
                 yield meta
                 continue
@@ -419,22 +402,22 @@ def _contains(folder: str, reldir: str) -> bool:
 def existing_objects(urls: Iterable[str]) -> set[str]:
     """Which of `urls` name an object that exists (or may: unseen beside a key the listing could not read),
     from one listing per bucket (of the keys' common folder)."""
-    keys_by_bucket: dict[str, list[str]] = {}
+    keys_by_bucket: dict[BucketPlace, list[str]] = {}
     for url in urls:
         place = parse(url)
-        keys_by_bucket.setdefault(place.bucket, []).append(place.prefix)
+        keys_by_bucket.setdefault(place.at(""), []).append(place.prefix)
     found: set[str] = set()
     for bucket, keys in keys_by_bucket.items():
-        place = BucketPlace(bucket, os.path.commonpath([key.rpartition("/")[0] for key in keys]))
+        place = bucket.at(os.path.commonpath([key.rpartition("/")[0] for key in keys]))
         unreadable: list[UnreadableKey] = []
         for listed in list_folders(place):
             if isinstance(listed, UnreadableKey):
                 unreadable.append(listed)
                 continue
             reldir, files = listed
-            folder = BucketPlace(bucket, place.key(reldir) if reldir else place.prefix)
+            folder = bucket.at(place.key(reldir) if reldir else place.prefix)
             found.update(f"{folder.url}/{name}" for name, _, _ in files)
-        found.update(f"{SCHEME}{bucket}/{key}" for key in keys if any(bad.hides(key) for bad in unreadable))
+        found.update(f"{bucket.url}/{key}" for key in keys if any(bad.hides(key) for bad in unreadable))
     return found
 
 
@@ -461,7 +444,7 @@ def read_object(
     if size > max_file_size:
         raise FileRejected(f"file is {size} bytes, over the max-file-size limit of {max_file_size}")
     place = parse(url)
-    store = _store(place.bucket)
+    store = _store(place)
     try:
         if header_check is None or size <= HEADER_BYTES:
             got = obstore.get(store, place.prefix)
@@ -489,7 +472,7 @@ def fetch_object(url: str) -> bytes | None:
     import obstore
 
     place = parse(url)
-    store = _store(place.bucket)
+    store = _store(place)
     try:
         return bytes(obstore.get(store, place.prefix).bytes())
     except Exception as exc:
@@ -509,7 +492,7 @@ def put_object(url: str, data: bytes, content_type: str, cache_control: str) -> 
     if cache_control:
         attributes["Cache-Control"] = cache_control
     try:
-        obstore.put(_store(place.bucket), place.prefix, data, attributes=attributes)
+        obstore.put(_store(place), place.prefix, data, attributes=attributes)
     except Exception as exc:
         raise _failed(exc, f"cannot write {url}") from None
 
@@ -520,9 +503,9 @@ def copy_object(from_url: str, to_url: str) -> None:
     import obstore
 
     source, target = parse(from_url), parse(to_url)
-    if source.bucket != target.bucket:
+    if source.at("") != target.at(""):
         raise ValueError(f"{from_url} -> {to_url}: a copy stays in its bucket")
-    store = _store(source.bucket)
+    store = _store(source)
     try:
         obstore.copy(store, source.prefix, target.prefix)
     except Exception as exc:
@@ -534,29 +517,37 @@ def delete_objects(urls: Iterable[str]) -> None:
     _obstore()  # the one-line error when it is missing
     import obstore
 
-    by_bucket: dict[str, list[str]] = {}
+    by_bucket: dict[BucketPlace, list[str]] = {}
     for url in urls:
         place = parse(url)
-        by_bucket.setdefault(place.bucket, []).append(place.prefix)
+        by_bucket.setdefault(place.at(""), []).append(place.prefix)
     for bucket, keys in by_bucket.items():
+        store = _store(bucket)
         try:
-            obstore.delete(_store(bucket), keys)
+            try:
+                obstore.delete(store, keys)
+            except FileNotFoundError:  # Azure's batch delete fails an absent key (and deletes the others)
+                for key in keys:
+                    with contextlib.suppress(FileNotFoundError):
+                        obstore.delete(store, key)
         except Exception as exc:
-            raise _failed(exc, f"cannot delete from {SCHEME}{bucket}") from None
+            raise _failed(exc, f"cannot delete from {bucket.url}") from None
 
 
 def state_folder(url: str) -> str:
     """The local folder that keeps the records (and lock) of a bucket destination, one per bucket and prefix.
 
-    $XDG_STATE_HOME/thumbcli/buckets/<bucket>/<prefix with '/' as '_'>-<hash>: the records stay
-    with the client that writes, as a tree's stay beside it; the hash keeps two prefixes that
-    spell alike apart.
+    $XDG_STATE_HOME/thumbcli/buckets/<bucket>/<prefix with '/' as '_'>-<hash> (`azure-containers`
+    for `az://`: each store its own): the records stay with the client that writes, as a tree's
+    stay beside it; the hash keeps two prefixes that spell alike apart.
     """
     place = parse(url)
+    kind = kind_of(url)
+    assert kind is not None  # parse() took it
     home = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", place.prefix)[:80] or "_"
     digest = zlib.crc32(place.url.encode()) & 0xFFFFFFFF
-    return os.path.join(home, "thumbcli", "buckets", place.bucket, f"{readable}-{digest:08x}")
+    return os.path.join(home, "thumbcli", kind.state_folder, place.bucket, f"{readable}-{digest:08x}")
 
 
 def stat_object(url: str) -> tuple[int, int] | None:
@@ -566,7 +557,7 @@ def stat_object(url: str) -> tuple[int, int] | None:
 
     place = parse(url)
     try:
-        meta = obstore.head(_store(place.bucket), place.prefix)
+        meta = obstore.head(_store(place), place.prefix)
     except Exception as exc:
         failure = _failed(exc, f"cannot look up {url}")
         if failure.strerror == "no such key":

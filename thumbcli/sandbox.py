@@ -23,7 +23,7 @@ rather than assumed:
   tight enough to stop libvips' threads would stop those of the other workers; processes
   are the filter's to refuse). Root is not bound by it.
 - `environment`: the worker starts with only the variables libvips, the decoders and Python
-  need (no credentials such as AWS_*, *_TOKEN, *_SECRET, *PASSWORD*).
+  need (no credentials such as AWS_*, AZURE_*, *_TOKEN, *_SECRET, *PASSWORD*).
 - `netns`: a network namespace of its own, with no interface but a loopback that is down
   (as root; otherwise inside a user namespace of its own, where the kernel allows one): a
   socket that got past the filter reaches nothing, not even 127.0.0.1.
@@ -107,7 +107,9 @@ _KEPT_PATTERN = re.compile(
     r"(LC_|VIPS_|MALLOC_|GLIBC_TUNABLES$|PYTHON|OMP_|OPENBLAS_|FONTCONFIG_|G_SLICE$|G_DEBUG$|COV_CORE_|COVERAGE_)"
 )
 #: Never kept, whatever the pattern above says: what looks like a credential.
-_SECRET_PATTERN = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|^AWS_|API_KEY", re.IGNORECASE)
+_SECRET_PATTERN = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY$|^AWS_|^AZURE_|^AZURITE_|^GOOGLE_|API_KEY", re.IGNORECASE
+)
 
 #: Refused with EPERM: any change to the file system.
 _REFUSED = (

@@ -176,7 +176,7 @@ _WHAT_TO_MAKE = [
         "-o",
         "--output",
         type=FolderOrBucket(file_okay=False, path_type=Path),
-        help="Write thumbnails into this folder tree (or bucket: s3://bucket/prefix).",
+        help="Write thumbnails into this folder tree (or bucket: s3://bucket/prefix, az://container/prefix).",
     ),
     click.option(
         "--cache",

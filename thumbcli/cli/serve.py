@@ -71,7 +71,7 @@ def _serve_option(*names: str, **attrs: Any) -> Callable[[Callable[P, R]], Calla
     "--source",
     "source_root",
     type=FolderOrBucket(exists=True, file_okay=False, path_type=Path),
-    help="Make missing or stale thumbnails from this source tree (or bucket: s3://bucket/prefix) on request.",
+    help="Make missing or stale thumbnails from this source tree (or bucket: s3://bucket/prefix, az://...) on request.",
 )
 @click.option(
     "--named-sources",

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     "--rescan",
     type=Duration(),
     help="Also walk the sources again this often, e.g. 60s (NFS, CIFS: changes made on other hosts); "
-    "bucket sources (s3://...) are listed again this often.  "
+    "bucket sources (s3://..., az://...) are listed again this often.  "
     "[default: only folders inotify cannot follow, every 60s; buckets every 60s]",
 )
 @wait_option
@@ -102,7 +102,7 @@ def watch(
     """Make thumbnails of SOURCES (folders or buckets), then of every image that lands in them, until stopped.
 
     First catches up as `generate` would (and removes the thumbnails of files deleted meanwhile),
-    then follows the folders through inotify and lists the buckets (s3://bucket/prefix) again
+    then follows the folders through inotify and lists the buckets (s3://bucket/prefix, az://container/prefix) again
     every --rescan. SIGTERM finishes the files in flight and exits 0; SIGHUP reads the config file again.
     """
     from thumbcli.run import GenerateRequest

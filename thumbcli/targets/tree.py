@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
-from thumbcli.bucket import SCHEME, ObjectError, existing_objects
+from thumbcli.bucket import ObjectError, existing_objects
 from thumbcli.discover import DirBatch, SourceFile, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
@@ -28,6 +28,7 @@ from thumbcli.fsutil import (
     remove_if_abandoned,
     write_atomically,
 )
+from thumbcli.objectstores import SCHEMES
 from thumbcli.spec import Thumbnail, ThumbSpec
 from thumbcli.targets.failures import FailureBook
 from thumbcli.targets.plan import FRESH, Freshness, Plan, Removal, judge, plan_each, plan_from
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 #: Folder of thumbcli's own bookkeeping inside an output tree or cache.
 PRIVATE_DIR = cache.PRIVATE_DIR
 DEFAULT_NAME_TEMPLATE = "{size}/{relpath}.{ext}"
-SCHEME_BYTES = SCHEME.encode()
+SCHEME_BYTES = tuple(scheme.encode() for scheme in SCHEMES)
 TEMPLATE_FIELDS = frozenset({"size", "relpath", "reldir", "name", "stem", "suffix", "ext", "root"})
 
 log = logging.getLogger(__name__)
