@@ -143,6 +143,27 @@ def test_generate_makes_every_photo_and_reports_a_video_with_non_utf8_metadata_t
     ]
 
 
+#: A real file whose every read fails: the loopback device's link speed (sysfs answers EINVAL).
+UNREADABLE = Path("/sys/class/net/lo/speed")
+
+
+@pytest.mark.skipif(not UNREADABLE.is_file(), reason=f"no {UNREADABLE} to fail a read")
+def test_a_file_whose_read_fails_is_its_own_one_line_failure_and_tried_again_next_run(tmp_path: Path) -> None:
+    # Opened and checked (a regular file of 4096 bytes), it fails only when its bytes are copied
+    # for the worker: after files queued before it, and before those queued after it.
+    src = tmp_path / "src"
+    for name in ("a.jpg", "c.jpg", "d.png", "e.webp"):
+        make_photo(src / name, 120, 80)
+    (src / "b.jpg").symlink_to(UNREADABLE)
+
+    for _ in range(2):  # a disk's error, not the file's content: not remembered, tried again
+        rc, summary, failures, _ = generate(src, tmp_path / "out", "--follow-symlinks")
+        assert rc == ExitCode.SOME_FAILED
+        assert failures == [f"failed: {src / 'b.jpg'}: cannot read: invalid argument"]
+        assert (summary["failed"], summary["known_failed"]) == (1, 0)
+    assert len(output_files(tmp_path / "out")) == 4
+
+
 @needs_ffmpeg
 def test_a_video_stream_of_a_codec_ffmpeg_does_not_know_fails_in_one_line(tmp_path: Path) -> None:
     src = tmp_path / "src"

@@ -73,6 +73,8 @@ class WorkerOutcome(NamedTuple):
     warning: str = ""
     #: Given up on by the caller (its run's time was up), not the file's fault: nothing to report of it.
     abandoned: bool = False
+    #: A failure of the file's reading (a disk error), not of its content: not remembered as the file's.
+    transient: bool = False
 
 
 class OpenedFile:
@@ -118,6 +120,20 @@ class OpenedFile:
 SourceData = bytes | OpenedFile
 
 
+def _copy_into(fd: int, data: SourceData) -> int:
+    """Put `data` at the start of the memory file `fd` (closing an opened file); the bytes put there."""
+    if isinstance(data, OpenedFile):
+        try:
+            return data.copy_to(fd)
+        finally:
+            data.close()
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], written)
+    return written
+
+
 class WorkerBug(RuntimeError):
     """A worker failed in a way no file explains (a bug, or a broken install): the run stops."""
 
@@ -161,6 +177,8 @@ class ResampleWorker:
         self._free_slots: deque[int] = deque()
         #: Requests not yet answered, oldest first: (request, memory file, specs asked for) each.
         self._waiting: deque[tuple[bytes, int, tuple[ThumbSpec, ...]]] = deque()
+        #: The outcomes of files that could not be put in their memory file (never sent), by memory file.
+        self._unread: dict[int, WorkerOutcome] = {}
         self._inbox = bytearray()
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
@@ -226,6 +244,12 @@ class ResampleWorker:
         slot = self._free_slots.popleft()
         try:
             length = self._fill(slot, data)
+        except OSError as exc:
+            # A local file the kernel could not copy (a disk error): that file's failure, in its turn.
+            reason = f"cannot read: {(exc.strerror or str(exc)).lower()}"
+            self._unread[slot] = WorkerOutcome([], reason, transient=True)
+            self._waiting.append((b"", slot, specs))
+            return
         except BaseException:
             self._free_slots.append(slot)
             raise
@@ -259,6 +283,11 @@ class ResampleWorker:
         """
         if not self._waiting:
             raise ValueError("nothing was sent")
+        unread = self._unread.pop(self._waiting[0][1], None)
+        if unread is not None:
+            self._free_slots.append(self._waiting.popleft()[1])
+            self._head_since = time.monotonic()
+            return unread
         try:
             if self._process is None:
                 self._start()
@@ -277,6 +306,7 @@ class ResampleWorker:
     def close(self) -> None:
         """Let the worker leave (end of its requests), killing it if it does not; reap it."""
         self._waiting.clear()
+        self._unread.clear()
         process = self._process
         if process is not None:
             os.close(self._requests)
@@ -312,16 +342,7 @@ class ResampleWorker:
         if size < len(data) or size > max(_SLOT_KEPT_BYTES, 2 * len(data)):
             os.ftruncate(fd, len(data))
             self._slot_sizes[slot] = len(data)
-        if isinstance(data, OpenedFile):
-            try:
-                return data.copy_to(fd)
-            finally:
-                data.close()
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], written)
-        return written
+        return _copy_into(fd, data)
 
     # -- parent side -------------------------------------------------------
 
@@ -384,7 +405,8 @@ class ResampleWorker:
         self._inbox.clear()
         self._head_since = time.monotonic()
         for request, _, _ in self._waiting:
-            self._write_request(request)
+            if request:  # not one that could not be read
+                self._write_request(request)
 
     def _write_request(self, request: bytes) -> None:
         # A request is a few hundred bytes (the source is in its memory file): SLOTS of them

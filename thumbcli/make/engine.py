@@ -148,7 +148,8 @@ class SourceMaker:
         """The failure a worker's outcome is, recorded as the source's known failure; None if it made thumbnails."""
         if not outcome.reason:
             return None
-        self._record(source, outcome.reason)
+        if not outcome.transient:
+            self._record(source, outcome.reason)
         return FileResult(self._shown(source.path), "failed", outcome.reason, detail=outcome.detail)
 
     def write(self, source: SourceFile, specs: tuple[ThumbSpec, ...], outcome: WorkerOutcome) -> FileResult:
