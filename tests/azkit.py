@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3kit import end_process_group
 
 #: Azurite's development account and key: published by Microsoft, the same in every Azurite.
 ACCOUNT = "devstoreaccount1"
@@ -122,14 +122,7 @@ class Azurite:
 
     def stop(self) -> None:
         """End the server (and the node processes it started)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        end_process_group(self.process)
         self._log.close()
 
 

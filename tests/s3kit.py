@@ -21,6 +21,15 @@ from typing import Any
 import pytest
 
 #: The fake credentials every test's environment carries: moto accepts any.
+#: Keys a person might give photos, each a test of the URL's quoting: spaces, non-ASCII, '+' and '%'.
+AWKWARD_KEYS = (
+    "lib/top.jpg",
+    "lib/summer 2024/beach day.jpg",
+    "lib/summer 2024/Ölberg + café/naïve 100%.jpg",
+    "lib/a+b/c%20d.jpg",
+    "lib/日本/写真.jpg",
+)
+
 FAKE_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-never-printed",
@@ -69,14 +78,7 @@ class MotoServer:
 
     def stop(self) -> None:
         """End the server (and the process group it may have started)."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        end_process_group(self.process)
         self._log.close()
 
 
@@ -241,3 +243,15 @@ class Relay:
         """Listen again on the same port."""
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+
+def end_process_group(process: subprocess.Popen[Any]) -> None:
+    """End a test server started in a process group of its own (and what it started), and reap it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

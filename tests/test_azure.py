@@ -12,19 +12,10 @@ import pytest
 import pyvips
 from azkit import ACCOUNT, ACCOUNT_KEY, Azurite, Container, account_sas, azurite_running, fresh_container
 from imagekit import cli_command, draw_photo, output_files, run_cli
-from s3kit import Relay
+from s3kit import AWKWARD_KEYS, Relay
 
 from thumbcli.bucket import state_folder
 from thumbcli.cache import read_manifest
-
-#: Keys that test the URL's quoting: spaces, non-ASCII, '+' and '%'.
-AWKWARD_KEYS = (
-    "lib/top.jpg",
-    "lib/summer 2024/beach day.jpg",
-    "lib/summer 2024/Ölberg + café/naïve 100%.jpg",
-    "lib/a+b/c%20d.jpg",
-    "lib/日本/写真.jpg",
-)
 
 
 @pytest.fixture(scope="module")

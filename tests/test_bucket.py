@@ -13,21 +13,12 @@ from pathlib import Path
 import pytest
 import pyvips
 from imagekit import cli_command, draw_photo, load, make_photo, output_files, run_cli, save
-from s3kit import Bucket, MotoServer, Relay, fresh_bucket
+from s3kit import AWKWARD_KEYS, Bucket, MotoServer, Relay, fresh_bucket
 
 from thumbcli import bucket as bucket_module
 from thumbcli.cache import read_manifest, resolve_url, url_path_for
 from thumbcli.formats import header_size
 from thumbcli.fsutil import TEMP_PREFIX
-
-#: Keys a person might give photos, each a test of the URL's quoting: spaces, non-ASCII, '+' and '%'.
-AWKWARD_KEYS = (
-    "lib/top.jpg",
-    "lib/summer 2024/beach day.jpg",
-    "lib/summer 2024/Ölberg + café/naïve 100%.jpg",
-    "lib/a+b/c%20d.jpg",
-    "lib/日本/写真.jpg",
-)
 
 
 def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, **options: object) -> bytes:
