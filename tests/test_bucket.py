@@ -369,6 +369,10 @@ def test_a_bucket_is_refused_for_the_desktop_cache_and_a_bad_url_is_a_usage_erro
     assert desktop.rc == 2 and "desktop thumbnail cache is of local files" in desktop.stderr
     no_bucket = run_cli("generate", "s3://", "-o", tmp_path / "out")
     assert no_bucket.rc == 2 and "name a bucket" in no_bucket.stderr
+    # The records of a bucket destination live in a folder named after the bucket: never outside theirs.
+    for name in ("..", ".", "a b"):
+        bad = run_cli("generate", tmp_path, "-o", f"s3://{name}/out")
+        assert bad.rc == 2 and f"s3://{name}/out: not a bucket name" in bad.stderr, bad.stderr
 
 
 def test_a_key_object_store_cannot_name_costs_only_itself_and_hides_nothing_from_prune(

@@ -71,6 +71,10 @@ class BucketPlace:
         return f"{self.prefix}/{relpath}" if self.prefix else relpath
 
 
+#: What a bucket or container name may hold (S3 and Azure take a subset of it).
+_HOLDER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def parse(url: str) -> BucketPlace:
     """`s3://bucket/some/prefix/` as a BucketPlace; a usage error without a bucket or for a store refused."""
     kind = kind_of(url)
@@ -81,6 +85,9 @@ def parse(url: str) -> BucketPlace:
     bucket, _, prefix = url.removeprefix(kind.scheme).partition("/")
     if not bucket:
         raise SpecError(f"{url}: name a {kind.holder} ({kind.scheme}{kind.holder}/prefix)")
+    if bucket in (".", "..") or not _HOLDER_NAME.fullmatch(bucket):
+        # No store takes such a name, and the records' folder is named after it (`state_folder`).
+        raise SpecError(f"{url}: not a {kind.holder} name (letters, digits, '.', '-' and '_' only)")
     return BucketPlace(kind.scheme, bucket, prefix.strip("/"))
 
 
