@@ -404,8 +404,8 @@ class ResampleWorker:
         log.debug("started resample worker %d", self._process.pid)
         self._inbox.clear()
         self._head_since = time.monotonic()
-        for request, _, _ in self._waiting:
-            if request:  # not one that could not be read
+        for request, slot, _ in self._waiting:
+            if slot not in self._unread:  # never sent: its outcome is known already
                 self._write_request(request)
 
     def _write_request(self, request: bytes) -> None:
