@@ -525,7 +525,7 @@ def confinement_of_decoding_workers(root: int) -> dict[int, str]:
             command = Path(f"/proc/{entry}/cmdline").read_bytes()
             if b"from thumbcli.workerloop import serve" not in command or not descends(int(entry), root):
                 continue
-            if "thumbcli-source" not in Path(f"/proc/{entry}/maps").read_text():
+            if not decoding(int(entry)):
                 continue
             lines = Path(f"/proc/{entry}/status").read_text().splitlines()
             found[int(entry)] = ",".join(line.replace(":\t", "=") for line in lines if line.startswith(STATUS_FIELDS))

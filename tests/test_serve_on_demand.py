@@ -18,6 +18,7 @@ import pytest
 import pyvips
 from imagekit import draw_photo, load, make_oriented_jpeg, make_photo, run_cli, save
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
+from test_workers import decoding
 
 from thumbcli.cache import cache_path
 from thumbcli.errors import SpecError
@@ -124,11 +125,6 @@ def thumb_file(tree: Path, preset: str, relpath: str) -> Path:
 
 def libvips_loaded(pid: int) -> bool:
     return "libvips" in Path(f"/proc/{pid}/maps").read_text()
-
-
-def has_a_source_mapped(pid: int) -> bool:
-    """Whether a resample worker is on a file: it maps the memory file holding the source while it works."""
-    return "thumbcli-source" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def resample_workers(server_pid: int) -> list[int]:
@@ -350,9 +346,7 @@ def test_serve_answers_cached_thumbnails_and_unknown_names_while_the_generation_
         making = threading.Thread(target=lambda: slow.append(fetch(server, "/small/slow.png", timeout=120)))
         making.start()
         # The one place in the generation queue is taken: the slow source is being decoded.
-        assert wait_until(
-            lambda: any(has_a_source_mapped(pid) for pid in resample_workers(server.process.pid)), timeout=30
-        )
+        assert wait_until(lambda: any(decoding(pid) for pid in resample_workers(server.process.pid)), timeout=30)
         # Hundreds of misses of names with no source, and among them requests for thumbnails a
         # batch run made (the server never opened them: each is checked against its source).
         paths = [
@@ -514,7 +508,7 @@ def test_serve_survives_a_decoder_killed_mid_decode(tree: Path, slow_png: bytes)
         assert wait_until(lambda: len(resample_workers(server.process.pid)) == 1, timeout=10)
         (killed,) = resample_workers(server.process.pid)
         # Started, and has the source: it is decoding it now.
-        assert wait_until(lambda: has_a_source_mapped(killed), timeout=30)
+        assert wait_until(lambda: decoding(killed), timeout=30)
         os.kill(killed, signal.SIGKILL)
         asking.join(30)
         assert [status for status, _, _ in answers] == [404]

@@ -21,10 +21,13 @@ import pyvips
 from imagekit import assert_clean_failure, cli_command, load, make_photo, output_files, run_cli
 from servekit import fetch, running_server, wait_until
 
+from thumbcli.discover import is_image_name
 from thumbcli.make.pipeline import Pipeline, worker_cores
 from thumbcli.make.results import FileResult, RunStats
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.tree import OutputTree
+from thumbcli.workerloop import SHRANK
+from thumbcli.workers import OpenedFile, ResampleWorker
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 SLOW_EDGE = 9999  # a 100-megapixel PNG, just under the default --max-pixels, that takes about a second
@@ -203,6 +206,7 @@ def worker_processes(parent: int) -> dict[int, float]:
 def decoding(pid: int, at_least: int = 1) -> bool:
     """Whether worker `pid` has a source of `at_least` bytes mapped: it maps each file it decodes, and only then.
 
+    A source is a local image file (handed over open) or a memory file (bytes from a bucket).
     Its CPU time says less: a worker of a run started as root loads every decoder before it starts.
     """
     try:
@@ -210,8 +214,10 @@ def decoding(pid: int, at_least: int = 1) -> bool:
     except OSError:
         return False
     for line in maps:
-        if "thumbcli-source" in line:
-            start, end = (int(address, 16) for address in line.split()[0].split("-"))
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if "thumbcli-source" in path or is_image_name(os.path.basename(path)):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
             if end - start >= at_least:
                 return True
     return False
@@ -312,7 +318,6 @@ def test_generate_refuses_a_max_decode_time_of_zero(tmp_path: Path) -> None:
 def test_a_pipelined_worker_that_dies_loses_only_its_file_and_the_queued_ones_are_made(
     tmp_path: Path, slow_png: Path
 ) -> None:
-    from thumbcli.workers import ResampleWorker
 
     specs = SPECS
     fine = [make_photo(tmp_path / f"fine{i}.jpg", 120, 80, seed=i).read_bytes() for i in range(3)]
@@ -351,8 +356,55 @@ def memory_files_bytes() -> int:
     return total
 
 
+def opened(path: Path) -> OpenedFile:
+    """`path` opened and measured, as the loader hands a local file to a worker."""
+    fd = os.open(path, os.O_RDONLY)
+    return OpenedFile(fd, os.fstat(fd).st_size)
+
+
+def test_a_local_file_reaches_its_worker_open_and_one_shrunk_since_it_was_opened_fails_only_this_once(
+    tmp_path: Path,
+) -> None:
+    good = make_photo(tmp_path / "good.jpg", 640, 480)
+    shrunk = make_photo(tmp_path / "shrunk.jpg", 640, 480)
+    worker = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)
+    try:
+        made = worker.resample(opened(good), SPECS)
+        assert made.thumbnails and not made.reason
+        assert made.thumbnails[0].data == worker.resample(good.read_bytes(), SPECS).thumbnails[0].data
+        source = opened(shrunk)
+        os.truncate(shrunk, 0)  # after it was opened and measured, before the worker maps it
+        lost = worker.resample(source, SPECS)
+        assert (lost.reason, lost.transient, lost.thumbnails) == (SHRANK, True, [])
+        assert source.fd == -1  # closed once its outcome is known
+        assert worker.resample(opened(good), SPECS).thumbnails and worker.started == 1
+    finally:
+        worker.close()
+
+
+def test_a_local_file_that_shrinks_while_its_worker_decodes_it_fails_only_this_once(tmp_path: Path) -> None:
+    # A big noisy JPEG: its decode reads the mapped file for a good part of a second.
+    big = tmp_path / "big.jpg"
+    pyvips.Image.gaussnoise(6000, 4000, sigma=60).bandjoin([128, 128]).cast("uchar").copy(
+        interpretation="srgb"
+    ).jpegsave(str(big), Q=95)
+    good = make_photo(tmp_path / "good.jpg", 640, 480)
+    worker = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)
+    try:
+        worker.start()
+        worker.send(opened(big), SPECS)
+        assert wait_until(lambda: worker.pid is not None and decoding(worker.pid, big.stat().st_size), 30, 0.002)
+        os.truncate(big, 0)  # the pages it has not read yet are gone: SIGBUS in the worker
+        lost = worker.receive()
+        assert (lost.reason, lost.transient, lost.thumbnails) == (SHRANK, True, [])
+        assert "signal 7" in lost.detail
+        assert worker.resample(opened(good), SPECS).thumbnails and worker.started == 2
+    finally:
+        worker.close()
+
+
 def test_a_worker_keeps_memory_for_usual_sources_not_for_the_biggest_one_seen(tmp_path: Path) -> None:
-    from thumbcli.workers import SLOTS, ResampleWorker
+    from thumbcli.workers import SLOTS
 
     photo = make_photo(tmp_path / "photo.jpg", 120, 80).read_bytes()
     worker = ResampleWorker(Limits(), strict=False, memory_ceiling=1 << 34)

@@ -6,14 +6,16 @@ field here has a fixed type and a bound, and the parent checks a reply against w
 for (one thumbnail per spec, each within its box) before any of it is used. The worker does
 the same with its requests, so neither side ever unpickles.
 
-The pipe reads and writes that carry them are here too. All integers are little-endian. A text
-is a 4-byte length and that many bytes of UTF-8 (ASCII for a format name and a spec's name),
-each within its bound.
+The socket and pipe reads and writes that carry them are here too: a request is one message on
+a Unix socket, with the descriptor of the local file it names (the worker maps the file itself).
+All integers are little-endian. A text is a 4-byte length and that many bytes of UTF-8 (ASCII
+for a format name and a spec's name), each within its bound.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,8 +26,9 @@ from thumbcli.spec import FITS, FORMATS, MAX_EDGE, Limits, SizeBox, Thumbnail, T
 
 #: A reply's first byte after its length. NEEDS_WHEEL: the file needs a decoder whose wheel the
 #: worker could not import after it switched accounts (its reason names the decoder); the parent
-#: starts a worker that imports it first and sends the file again.
-MADE, FAILED, BUG, NEEDS_WHEEL = 0, 1, 2, 3
+#: starts a worker that imports it first and sends the file again. UNREADABLE: the worker could
+#: not read the file it was handed (a disk's error, not the file's content; its reason says why).
+MADE, FAILED, BUG, NEEDS_WHEEL, UNREADABLE = 0, 1, 2, 3, 4
 
 #: Bounds of a reply's texts: a reason is one line, a detail a traceback on one line, a bug's text a traceback.
 REASON_BYTES = 1024
@@ -46,6 +49,12 @@ _STATUS = struct.Struct("<B")
 _LENGTH = struct.Struct("<I")
 _THUMBNAIL = struct.Struct("<IIIIqQ")  # width, height, source width, source height, captured, data length
 #: Capture times (seconds since 1970) a reply may carry: years 1 to 9999, as Python's datetime can show them.
+#: A request's head: the length of its settings, the source's length, the memory file that holds it (unless
+#: a file's descriptor comes with the request).
+REQUEST = struct.Struct("<IQI")
+#: The most a request's settings take: limits, counts, and every spec with the longest name.
+MAX_SETTINGS_BYTES = _LIMITS.size + _COUNTS.size + 2 * MAX_SPECS * (_SPEC.size + _LENGTH.size + SPEC_NAME_BYTES)
+_REQUEST_BYTES = REQUEST.size + MAX_SETTINGS_BYTES
 _CAPTURED_RANGE = range(-62135596800, 253402300800)
 _MAX_SOURCE_EDGE = (1 << 31) - 1
 
@@ -187,7 +196,7 @@ def decode_reply(body: bytes | bytearray | memoryview, specs: tuple[ThumbSpec, .
     """The reply in `body`, checked against the `specs` asked for; MalformedMessage for anything else."""
     reader = _Reader(body)
     (status,) = reader.unpack(_STATUS)
-    if status not in (MADE, FAILED, BUG, NEEDS_WHEEL):
+    if status not in (MADE, FAILED, BUG, NEEDS_WHEEL, UNREADABLE):
         raise MalformedMessage(f"unknown status {status}")
     reason = reader.text(REASON_BYTES, "utf-8")
     detail = reader.text(BUG_BYTES if status == BUG else DETAIL_BYTES, "utf-8")
@@ -195,7 +204,7 @@ def decode_reply(body: bytes | bytearray | memoryview, specs: tuple[ThumbSpec, .
     (count,) = reader.unpack(_LENGTH)
     if count != (len(specs) if status == MADE else 0):
         raise MalformedMessage(f"{count} thumbnails for {len(specs)} sizes asked, status {status}")
-    if status == FAILED and not reason:
+    if status in (FAILED, UNREADABLE) and not reason:
         raise MalformedMessage("a failure without a reason")
     if status == NEEDS_WHEEL and not reason:
         raise MalformedMessage("a wheel needed without its decoder's name")
@@ -261,6 +270,26 @@ class _Reader:
     def end(self) -> None:
         if self._at != len(self._data):
             raise MalformedMessage(f"{len(self._data) - self._at} bytes past the end")
+
+
+def send_request(channel: socket.socket, request: bytes, source: int | None) -> None:
+    """Send one request as one message, with `source`, the descriptor of the local file it names, if any."""
+    if source is None:
+        channel.send(request)
+    else:
+        socket.send_fds(channel, [request], [source])
+
+
+def receive_request(channel: socket.socket) -> tuple[bytes, int | None] | None:
+    """The next request and the descriptor of the file sent with it (or None); None at the end of the requests."""
+    message, fds, flags, _ = socket.recv_fds(channel, _REQUEST_BYTES, 1)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > 1:
+        for fd in fds:
+            os.close(fd)
+        raise MalformedMessage("a request longer than any the parent sends")
+    if not message:
+        return None
+    return message, fds[0] if fds else None
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -12,7 +12,7 @@ import mmap
 import os
 import resource
 import signal
-import struct
+import socket
 import traceback
 import warnings
 from collections.abc import Iterable
@@ -20,8 +20,9 @@ from typing import NoReturn
 
 from thumbcli import decoders, formats, sandbox, unexpected, wire
 
-REQUEST = struct.Struct("<IQI")  # header length, source length, memory file
 READY = b"R"  # then one byte: the sandbox layers in force, a bit each (sandbox.LAYERS order)
+#: Why a local file handed to a worker was not decoded: it is shorter than when the parent opened it.
+SHRANK = "cannot read: it shrank while it was read"
 #: A worker's private memory (RLIMIT_DATA) is limited to this many times its memory ceiling.
 _DATA_LIMIT_PER_CEILING = 2
 
@@ -38,7 +39,10 @@ def serve(
     watch: int | None = None,
     wheels: Iterable[str] = decoders.COMMON_DECODERS,
 ) -> NoReturn:  # pragma: no cover - runs in the worker
-    """The worker's loop: read a request, resample the memory file it names, reply; leave at the end of the requests.
+    """The worker's loop: read a request, resample the file sent with it (or the memory file it names), reply.
+
+    It leaves at the end of the requests. `requests` is a Unix socket (a request is a message, with
+    the descriptor of the local file it names), `replies` a pipe.
 
     `memory_ceiling`: the resident memory past which the parent kills this worker (0: none).
     `layers`: the sandbox layers to confine itself with once its libraries are loaded;
@@ -79,23 +83,30 @@ def serve(
         data = _DATA_LIMIT_PER_CEILING * memory_ceiling + _private_data_bytes()
         with contextlib.suppress(ValueError, OSError):  # a lower hard limit stays
             resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+    channel = socket.socket(fileno=requests)
     # Confined before the first file, with every library the decoders need already loaded.
     applied = sandbox.confine(layers, account, watch)
     wire.write_all(replies, READY + bytes([sum(1 << sandbox.LAYERS.index(layer) for layer in applied)]))
     while True:
-        head = wire.read_exactly(requests, REQUEST.size)
-        if head is None:
+        received = wire.receive_request(channel)
+        if received is None:
             os._exit(0)
-        header_length, data_length, slot = REQUEST.unpack(head)
-        settings = wire.decode_settings(wire.read_exactly(requests, header_length) or b"")
-        mapped = mmap.mmap(slots[slot], data_length, prot=mmap.PROT_READ) if data_length else None
-        # libvips reads a JPEG where it is mapped (resample copies other formats to bytes).
-        view = memoryview(mapped) if mapped is not None else memoryview(b"")
-        reply = _reply_for(view, settings, preloaded if imports_closed else None)
-        if mapped is not None:
-            with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
-                view.release()
-                mapped.close()
+        message, source = received
+        header_length, data_length, slot = wire.REQUEST.unpack_from(message)
+        settings = wire.decode_settings(message[wire.REQUEST.size : wire.REQUEST.size + header_length])
+        try:
+            view, mapped = _source_view(slots[slot] if source is None else source, data_length)
+        except _Unreadable as exc:
+            reply = wire.Reply(wire.UNREADABLE, reason=str(exc))
+        else:
+            reply = _reply_for(view, settings, preloaded if imports_closed else None)
+            if mapped is not None:
+                with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
+                    view.release()
+                    mapped.close()
+        finally:
+            if source is not None:
+                os.close(source)  # a mapping keeps its own reference
         try:
             wire.write_all(replies, wire.encode_reply(reply))
         except BrokenPipeError:
@@ -104,6 +115,37 @@ def serve(
             os._exit(1)
         if reply.status == wire.NEEDS_WHEEL:
             os._exit(0)  # the parent starts a worker with that wheel, and sends this file and those behind it again
+
+
+class _Unreadable(Exception):
+    """The source handed over cannot be read (a disk's error, or it shrank): the reason, one line."""
+
+
+def _source_view(fd: int, length: int) -> tuple[memoryview, mmap.mmap | None]:  # pragma: no cover - runs in the worker
+    """The first `length` bytes of file `fd`, mapped where the file system allows (and the mapping), else read.
+
+    A mapped local file is read from the page cache with no copy at all (libvips and libjpeg-turbo
+    read a JPEG where it is mapped). A file that shrinks while mapped ends this worker with SIGBUS,
+    which the parent reports as that file's. Some files cannot be mapped (sysfs, some FUSE mounts).
+    """
+    if not length:
+        return memoryview(b""), None
+    try:
+        mapped = mmap.mmap(fd, length, prot=mmap.PROT_READ)
+    except ValueError:  # Python's own check: the file is shorter than the parent measured it
+        raise _Unreadable(SHRANK) from None
+    except OSError:
+        data = bytearray(length)
+        got = 0
+        try:
+            while got < length and (count := os.preadv(fd, [memoryview(data)[got:]], got)):
+                got += count
+        except OSError as exc:
+            raise _Unreadable(f"cannot read: {(exc.strerror or str(exc)).lower()}") from None
+        if got < length:
+            raise _Unreadable(SHRANK) from None
+        return memoryview(data), None
+    return memoryview(mapped), mapped
 
 
 def _reply_for(

@@ -10,25 +10,24 @@ starts and replaces workers while its loader and writer threads run, where a for
 could inherit a lock held by another thread. The interpreter and libvips load in about
 a tenth of a second, once per worker per run.
 
-The transport: the source bytes go into one of a few memory files (memfd) per worker,
-which the worker maps; a pipe carries each request (a small header naming the memory
-file) and another the reply (the thumbnails), both in the fixed layout of `wire`: a
-decoder is hostile, so nothing it sends is unpickled. The worker confines itself
-(`sandbox`) before it takes its first file. Through a pipe, a camera
-JPEG was copied three times (into the pipe, out of it, into bytes) into fresh pages each
-time: 13% of a worker's time. Now it is copied once, into pages that stay, and libvips
-reads a JPEG where it is mapped.
+The transport: a Unix socket carries each request (a small header) with the open descriptor
+of the local file it names, which the worker maps: the bytes of a local file are read from
+the page cache where they are, and copied by no one. Bytes the parent holds (an object from a
+bucket) go into one of a few memory files (memfd) per worker, which the worker maps too. A
+pipe carries the reply (the thumbnails). Both are in the fixed layout of `wire`: a decoder is
+hostile, so nothing it sends is unpickled. The worker confines itself (`sandbox`) before it
+takes its first file, and needs no right to open anything: its files come open.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from thumbcli import decoders, sandbox, wire
 from thumbcli.forbiddencalls import ForbiddenCallWatch
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec, human_bytes
 from thumbcli.workerlog import WorkerStderr
-from thumbcli.workerloop import READY, REQUEST
+from thumbcli.workerloop import READY, SHRANK
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,10 @@ class WorkerOutcome(NamedTuple):
 
 
 class OpenedFile:
-    """A local source open for reading, `size` bytes as opened: the kernel copies it into a worker's memory file.
+    """A local source open for reading, `size` bytes as opened: handed to a worker open, which maps it.
 
     Read into the parent's memory first, each camera JPEG was copied twice there (into fresh
-    pages, then into the memory file) and took most of the parent's time per image.
+    pages, then into a memory file for the worker) and took most of the parent's time per image.
     """
 
     __slots__ = ("fd", "size")
@@ -100,38 +99,34 @@ class OpenedFile:
     def __del__(self) -> None:  # a file dropped unsent (a run stopping) closes with it
         self.close()
 
-    def copy_to(self, out: int) -> int:
-        """Copy the file into `out` from its start; the bytes copied (fewer if it shrank since it was opened)."""
-        os.lseek(out, 0, os.SEEK_SET)
-        copied = 0
-        try:
-            while copied < self.size and (count := os.sendfile(out, self.fd, copied, self.size - copied)):
-                copied += count
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            # A file system that cannot sendfile: through the parent's memory after all.
-            while copied < self.size and (chunk := os.pread(self.fd, min(self.size - copied, _READ_BYTES), copied)):
-                copied += os.pwrite(out, chunk, copied)
-        return copied
+    def why_lost(self) -> str:
+        """Why a worker that mapped this file was killed by SIGBUS: a page of it could not be read."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self.fd).st_size < self.size:
+                return SHRANK
+        return "cannot read: a page of it could not be read (SIGBUS)"
 
 
 #: A source's bytes as the engine hands them to a worker: read (an object in a bucket) or open (a local file).
 SourceData = bytes | OpenedFile
 
 
-def _copy_into(fd: int, data: SourceData) -> int:
-    """Put `data` at the start of the memory file `fd` (closing an opened file); the bytes put there."""
-    if isinstance(data, OpenedFile):
-        try:
-            return data.copy_to(fd)
-        finally:
-            data.close()
+def _write_at_start(fd: int, data: bytes) -> int:
+    """Write all of `data` at the start of file `fd`; its length."""
     view = memoryview(data)
     written = 0
     while written < len(view):
         written += os.pwrite(fd, view[written:], written)
     return written
+
+
+def _resident_bytes(pid: int) -> int:
+    """The resident memory of process `pid`; 0 where /proc does not tell (the ceiling is not watched)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class WorkerBug(RuntimeError):
@@ -169,16 +164,16 @@ class ResampleWorker:
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr = WorkerStderr()
         self._forbidden = ForbiddenCallWatch()
-        self._requests = -1
+        self._requests: socket.socket | None = None
         self._replies = -1
-        #: The memory files that carry the source bytes, their sizes, and those not in use.
+        #: A slot per file a worker may have waiting: the memory files that carry bytes, their sizes,
+        #: the local file sent instead (until its outcome), and the slots not in use.
         self._slots: list[int] = []
         self._slot_sizes: list[int] = []
+        self._opened: list[OpenedFile | None] = []
         self._free_slots: deque[int] = deque()
-        #: Requests not yet answered, oldest first: (request, memory file, specs asked for) each.
+        #: Requests not yet answered, oldest first: (request, slot, specs asked for) each.
         self._waiting: deque[tuple[bytes, int, tuple[ThumbSpec, ...]]] = deque()
-        #: The outcomes of files that could not be put in their memory file (never sent), by memory file.
-        self._unread: dict[int, WorkerOutcome] = {}
         self._inbox = bytearray()
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
@@ -243,23 +238,20 @@ class ResampleWorker:
             raise ValueError(f"a resample worker takes at most {SLOTS} files at once")
         slot = self._free_slots.popleft()
         try:
-            length = self._fill(slot, data)
-        except OSError as exc:
-            # A local file the kernel could not copy (a disk error): that file's failure, in its turn.
-            reason = f"cannot read: {(exc.strerror or str(exc)).lower()}"
-            self._unread[slot] = WorkerOutcome([], reason, transient=True)
-            self._waiting.append((b"", slot, specs))
-            return
+            if isinstance(data, OpenedFile):
+                self._opened[slot], length = data, data.size
+            else:
+                length = self._fill(slot, data)
         except BaseException:
-            self._free_slots.append(slot)
+            self._release(slot)
             raise
         header = self._header
-        request = (REQUEST.pack(len(header), length, slot) + header, slot, specs)
+        request = (wire.REQUEST.pack(len(header), length, slot) + header, slot, specs)
         if not self._waiting:
             self._head_since = time.monotonic()
         self._waiting.append(request)
         if self._process is not None:
-            self._write_request(request[0])
+            self._write_request(request[0], slot)
             return
         try:
             self._start()  # sends everything waiting
@@ -268,7 +260,7 @@ class ResampleWorker:
             # Not sent: the caller will not ask for it, so its slot must not stay taken. The
             # files queued before it stay queued, for the next start.
             self._waiting.pop()
-            self._free_slots.append(slot)
+            self._release(slot)
             raise
 
     def receive(self, abandon: Callable[[], bool] | None = None) -> WorkerOutcome:
@@ -283,11 +275,6 @@ class ResampleWorker:
         """
         if not self._waiting:
             raise ValueError("nothing was sent")
-        unread = self._unread.pop(self._waiting[0][1], None)
-        if unread is not None:
-            self._free_slots.append(self._waiting.popleft()[1])
-            self._head_since = time.monotonic()
-            return unread
         try:
             if self._process is None:
                 self._start()
@@ -300,16 +287,17 @@ class ResampleWorker:
             return outcome
         finally:
             _, slot, _ = self._waiting.popleft()
-            self._free_slots.append(slot)
+            self._release(slot)
             self._head_since = time.monotonic()
 
     def close(self) -> None:
         """Let the worker leave (end of its requests), killing it if it does not; reap it."""
-        self._waiting.clear()
-        self._unread.clear()
+        while self._waiting:
+            self._release(self._waiting.popleft()[1])
         process = self._process
         if process is not None:
-            os.close(self._requests)
+            assert self._requests is not None
+            self._requests.close()
             try:
                 process.wait(_EXIT_SECONDS)
             except subprocess.TimeoutExpired:
@@ -321,7 +309,7 @@ class ResampleWorker:
         self._forbidden.close()
         for fd in self._slots:
             os.close(fd)
-        self._slots, self._slot_sizes = [], []
+        self._slots, self._slot_sizes, self._opened = [], [], []
         self._free_slots.clear()
 
     def _give_up(self, exc: BaseException) -> None:
@@ -334,29 +322,39 @@ class ResampleWorker:
     def _open_slots(self) -> None:
         self._slots = [os.memfd_create(f"thumbcli-source-{index}", os.MFD_CLOEXEC) for index in range(SLOTS)]
         self._slot_sizes = [0] * SLOTS
+        self._opened = [None] * SLOTS
         self._free_slots = deque(range(SLOTS))
 
-    def _fill(self, slot: int, data: SourceData) -> int:
+    def _fill(self, slot: int, data: bytes) -> int:
         """Put `data` into memory file `slot`, sized to hold it; its length there (what the worker maps)."""
         fd, size = self._slots[slot], self._slot_sizes[slot]
         if size < len(data) or size > max(_SLOT_KEPT_BYTES, 2 * len(data)):
             os.ftruncate(fd, len(data))
             self._slot_sizes[slot] = len(data)
-        return _copy_into(fd, data)
+        return _write_at_start(fd, data)
+
+    def _release(self, slot: int) -> None:
+        """The file in `slot` is done with: close it if it was a local file, free the slot."""
+        opened = self._opened[slot]
+        if opened is not None:
+            opened.close()
+            self._opened[slot] = None
+        self._free_slots.append(slot)
 
     # -- parent side -------------------------------------------------------
 
     def _start(self) -> None:
-        request_read, request_write = os.pipe()
+        requests, worker_requests = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        request_read = worker_requests.detach()
         reply_read, reply_write = os.pipe()
-        for fd in (request_write, reply_write):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(reply_write, _F_SETPIPE_SZ, _PIPE_BYTES)
         try:
             layers = sandbox.layers_for_workers()
             account = sandbox.account_for_workers(layers)
         except sandbox.SandboxSettingError as exc:
-            for fd in (request_read, request_write, reply_read, reply_write):
+            requests.close()
+            for fd in (request_read, reply_read, reply_write):
                 os.close(fd)
             raise WorkerBug(f"a resample worker could not start: {exc}") from None
         stderr_write, watch = self._stderr.open(), self._forbidden.open()
@@ -380,7 +378,7 @@ class ResampleWorker:
                 env=_worker_environment(layers),
             )
         except OSError as exc:  # no process to be had (out of processes or memory)
-            os.close(request_write)
+            requests.close()
             os.close(reply_read)
             raise WorkerBug(f"a resample worker could not start: {exc.strerror or exc}") from exc
         finally:
@@ -388,7 +386,7 @@ class ResampleWorker:
             os.close(reply_write)
             os.close(stderr_write)
             os.close(watch)
-        self._requests, self._replies = request_write, reply_read
+        self._requests, self._replies = requests, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
@@ -405,14 +403,15 @@ class ResampleWorker:
         self._inbox.clear()
         self._head_since = time.monotonic()
         for request, slot, _ in self._waiting:
-            if slot not in self._unread:  # never sent: its outcome is known already
-                self._write_request(request)
+            self._write_request(request, slot)
 
-    def _write_request(self, request: bytes) -> None:
-        # A request is a few hundred bytes (the source is in its memory file): SLOTS of them
-        # fit in the pipe, so this never waits on a worker that hangs.
-        with contextlib.suppress(BrokenPipeError):  # the worker is gone: its end of the replies says how
-            wire.write_all(self._requests, request)
+    def _write_request(self, request: bytes, slot: int) -> None:
+        # A request is a few hundred bytes (the source is in its file): SLOTS of them fit in the
+        # socket's buffer, so this never waits on a worker that hangs.
+        opened = self._opened[slot]
+        assert self._requests is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the worker is gone: its replies say how
+            wire.send_request(self._requests, request, opened.fd if opened is not None else None)
 
     def _await_reply(self, abandon: Callable[[], bool] | None) -> WorkerOutcome:
         seconds = self._limits.max_decode_seconds
@@ -451,7 +450,8 @@ class ResampleWorker:
                 if abandon is not None and abandon():
                     self._kill()
                     return WorkerOutcome([], "abandoned", abandoned=True)
-                if self._resident_bytes() > self._memory_ceiling:
+                assert self._process is not None
+                if _resident_bytes(self._process.pid) > self._memory_ceiling:
                     self._kill()
                     return WorkerOutcome([], f"needed more than {human_bytes(self._memory_ceiling)} of memory")
                 continue
@@ -494,14 +494,6 @@ class ResampleWorker:
         self._start()
         return None
 
-    def _resident_bytes(self) -> int:
-        assert self._process is not None
-        try:
-            with open(f"/proc/{self._process.pid}/statm", "rb") as statm:
-                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0  # no /proc: the ceiling is not watched
-
     def _kill(self) -> int:
         """End the worker now and reap it; its exit status."""
         assert self._process is not None
@@ -512,6 +504,10 @@ class ResampleWorker:
     def _lost(self, note: str) -> WorkerOutcome:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
         status = self._reap()
+        opened = self._opened[self._waiting[0][1]]
+        if status == -signal.SIGBUS and opened is not None:
+            # The mapped file shrank under it, or a page of it failed to read: not the content's fault.
+            return WorkerOutcome([], opened.why_lost(), detail=f"signal {-status}{note}", transient=True)
         if status == -signal.SIGSYS and "seccomp" in self.confinement:
             # Killed by a filter that could not notify (a kernel before 5.0): the call is not known.
             return WorkerOutcome([], FORBIDDEN_CALL, detail=f"killed by the seccomp filter (signal {-status}){note}")
@@ -523,7 +519,8 @@ class ResampleWorker:
         """Wait for the ended worker; the files waiting behind its last go to the next one."""
         assert self._process is not None
         status = self._process.wait()
-        os.close(self._requests)
+        assert self._requests is not None
+        self._requests.close()
         os.close(self._replies)
         self._process = None
         self._inbox.clear()
@@ -567,4 +564,6 @@ def _outcome(reply: wire.Reply) -> WorkerOutcome:
         return WorkerOutcome(list(reply.thumbnails), detail=reply.detail, warning=reply.warning)
     if reply.status == wire.FAILED:
         return WorkerOutcome([], reply.reason, reply.detail)
+    if reply.status == wire.UNREADABLE:
+        return WorkerOutcome([], reply.reason, reply.detail, transient=True)
     raise WorkerBug(f"a resample worker failed:\n{reply.detail}")

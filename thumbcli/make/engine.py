@@ -42,8 +42,8 @@ def failure_reason(exc: BaseException) -> str:
 def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tuple[SourceData, SourceFile]:
     """A source to hand to a worker, refusing what is not a regular file or is too big.
 
-    A local file is opened and checked, and the kernel starts reading it ahead: its bytes go
-    into the worker's memory file without passing through this process. An object in a bucket
+    A local file is opened and checked, and the kernel starts reading it ahead: the worker is
+    handed it open and maps it, so its bytes never pass through this process. An object in a bucket
     is read (by its URL), its size and version as the read found them. Either way the source
     comes back re-stated as it was opened or read: what is decoded is what is recorded.
     """
