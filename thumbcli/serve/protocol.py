@@ -21,7 +21,7 @@ from thumbcli.serve.http import (
     NEGOTIATION_HEADERS,
     SINGLE_HEADERS,
 )
-from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, SENDFILE_BODIES
+from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, MEMORY_BODIES, SENDFILE_BODIES
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ RECV_BYTES = 65536
 FALLBACK_CHUNK_BYTES = 262144
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW})
+#: How a body goes out: read from the fd and sent, by sendfile, or from the bytes kept in memory.
+VIA_FALLBACK, VIA_SENDFILE, VIA_MEMORY = 0, 1, 2
+_BODIES_VIA = (FALLBACK_BODIES, SENDFILE_BODIES, MEMORY_BODIES)
 
 
 class Reject(Exception):
@@ -69,13 +72,13 @@ class Request:
 class Body:
     """The part of a file still to send on one connection."""
 
-    __slots__ = ("file", "offset", "remaining", "via_sendfile")
+    __slots__ = ("file", "offset", "remaining", "via")
 
-    def __init__(self, file: OpenFile, offset: int, remaining: int, via_sendfile: bool) -> None:
+    def __init__(self, file: OpenFile, offset: int, remaining: int, via: int) -> None:
         self.file = file
         self.offset = offset
         self.remaining = remaining
-        self.via_sendfile = via_sendfile
+        self.via = via  # VIA_FALLBACK, VIA_SENDFILE or VIA_MEMORY
 
 
 class Parked:
@@ -224,50 +227,86 @@ class Connection:
     # -- output (an OSError out of these means the connection is broken: close it)
 
     def send(self, head: bytes, file: OpenFile | None, offset: int, count: int, via_sendfile: bool, now: float) -> None:
-        """Send a response head and `count` bytes of `file`, or queue what the socket does not take now."""
+        """Send a response head and `count` bytes of `file`, or queue what the socket does not take now.
+
+        A file kept in memory goes out with its head in one send; any other by sendfile (or the
+        plain-send fallback when `via_sendfile` is False) after its head.
+        """
         out = self.out
-        if out:
-            out.append(head)
-        else:
+        if not count:
+            if out:
+                out.append(head)
+                return
             try:
-                sent = self.sock.send(head, _MSG_MORE if count else 0)
+                sent = self.sock.send(head)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             self.counters[BYTES_SENT] += sent
             self.last_progress = now
             if sent < len(head):
                 out.append(memoryview(head)[sent:])
-            elif not count:
+            return
+        assert file is not None
+        memory = file.body
+        via = VIA_MEMORY if memory is not None else VIA_SENDFILE if via_sendfile else VIA_FALLBACK
+        if out:
+            out.append(head)
+        elif memory is not None:
+            part = memory if count == len(memory) else memoryview(memory)[offset : offset + count]
+            try:
+                sent = self.sock.sendmsg((head, part))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            sent -= len(head)
+            if sent == count:
+                self.counters[MEMORY_BODIES] += 1
                 return
+            if sent < 0:
+                out.append(memoryview(head)[len(head) + sent :])
+                sent = 0
+            offset += sent
+            count -= sent
+        else:
+            try:
+                sent = self.sock.send(head, _MSG_MORE)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            if sent < len(head):
+                out.append(memoryview(head)[sent:])
             else:
-                assert file is not None
-                body = Body(file, offset, count, via_sendfile)
+                body = Body(file, offset, count, via)
                 if self._send_body(body, now):
                     return
                 file.users += 1
                 out.append(body)
                 return
-        if count:
-            assert file is not None
-            file.users += 1
-            out.append(Body(file, offset, count, via_sendfile))
+        file.users += 1
+        out.append(Body(file, offset, count, via))
 
     def _send_body(self, body: Body, now: float) -> bool:
         """Send as much of a body as the socket takes; True once all of it is sent."""
         counters = self.counters
         while body.remaining:
             try:
-                if body.via_sendfile:
+                if body.via == VIA_SENDFILE:
                     sent = os.sendfile(self.fd, body.file.fd, body.offset, body.remaining)
+                elif body.via == VIA_MEMORY:
+                    memory = body.file.body
+                    assert memory is not None
+                    sent = self.sock.send(memoryview(memory)[body.offset : body.offset + body.remaining])
                 else:
                     chunk = os.pread(body.file.fd, min(body.remaining, FALLBACK_CHUNK_BYTES), body.offset)
                     sent = self.sock.send(chunk) if chunk else 0
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as exc:
-                if body.via_sendfile and exc.errno in _SENDFILE_UNSUPPORTED:
+                if body.via == VIA_SENDFILE and exc.errno in _SENDFILE_UNSUPPORTED:
                     log.debug("sendfile unsupported here (%s): plain send", exc.strerror)
-                    body.via_sendfile = False
+                    body.via = VIA_FALLBACK
                     continue
                 raise
             if sent == 0:
@@ -276,7 +315,7 @@ class Connection:
             body.remaining -= sent
             counters[BYTES_SENT] += sent
             self.last_progress = now
-        counters[SENDFILE_BODIES if body.via_sendfile else FALLBACK_BODIES] += 1
+        counters[_BODIES_VIA[body.via]] += 1
         return True
 
     def answer_parked(self, parked: Parked, answer: Callable[[Connection], None], now: float) -> None:
