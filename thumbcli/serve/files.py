@@ -25,6 +25,7 @@ OPEN_FILE_LIMIT = 1024
 #: its head in one send (a thumbnail is 10-30 KB); a larger file goes by sendfile. At most
 #: OPEN_FILE_LIMIT files are open, so the bodies kept take 64 MiB per worker at the very worst.
 MEMORY_BODY_BYTES = 65536
+_NO_FORMATS: frozenset[Format] = frozenset()
 _NOT_FOUND_ERRNOS = frozenset(
     {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO}
 )
@@ -127,8 +128,7 @@ class CacheFiles:
 
     def open(self, path: bytes, now: float, accept: bytes | None = None) -> OpenFile | int | None:
         """The open thumbnail for a URL path (and Accept field), None if there is none, or an error status."""
-        key = path
-        accepted: frozenset[Format] = frozenset()
+        key, accepted = path, _NO_FORMATS
         if self.negotiating:
             accepted, accepted_key = self._accept.formats(accept)
             key = path + accepted_key

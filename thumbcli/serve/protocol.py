@@ -7,7 +7,6 @@ import logging
 import os
 import select
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,9 @@ import httptools
 from thumbcli.serve.files import OpenFile
 from thumbcli.serve.http import (
     CONDITIONAL_HEADERS,
+    END_CLOSE,
+    END_KEEP_ALIVE,
+    END_KEEP_ALIVE_10,
     FRAMING_HEADERS,
     LOGGED_HEADERS,
     NEGOTIATION_HEADERS,
@@ -59,7 +61,7 @@ class HeadLimits:
 class Request:
     """One parsed request head: what answering it needs."""
 
-    __slots__ = ("headers", "http10", "keep_alive", "method", "target")
+    __slots__ = ("conditional", "end", "headers", "http10", "keep_alive", "method", "target")
 
     def __init__(self, method: bytes, target: bytes, headers: dict[bytes, bytes], keep_alive: bool, http10: bool):
         self.method = method
@@ -67,6 +69,15 @@ class Request:
         self.headers = headers  # only the wanted fields, lower-case names
         self.keep_alive = keep_alive
         self.http10 = http10
+        #: Whether a precondition or a Range is to be evaluated (most requests have none).
+        self.conditional = not CONDITIONAL_HEADERS.isdisjoint(headers)
+        #: The last header line and blank line: whether the connection stays open, said as the version needs.
+        self.end = END_CLOSE if not keep_alive else END_KEEP_ALIVE_10 if http10 else END_KEEP_ALIVE
+
+    def close_after(self) -> None:
+        """Answer this request with Connection: close."""
+        self.keep_alive = False
+        self.end = END_CLOSE
 
 
 class Body:
@@ -110,6 +121,7 @@ class Connection:
         "last_progress",
         "limits",
         "lingering",
+        "now",
         "out",
         "parser",
         "peer",
@@ -139,6 +151,7 @@ class Connection:
         self.head_start = now
         self.idle_since = now
         self.last_progress = now
+        self.now = now  # the loop's time of the bytes being parsed
         self.head_bytes = 0
         self.header_bytes = 0
         self.url = b""
@@ -150,19 +163,14 @@ class Connection:
         self.eof = False
         self.closed = False
 
-    # -- parser callbacks
-
-    def on_message_begin(self) -> None:
-        """A new request head starts (the header deadline runs from here on a kept-alive connection)."""
-        if not self.in_message:
-            self.in_message = True
-            self.head_start = time.monotonic()
-        self.url = b""
-        self.headers = {}
-        self.header_bytes = 0
+    # -- parser callbacks (no on_message_begin: one Python call less per request; `feed` and
+    # `on_url` start a head's deadline, `on_headers_complete` makes ready for the next head)
 
     def on_url(self, url: bytes) -> None:
         """A piece of the request target: bounded by max URI bytes."""
+        if not self.in_message:
+            self.in_message = True  # the next of several requests in one read
+            self.head_start = self.now
         self.url = url if not self.url else self.url + url
         if len(self.url) > self.limits.max_uri_bytes:
             raise Reject(414)  # RFC 9110 §15.5.15
@@ -186,7 +194,7 @@ class Connection:
     def on_headers_complete(self) -> None:
         """The head is complete: check version, Host and body framing, then queue the request."""
         self.in_message = False
-        self.idle_since = time.monotonic()
+        self.idle_since = self.now
         parser = self.parser
         version = parser.get_http_version()
         headers = self.headers
@@ -199,12 +207,20 @@ class Connection:
             raise Reject(413)  # RFC 9110 §15.5.14: GET and HEAD take no body; refuse and close
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
         self.requests.append(Request(parser.get_method(), self.url, headers, keep_alive, version == "1.0"))
+        self.url = b""
+        self.headers = {}
+        self.header_bytes = 0
 
     # -- input
 
-    def feed(self, data: bytes) -> int:
-        """Parse received bytes into `requests`; the error status to answer with, or 0."""
+    def feed(self, data: bytes, now: float) -> int:
+        """Parse bytes received at `now` into `requests`; the error status to answer with, or 0."""
+        self.now = now
         was_in_message = self.in_message
+        if not was_in_message:
+            # Bytes after a complete head begin the next: its header deadline runs from now.
+            self.in_message = True
+            self.head_start = now
         reject = 0
         try:
             self.parser.feed_data(data)
