@@ -36,6 +36,7 @@ _FULL = Verdict.FULL
 _NOT_MODIFIED = Verdict.NOT_MODIFIED
 _PARTIAL = Verdict.PARTIAL
 _UNSATISFIABLE = Verdict.UNSATISFIABLE
+_VERDICT_SLOT = {verdict: STATUS_SLOT[verdict] for verdict in Verdict}
 _HEALTHZ = b"/healthz"
 _HOME = b"/"
 _ACCEPT = b"accept"
@@ -246,7 +247,7 @@ class Responder:
         else:
             self.send_simple(conn, request, 412, b"precondition failed\n")
             return
-        self._counters[STATUS_SLOT[verdict]] += 1
+        self._counters[_VERDICT_SLOT[verdict]] += 1
         if self._access_log is not None:
             self._access_log.write(conn.peer, method, request.target, request.http10, verdict, count, request.headers)
         conn.send(head, file, first, count, self.use_sendfile, self.now)
