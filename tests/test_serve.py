@@ -169,16 +169,25 @@ def test_serve_without_source_never_loads_libvips(server: ServerProcess, cache: 
 
 
 def test_serve_sends_bodies_the_configured_way(server: ServerProcess) -> None:
+    """A small thumbnail is kept in memory and sent with its head; a large file the configured way."""
     before = metrics(server)
     assert get(server, "/small/a/photo.jpg").status == 200
+    assert get(server, "/big/huge.tif", {"Range": "bytes=0-99999"}).status == 206
     after = metrics(server)
     via = "sendfile" if server.use_sendfile else "fallback"  # type: ignore[attr-defined]
-    assert after[f'thumbcli_bodies_total{{via="{via}"}}'] > before[f'thumbcli_bodies_total{{via="{via}"}}']
+    grew = {
+        kind: after[f'thumbcli_bodies_total{{via="{kind}"}}'] - before[f'thumbcli_bodies_total{{via="{kind}"}}']
+        for kind in ("memory", "sendfile", "fallback")
+    }
+    assert grew == {"memory": 1, via: 1, ({"sendfile", "fallback"} - {via}).pop(): 0}
 
 
 def test_serve_falls_back_when_env_forbids_sendfile(cache: Path) -> None:
     with running_server(cache, env={"THUMBCLI_NO_SENDFILE": "1"}) as running:
-        assert get(running, "/small/a/photo.jpg").body == photo(cache)
+        assert (
+            get(running, "/big/huge.tif", {"Range": "bytes=0-99"}).body
+            == (cache / "v1/big/huge.tif.jpg").read_bytes()[:100]
+        )
         counts = metrics(running)
     assert counts['thumbcli_bodies_total{via="fallback"}'] >= 1
     assert counts['thumbcli_bodies_total{via="sendfile"}'] == 0
@@ -575,6 +584,7 @@ def test_serve_reports_metrics_and_health(header_server: ServerProcess) -> None:
     assert values["thumbcli_open_connections"] >= 1
     assert values["thumbcli_sent_bytes_total"] > 0
     assert 'thumbcli_bodies_total{via="sendfile"}' in values
+    assert 'thumbcli_bodies_total{via="memory"}' in values
 
 
 def test_serve_moves_admin_endpoints_to_admin_port(cache: Path) -> None:

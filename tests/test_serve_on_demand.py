@@ -197,8 +197,8 @@ def test_serve_makes_missing_thumbnail_on_first_get(tree: Path, use_sendfile: bo
         assert fetch(server, "/wide/%C3%BC%20ber/stra%C3%9Fe.png")[2] == body
         assert get(server, "/wide/%C3%BC%20ber/stra%C3%9Fe.png", {"If-None-Match": etag}).status == 304
         assert generations(server)["started"] == 2
-        via = "sendfile" if use_sendfile else "fallback"
-        assert metrics(server)[f'thumbcli_bodies_total{{via="{via}"}}'] >= 3
+        # Thumbnails this small are kept in memory once opened, whichever way larger files are sent.
+        assert metrics(server)['thumbcli_bodies_total{via="memory"}'] >= 3
 
 
 def test_serve_makes_missing_thumbnail_for_head(tree: Path) -> None:

@@ -42,7 +42,8 @@ class Doors:
         self._epoll = epoll
         self._limit = max_connections
         self._shed = shed
-        self._accepting = False
+        #: Whether the main listener is in the epoll set (False: at the limit, paused, or closed).
+        self.accepting = False
         self._retry_at = 0.0  # paused (out of memory or descriptors) until then; 0: not paused
 
     def open(self) -> None:
@@ -100,7 +101,7 @@ class Doors:
 
     def room(self) -> None:
         """A connection closed or waits on its client again: if accepting stopped at the limit, resume."""
-        if not self._accepting and not self._retry_at:
+        if not self.accepting and not self._retry_at:
             self._start()
 
     def tick(self, now: float) -> None:
@@ -115,17 +116,17 @@ class Doors:
             if sock is not None:
                 sock.close()
         self.listener = self.admin_listener = None
-        self._accepting = False
+        self.accepting = False
 
     def _start(self) -> None:
-        if self.listener is not None and not self._accepting:
+        if self.listener is not None and not self.accepting:
             self._epoll.register(self.listener.fileno(), select.EPOLLIN)
-            self._accepting = True
+            self.accepting = True
 
     def _stop(self) -> None:
-        if self.listener is not None and self._accepting:
+        if self.listener is not None and self.accepting:
             self._epoll.unregister(self.listener.fileno())
-            self._accepting = False
+            self.accepting = False
 
 
 def waiting_on_clients(connections: Iterable[Connection], count: int) -> list[Connection]:

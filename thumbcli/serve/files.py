@@ -17,10 +17,15 @@ from thumbcli.spec import CONTENT_TYPE_BY_FORMAT, Format
 
 log = logging.getLogger(__name__)
 
-#: How long an opened thumbnail (fd, stat, headers) is reused before it is re-checked;
+#: How long an opened thumbnail (fd, stat, headers, small body) is reused before it is re-checked;
 #: a replaced or deleted thumbnail can be served in its old version for this long.
 OPEN_FILE_SECONDS = 1.0
 OPEN_FILE_LIMIT = 1024
+#: A thumbnail up to this size is read into memory when it is opened, and its body goes out with
+#: its head in one send (a thumbnail is 10-30 KB); a larger file goes by sendfile. At most
+#: OPEN_FILE_LIMIT files are open, so the bodies kept take 64 MiB per worker at the very worst.
+MEMORY_BODY_BYTES = 65536
+_NO_FORMATS: frozenset[Format] = frozenset()
 _NOT_FOUND_ERRNOS = frozenset(
     {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO}
 )
@@ -30,13 +35,16 @@ class OpenFile:
     """An opened thumbnail with its validators and ready-made header lines."""
 
     __slots__ = (
+        "body",
         "etag",
         "evicted",
         "expires",
         "fd",
         "full_lines",
+        "identity",
         "last_modified",
         "mtime_s",
+        "path",
         "size",
         "type_line",
         "users",
@@ -72,6 +80,11 @@ class OpenFile:
         self.expires = expires
         self.users = 0  # bodies still being sent from this fd
         self.evicted = False
+        #: The whole file, when it is small (read by `CacheFiles`); None: its body is sent from the fd.
+        self.body: bytes | None = None
+        #: The path to re-check it by once it expires (None: open it again), and what must not change.
+        self.path: bytes | None = None
+        self.identity = _identity(st)
 
     def release(self) -> None:
         """One body sent from this file is done; the last user of an evicted file closes it."""
@@ -84,6 +97,11 @@ class OpenFile:
         self.evicted = True
         if self.users == 0:
             os.close(self.fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What stays the same while a file is the one opened, unchanged: same inode, size, mtime and ctime."""
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class CacheFiles:
@@ -110,14 +128,13 @@ class CacheFiles:
 
     def open(self, path: bytes, now: float, accept: bytes | None = None) -> OpenFile | int | None:
         """The open thumbnail for a URL path (and Accept field), None if there is none, or an error status."""
-        key = path
-        accepted: frozenset[Format] = frozenset()
+        key, accepted = path, _NO_FORMATS
         if self.negotiating:
             accepted, accepted_key = self._accept.formats(accept)
             key = path + accepted_key
         file = self.open_files.get(key)
         if file is not None:
-            if file.expires > now:
+            if file.expires > now or self._still_current(file, now):
                 return file
             self.evict(key)
         thumb = resolve_url(self.cache_root, path, self._first_format)
@@ -158,7 +175,35 @@ class CacheFiles:
         except OSError:
             os.close(fd)
             return None
-        return OpenFile(fd, st, content_type, self._cache_control, now + OPEN_FILE_SECONDS, variant)
+        file = OpenFile(fd, st, content_type, self._cache_control, now + OPEN_FILE_SECONDS, variant)
+        if variant is None:
+            # Of a negotiated URL, a variant preferred to this one may have been made since: open again.
+            file.path = os.fsencode(path)
+        if st.st_size <= MEMORY_BODY_BYTES:
+            try:
+                body = os.pread(fd, st.st_size + 1, 0)
+            except OSError:
+                body = b""  # unreadable now: sent from the fd, which fails as it did before
+            if len(body) == st.st_size:  # else it is being rewritten: the fd's body stands
+                file.body = body
+        return file
+
+    def _still_current(self, file: OpenFile, now: float) -> bool:
+        """Whether an expired open file is still what its path names, unchanged: then kept another while.
+
+        One stat instead of opening again: the same inode (so the same file that was checked to be
+        inside the cache when it was opened), with the same size, mtime and ctime.
+        """
+        if file.path is None:
+            return False
+        try:
+            st = os.stat(file.path)
+        except OSError:
+            return False
+        if _identity(st) != file.identity:
+            return False
+        file.expires = now + OPEN_FILE_SECONDS
+        return True
 
     def recent(self, path: bytes, now: float, accept: bytes | None = None) -> OpenFile | None:
         """The thumbnail for `path` (and Accept field) if it was opened less than OPEN_FILE_SECONDS ago."""

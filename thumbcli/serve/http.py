@@ -69,6 +69,14 @@ class Verdict(enum.IntEnum):
     UNSATISFIABLE = 416
 
 
+#: Verdicts without a byte span, made once (reading a member off an enum class is slow on 3.11).
+_PRECONDITION_FAILED = (Verdict.PRECONDITION_FAILED, 0, 0)
+_NOT_MODIFIED = (Verdict.NOT_MODIFIED, 0, 0)
+_UNSATISFIABLE = (Verdict.UNSATISFIABLE, 0, 0)
+_FULL = Verdict.FULL
+_PARTIAL = Verdict.PARTIAL
+
+
 def etag_for(size: int, mtime_ns: int) -> bytes:
     """A strong entity tag from size and modification time, as aiohttp makes them."""
     return b'"%x-%x"' % (mtime_ns, size)
@@ -145,28 +153,28 @@ def evaluate(
     if if_match is not None:
         # §13.1.1: If-Match uses the strong comparison; no current tag matches -> 412.
         if not entity_tag_matches(if_match, etag, weak=False):
-            return Verdict.PRECONDITION_FAILED, 0, 0
+            return _PRECONDITION_FAILED
     else:
         if_unmodified = headers.get(b"if-unmodified-since")
         if if_unmodified is not None:
             # §13.1.4: modified after the date -> 412; an invalid date is ignored.
             since = parse_http_date(if_unmodified)
             if since is not None and mtime_s > since:
-                return Verdict.PRECONDITION_FAILED, 0, 0
+                return _PRECONDITION_FAILED
     if_none_match = headers.get(b"if-none-match")
     if if_none_match is not None:
         # §13.1.2: If-None-Match uses the weak comparison; a match on GET/HEAD -> 304.
         if if_none_match == etag or entity_tag_matches(if_none_match, etag, weak=True):
-            return Verdict.NOT_MODIFIED, 0, 0
+            return _NOT_MODIFIED
     else:
         if_modified = headers.get(b"if-modified-since")
         if if_modified is not None:
             # §13.1.3: evaluated only without If-None-Match; not modified since -> 304.
             if if_modified == last_modified:
-                return Verdict.NOT_MODIFIED, 0, 0
+                return _NOT_MODIFIED
             since = parse_http_date(if_modified)
             if since is not None and mtime_s <= since:
-                return Verdict.NOT_MODIFIED, 0, 0
+                return _NOT_MODIFIED
     range_value = headers.get(b"range")
     # §14.2: Range is defined for GET only; other methods ignore it.
     if range_value is not None and method == GET:
@@ -174,10 +182,10 @@ def evaluate(
         if if_range is None or if_range_holds(if_range, etag, mtime_s):
             span = parse_single_range(range_value, size)
             if span is UNSATISFIABLE:
-                return Verdict.UNSATISFIABLE, 0, 0
+                return _UNSATISFIABLE
             if span is not None:
-                return Verdict.PARTIAL, span[0], span[1]
-    return Verdict.FULL, 0, size - 1
+                return _PARTIAL, span[0], span[1]
+    return _FULL, 0, size - 1
 
 
 def origin_form(target: bytes) -> bytes:

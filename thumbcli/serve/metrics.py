@@ -27,7 +27,8 @@ GENERATION_WAITING = GENERATIONS_TIMED_OUT + 1
 #: generation reached a decoder. Not a counter: `generation_broken` reads it.
 GENERATION_BROKEN_AT = GENERATION_WAITING + 1
 CONNECTIONS_SHED = GENERATION_BROKEN_AT + 1
-COUNTER_SLOTS = CONNECTIONS_SHED + 1
+MEMORY_BODIES = CONNECTIONS_SHED + 1
+COUNTER_SLOTS = MEMORY_BODIES + 1
 #: How long /healthz says not ok after such a failure, unless a generation works first. Not for
 #: ever: a load balancer that takes the server out of rotation sends it no miss to recover on.
 BROKEN_SECONDS = 60
@@ -85,10 +86,12 @@ class MetricsBoard:
             " complete, or idle between requests) closed to make room for a new one at the connection limit.",
             "# TYPE thumbcli_connections_shed_total counter",
             f"thumbcli_connections_shed_total {totals[CONNECTIONS_SHED]}",
-            "# HELP thumbcli_bodies_total Response bodies sent, by how they were sent.",
+            "# HELP thumbcli_bodies_total Response bodies of files sent, by how: sendfile, the plain-send"
+            " fallback (reading the file), or memory (a small thumbnail read when opened, sent with its head).",
             "# TYPE thumbcli_bodies_total counter",
             f'thumbcli_bodies_total{{via="sendfile"}} {totals[SENDFILE_BODIES]}',
             f'thumbcli_bodies_total{{via="fallback"}} {totals[FALLBACK_BODIES]}',
+            f'thumbcli_bodies_total{{via="memory"}} {totals[MEMORY_BODIES]}',
             "# HELP thumbcli_timeouts_total Connections closed by a timeout, by which one.",
             "# TYPE thumbcli_timeouts_total counter",
             f'thumbcli_timeouts_total{{kind="header"}} {totals[TIMEOUT_HEADER]}',

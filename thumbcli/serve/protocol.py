@@ -7,7 +7,6 @@ import logging
 import os
 import select
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +15,15 @@ import httptools
 from thumbcli.serve.files import OpenFile
 from thumbcli.serve.http import (
     CONDITIONAL_HEADERS,
+    END_CLOSE,
+    END_KEEP_ALIVE,
+    END_KEEP_ALIVE_10,
     FRAMING_HEADERS,
     LOGGED_HEADERS,
     NEGOTIATION_HEADERS,
     SINGLE_HEADERS,
 )
-from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, SENDFILE_BODIES
+from thumbcli.serve.metrics import BYTES_SENT, FALLBACK_BODIES, MEMORY_BODIES, SENDFILE_BODIES
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ RECV_BYTES = 65536
 FALLBACK_CHUNK_BYTES = 262144
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW})
+#: How a body goes out: read from the fd and sent, by sendfile, or from the bytes kept in memory.
+VIA_FALLBACK, VIA_SENDFILE, VIA_MEMORY = 0, 1, 2
+_BODIES_VIA = (FALLBACK_BODIES, SENDFILE_BODIES, MEMORY_BODIES)
 
 
 class Reject(Exception):
@@ -56,7 +61,7 @@ class HeadLimits:
 class Request:
     """One parsed request head: what answering it needs."""
 
-    __slots__ = ("headers", "http10", "keep_alive", "method", "target")
+    __slots__ = ("conditional", "end", "headers", "http10", "keep_alive", "method", "target")
 
     def __init__(self, method: bytes, target: bytes, headers: dict[bytes, bytes], keep_alive: bool, http10: bool):
         self.method = method
@@ -64,18 +69,27 @@ class Request:
         self.headers = headers  # only the wanted fields, lower-case names
         self.keep_alive = keep_alive
         self.http10 = http10
+        #: Whether a precondition or a Range is to be evaluated (most requests have none).
+        self.conditional = not CONDITIONAL_HEADERS.isdisjoint(headers)
+        #: The last header line and blank line: whether the connection stays open, said as the version needs.
+        self.end = END_CLOSE if not keep_alive else END_KEEP_ALIVE_10 if http10 else END_KEEP_ALIVE
+
+    def close_after(self) -> None:
+        """Answer this request with Connection: close."""
+        self.keep_alive = False
+        self.end = END_CLOSE
 
 
 class Body:
     """The part of a file still to send on one connection."""
 
-    __slots__ = ("file", "offset", "remaining", "via_sendfile")
+    __slots__ = ("file", "offset", "remaining", "via")
 
-    def __init__(self, file: OpenFile, offset: int, remaining: int, via_sendfile: bool) -> None:
+    def __init__(self, file: OpenFile, offset: int, remaining: int, via: int) -> None:
         self.file = file
         self.offset = offset
         self.remaining = remaining
-        self.via_sendfile = via_sendfile
+        self.via = via  # VIA_FALLBACK, VIA_SENDFILE or VIA_MEMORY
 
 
 class Parked:
@@ -107,6 +121,7 @@ class Connection:
         "last_progress",
         "limits",
         "lingering",
+        "now",
         "out",
         "parser",
         "peer",
@@ -136,6 +151,7 @@ class Connection:
         self.head_start = now
         self.idle_since = now
         self.last_progress = now
+        self.now = now  # the loop's time of the bytes being parsed
         self.head_bytes = 0
         self.header_bytes = 0
         self.url = b""
@@ -147,19 +163,14 @@ class Connection:
         self.eof = False
         self.closed = False
 
-    # -- parser callbacks
-
-    def on_message_begin(self) -> None:
-        """A new request head starts (the header deadline runs from here on a kept-alive connection)."""
-        if not self.in_message:
-            self.in_message = True
-            self.head_start = time.monotonic()
-        self.url = b""
-        self.headers = {}
-        self.header_bytes = 0
+    # -- parser callbacks (no on_message_begin: one Python call less per request; `feed` and
+    # `on_url` start a head's deadline, `on_headers_complete` makes ready for the next head)
 
     def on_url(self, url: bytes) -> None:
         """A piece of the request target: bounded by max URI bytes."""
+        if not self.in_message:
+            self.in_message = True  # the next of several requests in one read
+            self.head_start = self.now
         self.url = url if not self.url else self.url + url
         if len(self.url) > self.limits.max_uri_bytes:
             raise Reject(414)  # RFC 9110 §15.5.15
@@ -183,7 +194,7 @@ class Connection:
     def on_headers_complete(self) -> None:
         """The head is complete: check version, Host and body framing, then queue the request."""
         self.in_message = False
-        self.idle_since = time.monotonic()
+        self.idle_since = self.now
         parser = self.parser
         version = parser.get_http_version()
         headers = self.headers
@@ -196,12 +207,20 @@ class Connection:
             raise Reject(413)  # RFC 9110 §15.5.14: GET and HEAD take no body; refuse and close
         keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
         self.requests.append(Request(parser.get_method(), self.url, headers, keep_alive, version == "1.0"))
+        self.url = b""
+        self.headers = {}
+        self.header_bytes = 0
 
     # -- input
 
-    def feed(self, data: bytes) -> int:
-        """Parse received bytes into `requests`; the error status to answer with, or 0."""
+    def feed(self, data: bytes, now: float) -> int:
+        """Parse bytes received at `now` into `requests`; the error status to answer with, or 0."""
+        self.now = now
         was_in_message = self.in_message
+        if not was_in_message:
+            # Bytes after a complete head begin the next: its header deadline runs from now.
+            self.in_message = True
+            self.head_start = now
         reject = 0
         try:
             self.parser.feed_data(data)
@@ -224,50 +243,86 @@ class Connection:
     # -- output (an OSError out of these means the connection is broken: close it)
 
     def send(self, head: bytes, file: OpenFile | None, offset: int, count: int, via_sendfile: bool, now: float) -> None:
-        """Send a response head and `count` bytes of `file`, or queue what the socket does not take now."""
+        """Send a response head and `count` bytes of `file`, or queue what the socket does not take now.
+
+        A file kept in memory goes out with its head in one send; any other by sendfile (or the
+        plain-send fallback when `via_sendfile` is False) after its head.
+        """
         out = self.out
-        if out:
-            out.append(head)
-        else:
+        if not count:
+            if out:
+                out.append(head)
+                return
             try:
-                sent = self.sock.send(head, _MSG_MORE if count else 0)
+                sent = self.sock.send(head)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             self.counters[BYTES_SENT] += sent
             self.last_progress = now
             if sent < len(head):
                 out.append(memoryview(head)[sent:])
-            elif not count:
+            return
+        assert file is not None
+        memory = file.body
+        via = VIA_MEMORY if memory is not None else VIA_SENDFILE if via_sendfile else VIA_FALLBACK
+        if out:
+            out.append(head)
+        elif memory is not None:
+            part = memory if count == len(memory) else memoryview(memory)[offset : offset + count]
+            try:
+                sent = self.sock.sendmsg((head, part))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            sent -= len(head)
+            if sent == count:
+                self.counters[MEMORY_BODIES] += 1
                 return
+            if sent < 0:
+                out.append(memoryview(head)[len(head) + sent :])
+                sent = 0
+            offset += sent
+            count -= sent
+        else:
+            try:
+                sent = self.sock.send(head, _MSG_MORE)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            if sent < len(head):
+                out.append(memoryview(head)[sent:])
             else:
-                assert file is not None
-                body = Body(file, offset, count, via_sendfile)
+                body = Body(file, offset, count, via)
                 if self._send_body(body, now):
                     return
                 file.users += 1
                 out.append(body)
                 return
-        if count:
-            assert file is not None
-            file.users += 1
-            out.append(Body(file, offset, count, via_sendfile))
+        file.users += 1
+        out.append(Body(file, offset, count, via))
 
     def _send_body(self, body: Body, now: float) -> bool:
         """Send as much of a body as the socket takes; True once all of it is sent."""
         counters = self.counters
         while body.remaining:
             try:
-                if body.via_sendfile:
+                if body.via == VIA_SENDFILE:
                     sent = os.sendfile(self.fd, body.file.fd, body.offset, body.remaining)
+                elif body.via == VIA_MEMORY:
+                    memory = body.file.body
+                    assert memory is not None
+                    sent = self.sock.send(memoryview(memory)[body.offset : body.offset + body.remaining])
                 else:
                     chunk = os.pread(body.file.fd, min(body.remaining, FALLBACK_CHUNK_BYTES), body.offset)
                     sent = self.sock.send(chunk) if chunk else 0
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as exc:
-                if body.via_sendfile and exc.errno in _SENDFILE_UNSUPPORTED:
+                if body.via == VIA_SENDFILE and exc.errno in _SENDFILE_UNSUPPORTED:
                     log.debug("sendfile unsupported here (%s): plain send", exc.strerror)
-                    body.via_sendfile = False
+                    body.via = VIA_FALLBACK
                     continue
                 raise
             if sent == 0:
@@ -276,7 +331,7 @@ class Connection:
             body.remaining -= sent
             counters[BYTES_SENT] += sent
             self.last_progress = now
-        counters[SENDFILE_BODIES if body.via_sendfile else FALLBACK_BODIES] += 1
+        counters[_BODIES_VIA[body.via]] += 1
         return True
 
     def answer_parked(self, parked: Parked, answer: Callable[[Connection], None], now: float) -> None:

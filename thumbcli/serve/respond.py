@@ -10,9 +10,6 @@ from thumbcli.serve.files import CacheFiles, OpenFile
 from thumbcli.serve.gallery import GalleryDesk
 from thumbcli.serve.http import (
     ALLOW,
-    END_CLOSE,
-    END_KEEP_ALIVE,
-    END_KEEP_ALIVE_10,
     GET,
     HEAD,
     METRICS_TYPE,
@@ -39,10 +36,13 @@ _FULL = Verdict.FULL
 _NOT_MODIFIED = Verdict.NOT_MODIFIED
 _PARTIAL = Verdict.PARTIAL
 _UNSATISFIABLE = Verdict.UNSATISFIABLE
+_VERDICT_SLOT = {verdict: STATUS_SLOT[verdict] for verdict in Verdict}
 _HEALTHZ = b"/healthz"
 _HOME = b"/"
 _ACCEPT = b"accept"
 _METRICS = b"/metrics"
+_ADMIN_PATHS = frozenset({_HEALTHZ, _METRICS})
+_STATUS_200 = STATUS_LINES[200]
 _NO_HEADERS: dict[bytes, bytes] = {}
 
 
@@ -86,44 +86,24 @@ class Responder:
     def answer(self, conn: Connection, request: Request) -> None:
         """Answer one parsed request: admin endpoints, a thumbnail, or an error."""
         conn.served += 1
-        if conn.served >= self._max_requests or self.draining:
-            request.keep_alive = False
-        if not request.keep_alive:
+        if not request.keep_alive or conn.served >= self._max_requests or self.draining:
+            request.close_after()
             conn.closing = True
+        target = request.target
+        if target[:1] != b"/":
+            request.target = target = origin_form(target)
         method = request.method
-        request.target = target = origin_form(request.target)
         if method != GET and method != HEAD:
             # RFC 9110 §15.5.6: 405 names the allowed methods in Allow.
             self.send_simple(conn, request, 405, b"method not allowed\n", ALLOW)
             return
-        path = target.split(b"?", 1)[0]
-        if path in (_HEALTHZ, _METRICS) and (conn.admin or self._serve_admin_here):
-            status, body, content_type = 200, b"ok\n", TEXT_TYPE
-            if path == _METRICS:
-                body, content_type = self._board.render(), METRICS_TYPE
-            elif self._board.generation_broken():
-                # RFC 9110 §15.6.4: serving the cache works, making thumbnails on a miss does not.
-                status, body = 503, b"not ok: thumbnails cannot be made on a miss (see the server's log)\n"
-            self.send_simple(conn, request, status, body, content_type + NO_STORE)
-            return
-        if conn.admin:
-            self.send_simple(conn, request, 404, b"not found\n")
-            return
-        if path == _HOME:
-            self.send_page(conn, request, self._home_page())
+        path = target.partition(b"?")[0] if b"?" in target else target
+        # The server's own URLs: a folder's (and `/`), its assets and videos, the admin endpoints.
+        if (
+            conn.admin or path[-1:] == b"/" or path.startswith(ASSET_PREFIX) or path in _ADMIN_PATHS
+        ) and self._answer_own(conn, request, path):
             return
         gallery = self._gallery
-        if gallery is not None and path.startswith(VIDEO_PREFIX):
-            video = gallery.videos.open(path, self.now)
-            if video is None:
-                self.send_simple(conn, request, 404, b"not found\n")
-            else:
-                self._answer_file(conn, request, video)
-                video.evict()  # opened for this answer only: closed once its body is sent
-            return
-        if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
-            self._answer_page(conn, request, path)
-            return
         if gallery is not None and gallery.names_folder(path, self.files.views):
             # RFC 9110 §15.4.2: a folder's URL is the one with its trailing slash; the query goes along.
             query = target[len(path) :]
@@ -137,6 +117,37 @@ class Responder:
                 misses.park(conn, request, path, thumbnail, self.now)
                 return
         self.answer_path(conn, request, path)
+
+    def _answer_own(self, conn: Connection, request: Request, path: bytes) -> bool:
+        """Answer a request for one of the server's own URLs; False when `path` is none here after all."""
+        if path in _ADMIN_PATHS and (conn.admin or self._serve_admin_here):
+            status, body, content_type = 200, b"ok\n", TEXT_TYPE
+            if path == _METRICS:
+                body, content_type = self._board.render(), METRICS_TYPE
+            elif self._board.generation_broken():
+                # RFC 9110 §15.6.4: serving the cache works, making thumbnails on a miss does not.
+                status, body = 503, b"not ok: thumbnails cannot be made on a miss (see the server's log)\n"
+            self.send_simple(conn, request, status, body, content_type + NO_STORE)
+            return True
+        if conn.admin:
+            self.send_simple(conn, request, 404, b"not found\n")
+            return True
+        if path == _HOME:
+            self.send_page(conn, request, self._home_page())
+            return True
+        gallery = self._gallery
+        if gallery is not None and path.startswith(VIDEO_PREFIX):
+            video = gallery.videos.open(path, self.now)
+            if video is None:
+                self.send_simple(conn, request, 404, b"not found\n")
+            else:
+                self._answer_file(conn, request, video)
+                video.evict()  # opened for this answer only: closed once its body is sent
+            return True
+        if path.endswith(b"/") or path.startswith(ASSET_PREFIX):
+            self._answer_page(conn, request, path)
+            return True
+        return False  # /healthz or /metrics, served on the admin port only: a path like any other here
 
     def _home_page(self) -> Page:
         """The `/` page, made again only when the presets change."""
@@ -177,11 +188,11 @@ class Responder:
         # RFC 9110 §13.1.2: a matching If-None-Match on GET/HEAD -> 304 with the validators.
         if if_none_match is not None and entity_tag_matches(if_none_match, page.etag, weak=True):
             status, body = 304, b""
-            head = b"".join((STATUS_LINES[304], self._date_lines, validators, _end_of(request)))
+            head = b"".join((STATUS_LINES[304], self._date_lines, validators, request.end))
         else:
             status, body = 200, page.body if request.method == GET else b""
             length = b"Content-Type: %s\r\nContent-Length: %d\r\n" % (page.content_type, len(page.body))
-            head = b"".join((STATUS_LINES[200], self._date_lines, length, validators, _end_of(request)))
+            head = b"".join((STATUS_LINES[200], self._date_lines, length, validators, request.end))
         self._counters[STATUS_SLOT[status]] += 1
         if self._access_log is not None:
             self._access_log.write(
@@ -201,14 +212,14 @@ class Responder:
 
     def _answer_file(self, conn: Connection, request: Request, file: OpenFile) -> None:
         """Answer a GET or HEAD for an opened thumbnail: preconditions, range, then the body."""
-        method, end = request.method, _end_of(request)
+        method, end = request.method, request.end
         verdict, first = _FULL, 0
-        if request.headers:
+        if request.conditional:
             verdict, first, last = evaluate(
                 method, request.headers, file.etag, file.last_modified, file.mtime_s, file.size
             )
         if verdict is _FULL:
-            head = b"".join((STATUS_LINES[200], self._date_lines, file.full_lines, end))
+            head = b"".join((_STATUS_200, self._date_lines, file.full_lines, end))
             count = file.size if method == GET else 0
         elif verdict is _NOT_MODIFIED:
             # RFC 9110 §15.4.5: a 304 carries the validators and Cache-Control, no content.
@@ -236,7 +247,7 @@ class Responder:
         else:
             self.send_simple(conn, request, 412, b"precondition failed\n")
             return
-        self._counters[STATUS_SLOT[verdict]] += 1
+        self._counters[_VERDICT_SLOT[verdict]] += 1
         if self._access_log is not None:
             self._access_log.write(conn.peer, method, request.target, request.http10, verdict, count, request.headers)
         conn.send(head, file, first, count, self.use_sendfile, self.now)
@@ -246,7 +257,7 @@ class Responder:
         if b"Content-Type" not in extra:
             extra = TEXT_TYPE + extra
         length = b"Content-Length: %d\r\n" % len(body)
-        head = b"".join((STATUS_LINES[status], self._date_lines, extra, length, _end_of(request)))
+        head = b"".join((STATUS_LINES[status], self._date_lines, extra, length, request.end))
         self._counters[STATUS_SLOT.get(status, OTHER_STATUS)] += 1
         with_body = request.method != HEAD
         if self._access_log is not None:
@@ -261,13 +272,6 @@ class Responder:
         conn.closing = True
         request = Request(b"-", b"", _NO_HEADERS, keep_alive=False, http10=False)
         self.send_simple(conn, request, status, REASONS[status] + b"\n")
-
-
-def _end_of(request: Request) -> bytes:
-    """The last header line and blank line: whether the connection stays open, said as the version needs."""
-    if not request.keep_alive:
-        return END_CLOSE
-    return END_KEEP_ALIVE_10 if request.http10 else END_KEEP_ALIVE
 
 
 #: A generate-on-miss answer other than the thumbnail, by status: its body and extra header lines.

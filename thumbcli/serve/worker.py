@@ -44,6 +44,7 @@ MANIFEST_CHECK_SECONDS = 1.0
 LINGER_SECONDS = 2.0
 _READABLE = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_IN = select.EPOLLIN
 
 
 class Worker:
@@ -257,18 +258,18 @@ class Worker:
             else:
                 self._close(conn)
             return
-        reject = conn.feed(data)
-        respond = self.respond
+        reject = conn.feed(data, self.now)
+        requests = conn.requests
         try:
-            if conn.requests:
-                requests = conn.requests
-                conn.requests = []
+            if requests:
+                answer = self.respond.answer
                 for request in requests:
                     if conn.closing:
                         break
-                    respond.answer(conn, request)
+                    answer(conn, request)
+                requests.clear()  # those after a closing answer are dropped with the connection
             if reject and not conn.closing:
-                respond.answer_error(conn, reject)
+                self.respond.answer_error(conn, reject)
         except OSError:
             self._close(conn)
             return
@@ -277,8 +278,10 @@ class Worker:
         elif conn.closing:
             self._linger(conn)
         else:
-            self._set_interest(conn, select.EPOLLIN)
-            self.doors.room()
+            if conn.interest != _IN:
+                self._set_interest(conn, _IN)
+            if not self.doors.accepting:
+                self.doors.room()
 
     def _on_writable(self, conn: Connection) -> None:
         try:
