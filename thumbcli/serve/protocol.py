@@ -252,15 +252,8 @@ class Connection:
         if not count:
             if out:
                 out.append(head)
-                return
-            try:
-                sent = self.sock.send(head)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            self.counters[BYTES_SENT] += sent
-            self.last_progress = now
-            if sent < len(head):
-                out.append(memoryview(head)[sent:])
+            else:
+                self._send_head(head, 0, now)
             return
         assert file is not None
         memory = file.body
@@ -284,24 +277,28 @@ class Connection:
                 sent = 0
             offset += sent
             count -= sent
-        else:
-            try:
-                sent = self.sock.send(head, _MSG_MORE)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            self.counters[BYTES_SENT] += sent
-            self.last_progress = now
-            if sent < len(head):
-                out.append(memoryview(head)[sent:])
-            else:
-                body = Body(file, offset, count, via)
-                if self._send_body(body, now):
-                    return
-                file.users += 1
-                out.append(body)
+        elif self._send_head(head, _MSG_MORE, now):
+            body = Body(file, offset, count, via)
+            if self._send_body(body, now):
                 return
+            file.users += 1
+            out.append(body)
+            return
         file.users += 1
         out.append(Body(file, offset, count, via))
+
+    def _send_head(self, head: bytes, flags: int, now: float) -> bool:
+        """Send `head` now, queueing what the socket does not take; True when all of it went."""
+        try:
+            sent = self.sock.send(head, flags)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        self.counters[BYTES_SENT] += sent
+        self.last_progress = now
+        if sent < len(head):
+            self.out.append(memoryview(head)[sent:])
+            return False
+        return True
 
     def _send_body(self, body: Body, now: float) -> bool:
         """Send as much of a body as the socket takes; True once all of it is sent."""
