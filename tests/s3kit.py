@@ -186,11 +186,18 @@ class Relay:
     `restart` listens again on the same port, as an endpoint that comes back at its address.
     `stall`: a request whose first bytes hold it is taken and never answered (the connection stays
     open, silent, until the client gives up), as a store that hangs on one object.
+    `cut_after_puts`: the relay stops itself when a PUT comes after that many (`cut` is set then): the
+    endpoint goes away mid-run at a known point, however fast the run is.
     """
 
-    def __init__(self, upstream_port: int, port: int = 0, stall: bytes | None = None) -> None:
+    def __init__(
+        self, upstream_port: int, port: int = 0, stall: bytes | None = None, cut_after_puts: int | None = None
+    ) -> None:
         self._upstream = upstream_port
         self._stall = stall
+        self._cut_after_puts = cut_after_puts
+        self._puts = 0
+        self.cut = threading.Event()
         #: How many requests were held unanswered.
         self.stalled = 0
         self._connections: list[socket.socket] = []
@@ -212,14 +219,22 @@ class Relay:
                 client.close()
                 continue
             with self._lock:
+                if listener.fileno() < 0:  # stopped since it was accepted: not one byte more
+                    client.close()
+                    upstream.close()
+                    return
                 self._connections += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, self._stall), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, stall: bytes | None = None) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if stall is not None and stall in data:
+                if from_client and self._cut_here(data):
+                    self.cut.set()
+                    self.stop()
+                    return
+                if from_client and self._stall is not None and self._stall in data:
                     with self._lock:
                         self.stalled += 1
                     while source.recv(65536):  # hold it: read on, answer nothing, until the client hangs up
@@ -228,6 +243,14 @@ class Relay:
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def _cut_here(self, data: bytes) -> bool:
+        """Whether `data` starts the PUT past `cut_after_puts` (once: a restarted relay passes everything)."""
+        if self._cut_after_puts is None or self.cut.is_set() or not data.startswith(b"PUT "):
+            return False
+        with self._lock:
+            self._puts += 1
+            return self._puts > self._cut_after_puts
 
     def stop(self) -> None:
         """Refuse new connections and cut those open."""
