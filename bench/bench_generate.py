@@ -643,8 +643,9 @@ def main() -> None:
     )
     compared = [name for name, _ in variants]
     header = (
-        f"{'scenario / tool':34} {'wall s':>7} {'img/s':>7} {'CPU s':>7} {'CPU ms/img':>10} {'RSS MB':>7} "
-        f"{'tree MB':>7} {'vs vips':>8} {'vs PIL':>7}" + "".join(f" {'vs ' + name:>10}" for name in compared)
+        f"{'scenario / tool':34} {'wall s':>7} {'rounds':>11} {'img/s':>7} {'CPU s':>7} {'CPU ms/img':>10} "
+        f"{'RSS MB':>7} {'tree MB':>7} {'vs vips':>8} {'vs PIL':>7}"
+        + "".join(f" {'vs ' + name:>10}" for name in compared)
     )
     results = []
     for title, ref_name, tools in groups:
@@ -663,8 +664,10 @@ def main() -> None:
                 r_c += f" {ips / (other.images / med(other, 'wall')):9.2f}x" if other else f" {'-':>10}"
             cpu_per = 1000 * cpu / t.images
             tree = med(t, "tree_rss_mb")
+            walls = [run["wall"] for run in t.runs]
+            rounds = f"{min(walls):.2f}-{max(walls):.2f}"
             say(
-                f"{t.name:34} {wall:7.2f} {ips:7.1f} {cpu:7.2f} {cpu_per:10.1f} {rss:7.0f} {tree:7.0f} "
+                f"{t.name:34} {wall:7.2f} {rounds:>11} {ips:7.1f} {cpu:7.2f} {cpu_per:10.1f} {rss:7.0f} {tree:7.0f} "
                 f"{r_v:>8} {r_p:>7}{r_c}"
             )
             results.append(
