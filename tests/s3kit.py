@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imagekit import output_files, run_cli
 
 #: The fake credentials every test's environment carries: moto accepts any.
 #: Keys a person might give photos, each a test of the URL's quoting: spaces, non-ASCII, '+' and '%'.
@@ -266,6 +267,17 @@ class Relay:
         """Listen again on the same port."""
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+
+def assert_secret_never_printed(source_url: str, out: Path, secret: str) -> None:
+    """A run from `source_url` (one photo and one broken file) works with what the environment gives, and
+    neither it (with --debug) nor `thumbcli config` prints `secret`."""
+    run = run_cli("generate", source_url, "-o", out, "-s", "16", "--debug")
+    assert run.rc == 1, run.stderr
+    assert len(output_files(out)) == 1 and len(run.failure_lines) == 1
+    assert secret not in run.stderr + run.stdout
+    shown = run_cli("config")
+    assert secret not in shown.stdout + shown.stderr
 
 
 def end_process_group(process: subprocess.Popen[Any]) -> None:

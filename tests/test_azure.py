@@ -11,7 +11,7 @@ import pytest
 import pyvips
 from azkit import ACCOUNT, ACCOUNT_KEY, Azurite, Container, account_sas, azurite_running, fresh_container
 from imagekit import cli_command, draw_photo, output_files, run_cli
-from s3kit import AWKWARD_KEYS, Relay
+from s3kit import AWKWARD_KEYS, Relay, assert_secret_never_printed
 
 from thumbcli.bucket import state_folder
 from thumbcli.cache import read_manifest
@@ -176,12 +176,7 @@ def test_an_account_key_and_endpoint_from_the_environment_work_and_are_never_pri
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY)
     monkeypatch.setenv("AZURE_STORAGE_ENDPOINT", f"{container.server.endpoint}/{ACCOUNT}")
-    run = run_cli("generate", container.url("lib"), "-o", tmp_path / "out", "-s", "16", "--debug")
-    assert run.rc == 1, run.stderr
-    assert len(output_files(tmp_path / "out")) == 1 and len(run.failure_lines) == 1
-    assert ACCOUNT_KEY not in run.stderr + run.stdout
-    shown = run_cli("config")
-    assert ACCOUNT_KEY not in shown.stdout + shown.stderr
+    assert_secret_never_printed(container.url("lib"), tmp_path / "out", ACCOUNT_KEY)
     # A wrong key is one line, `access denied`, and says nothing of the key.
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "d3Jvbmcta2V5LW5ldmVyLXByaW50ZWQ=")
     denied = run_cli("generate", container.url("lib"), "-o", tmp_path / "denied", "-s", "16", "--debug")

@@ -156,7 +156,8 @@ def bucket_batches(
     what was listed for prune.
     """
     shard, shards = options.shard
-    root, prefix = parse(source).url, parse(source).prefix
+    place = parse(source)
+    root, prefix = place.url, place.prefix
     for listed in folders:
         if isinstance(listed, UnreadableKey):
             reldir, _, name = listed.key.removeprefix(f"{prefix}/").rpartition("/")

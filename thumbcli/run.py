@@ -187,27 +187,17 @@ def _open_bucket(
     from thumbcli.bucket import ObjectError
     from thumbcli.targets.objects import DEFAULT_CACHE_CONTROL, BucketCache, BucketTree
 
+    place = (destination.bucket, destination.root, job.specs)
     cache_control = destination.cache_control or DEFAULT_CACHE_CONTROL
+    both = {"cache_control": cache_control, "verify": destination.verify, **opened_with}
     try:
         if isinstance(destination, CacheDestination):
-            return BucketCache(
-                destination.bucket,
-                destination.root,
-                job.specs,
-                cache_control=cache_control,
-                verify=destination.verify,
-                check_collisions=several_sources,
-                **opened_with,
-            )
+            return BucketCache(*place, check_collisions=several_sources, **both)
         return BucketTree(
-            destination.bucket,
-            destination.root,
-            job.specs,
-            cache_control=cache_control,
-            verify=destination.verify,
+            *place,
             name_template=destination.name_template or DEFAULT_NAME_TEMPLATE,
             check_collisions=several_sources or destination.name_template is not None,
-            **opened_with,
+            **both,
         )
     except ObjectError as exc:  # its manifest or (verifying) its listing: the run cannot write there
         raise CannotRunError(f"{destination.bucket}: {exc.strerror}") from None
