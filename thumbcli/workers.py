@@ -175,6 +175,9 @@ class ResampleWorker:
         #: Requests not yet answered, oldest first: (request, slot, specs asked for) each.
         self._waiting: deque[tuple[bytes, int, tuple[ThumbSpec, ...]]] = deque()
         self._inbox = bytearray()
+        #: What each read of the replies lands in: allocated once, as `os.read` of that size would map and unmap
+        #: a buffer per reply (glibc maps any allocation past 128 KiB).
+        self._chunk = bytearray(_READ_BYTES)
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
         #: The encoded settings of the last request, and the specs they were encoded for.
@@ -455,11 +458,11 @@ class ResampleWorker:
                     self._kill()
                     return WorkerOutcome([], f"needed more than {human_bytes(self._memory_ceiling)} of memory")
                 continue
-            chunk = os.read(self._replies, _READ_BYTES)
-            if not chunk:
+            count = os.readv(self._replies, [self._chunk])
+            if not count:
                 inbox = len(self._inbox)
                 return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
-            self._inbox += chunk
+            self._inbox += memoryview(self._chunk)[:count]
 
     def _next_reply(self) -> wire.Reply | None:
         """The next whole reply received, parsed and taken out of the inbox; None before it is all there.
