@@ -128,10 +128,11 @@ class Pipeline:
         self._crash: BaseException | None = None
         depth = run.queue_depth
         self._plan_queue: queue.Queue[_Loaded | None] = queue.Queue(RUN_AHEAD)
-        self._load_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._resample_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._write_queue: queue.Queue[_Loaded | None] = queue.Queue(depth)
         self._byte_budget = _ByteBudget(run.queue_bytes)
+        #: Files handed to the loaders, counted against --max-files (by the walker alone).
+        self._admitted_files = 0
         self._maker = SourceMaker(target, run.limits, follow_symlinks=walk.follow_symlinks, dry_run=dry_run)
 
     @property
@@ -161,7 +162,7 @@ class Pipeline:
         return run
 
     def _drain_all(self) -> None:
-        for q in (self._plan_queue, self._load_queue, self._resample_queue, self._write_queue):
+        for q in (self._plan_queue, self._resample_queue, self._write_queue):
             try:
                 while True:
                     job = q.get_nowait()
@@ -172,12 +173,14 @@ class Pipeline:
                 pass
 
     def _walker(self, walk: Iterable[DirBatch | WalkProblem | int]) -> None:
-        """Walk and plan, up to RUN_AHEAD files ahead of the feeder; missing thumbnails before stale ones."""
+        """Walk and plan, up to RUN_AHEAD files ahead of the loaders; missing thumbnails before stale ones."""
         stale: list[Job] = []
         #: Fed batch by batch (watch): a stale file waits for no walk's end.
         hold_stale = self._batches is None
 
         def enqueue(source: SourceFile, specs: tuple[ThumbSpec, ...]) -> bool:
+            if not self._admitted():
+                return False
             self._put(self._plan_queue, _Loaded(source, specs))
             return not self._stop.is_set()
 
@@ -213,16 +216,14 @@ class Pipeline:
             if self._stop.is_set() or not enqueue(source, specs):
                 break
 
-    def _feeder(self) -> None:
-        """Hand the planned files to the loaders, within --max-files."""
-        queued = 0
+    def _admitted(self) -> bool:
+        """Whether the next planned file is within --max-files; the first one past it stops the run."""
         max_files = self._run.max_files
-        while (job := self._get(self._plan_queue)) is not _DONE:
-            if max_files is not None and queued >= max_files:
-                self.stop("max-files")
-                continue  # taken and dropped, so that a walk still planning never waits on a full queue
-            queued += 1
-            self._put(self._load_queue, job)
+        if max_files is not None and self._admitted_files >= max_files:
+            self.stop("max-files")
+            return False
+        self._admitted_files += 1
+        return True
 
     def _put(self, q: queue.Queue[_Loaded | None], item: _Loaded | None) -> None:
         # A timeout loop instead of a plain blocking put, so a crash elsewhere cannot wedge us.
@@ -252,7 +253,7 @@ class Pipeline:
         return self._stop.is_set() and self._stop_reason != "max-files"
 
     def _loader(self) -> None:
-        while (job := self._get(self._load_queue)) is not _DONE:
+        while (job := self._get(self._plan_queue)) is not _DONE:
             if self._stopping():
                 continue
             # Taken before reading, at the size the walk saw: what is read is bounded too.
@@ -400,8 +401,7 @@ class Pipeline:
             return threads
 
         stages = [
-            (start([functools.partial(self._walker, walk)], "walker"), self._plan_queue, 1),
-            (start([self._feeder], "feeder"), self._load_queue, loaders),
+            (start([functools.partial(self._walker, walk)], "walker"), self._plan_queue, loaders),
             (start([self._loader] * loaders, "loader"), self._resample_queue, options.workers),
             (start([self._resampler] * options.workers, "resample"), self._write_queue, options.writers),
             (start([self._writer] * options.writers, "writer"), None, 0),
