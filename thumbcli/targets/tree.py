@@ -227,7 +227,7 @@ class OutputTree:
             reason = exc.strerror or str(exc)
             raise CannotRunError(f"{display_path(root)}: output folder not writable: {reason}") from exc
         self._failures = FailureBook(self._state, retry=retry_failed)
-        self._listings: dict[str, frozenset[str]] = {}
+        self._listings: dict[str, set[str]] = {}
         self._root_prefix = f"{root}/"
         # The default layouts need no str.format per file: it shows in no-change runs.
         self._fixed_prefix: str | None = None
@@ -285,16 +285,16 @@ class OutputTree:
             return self._source_folders[root]
         return os.path.basename(root.rstrip("/")) or "root"
 
-    def _names_in(self, folder: str) -> frozenset[str]:
+    def _names_in(self, folder: str) -> AbstractSet[str]:
         """The file names in an output folder: existence checks without a stat per thumbnail."""
         names = self._listings.get(folder)
         if names is None:
             if len(self._listings) > 256:
                 self._listings.clear()
             try:
-                names = frozenset(os.listdir(self.root / folder))
+                names = set(os.listdir(self.root / folder))
             except OSError:
-                names = frozenset()
+                names = set()
             if any(map(str.startswith, names, itertools.repeat(TEMP_PREFIX))):
                 for name in names:
                     if is_temporary_name(name):
@@ -396,9 +396,10 @@ class OutputTree:
             self._state.record(relative, origin)
             folder, _, name = relative.rpartition("/")
             listed = self._listings.get(folder)
-            if listed is not None and name not in listed:
+            if listed is not None:
                 # A folder planned again in the same run (watch) must see what was written since it was listed.
-                self._listings[folder] = listed | {name}
+                # Added in place: a copy per thumbnail made writing a folder of n files cost n squared.
+                listed.add(name)
         self._failures.forget(source)
 
     def _put(self, relative: str, spec: ThumbSpec, thumbnail: Thumbnail) -> None:
