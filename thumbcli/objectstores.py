@@ -7,7 +7,6 @@ the settings read here go to the store's client and nowhere else.
 
 from __future__ import annotations
 
-import configparser
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,8 @@ def aws_profile_settings() -> dict[str, str]:
     object_store reads the environment only; profiles are how many people keep their keys.
     What the environment sets wins.
     """
+    import configparser  # only a run that talks to S3 reads these files
+
     profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
     if not profile and "AWS_ACCESS_KEY_ID" in os.environ:
         return {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -115,6 +114,8 @@ def usage_error(exc: click.UsageError) -> int:
         ctx = ctx.parent
     command = " ".join(["thumbcli", *reversed(names)])
     if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
+        import difflib  # only a misspelt option pays for it
+
         known = [name for param in exc.ctx.command.params for name in param.opts + param.secondary_opts]
         closest = difflib.get_close_matches(exc.option_name, known, n=1, cutoff=0.6)
         message = f"no such option {exc.option_name}" + (f" (did you mean {closest[0]}?)" if closest else "")
