@@ -14,7 +14,6 @@ from typing import Any, NoReturn
 import click
 
 from thumbcli import __version__
-from thumbcli.bucket import TIMEOUT_SETTING, stall_seconds
 from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
@@ -40,6 +39,7 @@ from thumbcli.config import (
     type_mismatch,
 )
 from thumbcli.errors import ExitCode
+from thumbcli.objectstores import TIMEOUT_SETTING
 from thumbcli.spec import human_bytes
 
 
@@ -69,6 +69,8 @@ def main(ctx: click.Context, config_path: str | None) -> None:
         except SandboxSettingError as exc:
             raise click.UsageError(str(exc)) from None
     if os.environ.get(TIMEOUT_SETTING):
+        from thumbcli.bucket import stall_seconds  # only then: a local run never loads the object-store side
+
         stall_seconds()  # a typo is a usage error now, not a failure of every object later
     path = find_config(config_path)
     config = load_config(path) if path is not None else Config()

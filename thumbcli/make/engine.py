@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from thumbcli import bucket
 from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import FileRejected
 from thumbcli.formats import header_size
 from thumbcli.make.results import FileResult
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.plan import Plan, Target
 from thumbcli.targets.state import StateError
@@ -49,7 +49,9 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
     is read (by its URL), its size and version as the read found them. Either way the source
     comes back re-stated as it was opened or read: what is decoded is what is recorded.
     """
-    if bucket.is_bucket_url(source.path):
+    if is_bucket_url(source.path):
+        from thumbcli import bucket  # a local file never needs the object-store side
+
         read = bucket.read_object(source.path, source.size, limits.max_file_size, header_limit(limits))
         if (read.version_ns, read.size) != (source.mtime_ns, source.size):
             source = SourceFile(source.path, source.root, source.relpath, read.size, read.version_ns)
