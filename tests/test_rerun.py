@@ -432,7 +432,7 @@ def test_an_interrupted_run_leaves_no_walk_helper_behind(tmp_path: Path, signals
 
 
 #: What a run that makes nothing never uses: the worker side (its processes, sockets, the sandbox's
-#: ctypes, libvips), object storage, serving and watching. Each is imported where it is first needed.
+#: ctypes, libvips), object storage, the serve and watch commands. Each is imported where it is first needed.
 NOT_FOR_A_NO_CHANGE_RUN = frozenset(
     {
         "pyvips",
@@ -448,7 +448,10 @@ NOT_FOR_A_NO_CHANGE_RUN = frozenset(
         "thumbcli.decoders",
         "thumbcli.bucket",
         "thumbcli.targets.objects",
+        "thumbcli.cli.serve",
+        "thumbcli.serve.options",
         "thumbcli.serve.supervisor",
+        "thumbcli.cli.watch",
         "thumbcli.watch.service",
     }
 )
