@@ -150,7 +150,9 @@ def config_keys() -> list[tuple[str, str, bool]]:
 
     keys = []
     for command_name in ("generate", "prune", "serve", "watch"):
-        for param in main.commands[command_name].params:
+        command = main.get_command(click.Context(main), command_name)
+        assert command is not None
+        for param in command.params:
             long_names = [opt[2:] for opt in param.opts if opt.startswith("--")]
             is_flag = isinstance(param, click.Option) and param.is_flag
             keys.append((command_name, long_names[0] if long_names else str(param.name), is_flag))

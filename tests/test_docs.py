@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.shell_completion import ShellComplete
 
@@ -17,14 +18,23 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("name", sorted(main.commands))
+@pytest.mark.parametrize("name", main.list_commands(click.Context(main)))
 def test_every_command_has_help_and_a_readme_section(name: str) -> None:
-    command = main.commands[name]
-    assert command.help and command.help.strip()
+    command = main.get_command(click.Context(main), name)
+    assert command is not None and command.help and command.help.strip()
     assert f"`thumbcli {name}" in README
     for param in command.params:
         if param.param_type_name == "option":
             assert getattr(param, "help", None), f"{name} {param.opts} has no help"
+
+
+def test_the_group_help_lists_every_command_those_imported_on_demand_too() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "thumbcli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    listed = [line.split()[0] for line in shown.split("\nCommands:\n", 1)[1].splitlines() if line.strip()]
+    assert listed == ["config", "formats", "generate", "prune", "serve", "watch"]
+    assert "  serve     Serve the thumbnails in CACHE over HTTP" in shown
 
 
 def test_readme_quick_start_has_exactly_the_two_commands_and_ci_runs_the_test_one() -> None:

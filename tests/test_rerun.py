@@ -429,3 +429,63 @@ def test_an_interrupted_run_leaves_no_walk_helper_behind(tmp_path: Path, signals
             return
         time.sleep(0.05)
     pytest.fail("a walk helper process outlived the run")
+
+
+#: What a run that makes nothing never uses: the worker side (its processes, sockets, the sandbox's
+#: ctypes, libvips), object storage, the serve and watch commands. Each is imported where it is first needed.
+NOT_FOR_A_NO_CHANGE_RUN = frozenset(
+    {
+        "pyvips",
+        "subprocess",
+        "socket",
+        "ctypes",
+        "mmap",
+        "configparser",
+        "thumbcli.workers",
+        "thumbcli.sandbox",
+        "thumbcli.wire",
+        "thumbcli.resample",
+        "thumbcli.decoders",
+        "thumbcli.bucket",
+        "thumbcli.targets.objects",
+        "thumbcli.cli.serve",
+        "thumbcli.serve.options",
+        "thumbcli.serve.supervisor",
+        "thumbcli.cli.watch",
+        "thumbcli.watch.service",
+    }
+)
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process imported, read from the `-X importtime` lines on its stderr."""
+    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
+    return {line.rpartition("|")[2].strip() for line in lines[1:]}  # the first line is the header
+
+
+@pytest.mark.parametrize("destination", ["--cache", "--output"])
+def test_a_no_change_rerun_imports_nothing_only_making_or_buckets_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, destination: str
+) -> None:
+    make_tree(tmp_path / "src")
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    args = ("generate", tmp_path / "src", destination, tmp_path / "out", "-s", "64", "--json")
+    first = run_cli(*args)
+    assert first.rc == 0 and first.summary["made"] == 8, first.stderr[-3000:]
+    # The run that made thumbnails loaded the worker side when it needed it, and the lines show it.
+    assert {"thumbcli.workers", "subprocess", "socket"} <= imported_modules(first.stderr)
+    rerun = run_cli(*args)
+    assert rerun.rc == 0 and (rerun.summary["made"], rerun.summary["skipped"]) == (0, 8), rerun.stderr[-3000:]
+    loaded = imported_modules(rerun.stderr)
+    assert {"click", "thumbcli.run", "thumbcli.targets.state", "sqlite3"} <= loaded
+    assert sorted(loaded & NOT_FOR_A_NO_CHANGE_RUN) == []
+
+
+def test_generate_help_imports_no_part_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    shown = run_cli("generate", "--help")
+    assert shown.rc == 0 and "--cache" in shown.stdout
+    loaded = imported_modules(shown.stderr)
+    assert {"click", "thumbcli.cli.generate", "thumbcli.spec"} <= loaded
+    assert sorted(loaded & {"thumbcli.run", "thumbcli.make.pipeline", "thumbcli.targets.state", "sqlite3"}) == []
+    assert sorted(loaded & NOT_FOR_A_NO_CHANGE_RUN) == []

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Union
 
-from thumbcli.errors import CannotRunError, FileRejected, SpecError
-from thumbcli.objectstores import SCHEMES, kind_of
+from thumbcli.errors import CannotRunError, EndpointUnreachable, FileRejected, SpecError
+from thumbcli.objectstores import TIMEOUT_SETTING, kind_of
 
 if TYPE_CHECKING:
     from obstore import ObjectMeta
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 EXTRA = "pip install 'thumbcli[s3]'"
 #: Bytes of an object read first to judge --max-pixels from its header before fetching the rest.
 HEADER_BYTES = 64 * 1024
-#: The setting (seconds) of how long a request may wait for the store's next byte before it is retried.
-TIMEOUT_SETTING = "THUMBCLI_S3_TIMEOUT"
 #: Seconds a request may wait for the store's next byte (a response that stalls) unless told otherwise.
 STALL_SECONDS = 20.0
 #: Seconds a whole request may take (connect, send, read the body), however steadily the bytes come.
@@ -42,11 +40,6 @@ REQUEST_SECONDS = 600
 RETRIES = 4
 #: Retrying a request is given up after this many stall timeouts' worth of seconds, whatever the count.
 RETRY_STALLS = 3
-
-
-def is_bucket_url(path: str) -> bool:
-    """Whether `path` names a place in object storage rather than on a filesystem."""
-    return path.startswith(SCHEMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +101,6 @@ class ObjectError(OSError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(0, reason)
-
-
-class EndpointUnreachable(CannotRunError):
-    """The object store does not answer at all (after retries): the run cannot go on."""
 
 
 def _obstore() -> ModuleType:

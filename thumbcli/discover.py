@@ -12,11 +12,14 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from thumbcli.bucket import ListedFile, ObjectError, UnreadableKey, is_bucket_url, list_folders, parse
 from thumbcli.formats import SOURCE_SUFFIXES
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import WalkOptions
+
+if TYPE_CHECKING:
+    from thumbcli.bucket import ListedFile, UnreadableKey
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,8 @@ def _walk_bucket(
     """
     if part[0] != 0:
         return
+    from thumbcli.bucket import ObjectError, list_folders, parse  # here: a walk of local folders never needs them
+
     try:
         yield from bucket_batches(source, list_folders(parse(source)), options, is_image_name, excluded)
     except ObjectError as exc:
@@ -155,6 +160,8 @@ def bucket_batches(
     filters would have let it in. Apart from the listing, so that watch's rescans can also keep
     what was listed for prune.
     """
+    from thumbcli.bucket import UnreadableKey, parse
+
     shard, shards = options.shard
     place = parse(source)
     root, prefix = place.url, place.prefix

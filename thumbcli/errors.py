@@ -37,6 +37,10 @@ class CannotRunError(ThumbcliError):
     """The run cannot start at all: output not writable, cache unusable, ..."""
 
 
+class EndpointUnreachable(CannotRunError):
+    """The object store does not answer at all (after retries): the run cannot go on."""
+
+
 class LockedError(ThumbcliError):
     """Another run holds the lock on this cache."""
 

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thumbcli.bucket import is_bucket_url, parse, state_folder
 from thumbcli.discover import display_path
 from thumbcli.errors import SpecError
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
 
 #: Said when a run has nothing to read (checked before anything else about it).
@@ -88,14 +88,22 @@ def choose_destination(
         return FreedesktopDestination(flavours)
     if cache_dir is not None:
         if isinstance(cache_dir, str) and is_bucket_url(cache_dir):
-            url = parse(cache_dir).url
-            return CacheDestination(Path(state_folder(url)), cache_configured, url, cache_control, verify_destination)
+            url, records = _bucket_place(cache_dir)
+            return CacheDestination(records, cache_configured, url, cache_control, verify_destination)
         return CacheDestination(Path(cache_dir), configured=cache_configured)
     assert output is not None
     if isinstance(output, str) and is_bucket_url(output):
-        url = parse(output).url
-        return TreeDestination(Path(state_folder(url)), name_template, url, cache_control, verify_destination)
+        url, records = _bucket_place(output)
+        return TreeDestination(records, name_template, url, cache_control, verify_destination)
     return TreeDestination(Path(output), name_template)
+
+
+def _bucket_place(url: str) -> tuple[str, Path]:
+    """A destination in a bucket: its URL as parsed, and the local folder that keeps its records."""
+    from thumbcli.bucket import parse, state_folder  # here: a run into a local folder never loads them
+
+    url = parse(url).url
+    return url, Path(state_folder(url))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +164,8 @@ def _require_source(source: str) -> None:
     A bucket is asked only by the walk's listing, which reports what it cannot list.
     """
     if is_bucket_url(source):
+        from thumbcli.bucket import parse
+
         parse(source)
         return
     try:

@@ -1,16 +1,19 @@
 """The object stores a bucket URL may name (`s3://`, `az://`): each one's obstore client and the environment it reads.
 
-One table, so that every other module asks `bucket` about "a bucket URL" and never about a scheme.
+One table, so that every other module asks about "a bucket URL" and never about a scheme; that
+question (`is_bucket_url`) is answered here, so that a run on local folders never imports `bucket`.
 Nothing here imports obstore (`bucket` is its only importer) or returns a secret to be shown:
 the settings read here go to the store's client and nowhere else.
 """
 
 from __future__ import annotations
 
-import configparser
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+#: The setting (seconds) of how long a request may wait for the store's next byte before it is retried.
+TIMEOUT_SETTING = "THUMBCLI_S3_TIMEOUT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,8 @@ def aws_profile_settings() -> dict[str, str]:
     object_store reads the environment only; profiles are how many people keep their keys.
     What the environment sets wins.
     """
+    import configparser  # only a run that talks to S3 reads these files
+
     profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
     if not profile and "AWS_ACCESS_KEY_ID" in os.environ:
         return {}
@@ -111,6 +116,11 @@ KINDS = (
 )
 #: Every scheme a bucket URL may start with.
 SCHEMES = tuple(kind.scheme for kind in KINDS)
+
+
+def is_bucket_url(path: str) -> bool:
+    """Whether `path` names a place in object storage rather than on a filesystem."""
+    return path.startswith(SCHEMES)
 
 
 def kind_of(url: str) -> StoreKind | None:

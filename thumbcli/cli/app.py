@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib
 import json
 import logging
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import click
 
 from thumbcli import __version__
-from thumbcli.bucket import TIMEOUT_SETTING, stall_seconds
 from thumbcli.cli.generate import generate
 from thumbcli.cli.options import (
     ByteSize,
@@ -28,8 +28,6 @@ from thumbcli.cli.options import (
     quiet_option,
     wait_option,
 )
-from thumbcli.cli.serve import serve
-from thumbcli.cli.watch import watch
 from thumbcli.config import (
     Config,
     ConfigError,
@@ -41,11 +39,40 @@ from thumbcli.config import (
     type_mismatch,
 )
 from thumbcli.errors import ExitCode
+from thumbcli.objectstores import TIMEOUT_SETTING
 from thumbcli.spec import human_bytes
 
 
+class CommandsOnDemand(click.Group):
+    """The `thumbcli` group, whose `serve` and `watch` are imported only when they are named.
+
+    Their options took about a tenth of every `generate` start (ServeOptions, the serve and watch
+    command modules): `thumbcli --help`, completion and the config check still see every command.
+    """
+
+    #: Each command defined elsewhere, by the module under `thumbcli.cli` that defines it (under its own name).
+    ON_DEMAND: ClassVar[Mapping[str, str]] = {"serve": "thumbcli.cli.serve", "watch": "thumbcli.cli.watch"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, the ones not imported yet included."""
+        return sorted({*super().list_commands(ctx), *self.ON_DEMAND})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command named, imported and added to the group at its first use."""
+        module = self.ON_DEMAND.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            command: click.Command = getattr(importlib.import_module(module), cmd_name)
+            self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": "THUMBCLI"}
+    cls=CommandsOnDemand,
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 100,
+        "auto_envvar_prefix": "THUMBCLI",
+    },
 )
 @click.option(
     "--config",
@@ -70,6 +97,8 @@ def main(ctx: click.Context, config_path: str | None) -> None:
         except SandboxSettingError as exc:
             raise click.UsageError(str(exc)) from None
     if os.environ.get(TIMEOUT_SETTING):
+        from thumbcli.bucket import stall_seconds  # only then: a local run never loads the object-store side
+
         stall_seconds()  # a typo is a usage error now, not a failure of every object later
     path = find_config(config_path)
     config = load_config(path) if path is not None else Config()
@@ -115,6 +144,8 @@ def usage_error(exc: click.UsageError) -> int:
         ctx = ctx.parent
     command = " ".join(["thumbcli", *reversed(names)])
     if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
+        import difflib  # only a misspelt option pays for it
+
         known = [name for param in exc.ctx.command.params for name in param.opts + param.secondary_opts]
         closest = difflib.get_close_matches(exc.option_name, known, n=1, cutoff=0.6)
         message = f"no such option {exc.option_name}" + (f" (did you mean {closest[0]}?)" if closest else "")
@@ -133,7 +164,7 @@ def config_default_map(config: Config, group: click.Group) -> dict[str, dict[str
     """
     default_map: dict[str, dict[str, Any]] = {}
     for command_name, values in config.defaults.items():
-        command = group.commands.get(command_name)
+        command = group.get_command(click.Context(group), command_name)
         params: dict[str, click.Parameter] = {}
         for option in command.params if command else ():
             assert option.name is not None
@@ -267,7 +298,8 @@ def show_config(ctx: click.Context) -> None:
         )
     default_map = ctx.find_root().default_map or {}
     for command_name in ("generate", "prune", "serve", "watch"):
-        command = main.commands[command_name]
+        command = main.get_command(ctx, command_name)
+        assert command is not None
         for param in command.params:
             if param.name is None:
                 continue
@@ -327,5 +359,3 @@ def show_formats(json_summary: bool) -> None:
 
 
 main.add_command(generate)
-main.add_command(serve)
-main.add_command(watch)

@@ -13,10 +13,10 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 from click.shell_completion import CompletionItem
 
-from thumbcli.bucket import is_bucket_url
 from thumbcli.cluster import DASK_LOGGERS
 from thumbcli.config import Config, ConfigError, find_config, load_config
 from thumbcli.errors import CannotRunError, ExitCode, LockedError, SpecError
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import Limits
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thumbcli.bucket import is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile
 from thumbcli.errors import ThumbcliError
 from thumbcli.fsutil import remove_orphaned_temporary_files
@@ -25,6 +24,7 @@ from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pipeline import PIPELINED
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.records import TaskRecords
 from thumbcli.targets.state import FailureRecord, FolderSignature, Origin, Record

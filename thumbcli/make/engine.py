@@ -14,17 +14,19 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from thumbcli import bucket
-from thumbcli.decoders import check_pixels
 from thumbcli.discover import SourceFile, display_path
 from thumbcli.errors import FileRejected
 from thumbcli.formats import header_size
 from thumbcli.make.results import FileResult
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import Limits, ThumbSpec
 from thumbcli.targets.plan import Plan, Target
 from thumbcli.targets.state import StateError
-from thumbcli.workers import OpenedFile, SourceData, WorkerOutcome
+
+if TYPE_CHECKING:
+    from thumbcli.workers import SourceData, WorkerOutcome
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,16 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
     is read (by its URL), its size and version as the read found them. Either way the source
     comes back re-stated as it was opened or read: what is decoded is what is recorded.
     """
-    if bucket.is_bucket_url(source.path):
+    if is_bucket_url(source.path):
+        from thumbcli import bucket  # a local file never needs the object-store side
+
         read = bucket.read_object(source.path, source.size, limits.max_file_size, header_limit(limits))
         if (read.version_ns, read.size) != (source.mtime_ns, source.size):
             source = SourceFile(source.path, source.root, source.relpath, read.size, read.version_ns)
         return read.data, source
+    # Here, at the first file to make: the worker side (subprocess, sockets, ctypes) is no rerun's cost.
+    from thumbcli.workers import OpenedFile
+
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -76,6 +83,7 @@ def read_source(source: SourceFile, limits: Limits, follow_symlinks: bool) -> tu
 
 def header_limit(limits: Limits) -> Callable[[bytes], None]:
     """A check of a source's first bytes against --max-pixels, where its header says its size."""
+    from thumbcli.decoders import check_pixels  # here: only an object read from a bucket is checked so
 
     def check(head: bytes) -> None:
         found = header_size(head)

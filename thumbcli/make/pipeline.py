@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from thumbcli.bucket import EndpointUnreachable, is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile, WalkProblem
+from thumbcli.errors import EndpointUnreachable
 from thumbcli.make.engine import Job, SourceMaker
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.make.results import FileResult, RunStats, RunTally, StopReason
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.spec import RunOptions, ThumbSpec, WalkOptions
 from thumbcli.splitwalk import SplitWalk
 from thumbcli.targets.plan import Target

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thumbcli import cache
-from thumbcli.bucket import ObjectError, existing_objects
 from thumbcli.discover import DirBatch, SourceFile, absolute_source, display_path
 from thumbcli.errors import CannotRunError, SpecError
 from thumbcli.fsutil import (
@@ -111,6 +110,8 @@ def source_presence(
 
     objects = {os.fsdecode(source) for source in sources if source.startswith(SCHEME_BYTES)}
     unlisted = {url for url in objects if listing_of(url) is None}
+    from thumbcli.bucket import ObjectError, existing_objects  # here: a local tree's prune never needs them
+
     try:
         found = existing_objects(unlisted) if unlisted else set()
     except ObjectError as exc:  # not listed is not gone: nothing is removed on a failed listing

@@ -16,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from thumbcli.bucket import EndpointUnreachable, ListedFile, ObjectError, UnreadableKey, list_folders, parse
+from thumbcli.bucket import ListedFile, ObjectError, UnreadableKey, list_folders, parse
 from thumbcli.discover import DirBatch, WalkProblem, bucket_batches, is_image_name
+from thumbcli.errors import EndpointUnreachable
 from thumbcli.spec import WalkOptions
 
 log = logging.getLogger(__name__)

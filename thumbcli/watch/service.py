@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from thumbcli.bucket import EndpointUnreachable, is_bucket_url
 from thumbcli.discover import DirBatch, SourceFile, WalkProblem, is_image_name, walk_below
-from thumbcli.errors import CannotRunError, SpecError
+from thumbcli.errors import CannotRunError, EndpointUnreachable, SpecError
 from thumbcli.fsutil import remove_temporary_files
 from thumbcli.job import GenerateJob
 from thumbcli.make.pipeline import Pipeline
 from thumbcli.make.results import FileResult
+from thumbcli.objectstores import is_bucket_url
 from thumbcli.run import GenerateSummary, RunStopper, destination_urls, generate, open_target
 from thumbcli.targets.plan import Removal, Target
 from thumbcli.targets.tree import OutputTree
