@@ -49,6 +49,7 @@ SLOTS = 4
 #: for files of a usual size, not for the biggest one seen).
 _SLOT_KEPT_BYTES = 64 << 20
 _PIPE_BYTES = 1 << 20  # pipe buffer asked for: a large thumbnail's reply in fewer wakeups
+#: Each worker's reply buffer, allocated once: `os.read` of this size maps and unmaps a fresh buffer per read.
 _READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
@@ -175,8 +176,6 @@ class ResampleWorker:
         #: Requests not yet answered, oldest first: (request, slot, specs asked for) each.
         self._waiting: deque[tuple[bytes, int, tuple[ThumbSpec, ...]]] = deque()
         self._inbox = bytearray()
-        #: What each read of the replies lands in: allocated once, as `os.read` of that size would map and unmap
-        #: a buffer per reply (glibc maps any allocation past 128 KiB).
         self._chunk = bytearray(_READ_BYTES)
         #: When the worker began the oldest request: its decode time limit runs from here.
         self._head_since = 0.0
@@ -338,10 +337,9 @@ class ResampleWorker:
 
     def _release(self, slot: int) -> None:
         """The file in `slot` is done with: close it if it was a local file, free the slot."""
-        opened = self._opened[slot]
+        opened, self._opened[slot] = self._opened[slot], None
         if opened is not None:
             opened.close()
-            self._opened[slot] = None
         self._free_slots.append(slot)
 
     # -- parent side -------------------------------------------------------
@@ -460,8 +458,7 @@ class ResampleWorker:
                 continue
             count = os.readv(self._replies, [self._chunk])
             if not count:
-                inbox = len(self._inbox)
-                return self._lost(f"; it ended {inbox} bytes into its reply" if inbox else "")
+                return self._lost()
             self._inbox += memoryview(self._chunk)[:count]
 
     def _next_reply(self) -> wire.Reply | None:
@@ -504,8 +501,9 @@ class ResampleWorker:
             self._process.kill()
         return self._reap()
 
-    def _lost(self, note: str) -> WorkerOutcome:
+    def _lost(self) -> WorkerOutcome:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
+        note = f"; it ended {len(self._inbox)} bytes into its reply" if self._inbox else ""
         status = self._reap()
         opened = self._opened[self._waiting[0][1]]
         if status == -signal.SIGBUS and opened is not None:
