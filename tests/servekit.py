@@ -52,15 +52,6 @@ CLI_FLAGS = {
 }
 
 
-def cli_has_serve() -> bool:
-    """Whether `python -m thumbcli serve` exists yet."""
-    try:
-        from thumbcli import cli
-    except ImportError:
-        return False
-    return hasattr(cli, "serve")
-
-
 def write_manifest(cache_root: Path, presets: dict[str, str]) -> None:
     """Write the cache manifest of presets (name -> format) with the writer `thumbcli generate --cache` uses."""
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +116,7 @@ def running_server(
     options.setdefault("port", 0)
     use_sendfile = options.pop("use_sendfile", True)
     config = options.pop("config", None)
-    if config is not None or (cli_has_serve() and set(options) <= set(CLI_FLAGS)):
+    if config is not None or set(options) <= set(CLI_FLAGS):
         command = [sys.executable, "-m", "thumbcli"]
         if config is not None:
             command += ["--config", str(config)]
