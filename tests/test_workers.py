@@ -24,10 +24,11 @@ from servekit import fetch, running_server, wait_until
 from thumbcli.discover import is_image_name
 from thumbcli.make.pipeline import Pipeline, worker_cores
 from thumbcli.make.results import FileResult, RunStats
+from thumbcli.resample import resample
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.tree import OutputTree
 from thumbcli.workerloop import SHRANK
-from thumbcli.workers import OpenedFile, ResampleWorker
+from thumbcli.workers import OpenedFile, ResampleWorker, jemalloc_library
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 SLOW_EDGE = 9999  # a 100-megapixel PNG, just under the default --max-pixels, that takes about a second
@@ -575,3 +576,21 @@ def test_a_source_whose_thumbnail_name_is_too_long_fails_once_and_is_then_known(
     assert reason == "cannot write thumbnail: file name too long"
     again = run_cli("generate", src, "-o", tmp_path / "out", "-s", "64", "--json")
     assert (again.rc, again.summary["failed"], again.summary["known_failed"]) == (0, 0, 1), again.stderr
+
+
+def test_workers_allocate_with_the_systems_jemalloc_and_make_the_same_thumbnails(tmp_path: Path) -> None:
+    jemalloc = jemalloc_library()
+    if jemalloc is None:
+        pytest.skip("no libjemalloc.so.2 here (Debian: apt-get install libjemalloc2; `dev test` installs it)")
+    photo = make_photo(tmp_path / "photo.jpg", 640, 480)
+    worker = ResampleWorker(Limits(), strict=True, memory_ceiling=1 << 34)
+    try:
+        made = worker.resample(photo.read_bytes(), SPECS)
+        assert worker.pid is not None
+        maps = Path(f"/proc/{worker.pid}/maps").read_text()
+    finally:
+        worker.close()
+    assert os.path.realpath(jemalloc) in maps
+    assert [thumb.data for thumb in made.thumbnails] == [
+        thumb.data for thumb in resample(photo.read_bytes(), SPECS, Limits(), strict=True).thumbnails
+    ]
