@@ -90,13 +90,17 @@ class OpenFile:
         """One body sent from this file is done; the last user of an evicted file closes it."""
         self.users -= 1
         if self.evicted and self.users == 0:
-            os.close(self.fd)
+            self._close()
 
     def evict(self) -> None:
         """Stop handing this file out; its fd closes once no body uses it."""
         self.evicted = True
         if self.users == 0:
-            os.close(self.fd)
+            self._close()
+
+    def _close(self) -> None:
+        os.close(self.fd)
+        self.body = None  # a kept answer may still point here (`repeats`), the memory goes now
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:

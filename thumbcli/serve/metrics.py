@@ -28,7 +28,8 @@ GENERATION_WAITING = GENERATIONS_TIMED_OUT + 1
 GENERATION_BROKEN_AT = GENERATION_WAITING + 1
 CONNECTIONS_SHED = GENERATION_BROKEN_AT + 1
 MEMORY_BODIES = CONNECTIONS_SHED + 1
-COUNTER_SLOTS = MEMORY_BODIES + 1
+REPEATED_HEADS = MEMORY_BODIES + 1
+COUNTER_SLOTS = REPEATED_HEADS + 1
 #: How long /healthz says not ok after such a failure, unless a generation works first. Not for
 #: ever: a load balancer that takes the server out of rotation sends it no miss to recover on.
 BROKEN_SECONDS = 60
@@ -92,6 +93,10 @@ class MetricsBoard:
             f'thumbcli_bodies_total{{via="sendfile"}} {totals[SENDFILE_BODIES]}',
             f'thumbcli_bodies_total{{via="fallback"}} {totals[FALLBACK_BODIES]}',
             f'thumbcli_bodies_total{{via="memory"}} {totals[MEMORY_BODIES]}',
+            "# HELP thumbcli_repeated_heads_total Requests whose head, read whole, was one answered before byte"
+            " for byte, and answered again as then without being parsed (the file it named unchanged).",
+            "# TYPE thumbcli_repeated_heads_total counter",
+            f"thumbcli_repeated_heads_total {totals[REPEATED_HEADS]}",
             "# HELP thumbcli_timeouts_total Connections closed by a timeout, by which one.",
             "# TYPE thumbcli_timeouts_total counter",
             f'thumbcli_timeouts_total{{kind="header"}} {totals[TIMEOUT_HEADER]}',

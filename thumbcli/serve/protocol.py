@@ -61,7 +61,7 @@ class HeadLimits:
 class Request:
     """One parsed request head: what answering it needs."""
 
-    __slots__ = ("conditional", "end", "headers", "http10", "keep_alive", "method", "target")
+    __slots__ = ("conditional", "end", "head", "headers", "http10", "keep_alive", "method", "target")
 
     def __init__(self, method: bytes, target: bytes, headers: dict[bytes, bytes], keep_alive: bool, http10: bool):
         self.method = method
@@ -73,6 +73,8 @@ class Request:
         self.conditional = not CONDITIONAL_HEADERS.isdisjoint(headers)
         #: The last header line and blank line: whether the connection stays open, said as the version needs.
         self.end = END_CLOSE if not keep_alive else END_KEEP_ALIVE_10 if http10 else END_KEEP_ALIVE
+        #: The bytes of the head when they came in one read holding nothing else (see `repeats`).
+        self.head: bytes | None = None
 
     def close_after(self) -> None:
         """Answer this request with Connection: close."""
@@ -106,6 +108,7 @@ class Connection:
 
     __slots__ = (
         "admin",
+        "clean",
         "closed",
         "closing",
         "counters",
@@ -162,6 +165,8 @@ class Connection:
         self.lingering = False
         self.eof = False
         self.closed = False
+        #: Whether the parser holds nothing of a next head: the next read starts a head.
+        self.clean = True
 
     # -- parser callbacks (no on_message_begin: one Python call less per request; `feed` and
     # `on_url` start a head's deadline, `on_headers_complete` makes ready for the next head)
@@ -217,6 +222,7 @@ class Connection:
         """Parse bytes received at `now` into `requests`; the error status to answer with, or 0."""
         self.now = now
         was_in_message = self.in_message
+        was_clean = self.clean
         if not was_in_message:
             # Bytes after a complete head begin the next: its header deadline runs from now.
             self.in_message = True
@@ -238,7 +244,16 @@ class Connection:
                 reject = 431
         else:
             self.head_bytes = 0
+        self.clean = not reject and not self.in_message and data[-4:] == b"\r\n\r\n"
+        if was_clean and self.clean and len(self.requests) == 1:
+            self.requests[0].head = data
         return reject
+
+    def head_taken(self, now: float) -> None:
+        """A whole head read at `now` was answered without the parser: the header deadline stops."""
+        self.now = self.idle_since = now
+        self.in_message = False
+        self.head_bytes = 0
 
     # -- output (an OSError out of these means the connection is broken: close it)
 

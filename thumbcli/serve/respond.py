@@ -25,11 +25,12 @@ from thumbcli.serve.http import (
     http_date,
     origin_form,
 )
-from thumbcli.serve.metrics import OTHER_STATUS, STATUS_SLOT, MetricsBoard
+from thumbcli.serve.metrics import OTHER_STATUS, REPEATED_HEADS, STATUS_SLOT, MetricsBoard
 from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
+from thumbcli.serve.repeats import REPEAT_HEAD_BYTES, Repeat, RepeatTable
 from thumbcli.serve.videos import VIDEO_PREFIX
 
 _FULL = Verdict.FULL
@@ -43,6 +44,7 @@ _ACCEPT = b"accept"
 _METRICS = b"/metrics"
 _ADMIN_PATHS = frozenset({_HEALTHZ, _METRICS})
 _STATUS_200 = STATUS_LINES[200]
+_STATUS_304 = STATUS_LINES[304]
 _NO_HEADERS: dict[bytes, bytes] = {}
 
 
@@ -74,6 +76,7 @@ class Responder:
         self.draining = False
         self._date_until = 0.0
         self._date_lines = b""
+        self.repeats = RepeatTable()
 
     def tick(self, now: float, wall: float) -> None:
         """Set the loop's time for the answers that follow; the Date line changes once a second."""
@@ -219,25 +222,22 @@ class Responder:
                 method, request.headers, file.etag, file.last_modified, file.mtime_s, file.size
             )
         if verdict is _FULL:
-            head = b"".join((_STATUS_200, self._date_lines, file.full_lines, end))
+            status_line, lines = _STATUS_200, file.full_lines
             count = file.size if method == GET else 0
         elif verdict is _NOT_MODIFIED:
             # RFC 9110 §15.4.5: a 304 carries the validators and Cache-Control, no content.
-            head = b"".join((STATUS_LINES[304], self._date_lines, file.validator_lines, end))
-            count = 0
+            status_line, lines, count = _STATUS_304, file.validator_lines, 0
         elif verdict is _PARTIAL:
             # RFC 9110 §15.3.7 and §14.4: one part, described by Content-Range.
             count = last - first + 1
-            head = b"".join(
-                (
-                    STATUS_LINES[206],
-                    self._date_lines,
-                    file.type_line,
-                    b"Content-Length: %d\r\nContent-Range: bytes %d-%d/%d\r\n" % (count, first, last, file.size),
-                    file.validator_lines,
-                    b"Accept-Ranges: bytes\r\n",
-                    end,
-                )
+            status_line = STATUS_LINES[206]
+            lines = b"%sContent-Length: %d\r\nContent-Range: bytes %d-%d/%d\r\n%sAccept-Ranges: bytes\r\n" % (
+                file.type_line,
+                count,
+                first,
+                last,
+                file.size,
+                file.validator_lines,
             )
         elif verdict is _UNSATISFIABLE:
             # RFC 9110 §15.5.17: Content-Range with an unsatisfied-range gives the current length.
@@ -250,7 +250,35 @@ class Responder:
         self._counters[_VERDICT_SLOT[verdict]] += 1
         if self._access_log is not None:
             self._access_log.write(conn.peer, method, request.target, request.http10, verdict, count, request.headers)
-        conn.send(head, file, first, count, self.use_sendfile, self.now)
+        conn.send(
+            b"".join((status_line, self._date_lines, lines, end)), file, first, count, self.use_sendfile, self.now
+        )
+        if (
+            request.head is not None
+            and request.keep_alive
+            and verdict is not _PARTIAL
+            and len(request.head) <= REPEAT_HEAD_BYTES
+        ):
+            self.repeats.keep(request.head, Repeat(request, file, verdict, status_line, lines + end, count))
+
+    def answer_again(self, conn: Connection, head: bytes) -> bool:
+        """Answer a head read whole, if it was answered before and nothing that answer hung on changed."""
+        repeat = self.repeats.find(head, self.now)
+        if repeat is None or conn.admin or conn.closing or self.draining or conn.served + 1 >= self._max_requests:
+            return False
+        conn.served += 1
+        conn.head_taken(self.now)
+        counters = self._counters
+        counters[_VERDICT_SLOT[repeat.verdict]] += 1
+        counters[REPEATED_HEADS] += 1
+        if self._access_log is not None:
+            request = repeat.request
+            self._access_log.write(
+                conn.peer, request.method, request.target, request.http10, repeat.verdict, repeat.count, request.headers
+            )
+        head = b"".join((repeat.status_line, self._date_lines, repeat.tail))
+        conn.send(head, repeat.file, 0, repeat.count, self.use_sendfile, self.now)
+        return True
 
     def send_simple(self, conn: Connection, request: Request, status: int, body: bytes, extra: bytes = b"") -> None:
         """A short answer made here: a status, a text body (none for HEAD) and `extra` header lines."""

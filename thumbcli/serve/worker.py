@@ -258,18 +258,19 @@ class Worker:
             else:
                 self._close(conn)
             return
-        reject = conn.feed(data, self.now)
-        requests = conn.requests
+        respond = self.respond
         try:
-            if requests:
-                answer = self.respond.answer
-                for request in requests:
-                    if conn.closing:
-                        break
-                    answer(conn, request)
-                requests.clear()  # those after a closing answer are dropped with the connection
-            if reject and not conn.closing:
-                self.respond.answer_error(conn, reject)
+            if not (conn.clean and respond.answer_again(conn, data)):
+                reject = conn.feed(data, self.now)
+                requests = conn.requests
+                if requests:
+                    for request in requests:
+                        if conn.closing:
+                            break
+                        respond.answer(conn, request)
+                    requests.clear()  # those after a closing answer are dropped with the connection
+                if reject and not conn.closing:
+                    respond.answer_error(conn, reject)
         except OSError:
             self._close(conn)
             return
