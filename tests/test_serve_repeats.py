@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import os
 import random
 import re
@@ -22,7 +23,7 @@ from servekit import (
     write_manifest,
 )
 
-from thumbcli.serve.files import OPEN_FILE_SECONDS
+from thumbcli.serve.files import MEMORY_BODY_BYTES, OPEN_FILE_SECONDS
 
 #: Long enough for any opened file to have expired and been checked again, on a loaded machine too.
 RECHECKED_WITHIN = OPEN_FILE_SECONDS * 10
@@ -77,7 +78,49 @@ def test_serve_answers_a_repeated_head_exactly_as_it_did_the_first_time(cache: P
     assert values["thumbcli_repeated_heads_total"] >= 400
     assert values['thumbcli_requests_total{code="200"}'] >= 250
     assert values['thumbcli_requests_total{code="304"}'] == 200
-    assert values['thumbcli_bodies_total{via="memory"}'] == 200
+    # The first answers of each second go out from memory, the later ones from that second's arena.
+    assert values['thumbcli_bodies_total{via="memory"}'] + values['thumbcli_bodies_total{via="sendfile"}'] == 200
+    assert values['thumbcli_bodies_total{via="sendfile"}'] >= 1
+
+
+def test_serve_sends_repeated_answers_with_the_date_of_their_second(cache: Path) -> None:
+    body = _thumb(cache).read_bytes()
+    dates = set()
+    with running_server(cache) as server, server.connect() as sock, sock.makefile("rb") as reader:
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            before = time.time()
+            sock.sendall(HEAD)
+            response = read_response(reader)
+            after = time.time()
+            assert response.status == 200 and response.body == body
+            date = email.utils.parsedate_to_datetime(response.headers["date"]).timestamp()
+            assert int(before) <= date <= after
+            dates.add(date)
+            time.sleep(0.005)  # fewer than the 1,000 requests a connection may make
+        values = metrics(server)
+    assert len(dates) >= 2
+    assert values['thumbcli_bodies_total{via="sendfile"}'] >= 1
+
+
+@pytest.mark.parametrize("use_sendfile", [True, False], ids=["sendfile", "no-sendfile"])
+def test_serve_sends_whole_repeated_answers_to_a_slow_reader(tmp_path: Path, use_sendfile: bool) -> None:
+    """The largest body kept in memory, to a reader whose small buffer takes each answer in parts."""
+    cache = tmp_path / "cache"
+    write_manifest(cache, {"small": "webp"})
+    body = random.Random(3).randbytes(MEMORY_BODY_BYTES)
+    put_thumb(cache, "small", "a.jpg.webp", body)
+    with running_server(cache, use_sendfile=use_sendfile) as server:
+        with server.connect(rcvbuf=4096) as sock, sock.makefile("rb", buffering=1024) as reader:
+            for _ in range(30):
+                sock.sendall(HEAD)
+                time.sleep(0.01)  # the server sends while the reader does not read
+                response = read_response(reader)
+                assert response.status == 200 and response.body == body
+        values = metrics(server)
+    assert values["thumbcli_repeated_heads_total"] >= 20
+    assert (values['thumbcli_bodies_total{via="sendfile"}'] >= 1) is use_sendfile
+    assert values['thumbcli_bodies_total{via="fallback"}'] == 0
 
 
 def test_serve_answers_a_repeated_head_with_the_thumbnail_as_it_is_now(cache: Path) -> None:

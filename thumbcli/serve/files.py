@@ -31,15 +31,41 @@ _NOT_FOUND_ERRNOS = frozenset(
 )
 
 
-class OpenFile:
+class SentFile:
+    """A descriptor bodies are sent from, closed once it is evicted and no body uses it."""
+
+    __slots__ = ("body", "evicted", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0  # bodies still being sent from this fd
+        self.evicted = False
+        #: The whole file, when it is kept in memory; None: its bodies are sent from the fd.
+        self.body: bytes | None = None
+
+    def release(self) -> None:
+        """One body sent from this file is done; the last user of an evicted file closes it."""
+        self.users -= 1
+        if self.evicted and self.users == 0:
+            self._close()
+
+    def evict(self) -> None:
+        """Stop handing this file out; its fd closes once no body uses it."""
+        self.evicted = True
+        if self.users == 0:
+            self._close()
+
+    def _close(self) -> None:
+        os.close(self.fd)
+        self.body = None  # a kept answer may still point here (`repeats`), the memory goes now
+
+
+class OpenFile(SentFile):
     """An opened thumbnail with its validators and ready-made header lines."""
 
     __slots__ = (
-        "body",
         "etag",
-        "evicted",
         "expires",
-        "fd",
         "full_lines",
         "identity",
         "last_modified",
@@ -47,7 +73,6 @@ class OpenFile:
         "path",
         "size",
         "type_line",
-        "users",
         "validator_lines",
     )
 
@@ -60,7 +85,7 @@ class OpenFile:
         expires: float,
         variant: Format | None = None,
     ) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self.size = st.st_size
         self.mtime_s = int(st.st_mtime)
         self.etag = etag_for(st.st_size, st.st_mtime_ns)
@@ -78,29 +103,9 @@ class OpenFile:
             self.validator_lines,
         )
         self.expires = expires
-        self.users = 0  # bodies still being sent from this fd
-        self.evicted = False
-        #: The whole file, when it is small (read by `CacheFiles`); None: its body is sent from the fd.
-        self.body: bytes | None = None
         #: The path to re-check it by once it expires (None: open it again), and what must not change.
         self.path: bytes | None = None
         self.identity = _identity(st)
-
-    def release(self) -> None:
-        """One body sent from this file is done; the last user of an evicted file closes it."""
-        self.users -= 1
-        if self.evicted and self.users == 0:
-            self._close()
-
-    def evict(self) -> None:
-        """Stop handing this file out; its fd closes once no body uses it."""
-        self.evicted = True
-        if self.users == 0:
-            self._close()
-
-    def _close(self) -> None:
-        os.close(self.fd)
-        self.body = None  # a kept answer may still point here (`repeats`), the memory goes now
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httptools
 
-from thumbcli.serve.files import OpenFile
+from thumbcli.serve.files import OpenFile, SentFile
 from thumbcli.serve.http import (
     CONDITIONAL_HEADERS,
     END_CLOSE,
@@ -87,7 +87,7 @@ class Body:
 
     __slots__ = ("file", "offset", "remaining", "via")
 
-    def __init__(self, file: OpenFile, offset: int, remaining: int, via: int) -> None:
+    def __init__(self, file: SentFile, offset: int, remaining: int, via: int) -> None:
         self.file = file
         self.offset = offset
         self.remaining = remaining
@@ -301,6 +301,27 @@ class Connection:
             return
         file.users += 1
         out.append(Body(file, offset, count, via))
+
+    def send_whole(self, file: SentFile, offset: int, count: int, now: float) -> None:
+        """Send a whole response, head and body, that is `count` bytes of `file` from `offset`, by sendfile."""
+        if not self.out:
+            try:
+                sent = os.sendfile(self.fd, file.fd, offset, count)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                if exc.errno not in _SENDFILE_UNSUPPORTED:
+                    raise
+                sent = 0  # the queued body finds out again, and sends it the plain way
+            self.counters[BYTES_SENT] += sent
+            self.last_progress = now
+            if sent == count:
+                self.counters[SENDFILE_BODIES] += 1
+                return
+            offset += sent
+            count -= sent
+        file.users += 1
+        self.out.append(Body(file, offset, count, VIA_SENDFILE))
 
     def _send_head(self, head: bytes, flags: int, now: float) -> bool:
         """Send `head` now, queueing what the socket does not take; True when all of it went."""

@@ -30,7 +30,7 @@ from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
-from thumbcli.serve.repeats import REPEAT_HEAD_BYTES, Repeat, RepeatTable
+from thumbcli.serve.repeats import REPEAT_HEAD_BYTES, RepeatTable
 from thumbcli.serve.videos import VIDEO_PREFIX
 
 _FULL = Verdict.FULL
@@ -76,7 +76,7 @@ class Responder:
         self.draining = False
         self._date_until = 0.0
         self._date_lines = b""
-        self.repeats = RepeatTable()
+        self.repeats = RepeatTable(self.use_sendfile)
 
     def tick(self, now: float, wall: float) -> None:
         """Set the loop's time for the answers that follow; the Date line changes once a second."""
@@ -259,7 +259,7 @@ class Responder:
             and verdict is not _PARTIAL
             and len(request.head) <= REPEAT_HEAD_BYTES
         ):
-            self.repeats.keep(request.head, Repeat(request, file, verdict, status_line, lines + end, count))
+            self.repeats.keep(request.head, request, file, verdict, status_line, lines + end, count)
 
     def answer_again(self, conn: Connection, head: bytes) -> bool:
         """Answer a head read whole, if it was answered before and nothing that answer hung on changed."""
@@ -276,8 +276,12 @@ class Responder:
             self._access_log.write(
                 conn.peer, request.method, request.target, request.http10, repeat.verdict, repeat.count, request.headers
             )
-        head = b"".join((repeat.status_line, self._date_lines, repeat.tail))
-        conn.send(head, repeat.file, 0, repeat.count, self.use_sendfile, self.now)
+        arena = self.repeats.in_arena(repeat, self._date_until, self._date_lines) if repeat.count else None
+        if arena is not None:
+            conn.send_whole(arena, repeat.offset, repeat.length, self.now)
+        else:
+            head = b"".join((repeat.status_line, self._date_lines, repeat.tail))
+            conn.send(head, repeat.file, 0, repeat.count, self.use_sendfile, self.now)
         return True
 
     def send_simple(self, conn: Connection, request: Request, status: int, body: bytes, extra: bytes = b"") -> None:

@@ -106,6 +106,7 @@ class Worker:
             for conn in list(self.connections.values()):
                 self._close(conn)
             self.respond.files.evict_all()
+            self.respond.repeats.close()
             self._release()
 
     def _release(self) -> None:
