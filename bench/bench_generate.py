@@ -23,6 +23,9 @@ What it does, all locally and bounded (every command has a timeout):
                      vipsthumbnail -s 256 -o OUT/%s.jpg
      pillow-pool     multiprocessing.Pool(CORES): Image.open, draft('RGB', box),
                      thumbnail(box), save JPEG q80
+     jpeg-floor      (a only) multiprocessing.Pool(CORES): libjpeg-turbo's scaled decode
+                     alone (simplejpeg, min 256x256), nothing resized or written: the
+                     floor for "CPU per image" (issue 22)
    Reported: wall seconds, source images/s, CPU seconds (user+sys of the whole
    process tree, from os.wait4 on the child, which includes every descendant
    it reaped), the peak RSS of the largest single process (same rusage) and
@@ -239,6 +242,23 @@ src, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for name in sorted(os.listdir(src)):
     if name.endswith(".jpg"):
         pyvips.Image.thumbnail(os.path.join(src, name), size).write_to_file(os.path.join(out, name[:-4] + ".jpg"))
+"""
+
+#: The floor the issue names: libjpeg-turbo's scaled decode alone (simplejpeg, the decoder thumbcli
+#: uses), at the smallest DCT scale that still covers the size, in a process pool; nothing written.
+_FLOOR_SCRIPT = r"""
+import os, sys
+from multiprocessing import Pool
+import simplejpeg
+src, procs, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one(name):
+    with open(os.path.join(src, name), "rb") as handle:
+        simplejpeg.decode_jpeg(handle.read(), colorspace="RGB", min_width=size, min_height=size)
+if __name__ == "__main__":
+    names = sorted(n for n in os.listdir(src) if n.endswith(".jpg"))
+    with Pool(procs) as pool:
+        for _ in pool.imap_unordered(one, names, chunksize=4):
+            pass
 """
 
 _PILLOW_SCRIPT = r"""
@@ -594,6 +614,9 @@ def main() -> None:
             tools.append(Tool("vips-xargs", "a", xargs([256]), count, count))
         if pillow:
             tools.append(Tool("pillow-pool", "a", pil([256]), count, count))
+        if not args.only_thumbcli:
+            floor = [sys.executable, "-c", _FLOOR_SCRIPT, str(corpus), str(n), "256"]
+            tools.append(Tool("jpeg-floor (decode only)", "a", lambda out: floor, 0, count))
         groups.append(("a: one size 256", "vips-xargs", tools))
     if "b" in scenarios:
         tools = [Tool("thumbcli", "b", tc(corpus, [128, 256, 512]), 3 * count, count)]

@@ -5,8 +5,8 @@ a CDN's or a load balancer's fetches). While the file it was answered from is op
 same bytes get the same answer, so the parse and the decisions of the first answer are kept, not redone.
 
 A thumbnail kept in memory that is asked for again within the same second is also written whole,
-head with that second's Date and body, to the second's `Arena`: a memory file each answer after
-that goes out of with one zero-copy sendfile(2) instead of being copied into the socket.
+head with that second's Date and body, to the second's `Arena`, a memory file: each later answer
+in that second is one zero-copy sendfile(2) from it instead of a copy into the socket.
 """
 
 from __future__ import annotations
@@ -83,9 +83,6 @@ class RepeatTable:
         self._arena: Arena | None = None
         #: Off without sendfile, or where a memory file cannot be made or sent from.
         self._use_arenas = use_arenas and hasattr(os, "memfd_create")
-
-    def __len__(self) -> int:
-        return len(self._answers)
 
     def keep(
         self,
