@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from thumbcli import cache
+from thumbcli.serve.files import OPEN_FILE_SECONDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = re.compile(r"serving .* on http://(?P<host>[^/]+):(?P<port>\d+)/")
 START_SECONDS = 20.0
 STOP_SECONDS = 20.0
+#: Long enough for any opened file to have expired and been checked again, on a loaded machine too.
+RECHECKED_WITHIN = OPEN_FILE_SECONDS * 10
 
 #: ServeOptions fields that `thumbcli serve` has a flag for, and the flag.
 CLI_FLAGS = {

@@ -8,13 +8,21 @@ import time
 from pathlib import Path
 
 import pytest
-from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
+from servekit import (
+    RECHECKED_WITHIN,
+    ServerProcess,
+    get,
+    metrics,
+    put_thumb,
+    read_response,
+    running_server,
+    wait_until,
+    write_manifest,
+)
 
 from thumbcli.serve.files import MEMORY_BODY_BYTES, OPEN_FILE_SECONDS
 
 SECRET = b"TOP-SECRET-5b0d-never-served"
-#: Long enough for any opened file to have expired and been checked again, on a loaded machine too.
-RECHECKED_WITHIN = OPEN_FILE_SECONDS * 10
 
 
 @pytest.fixture(params=[True, False], ids=["sendfile", "fallback"])

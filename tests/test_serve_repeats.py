@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from servekit import (
+    RECHECKED_WITHIN,
     ServerProcess,
     listening_ports,
     metrics,
@@ -23,10 +24,8 @@ from servekit import (
     write_manifest,
 )
 
-from thumbcli.serve.files import MEMORY_BODY_BYTES, OPEN_FILE_SECONDS
+from thumbcli.serve.files import MEMORY_BODY_BYTES
 
-#: Long enough for any opened file to have expired and been checked again, on a loaded machine too.
-RECHECKED_WITHIN = OPEN_FILE_SECONDS * 10
 HEAD = b"GET /small/a.jpg HTTP/1.1\r\nHost: test\r\nUser-Agent: repeat-test\r\nAccept: image/*\r\n\r\n"
 
 
