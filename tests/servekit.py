@@ -105,12 +105,17 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(
-    cache_root: Path, env: dict[str, str] | None = None, descriptors: int | None = None, **options: Any
+    cache_root: Path,
+    env: dict[str, str] | None = None,
+    descriptors: int | None = None,
+    file_bytes: int | None = None,
+    **options: Any,
 ) -> Iterator[ServerProcess]:
     """Run a server on 127.0.0.1 (port 0 unless given) until the block ends.
 
     `descriptors`: the server's soft RLIMIT_NOFILE, set in the child alone (the test process may
     hold more descriptors than that: clients of other tests' servers, kept alive).
+    `file_bytes`: its soft RLIMIT_FSIZE, the largest file it may write (memory files too).
 
     Uses `python -m thumbcli serve` when every option has a flag, else the library directly;
     `config` (a thumbcli.toml, where `--source` finds its presets) needs the command line.
@@ -152,9 +157,10 @@ def running_server(
     child_env.pop("THUMBCLI_NO_SENDFILE", None)
     child_env.update(env or {})
 
-    def limit_descriptors() -> None:
-        if descriptors is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    def set_limits() -> None:
+        for which, soft in ((resource.RLIMIT_NOFILE, descriptors), (resource.RLIMIT_FSIZE, file_bytes)):
+            if soft is not None:
+                resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
 
     process = subprocess.Popen(
         command,
@@ -162,7 +168,7 @@ def running_server(
         stdin=subprocess.DEVNULL,
         env=child_env,
         cwd=REPO_ROOT,
-        preexec_fn=limit_descriptors if descriptors is not None else None,
+        preexec_fn=set_limits if descriptors is not None or file_bytes is not None else None,
     )
     assert process.stderr is not None
     lines: list[str] = []

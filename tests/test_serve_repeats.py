@@ -206,3 +206,17 @@ def test_serve_closes_a_repeating_connection_when_told_to_drain(cache: Path) -> 
         sock.settimeout(10)
         assert reader.read() == b""
         assert server.process.wait(10) == 0
+
+
+def test_serve_sends_repeated_answers_as_before_when_no_memory_file_can_hold_them(cache: Path) -> None:
+    """A server that may write no file past 8 KiB: its memory file takes no 20 KB answer."""
+    body = _thumb(cache).read_bytes()
+    with running_server(cache, file_bytes=8192) as server:
+        with server.connect() as sock, sock.makefile("rb") as reader:
+            answers = [_ask(sock, reader, HEAD) for _ in range(50)]
+        values = metrics(server)
+    assert all(status == 200 and answer == body for status, _, answer in answers)
+    assert values["thumbcli_repeated_heads_total"] >= 40
+    assert values['thumbcli_bodies_total{via="memory"}'] == 50
+    assert values['thumbcli_bodies_total{via="sendfile"}'] == 0
+    assert any("cannot keep repeated answers in a memory file" in line for line in server.stderr_lines)

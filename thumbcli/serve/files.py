@@ -51,6 +51,8 @@ class SentFile:
 
     def evict(self) -> None:
         """Stop handing this file out; its fd closes once no body uses it."""
+        if self.evicted:
+            return
         self.evicted = True
         if self.users == 0:
             self._close()

@@ -11,6 +11,7 @@ in that second is one zero-copy sendfile(2) from it instead of a copy into the s
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -40,9 +41,11 @@ class Arena(SentFile):
         self.size = 0
 
     def add(self, *parts: bytes) -> int:
-        """Write a whole answer at the end; its offset."""
-        offset = self.size
-        self.size += os.pwritev(self.fd, parts, offset)
+        """Write a whole answer at the end; its offset. OSError if it could not be written whole."""
+        offset, length = self.size, sum(map(len, parts))
+        if os.pwritev(self.fd, parts, offset) != length:
+            raise OSError(errno.ENOSPC, "short write to the memory file")
+        self.size += length
         return offset
 
 
@@ -124,24 +127,23 @@ class RepeatTable:
         if repeat.seen_second != second or body is None or not self._use_arenas or repeat.count != len(body):
             repeat.seen_second = second  # the first answer this second is not worth copying for later ones
             return None
-        arena = self._arena
-        if arena is None or arena.second != second:
-            if arena is not None:
-                arena.evict()  # its fd closes once the bodies sent from it are
-            try:
+        parts = (repeat.status_line, date_lines, repeat.tail, body)
+        try:
+            arena = self._arena
+            if arena is None or arena.second != second:
+                if arena is not None:
+                    arena.evict()  # its fd closes once the bodies sent from it are
                 arena = self._arena = Arena(second)
-            except OSError as exc:
-                log.warning("cannot make a memory file for repeated answers (%s): sending them as before", exc)
-                self._arena, self._use_arenas = None, False
+            if arena.size + sum(map(len, parts)) > ARENA_BYTES:
                 return None
-        length = len(repeat.status_line) + len(date_lines) + len(repeat.tail) + len(body)
-        if arena.size + length > ARENA_BYTES:
+            repeat.offset = arena.add(*parts)
+        except OSError as exc:
+            # No memory file here, or no memory for it: the server goes on as without arenas.
+            log.warning("cannot keep repeated answers in a memory file (%s): sending them as before", exc)
+            self.close()
+            self._use_arenas = False
             return None
-        repeat.arena, repeat.offset, repeat.length = (
-            arena,
-            arena.add(repeat.status_line, date_lines, repeat.tail, body),
-            length,
-        )
+        repeat.arena, repeat.length = arena, arena.size - repeat.offset
         return arena
 
     def close(self) -> None:
