@@ -7,6 +7,7 @@ imports is what every worker pays for at its start.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import mmap
 import os
@@ -111,6 +112,10 @@ def serve(
             wire.write_all(replies, wire.encode_reply(reply))
         except BrokenPipeError:
             os._exit(0)
+        if not gc.isenabled():
+            # Started with the collector off: what the imports made (the first file's decoder's too) stays.
+            gc.freeze()
+            gc.enable()
         if reply.status == wire.BUG:
             os._exit(1)
         if reply.status == wire.NEEDS_WHEEL:

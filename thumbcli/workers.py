@@ -361,7 +361,7 @@ class ResampleWorker:
         stderr_write, watch = self._stderr.open(), self._forbidden.open()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
-            f"import sys; sys.path.insert(0, {package_root!r}); "
+            f"import gc, sys; gc.disable(); sys.path.insert(0, {package_root!r}); "
             f"from thumbcli.workerloop import serve; "
             f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling}, "
             f"{layers!r}, {account!r}, {watch}, {sorted(self._wheels)!r})"
