@@ -304,24 +304,10 @@ class Connection:
 
     def send_whole(self, file: SentFile, offset: int, count: int, now: float) -> None:
         """Send a whole response, head and body, that is `count` bytes of `file` from `offset`, by sendfile."""
-        if not self.out:
-            try:
-                sent = os.sendfile(self.fd, file.fd, offset, count)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                if exc.errno not in _SENDFILE_UNSUPPORTED:
-                    raise
-                sent = 0  # the queued body finds out again, and sends it the plain way
-            self.counters[BYTES_SENT] += sent
-            self.last_progress = now
-            if sent == count:
-                self.counters[SENDFILE_BODIES] += 1
-                return
-            offset += sent
-            count -= sent
-        file.users += 1
-        self.out.append(Body(file, offset, count, VIA_SENDFILE))
+        body = Body(file, offset, count, VIA_SENDFILE)
+        if self.out or not self._send_body(body, now):
+            file.users += 1
+            self.out.append(body)
 
     def _send_head(self, head: bytes, flags: int, now: float) -> bool:
         """Send `head` now, queueing what the socket does not take; True when all of it went."""

@@ -97,7 +97,9 @@ class RepeatTable:
         tail: bytes,
         count: int,
     ) -> None:
-        """Keep how `head` was answered, unless it is kept already for the same open file."""
+        """Keep how `head` was answered, unless it is kept already for the same open file, or is too long."""
+        if len(head) > REPEAT_HEAD_BYTES:
+            return
         answers = self._answers
         kept = answers.get(head)
         if kept is not None and kept.file is file:

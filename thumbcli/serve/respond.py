@@ -30,7 +30,7 @@ from thumbcli.serve.misses import MissDesk
 from thumbcli.serve.options import ServeOptions
 from thumbcli.serve.pages import ASSET_PREFIX, ASSETS, CSP, Page, PresetView, home_page
 from thumbcli.serve.protocol import Connection, Request
-from thumbcli.serve.repeats import REPEAT_HEAD_BYTES, RepeatTable
+from thumbcli.serve.repeats import RepeatTable
 from thumbcli.serve.videos import VIDEO_PREFIX
 
 _FULL = Verdict.FULL
@@ -253,12 +253,7 @@ class Responder:
         conn.send(
             b"".join((status_line, self._date_lines, lines, end)), file, first, count, self.use_sendfile, self.now
         )
-        if (
-            request.head is not None
-            and request.keep_alive
-            and verdict is not _PARTIAL
-            and len(request.head) <= REPEAT_HEAD_BYTES
-        ):
+        if request.head is not None and request.keep_alive and verdict is not _PARTIAL:
             self.repeats.keep(request.head, request, file, verdict, status_line, lines + end, count)
 
     def answer_again(self, conn: Connection, head: bytes) -> bool:
