@@ -11,7 +11,7 @@ from imagekit import CORPUS, draw_photo, make_cmyk_jpeg, make_oriented_jpeg, mea
 from thumbcli import icc, sandbox
 from thumbcli.decoders import jpeg
 from thumbcli.errors import FileRejected
-from thumbcli.resample import DecodeFailed, resample
+from thumbcli.resample import DecodeFailed, resample, saver_keeps_metadata_by_keep
 from thumbcli.spec import Limits, SizeBox, ThumbSpec
 from thumbcli.workers import ResampleWorker
 
@@ -209,3 +209,33 @@ def test_a_confined_worker_imports_libjpeg_turbo_for_its_first_camera_jpeg_unles
     assert [thumb.data for thumb in outcome.thumbnails] == [
         thumb.data for thumb in resample(camera, specs, LIMITS, strict=True).thumbnails
     ]
+
+
+def libvips_jpeg(image: pyvips.Image, quality: int) -> bytes:
+    """What libvips' own `jpegsave` writes for a thumbnail that keeps no metadata."""
+    stripped = {"keep": "none"} if saver_keeps_metadata_by_keep() else {"strip": True}
+    return bytes(image.jpegsave_buffer(Q=quality, optimize_coding=True, **stripped))
+
+
+@pytest.mark.parametrize("quality", [30, 85, 89, 90, 100])
+@pytest.mark.parametrize("kind", ["rgb", "grey"])
+def test_pillows_encoder_writes_the_bytes_libvips_would(kind: str, quality: int) -> None:
+    photo = draw_photo(256, 171, seed=quality)
+    if kind == "grey":
+        photo = photo.colourspace("b-w")
+    photo = photo.cast("uchar").copy_memory()
+    assert jpeg.encodes(photo.bands)
+    ours = jpeg.encoded(photo.write_to_memory(), photo.width, photo.height, photo.bands, quality)
+    assert ours == libvips_jpeg(photo, quality)
+
+
+def test_a_jpeg_thumbnail_is_libvips_own_encode_of_its_pixels(tmp_path: Path) -> None:
+    data = make_oriented_jpeg(tmp_path / "o6.jpg", 6, 2400, 1600).read_bytes()
+    (lossless,) = resample(data, (png_spec("256"),), LIMITS, strict=True).thumbnails
+    for quality in (75, 95):
+        jpeg_spec = ThumbSpec(SizeBox.parse("256"), quality=quality)
+        (thumb,) = resample(data, (jpeg_spec,), LIMITS, strict=True).thumbnails
+        assert thumb.data == libvips_jpeg(load_png(lossless.data), quality)
+        kept = ThumbSpec(SizeBox.parse("256"), quality=quality, keep_metadata=True)
+        (with_metadata,) = resample(data, (kept,), LIMITS, strict=True).thumbnails
+        assert pyvips.Image.new_from_buffer(with_metadata.data, "").get_typeof("exif-data")  # libvips' encode

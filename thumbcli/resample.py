@@ -229,6 +229,12 @@ def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
     metadata = _METADATA_OPTION[spec.keep_metadata]
     quality = spec.effective_quality
     if spec.format == "jpeg":
+        if not spec.keep_metadata and jpeg.encodes(image.bands):
+            pixels = image.write_to_memory()
+            encoded = jpeg.encoded(pixels, image.width, image.height, image.bands, quality)
+            if encoded is not None:
+                return encoded
+            image = pyvips.Image.new_from_memory(pixels, image.width, image.height, image.bands, "uchar")
         return bytes(image.jpegsave_buffer(Q=quality, optimize_coding=True, **metadata))
     if spec.format == "webp":
         return bytes(image.webpsave_buffer(Q=quality, **metadata))
