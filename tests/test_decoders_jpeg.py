@@ -190,7 +190,7 @@ def test_a_confined_worker_imports_libjpeg_turbo_for_its_first_camera_jpeg_unles
     monkeypatch.delenv("THUMBCLI_SANDBOX", raising=False)  # every layer the system has
     small = save(draw_photo(320, 240), tmp_path / "small.jpg", Q=85).read_bytes()
     camera = make_oriented_jpeg(tmp_path / "o6.jpg", 6, 2400, 1600).read_bytes()
-    specs = (png_spec("256"),)
+    specs = (png_spec("256"), ThumbSpec(SizeBox.parse("256")))  # the JPEG one encoded by Pillow
     worker = ResampleWorker(LIMITS, strict=True, memory_ceiling=1 << 34)
     try:
         assert worker.resample(small, specs).thumbnails  # decoded whole: libvips alone
@@ -204,6 +204,7 @@ def test_a_confined_worker_imports_libjpeg_turbo_for_its_first_camera_jpeg_unles
         outcome = worker.resample(camera, specs)
         assert outcome.thumbnails and not outcome.reason, outcome.reason
         assert "simplejpeg" in maps.read_text()  # imported under seccomp and Landlock
+        assert "PIL/_imaging" in maps.read_text()
     finally:
         worker.close()
     assert [thumb.data for thumb in outcome.thumbnails] == [

@@ -46,7 +46,9 @@ def _module(name: str) -> ModuleType | None:
 def preload() -> None:
     """Import simplejpeg and Pillow's JPEG plugin now (a worker about to lose the right to read where it lives)."""
     _module("simplejpeg")
-    _module("PIL.JpegImagePlugin")
+    pillow = _module("PIL.JpegImagePlugin")
+    if pillow is not None:
+        pillow.Image.preinit()  # the plugins Pillow's first save would import
 
 
 def available() -> bool:
@@ -93,7 +95,7 @@ def encoded(pixels: bytes, width: int, height: int, bands: int, quality: int) ->
         return None
     out = io.BytesIO()
     try:
-        image = pillow.Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
+        image = pillow.Image.frombytes(mode, (width, height), pixels)
         # libvips' chroma rule: 4:2:0 below quality 90, none from 90; and a grey image sampled 1x1.
         subsampling = 0 if quality >= 90 or bands == 1 else 2
         image.save(out, "JPEG", quality=quality, optimize=True, subsampling=subsampling)
