@@ -103,5 +103,5 @@ def encoded(pixels: bytes, width: int, height: int, bands: int, quality: int) ->
         return None
     data = out.getbuffer()
     if data[2 : 2 + len(_JFIF_HEADER)] != _JFIF_HEADER:
-        return bytes(data)
+        return None  # not the layout this drops the header from: libvips' own bytes instead
     return bytes(data[:2]) + bytes(data[2 + _JFIF_LENGTH :])
