@@ -225,7 +225,7 @@ def test_pillows_encoder_writes_the_bytes_libvips_would(kind: str, quality: int)
     if kind == "grey":
         photo = photo.colourspace("b-w")
     photo = photo.cast("uchar").copy_memory()
-    assert jpeg.encodes(photo.bands)
+    assert jpeg.encodes(photo.width, photo.height, photo.bands)
     ours = jpeg.encoded(photo.write_to_memory(), photo.width, photo.height, photo.bands, quality)
     assert ours == libvips_jpeg(photo, quality)
 
@@ -240,3 +240,11 @@ def test_a_jpeg_thumbnail_is_libvips_own_encode_of_its_pixels(tmp_path: Path) ->
         kept = ThumbSpec(SizeBox.parse("256"), quality=quality, keep_metadata=True)
         (with_metadata,) = resample(data, (kept,), LIMITS, strict=True).thumbnails
         assert pyvips.Image.new_from_buffer(with_metadata.data, "").get_typeof("exif-data")  # libvips' encode
+
+
+def test_a_thumbnail_too_big_to_hold_twice_or_with_other_bands_is_left_to_libvips() -> None:
+    side = int(jpeg.ENCODED_PIXELS_MAX**0.5)
+    assert jpeg.encodes(side, side, 3)
+    assert not jpeg.encodes(side + 1, side, 3)  # libvips' save streams it instead
+    assert jpeg.encoded(bytes((side + 1) * side * 3), side + 1, side, 3, 80) is None
+    assert not jpeg.encodes(16, 16, 2) and not jpeg.encodes(16, 16, 4)

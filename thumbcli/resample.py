@@ -229,7 +229,7 @@ def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
     metadata = _METADATA_OPTION[spec.keep_metadata]
     quality = spec.effective_quality
     if spec.format == "jpeg":
-        if not spec.keep_metadata and jpeg.encodes(image.bands):
+        if not spec.keep_metadata and jpeg.encodes(image.width, image.height, image.bands):
             pixels = image.write_to_memory()
             encoded = jpeg.encoded(pixels, image.width, image.height, image.bands, quality)
             if encoded is not None:

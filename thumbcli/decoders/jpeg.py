@@ -26,6 +26,9 @@ from typing import Any
 _COLORSPACE = {1: "GRAY", 3: "RGB"}
 #: An encode's band count -> Pillow's mode for those pixels.
 _PILLOW_MODE = {1: "L", 3: "RGB"}
+#: The largest thumbnail (in pixels) handed to Pillow whole: its pixels are held twice over while it
+#: encodes (about 7 bytes a pixel), where libvips' own save streams a few rows at a time.
+ENCODED_PIXELS_MAX = 2048 * 2048
 #: The JFIF header Pillow always writes first (after the SOI marker); libvips writes none for a stripped thumbnail.
 _JFIF_HEADER = b"\xff\xe0\x00\x10JFIF\x00"
 _JFIF_LENGTH = 18
@@ -56,9 +59,9 @@ def available() -> bool:
     return _module("simplejpeg") is not None
 
 
-def encodes(bands: int) -> bool:
-    """Whether `encoded` takes 8-bit pixels of `bands` bands (Pillow imports here, and the bands are 1 or 3)."""
-    return bands in _PILLOW_MODE and _module("PIL.JpegImagePlugin") is not None
+def encodes(width: int, height: int, bands: int) -> bool:
+    """Whether `encoded` takes these 8-bit pixels: 1 or 3 bands, at most ENCODED_PIXELS_MAX, and Pillow imports here."""
+    return bands in _PILLOW_MODE and width * height <= ENCODED_PIXELS_MAX and _module("PIL.JpegImagePlugin") is not None
 
 
 def scaled_pixels(data: bytes | memoryview, shrink: int, bands: int) -> Any | None:
@@ -90,9 +93,9 @@ def encoded(pixels: bytes, width: int, height: int, bands: int, quality: int) ->
     when it keeps no metadata, byte for byte; None when declined (see `encodes`) or Pillow fails.
     """
     pillow = _module("PIL.JpegImagePlugin")
-    mode = _PILLOW_MODE.get(bands)
-    if pillow is None or mode is None:
+    if pillow is None or not encodes(width, height, bands):
         return None
+    mode = _PILLOW_MODE[bands]
     out = io.BytesIO()
     try:
         image = pillow.Image.frombytes(mode, (width, height), pixels)
