@@ -242,15 +242,6 @@ def test_a_jpeg_thumbnail_is_libvips_own_encode_of_its_pixels(tmp_path: Path) ->
         assert pyvips.Image.new_from_buffer(with_metadata.data, "").get_typeof("exif-data")  # libvips' encode
 
 
-@pytest.mark.parametrize("size", ["x600", "64", "x3000"])
-def test_a_thumbnail_computed_in_strips_has_the_pixels_libvips_thread_pool_gives(size: str) -> None:
-    # A 500x9000 PNG decodes as it streams: cut to 600 rows, its pixels come in 18 strips of a region.
-    tall = draw_photo(500, 9000, seed=3).pngsave_buffer(compression=1)
-    (lossless,) = resample(tall, (png_spec(size),), LIMITS, strict=True).thumbnails  # libvips' own save
-    (thumb,) = resample(tall, (ThumbSpec(SizeBox.parse(size)),), LIMITS, strict=True).thumbnails
-    assert thumb.data == libvips_jpeg(load_png(lossless.data), 80)
-
-
 def test_a_thumbnail_too_big_to_hold_twice_or_with_other_bands_is_left_to_libvips() -> None:
     side = int(jpeg.ENCODED_PIXELS_MAX**0.5)
     assert jpeg.encodes(side, side, 3)
