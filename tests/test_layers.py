@@ -47,6 +47,7 @@ FLOORS = {
     "formats": 2,
     "progress": 2,
     "resample": 2,
+    "decodefailure": 2,
     "decoders": 2,
     "wire": 2,
     "unexpected": 2,

@@ -20,8 +20,9 @@ from imagekit import (
     needs_corpus,
 )
 
+from thumbcli.decodefailure import describe
 from thumbcli.errors import FileRejected
-from thumbcli.resample import DecodeFailed, describe_failure, make_thumbnails, resample
+from thumbcli.resample import DecodeFailed, make_thumbnails, resample
 from thumbcli.spec import Fit, Format, Limits, SizeBox, ThumbSpec
 
 LIMITS = Limits()
@@ -215,7 +216,7 @@ def test_a_truncated_image_decodes_in_part_with_a_warning_unless_strict(tmp_path
     ],
 )
 def test_a_libvips_failure_is_told_in_a_short_reason_with_the_useful_part_first(detail: str, reason: str) -> None:
-    assert describe_failure(detail) == reason
+    assert describe(detail) == reason
 
 
 @needs_corpus

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from thumbcli import decoders, formats, icc
+from thumbcli import decodefailure, decoders, formats, icc
 from thumbcli.decoders import check_pixels, heif, jpeg
 from thumbcli.errors import FileRejected
 from thumbcli.formats import SourceFormat
@@ -83,56 +83,6 @@ def log_only_libvips_errors() -> None:
     )
 
 
-def _describe_head(head: bytes) -> str:
-    if not head:
-        return "file is empty"
-    sample = head[:16]
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in sample):
-        return f"content is not an image (starts with text {sample.decode('ascii')!r})"
-    return f"content is not a supported image (starts with bytes {sample.hex(' ')})"
-
-
-#: Raw libvips text -> the short reason that says it, first match wins.
-_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern, re.IGNORECASE), reason)
-    for pattern, reason in (
-        (r"premature end|unexpected end|truncated|insufficient input data|out of data", "truncated"),
-        (r"old-style jpeg compression", "unsupported TIFF compression (old-style JPEG)"),
-        (r"compression method is not configured|compression scheme .* not implemented", "unsupported TIFF compression"),
-        (r"heif: (invalid input|no 'ftyp'|unsupported filetype)", "not a HEIF/HEVC file"),
-        (r"heif: unsupported", "unsupported HEIF/AVIF feature"),
-        (r"libpng read error|libspng read error|png.*crc", "damaged PNG data"),
-        (r"no frames in gif", "GIF has no frames"),
-        (r"corrupt jpeg data|invalid jpeg file structure|bogus", "damaged JPEG data"),
-        (r"out of memory", "libvips ran out of memory"),
-    )
-)
-
-
-def describe_failure(detail: str) -> str:
-    """The short reason for a raw libvips error text: what is wrong first, not a libvips dump."""
-    for pattern, reason in _REASONS:
-        if pattern.search(detail):
-            return reason
-    return _error_line(detail)
-
-
-def _cut_short(data: bytes | memoryview, source_format: str) -> bool:
-    """Whether `data` lacks the end its format always has (the usual damage: a half-copied file).
-
-    libpng says only "read error" for a file cut short, whatever the cut.
-    """
-    # Near the end, not at it: some cameras and editors append data after the image.
-    tail = bytes(data[-4096:]).rstrip(b"\0")
-    if source_format == "jpeg":
-        return b"\xff\xd9" not in tail
-    if source_format == "png":
-        return b"IEND" not in tail
-    if source_format == "gif":
-        return not tail.endswith(b"\x3b")
-    return False
-
-
 def _error_detail(exc: pyvips.Error) -> str:
     """The raw libvips error text on one line (repeated lines once)."""
     detail = str(getattr(exc, "detail", "") or exc.message or exc)
@@ -142,16 +92,6 @@ def _error_detail(exc: pyvips.Error) -> str:
         if line and line not in lines:
             lines.append(line)
     return "; ".join(lines)
-
-
-def _error_line(detail: str) -> str:
-    """The most useful part of a raw text no pattern knows: its lines but the noise."""
-    useful = [
-        line
-        for line in detail.split("; ")
-        if line and not line.startswith("unable to call") and not line.startswith("source: bad seek")
-    ]
-    return "; ".join(useful)[:300] or "libvips could not decode the image"
 
 
 def _orientation(image: pyvips.Image) -> int:
@@ -292,7 +232,7 @@ def resample(
     plan = _decode_plan(specs, decode_for)
     source = formats.sniff(data)
     if source is None:
-        raise FileRejected(_describe_head(bytes(data[:16])))
+        raise FileRejected(decodefailure.describe_head(bytes(data[:16])))
     source_format = source.name
     if source_format != "jpeg":
         data = bytes(data)  # their loaders (pyvips' *_buffer) and the decoders beside libvips take bytes
@@ -309,7 +249,7 @@ def resample(
         detail = _error_detail(exc)
     if source.decoder and _NO_LIBVIPS_DECODER.search(detail):
         return Resampled(_thumbnails_beside_libvips(bytes(data), specs, plan, limits, source))
-    reason = "truncated" if _cut_short(data, source_format) else describe_failure(detail)
+    reason = "truncated" if decodefailure.cut_short(data, source_format) else decodefailure.describe(detail)
     failure = DecodeFailed(reason, detail)
     if strict:
         raise failure
@@ -595,7 +535,7 @@ def _thumbnails_beside_libvips(
             thumbnails.append(_finish(cut, spec, origin))
     except pyvips.Error as exc:
         detail = _error_detail(exc)
-        raise DecodeFailed(f"{source_format}: {describe_failure(detail)}", detail) from None
+        raise DecodeFailed(f"{source_format}: {decodefailure.describe(detail)}", detail) from None
     return thumbnails
 
 
