@@ -102,11 +102,6 @@ def _orientation(image: pyvips.Image) -> int:
     return orientation if 1 <= orientation <= 8 else 1
 
 
-def _upright_size(header: pyvips.Image) -> tuple[int, int]:
-    width, height = header.width, header.height
-    return (height, width) if _orientation(header) >= 5 else (width, height)
-
-
 def _scale_for(spec: ThumbSpec, width: int, height: int) -> float:
     """The factor that turns an upright width x height into what `spec` asks for."""
     scales = []
@@ -152,11 +147,12 @@ def _round_edge(length: float) -> int:
 
 
 def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
-    if image.interpretation == "rgb16":
+    interpretation = image.interpretation
+    if interpretation == "rgb16":
         image = image.colourspace("srgb")
-    elif image.interpretation == "grey16":
+    elif interpretation == "grey16":
         image = image.colourspace("b-w")
-    elif image.interpretation not in ("srgb", "b-w"):
+    elif interpretation not in ("srgb", "b-w"):
         image = image.colourspace("srgb")
     if image.format != "uchar":
         image = image.cast("uchar")
@@ -171,16 +167,17 @@ def _to_8bit_srgb(image: pyvips.Image, spec: ThumbSpec) -> pyvips.Image:
     return image
 
 
-def _encode(image: pyvips.Image, spec: ThumbSpec) -> bytes:
+def _encode(image: pyvips.Image, spec: ThumbSpec, width: int, height: int) -> bytes:
     metadata = _METADATA_OPTION[spec.keep_metadata]
     quality = spec.effective_quality
     if spec.format == "jpeg":
-        if not spec.keep_metadata and jpeg.encodes(image.width, image.height, image.bands):
+        bands = image.bands
+        if not spec.keep_metadata and jpeg.encodes(width, height, bands):
             pixels = image.write_to_memory()
-            encoded = jpeg.encoded(pixels, image.width, image.height, image.bands, quality)
+            encoded = jpeg.encoded(pixels, width, height, bands, quality)
             if encoded is not None:
                 return encoded
-            image = pyvips.Image.new_from_memory(pixels, image.width, image.height, image.bands, "uchar")
+            image = pyvips.Image.new_from_memory(pixels, width, height, bands, "uchar")
         return bytes(image.jpegsave_buffer(Q=quality, optimize_coding=True, **metadata))
     if spec.format == "webp":
         return bytes(image.webpsave_buffer(Q=quality, **metadata))
@@ -279,8 +276,9 @@ def _make_thumbnails(
         header = pyvips.Image.new_from_source(_in_place(data), load_options, access="sequential")
     else:
         header = pyvips.Image.new_from_buffer(data, load_options, access="sequential")
-    check_pixels(formats.BY_NAME[source_format].label, header.width, header.height, limits)
-    upright_w, upright_h = _upright_size(header)
+    width, height = header.width, header.height
+    check_pixels(formats.BY_NAME[source_format].label, width, height, limits)
+    upright_w, upright_h = (height, width) if _orientation(header) >= 5 else (width, height)
     origin = (upright_w, upright_h, source_format, capture_time(header))
     if source_format in _NO_SHRINK_ON_LOAD:
         # Nothing to shrink on load: every size is cut from the image opened for the header,
@@ -324,7 +322,8 @@ def _decoded_by_libjpeg_turbo(data: bytes | memoryview, header: pyvips.Image, sh
     reads from the header: orientation, ICC profile, resolution. (Only for thumbnails that keep
     no metadata: libvips' loader attaches EXIF, XMP and IPTC too.)
     """
-    if header.interpretation not in ("srgb", "b-w"):  # CMYK and YCCK: libvips inverts Adobe's CMYK
+    interpretation = header.interpretation
+    if interpretation not in ("srgb", "b-w"):  # CMYK and YCCK: libvips inverts Adobe's CMYK
         return None
     if not str(header.get("vips-loader")).startswith("jpegload"):
         return None  # another loader read the header (uhdrload: Ultra HDR), with other metadata
@@ -333,9 +332,10 @@ def _decoded_by_libjpeg_turbo(data: bytes | memoryview, header: pyvips.Image, sh
         return None
     height, width, bands = pixels.shape
     image = pyvips.Image.new_from_memory(pixels, width, height, bands, "uchar")
-    image = image.copy(interpretation=header.interpretation, xres=header.xres, yres=header.yres)
-    if width != header.width // shrink or height != header.height // shrink:
-        image = image.crop(0, 0, header.width // shrink, header.height // shrink)
+    image = image.copy(interpretation=interpretation, xres=header.xres, yres=header.yres)
+    cut_width, cut_height = header.width // shrink, header.height // shrink
+    if (width, height) != (cut_width, cut_height):
+        image = image.crop(0, 0, cut_width, cut_height)
     for name in ("orientation", "icc-profile-data"):
         kind = header.get_typeof(name)
         if kind:
@@ -422,7 +422,8 @@ def capture_time(header: pyvips.Image) -> int:
 
 def _finish(image: pyvips.Image, spec: ThumbSpec, origin: Origin) -> Thumbnail:
     image = _to_8bit_srgb(image, spec)
-    return Thumbnail(_encode(image, spec), image.width, image.height, *origin)
+    width, height = image.width, image.height
+    return Thumbnail(_encode(image, spec, width, height), width, height, *origin)
 
 
 # -- formats decoded beside libvips -------------------------------------------------
