@@ -252,3 +252,18 @@ def test_thumbnails_carry_the_exif_capture_time(when: str, captured: int) -> Non
 def test_a_thumbnail_of_an_undated_image_has_no_capture_time() -> None:
     png = bytes(draw_photo(100, 80).pngsave_buffer())
     assert make_thumbnails(png, (ThumbSpec(SizeBox(64, 64)),), Limits())[0].captured == 0
+
+
+@pytest.mark.parametrize("size", ["256", "100x", "x37", "1000x700", "7"])
+@pytest.mark.parametrize("kind", ["rgb", "grey", "rgba"])
+def test_a_cut_has_the_pixels_of_libvips_own_thumbnail(kind: str, size: str) -> None:
+    # 8-bit sRGB and grey are resized directly, without thumbnail's other operations; alpha goes through it.
+    image = draw_photo(333, 222, seed=5)
+    if kind == "grey":
+        image = image.colourspace("b-w")
+    elif kind == "rgba":
+        image = image.bandjoin(pyvips.Image.xyz(333, 222)[0].cast("uchar"))
+    data = image.pngsave_buffer(compression=1)
+    (thumb,) = make_thumbnails(data, (spec(size, format="png", upscale=True),), LIMITS)
+    expected = pyvips.Image.thumbnail_buffer(data, thumb.width, height=thumb.height, size="force")
+    assert decode(thumb.data).write_to_memory() == expected.write_to_memory()
