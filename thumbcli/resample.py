@@ -99,7 +99,7 @@ def _orientation(image: pyvips.Image) -> int:
     if not image.get_typeof("orientation"):
         return 1
     orientation = image.get("orientation")
-    return orientation if 1 <= orientation <= 8 else 1
+    return orientation if orientation in range(1, 9) else 1  # `in`: whatever type a loader stored, no exception
 
 
 def _scale_for(spec: ThumbSpec, width: int, height: int) -> float:
