@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from servekit import (
 )
 
 from thumbcli.serve.files import MEMORY_BODY_BYTES, OPEN_FILE_SECONDS
+from thumbcli.serve.protocol import SENDFILE_CHUNK_BYTES
 
 SECRET = b"TOP-SECRET-5b0d-never-served"
 
@@ -129,3 +131,46 @@ def test_serve_sends_whole_bodies_to_a_slow_pipelining_reader(tmp_path: Path, us
     grew = {via: after[via] - before[via] for via in after}
     via = "sendfile" if use_sendfile else "fallback"
     assert grew == {"memory": 120, via: 80, ({"sendfile", "fallback"} - {via}).pop(): 0}
+
+
+def test_serve_sends_files_larger_than_a_sendfile_turn_whole_to_readers_side_by_side(tmp_path: Path) -> None:
+    """A file of several sendfile turns (SENDFILE_CHUNK_BYTES), pipelined with small answers, to two readers at once.
+
+    Each turn ends with the loop going to the other connection and coming back when epoll says
+    this one is writable: every byte arrives, in order, and the small answers behind it too.
+    """
+    rng = random.Random(11)
+    write_manifest(tmp_path, {"small": "webp"})
+    big = rng.randbytes(2 * SENDFILE_CHUNK_BYTES + 3 * MEMORY_BODY_BYTES + 7)
+    kept = rng.randbytes(MEMORY_BODY_BYTES)
+    put_thumb(tmp_path, "small", "big.jpg.webp", big)
+    put_thumb(tmp_path, "small", "kept.jpg.webp", kept)
+    edge = SENDFILE_CHUNK_BYTES
+    requests = [
+        ("GET", "/small/big.jpg", "", 200, big),
+        ("GET", "/small/kept.jpg", "", 200, kept),
+        ("GET", "/small/big.jpg", f"Range: bytes={edge - 5}-{2 * edge + 4}\r\n", 206, big[edge - 5 : 2 * edge + 5]),
+        ("HEAD", "/small/big.jpg", "", 200, b""),
+        ("GET", "/small/big.jpg", "", 200, big),
+    ]
+    wire = b"".join(f"{m} {p} HTTP/1.1\r\nHost: test\r\n{extra}\r\n".encode() for m, p, extra, _, _ in requests)
+    expected = [(status, body) for _, _, _, status, body in requests]
+    answers: dict[int, list[tuple[int, bytes]]] = {}
+
+    def read_all(server: ServerProcess, index: int) -> None:
+        with server.connect(timeout=20, rcvbuf=65536 if index else 4096) as sock, sock.makefile("rb") as reader:
+            sock.sendall(wire)
+            answers[index] = [
+                (answer.status, answer.body) for answer in (read_response(reader, m) for m, *_ in requests)
+            ]
+
+    with running_server(tmp_path) as server:
+        before = _bodies(server)
+        readers = [threading.Thread(target=read_all, args=(server, index)) for index in range(2)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(60)
+        after = _bodies(server)
+    assert answers == {0: expected, 1: expected}
+    assert after["sendfile"] - before["sendfile"] == 6  # three bodies of the big file on each connection
