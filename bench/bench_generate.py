@@ -524,12 +524,15 @@ def main() -> None:
     say(f"pyvips / libvips (for thumbcli and pyvips-naive): {probe.stdout.strip()}")
     # Figures with and without it do not compare: a machine without libjemalloc2 spent 8% more
     # CPU in the workers of scenario d (13.1 against 12.0 s, to tmpfs).
-    allocator = subprocess.run(
+    probe = subprocess.run(
         [sys.executable, "-c", "from thumbcli.workers import jemalloc_library; print(jemalloc_library() or '')"],
         capture_output=True,
         text=True,
-    ).stdout.strip()
-    say(f"thumbcli workers allocate with: {allocator or 'glibc malloc (apt-get install libjemalloc2)'}")
+    )
+    allocator = probe.stdout.strip() or "glibc malloc (apt-get install libjemalloc2)"
+    if probe.returncode:
+        allocator = f"unknown: thumbcli is not importable by {sys.executable}"
+    say(f"thumbcli workers allocate with: {allocator}")
 
     if args.thumbcli:
         thumbcli = shlex.split(args.thumbcli)
