@@ -525,7 +525,7 @@ def main() -> None:
     # Figures with and without it do not compare: a machine without libjemalloc2 spent 8% more
     # CPU in the workers of scenario d (13.1 against 12.0 s, to tmpfs).
     probe = subprocess.run(
-        [sys.executable, "-c", "from thumbcli.workers import jemalloc_library; print(jemalloc_library() or '')"],
+        [sys.executable, "-c", "from thumbcli.workerspawn import jemalloc_library; print(jemalloc_library() or '')"],
         capture_output=True,
         text=True,
     )

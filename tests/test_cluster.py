@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from daskkit import DASK, DaskCluster, dask_cluster
 from imagekit import cli_command, draw_photo, load, make_photo, output_files, run_cli
+from test_workers import worker_processes
 
 from thumbcli.cluster.task import FolderTask, SealedTask, SourceUnreachable, TaskDestination, make_folders
 from thumbcli.discover import DirBatch
@@ -162,10 +163,7 @@ def test_a_dask_worker_with_two_threads_decodes_in_two_resample_workers(
         run = run_cli("generate", source, "-o", tmp_path / "dask", *SIZES, "--dask", cluster.address)
         assert run.rc == 0, run.stderr
         # Kept between tasks: one per thread that ran a task at once.
-        threads = Path(f"/proc/{cluster.workers[0].pid}/task").iterdir()
-        children = [pid for thread in threads for pid in (thread / "children").read_text().split()]
-        decoders = [pid for pid in children if "thumbcli.workerloop" in Path(f"/proc/{pid}/cmdline").read_text()]
-        assert len(decoders) == 2
+        assert len(worker_processes(cluster.workers[0].pid)) == 2
     same_outputs(local, tmp_path / "dask")
 
 

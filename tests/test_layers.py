@@ -56,6 +56,7 @@ FLOORS = {
     "fsutil": 3,
     "splitwalk": 3,
     "workers": 3,
+    "workerspawn": 3,
     "workerloop": 2,
     "workerlog": 2,
     "forbiddencalls": 2,

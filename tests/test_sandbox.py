@@ -97,10 +97,20 @@ def outcome(call):
     return "ok" if result is None else str(result)
 
 def reply(body, length=None):
-    # Straight into the parent's reply pipe (the second descriptor serve() was given), then wait to be killed.
-    replies = int(re.search(rb"serve\\((\\d+), (\\d+),", open("/proc/self/cmdline", "rb").read())[2])
+    # Straight into the parent's reply pipe (the one pipe this worker writes to besides its stderr), then
+    # wait to be killed.
+    replies = next(fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and writes_to_pipe(fd))
     os.write(replies, struct.pack("<I", len(body) if length is None else length) + body)
     signal.pause()
+
+def writes_to_pipe(fd):
+    try:
+        if not os.readlink("/proc/self/fd/%d" % fd).startswith("pipe:"):
+            return False
+        with open("/proc/self/fdinfo/%d" % fd) as info:
+            return int(info.read().split()[3], 8) & 3 == os.O_WRONLY
+    except OSError:
+        return False
 
 def thumbnail(width=64, height=48, source_format="jpeg"):
     return Thumbnail(b"not a jpeg", width, height, 640, 480, source_format)
@@ -518,33 +528,16 @@ def test_generate_reports_the_files_that_trip_the_sandbox_and_makes_every_other(
 def confinement_of_decoding_workers(root: int) -> dict[int, str]:
     """Resample workers below `root` that have a source mapped (they are decoding): pid -> their status lines."""
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in worker_processes(root):
         with contextlib.suppress(OSError):
-            command = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if b"from thumbcli.workerloop import serve" not in command or not descends(int(entry), root):
+            if not decoding(pid):
                 continue
-            if not decoding(int(entry)):
-                continue
-            lines = Path(f"/proc/{entry}/status").read_text().splitlines()
-            found[int(entry)] = ",".join(line.replace(":\t", "=") for line in lines if line.startswith(STATUS_FIELDS))
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            found[pid] = ",".join(line.replace(":\t", "=") for line in lines if line.startswith(STATUS_FIELDS))
     return found
 
 
 STATUS_FIELDS = ("Uid:", "NoNewPrivs", "Seccomp:")
-
-
-def descends(pid: int, root: int) -> bool:
-    while pid > 1:
-        with contextlib.suppress(OSError, ValueError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if pid == root:
-                return True
-            continue
-        return False
-    return False
 
 
 def statuses_while_decoding(root: int) -> set[str]:

@@ -18,7 +18,7 @@ import pytest
 import pyvips
 from imagekit import draw_photo, load, make_oriented_jpeg, make_photo, run_cli, save
 from servekit import ServerProcess, get, metrics, put_thumb, read_response, running_server, wait_until, write_manifest
-from test_workers import decoding
+from test_workers import decoding, worker_processes
 
 from thumbcli.cache import cache_path
 from thumbcli.errors import SpecError
@@ -128,19 +128,8 @@ def libvips_loaded(pid: int) -> bool:
 
 
 def resample_workers(server_pid: int) -> list[int]:
-    """The resample worker processes the server started (its children running thumbcli.workerloop)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server_pid and b"thumbcli.workerloop" in cmdline:
-            found.append(int(entry.name))
-    return found
+    """The resample worker processes the server started (forked by its fork server)."""
+    return list(worker_processes(server_pid))
 
 
 def pipelined(server: ServerProcess, paths: list[str], timeout: float = 30) -> list[Answer]:

@@ -27,8 +27,9 @@ from thumbcli.make.results import FileResult, RunStats
 from thumbcli.resample import resample
 from thumbcli.spec import Limits, RunOptions, SizeBox, ThumbSpec, WalkOptions
 from thumbcli.targets.tree import OutputTree
-from thumbcli.workerloop import SHRANK
-from thumbcli.workers import OpenedFile, ResampleWorker, jemalloc_library
+from thumbcli.workerloop import PROCESS_NAME, SHRANK
+from thumbcli.workers import OpenedFile, ResampleWorker
+from thumbcli.workerspawn import jemalloc_library
 
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 SLOW_EDGE = 9999  # a 100-megapixel PNG, just under the default --max-pixels, that takes about a second
@@ -187,21 +188,38 @@ def running(command: list[Any], **popen: Any) -> Iterator[subprocess.Popen[str]]
             process.communicate()
 
 
-def worker_processes(parent: int) -> dict[int, float]:
-    """Resample workers of `parent`: pid -> CPU seconds (all its threads)."""
-    found = {}
+WORKER_NAME = PROCESS_NAME.decode()
+
+
+def worker_processes(root: int) -> dict[int, float]:
+    """Resample workers below `root` (forked by its fork server, or spawned): pid -> CPU seconds (all its threads)."""
+    return {pid: cpu for pid, (_, cpu) in processes_below(root, WORKER_NAME).items()}
+
+
+def processes_below(root: int, name: str) -> dict[int, tuple[str, float]]:
+    """Descendants of `root` whose process name (comm) is `name`: pid -> (their stat line, CPU seconds)."""
+    parents: dict[int, int] = {}
+    named: dict[int, tuple[str, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == parent and b"thumbcli.workerloop" in cmdline:
-            found[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return found
+        parents[int(entry)] = int(fields[1])
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == name:
+            named[int(entry)] = (stat, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return {pid: found for pid, found in named.items() if descends(pid)}
 
 
 def decoding(pid: int, at_least: int = 1) -> bool:
@@ -473,29 +491,12 @@ def test_workers_are_pinned_only_with_one_worker_per_core() -> None:
 
 def decoders_data_limits(root: int) -> dict[int, int]:
     """The resample workers among `root`'s descendants, each with its private memory limit (RLIMIT_DATA)."""
-    parents: dict[int, int] = {}
-    commands: dict[int, bytes] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                commands[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
-                parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == root:
-                return True
-        return False
-
     found = {}
-    for pid, command in commands.items():
-        if b"from thumbcli.workerloop import serve" in command and descends(pid):
-            with contextlib.suppress(OSError):
-                limit = re.search(r"Max data size\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())
-                if limit is not None:  # else still starting, before it limits itself
-                    found[pid] = int(limit[1])
+    for pid in worker_processes(root):
+        with contextlib.suppress(OSError):
+            limit = re.search(r"Max data size\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())
+            if limit is not None:  # else still starting, before it limits itself
+                found[pid] = int(limit[1])
     return found
 
 

@@ -7,6 +7,7 @@ imports is what every worker pays for at its start.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import mmap
@@ -21,6 +22,8 @@ from typing import NoReturn
 
 from thumbcli import decoders, formats, sandbox, unexpected, wire
 
+#: A worker's process name (its comm, as ps and top show it), spawned or forked alike.
+PROCESS_NAME = b"thumbcli-worker"
 READY = b"R"  # then one byte: the sandbox layers in force, a bit each (sandbox.LAYERS order)
 #: Why a local file handed to a worker was not decoded: it is shorter than when the parent opened it.
 SHRANK = "cannot read: it shrank while it was read"
@@ -51,18 +54,30 @@ def serve(
     `wheels`: the decoders whose wheels to import before switching to an account that could not
     import them later; a file needing another is answered NEEDS_WHEEL, and this worker leaves.
     """
-    # The parent decides when to stop: Ctrl-C and a service manager's SIGTERM reach the
-    # whole process group, and this worker finishes its file either way.
+    stay_with(parent)
+    preloaded = load(account, wheels)
+    run(requests, replies, slots, preloaded, cpu, memory_ceiling, layers, account, watch)
+
+
+def stay_with(parent: int) -> None:  # pragma: no cover - runs in the worker
+    """Leave with `parent` (this process's parent), and only then: never on Ctrl-C or a service manager's SIGTERM."""
+    ignore_stop_signals()
+    _die_with(parent)
+
+
+def ignore_stop_signals() -> None:  # pragma: no cover - runs in the worker
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group: the parent decides when to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with(parent)
-    if cpu is not None:
-        # libvips hands every image between this thread and a thread of its own about 25
-        # times: on one core those hand-offs need no cross-core wakeup.
-        with contextlib.suppress(OSError):  # the core went offline since
-            os.sched_setaffinity(0, {cpu})
-    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def load(account: tuple[int, int] | None, wheels: Iterable[str]) -> frozenset[str] | None:  # pragma: no cover
+    """Load libvips (and, for an `account` that could not import them later, the decoders of `wheels`).
+
+    What a worker loads before its first file, once per worker, or once for all of them in a
+    fork server. The wheels imported before switching to an account that cannot import others;
+    None when imports stay open.
+    """
     # What a decoder has to say about a file reaches the parent in the reply, not on stderr
     # (Pillow warns of each odd EXIF tag it skips: cron mail, not news).
     logging.getLogger("pyvips").setLevel(logging.ERROR)
@@ -71,11 +86,34 @@ def serve(
 
     resample.configure_libvips()
     resample.log_only_libvips_errors()
+    if account is None or sandbox.python_readable_by(account):
+        return None
+    # Its account cannot read where the interpreter or the wheels live: nothing could load later.
     preloaded = frozenset(wheels)
-    imports_closed = account is not None and not sandbox.python_readable_by(account)
-    if imports_closed:
-        # Its account cannot read where the interpreter or the wheels live: nothing could load later.
-        decoders.preload(preloaded)
+    decoders.preload(preloaded)
+    return preloaded
+
+
+def run(
+    requests: int,
+    replies: int,
+    slots: list[int],
+    preloaded: frozenset[str] | None,
+    cpu: int | None,
+    memory_ceiling: int,
+    layers: tuple[sandbox.Layer, ...],
+    account: tuple[int, int] | None,
+    watch: int | None,
+) -> NoReturn:  # pragma: no cover - runs in the worker
+    """Confine this loaded worker (see `load`), say it is ready, and answer requests to their end (see `serve`)."""
+    name_process(PROCESS_NAME)
+    if cpu is not None:
+        # libvips hands every image between this thread and a thread of its own about 25
+        # times: on one core those hand-offs need no cross-core wakeup.
+        with contextlib.suppress(OSError):  # the core went offline since
+            os.sched_setaffinity(0, {cpu})
+    # A decoder crashing on a hostile file is reported; its core dump would only litter the folder.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_ceiling:
         # The parent watches the resident size ten times a second and names the ceiling when it
         # kills; a bomb can allocate gigabytes between two looks. The kernel refuses private memory
@@ -100,7 +138,7 @@ def serve(
         except _Unreadable as exc:
             reply = wire.Reply(wire.UNREADABLE, reason=str(exc))
         else:
-            reply = _reply_for(view, settings, preloaded if imports_closed else None)
+            reply = _reply_for(view, settings, preloaded)
             if mapped is not None:
                 with contextlib.suppress(BufferError):  # a view of it outlived the file: unmapped when collected
                     view.release()
@@ -204,12 +242,16 @@ def _private_data_bytes() -> int:  # pragma: no cover - runs in the worker
 
 def _die_with(parent: int) -> None:  # pragma: no cover - runs in the worker
     """Be killed when the parent ends, even mid-decode (Linux); leave now if it already has."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(0)
+
+
+def name_process(name: bytes) -> None:  # pragma: no cover - runs in the worker
+    """Call this process `name` (at most 15 bytes) where ps and top show it: forks would all look like their server."""
+    _prctl(15, ctypes.create_string_buffer(name[:15]))  # PR_SET_NAME
+
+
+def _prctl(option: int, argument: object) -> None:  # pragma: no cover - runs in the worker
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, argument)

@@ -5,10 +5,11 @@ file: libvips' error buffer is per process (threads got each other's messages), 
 decode that hangs or balloons can be killed from outside, a segfault ends one worker
 rather than the run, and the GIL no longer caps the decoding.
 
-Each worker is its own interpreter (`python -c ...`, spawned, not forked): the parent
-starts and replaces workers while its loader and writer threads run, where a fork
-could inherit a lock held by another thread. The interpreter and libvips load in about
-a tenth of a second, once per worker per run.
+Workers are forked from a fork server (`workerspawn`): one process that loaded a worker's
+interpreter and libraries (a quarter of a second of CPU) for all of the pool's workers and their
+replacements. Not from the parent: it starts and replaces workers while its loader and writer
+threads run, where a fork could inherit a lock held by another thread. Without a server (one
+could not start, or no pool) a worker is an interpreter of its own (`python -c ...`).
 
 The transport: a Unix socket carries each request (a small header) with the open descriptor
 of the local file it names, which the worker maps: the bytes of a local file are read from
@@ -29,7 +30,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +40,7 @@ from thumbcli.forbiddencalls import ForbiddenCallWatch
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec, human_bytes
 from thumbcli.workerlog import WorkerStderr
 from thumbcli.workerloop import READY, SHRANK
+from thumbcli.workerspawn import START_SECONDS, ForkedWorker, ForkServer, WorkerSettings, spawn
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ _READ_BYTES = 1 << 20
 _WATCH_SECONDS = 0.1  # how often a waiting parent checks a worker's memory
 _EXIT_SECONDS = 2.0  # how long a closed worker may take to leave before it is killed
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_SELF = "/proc/self/exe"
-_START_SECONDS = 60.0  # for an interpreter and libvips to load, on a machine under load
 #: Why a file failed when its worker was killed by the seccomp filter.
 FORBIDDEN_CALL = "decoder tried a forbidden system call"
 MALFORMED_REPLY = "decoder sent a malformed reply"
+#: Why a file failed when the fork server its worker came from ended (and took the worker with it).
+SERVER_LOST = "its resample worker ended with the fork server it came from"
 
 
 class WorkerOutcome(NamedTuple):
@@ -154,6 +155,7 @@ class ResampleWorker:
         memory_ceiling: int,
         decode_for: tuple[ThumbSpec, ...] = (),
         cpu: int | None = None,
+        forks: ForkServer | None = None,
     ) -> None:
         self._limits = limits
         self._strict = strict
@@ -162,7 +164,9 @@ class ResampleWorker:
         self._memory_ceiling = memory_ceiling
         #: The core the worker (and libvips' thread in it) runs on; None: wherever the kernel puts it.
         self._cpu = cpu
-        self._process: subprocess.Popen[bytes] | None = None
+        #: Where its process is forked from (None: each is spawned, an interpreter of its own).
+        self._forks = forks
+        self._process: subprocess.Popen[bytes] | ForkedWorker | None = None
         self._stderr = WorkerStderr()
         self._forbidden = ForbiddenCallWatch()
         self._requests: socket.socket | None = None
@@ -359,25 +363,11 @@ class ResampleWorker:
                 os.close(fd)
             raise WorkerBug(f"a resample worker could not start: {exc}") from None
         stderr_write, watch = self._stderr.open(), self._forbidden.open()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (
-            f"import gc, sys; gc.disable(); sys.path.insert(0, {package_root!r}); "
-            f"from thumbcli.workerloop import serve; "
-            f"serve({request_read}, {reply_write}, {os.getpid()}, {self._slots}, {self._cpu}, {self._memory_ceiling}, "
-            f"{layers!r}, {account!r}, {watch}, {sorted(self._wheels)!r})"
-        )
+        fds = (request_read, reply_write, stderr_write, watch, *self._slots)
+        settings = WorkerSettings(self._cpu, self._memory_ceiling, layers, account, tuple(sorted(self._wheels)))
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", code],
-                # Our own binary, not its path: a user dropped to `nobody` may run an
-                # interpreter that lives under a folder they cannot search.
-                executable=_SELF if os.path.exists(_SELF) else None,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # a decoder that prints must not reach ours
-                stderr=stderr_write,  # what a decoder says goes with its file, to the fail log
-                pass_fds=(request_read, reply_write, watch, *self._slots),
-                env=_worker_environment(layers),
-            )
+            forked = self._forks.fork(fds, settings) if self._forks is not None else None
+            self._process = forked or spawn(fds, settings)
         except OSError as exc:  # no process to be had (out of processes or memory)
             requests.close()
             os.close(reply_read)
@@ -390,11 +380,11 @@ class ResampleWorker:
         self._requests, self._replies = requests, reply_read
         self.started += 1
         # Wait for libvips to load: the decode time limit is the file's, not the start's.
-        ready, _, _ = select.select([reply_read], [], [], _START_SECONDS)
+        ready, _, _ = select.select([reply_read], [], [], START_SECONDS)
         greeting = wire.read_exactly(reply_read, 2) if ready else None
         if greeting is None or greeting[:1] != READY:
             status = self._kill()
-            why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {_START_SECONDS:g} s"
+            why = f"it ended (status {status}) before it was ready" if ready else f"not ready in {START_SECONDS:g} s"
             said = self._stderr.take()
             raise WorkerBug(f"a resample worker could not start: {why}" + (f": it said: {said}" if said else ""))
         self.confinement = tuple(layer for bit, layer in enumerate(sandbox.LAYERS) if greeting[1] & (1 << bit))
@@ -504,7 +494,10 @@ class ResampleWorker:
     def _lost(self) -> WorkerOutcome:
         """The worker ended while it had our file: report the file if a signal ended it, else stop the run."""
         note = f"; it ended {len(self._inbox)} bytes into its reply" if self._inbox else ""
+        process = self._process
         status = self._reap()
+        if isinstance(process, ForkedWorker) and process.server_lost:
+            return WorkerOutcome([], SERVER_LOST, detail=f"signal {-status}{note}", transient=True)
         opened = self._opened[self._waiting[0][1]]
         if status == -signal.SIGBUS and opened is not None:
             # The mapped file shrank under it, or a page of it failed to read: not the content's fault.
@@ -545,35 +538,6 @@ def confinement_here() -> tuple[sandbox.Layer, ...]:
         return worker.confinement
     finally:
         worker.close()
-
-
-def _worker_environment(layers: tuple[sandbox.Layer, ...]) -> dict[str, str]:
-    """The parent's environment (scrubbed by the sandbox), libvips on one thread, glibc's malloc tuning itself."""
-    environment = dict(sandbox.worker_environment(os.environ, layers), VIPS_CONCURRENCY="1")
-    # numpy (under rawpy) would start a BLAS thread per core at import, for no work of ours: a
-    # worker that has threads before it confines itself can no longer take a network of its own.
-    environment["OPENBLAS_NUM_THREADS"] = "1"
-    # Dask's nanny sets this for its worker processes (and so for ours under --dask). Set at
-    # all, it also pins glibc's mmap threshold, so every decode buffer of a camera JPEG is
-    # mapped and unmapped afresh: 25% more wall time per image, measured on 200 4000x3000 JPEGs.
-    environment.pop("MALLOC_TRIM_THRESHOLD_", None)
-    jemalloc = jemalloc_library()
-    if jemalloc is not None and "LD_PRELOAD" not in environment:
-        environment["LD_PRELOAD"] = jemalloc
-    return environment
-
-
-def jemalloc_library() -> str | None:
-    """The system's jemalloc, which workers allocate with where it is installed (Debian: libjemalloc2); else None.
-
-    libvips advises it on glibc: a worker's libvips allocates and frees a few buffers per image
-    across its threads, and glibc's malloc spent a tenth of the CPU of a 320x240 thumbnail in it.
-    """
-    # The interpreter's own multiarch triplet: sysconfig would import a module a server dropped to
-    # `nobody` may no longer be able to read.
-    multiarch = getattr(sys.implementation, "_multiarch", "")
-    folders = (f"/usr/lib/{multiarch}", "/usr/lib64", "/usr/lib", "/usr/local/lib")
-    return next((path for folder in folders if os.path.exists(path := f"{folder}/libjemalloc.so.2")), None)
 
 
 def _outcome(reply: wire.Reply) -> WorkerOutcome:

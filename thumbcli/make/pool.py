@@ -12,6 +12,7 @@ from thumbcli.spec import Limits, ThumbSpec
 
 if TYPE_CHECKING:
     from thumbcli.workers import ResampleWorker
+    from thumbcli.workerspawn import ForkServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,8 @@ class DecoderPool:
         #: Worker processes started by workers already closed.
         self._started_before = 0
         self._made: list[ResampleWorker] = []
+        #: What the workers are forked from, made with the first; ended after the last has left.
+        self._forks: ForkServer | None = None
 
     @property
     def started(self) -> int:
@@ -79,10 +82,14 @@ class DecoderPool:
             idle, self._idle = self._idle, []
         for worker in idle:
             self._retire(worker)
+        self._end_forks()
 
     def _new(self) -> ResampleWorker:
         from thumbcli.workers import ResampleWorker  # at the first file: a no-change rerun never needs it
+        from thumbcli.workerspawn import ForkServer
 
+        if self._forks is None:
+            self._forks = ForkServer()
         core = self._free_cores.pop(0) if self._free_cores else None
         settings = self.settings
         worker = ResampleWorker(
@@ -91,6 +98,7 @@ class DecoderPool:
             memory_ceiling=self.memory_ceiling,
             decode_for=settings.decode_for,
             cpu=core,
+            forks=self._forks,
         )
         self._made.append(worker)
         self._core_of[id(worker)] = core
@@ -105,3 +113,12 @@ class DecoderPool:
             core = self._core_of.pop(id(worker), None)
             if core is not None:
                 self._free_cores.append(core)
+        self._end_forks()
+
+    def _end_forks(self) -> None:
+        """End the fork server once the pool is closed and its last worker has left (its end kills its workers)."""
+        with self._lock:
+            if not self._closed or self._made or self._forks is None:
+                return
+            forks, self._forks = self._forks, None
+        forks.close()
