@@ -76,6 +76,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._channel: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        #: It forks no more: it could not start, ended, or refused (see `serve_forks`).
         self._lost = False
 
     def fork(self, fds: Sequence[int], settings: WorkerSettings) -> ForkedWorker | None:
@@ -90,6 +91,9 @@ class ForkServer:
                 answer = self._channel.recv(_MESSAGE_BYTES)
             except OSError:
                 answer = b""
+            if answer == b"N":  # it may no longer fork, and still reaps the workers it has
+                self._lost = True
+                return None
             if answer[:1] != b"P" or len(answer) != 1 + _PID.size:
                 self._end()
                 return None
@@ -226,6 +230,10 @@ def serve_forks(
         if preloaded is not None and not preloaded.issuperset(wanted):
             decoders.preload(wanted)
             preloaded = preloaded | frozenset(wanted)
+        if len(os.listdir("/proc/self/task")) > 1:
+            # A library started a thread: a fork could inherit a lock it holds. The parent spawns instead.
+            channel.sendall(b"N")
+            continue
         server = os.getpid()
         pid = os.fork()
         if pid == 0:
