@@ -36,7 +36,7 @@ What it does, all locally and bounded (every command has a timeout):
      b  three sizes 128/256/512: thumbcli in one run; vipsthumbnail in three
         passes; Pillow three thumbnails from one open/draft
      c  memory: thumbcli on the corpus and on a 4x corpus (hardlinks under
-        other names: thumbcli does not follow symlinks) -> peak tree RSS ratio
+        other names: thumbcli does not follow symlinks) -> peak tree memory (PSS) ratio
      d  --small images of 320x240 (half JPEG Q85, half PNG), one size 256:
         where per-file overheads (transport, GIL) show
    Each --compare NAME=CMD variant gets a `vs NAME` ratio column (images/s).
@@ -301,11 +301,13 @@ class Tool:
         return self.argv(out)  # type: ignore[operator]
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Summed resident bytes of `root` and all its descendants (from /proc)."""
+def tree_memory_bytes(root: int) -> int:
+    """The memory of `root` and all its descendants: their summed PSS (from /proc), each shared page counted once.
+
+    Summed RSS would count a page each process shares (a fork's copy-on-write libraries, the
+    read-only pages of one library) once per process that maps it.
+    """
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -314,10 +316,7 @@ def tree_rss_bytes(root: int) -> int:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        pid = int(entry)
-        parents[pid] = int(fields[1])
-        rss[pid] = int(fields[21]) * page
+        parents[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
     tree = {root}
     grew = True
     while grew:
@@ -326,7 +325,18 @@ def tree_rss_bytes(root: int) -> int:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 grew = True
-    return sum(rss.get(pid, 0) for pid in tree)
+    return sum(_pss_bytes(pid) for pid in tree)
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
@@ -363,7 +373,7 @@ def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
             if time.monotonic() > deadline:
                 proc.kill()
             if time.monotonic() >= next_sample:
-                tree_peak = max(tree_peak, tree_rss_bytes(proc.pid))
+                tree_peak = max(tree_peak, tree_memory_bytes(proc.pid))
                 next_sample = time.monotonic() + 0.02
             time.sleep(0.002)
         wall = time.perf_counter() - started
@@ -379,7 +389,7 @@ def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
         "wall": wall,
         "cpu": usage.ru_utime + usage.ru_stime,
         "rss_mb": usage.ru_maxrss / 1024,
-        "tree_rss_mb": tree_peak / (1 << 20),
+        "tree_mb": tree_peak / (1 << 20),
         "stdout": stdout,  # type: ignore[dict-item]
     }
 
@@ -669,7 +679,7 @@ def main() -> None:
     say(f"\nmedian of {args.repeat} runs, warm page cache, {n} cores, {count} {what} Q{QUALITY}")
     say(
         "CPU s = user+sys of the process tree; RSS = peak of the largest single process; "
-        "tree MB = peak of the summed RSS of the whole process tree"
+        "tree MB = peak of the summed PSS of the whole process tree (a page its processes share counted once)"
     )
     say(
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
@@ -697,7 +707,7 @@ def main() -> None:
                 other = by.get(f"thumbcli[{name}]")
                 r_c += f" {ips / (other.images / med(other, 'wall')):9.2f}x" if other else f" {'-':>10}"
             cpu_per = 1000 * cpu / t.images
-            tree = med(t, "tree_rss_mb")
+            tree = med(t, "tree_mb")
             walls = [run["wall"] for run in t.runs]
             rounds = f"{min(walls):.2f}-{max(walls):.2f}"
             say(
@@ -712,15 +722,15 @@ def main() -> None:
                     "images_per_s": ips,
                     "cpu_s": cpu,
                     "rss_mb": rss,
-                    "tree_rss_mb": tree,
+                    "tree_mb": tree,
                     "runs": t.runs,
                 }
             )
         if title.startswith("c") and len(tools) == 2:
             one, four = tools
-            ratio = med(four, "tree_rss_mb") / med(one, "tree_rss_mb")
+            ratio = med(four, "tree_mb") / med(one, "tree_mb")
             verdict = "OK" if ratio <= 1.10 else "MISSED"
-            say(f"peak tree RSS ratio {4 * count} vs {count} images: {ratio:.3f} (target <= 1.10: {verdict})")
+            say(f"peak tree memory (PSS) ratio {4 * count} vs {count} images: {ratio:.3f} (target <= 1.10: {verdict})")
     (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
     say(f"\nresults: {args.workdir / 'results.json'}")
 
