@@ -379,7 +379,7 @@ class ResampleWorker:
             os.close(watch)
         self._requests, self._replies = requests, reply_read
         self.started += 1
-        # Wait for libvips to load: the decode time limit is the file's, not the start's.
+        # Wait until it is loaded and confined: the decode time limit is the file's, not the start's.
         ready, _, _ = select.select([reply_read], [], [], START_SECONDS)
         greeting = wire.read_exactly(reply_read, 2) if ready else None
         if greeting is None or greeting[:1] != READY:
