@@ -29,8 +29,8 @@ What it does, all locally and bounded (every command has a timeout):
    Reported: wall seconds, source images/s, CPU seconds (user+sys of the whole
    process tree, from os.wait4 on the child, which includes every descendant
    it reaped), the peak RSS of the largest single process (same rusage) and
-   the peak of the whole tree's summed RSS (parent plus resample workers),
-   sampled from /proc every 20 ms.
+   the peak of the whole tree's summed PSS (parent, fork server and resample
+   workers; a page they share counted once), sampled from /proc every 20 ms.
 4. Scenarios:
      a  one size (256)
      b  three sizes 128/256/512: thumbcli in one run; vipsthumbnail in three
@@ -39,6 +39,9 @@ What it does, all locally and bounded (every command has a timeout):
         other names: thumbcli does not follow symlinks) -> peak tree memory (PSS) ratio
      d  --small images of 320x240 (half JPEG Q85, half PNG), one size 256:
         where per-file overheads (transport, GIL) show
+     e  hostile: 200 of d's small images and 20 PNGs that each outlast
+        --max-decode-time (0.05 s here), so each kills its worker: what
+        replacing a worker costs (vipsthumbnail, with no such limit, decodes them)
    Each --compare NAME=CMD variant gets a `vs NAME` ratio column (images/s).
    --sweep adds thumbcli variants (-j, --loaders) to scenario a.
 5. The page cache cannot be dropped without root games, so every file is read
@@ -179,6 +182,36 @@ def make_big_corpus(workdir: Path, corpus: Path, factor: int = 4) -> Path:
     return big
 
 
+#: Scenario e: small images made, and slow PNGs that each outlast the decode time limit.
+HOSTILE_FINE, HOSTILE_SLOW = 200, 20
+HOSTILE_DECODE_SECONDS = 0.05
+
+
+def make_hostile_corpus(workdir: Path, small: Path) -> Path:
+    """HOSTILE_FINE of `small`'s images and HOSTILE_SLOW links to a PNG that decodes in about 0.3 s (hardlinks).
+
+    A drawn 4000x4000 PNG (paeth filter, few MB): over HOSTILE_DECODE_SECONDS, its worker is
+    killed and replaced, as a decompression bomb's is past the memory ceiling.
+    """
+    hostile = workdir / f"hostile-{HOSTILE_FINE}-{HOSTILE_SLOW}"
+    hostile.mkdir(exist_ok=True)
+    slow = workdir / "slow-4000.png"
+    if not slow.exists():
+        import pyvips
+
+        xy = pyvips.Image.xyz(4000, 4000)
+        a = ((xy[0] * xy[1]) & 255).cast("uchar")
+        b = ((xy[0] * 3 + xy[1] * 5) & 255).cast("uchar")
+        a.bandjoin([b, a ^ b]).copy(interpretation="srgb").pngsave(str(slow), compression=6, filter="paeth")
+    for f in sorted(small.glob("*.jpg"))[:HOSTILE_FINE]:
+        if not (hostile / f.name).exists():
+            os.link(f, hostile / f.name)
+    for k in range(HOSTILE_SLOW):
+        if not (hostile / f"slow{k:02d}.png").exists():
+            os.link(slow, hostile / f"slow{k:02d}.png")
+    return hostile
+
+
 def warm(paths: list[Path]) -> None:
     for d in paths:
         for f in [*d.glob("*.jpg"), *d.glob("*.png")]:
@@ -296,6 +329,8 @@ class Tool:
     images: int  # source images per run
     env: dict[str, str] = field(default_factory=dict)
     runs: list[dict[str, float]] = field(default_factory=list)
+    #: The exit code a run must end with (thumbcli's 1: some files failed, in scenario e).
+    exit_code: int = 0
 
     def command(self, out: Path) -> list[str] | str:
         return self.argv(out)  # type: ignore[operator]
@@ -339,8 +374,8 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
-    """Run cmd; wall, CPU (user+sys) and peak RSS of its process tree via wait4."""
+def run_measured(cmd: list[str] | str, env: dict[str, str], exit_code: int = 0) -> dict[str, float]:
+    """Run cmd, which must end with `exit_code`; wall, CPU (user+sys) and peak RSS of its process tree via wait4."""
     full_env = dict(os.environ, **env)
     shell = isinstance(cmd, str)
     started = time.perf_counter()
@@ -383,7 +418,7 @@ def run_measured(cmd: list[str] | str, env: dict[str, str]) -> dict[str, float]:
         out_f.seek(0)
         err_f.seek(0)
         stdout, stderr = out_f.read().decode(errors="replace"), err_f.read().decode(errors="replace")
-    if proc.returncode != 0:
+    if proc.returncode != exit_code:
         raise RuntimeError(f"command failed ({proc.returncode}): {cmd}\n{stderr[-2000:]}")
     return {
         "wall": wall,
@@ -436,7 +471,7 @@ def _measure_rounds(tools: list[Tool], outroot: Path, repeat: int) -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         cmd = tool.command(out)
-        result = run_measured(cmd, tool.env)
+        result = run_measured(cmd, tool.env, tool.exit_code)
         made = count_outputs(out)
         if made != tool.expect:
             raise RuntimeError(f"{tool.name}: expected {tool.expect} thumbnails, found {made} in {out}")
@@ -481,7 +516,7 @@ def main() -> None:
     ap.add_argument(
         "--scenarios",
         default="a,b,c,d",
-        help="comma list of a (one size), b (three sizes), c (memory), d (small images)",
+        help="comma list of a (one size), b (three sizes), c (memory), d (small images), e (hostile: workers killed)",
     )
     ap.add_argument("--sweep", action="store_true", help="also time thumbcli -j 1/3/4 and --loaders 1/4 in scenario a")
     ap.add_argument(
@@ -559,17 +594,18 @@ def main() -> None:
     if photos:
         say(f"sources cut from {len(photos)} photographs of {realphotos.PACKAGE} (bench/realphotos.py)")
         corpus = realphotos.camera_corpus(args.workdir, photos, args.images)
-        small = realphotos.small_corpus(args.workdir, photos, args.small) if "d" in scenarios else None
+        small = realphotos.small_corpus(args.workdir, photos, args.small) if {"d", "e"} & scenarios else None
     else:
         corpus = make_corpus(args.workdir, args.images)
-        small = make_small_corpus(args.workdir, args.small) if "d" in scenarios else None
+        small = make_small_corpus(args.workdir, args.small) if {"d", "e"} & scenarios else None
     big = make_big_corpus(args.workdir, corpus) if "c" in scenarios else None
+    hostile = make_hostile_corpus(args.workdir, small) if small is not None and "e" in scenarios else None
     count = args.images
     say(
         f"warming the page cache: reading every source once{' (and the 4x hardlinks)' if big else ''}; "
         "each command also runs once untimed before the timed runs"
     )
-    warm([corpus] + ([big] if big else []) + ([small] if small else []))
+    warm([corpus] + ([big] if big else []) + ([small] if small else []) + ([hostile] if hostile else []))
 
     variants = [(name, shlex.split(cmd)) for name, _, cmd in (c.partition("=") for c in args.compare)]
 
@@ -665,6 +701,18 @@ def main() -> None:
         if vipsthumbnail:
             tools.append(Tool("vips-xargs", "d", xargs([256], small), k, k))
         groups.append((f"d: {k} small images 320x240, one size 256", "vips-xargs", tools))
+    if "e" in scenarios:
+        assert hostile is not None
+        limit = ("--max-decode-time", str(HOSTILE_DECODE_SECONDS))
+        both = HOSTILE_FINE + HOSTILE_SLOW
+        tools = [Tool("thumbcli", "e", tc(hostile, [256], *limit), HOSTILE_FINE, both, exit_code=1)]
+        for name, cmd in variants:
+            base = tc(hostile, [256], *limit, base=cmd)
+            tools.append(Tool(f"thumbcli[{name}]", "e", base, HOSTILE_FINE, both, exit_code=1))
+        if vipsthumbnail:
+            tools.append(Tool("vips-xargs (decodes the slow ones)", "e", xargs([256], hostile), both, both))
+        title = f"e: {HOSTILE_FINE} small images and {HOSTILE_SLOW} that each kill their worker (over the decode time)"
+        groups.append((title, "vips-xargs (decodes the slow ones)", tools))
 
     say("\ncommands (OUT is a fresh directory per run, all removed at the end):")
     all_tools = [t for _, _, ts in groups for t in ts]
