@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -35,8 +36,8 @@ _SELF = "/proc/self/exe"
 START_SECONDS = 60.0
 _PID = struct.Struct("<q")
 _MESSAGE_BYTES = 4096
-#: How a worker's or the server's interpreter starts: the collector off until its libraries are loaded.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: How a worker's or the server's interpreter starts: the collector off until its libraries are loaded.
 _PRELUDE = f"import gc, sys; gc.disable(); sys.path.insert(0, {_PACKAGE_ROOT!r}); "
 
 
@@ -232,6 +233,8 @@ def serve_forks(
             preloaded = preloaded | frozenset(wanted)
         if len(os.listdir("/proc/self/task")) > 1:
             # A library started a thread: a fork could inherit a lock it holds. The parent spawns instead.
+            for fd in fds:
+                os.close(fd)
             channel.sendall(b"N")
             continue
         server = os.getpid()
@@ -244,6 +247,8 @@ def serve_forks(
                 os.close(stderr)
                 workerloop.stay_with(server)
                 workerloop.run(requests, replies, slots, preloaded, cpu, memory_ceiling, layers, account, watch)
+            except BaseException:
+                traceback.print_exc()  # on its own stderr: the parent reports it with the start that failed
             finally:
                 os._exit(70)  # never back into the server's loop
         for fd in fds:
