@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -19,9 +20,12 @@ from typing import Any
 from imagekit import cli_command, make_photo, output_files, run_cli
 from test_workers import decoding, processes_below, running, slow_png, worker_processes
 
+from thumbcli.make.pool import DecoderPool, DecoderSettings
+from thumbcli.spec import Limits, SizeBox, ThumbSpec
 from thumbcli.workers import SERVER_LOST
 
 SERVER_NAME = "thumbcli-forks"
+SPECS = (ThumbSpec(SizeBox.parse("64")),)
 __all__ = ["slow_png"]  # a fixture
 
 
@@ -131,3 +135,25 @@ def test_a_server_killed_mid_run_costs_its_workers_files_this_run_only_and_the_r
     again = run_cli("generate", tmp_path / "src", "-o", out, "-s", "64", "--json", "--quiet")
     assert again.rc == 0, again.stderr
     assert (json.loads(again.stdout)["made"], len(output_files(out))) == (len(failed), 12)
+
+
+def test_workers_start_and_are_replaced_while_the_process_holds_descriptors_past_select_s_1024(tmp_path: Path) -> None:
+    """A server with thousands of connections open starts a worker for a missing thumbnail: its descriptors are high."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pool = DecoderPool(DecoderSettings(Limits()), sharing=1)
+    try:
+        data = make_photo(tmp_path / "photo.jpg", 120, 80).read_bytes()
+        with pool.lend() as worker:
+            assert worker.resample(data, SPECS).thumbnails
+            assert worker.pid is not None and parent_of(worker.pid) != os.getpid()  # forked by its server
+            os.kill(worker.pid, signal.SIGKILL)
+            assert worker.resample(data, SPECS).reason == "decoder crashed (signal 9)"
+            assert worker.resample(data, SPECS).thumbnails  # its replacement
+            assert worker.started == 2
+    finally:
+        pool.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -40,7 +40,7 @@ from thumbcli.forbiddencalls import ForbiddenCallWatch
 from thumbcli.spec import Limits, Thumbnail, ThumbSpec, human_bytes
 from thumbcli.workerlog import WorkerStderr
 from thumbcli.workerloop import READY, SHRANK
-from thumbcli.workerspawn import START_SECONDS, ForkedWorker, ForkServer, WorkerSettings, spawn
+from thumbcli.workerspawn import START_SECONDS, ForkedWorker, ForkServer, WorkerSettings, readable, spawn
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class ResampleWorker:
         self._requests, self._replies = requests, reply_read
         self.started += 1
         # Wait until it is loaded and confined: the decode time limit is the file's, not the start's.
-        ready, _, _ = select.select([reply_read], [], [], START_SECONDS)
+        ready = readable(reply_read, START_SECONDS)
         greeting = wire.read_exactly(reply_read, 2) if ready else None
         if greeting is None or greeting[:1] != READY:
             status = self._kill()

@@ -147,8 +147,7 @@ class ForkServer:
         finally:
             server_end.close()
         self._channel = parent_end
-        ready, _, _ = select.select([parent_end], [], [], START_SECONDS)
-        if not ready or parent_end.recv(1) != b"R":
+        if not readable(parent_end.fileno(), START_SECONDS) or parent_end.recv(1) != b"R":
             self._end()
             return False
         return True
@@ -187,14 +186,24 @@ class ForkedWorker:
     def wait(self, timeout: float | None = None) -> int:
         """Its exit status once it has ended (negative: the signal that ended it); TimeoutExpired past `timeout`."""
         if self.returncode is None:
-            ready, _, _ = select.select([self._pidfd], [], [], timeout)
-            if not ready:
+            if not readable(self._pidfd, timeout):
                 raise subprocess.TimeoutExpired(f"resample worker {self.pid}", timeout or 0.0)
             status = self._server.exit_status(self.pid)
             self.server_lost = status is None
             self.returncode = -signal.SIGKILL if status is None else status
             os.close(self._pidfd)
         return self.returncode
+
+
+def readable(fd: int, timeout: float | None) -> bool:
+    """Whether `fd` is readable (or hung up) within `timeout` seconds (None: no limit).
+
+    Through poll, not select: a server with thousands of connections open has descriptors past
+    select's 1024, and a worker started then gets one.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def serve_forks(
