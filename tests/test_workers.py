@@ -196,8 +196,8 @@ def worker_processes(root: int) -> dict[int, float]:
     return {pid: cpu for pid, (_, cpu) in processes_below(root, WORKER_NAME).items()}
 
 
-def processes_below(root: int, name: str) -> dict[int, tuple[str, float]]:
-    """Descendants of `root` whose process name (comm) is `name`: pid -> (their stat line, CPU seconds)."""
+def processes_below(root: int, name: str) -> dict[int, tuple[int, float]]:
+    """Descendants of `root` whose process name (comm) is `name`: pid -> (their parent's pid, CPU seconds)."""
     parents: dict[int, int] = {}
     named: dict[int, tuple[str, float]] = {}
     for entry in os.listdir("/proc"):
@@ -210,7 +210,7 @@ def processes_below(root: int, name: str) -> dict[int, tuple[str, float]]:
         fields = stat[stat.rindex(")") + 2 :].split()
         parents[int(entry)] = int(fields[1])
         if stat[stat.index("(") + 1 : stat.rindex(")")] == name:
-            named[int(entry)] = (stat, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+            named[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
 
     def descends(pid: int) -> bool:
         while pid > 1:

@@ -7,7 +7,6 @@ the files its workers had for this run only, and the run goes on with spawned wo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imagekit import cli_command, make_photo, output_files, run_cli
-from test_workers import decoding, processes_below, running, slow_png, worker_processes
+from test_workers import WORKER_NAME, decoding, processes_below, running, slow_png, worker_processes
 
 from thumbcli.make.pool import DecoderPool, DecoderSettings
 from thumbcli.spec import Limits, SizeBox, ThumbSpec
@@ -27,11 +26,6 @@ from thumbcli.workers import SERVER_LOST
 SERVER_NAME = "thumbcli-forks"
 SPECS = (ThumbSpec(SizeBox.parse("64")),)
 __all__ = ["slow_png"]  # a fixture
-
-
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def slow_then_fine(src: Path, slow: Path, fine: int = 10) -> None:
@@ -78,9 +72,8 @@ def test_a_runs_workers_are_forks_of_one_server_and_a_killed_worker_is_reported_
 
     def kill_one_decoding_worker(thumbcli: int) -> bool:
         servers.update(processes_below(thumbcli, SERVER_NAME))
-        for pid in worker_processes(thumbcli):
-            with contextlib.suppress(OSError):
-                parents.setdefault(pid, parent_of(pid))
+        for pid, (parent, _) in processes_below(thumbcli, WORKER_NAME).items():
+            parents.setdefault(pid, parent)
         decoders = [pid for pid in parents if decoding(pid, slow_size)]
         if not killed and decoders:
             os.kill(decoders[0], signal.SIGKILL)
@@ -112,9 +105,8 @@ def test_a_server_killed_mid_run_costs_its_workers_files_this_run_only_and_the_r
 
     def kill_the_server_once_a_worker_decodes(thumbcli: int) -> bool:
         runs.add(thumbcli)
-        for pid in worker_processes(thumbcli):
-            with contextlib.suppress(OSError):
-                parents.setdefault(pid, parent_of(pid))
+        for pid, (parent, _) in processes_below(thumbcli, WORKER_NAME).items():
+            parents.setdefault(pid, parent)
         servers = list(processes_below(thumbcli, SERVER_NAME))
         if not killed and len(servers) == 1 and any(decoding(pid, slow_size) for pid in parents):
             os.kill(servers[0], signal.SIGKILL)
@@ -147,7 +139,8 @@ def test_workers_start_and_are_replaced_while_the_process_holds_descriptors_past
         data = make_photo(tmp_path / "photo.jpg", 120, 80).read_bytes()
         with pool.lend() as worker:
             assert worker.resample(data, SPECS).thumbnails
-            assert worker.pid is not None and parent_of(worker.pid) != os.getpid()  # forked by its server
+            forked = processes_below(os.getpid(), WORKER_NAME)
+            assert worker.pid in forked and forked[worker.pid][0] != os.getpid()  # forked by its server
             os.kill(worker.pid, signal.SIGKILL)
             assert worker.resample(data, SPECS).reason == "decoder crashed (signal 9)"
             assert worker.resample(data, SPECS).thumbnails  # its replacement

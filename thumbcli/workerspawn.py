@@ -92,7 +92,7 @@ class ForkServer:
                 answer = self._channel.recv(_MESSAGE_BYTES)
             except OSError:
                 answer = b""
-            if answer == b"N":  # it may no longer fork, and still reaps the workers it has
+            if answer == b"N":  # it could not fork (see `serve_forks`), and still reaps the workers it has
                 self._lost = True
                 return None
             if answer[:1] != b"P" or len(answer) != 1 + _PID.size:
@@ -240,14 +240,15 @@ def serve_forks(
         if preloaded is not None and not preloaded.issuperset(wanted):
             decoders.preload(wanted)
             preloaded = preloaded | frozenset(wanted)
-        if len(os.listdir("/proc/self/task")) > 1:
-            # A library started a thread: a fork could inherit a lock it holds. The parent spawns instead.
+        server = os.getpid()
+        # A library that started a thread could hold a lock a fork inherits. Refusing (that, or out
+        # of processes), the server goes on reaping the workers it has; the parent spawns instead.
+        pid = _fork() if len(os.listdir("/proc/self/task")) == 1 else None
+        if pid is None:
             for fd in fds:
                 os.close(fd)
             channel.sendall(b"N")
             continue
-        server = os.getpid()
-        pid = os.fork()
         if pid == 0:
             try:
                 channel.close()
@@ -263,6 +264,13 @@ def serve_forks(
         for fd in fds:
             os.close(fd)
         channel.sendall(b"P" + _PID.pack(pid))
+
+
+def _fork() -> int | None:  # pragma: no cover - runs in the server
+    try:
+        return os.fork()
+    except OSError:  # out of processes or memory
+        return None
 
 
 def _interpreter(
