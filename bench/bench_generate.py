@@ -28,8 +28,8 @@ What it does, all locally and bounded (every command has a timeout):
                      floor for "CPU per image" (issue 22)
    Reported: wall seconds, source images/s, CPU seconds (user+sys of the whole
    process tree, from os.wait4 on the child, which includes every descendant
-   it reaped), the peak RSS of the largest single process (same rusage) and
-   the peak of the whole tree's summed PSS (parent, fork server and resample
+   it reaped); and the peak RSS of its largest single process (VmHWM) and the
+   peak of the whole tree's summed PSS (parent, fork server and resample
    workers; a page they share counted once), sampled from /proc every 20 ms in
    one more, untimed run of each tool (sampling slows what it samples by 13-18%
    on 2 cores), and in every run of scenario c, which measures memory alone.
@@ -339,19 +339,22 @@ class Tool:
     #: Its untimed run that sampled memory, for the others.
     memory_runs: list[dict[str, float]] = field(default_factory=list)
 
-    def tree_mb(self) -> float:
-        """The median peak tree memory (PSS) of its runs that sampled it."""
-        return statistics.median(run["tree_mb"] for run in self.runs + self.memory_runs if "tree_mb" in run)
+    def memory_mb(self, key: str) -> float:
+        """The median of `key` ("tree_mb" or "rss_mb") over its runs that sampled memory."""
+        return statistics.median(run[key] for run in self.runs + self.memory_runs if key in run)
 
     def command(self, out: Path) -> list[str] | str:
         return self.argv(out)  # type: ignore[operator]
 
 
-def tree_memory_bytes(root: int) -> int:
-    """The memory of `root` and all its descendants: their summed PSS (from /proc), each shared page counted once.
+def tree_memory(root: int) -> tuple[int, int]:
+    """The memory of `root` and all its descendants now: their summed PSS and the largest one's peak RSS (bytes).
 
-    Summed RSS would count a page each process shares (a fork's copy-on-write libraries, the
-    read-only pages of one library) once per process that maps it.
+    PSS counts each shared page once: summed RSS would count a page each process shares (a
+    fork's copy-on-write libraries, the read-only pages of one library) once per process that
+    maps it. The peak RSS is each process's own high-water mark (VmHWM) since it started its
+    program: wait4's ru_maxrss is not, as a child started by vfork takes its parent's (this
+    benchmark's) peak with it through exec.
     """
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -371,14 +374,17 @@ def tree_memory_bytes(root: int) -> int:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 grew = True
-    return sum(_pss_bytes(pid) for pid in tree)
+    return sum(_kib(f"/proc/{pid}/smaps_rollup", b"Pss:") for pid in tree), max(
+        _kib(f"/proc/{pid}/status", b"VmHWM:") for pid in tree
+    )
 
 
-def _pss_bytes(pid: int) -> int:
+def _kib(path: str, field: bytes) -> int:
+    """The `field` line of a /proc file, in bytes; 0 when the process has gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
-            for line in rollup:
-                if line.startswith(b"Pss:"):
+        with open(path, "rb") as lines:
+            for line in lines:
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -388,12 +394,13 @@ def _pss_bytes(pid: int) -> int:
 def run_measured(
     cmd: list[str] | str, env: dict[str, str], exit_code: int = 0, *, sample_memory: bool = False
 ) -> dict[str, float]:
-    """Run cmd, which must end with `exit_code`; wall, CPU (user+sys) and peak RSS of its process tree via wait4.
+    """Run cmd, which must end with `exit_code`; wall and CPU (user+sys) of its process tree, via wait4.
 
-    With `sample_memory`, also the peak of the tree's summed PSS (`tree_mb`), read from /proc
-    every 20 ms. Never in a timed run: each sample reads /proc for every process on the machine
-    and walks the mappings of each one in the tree (under its mmap lock). On 2 cores, sampling
-    slowed the Pillow pool by 13% and thumbcli, whose tree has more processes, by 18%.
+    With `sample_memory`, also the peak of the tree's summed PSS (`tree_mb`) and of its largest
+    process's RSS (`rss_mb`), read from /proc every 20 ms. Never in a timed run: each sample
+    reads /proc for every process on the machine and walks the mappings of each one in the tree
+    (under its mmap lock). On 2 cores, sampling slowed the Pillow pool by 13% and thumbcli, whose
+    tree has more processes, by 18%.
     """
     full_env = dict(os.environ, **env)
     shell = isinstance(cmd, str)
@@ -418,7 +425,7 @@ def run_measured(
         for t in pumps:
             t.start()
         deadline = time.monotonic() + TIMEOUT
-        tree_peak = 0
+        tree_peak = largest_peak = 0
         # Its end wakes the poll at once: the wall time is not rounded up to a polling step.
         ended = select.poll()
         pidfd = os.pidfd_open(proc.pid)
@@ -428,7 +435,8 @@ def run_measured(
                 if time.monotonic() > deadline:
                     proc.kill()
                 if sample_memory:
-                    tree_peak = max(tree_peak, tree_memory_bytes(proc.pid))
+                    tree_now, largest_now = tree_memory(proc.pid)
+                    tree_peak, largest_peak = max(tree_peak, tree_now), max(largest_peak, largest_now)
         finally:
             os.close(pidfd)
         wall = time.perf_counter() - started
@@ -444,11 +452,11 @@ def run_measured(
     result = {
         "wall": wall,
         "cpu": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss / 1024,
         "stdout": stdout,  # type: ignore[dict-item]
     }
     if sample_memory:
         result["tree_mb"] = tree_peak / (1 << 20)
+        result["rss_mb"] = largest_peak / (1 << 20)
     return result
 
 
@@ -775,7 +783,7 @@ def main() -> None:
         ref = by.get(ref_name)
         pil_ref = next((t for t in tools if t.name.startswith("pillow")), None)
         for t in tools:
-            wall, cpu, rss = med(t, "wall"), med(t, "cpu"), med(t, "rss_mb")
+            wall, cpu, rss = med(t, "wall"), med(t, "cpu"), t.memory_mb("rss_mb")
             ips = t.images / wall
             r_v = f"{ips / (ref.images / med(ref, 'wall')):.2f}x" if ref and not title.startswith("c") else "-"
             r_p = f"{ips / (pil_ref.images / med(pil_ref, 'wall')):.2f}x" if pil_ref else "-"
@@ -784,7 +792,7 @@ def main() -> None:
                 other = by.get(f"thumbcli[{name}]")
                 r_c += f" {ips / (other.images / med(other, 'wall')):9.2f}x" if other else f" {'-':>10}"
             cpu_per = 1000 * cpu / t.images
-            tree = t.tree_mb()
+            tree = t.memory_mb("tree_mb")
             walls = [run["wall"] for run in t.runs]
             rounds = f"{min(walls):.2f}-{max(walls):.2f}"
             say(
@@ -805,7 +813,7 @@ def main() -> None:
             )
         if title.startswith("c") and len(tools) == 2:
             one, four = tools
-            ratio = four.tree_mb() / one.tree_mb()
+            ratio = four.memory_mb("tree_mb") / one.memory_mb("tree_mb")
             verdict = "OK" if ratio <= 1.10 else "MISSED"
             say(f"peak tree memory (PSS) ratio {4 * count} vs {count} images: {ratio:.3f} (target <= 1.10: {verdict})")
     (args.workdir / "results.json").write_text(json.dumps(results, indent=1))
