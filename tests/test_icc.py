@@ -40,3 +40,22 @@ def test_a_damaged_profile_is_not_srgb_and_raises_nothing(cut: int) -> None:
 
 def test_the_description_of_nothing_is_empty(tmp_path: Path) -> None:
     assert icc.description(b"") == ""
+
+
+def test_pixels_in_display_p3_come_out_as_libvips_converts_them_within_a_level() -> None:
+    # Every value of each band, in a 64x64 image of 4096 colours.
+    ramp = pyvips.Image.xyz(64, 64)
+    colours = ((ramp[0] * 4) % 256).bandjoin([(ramp[1] * 4) % 256, (ramp[0] + ramp[1] * 64) % 256]).cast("uchar")
+    in_p3 = colours.copy(interpretation="srgb").icc_transform("p3", input_profile="srgb")
+    pixels = icc.srgb_pixels(in_p3.write_to_memory(), 64, 64, in_p3.get("icc-profile-data"))
+    assert pixels is not None
+    ours = pyvips.Image.new_from_memory(pixels, 64, 64, 3, "uchar")
+    libvips_own = in_p3.icc_transform("srgb", embedded=True, intent="relative")
+    assert (ours.cast("int") - libvips_own.cast("int")).abs().max() <= 1
+    assert (ours.cast("int") - colours.cast("int")).abs().avg() < 2  # back about where they came from
+
+
+@pytest.mark.parametrize("cut", [0, 128, 200, 440])
+def test_a_damaged_profile_is_declined_for_libvips_to_decide(cut: int) -> None:
+    damaged = profile("p3")[:cut] + bytes(max(0, len(profile("p3")) - cut))
+    assert icc.srgb_pixels(bytes(3 * 4 * 4), 4, 4, damaged) is None

@@ -29,7 +29,7 @@ OWNERS = {
     "rawpy": {"decoders.raw"},
     "av": {"decoders.video"},
     "pillow_jxl": {"decoders.jxl"},
-    "PIL": {"decoders.jxl"},
+    "PIL": {"decoders.jxl", "icc"},  # icc: littlecms, for the transform of a profile other than sRGB
     "pyseccomp": {"sandbox"},
     "simplejpeg": {"decoders.jpeg"},
 }

@@ -22,14 +22,19 @@ from imagekit import (
 
 from thumbcli.decodefailure import describe
 from thumbcli.errors import FileRejected
-from thumbcli.resample import DecodeFailed, make_thumbnails, resample
-from thumbcli.spec import Fit, Format, Limits, SizeBox, ThumbSpec
+from thumbcli.resample import DecodeFailed, resample
+from thumbcli.spec import Fit, Format, Limits, SizeBox, Thumbnail, ThumbSpec
 
 LIMITS = Limits()
 
 
 def spec(size: str, **options: object) -> ThumbSpec:
     return ThumbSpec(SizeBox.parse(size), **options)  # type: ignore[arg-type]
+
+
+def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
+    """One thumbnail per spec, or FileRejected for anything not wholly decodable (a truncated file too)."""
+    return resample(data, specs, limits, strict=True).thumbnails
 
 
 def decode(data: bytes) -> pyvips.Image:

@@ -1,13 +1,22 @@
-"""What an embedded ICC profile says of itself: an sRGB profile needs no transform to sRGB.
+"""Embedded ICC profiles: which is sRGB already (no transform), and the transform of any other, built once.
 
 Most camera and phone JPEGs carry an sRGB profile; building a colour transform for each of
 them costs about 2 ms a thumbnail, for pixels that would come out (nearly) the same.
+
+The others repeat too: every iPhone JPEG carries the same Display P3 profile. libvips builds
+its transform again for each image (2 ms of littlecms): a 12 MP P3 JPEG took 5.9 ms of CPU
+beyond its decode, against 3.0 for an sRGB one. Here littlecms, through Pillow, builds one
+per profile and converts the thumbnail's pixels: 4.5 ms, within one level of libvips' pixels
+(the same littlecms and intent).
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
+import io
 import struct
+from typing import Any
 
 _HEADER_BYTES = 128
 _TAG_ENTRY = struct.Struct(">4sII")
@@ -47,3 +56,37 @@ def _text(tag: bytes) -> str:
             text, _ = codecs.utf_16_be_decode(tag[offset : offset + length], "replace")
             return text.split("\0", 1)[0]
     return ""
+
+
+def srgb_pixels(pixels: bytes, width: int, height: int, profile: bytes) -> bytes | None:
+    """8-bit interleaved RGB `pixels` in `profile`, converted to sRGB; None when Pillow or the profile cannot."""
+    transform = _transform_to_srgb(profile)
+    if transform is None:
+        return None
+    from PIL import Image, ImageCms
+
+    try:
+        image = Image.frombytes("RGB", (width, height), pixels)
+        ImageCms.applyTransform(image, transform, inPlace=True)
+    except (ImageCms.PyCMSError, ValueError, OSError):
+        return None
+    return image.tobytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _transform_to_srgb(profile: bytes) -> Any | None:
+    """The transform from `profile` to sRGB (what libvips' thumbnail applies), or None; a few profiles kept."""
+    try:
+        from PIL import ImageCms
+    except (ImportError, OSError):  # OSError: a worker's account may not read where Pillow lives
+        return None
+    try:
+        return ImageCms.buildTransform(
+            ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+            ImageCms.createProfile("sRGB"),
+            "RGB",
+            "RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):  # a damaged or hostile profile: libvips decides
+        return None

@@ -34,8 +34,7 @@ _NO_LIBVIPS_DECODER = re.compile(r"has not been built in|no decoding plugin|deco
 # remainder; only a file that fails so is decoded again leniently (`fail_on=none`).
 # (The thumbnail operations ignore a fail_on keyword; the loader option string works.)
 FailOn = Literal["truncated", "none"]
-# Formats libvips decodes at full size whatever the thumbnail (no shrink-on-load);
-# a JPEG joins them when its shrink is 1.
+# Formats libvips decodes at full size whatever the thumbnail (no shrink-on-load), as a JPEG whose shrink is 1.
 _NO_SHRINK_ON_LOAD = frozenset({"png", "gif"})
 # No edge of a box can exceed this; used for the free edge of `200x` / `x200`.
 _UNBOUNDED = 10_000_000
@@ -203,15 +202,6 @@ _METADATA_OPTION: dict[bool, dict[str, Any]] = (
 )
 
 
-def make_thumbnails(data: bytes, specs: tuple[ThumbSpec, ...], limits: Limits) -> list[Thumbnail]:
-    """Make one thumbnail per spec, in order, all from one decode (see `resample`).
-
-    Raises FileRejected with a one-line reason for anything that is not a
-    decodable image within `limits`, truncated ones included; never returns partial results.
-    """
-    return resample(data, specs, limits, strict=True).thumbnails
-
-
 def resample(
     data: bytes | memoryview,
     specs: tuple[ThumbSpec, ...],
@@ -373,9 +363,24 @@ def _cut(
     """
     width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
     to_srgb = _to_srgb(image)
-    if spec.fit == "inside" and not to_srgb and (plain or _resized_as_it_is(image)):
-        return _finish(_resized(image, width, kwargs["height"]), spec, origin)
+    if spec.fit == "inside" and (plain or _resized_as_it_is(image)):
+        resized = _resized(image, width, kwargs["height"])
+        if not to_srgb:
+            return _finish(resized, spec, origin)
+        if not spec.keep_metadata and (converted := _converted_to_srgb(resized)) is not None:
+            return _finish(converted, spec, origin)
     return _finish(pyvips.Image.thumbnail_image(image, width, **kwargs, **to_srgb), spec, origin)
+
+
+def _converted_to_srgb(image: pyvips.Image) -> pyvips.Image | None:
+    """A resized RGB `image` in sRGB, through its profile's transform built once (see `icc`); None when declined."""
+    width, height, bands = image.get("width"), image.get("height"), image.get("bands")
+    profile = image.get("icc-profile-data")
+    pixels = icc.srgb_pixels(image.write_to_memory(), width, height, profile) if bands == 3 else None
+    if pixels is None:
+        return None
+    converted = pyvips.Image.new_from_memory(pixels, width, height, 3, "uchar")
+    return converted.copy(xres=image.get("xres"), yres=image.get("yres"))  # what a PNG's pHYs records
 
 
 def _resized_as_it_is(image: pyvips.Image) -> bool:

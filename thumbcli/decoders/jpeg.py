@@ -47,11 +47,15 @@ def _module(name: str) -> ModuleType | None:
 
 
 def preload() -> None:
-    """Import simplejpeg and Pillow's JPEG plugin now (a worker about to lose the right to read where it lives)."""
+    """Import simplejpeg and Pillow's JPEG plugin now (a worker about to lose the right to read where it lives).
+
+    And Pillow's littlecms, which converts a thumbnail whose profile is not sRGB (see `icc`).
+    """
     _module("simplejpeg")
     pillow = _module("PIL.JpegImagePlugin")
     if pillow is not None:
         pillow.Image.preinit()  # the plugins Pillow's first save would import
+    _module("PIL.ImageCms")
 
 
 def available() -> bool:
