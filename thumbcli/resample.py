@@ -566,7 +566,7 @@ def _thumbnails_beside_libvips(
 def _image_of(
     decoded: decoders.Decoded, plan: tuple[ThumbSpec, ...], limits: Limits, source: SourceFormat
 ) -> tuple[pyvips.Image, tuple[int, int]]:
-    """A libvips image, upright and in sRGB, of what a decoder gave, and the upright size it stands for.
+    """A libvips image, upright, with its ICC profile, of what a decoder gave, and the upright size it stands for.
 
     An embedded image (a RAW's preview) is checked against --max-pixels from its own header, as
     any source is: a 10 KB RAW may carry a preview that declares 65500x65500. An embedded JPEG is
@@ -591,9 +591,8 @@ def _image_of(
         return image.autorot(), upright
     image = pyvips.Image.new_from_memory(decoded.data, decoded.width, decoded.height, decoded.bands, "uchar")
     image = image.copy(interpretation="b-w" if decoded.bands < 3 else "srgb")
-    if decoded.icc_profile:
+    if decoded.icc_profile:  # converted by each cut, small (see `_to_srgb`): 12 MP in Display P3 took 150 ms more
         image.set_type(pyvips.GValue.blob_type, "icc-profile-data", decoded.icc_profile)
-        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
     if decoded.orientation != 1:
         image.set_type(pyvips.GValue.gint_type, "orientation", decoded.orientation)
         image = image.autorot()
