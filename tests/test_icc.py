@@ -1,7 +1,8 @@
-"""Which embedded ICC profiles count as sRGB (no transform): libvips' own profiles and damaged ones."""
+"""Which embedded ICC profiles count as sRGB (no transform), and the transform of the others: damaged ones too."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,19 @@ def test_pixels_in_display_p3_come_out_as_libvips_converts_them_within_a_level()
 def test_a_damaged_profile_is_declined_for_libvips_to_decide(cut: int) -> None:
     damaged = profile("p3")[:cut] + bytes(max(0, len(profile("p3")) - cut))
     assert icc.srgb_pixels(bytes(3 * 4 * 4), 4, 4, damaged) is None
+
+
+def test_mutants_of_a_display_p3_profile_are_converted_or_declined_never_raised() -> None:
+    # A hostile file's profile reaches Pillow's littlecms (in the worker): pixels or None, never an exception.
+    p3 = profile("p3")
+    rng = random.Random(22)
+    pixels = bytes(range(256)) * 3 * 4  # 4 rows of 256 pixels, every value in each band
+    outcomes = set()
+    for _ in range(200):
+        mutant = bytearray(p3)
+        for _ in range(rng.randint(1, 8)):
+            mutant[rng.randrange(len(mutant))] = rng.randrange(256)
+        converted = icc.srgb_pixels(pixels, 256, 4, bytes(mutant))
+        assert converted is None or len(converted) == len(pixels)
+        outcomes.add(converted is None)
+    assert outcomes == {True, False}  # some mutants still convert, some are declined
