@@ -9,8 +9,9 @@ path, paper cups, ...), and makes from them
 * camera JPEGs, a mix as a photo library holds them: 8, 12, 16, 20 and 24 megapixels in turn,
   mosaics of crops at native resolution (no upscaling, which would smooth them), Q90 with 4:2:0
   chroma like a camera's. About one in five is a portrait: half of those stored upright, half
-  stored landscape with EXIF orientation 6 as phones do; every one carries an sRGB ICC profile
-  and EXIF, as phone and camera originals do; and
+  stored landscape with EXIF orientation 6 as phones do; every one carries an ICC profile and
+  EXIF, as phone and camera originals do: sRGB, or for about one in four Display P3 pixels and
+  profile, as an iPhone writes its JPEGs; and
 * small images: 320x240 cuts of each photo shrunk by a random factor (1/2 to 1/6), half
   JPEG Q85 and half PNG, like a web shop's product pictures.
 
@@ -47,7 +48,7 @@ PHOTOS = (
     "Path",
     "summer_1am",
 )
-_VERSION = 2  # of the recipes below: a corpus made by another is made again
+_VERSION = 3  # of the recipes below: a corpus made by another is made again
 #: The camera sizes, in turn: 8, 12, 16, 20 and 24 megapixels (4:3, and 3:2 for the largest).
 CAMERA_SIZES = ((3264, 2448), (4000, 3000), (4608, 3456), (5184, 3888), (6000, 4000))
 #: Largest crop of a 2560x1600 wallpaper a mosaic tile may be.
@@ -104,7 +105,9 @@ def _camera(job: Job) -> None:
             image = image.rot90()
         else:
             orientation = 6
-    image = image.icc_transform("srgb", embedded=False, input_profile="srgb")  # attaches the sRGB profile
+    # Attaches the profile: sRGB's, or Display P3's with the pixels converted to it (an iPhone's JPEG).
+    profile = "p3" if rnd.random() < 0.25 else "srgb"
+    image = image.icc_transform(profile, embedded=False, input_profile="srgb")
     image = image.copy()
     image.set_type(pyvips.GValue.gint_type, "orientation", orientation)
     image.jpegsave(path + ".part", Q=90, subsample_mode="on", keep="icc,exif")
