@@ -62,6 +62,12 @@ def test_a_damaged_profile_is_declined_for_libvips_to_decide(cut: int) -> None:
     assert icc.srgb_pixels(bytes(3 * 4 * 4), 4, 4, damaged) is None
 
 
+def test_a_profile_of_megabytes_is_left_to_libvips_not_kept() -> None:
+    pixels = bytes(3 * 4 * 4)
+    assert icc.srgb_pixels(pixels, 4, 4, profile("p3") + bytes(1000)) is not None  # littlecms reads it padded
+    assert icc.srgb_pixels(pixels, 4, 4, profile("p3") + bytes(4 << 20)) is None
+
+
 def test_mutants_of_a_display_p3_profile_are_converted_or_declined_never_raised() -> None:
     # A hostile file's profile reaches Pillow's littlecms (in the worker): pixels or None, never an exception.
     p3 = profile("p3")

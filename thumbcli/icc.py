@@ -20,6 +20,9 @@ from typing import Any
 
 _HEADER_BYTES = 128
 _TAG_ENTRY = struct.Struct(">4sII")
+#: The largest profile whose transform is kept (a phone's or camera's is 0.5-4 KB): a hostile file may
+#: embed megabytes, and a few kept would count against its worker's memory ceiling on later files.
+_KEPT_PROFILE_BYTES = 64 << 10
 
 
 def is_srgb(profile: bytes) -> bool:
@@ -59,8 +62,11 @@ def _text(tag: bytes) -> str:
 
 
 def srgb_pixels(pixels: bytes, width: int, height: int, profile: bytes) -> bytes | None:
-    """8-bit interleaved RGB `pixels` in `profile`, converted to sRGB; None when Pillow or the profile cannot."""
-    transform = _transform_to_srgb(profile)
+    """8-bit interleaved RGB `pixels` in `profile`, converted to sRGB; None when Pillow or the profile cannot.
+
+    None too for a profile over _KEPT_PROFILE_BYTES: libvips converts with it, as before.
+    """
+    transform = _transform_to_srgb(profile) if len(profile) <= _KEPT_PROFILE_BYTES else None
     if transform is None:
         return None
     from PIL import Image, ImageCms
