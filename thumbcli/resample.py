@@ -552,11 +552,7 @@ def _thumbnails_beside_libvips(
             scale = max(_scale_for(spec, upright_w, upright_h) for spec in plan)
             base_w, base_h = max(1, math.ceil(upright_w * scale)), max(1, math.ceil(upright_h * scale))
             image = image.thumbnail_image(base_w, height=base_h, size="both" if scale > 1 else "down").copy_memory()
-        thumbnails = []
-        for spec in specs:
-            width, kwargs = _thumbnail_args(spec, upright_w, upright_h)
-            cut = pyvips.Image.thumbnail_image(image, width, **kwargs, **_to_srgb(image))
-            thumbnails.append(_finish(cut, spec, origin))
+        thumbnails = [_cut(image, spec, upright_w, upright_h, origin) for spec in specs]
     except pyvips.Error as exc:
         detail = _error_detail(exc)
         raise DecodeFailed(f"{source_format}: {decodefailure.describe(detail)}", detail) from None
